@@ -1,0 +1,3 @@
+from dpocli.cli import main
+
+main()

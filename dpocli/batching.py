@@ -1,0 +1,107 @@
+"""Decide which pairs go together (pure index plans), then pad them into tensors.
+
+Planning is index-only so it is cheap to test and identical on every rank. Collation follows
+TRL's layout: one batch of 2B right-padded rows, the B `prompt + chosen` rows first, then the B
+`prompt + rejected` rows, and a mask marking the completion tokens that get scored.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class Batch:
+    """B preference pairs as 2B padded sequences.
+
+    input_ids:       [2B, T] long; rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected.
+    attention_mask:  [2B, T] long; 1 on real tokens, 0 on right padding.
+    completion_mask: [2B, T] bool; True on completion tokens (the ones scored; prompt and pad False).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    completion_mask: torch.Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        return self.input_ids.shape[0] // 2
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device, non_blocking=True),
+                     self.attention_mask.to(device, non_blocking=True),
+                     self.completion_mask.to(device, non_blocking=True))
+
+
+def collate(prompts: Sequence[Sequence[int]], chosens: Sequence[Sequence[int]],
+            rejecteds: Sequence[Sequence[int]], pad_id: int, pad_to_multiple_of: int = 1) -> Batch:
+    """Pad pairs into a `Batch`. Each list holds one entry per pair (prompt and completion ids)."""
+    rows = [(p, c) for p, c in zip(prompts, chosens)] + [(p, r) for p, r in zip(prompts, rejecteds)]
+    longest = max(len(p) + len(c) for p, c in rows)
+    width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (p, c) in enumerate(rows):
+        n = len(p) + len(c)
+        input_ids[i, :n] = torch.tensor(list(p) + list(c), dtype=torch.long)
+        attention_mask[i, :n] = 1
+        completion_mask[i, len(p):n] = True
+    return Batch(input_ids, attention_mask, completion_mask)
+
+
+def plan_by_length(seq_lens: Sequence[int], *, batch_size: int | None = None,
+                   max_tokens: int | None = None) -> list[list[int]]:
+    """Inference batches over all rows, longest first, so padding is minimal and an out-of-memory
+    error (if the budget is too large) shows up on the very first batch.
+
+    seq_lens: per pair, the longer of prompt+chosen and prompt+rejected.
+    max_tokens: budget of padded tokens per batch, counting both rows of every pair (2·B·T).
+    """
+    if (batch_size is None) == (max_tokens is None):
+        raise ValueError("give exactly one of batch_size and max_tokens")
+    order = sorted(range(len(seq_lens)), key=lambda i: (-seq_lens[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if current:
+            full = (len(current) >= batch_size if batch_size is not None
+                    else 2 * (len(current) + 1) * seq_lens[current[0]] > max_tokens)
+            if full:
+                batches.append(current)
+                current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def plan_epoch(num_pairs: int, batch_size: int, *, epoch: int, seed: int, shuffle: bool = True,
+               seq_lens: Sequence[int] | None = None, group_by_length: bool = False) -> list[list[int]]:
+    """Training batches for one epoch: fixed `batch_size` pairs each (the last may be smaller).
+
+    The order is a pure function of (seed, epoch), so resuming needs only the batch position.
+    With `shuffle=False` batches follow row order (to reproduce another tool step by step).
+    `group_by_length` (needs `seq_lens`) sorts each window of 50 batches by length and shuffles
+    the batches, as HF's LengthGroupedSampler does: less padding, still random batch order.
+    """
+    order = list(range(num_pairs))
+    rng = random.Random(f"{seed}:{epoch}")
+    if shuffle:
+        rng.shuffle(order)
+    if group_by_length and seq_lens is not None:
+        window = 50 * batch_size
+        order = [i for start in range(0, num_pairs, window)
+                 for i in sorted(order[start:start + window], key=lambda j: -seq_lens[j])]
+    batches = [order[i:i + batch_size] for i in range(0, num_pairs, batch_size)]
+    if group_by_length and shuffle:
+        rng.shuffle(batches)
+    return batches

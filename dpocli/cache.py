@@ -1,0 +1,280 @@
+"""The reference cache on disk: Parquet shards plus a manifest that is the commit record.
+
+Layout of a cache folder:
+    manifest.json            what produced the numbers (the `spec`), row counts, finished shards
+    part-00000.parquet ...   rows; each shard also carries the spec in its key-value metadata
+    tokenizer/               the tokenizer that produced the ids (so a checkpoint can ship it)
+
+Invariants:
+* A shard file is written under a temporary name and renamed; it is listed in the manifest (with
+  its sha256) only after the rename, and the manifest itself is rewritten atomically. So a crash
+  leaves either a shard that is listed and complete, or one that is ignored and redone.
+* `complete` is set only when every planned shard is listed; readers refuse incomplete caches.
+* `spec` holds every input that changes the numbers; `spec_fingerprint` hashes it, and
+  `manifest_sha256` hashes the whole manifest so a hand edit is detected.
+
+Pure pyarrow + stdlib: no torch, no transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dpocli import __version__
+from dpocli.atomic import atomic_path, atomic_write_json
+from dpocli.errors import DpocliError
+
+FORMAT = "dpocli-reference-cache"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+SHARD_PATTERN = re.compile(r"^part-(\d{5})\.parquet$")
+
+ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def cache_schema(token_logps: bool) -> pa.Schema:
+    fields = [
+        pa.field("id", pa.string()),
+        pa.field("source_row", pa.int64()),  # position in the input: lets --no-shuffle follow it
+        pa.field("prompt_ids", pa.list_(pa.int32())),
+        pa.field("chosen_ids", pa.list_(pa.int32())),
+        pa.field("rejected_ids", pa.list_(pa.int32())),
+        pa.field("chosen_len", pa.int32()),
+        pa.field("rejected_len", pa.int32()),
+        # TRL's own column names; float64 because sums over long completions lose digits in fp32.
+        pa.field("ref_chosen_logps", pa.float64()),
+        pa.field("ref_rejected_logps", pa.float64()),
+    ]
+    if token_logps:
+        fields += [pa.field("ref_chosen_token_logps", pa.list_(pa.float32())),
+                   pa.field("ref_rejected_token_logps", pa.list_(pa.float32()))]
+    return pa.schema(fields)
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Manifest:
+    """The commit record of a cache folder (see module docstring)."""
+
+    spec: dict
+    planned_shards: int
+    rows_read: int
+    shards: list[dict] = field(default_factory=list)  # {"index","file","rows","sha256","dropped"}
+    complete: bool = False
+    length_stats: dict = field(default_factory=dict)
+    created: dict = field(default_factory=dict)  # timestamps, host, versions: not fingerprinted
+
+    @property
+    def spec_fingerprint(self) -> str:
+        return fingerprint(self.spec)
+
+    @property
+    def rows_written(self) -> int:
+        return sum(s["rows"] for s in self.shards)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for s in self.shards:
+            for reason, n in s.get("dropped", {}).items():
+                total[reason] = total.get(reason, 0) + n
+        for reason, n in self.spec.get("input", {}).get("dropped_on_read", {}).items():
+            total[reason] = total.get(reason, 0) + n
+        return total
+
+    def to_dict(self) -> dict:
+        body = {"format": FORMAT, "format_version": FORMAT_VERSION, "dpocli_version": __version__,
+                **asdict(self), "spec_fingerprint": self.spec_fingerprint,
+                "rows_written": self.rows_written, "dropped": self.dropped}
+        body["manifest_sha256"] = fingerprint(body)
+        return body
+
+    @classmethod
+    def from_dict(cls, body: dict, where: str) -> "Manifest":
+        if not isinstance(body, dict) or body.get("format") != FORMAT:
+            raise DpocliError(f"is not a dpocli cache manifest (format {body.get('format')!r})",
+                              file=where, field="format")
+        if body.get("format_version") != FORMAT_VERSION:
+            raise DpocliError(f"has format version {body.get('format_version')!r}; this dpocli reads "
+                              f"version {FORMAT_VERSION}", file=where, field="format_version",
+                              hint="recreate the cache with this version's `dpo precompute-ref`")
+        claimed = body.get("manifest_sha256")
+        unsigned = {k: v for k, v in body.items() if k != "manifest_sha256"}
+        if claimed != fingerprint(unsigned):
+            raise DpocliError("was modified after dpocli wrote it (checksum mismatch)", file=where,
+                              field="manifest_sha256",
+                              hint="recreate the cache, or restore the original manifest.json")
+        names = ("spec", "planned_shards", "rows_read", "shards", "complete", "length_stats", "created")
+        return cls(**{k: body[k] for k in names})
+
+
+def read_manifest(cache_dir: str | Path) -> Manifest:
+    path = Path(cache_dir) / MANIFEST_NAME
+    if not Path(cache_dir).is_dir():
+        raise DpocliError("no such cache folder", file=cache_dir)
+    if not path.exists():
+        raise DpocliError("has no manifest.json; not a dpocli cache (or precompute never finished "
+                          "a shard)", file=cache_dir)
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DpocliError(f"is not valid JSON ({err})", file=path) from None
+    return Manifest.from_dict(body, str(path))
+
+
+def commit_manifest(cache_dir: str | Path, manifest: Manifest) -> None:
+    atomic_write_json(Path(cache_dir) / MANIFEST_NAME, manifest.to_dict())
+
+
+def write_shard(cache_dir: str | Path, index: int, columns: dict, token_logps: bool,
+                spec: dict) -> dict:
+    """Write one shard atomically; return its manifest entry (without `dropped`)."""
+    schema = cache_schema(token_logps).with_metadata(
+        {"dpocli.spec": canonical_json(spec), "dpocli.shard_index": str(index)})
+    table = pa.Table.from_pydict({name: columns[name] for name in schema.names}, schema=schema)
+    path = Path(cache_dir) / shard_name(index)
+    with atomic_path(path) as tmp:
+        # Fixed writer options so equal inputs give byte-identical shards (and equal checksums).
+        pq.write_table(table, tmp, compression="zstd", write_statistics=False)
+    return {"index": index, "file": path.name, "rows": table.num_rows, "sha256": _sha256_file(path)}
+
+
+def explain_mismatch(expected, actual, path: str = "") -> str | None:
+    """The first field (dotted path) where two spec dicts differ, with both values; None if equal."""
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        for key in sorted(set(expected) | set(actual)):
+            sub = f"{path}.{key}" if path else key
+            if key not in expected or key not in actual:
+                return f"{sub}: {'missing' if key not in actual else 'unexpected'}"
+            found = explain_mismatch(expected[key], actual[key], sub)
+            if found:
+                return found
+        return None
+    if expected != actual:
+        short = lambda v: (repr(v)[:60] + "...") if len(repr(v)) > 63 else repr(v)  # noqa: E731
+        return f"{path}: cache has {short(actual)}, run expects {short(expected)}"
+    return None
+
+
+def verify_shards(cache_dir: str | Path, manifest: Manifest, *, checksums: bool = True) -> None:
+    """Every listed shard exists, has the listed row count and (optionally) the listed sha256."""
+    for entry in manifest.shards:
+        path = Path(cache_dir) / entry["file"]
+        if not path.exists():
+            raise DpocliError("is listed in the manifest but missing", file=path)
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception:
+            raise DpocliError("is not a readable Parquet file (truncated or corrupt)", file=path) from None
+        if rows != entry["rows"]:
+            raise DpocliError(f"has {rows} rows, the manifest lists {entry['rows']}", file=path,
+                              field="rows")
+        if checksums and _sha256_file(path) != entry["sha256"]:
+            raise DpocliError("does not match its checksum in the manifest (modified or corrupt)",
+                              file=path, field="sha256", hint="recreate the cache")
+
+
+class CacheData:
+    """All rows of a complete cache in memory as flat numpy arrays, ordered by `source_row`.
+
+    List columns are stored as (values, offsets) so a row is a zero-copy slice; this keeps a
+    100k-pair cache at a few bytes per token instead of Python lists of ints.
+    """
+
+    def __init__(self, table: pa.Table):
+        table = table.sort_by("source_row")
+        self.num_rows = table.num_rows
+        self.ids = table.column("id").to_pylist()
+        self.source_row = table.column("source_row").to_numpy()
+        self.scalars = {name: table.column(name).to_numpy() for name in
+                        ("chosen_len", "rejected_len", "ref_chosen_logps", "ref_rejected_logps")}
+        self.lists = {}
+        for name in ID_COLUMNS + ("ref_chosen_token_logps", "ref_rejected_token_logps"):
+            if name in table.column_names:
+                arr = table.column(name).combine_chunks()
+                self.lists[name] = (arr.values.to_numpy(), arr.offsets.to_numpy())
+
+    def row_list(self, name: str, i: int) -> np.ndarray:
+        values, offsets = self.lists[name]
+        return values[offsets[i]:offsets[i + 1]]
+
+    def seq_len(self, i: int) -> int:
+        """Longer of prompt+chosen and prompt+rejected, for batching."""
+        p = self.row_list("prompt_ids", i).shape[0]
+        return p + max(int(self.scalars["chosen_len"][i]), int(self.scalars["rejected_len"][i]))
+
+
+def load_cache(cache_dir: str | Path, *, checksums: bool = True) -> tuple[Manifest, CacheData]:
+    """Open a complete cache, checking manifest, shard row counts, checksums and values."""
+    manifest = read_manifest(cache_dir)
+    if not manifest.complete:
+        raise DpocliError(f"is incomplete ({len(manifest.shards)} of {manifest.planned_shards} "
+                          "shards); the precompute run was interrupted", file=cache_dir,
+                          hint="rerun the same `dpo precompute-ref` command to finish it")
+    verify_shards(cache_dir, manifest, checksums=checksums)
+    tables = []
+    for entry in sorted(manifest.shards, key=lambda e: e["index"]):
+        path = Path(cache_dir) / entry["file"]
+        try:
+            tables.append(pq.read_table(path))
+        except Exception:
+            raise DpocliError("is not a readable Parquet file (truncated or corrupt)", file=path) from None
+    table = pa.concat_tables(tables) if tables else cache_schema(False).empty_table()
+    expected = set(cache_schema(False).names)
+    missing = expected - set(table.column_names)
+    if missing:
+        raise DpocliError(f"lacks columns {sorted(missing)}", file=cache_dir, field=sorted(missing)[0])
+    data = CacheData(table)
+    for name in ("ref_chosen_logps", "ref_rejected_logps"):
+        bad = np.flatnonzero(~np.isfinite(data.scalars[name]))
+        if bad.size:
+            raise DpocliError(f"holds a non-finite value ({data.scalars[name][bad[0]]})",
+                              file=cache_dir, row=int(data.source_row[bad[0]]) + 1, field=name,
+                              hint="recreate the cache; check the reference model's dtype")
+    if data.num_rows != manifest.rows_written:
+        raise DpocliError(f"has {data.num_rows} rows, the manifest lists {manifest.rows_written}",
+                          file=cache_dir, field="rows_written")
+    return manifest, data
+
+
+def existing_shard_files(cache_dir: str | Path) -> list[Path]:
+    return sorted(p for p in Path(cache_dir).iterdir() if SHARD_PATTERN.match(p.name))
+
+
+def length_stats(prompt_lens, chosen_lens, rejected_lens) -> dict:
+    def describe(values) -> dict:
+        a = np.asarray(values, dtype=np.float64)
+        if a.size == 0:
+            return {}
+        return {"mean": round(float(a.mean()), 3), "min": int(a.min()), "max": int(a.max()),
+                "p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95))}
+    return {"prompt": describe(prompt_lens), "chosen": describe(chosen_lens),
+            "rejected": describe(rejected_lens)}

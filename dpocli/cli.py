@@ -1,0 +1,244 @@
+"""The `dpo` command: parse flags, call a driver, print the result. No logic of its own.
+
+stdout carries results only (a table, or one JSON object with --json); progress, logs and
+errors go to stderr. Exit codes: 0 ok, 1 runtime failure, 2 bad usage or input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dpocli import __version__
+from dpocli.console import emit_json, emit_table, err_console, set_quiet
+from dpocli.errors import EXIT_INTERRUPTED, DpocliError
+
+EPILOG = ("Exit codes: 0 success, 1 runtime failure (NaN loss, out of memory), 2 bad usage or "
+          "input, 130 interrupted (state saved). Set DPOCLI_DEBUG=1 for tracebacks.")
+
+app = typer.Typer(name="dpo", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_show_locals=False, epilog=EPILOG,
+                  help="Direct Preference Optimization in two stages: cache the reference once "
+                       "(precompute-ref), then train and evaluate from the cache.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check reference caches.",
+                        epilog=EPILOG)
+app.add_typer(cache_app, name="cache")
+
+# Options shared by several commands, defined once.
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or logs on stderr (errors still shown).")]
+DtypeOpt = Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model's repository.")]
+AttnOpt = Annotated[Optional[str], typer.Option("--attn-implementation", help="eager, sdpa or flash_attention_2 (default: transformers' choice).")]
+
+
+def _run(fn, *, quiet: bool = False):
+    """Run a driver with stdout shielded, mapping our errors to one line and an exit code."""
+    set_quiet(quiet)
+    try:
+        # A stray print() in a dependency must not corrupt `--json` output on stdout.
+        with contextlib.redirect_stdout(sys.stderr):
+            return fn()
+    except DpocliError as err:
+        err_console.print(f"[red]error:[/red] {err.one_line()}", markup=True, highlight=False,
+                          soft_wrap=True)
+        if err.hint:
+            err_console.print(f"hint: {err.hint}", highlight=False, soft_wrap=True)
+        if os.environ.get("DPOCLI_DEBUG"):
+            raise
+        raise typer.Exit(err.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def _emit(summary: dict, as_json: bool, table_fn) -> None:
+    if as_json:
+        emit_json(summary)
+    else:
+        emit_table(table_fn(summary))
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: Annotated[bool, typer.Option("--version", help="Show the version and exit.")] = False):
+    if version:
+        sys.stdout.write(f"dpocli {__version__}\n")
+        raise typer.Exit(0)
+
+
+@app.command("precompute-ref", epilog=EPILOG + "  Example: dpo precompute-ref prefs.jsonl "
+             "--model ./sft-model --out ./ref-cache")
+def precompute_ref(
+    input: Annotated[Path, typer.Argument(help="A .jsonl or .parquet file, or a folder of them.")],
+    model: Annotated[str, typer.Option(help="Reference model: a local folder or a hub id in the local HF cache.")],
+    out: Annotated[Path, typer.Option(help="Cache folder to write (created; resumed if unfinished).")],
+    max_length: Annotated[int, typer.Option(help="Max tokens of prompt+completion; longer completions are cut at the end (keep_start), rows whose prompt alone fills it are dropped.")] = 1024,
+    batch_size: Annotated[Optional[int], typer.Option(help="Pairs per forward pass (length-sorted).")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Padded tokens per forward pass, both rows of each pair counted (default 16384).")] = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = None,
+    attn_implementation: AttnOpt = None,
+    id_column: Annotated[Optional[str], typer.Option(help="Column with row ids (default: 'id' if present, else a content hash).")] = None,
+    prompt_column: Annotated[str, typer.Option(help="Prompt column; if absent the prompt is the common prefix of chosen and rejected.")] = "prompt",
+    chosen_column: Annotated[str, typer.Option(help="Preferred completion column.")] = "chosen",
+    rejected_column: Annotated[str, typer.Option(help="Dispreferred completion column.")] = "rejected",
+    token_logps: Annotated[bool, typer.Option("--token-logps", help="Also store per-token reference log-probs.")] = False,
+    rows_per_shard: Annotated[int, typer.Option(help="Input rows per Parquet shard (the unit of resume).")] = 4096,
+    drop_identical: Annotated[bool, typer.Option("--drop-identical", help="Drop rows whose chosen equals rejected (default: keep and warn).")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail (exit 2) instead of dropping a row whose prompt does not fit --max-length.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing cache made with other arguments.")] = False,
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Score every pair with the reference model once and write the Parquet reference cache."""
+    from dpocli.precompute import PrecomputeConfig, run_precompute
+    from dpocli.summaries import precompute_table
+
+    cfg = PrecomputeConfig(
+        input=str(input), model=model, out=str(out), max_length=max_length, batch_size=batch_size,
+        max_tokens=max_tokens, dtype=dtype, device=device, attn_implementation=attn_implementation,
+        id_column=id_column, prompt_column=prompt_column, chosen_column=chosen_column,
+        rejected_column=rejected_column, token_logps=token_logps, rows_per_shard=rows_per_shard,
+        drop_identical=drop_identical, strict=strict, overwrite=overwrite,
+        trust_remote_code=trust_remote_code)
+    _check_dtype(dtype)
+    summary = _run(lambda: run_precompute(cfg), quiet=quiet)
+    _emit(summary, as_json, precompute_table)
+
+
+@app.command("train", epilog=EPILOG + "  Example: dpo train ./ref-cache --model ./sft-model "
+             "--out ./run --lr 5e-7 --epochs 1")
+def train(
+    cache: Annotated[Path, typer.Argument(help="Reference cache written by precompute-ref.")],
+    model: Annotated[str, typer.Option(help="Policy to start from (usually the reference model itself).")],
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, metrics.jsonl, final model.")],
+    beta: Annotated[float, typer.Option(help="β: strength of the pull towards the reference.")] = 0.1,
+    loss: Annotated[str, typer.Option(help="Loss type(s), comma-separated: sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, sft.")] = "sigmoid",
+    loss_weights: Annotated[Optional[str], typer.Option(help="Comma-separated weight per loss type (default all 1).")] = None,
+    label_smoothing: Annotated[float, typer.Option(help="ε for cDPO/robust/exo_pair/aot.")] = 0.0,
+    ipo_sum: Annotated[bool, typer.Option("--ipo-sum", help="IPO on summed log-ratios (paper, OpenRLHF) instead of TRL's per-token average.")] = False,
+    discopop_tau: Annotated[float, typer.Option(help="τ of the discopop loss.")] = 0.05,
+    f_divergence: Annotated[str, typer.Option(help="reverse_kl (DPO), forward_kl, js_divergence or alpha_divergence.")] = "reverse_kl",
+    f_alpha: Annotated[float, typer.Option(help="α of alpha_divergence.")] = 1.0,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (TRL's default 1e-6).")] = 1e-6,
+    epochs: Annotated[int, typer.Option(help="Passes over the cache (ignored when --max-steps is given).")] = 1,
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps to run; overrides --epochs.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Pairs per micro-batch per process.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 0,
+    warmup_ratio: Annotated[float, typer.Option(help="Warm-up as a fraction of all steps (if --warmup-steps is 0).")] = 0.0,
+    scheduler: Annotated[str, typer.Option(help="constant, linear or cosine decay after warm-up.")] = "linear",
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on biases and norms).")] = 0.0,
+    max_grad_norm: Annotated[float, typer.Option(help="Clip the total gradient norm (0 disables).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed for batch order and any randomness.")] = 42,
+    dtype: DtypeOpt = "float32",
+    autocast: Annotated[Optional[str], typer.Option(help="Mixed precision over fp32 weights: bfloat16 or float16.")] = None,
+    device: DeviceOpt = None,
+    attn_implementation: AttnOpt = None,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in backward to save memory.")] = False,
+    no_shuffle: Annotated[bool, typer.Option("--no-shuffle", help="Batches in the input file's row order.")] = False,
+    group_by_length: Annotated[bool, typer.Option("--group-by-length", help="Batch pairs of similar length (less padding, random batch order).")] = False,
+    save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (always at the end).")] = None,
+    save_total_limit: Annotated[Optional[int], typer.Option(help="Keep only the newest N checkpoints.")] = None,
+    eval_cache: Annotated[Optional[Path], typer.Option(help="Held-out cache for eval_* metrics.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps (and at the end).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing --out and start over.")] = False,
+    skip_step0_check: Annotated[bool, typer.Option("--skip-step0-check", help="Do not stop when policy = reference fails to reproduce the cache.")] = False,
+    allow_tokenizer_mismatch: Annotated[bool, typer.Option("--allow-tokenizer-mismatch", help="Train although the policy's tokenizer differs from the cache's.")] = False,
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Train the policy with DPO from the cache alone (the reference model is never loaded)."""
+    from dpocli.summaries import train_table
+    from dpocli.train import TrainConfig, run_train
+
+    _check_dtype(dtype)
+    cfg = TrainConfig(
+        cache=str(cache), model=model, out=str(out), beta=beta, loss=loss, loss_weights=loss_weights,
+        label_smoothing=label_smoothing, ipo_length_normalized=not ipo_sum, discopop_tau=discopop_tau,
+        f_divergence=f_divergence, f_alpha=f_alpha, lr=lr, epochs=epochs, max_steps=max_steps,
+        batch_size=batch_size, grad_accum=grad_accum, warmup_steps=warmup_steps,
+        warmup_ratio=warmup_ratio, scheduler=scheduler, weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm, seed=seed, dtype=dtype, autocast=autocast, device=device,
+        attn_implementation=attn_implementation, gradient_checkpointing=gradient_checkpointing,
+        shuffle=not no_shuffle, group_by_length=group_by_length, save_every=save_every,
+        save_total_limit=save_total_limit, eval_cache=str(eval_cache) if eval_cache else None,
+        eval_every=eval_every, resume=resume, overwrite=overwrite, skip_step0_check=skip_step0_check,
+        allow_tokenizer_mismatch=allow_tokenizer_mismatch, trust_remote_code=trust_remote_code)
+    summary = _run(lambda: run_train(cfg), quiet=quiet)
+    _emit(summary, as_json, train_table)
+
+
+@app.command("eval", epilog=EPILOG + "  Example: dpo eval ./heldout-cache --model ./run "
+             "--model './run/checkpoint-*' --json")
+def eval_(
+    cache: Annotated[Path, typer.Argument(help="Held-out cache written by precompute-ref.")],
+    more_models: Annotated[Optional[list[str]], typer.Argument(help="More models; lets an unquoted shell glob after --model work.", show_default=False)] = None,
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="Model folder to score (repeatable; quoted globs like 'run/checkpoint-*' expand in step order).")] = None,
+    beta: Annotated[float, typer.Option(help="β for rewards and loss.")] = 0.1,
+    loss: Annotated[str, typer.Option(help="Loss type(s) to report, comma-separated.")] = "sigmoid",
+    loss_weights: Annotated[Optional[str], typer.Option(help="Weights of the loss types.")] = None,
+    label_smoothing: Annotated[float, typer.Option(help="ε for the losses that use it.")] = 0.0,
+    ipo_sum: Annotated[bool, typer.Option("--ipo-sum", help="IPO on summed log-ratios.")] = False,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Padded tokens per forward (default: the cache's precompute batching, which reproduces it exactly).")] = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = None,
+    attn_implementation: AttnOpt = None,
+    per_example: Annotated[Optional[Path], typer.Option(help="Write one row per (model, pair) to this .parquet or .jsonl file.")] = None,
+    samples: Annotated[int, typer.Option(help="Generate completions for the first N held-out prompts.")] = 0,
+    ref_model: Annotated[Optional[str], typer.Option(help="Reference model for side-by-side samples and a sampled KL(policy||reference) estimate.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation length for --samples.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy samples; KL always samples at 1.")] = 0.0,
+    kl_samples: Annotated[int, typer.Option(help="Policy samples per prompt for the KL estimate.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Score checkpoints on a held-out cache: accuracy, margins, displacement, length bias."""
+    from dpocli.evaluate import run_eval
+    from dpocli.summaries import eval_table
+
+    _check_dtype(dtype)
+    models = list(model or []) + list(more_models or [])
+    summary = _run(lambda: run_eval(
+        str(cache), models, beta=beta, loss=loss, loss_weights=loss_weights,
+        label_smoothing=label_smoothing, ipo_length_normalized=not ipo_sum, max_tokens=max_tokens,
+        dtype=dtype, device=device, per_example=str(per_example) if per_example else None,
+        samples=samples, ref_model=ref_model, max_new_tokens=max_new_tokens, temperature=temperature,
+        kl_samples=kl_samples, seed=seed, attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code), quiet=quiet)
+    _emit(summary, as_json, eval_table)
+
+
+@cache_app.command("info")
+def cache_info(
+    cache: Annotated[Path, typer.Argument(help="A cache folder written by precompute-ref.")],
+    as_json: JsonOpt = False,
+):
+    """Manifest summary: what produced the cache, row counts, dropped rows by reason, lengths."""
+    from dpocli.summaries import cache_info_dict, cache_info_table
+
+    info = _run(lambda: cache_info_dict(cache))
+    _emit(info, as_json, cache_info_table)
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in ("float32", "bfloat16", "float16"):
+        err_console.print(f"[red]error:[/red] option '--dtype': {dtype!r} is not one of float32, "
+                          "bfloat16, float16")
+        raise typer.Exit(2)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()

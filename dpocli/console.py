@@ -1,0 +1,107 @@
+"""Where output goes: results to stdout, everything else (progress, logs, warnings) to stderr.
+
+A pipeline like `dpo eval CACHE --model M --json | jq` must see exactly one JSON object on stdout,
+so nothing in this package prints to stdout except `emit_json` / `emit_table`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+err_console = Console(stderr=True, highlight=False)
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
+def log(message: str) -> None:
+    """An informational line on stderr (silenced by --quiet)."""
+    if not _quiet:
+        err_console.print(message)
+
+
+def warn(message: str) -> None:
+    """A warning on stderr; shown even with --quiet because it may change how results are read."""
+    err_console.print(f"[yellow]warning:[/yellow] {message}")
+
+
+def _json_default(value):
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def clean_floats(obj):
+    """NaN/inf are not JSON; write them as null so `jq` and json.loads accept the output."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: clean_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_floats(v) for v in obj]
+    return obj
+
+
+def emit_json(obj) -> None:
+    """The single result object of a command, on stdout."""
+    sys.stdout.write(json.dumps(clean_floats(obj), sort_keys=False, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def emit_table(table) -> None:
+    """A human-readable result (rich renderable) on stdout."""
+    Console(file=sys.stdout, highlight=False).print(table)
+
+
+class ProgressBar:
+    """A rich progress bar on stderr; a plain line every few seconds when stderr is not a terminal.
+
+    `update(advance, **fields)` adds to the count; `fields` (e.g. tokens/s, loss) are shown after the bar.
+    """
+
+    def __init__(self, description: str, total: int | None, *, every_s: float = 10.0):
+        self.description = description
+        self.total = total
+        self.done = 0
+        self.fields: dict = {}
+        self._animated = err_console.is_terminal and not _quiet
+        self._every_s = every_s
+        self._last_line = time.monotonic()
+        self._progress = None
+        if self._animated:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
+                TimeRemainingColumn(), console=err_console, transient=True)
+            self._task = self._progress.add_task(description, total=total, info="")
+
+    def __enter__(self):
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.stop()
+        return False
+
+    def update(self, advance: int = 1, **fields) -> None:
+        self.done += advance
+        self.fields.update(fields)
+        info = "  ".join(f"{k} {v}" for k, v in self.fields.items())
+        if self._progress is not None:
+            self._progress.update(self._task, advance=advance, info=info)
+        elif not _quiet and time.monotonic() - self._last_line >= self._every_s:
+            self._last_line = time.monotonic()
+            total = f"/{self.total}" if self.total else ""
+            err_console.print(f"{self.description}: {self.done}{total}  {info}")

@@ -1,0 +1,406 @@
+"""Read preference pairs from JSON Lines or Parquet files and validate them into `Example` records.
+
+Invariants:
+- Every returned `Example` has a non-empty prompt, chosen and rejected of one kind: three strings
+  (standard) or three lists of {"role", "content"} messages (conversational), with messages reduced
+  to exactly those two keys.
+- `Example.id` is unique within one `read_examples` call. `source_row` is the row's 0-based position
+  in the whole input (files in name order, rows in order), dropped rows included, so later stages
+  can restore input order after sorting by length.
+- The first problem stops reading with one `DpocliError` whose single line names file, 1-based row
+  and field. Nothing is written anywhere, so a failed read has no side effects.
+- No torch / transformers import: reading and validating data stays cheap and model-free.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dpocli.errors import DpocliError
+
+Message = dict  # {"role": str, "content": str}
+
+JSONL_SUFFIXES = (".jsonl", ".json-lines", ".jsonlines", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+_BOM = b"\xef\xbb\xbf"
+_PARQUET_BATCH_ROWS = 1024  # rows hold long texts; a batch bounds memory, not the file size
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Example:
+    """One validated preference pair. `file`/`row` (1-based) are kept for later error messages."""
+
+    id: str
+    source_row: int
+    prompt: str | list[Message]
+    chosen: str | list[Message]
+    rejected: str | list[Message]
+    conversational: bool
+    file: str
+    row: int
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """A file that was read, with the fingerprint that goes into the cache manifest."""
+
+    path: str
+    size: int
+    sha256: str
+    rows: int
+
+
+@dataclass
+class ReadResult:
+    """Everything `read_examples` found. `rows_read` counts dropped rows; `dropped` maps reason -> count."""
+
+    examples: list[Example]
+    files: list[InputFile]
+    rows_read: int
+    dropped: dict[str, int]
+    warnings: list[str]
+
+
+@dataclass(frozen=True)
+class _Columns:
+    prompt: str
+    chosen: str
+    rejected: str
+    id: str | None
+
+
+def list_input_files(path) -> list[Path]:
+    """The data files behind `path`: the file itself, or a folder's .jsonl/.parquet files sorted by name.
+
+    Folders are not searched recursively: a stray subfolder (old splits, backups) must not leak in.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted((p for p in path.iterdir()
+                        if p.is_file() and not p.name.startswith(".") and _suffix_ok(p)),
+                       key=lambda p: p.name)
+        if not files:
+            raise DpocliError("folder has no .jsonl or .parquet files", file=path,
+                              hint="pass a data file, or the folder that holds them (subfolders are not searched)")
+        return files
+    if not path.exists():
+        raise DpocliError("does not exist", file=path)
+    if not _suffix_ok(path):
+        raise DpocliError("is not a JSON Lines (.jsonl) or Parquet (.parquet) file", file=path,
+                          hint="convert it to JSON Lines: one {\"prompt\", \"chosen\", \"rejected\"} object per line")
+    return [path]
+
+
+def extract_prompt(chosen, rejected):
+    """Split the common prefix of `chosen` and `rejected` off as the prompt, exactly as TRL does.
+
+    Same loop as `trl.data_utils._extract_prompt`, for strings and message lists alike. A space just
+    before the first difference stays with the completions ("Q: hi A: yes" / "Q: hi A: no" gives
+    prompt "Q: hi A:", completions " yes" / " no"). TRL's quirks are kept for parity: when one side is
+    a prefix of the other (or both are equal) the split falls before the last element of the shorter.
+    One deliberate difference: TRL reads `chosen[-1]` when the first element already differs; here that
+    case returns an empty prompt, which the caller refuses.
+
+    Returns:
+        (prompt, chosen_completion, rejected_completion)
+    """
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):
+        if chosen[idx] != rejected[idx]:
+            if idx > 0 and chosen[idx - 1] == " ":
+                idx -= 1
+            break
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def read_examples(path, *, prompt_column="prompt", chosen_column="chosen", rejected_column="rejected",
+                  id_column: str | None = None, drop_identical: bool = False,
+                  max_row_bytes: int = 16 * 2**20) -> ReadResult:
+    """Read and validate every row under `path` (see `list_input_files`).
+
+    The prompt is implicit (TRL's `extract_prompt`) for rows without `prompt_column`. Ids come from
+    `id_column`, else an "id" column when present, else a content hash (see `_IdAssigner`).
+    Rows whose chosen equals rejected are kept with a warning, or dropped with `drop_identical`.
+
+    Raises:
+        DpocliError: at the first invalid row or file, naming file, row and field.
+    """
+    columns = _Columns(prompt_column, chosen_column, rejected_column, id_column)
+    ids = _IdAssigner()
+    examples: list[Example] = []
+    files: list[InputFile] = []
+    warnings: list[str] = []
+    identical = 0
+    source_row = 0
+    for file_path in list_input_files(path):
+        reader = _iter_parquet if file_path.name.lower().endswith(PARQUET_SUFFIXES) else _iter_jsonl
+        first_source_row = source_row
+        for row, record in reader(file_path, columns, max_row_bytes, warnings):
+            loc = {"file": str(file_path), "row": row}
+            conversational, prompt, chosen, rejected = _parse_row(record, columns, loc)
+            # Ids are assigned before dropping, so a duplicate id is an error whatever the flags.
+            example_id = ids.assign(record, columns.id, (prompt, chosen, rejected), loc)
+            example = Example(example_id, source_row, prompt, chosen, rejected, conversational, **loc)
+            source_row += 1
+            identical += chosen == rejected
+            if not (drop_identical and chosen == rejected):
+                examples.append(example)
+        rows = source_row - first_source_row
+        if not rows:
+            warnings.append(f"{file_path}: file has no rows")
+        files.append(InputFile(str(file_path), file_path.stat().st_size, _sha256_file(file_path), rows))
+
+    if source_row == 0:
+        raise DpocliError("input has no rows (expected at least one preference pair)", file=path)
+    if identical and drop_identical:
+        warnings.append(f"dropped {identical} row(s) with chosen identical to rejected")
+    elif identical:
+        rows_have = "1 row has" if identical == 1 else f"{identical} rows have"
+        warnings.append(f"{rows_have} chosen identical to rejected (kept; use --drop-identical to drop them)")
+    if not examples:
+        raise DpocliError(f"all {source_row} rows were dropped (chosen identical to rejected)", file=path)
+    dropped = {"identical_chosen_rejected": identical} if drop_identical and identical else {}
+    return ReadResult(examples, files, source_row, dropped, warnings)
+
+
+# --- readers: yield (1-based row, record dict), raising on anything that is not a JSON/Parquet row ---
+
+def _iter_jsonl(path: Path, columns: _Columns, max_row_bytes: int, warnings: list[str]) -> Iterator:
+    prompt_checked = False  # look for a near-miss prompt column once per file, not once per row
+    with open(path, "rb") as f:
+        row = 0
+        while True:
+            # The limit makes a runaway line (a binary file, a missing newline) fail fast instead of
+            # loading gigabytes before we can complain.
+            raw = f.readline(max_row_bytes + 1)
+            if not raw:
+                return
+            row += 1
+            loc = {"file": str(path), "row": row}
+            if len(raw) > max_row_bytes and not raw.endswith(b"\n"):
+                raise _too_large(max_row_bytes, loc)
+            if row == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]  # Windows editors write one; json.loads would reject it
+            try:
+                text = raw.decode("utf-8")  # decode ourselves: json.loads(bytes) would guess UTF-16/32
+            except UnicodeDecodeError as e:
+                raise DpocliError(f"line is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})",
+                                  **loc) from None
+            if not text.strip():
+                continue  # blank lines are skipped, but still counted so row == line number
+            try:
+                record = json.loads(text.rstrip("\r\n"))  # so a position past the end means "line ended early"
+            except json.JSONDecodeError as e:
+                raise DpocliError(f"line is not valid JSON ({e.msg} at character {e.pos + 1})", **loc) from None
+            if not isinstance(record, dict):
+                raise DpocliError(f"line is JSON but not an object (got {_type_name(record)})", **loc)
+            if not prompt_checked and columns.prompt not in record:
+                _warn_implicit_prompt(path, columns.prompt, record.keys(), warnings)
+                prompt_checked = True
+            yield row, record
+
+
+def _iter_parquet(path: Path, columns: _Columns, max_row_bytes: int, warnings: list[str]) -> Iterator:
+    try:
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+    except (pa.ArrowException, OSError) as e:
+        raise _unreadable_parquet(path, e) from None
+    row = 0
+    try:
+        for name, flag in ((columns.chosen, "--chosen-column"), (columns.rejected, "--rejected-column"),
+                           (columns.id, "--id-column")):
+            if name is not None and name not in names:
+                raise _missing_column(name, flag, names, {"file": str(path)})
+        if columns.prompt not in names:
+            _warn_implicit_prompt(path, columns.prompt, names, warnings)
+        # Only the columns we use: a dataset with images or long metadata columns stays cheap to read.
+        wanted = [c for c in dict.fromkeys((columns.prompt, columns.chosen, columns.rejected, columns.id or "id"))
+                  if c in names]
+        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=wanted):
+            values = {name: batch.column(name).to_pylist() for name in batch.schema.names}
+            for i in range(batch.num_rows):
+                row += 1
+                record = {name: column[i] for name, column in values.items()}
+                if _text_bytes(record) > max_row_bytes:
+                    raise _too_large(max_row_bytes, {"file": str(path), "row": row})
+                yield row, record
+    except (pa.ArrowException, OSError) as e:
+        raise _unreadable_parquet(path, e) from None
+    finally:
+        parquet.close()
+
+
+# --- validation of one row ---
+
+def _parse_row(record: dict, columns: _Columns, loc: dict):
+    """Return (conversational, prompt, chosen, rejected) for a valid row, else raise naming the field."""
+    _require(record, columns.chosen, "--chosen-column", loc)
+    _require(record, columns.rejected, "--rejected-column", loc)
+    present = [name for name in (columns.chosen, columns.rejected, columns.prompt) if name in record]
+    checked = {name: _check_field(record[name], loc, name) for name in present}
+    conversational = checked[columns.chosen][0]
+    for name, (kind, _) in checked.items():
+        if kind != conversational:
+            describe = {False: "a string", True: "a message list"}
+            raise DpocliError(f"is {describe[kind]} but '{columns.chosen}' is {describe[conversational]} "
+                              "(a row must be all strings or all message lists)", field=name, **loc)
+    chosen, rejected = checked[columns.chosen][1], checked[columns.rejected][1]
+    if columns.prompt in checked:
+        return conversational, checked[columns.prompt][1], chosen, rejected
+
+    prompt, chosen, rejected = extract_prompt(chosen, rejected)
+    pair = f"'{columns.chosen}' and '{columns.rejected}'"
+    if not _has_text(prompt):
+        raise DpocliError(f"is absent and {pair} share no common prefix to infer it from", field=columns.prompt,
+                          **loc, hint="add a prompt column, or pass --prompt-column NAME if it has another name")
+    for name, part in ((columns.chosen, chosen), (columns.rejected, rejected)):
+        if not _has_text(part):
+            raise DpocliError(f"is empty after splitting off the implicit prompt (the common prefix of {pair})",
+                              field=name, **loc)
+    return conversational, prompt, chosen, rejected
+
+
+def _check_field(value, loc: dict, field: str):
+    """Return (conversational, value) for a non-empty string or message list, else raise."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DpocliError("is empty (expected non-empty text)" if not value else
+                              "is whitespace-only (expected non-empty text)", field=field, **loc)
+        return False, value
+    if isinstance(value, list):
+        if not value:
+            raise DpocliError("is an empty list (expected at least one {role, content} message)",
+                              field=field, **loc)
+        messages = [_check_message(m, loc, f"{field}[{i}]") for i, m in enumerate(value)]
+        if not messages[-1]["content"].strip():
+            raise DpocliError("is empty (the last message must have text)",
+                              field=f"{field}[{len(messages) - 1}].content", **loc)
+        return True, messages
+    raise DpocliError(f"must be a string or a list of {{role, content}} messages, got {_type_name(value)}",
+                      field=field, **loc)
+
+
+def _check_message(message, loc: dict, field: str) -> Message:
+    if not isinstance(message, dict):
+        raise DpocliError(f"must be a {{role, content}} message, got {_type_name(message)}", field=field, **loc)
+    for key in ("role", "content"):
+        if not isinstance(message.get(key), str):
+            problem = f"must be a string, got {_type_name(message[key])}" if key in message else "is missing"
+            raise DpocliError(problem + " (each message needs a string 'role' and 'content')",
+                              field=f"{field}.{key}", **loc)
+    # Extra keys (Parquet struct unions fill them with None) are dropped so equal pairs compare equal.
+    return {"role": message["role"], "content": message["content"]}
+
+
+def _has_text(value) -> bool:
+    if isinstance(value, str):
+        return bool(value.strip())
+    return bool(value) and bool(value[-1]["content"].strip())
+
+
+def _require(record: dict, name: str, flag: str, loc: dict):
+    if name not in record:
+        raise _missing_column(name, flag, record.keys(), loc)
+    return record[name]
+
+
+class _IdAssigner:
+    """Hands out unique ids in input order.
+
+    Explicit ids must be unique (a duplicate names both rows). Without one, the id is the first 16 hex
+    chars of sha256 over the canonical JSON of {prompt, chosen, rejected} (after implicit-prompt
+    extraction, messages as role/content), so the same pair gets the same id from JSONL or Parquet;
+    exact duplicate pairs get "-2", "-3", ... in input order.
+    """
+
+    def __init__(self) -> None:
+        self.first_seen: dict[str, tuple[str, int]] = {}
+        self.hash_counts: dict[str, int] = {}
+
+    def assign(self, record: dict, id_column: str | None, content: tuple, loc: dict) -> str:
+        field = id_column or ("id" if "id" in record else None)
+        if field:
+            new_id = _require(record, field, "--id-column", loc)
+            # bool is an int subclass, but `true` as an id is a data bug, not an id.
+            if isinstance(new_id, bool) or not isinstance(new_id, (str, int)) or not str(new_id).strip():
+                raise DpocliError(f"must be a non-empty string or an int, got {_type_name(new_id)} "
+                                  f"{json.dumps(new_id)[:40]}", field=field, **loc)
+            new_id = str(new_id)
+        else:
+            prompt, chosen, rejected = content
+            canonical = json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected},
+                                   sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+            # surrogatepass: JSON may carry lone "\ud800" escapes; they must hash, not crash.
+            base = hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+            count = self.hash_counts[base] = self.hash_counts.get(base, 0) + 1
+            new_id = base if count == 1 else f"{base}-{count}"
+        if new_id in self.first_seen:
+            first_file, first_row = self.first_seen[new_id]
+            raise DpocliError(f"duplicate id {new_id!r} (first seen at {first_file}:{first_row})",
+                              field=field or "id", **loc)
+        self.first_seen[new_id] = (loc["file"], loc["row"])
+        return new_id
+
+
+# --- small helpers ---
+
+def _missing_column(name: str, flag: str, available, loc: dict) -> DpocliError:
+    available = [str(a) for a in available]
+    close = difflib.get_close_matches(name, available, n=1)
+    suggestion = f"did you mean '{close[0]}'? pass {flag} {close[0]}" if close else f"pass {flag} NAME"
+    return DpocliError(f"is missing ({suggestion})", field=name, **loc,
+                       hint="columns found: " + (", ".join(sorted(available)) or "none"))
+
+
+def _warn_implicit_prompt(path: Path, prompt_column: str, available, warnings: list[str]) -> None:
+    # A near-miss column name ("promt") probably is the prompt; without it we would infer one silently.
+    close = difflib.get_close_matches(prompt_column, [str(a) for a in available], n=1)
+    if close:
+        warnings.append(f"{path}: no '{prompt_column}' column, so prompts are inferred from chosen/rejected; "
+                        f"did you mean '{close[0]}'? pass --prompt-column {close[0]}")
+
+
+def _too_large(max_row_bytes: int, loc: dict) -> DpocliError:
+    return DpocliError(f"row is larger than max_row_bytes ({max_row_bytes} bytes)", **loc,
+                       hint="raise --max-row-bytes if rows this long are intended")
+
+
+def _unreadable_parquet(path: Path, error: Exception) -> DpocliError:
+    detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return DpocliError(f"is not a readable Parquet file ({detail})", file=path,
+                       hint="the file may be truncated or corrupt; write it again")
+
+
+def _text_bytes(value) -> int:
+    """UTF-8 size of the text in a Parquet row: the stand-in for a JSONL line's length."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8"))
+    parts = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return sum(_text_bytes(v) for v in parts)
+
+
+def _suffix_ok(path: Path) -> bool:
+    return path.name.lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES)
+
+
+def _type_name(value) -> str:
+    names = {type(None): "null", bool: "bool", dict: "object", list: "list", str: "string"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,57 @@
+"""Errors that reach the user as one line, and the exit codes they map to.
+
+Every failure the user can fix (bad input, bad flags, an incompatible cache) is a `DpocliError`
+with exit code 2; failures at run time (NaN loss, out of memory) are `RunFailure` with exit code 1.
+The CLI catches `DpocliError` only, so a real bug still shows its traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2  # click's own code for usage errors, so typer's errors and ours agree
+EXIT_INTERRUPTED = 130
+
+
+class DpocliError(Exception):
+    """A problem the user can fix. `str(err)` is one line naming file, row and field when known.
+
+    Args:
+        message: what is wrong, e.g. "is empty (expected a non-empty string)".
+        file: the input file or folder involved.
+        row: 1-based line (JSONL) or row (Parquet) number in `file`.
+        field: the column or manifest field involved.
+        hint: what to do about it; shown on a second line by the CLI.
+    """
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, *, file=None, row: int | None = None,
+                 field: str | None = None, hint: str | None = None):
+        self.message = message
+        self.file = None if file is None else str(file)
+        self.row = row
+        self.field = field
+        self.hint = hint
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        where = ""
+        if self.file is not None:
+            where = self.file + (f":{self.row}" if self.row is not None else "") + ": "
+        elif self.row is not None:
+            where = f"row {self.row}: "
+        what = f"field '{self.field}' " if self.field else ""
+        return (where + what + self.message).replace("\n", " ")
+
+
+class RunFailure(DpocliError):
+    """A failure at run time (NaN/inf loss, out of memory); the message says what to change."""
+
+    exit_code = EXIT_RUNTIME
+
+
+class Interrupted(DpocliError):
+    """Ctrl-C / SIGTERM after resumable state was written; the message says how to resume."""
+
+    exit_code = EXIT_INTERRUPTED

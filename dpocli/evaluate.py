@@ -1,0 +1,177 @@
+"""`dpo eval`: score checkpoints against a held-out cache (the reference lives in the cache).
+
+Per model, every metric below is computed from four [N] vectors: policy and cached reference
+summed log-probs of chosen and rejected, plus completion lengths. Definitions (N pairs, β, and
+h_i = Δw_i − Δl_i with Δ = policy − reference sums):
+
+    loss                       the chosen loss type(s) at β over all N pairs (as in training)
+    rewards/accuracies         mean 1[β·Δw > β·Δl] (strict: ties count as wrong)
+    rewards/margins            mean β·h, with std and p5/p25/p50/p75/p95 under rewards/margins_*
+    rewards/chosen|rejected    mean β·Δw, mean β·Δl
+    logps/chosen|rejected      mean over pairs of summed policy log-probs
+    logps/chosen_per_token     Σ_i logp_i / Σ_i len_i (token-weighted), likewise rejected
+    preference_prob/mean       mean σ(β·h): the implicit probability that chosen is preferred
+    displacement/chosen_below_ref   fraction of pairs with policy chosen log-prob < reference's
+                                    (likelihood displacement); rejected likewise
+    length_bias/<bucket>       accuracy and count by bucket of len(chosen) − len(rejected) tokens
+
+Assumptions: batches replay precompute's plan, so evaluating the reference reproduces the cache
+exactly on the same hardware (margins 0, accuracy 0, sigmoid loss ln 2).
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from dpocli import __version__, cache, distributed
+from dpocli.atomic import atomic_path
+from dpocli.console import ProgressBar, log
+from dpocli.errors import DpocliError
+from dpocli.logprobs import CompletionScorer
+from dpocli.losses import LossInputs, LossSpec, compute_loss, parse_loss_list, validate_spec
+from dpocli.modeling import load_causal_lm, resolve_device
+from dpocli.policy import check_vocab
+from dpocli.scoring import cached_reference, score_cache
+
+LENGTH_BUCKETS = [(-10**9, -9, "<=-9"), (-8, -3, "-8..-3"), (-2, 2, "-2..2"), (3, 8, "3..8"),
+                  (9, 10**9, ">=9")]
+PERCENTILES = (5, 25, 50, 75, 95)
+
+
+def expand_models(patterns: list[str]) -> list[str]:
+    """Models in the given order; a glob pattern expands to its matches sorted by trailing number
+    (checkpoint-9 before checkpoint-10)."""
+    def natural(path: str):
+        m = re.search(r"(\d+)/?$", path)
+        return (int(m.group(1)) if m else -1, path)
+    out: list[str] = []
+    for pattern in patterns:
+        if any(ch in pattern for ch in "*?["):
+            matches = sorted(glob.glob(pattern), key=natural)
+            if not matches:
+                raise DpocliError("matches no model folder", file=pattern, field="--model")
+            out += matches
+        else:
+            out.append(pattern)
+    return out
+
+
+def pair_metrics(pc: torch.Tensor, pr: torch.Tensor, ref: dict, spec: LossSpec) -> tuple[dict, dict]:
+    """(summary metrics, per-pair columns) for policy sums `pc`, `pr` against cached `ref`."""
+    out = compute_loss(LossInputs(pc, pr, ref["ref_chosen_logps"], ref["ref_rejected_logps"],
+                                  ref["chosen_len"], ref["rejected_len"]), spec)
+    cr, rr = out.chosen_rewards, out.rejected_rewards
+    margin = cr - rr
+    correct = (cr > rr).double()
+    prob = torch.sigmoid(margin)
+    clen, rlen = ref["chosen_len"].double(), ref["rejected_len"].double()
+    m = {
+        "loss": float(out.loss),
+        "rewards/accuracies": float(correct.mean()),
+        "rewards/margins": float(margin.mean()),
+        "rewards/margins_std": float(margin.std(unbiased=False)),
+        **{f"rewards/margins_p{q}": float(torch.quantile(margin, q / 100)) for q in PERCENTILES},
+        "rewards/chosen": float(cr.mean()),
+        "rewards/rejected": float(rr.mean()),
+        "logps/chosen": float(pc.mean()),
+        "logps/rejected": float(pr.mean()),
+        "logps/chosen_per_token": float(pc.sum() / clen.sum()),
+        "logps/rejected_per_token": float(pr.sum() / rlen.sum()),
+        "preference_prob/mean": float(prob.mean()),
+        "displacement/chosen_below_ref": float((pc < ref["ref_chosen_logps"]).double().mean()),
+        "displacement/rejected_below_ref": float((pr < ref["ref_rejected_logps"]).double().mean()),
+        "pairs": int(pc.shape[0]),
+    }
+    if len(out.components) > 1:
+        m.update({f"loss/{k}": float(v) for k, v in out.components.items()})
+    diff = (ref["chosen_len"] - ref["rejected_len"])
+    for low, high, name in LENGTH_BUCKETS:
+        inside = (diff >= low) & (diff <= high)
+        n = int(inside.sum())
+        m[f"length_bias/{name}/count"] = n
+        m[f"length_bias/{name}/accuracy"] = float(correct[inside].mean()) if n else None
+    columns = {"chosen_reward": cr, "rejected_reward": rr, "margin": margin,
+               "preference_prob": prob, "correct": correct.bool(), "policy_chosen_logps": pc,
+               "policy_rejected_logps": pr}
+    return m, columns
+
+
+def write_per_example(path: Path, rows: list[dict]) -> None:
+    """One row per (model, pair); Parquet or JSONL by suffix, written atomically."""
+    import pyarrow as pa
+    table = pa.Table.from_pylist(rows)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+            pq.write_table(table, tmp)
+        elif path.suffix in (".jsonl", ".json"):
+            import json
+            with open(tmp, "w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+        else:
+            raise DpocliError("must end in .parquet or .jsonl", file=path, field="--per-example")
+
+
+def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str = "sigmoid",
+             loss_weights: str | None = None, label_smoothing: float = 0.0,
+             ipo_length_normalized: bool = True, max_tokens: int | None = None,
+             dtype: str = "float32", device: str | None = None, per_example: str | None = None,
+             samples: int = 0, ref_model: str | None = None, max_new_tokens: int = 64,
+             temperature: float = 0.0, kl_samples: int = 4, seed: int = 0,
+             attn_implementation: str | None = None, trust_remote_code: bool = False) -> dict:
+    t0 = time.perf_counter()
+    names, weights = parse_loss_list(loss, loss_weights)
+    spec = LossSpec(losses=names, weights=weights, beta=beta, label_smoothing=label_smoothing,
+                    ipo_length_normalized=ipo_length_normalized)
+    validate_spec(spec)
+    if per_example and Path(per_example).suffix not in (".parquet", ".jsonl", ".json"):
+        raise DpocliError("must end in .parquet or .jsonl", file=per_example, field="--per-example")
+    models = expand_models(models)
+    if not models:
+        raise DpocliError("give at least one --model", field="--model")
+    manifest, data = cache.load_cache(cache_dir)
+    dist = distributed.current()
+    dev = dist.device_for(resolve_device(device))
+    pad_id = int(manifest.spec["tokenizer"]["pad_token_id"])
+    ref = cached_reference(data, range(data.num_rows), "cpu")
+    results, per_rows = [], []
+    with ProgressBar("eval", len(models)) as bar:
+        for path in models:
+            model = load_causal_lm(path, dtype=dtype, device=dev, attn_implementation=attn_implementation,
+                                   trust_remote_code=trust_remote_code)
+            check_vocab(model, data, cache_dir)
+            pc, pr = score_cache(CompletionScorer(model), data, manifest, pad_id, dev,
+                                 max_tokens=max_tokens, dist=dist)
+            metrics, columns = pair_metrics(pc, pr, ref, spec)
+            entry = {"model": path, **metrics}
+            if samples:
+                from dpocli.sampling import sample_report
+                entry["samples"] = sample_report(model, path, data, samples, ref_model=ref_model,
+                                                 max_new_tokens=max_new_tokens, temperature=temperature,
+                                                 kl_samples=kl_samples, seed=seed, device=dev,
+                                                 dtype=dtype, tokenizer_dir=Path(cache_dir) / cache.TOKENIZER_DIR)
+            results.append(entry)
+            if per_example:
+                for i in range(data.num_rows):
+                    per_rows.append({
+                        "model": path, "id": data.ids[i], "source_row": int(data.source_row[i]),
+                        **{k: (bool(v[i]) if v.dtype == torch.bool else float(v[i]))
+                           for k, v in columns.items()},
+                        "ref_chosen_logps": float(ref["ref_chosen_logps"][i]),
+                        "ref_rejected_logps": float(ref["ref_rejected_logps"][i]),
+                        "chosen_len": int(ref["chosen_len"][i]), "rejected_len": int(ref["rejected_len"][i])})
+            del model
+            bar.update(1)
+    if per_example and dist.is_main:
+        write_per_example(Path(per_example), per_rows)
+        log(f"wrote {len(per_rows)} per-example rows to {per_example}")
+    return {"command": "eval", "dpocli_version": __version__, "cache": str(cache_dir),
+            "spec_fingerprint": manifest.spec_fingerprint, "beta": beta, "loss": loss,
+            "pairs": data.num_rows, "models": results, "per_example": per_example,
+            "seconds": round(time.perf_counter() - t0, 3)}

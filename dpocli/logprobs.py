@@ -1,0 +1,149 @@
+"""Summed completion log-probs of a causal LM, without ever building `[B, T, V]` fp32 logits.
+
+`CompletionScorer` runs the transformer body, keeps only the hidden states that predict a
+completion token (prompt and pad positions never reach the LM head), and applies the LM head plus
+an fp32 log-softmax in chunks of rows. With gradients, a custom autograd function recomputes each
+chunk's logits in the backward pass instead of saving them, so peak memory for the head is one
+`[chunk, V]` block, not `[N, V]` (what Liger's fused loss does, here with cached reference values).
+
+Numerics: logits come out of the head in the model's dtype and are upcast to fp32 before the
+log-softmax (as TRL and HF do); per-token values are fp32 and sums are accumulated in fp64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dpocli.batching import Batch
+
+
+@dataclass(frozen=True)
+class SequenceLogps:
+    """Per pair [B]: summed completion log-probs (float64) and completion token counts (long).
+
+    `*_token_logps` (optional): per pair, a 1-D float32 tensor of the completion's token log-probs.
+    """
+
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_len: torch.Tensor
+    rejected_len: torch.Tensor
+    chosen_token_logps: list[torch.Tensor] | None = None
+    rejected_token_logps: list[torch.Tensor] | None = None
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T)[label] row by row chunk, recomputing logits in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        for start in range(0, hidden.shape[0], chunk_size):
+            sl = slice(start, start + chunk_size)
+            logits = (hidden[sl] @ weight.T).float()
+            lse[sl] = torch.logsumexp(logits, dim=-1)
+            out[sl] = logits.gather(1, labels[sl, None]).squeeze(1) - lse[sl]
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            sl = slice(start, start + ctx.chunk_size)
+            logits = (hidden[sl] @ weight.T).float()
+            # d logp[label] / d logits = onehot(label) - softmax(logits)
+            grad_logits = -torch.exp(logits - lse[sl, None])
+            grad_logits.scatter_add_(1, labels[sl, None], torch.ones_like(lse[sl, None]))
+            grad_logits *= grad_out[sl, None]
+            grad_logits = grad_logits.to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[sl] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ hidden[sl]).float()
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def token_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                            chunk_size: int = 1024) -> torch.Tensor:
+    """[N] fp32 log-probs of `labels` under logits `hidden @ weight.T` (hidden [N, H], weight [V, H])."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _ChunkedTokenLogps.apply(hidden, weight, labels, chunk_size)
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        logits = (hidden[sl] @ weight.T).float()
+        out[sl] = logits.gather(1, labels[sl, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    return out
+
+
+def _head_is_plain_linear(model) -> bool:
+    """True when logits = lm_head(last hidden state) with no bias, scaling or soft-capping, so the
+    chunked head is exact. Other models (Gemma-2 soft-capping, Cohere logit_scale, ...) use the
+    model's own forward."""
+    head = model.get_output_embeddings()
+    config = model.config
+    special = any(getattr(config, name, None) not in (None, 1.0)
+                  for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"))
+    return (isinstance(head, nn.Linear) and head.bias is None and not special
+            and hasattr(model, "get_decoder"))
+
+
+class CompletionScorer(nn.Module):
+    """Scores the completion tokens of a padded batch. Wrap *this* in DDP/FSDP, not the bare model,
+    so the distributed wrapper's hooks see the whole computation.
+
+    forward(input_ids [R,T], attention_mask [R,T], completion_mask [R,T]) returns
+    (row_sums [R] float64, token_logps [N] float32) where N = completion_mask[:, 1:].sum() and
+    token_logps lists the scored tokens row by row, left to right.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        self.chunked = _head_is_plain_linear(model)
+
+    def forward(self, input_ids, attention_mask, completion_mask):
+        # Token t is predicted from position t-1, so position 0 is never scored.
+        scored = completion_mask[:, 1:]
+        labels = input_ids[:, 1:][scored]
+        if self.chunked:
+            body = self.model.get_decoder()
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask,
+                          use_cache=False).last_hidden_state
+            hidden = hidden[:, :-1][scored]
+            token_logps = token_logps_from_hidden(
+                hidden, self.model.get_output_embeddings().weight, labels, self.chunk_size)
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                use_cache=False).logits
+            picked = logits[:, :-1][scored].float()
+            token_logps = picked.gather(1, labels[:, None]).squeeze(1) - torch.logsumexp(picked, -1)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(scored)[scored]
+        sums = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=input_ids.device)
+        sums = sums.index_add(0, rows, token_logps.double())
+        return sums, token_logps
+
+
+def sequence_logps(scorer: nn.Module, batch: Batch, *, keep_token_logps: bool = False) -> SequenceLogps:
+    """Run `scorer` (a CompletionScorer, possibly wrapped by DDP) on `batch` and split by pair."""
+    sums, token_logps = scorer(batch.input_ids, batch.attention_mask, batch.completion_mask)
+    lens = batch.completion_mask[:, 1:].sum(dim=1)
+    b = batch.num_pairs
+    per_row = None
+    if keep_token_logps:
+        per_row = list(token_logps.detach().float().split(lens.tolist()))
+    return SequenceLogps(
+        chosen_logps=sums[:b], rejected_logps=sums[b:], chosen_len=lens[:b], rejected_len=lens[b:],
+        chosen_token_logps=per_row[:b] if per_row else None,
+        rejected_token_logps=per_row[b:] if per_row else None)

@@ -1,0 +1,322 @@
+"""Preference losses as pure functions of per-pair log-prob sums; one function per TRL `loss_type`.
+
+Invariants:
+- Every loss maps `(LossInputs, LossSpec)` to a `[B]` per-pair loss in the inputs' dtype; no I/O, no model.
+- Formulas match TRL's `DPOTrainer._compute_loss` (huggingface/trl@f2cd577). Where we differ it is
+  only in a numerically stable rewrite of the same expression (noted at the function).
+- Implicit rewards always use the plain log-ratios, even under an f-divergence (as TRL does).
+- Completion lengths are clamped to >= 1 before dividing, as TRL clamps its mask sums.
+
+Notation (paper symbol -> code): y_w, y_l = chosen, rejected completion; log π(y_w|x) =
+`policy_chosen_logps`; log π_ref(y_w|x) = `ref_chosen_logps`; |y_w| = `chosen_len`;
+Δw = policy_chosen - ref_chosen, Δl = policy_rejected - ref_rejected (`_logratios`);
+s = g(Δ) the f-divergence score (`_scores`); δ = s_w - s_l; β = `beta`; ε = `label_smoothing`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dpocli.errors import DpocliError
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """Per-pair [B] tensors. *_logps are SUMS of completion-token log-probs; *_len are completion token counts."""
+
+    policy_chosen_logps: Tensor
+    policy_rejected_logps: Tensor
+    ref_chosen_logps: Tensor
+    ref_rejected_logps: Tensor
+    chosen_len: Tensor
+    rejected_len: Tensor
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Which losses to combine and their hyper-parameters; check it once with `validate_spec`."""
+
+    losses: tuple[str, ...] = ("sigmoid",)
+    weights: tuple[float, ...] = (1.0,)
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    ipo_length_normalized: bool = True  # TRL's form; False = paper / OpenRLHF / original repo (summed)
+    discopop_tau: float = 0.05  # TRL default
+    f_divergence: str = "reverse_kl"  # reverse_kl | forward_kl | js_divergence | alpha_divergence
+    f_alpha: float = 1.0
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """Result of `compute_loss`. All tensors except `loss` and `per_pair_loss` are detached.
+
+    loss: scalar, Σ_k w_k · mean_B(loss_k); what backward() is called on.
+    per_pair_loss: [B], Σ_k w_k · loss_k per pair (its mean equals `loss`).
+    chosen_rewards / rejected_rewards: [B], β·Δw and β·Δl (plain log-ratios).
+    components: loss name -> unweighted batch mean of that loss (scalar).
+    """
+
+    loss: Tensor
+    per_pair_loss: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    components: dict[str, Tensor]
+
+
+# ---- f-divergence score transforms g(u) (Wang et al., arXiv 2309.16240; TRL `f_divergence_type`) ----
+
+def _alpha_divergence(u: Tensor, alpha: float) -> Tensor:
+    """g(u) = exp((α-1)·u)/(α-1), exponent capped at 80 (11 in fp16) as TRL does; g(u) = u when α = 1."""
+    if alpha == 1.0:
+        return u
+    cap = 11.0 if u.dtype == torch.float16 else 80.0
+    return torch.exp(torch.clamp((alpha - 1.0) * u, max=cap)) / (alpha - 1.0)
+
+
+F_DIVERGENCES: dict[str, Callable[[Tensor, float], Tensor]] = {
+    "reverse_kl": lambda u, alpha: u,  # standard DPO
+    "forward_kl": lambda u, alpha: -torch.exp(-u),
+    "js_divergence": lambda u, alpha: F.logsigmoid(u),
+    "alpha_divergence": _alpha_divergence,
+}
+
+
+def _logratios(x: LossInputs) -> tuple[Tensor, Tensor]:
+    """(Δw, Δl) = (log π(y_w) - log π_ref(y_w), log π(y_l) - log π_ref(y_l)), each [B]."""
+    return x.policy_chosen_logps - x.ref_chosen_logps, x.policy_rejected_logps - x.ref_rejected_logps
+
+
+def _scores(x: LossInputs, spec: LossSpec) -> tuple[Tensor, Tensor]:
+    """(s_w, s_l) = (g(Δw), g(Δl)) with g the spec's f-divergence transform."""
+    g = F_DIVERGENCES[spec.f_divergence]
+    dw, dl = _logratios(x)
+    return g(dw, spec.f_alpha), g(dl, spec.f_alpha)
+
+
+def _lengths(x: LossInputs) -> tuple[Tensor, Tensor]:
+    """(|y_w|, |y_l|) in the log-probs' dtype, clamped to >= 1 (TRL clamps the mask sums)."""
+    like = x.policy_chosen_logps
+    return (x.chosen_len.to(like).clamp(min=1.0), x.rejected_len.to(like).clamp(min=1.0))
+
+
+def _smoothed_logistic(z: Tensor, eps: float) -> Tensor:
+    """-(1-ε)·log σ(z) - ε·log σ(-z): logistic loss on z with label smoothing ε (cDPO)."""
+    return -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
+
+# ---- the losses: each returns the [B] per-pair loss ----
+
+def sigmoid(x: LossInputs, spec: LossSpec) -> Tensor:
+    """DPO / cDPO: -(1-ε)·log σ(βδ) - ε·log σ(-βδ); ε = 0 is plain DPO. TRL `sigmoid`.
+
+    arXiv 2305.18290 (DPO); cDPO: https://ericmitchell.ai/cdpo.pdf.
+    """
+    s_w, s_l = _scores(x, spec)
+    return _smoothed_logistic(spec.beta * (s_w - s_l), spec.label_smoothing)
+
+
+def hinge(x: LossInputs, spec: LossSpec) -> Tensor:
+    """SLiC / RSO: max(0, 1 - βδ). arXiv 2305.10425, 2309.06657. TRL `hinge`."""
+    s_w, s_l = _scores(x, spec)
+    return torch.relu(1.0 - spec.beta * (s_w - s_l))
+
+
+def ipo(x: LossInputs, spec: LossSpec) -> Tensor:
+    """IPO: (s_w/|y_w| - s_l/|y_l| - 1/(2β))². arXiv 2310.12036 Eq. 17, with τ = β. TRL `ipo`.
+
+    `ipo_length_normalized=True` is TRL's per-token-averaged form; False uses the sums
+    (s_w - s_l), as the paper, OpenRLHF and the original DPO repository do.
+    """
+    s_w, s_l = _scores(x, spec)
+    if spec.ipo_length_normalized:
+        len_w, len_l = _lengths(x)
+        s_w, s_l = s_w / len_w, s_l / len_l
+    return (s_w - s_l - 1.0 / (2.0 * spec.beta)) ** 2
+
+
+def exo_pair(x: LossInputs, spec: LossSpec) -> Tensor:
+    """EXO: σ(βδ)·(log σ(βδ) - log(1-ε)) + σ(-βδ)·(log σ(-βδ) - log ε). TRL `exo_pair`.
+
+    arXiv 2402.00856 Eq. 16.
+
+    ε = 0 would make log ε infinite, so TRL substitutes ε = 1e-3 when label_smoothing is 0; we match it.
+    """
+    s_w, s_l = _scores(x, spec)
+    z, eps = spec.beta * (s_w - s_l), spec.label_smoothing or 1e-3
+    return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+            + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+
+
+def nca_pair(x: LossInputs, spec: LossSpec) -> Tensor:
+    """NCA: -log σ(β·s_w) - ½·log σ(-β·s_w) - ½·log σ(-β·s_l). arXiv 2402.05369. TRL `nca_pair`."""
+    s_w, s_l = _scores(x, spec)
+    b = spec.beta
+    return -F.logsigmoid(b * s_w) - 0.5 * F.logsigmoid(-b * s_w) - 0.5 * F.logsigmoid(-b * s_l)
+
+
+def robust(x: LossInputs, spec: LossSpec) -> Tensor:
+    """rDPO: [-(1-ε)·log σ(βδ) + ε·log σ(-βδ)] / (1-2ε), ε in [0, 0.5). arXiv 2403.00409. TRL `robust`."""
+    s_w, s_l = _scores(x, spec)
+    z, eps = spec.beta * (s_w - s_l), spec.label_smoothing
+    return (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
+
+
+def bco_pair(x: LossInputs, spec: LossSpec) -> Tensor:
+    """BCO, paired: -log σ(β·s_w) - log σ(-β·s_l). arXiv 2404.04656. TRL `bco_pair`.
+
+    No running-mean reward baseline (TRL's DPO has none; LLaMA-Factory's BCO does).
+    """
+    s_w, s_l = _scores(x, spec)
+    return -F.logsigmoid(spec.beta * s_w) - F.logsigmoid(-spec.beta * s_l)
+
+
+def sppo_hard(x: LossInputs, spec: LossSpec) -> Tensor:
+    """SPPO (hard labels): (s_w - 1/(2β))² + (s_l + 1/(2β))². arXiv 2405.00675. TRL `sppo_hard`."""
+    s_w, s_l = _scores(x, spec)
+    half = 0.5 / spec.beta
+    return (s_w - half) ** 2 + (s_l + half) ** 2
+
+
+def aot(x: LossInputs, spec: LossSpec) -> Tensor:
+    """AOT (paired): d = sort_B(c - r) - sort_B(c_ref - r_ref), loss -(1-ε)·log σ(βd) - ε·log σ(-βd).
+
+    arXiv 2406.05882. TRL `aot`. Sorting is over the batch, so entry i belongs to the i-th quantile,
+    not to pair i (the batch mean is what matters). Uses plain log-probs, no f-divergence (as TRL).
+    """
+    a = torch.sort(x.policy_chosen_logps - x.policy_rejected_logps, dim=0).values
+    b = torch.sort(x.ref_chosen_logps - x.ref_rejected_logps, dim=0).values
+    return _smoothed_logistic(spec.beta * (a - b), spec.label_smoothing)
+
+
+def aot_unpaired(x: LossInputs, spec: LossSpec) -> Tensor:
+    """AOT (unpaired): d = sort_B(Δw) - sort_B(Δl), then as `aot`. arXiv 2406.05882. TRL `aot_unpaired`."""
+    dw, dl = _logratios(x)
+    d = torch.sort(dw, dim=0).values - torch.sort(dl, dim=0).values
+    return _smoothed_logistic(spec.beta * d, spec.label_smoothing)
+
+
+def apo_zero(x: LossInputs, spec: LossSpec) -> Tensor:
+    """APO-zero: (1 - σ(β·Δw)) + σ(β·Δl), plain log-ratios. arXiv 2408.06266. TRL `apo_zero`."""
+    dw, dl = _logratios(x)
+    return (1.0 - torch.sigmoid(spec.beta * dw)) + torch.sigmoid(spec.beta * dl)
+
+
+def apo_down(x: LossInputs, spec: LossSpec) -> Tensor:
+    """APO-down: σ(β·Δw) + (1 - σ(β·δ)), Δw plain, δ from scores. arXiv 2408.06266. TRL `apo_down`."""
+    dw, _ = _logratios(x)
+    s_w, s_l = _scores(x, spec)
+    return torch.sigmoid(spec.beta * dw) + (1.0 - torch.sigmoid(spec.beta * (s_w - s_l)))
+
+
+def discopop(x: LossInputs, spec: LossSpec) -> Tensor:
+    """DiscoPOP: z = βδ, m = σ(z/τ), loss (1-m)·(-log σ(z)) + m·exp(-z). arXiv 2406.08414. TRL `discopop`.
+
+    TRL writes m·exp(-z) literally, which is inf·0 = NaN for z << 0; we compute the same product as
+    exp(log σ(z/τ) - z) and 1-m as σ(-z/τ), so large margins stay finite (for τ < 1).
+    """
+    s_w, s_l = _scores(x, spec)
+    z, tau = spec.beta * (s_w - s_l), spec.discopop_tau
+    return torch.sigmoid(-z / tau) * -F.logsigmoid(z) + torch.exp(F.logsigmoid(z / tau) - z)
+
+
+def sigmoid_norm(x: LossInputs, spec: LossSpec) -> Tensor:
+    """Length-normalised DPO (SimPO's normalisation, reference kept): -log σ(β·(s_w/|y_w| - s_l/|y_l|)).
+
+    arXiv 2405.14734 (SimPO). TRL `sigmoid_norm`. Label smoothing does not apply (as TRL).
+    """
+    s_w, s_l = _scores(x, spec)
+    len_w, len_l = _lengths(x)
+    return -F.logsigmoid(spec.beta * (s_w / len_w - s_l / len_l))
+
+
+def sft(x: LossInputs, spec: LossSpec) -> Tensor:
+    """Token-mean NLL of the chosen completions over the batch, -Σ log π(y_w) / Σ|y_w|, broadcast to [B].
+
+    Mixed with a DPO loss by weights this is RPO (arXiv 2404.19733). TRL `sft`.
+    """
+    nll = -x.policy_chosen_logps.sum() / x.chosen_len.to(x.policy_chosen_logps).sum().clamp(min=1.0)
+    return nll.expand_as(x.policy_chosen_logps)
+
+
+LOSSES: dict[str, Callable[[LossInputs, LossSpec], Tensor]] = {
+    "sigmoid": sigmoid, "hinge": hinge, "ipo": ipo, "exo_pair": exo_pair, "nca_pair": nca_pair,
+    "robust": robust, "bco_pair": bco_pair, "sppo_hard": sppo_hard, "aot": aot,
+    "aot_unpaired": aot_unpaired, "apo_zero": apo_zero, "apo_down": apo_down,
+    "discopop": discopop, "sigmoid_norm": sigmoid_norm, "sft": sft,
+}
+
+
+def _suggest(name: str, options) -> str | None:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f"did you mean '{close[0]}'?" if close else None
+
+
+def validate_spec(spec: LossSpec) -> None:
+    """Raise a one-line `DpocliError` naming the field if `spec` cannot be computed."""
+    if not spec.losses:
+        raise DpocliError("is empty (expected at least one loss type)", field="losses")
+    for name in spec.losses:
+        if name not in LOSSES:
+            raise DpocliError(f"has unknown loss type '{name}' (known: {', '.join(LOSSES)})",
+                              field="losses", hint=_suggest(name, LOSSES))
+    if len(set(spec.losses)) != len(spec.losses):
+        raise DpocliError(f"lists a loss type twice: {','.join(spec.losses)}", field="losses")
+    if len(spec.weights) != len(spec.losses):
+        raise DpocliError(f"has {len(spec.weights)} values for {len(spec.losses)} losses "
+                          f"({','.join(spec.losses)}); give one weight per loss", field="weights")
+    if not all(math.isfinite(w) for w in spec.weights):
+        raise DpocliError(f"must be finite numbers, got {spec.weights}", field="weights")
+    if not (math.isfinite(spec.beta) and spec.beta > 0):
+        raise DpocliError(f"must be > 0, got {spec.beta}", field="beta")
+    eps = spec.label_smoothing
+    if "robust" in spec.losses and not 0.0 <= eps < 0.5:
+        raise DpocliError(f"must be in [0, 0.5) for robust, got {eps}", field="label_smoothing")
+    if not 0.0 <= eps <= 0.5:
+        raise DpocliError(f"must be in [0, 0.5], got {eps}", field="label_smoothing")
+    if spec.f_divergence not in F_DIVERGENCES:
+        raise DpocliError(f"has unknown value '{spec.f_divergence}' (known: {', '.join(F_DIVERGENCES)})",
+                          field="f_divergence", hint=_suggest(spec.f_divergence, F_DIVERGENCES))
+    if not math.isfinite(spec.f_alpha):
+        raise DpocliError(f"must be a finite number, got {spec.f_alpha}", field="f_alpha")
+    if not (math.isfinite(spec.discopop_tau) and spec.discopop_tau > 0):
+        raise DpocliError(f"must be > 0, got {spec.discopop_tau}", field="discopop_tau")
+
+
+def compute_loss(inputs: LossInputs, spec: LossSpec) -> LossOutput:
+    """Weighted sum of the spec's losses, plus implicit rewards (β·Δw, β·Δl) and per-loss batch means."""
+    validate_spec(spec)  # a few comparisons; cheap next to the forward pass that produced `inputs`
+    per_pair = torch.zeros_like(inputs.policy_chosen_logps)
+    components = {}
+    for name, weight in zip(spec.losses, spec.weights):
+        loss_k = LOSSES[name](inputs, spec)
+        components[name] = loss_k.detach().mean()
+        per_pair = per_pair + weight * loss_k
+    dw, dl = _logratios(inputs)
+    return LossOutput(loss=per_pair.mean(), per_pair_loss=per_pair,
+                      chosen_rewards=(spec.beta * dw).detach(), rejected_rewards=(spec.beta * dl).detach(),
+                      components=components)
+
+
+def parse_loss_list(losses: str, weights: str | None) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """"sigmoid,sft" and "1.0,0.5" -> (("sigmoid", "sft"), (1.0, 0.5)); weights default to all 1.0.
+
+    Only parses; names and counts are checked by `validate_spec`.
+    """
+    names = tuple(part.strip() for part in losses.split(","))
+    if not names or any(not n for n in names):
+        raise DpocliError(f"'{losses}' has an empty entry (expected e.g. 'sigmoid,sft')", field="losses")
+    if weights is None:
+        return names, (1.0,) * len(names)
+    try:
+        values = tuple(float(part) for part in weights.split(","))
+    except ValueError:
+        raise DpocliError(f"'{weights}' is not a comma-separated list of numbers (e.g. '1.0,0.5')",
+                          field="weights") from None
+    return names, values

@@ -1,0 +1,86 @@
+"""Every logged metric, defined once, under TRL's names.
+
+Per pair i, with Δw = policy_chosen_logps − ref_chosen_logps and Δl likewise for rejected
+(log-probs are SUMS over completion tokens):
+
+    rewards/chosen      mean_i β·Δw_i               rewards/rejected  mean_i β·Δl_i
+    rewards/margins     mean_i β·(Δw_i − Δl_i)      rewards/accuracies mean_i 1[β·Δw_i > β·Δl_i]
+                                                     (strict: a tie, e.g. policy == reference, counts 0)
+    logps/chosen        mean_i policy_chosen_logps_i (a sum per pair, averaged over pairs; TRL's docs
+    logps/rejected      mean_i policy_rejected_logps_i  call it an average per token, the code sums)
+    loss                the optimised loss: Σ_k w_k · mean_i loss_k,i
+    loss/<type>         mean_i loss_k,i for each loss type when several are combined
+
+All means are over pairs (example-weighted). Within an optimizer step they run over every pair of
+every micro-batch on every rank, which equals TRL's mean of per-batch means when batches are equal.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dpocli.losses import LossOutput
+
+
+class StepMetrics:
+    """Accumulates pair-weighted sums over the micro-batches of a step, then reduces over ranks."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.pairs = 0
+
+    def add(self, out: LossOutput, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor) -> None:
+        n = out.chosen_rewards.shape[0]
+        cr, rr = out.chosen_rewards.double(), out.rejected_rewards.double()
+        values = {
+            "loss": float(out.loss.detach()) * n,
+            "rewards/chosen": float(cr.sum()),
+            "rewards/rejected": float(rr.sum()),
+            "rewards/accuracies": float((cr > rr).double().sum()),
+            "rewards/margins": float((cr - rr).sum()),
+            "logps/chosen": float(policy_chosen.detach().double().sum()),
+            "logps/rejected": float(policy_rejected.detach().double().sum()),
+        }
+        if len(out.components) > 1:
+            values.update({f"loss/{k}": float(v) * n for k, v in out.components.items()})
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.pairs += n
+
+    def means(self, dist) -> dict[str, float]:
+        """Means over all pairs of all ranks (one all-reduce, a sync point)."""
+        keys = sorted(self.sums)
+        packed = torch.tensor([self.sums[k] for k in keys] + [float(self.pairs)], dtype=torch.float64)
+        dist.all_reduce_sum_(packed)
+        total = packed[-1].item()
+        return {k: packed[i].item() / total for i, k in enumerate(keys)}
+
+
+def rename_for_eval(metrics: dict) -> dict:
+    return {f"eval_{k}": v for k, v in metrics.items()}
+
+
+class MetricsLog:
+    """Appends one JSON object per line to RUN_DIR/metrics.jsonl, flushed at every write."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines logged after the checkpoint we resume from (they will be redone)."""
+        if not (self.enabled and self.path.exists()):
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()

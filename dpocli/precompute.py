@@ -1,0 +1,299 @@
+"""Stage 1: score every pair with the frozen reference model once and write the Parquet cache.
+
+Flow: read + validate all rows -> tokenize all rows (TRL conventions) -> plan fixed shards of
+input rows -> for each unfinished shard: length-sorted batches -> reference forward (inference
+mode, completion-only LM head) -> write shard atomically -> commit manifest.
+
+Assumptions:
+* Shards are fixed slices of the input (rows_per_shard rows each) decided before any scoring, so a
+  rerun with the same arguments finds the same shards and skips the ones already listed.
+* Bad input (including, with --strict, any row that would be dropped) is reported before the
+  output folder is touched.
+* Values do not depend on batch size or row order beyond fp32 rounding (~1e-6 per token).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from dpocli import __version__, cache, distributed
+from dpocli.batching import collate, plan_by_length
+from dpocli.console import ProgressBar, log, warn
+from dpocli.data import read_examples
+from dpocli.errors import DpocliError
+from dpocli.logprobs import CompletionScorer, sequence_logps
+from dpocli.modeling import (load_causal_lm, load_tokenizer, resolve_device, weights_fingerprint)
+from dpocli.tokenization import Dropped, pad_token_id, tokenize_pair, tokenizer_fingerprint
+
+CONVENTIONS = "trl-1.x"  # tokenization + log-prob conventions; see tokenization.py
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    input: str
+    model: str
+    out: str
+    max_length: int = 1024
+    batch_size: int | None = None
+    max_tokens: int | None = None  # padded-token budget per batch; default when neither is given
+    dtype: str = "float32"
+    device: str | None = None
+    attn_implementation: str | None = None
+    id_column: str | None = None
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    token_logps: bool = False
+    rows_per_shard: int = 4096
+    drop_identical: bool = False
+    strict: bool = False
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    chunk_size: int = 1024
+
+    def batching(self) -> dict:
+        if self.batch_size is not None and self.max_tokens is not None:
+            raise DpocliError("give --batch-size or --max-tokens, not both", field="--max-tokens")
+        if self.batch_size is None and self.max_tokens is None:
+            return {"max_tokens": 16384}
+        if (self.batch_size or 1) < 1 or (self.max_tokens or 1) < 1:
+            raise DpocliError("must be a positive number", field="--batch-size/--max-tokens")
+        return {"batch_size": self.batch_size} if self.batch_size else {"max_tokens": self.max_tokens}
+
+
+def _build_spec(cfg: PrecomputeConfig, read, tokenizer, model_fp: dict) -> dict:
+    """Everything that changes the cached numbers (and nothing that doesn't, such as batch size)."""
+    return {
+        "conventions": CONVENTIONS,
+        "reference_model": {"path": model_fp["path"], "revision": model_fp["revision"],
+                            "sha256": model_fp["sha256"]},
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer),
+                      "eos_token": tokenizer.eos_token, "pad_token_id": pad_token_id(tokenizer)},
+        "max_length": cfg.max_length,
+        "truncation": "keep_start",
+        "dtype": cfg.dtype,
+        "attn_implementation": cfg.attn_implementation or "default",
+        "token_logps": cfg.token_logps,
+        "rows_per_shard": cfg.rows_per_shard,
+        "input": {
+            "files": [asdict(f) for f in read.files],
+            "columns": {"prompt": cfg.prompt_column, "chosen": cfg.chosen_column,
+                        "rejected": cfg.rejected_column, "id": cfg.id_column},
+            "drop_identical": cfg.drop_identical,
+            "dropped_on_read": dict(read.dropped),
+        },
+    }
+
+
+def _prepare_out_dir(out: Path, spec: dict, overwrite: bool) -> cache.Manifest | None:
+    """Make `out` ready; return the manifest of an unfinished run with the same spec (to resume),
+    or None to start fresh. A finished cache with the same spec is returned as is."""
+    if out.exists() and not out.is_dir():
+        raise DpocliError("exists and is not a folder", file=out)
+    if out.exists():
+        ours = {cache.MANIFEST_NAME, cache.TOKENIZER_DIR}
+        foreign = [p.name for p in out.iterdir() if p.name not in ours
+                   and not cache.SHARD_PATTERN.match(p.name) and not p.name.startswith(".")]
+        if foreign:
+            raise DpocliError(f"is not empty and not a dpocli cache (contains {foreign[0]!r})",
+                              file=out, hint="choose another --out folder")
+        if (out / cache.MANIFEST_NAME).exists():
+            try:
+                old = cache.read_manifest(out)
+                differs = cache.explain_mismatch(spec, old.spec)
+            except DpocliError as err:
+                old, differs = None, err.message
+            if differs is None and old is not None:
+                return old
+            if not overwrite:
+                raise DpocliError(f"already holds a cache made differently ({differs})", file=out,
+                                  hint="pass --overwrite to replace it, or choose another --out")
+        for p in out.iterdir():  # unlisted or replaced shards, stray temporaries
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".dpocli-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise DpocliError(f"cannot be written ({err.strerror})", file=out) from None
+    return None
+
+
+def _score_shard(scorer, device, pairs, cfg, pad_id, bar, throughput) -> dict:
+    """Reference values for the (row, TokenizedPair) list of one shard, as cache columns in input order."""
+    seq_lens = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for _, p in pairs]
+    chosen, rejected = [0.0] * len(pairs), [0.0] * len(pairs)
+    chosen_tok, rejected_tok = [None] * len(pairs), [None] * len(pairs)
+    for idxs in plan_by_length(seq_lens, **cfg.batching()):
+        sel = [pairs[i][1] for i in idxs]
+        batch = collate([p.prompt_ids for p in sel], [p.chosen_ids for p in sel],
+                        [p.rejected_ids for p in sel], pad_id).to(device)
+        out = sequence_logps(scorer, batch, keep_token_logps=cfg.token_logps)
+        for j, i in enumerate(idxs):
+            chosen[i], rejected[i] = float(out.chosen_logps[j]), float(out.rejected_logps[j])
+            if cfg.token_logps:
+                chosen_tok[i] = out.chosen_token_logps[j].cpu().tolist()
+                rejected_tok[i] = out.rejected_token_logps[j].cpu().tolist()
+        bar.update(len(idxs), **{"tok/s": f"{throughput(batch.num_tokens):,.0f}"})
+    examples = [ex for ex, _ in pairs]
+    columns = {
+        "id": [ex.id for ex in examples], "source_row": [ex.source_row for ex in examples],
+        "prompt_ids": [p.prompt_ids for _, p in pairs], "chosen_ids": [p.chosen_ids for _, p in pairs],
+        "rejected_ids": [p.rejected_ids for _, p in pairs],
+        "chosen_len": [len(p.chosen_ids) for _, p in pairs],
+        "rejected_len": [len(p.rejected_ids) for _, p in pairs],
+        "ref_chosen_logps": chosen, "ref_rejected_logps": rejected,
+        "ref_chosen_token_logps": chosen_tok, "ref_rejected_token_logps": rejected_tok,
+    }
+    return columns
+
+
+class _Throughput:
+    """Tokens/s over the run, shown in the progress bar."""
+
+    def __init__(self):
+        self.start, self.tokens = time.perf_counter(), 0
+
+    def __call__(self, tokens: int) -> float:
+        self.tokens += tokens
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+
+
+def run_precompute(cfg: PrecomputeConfig) -> dict:
+    """Build (or resume, or confirm) the cache described by `cfg`; return the summary."""
+    t0 = time.perf_counter()
+    dist = distributed.current()
+    if cfg.max_length < 2:
+        raise DpocliError("must be at least 2", field="--max-length")
+    if cfg.rows_per_shard < 1:
+        raise DpocliError("must be at least 1", field="--rows-per-shard")
+    cfg.batching()
+    read = read_examples(cfg.input, prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
+                         rejected_column=cfg.rejected_column, id_column=cfg.id_column,
+                         drop_identical=cfg.drop_identical)
+    for line in read.warnings:
+        warn(line)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    pairs = []
+    for ex in read.examples:
+        tok = tokenize_pair(ex, tokenizer, cfg.max_length)
+        if isinstance(tok, Dropped):
+            if cfg.strict:
+                raise DpocliError(f"would be dropped ({tok.reason}: the prompt alone has at least "
+                                  f"--max-length {cfg.max_length} tokens)", file=ex.file, row=ex.row,
+                                  field=cfg.prompt_column, hint="raise --max-length or drop --strict")
+        pairs.append((ex, tok))
+    kept = sum(1 for _, t in pairs if not isinstance(t, Dropped))
+    if kept == 0:
+        raise DpocliError(f"no rows left after tokenization: all {len(pairs)} prompts have at least "
+                          f"--max-length {cfg.max_length} tokens", file=cfg.input, field="--max-length")
+    model_fp = weights_fingerprint(cfg.model)
+    spec = _build_spec(cfg, read, tokenizer, model_fp)
+    out = Path(cfg.out)
+
+    resumed = None
+    if dist.is_main:
+        resumed = _prepare_out_dir(out, spec, cfg.overwrite)
+    resumed = dist.broadcast_object(resumed)
+    if resumed is not None and resumed.complete:
+        log(f"[green]already complete[/green]: {out} matches these arguments; nothing to do")
+        return _summary(cfg, resumed, "already_complete", time.perf_counter() - t0, 0)
+
+    planned = math.ceil(len(pairs) / cfg.rows_per_shard)
+    manifest = resumed or cache.Manifest(spec=spec, planned_shards=planned, rows_read=read.rows_read)
+    done = {s["index"] for s in manifest.shards}
+    todo = [i for i in range(planned) if i not in done and i % dist.world_size == dist.rank]
+    if done:
+        log(f"resuming: {len(done)} of {planned} shards already done")
+
+    device = resolve_device(cfg.device)
+    model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device,
+                           attn_implementation=cfg.attn_implementation,
+                           trust_remote_code=cfg.trust_remote_code)
+    scorer = CompletionScorer(model, chunk_size=cfg.chunk_size)
+    pad_id = pad_token_id(tokenizer)
+    rows_todo = sum(min(cfg.rows_per_shard, len(pairs) - i * cfg.rows_per_shard) for i in todo)
+    tokens_scored = 0
+    # Every rank takes part in every gather, also after its own shards run out (None entries),
+    # so rank 0 can commit the manifest after each round of shards.
+    rounds = dist.max_over_ranks(len(todo))
+    with ProgressBar("precompute-ref", rows_todo) as bar, torch.inference_mode():
+        throughput = _Throughput()
+        for round_ in range(rounds):
+            entry = None
+            if round_ < len(todo):
+                index = todo[round_]
+                rows = pairs[index * cfg.rows_per_shard:(index + 1) * cfg.rows_per_shard]
+                keep = [(ex, tok) for ex, tok in rows if not isinstance(tok, Dropped)]
+                dropped: dict[str, int] = {}
+                for _, tok in rows:
+                    if isinstance(tok, Dropped):
+                        dropped[tok.reason] = dropped.get(tok.reason, 0) + 1
+                bar.update(len(rows) - len(keep))
+                columns = _score_shard(scorer, device, keep, cfg, pad_id, bar, throughput)
+                tokens_scored += sum(len(t.chosen_ids) + len(t.rejected_ids) for _, t in keep)
+                entry = cache.write_shard(out, index, columns, cfg.token_logps, spec)
+                entry["dropped"] = dropped
+            manifest.shards += [e for e in dist.all_gather_object(entry) if e is not None]
+            manifest.shards.sort(key=lambda e: e["index"])
+            if dist.is_main:
+                cache.commit_manifest(out, manifest)
+
+    if dist.is_main:
+        _finalize(out, manifest, tokenizer, model_fp, cfg.batching())
+    dist.barrier()
+    elapsed = time.perf_counter() - t0
+    return _summary(cfg, manifest, "resumed" if done else "complete", elapsed, tokens_scored)
+
+
+def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict, batching: dict) -> None:
+    import pyarrow.parquet as pq
+    lens = {"prompt": [], "chosen": [], "rejected": []}
+    for entry in manifest.shards:
+        t = pq.read_table(out / entry["file"], columns=["prompt_ids", "chosen_len", "rejected_len"])
+        lens["prompt"] += [len(x) for x in t.column("prompt_ids").to_pylist()]
+        lens["chosen"] += t.column("chosen_len").to_pylist()
+        lens["rejected"] += t.column("rejected_len").to_pylist()
+    manifest.length_stats = cache.length_stats(lens["prompt"], lens["chosen"], lens["rejected"])
+    manifest.created = {
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__, "dpocli": __version__,
+        "reference_model_files": model_fp["files"],
+        # Not part of the spec (batching changes values only at the ulp level), but `dpo eval`
+        # replays it so that scoring the reference reproduces the cache bit for bit on CPU.
+        "batching": batching, "rows_per_shard": manifest.spec["rows_per_shard"],
+    }
+    tok_dir = out / cache.TOKENIZER_DIR
+    if tok_dir.exists():
+        shutil.rmtree(tok_dir)
+    from dpocli.atomic import atomic_dir
+    with atomic_dir(tok_dir) as tmp:
+        tokenizer.save_pretrained(tmp)
+    manifest.complete = True
+    cache.commit_manifest(out, manifest)
+
+
+def _summary(cfg: PrecomputeConfig, manifest: cache.Manifest, status: str, seconds: float,
+             tokens: int) -> dict:
+    return {
+        "command": "precompute-ref", "dpocli_version": __version__, "status": status,
+        "cache": str(cfg.out), "spec_fingerprint": manifest.spec_fingerprint,
+        "rows_read": manifest.rows_read, "rows_written": manifest.rows_written,
+        "rows_dropped": manifest.dropped, "shards": len(manifest.shards),
+        "completion_tokens_scored": tokens, "seconds": round(seconds, 3),
+        "completion_tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
+        "length_stats": manifest.length_stats,
+    }

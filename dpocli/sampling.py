@@ -1,0 +1,81 @@
+"""Generations for held-out prompts and a Monte-Carlo estimate of KL(policy ‖ reference).
+
+KL(π‖π_ref) = E_{y~π(·|x)} [log π(y|x) − log π_ref(y|x)]: we draw `kl_samples` completions per
+prompt from the policy at temperature 1 with no top-k/top-p truncation (anything else samples a
+different distribution and biases the estimate), score each under both models with the same
+completion scorer as training, and average. This is the x-axis of the DPO paper's reward/KL
+frontier; the offline mean of Δ over the dataset is not a KL.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dpocli.batching import collate
+from dpocli.logprobs import CompletionScorer, sequence_logps
+from dpocli.modeling import load_causal_lm, load_tokenizer
+
+
+def _generate(model, prompt_ids: list[int], tokenizer, *, n: int, max_new_tokens: int,
+              temperature: float, device) -> list[list[int]]:
+    """`n` completions (token ids, cut after EOS) of one prompt."""
+    inputs = torch.tensor([prompt_ids] * n, device=device)
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    else:
+        kwargs.update(do_sample=False)
+    with torch.no_grad():
+        out = model.generate(inputs, attention_mask=torch.ones_like(inputs), **kwargs)
+    completions = []
+    stops = {tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(t) for t in ("<|end|>",)
+                                       if t in tokenizer.get_vocab())}
+    for row in out[:, len(prompt_ids):].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        completions.append(row[:cut])
+    return completions
+
+
+def sample_report(model, model_path: str, data, n_prompts: int, *, ref_model: str | None,
+                  max_new_tokens: int, temperature: float, kl_samples: int, seed: int, device,
+                  dtype: str, tokenizer_dir) -> dict:
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    reference = load_causal_lm(ref_model, dtype=dtype, device=device) if ref_model else None
+    model.eval()
+    rows = list(range(min(n_prompts, data.num_rows)))  # cache rows are in input order
+    report = {"generations": []}
+    torch.manual_seed(seed)
+    for i in rows:
+        prompt = data.row_list("prompt_ids", i).tolist()
+        entry = {"id": data.ids[i], "prompt": tokenizer.decode(prompt, skip_special_tokens=True)}
+        for name, m in (("policy", model), ("reference", reference)):
+            if m is not None:
+                ids = _generate(m, prompt, tokenizer, n=1, max_new_tokens=max_new_tokens,
+                                temperature=temperature, device=device)[0]
+                entry[name] = tokenizer.decode(ids, skip_special_tokens=True)
+        report["generations"].append(entry)
+    if reference is not None and kl_samples > 0:
+        policy_scorer, ref_scorer = CompletionScorer(model), CompletionScorer(reference)
+        values = []
+        for i in rows:
+            prompt = data.row_list("prompt_ids", i).tolist()
+            comps = [c for c in _generate(model, prompt, tokenizer, n=kl_samples,
+                                          max_new_tokens=max_new_tokens, temperature=1.0,
+                                          device=device) if c]
+            if not comps:
+                continue
+            # Score the samples as "chosen" rows of a batch; the rejected half repeats them.
+            batch = collate([prompt] * len(comps), comps, comps, tokenizer.pad_token_id or 0).to(device)
+            with torch.no_grad():
+                lp = sequence_logps(policy_scorer, batch).chosen_logps
+                lr = sequence_logps(ref_scorer, batch).chosen_logps
+            values += (lp - lr).cpu().tolist()
+        if values:
+            mean = sum(values) / len(values)
+            var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
+            report["kl_policy_ref"] = {"estimate": mean, "stderr": math.sqrt(var / len(values)),
+                                       "samples": len(values), "prompts": len(rows)}
+    return report

@@ -1,0 +1,74 @@
+"""Policy log-probs over cached pairs: the bridge from a cache (numpy) to model inputs (tensors).
+
+Used by training (batches, periodic eval) and by `dpo eval`, so every consumer builds batches
+and loss inputs from the cache the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from dpocli.batching import Batch, collate, plan_by_length
+from dpocli.cache import CacheData, Manifest
+from dpocli.logprobs import sequence_logps
+
+
+def cache_batch(data: CacheData, rows: Sequence[int], pad_id: int) -> Batch:
+    return collate([data.row_list("prompt_ids", i) for i in rows],
+                   [data.row_list("chosen_ids", i) for i in rows],
+                   [data.row_list("rejected_ids", i) for i in rows], pad_id)
+
+
+def cached_reference(data: CacheData, rows: Sequence[int], device) -> dict[str, torch.Tensor]:
+    """Reference sums (float64) and completion lengths of `rows`, as [B] tensors on `device`."""
+    idx = list(rows)
+    pick = lambda name, dtype: torch.as_tensor(data.scalars[name][idx], dtype=dtype, device=device)  # noqa: E731
+    return {"ref_chosen_logps": pick("ref_chosen_logps", torch.float64),
+            "ref_rejected_logps": pick("ref_rejected_logps", torch.float64),
+            "chosen_len": pick("chosen_len", torch.long),
+            "rejected_len": pick("rejected_len", torch.long)}
+
+
+def plan_like_precompute(data: CacheData, manifest: Manifest,
+                         max_tokens: int | None = None) -> list[list[int]]:
+    """Batches of cache rows grouped exactly as `precompute-ref` grouped them (same shards, same
+    length-sorted budget), so that scoring the reference model reproduces the cached values bit
+    for bit on the same hardware. `max_tokens` overrides the budget (faster, equal to ~1e-6)."""
+    created = manifest.created
+    batching = {"max_tokens": max_tokens} if max_tokens else created.get("batching", {"max_tokens": 16384})
+    per_shard = created.get("rows_per_shard", manifest.spec.get("rows_per_shard", 4096))
+    shards: dict[int, list[int]] = {}
+    for i, source_row in enumerate(data.source_row):
+        shards.setdefault(int(source_row) // per_shard, []).append(i)
+    batches = []
+    for shard in sorted(shards):
+        rows = shards[shard]
+        for positions in plan_by_length([data.seq_len(i) for i in rows], **batching):
+            batches.append([rows[p] for p in positions])
+    return batches
+
+
+@torch.no_grad()
+def score_cache(scorer, data: CacheData, manifest: Manifest, pad_id: int, device, *,
+                max_tokens: int | None = None, dist=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Policy summed log-probs (float64, CPU) of chosen and rejected for every cache row.
+
+    With `dist`, ranks take every world_size-th batch and results are gathered on every rank.
+    """
+    chosen = torch.zeros(data.num_rows, dtype=torch.float64)
+    rejected = torch.zeros(data.num_rows, dtype=torch.float64)
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    mine = []
+    for b, rows in enumerate(plan_like_precompute(data, manifest, max_tokens)):
+        if b % world != rank:
+            continue
+        out = sequence_logps(scorer, cache_batch(data, rows, pad_id).to(device))
+        mine.append((rows, out.chosen_logps.cpu(), out.rejected_logps.cpu()))
+    parts = dist.all_gather_object(mine) if dist is not None and dist.enabled else [mine]
+    for part in parts:
+        for rows, c, r in part:
+            chosen[rows] = c
+            rejected[rows] = r
+    return chosen, rejected

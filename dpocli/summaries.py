@@ -1,0 +1,120 @@
+"""Human-readable result tables (rich) for each command's summary dict; `--json` prints the dict."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from dpocli import cache
+
+
+def _kv_table(title: str, rows: list[tuple[str, object]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key, value in rows:
+        table.add_row(key, "" if value is None else str(value))
+    return table
+
+
+def _dropped(d: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(d.items())) or "none"
+
+
+def _lengths(stats: dict) -> list[tuple[str, object]]:
+    return [(f"{part} tokens", f"mean {s['mean']}, p50 {s['p50']:g}, p95 {s['p95']:g}, max {s['max']}")
+            for part, s in stats.items() if s]
+
+
+def precompute_table(s: dict) -> Table:
+    return _kv_table(f"precompute-ref: {s['status']}", [
+        ("cache", s["cache"]), ("rows read", s["rows_read"]), ("rows written", s["rows_written"]),
+        ("rows dropped", _dropped(s["rows_dropped"])), ("shards", s["shards"]),
+        ("completion tokens scored", s["completion_tokens_scored"]),
+        ("tokens/s", s["completion_tokens_per_s"]), ("seconds", s["seconds"]),
+        ("spec fingerprint", s["spec_fingerprint"][:16]), *_lengths(s["length_stats"])])
+
+
+def cache_info_dict(cache_dir) -> dict:
+    manifest = cache.read_manifest(cache_dir)
+    cache.verify_shards(cache_dir, manifest, checksums=False)
+    spec = manifest.spec
+    return {
+        "command": "cache info", "cache": str(cache_dir), "complete": manifest.complete,
+        "format_version": cache.FORMAT_VERSION, "spec_fingerprint": manifest.spec_fingerprint,
+        "reference_model": spec["reference_model"], "tokenizer_fingerprint": spec["tokenizer"]["fingerprint"],
+        "max_length": spec["max_length"], "truncation": spec["truncation"], "dtype": spec["dtype"],
+        "conventions": spec["conventions"], "token_logps": spec["token_logps"],
+        "input_files": spec["input"]["files"], "rows_read": manifest.rows_read,
+        "rows_written": manifest.rows_written, "rows_dropped": manifest.dropped,
+        "shards": len(manifest.shards), "planned_shards": manifest.planned_shards,
+        "length_stats": manifest.length_stats, "created": manifest.created,
+    }
+
+
+def cache_info_table(s: dict) -> Table:
+    model = s["reference_model"]
+    return _kv_table(f"cache {s['cache']}", [
+        ("complete", f"{s['complete']} ({s['shards']}/{s['planned_shards']} shards)"),
+        ("reference model", f"{model['path']} (sha256 {model['sha256'][:12]})"),
+        ("dtype", s["dtype"]), ("max length", f"{s['max_length']} ({s['truncation']})"),
+        ("conventions", s["conventions"]), ("per-token log-probs", s["token_logps"]),
+        ("input", ", ".join(f["path"] for f in s["input_files"])),
+        ("rows read", s["rows_read"]), ("rows written", s["rows_written"]),
+        ("rows dropped", _dropped(s["rows_dropped"])),
+        ("spec fingerprint", s["spec_fingerprint"][:16]), *_lengths(s["length_stats"])])
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def train_table(s: dict) -> Table:
+    rows = [("run", s["run_dir"]), ("steps", f"{s['steps']}/{s['total_steps']}"),
+            ("seconds", s["seconds"]), ("peak RSS MB", s.get("peak_rss_mb"))]
+    if "step0_max_abs_diff" in s:
+        rows.append(("step-0 max |policy - ref|", f"{s['step0_max_abs_diff']:.3g}"))
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+        if key in s["last_train_metrics"]:
+            rows.append((f"last step {key}", _fmt(s["last_train_metrics"][key])))
+    for key, value in s["eval"].items():
+        rows.append((key, _fmt(value)))
+    return _kv_table("train: done", rows)
+
+
+EVAL_ROWS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/margins_std",
+             "rewards/margins_p5", "rewards/margins_p50", "rewards/margins_p95", "rewards/chosen",
+             "rewards/rejected", "logps/chosen", "logps/rejected", "logps/chosen_per_token",
+             "logps/rejected_per_token", "preference_prob/mean", "displacement/chosen_below_ref",
+             "displacement/rejected_below_ref"]
+
+
+def eval_table(s: dict):
+    from rich.console import Group
+    table = Table(title=f"eval on {s['cache']} ({s['pairs']} pairs, β={s['beta']}, loss={s['loss']})",
+                  title_justify="left")
+    table.add_column("metric", style="bold")
+    for m in s["models"]:
+        table.add_column(m["model"], justify="right")
+    keys = EVAL_ROWS + sorted({k for m in s["models"] for k in m
+                               if k.startswith("length_bias/") and k.endswith("accuracy")})
+    for key in keys:
+        table.add_row(key, *[("-" if m.get(key) is None else _fmt(m[key])) for m in s["models"]])
+    parts = [table]
+    for m in s["models"]:
+        samples = m.get("samples")
+        if not samples:
+            continue
+        gen = Table(title=f"samples from {m['model']}", title_justify="left", show_lines=True)
+        gen.add_column("prompt")
+        gen.add_column("policy")
+        has_ref = any("reference" in g for g in samples["generations"])
+        if has_ref:
+            gen.add_column("reference")
+        for g in samples["generations"]:
+            gen.add_row(g["prompt"], g.get("policy", ""), *([g.get("reference", "")] if has_ref else []))
+        parts.append(gen)
+        if "kl_policy_ref" in samples:
+            kl = samples["kl_policy_ref"]
+            parts.append(f"KL(policy‖reference) ≈ {kl['estimate']:.4f} ± {kl['stderr']:.4f} "
+                         f"({kl['samples']} samples)")
+    return Group(*parts)

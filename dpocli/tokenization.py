@@ -1,0 +1,128 @@
+"""Turn an `Example` into token ids exactly as TRL's DPOTrainer (v1.x) does.
+
+All tokenization conventions live here, so stage 1 (precompute) is the only place text becomes
+ids; stage 2 reads ids from the cache and cannot disagree. The conventions, matched to TRL 1.16:
+
+* Standard rows: the tokenizer's own special tokens (a Llama tokenizer adds BOS, nothing else);
+  the EOS *string* is appended to each completion unless it already ends with it; prompt and
+  completion are joined as raw strings with no separator and tokenized together.
+* Conversational rows: the chat template renders the prompt (with the generation prompt) and
+  prompt + completion; the rendered text is tokenized without extra special tokens (the template
+  carries BOS and end-of-turn); no EOS is appended.
+* `prompt_ids` is the longest common prefix of the tokenized prompt and both joint tokenizations;
+  the completions are the rest. (If BPE merges across the boundary the prompt shrinks, as in TRL.)
+* Truncation `keep_start`: prompt + completion is cut to `max_length` from the end, so a long
+  completion loses its tail (EOS included). A prompt that alone fills `max_length` is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from dpocli.data import Example
+
+DROP_PROMPT_TOO_LONG = "prompt_too_long"
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """Token ids of one preference pair after truncation.
+
+    `chosen_ids` / `rejected_ids` are the completion tokens only (what gets scored); the sequences
+    fed to a model are `prompt_ids + chosen_ids` and `prompt_ids + rejected_ids`.
+    """
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    prompt_shrunk: bool = False  # BPE merged across the prompt/completion boundary
+
+
+@dataclass(frozen=True)
+class Dropped:
+    reason: str
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _render_conversation(tokenizer, prompt, completion) -> tuple[str, str]:
+    # TRL: a prompt ending with a user turn gets the generation prompt; one ending with an
+    # assistant turn is continued instead.
+    continue_final = prompt[-1].get("role") == "assistant"
+    prompt_text = tokenizer.apply_chat_template(
+        prompt, tokenize=False, add_generation_prompt=not continue_final,
+        continue_final_message=continue_final)
+    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    return prompt_text, full_text
+
+
+def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def tokenize_pair(example: Example, tokenizer, max_length: int) -> TokenizedPair | Dropped:
+    """Token ids of `example` under TRL's conventions (see module docstring), or why it was dropped."""
+    if example.conversational:
+        prompt_text, chosen_text = _render_conversation(tokenizer, example.prompt, example.chosen)
+        _, rejected_text = _render_conversation(tokenizer, example.prompt, example.rejected)
+        special = False  # the template already carries BOS
+    else:
+        eos = tokenizer.eos_token or ""
+        chosen, rejected = example.chosen, example.rejected
+        chosen = chosen if chosen.endswith(eos) else chosen + eos
+        rejected = rejected if rejected.endswith(eos) else rejected + eos
+        prompt_text = example.prompt
+        chosen_text, rejected_text = prompt_text + chosen, prompt_text + rejected
+        special = True  # whatever the tokenizer adds by default, as TRL does
+
+    prompt_ids = _encode(tokenizer, prompt_text, special)
+    chosen_full = _encode(tokenizer, chosen_text, special)
+    rejected_full = _encode(tokenizer, rejected_text, special)
+    n_prompt = min(_common_prefix_len(prompt_ids, chosen_full),
+                   _common_prefix_len(prompt_ids, rejected_full))
+    shrunk = n_prompt < len(prompt_ids)
+    prompt_ids = prompt_ids[:n_prompt]
+    if n_prompt >= max_length:
+        return Dropped(DROP_PROMPT_TOO_LONG)
+    room = max_length - n_prompt
+    return TokenizedPair(prompt_ids, chosen_full[n_prompt:][:room], rejected_full[n_prompt:][:room],
+                         prompt_shrunk=shrunk)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything in a tokenizer that can change ids: vocabulary, merges, normaliser,
+    pre-/post-processors, special tokens and chat template, plus a probe encoding.
+
+    transformers 5 can drop flags such as `add_bos_token` on save while still adding BOS, so the
+    probe's actual ids are hashed too, not only the configuration.
+    """
+    parts = {"class": type(tokenizer).__name__}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        parts["backend"] = hashlib.sha256(backend.to_str().encode()).hexdigest()
+    else:
+        vocab = sorted(tokenizer.get_vocab().items())
+        parts["vocab"] = hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
+    parts["chat_template"] = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else (
+        json.dumps(tokenizer.chat_template, sort_keys=True) if tokenizer.chat_template else None)
+    parts["special"] = {name: [getattr(tokenizer, name, None), getattr(tokenizer, f"{name}_id", None)]
+                        for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    parts["probe"] = _encode(tokenizer, "Hello world, 123!", True)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def pad_token_id(tokenizer) -> int:
+    """Id used for padding: the pad token, else EOS (padding is masked out either way)."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    return 0

@@ -1,0 +1,394 @@
+"""Stage 2: train the policy from the reference cache alone (the reference model is never loaded).
+
+The loop in `run_train` reads top to bottom: plan the step's micro-batches -> policy forward
+(completion-only, chunked LM head) -> loss against cached reference sums -> backward -> clip ->
+step -> log -> maybe eval / checkpoint.
+
+Assumptions:
+* Batch order is a pure function of (seed, epoch): resuming needs only the step and the position
+  in the epoch, stored in each checkpoint. On CPU in fp32, a resumed run ends with bitwise the
+  same weights as an uninterrupted one; on GPU only with deterministic kernels.
+* The loss of a step is the mean over all its pairs (every micro-batch, every rank): each micro
+  loss is weighted by its share of the step's pairs, times world size because DDP averages.
+* Global batch = batch_size x ranks x grad_accum pairs; a 2-rank run with batch_size b follows a
+  1-rank run with batch_size 2b (up to fp rounding and batch-level losses such as aot).
+* learning_rate in metrics.jsonl is the rate applied at that step (HF logs the next step's).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from dpocli import __version__, cache, checkpoint, distributed
+from dpocli.batching import plan_epoch
+from dpocli.console import ProgressBar, log, warn
+from dpocli.errors import DpocliError, Interrupted, RunFailure
+from dpocli.logprobs import CompletionScorer, sequence_logps
+from dpocli.losses import LossInputs, LossSpec, compute_loss, parse_loss_list, validate_spec
+from dpocli.metrics import MetricsLog, StepMetrics, rename_for_eval
+from dpocli.modeling import (DTYPES, STEP0_TOLERANCE, load_causal_lm, resolve_device,
+                             weights_fingerprint)
+from dpocli.policy import load_policy_tokenizer, check_vocab
+from dpocli.schedule import make_optimizer, make_scheduler
+from dpocli.scoring import cache_batch, cached_reference, score_cache
+
+RUN_CONFIG = "run_config.json"
+# Fields that may change between an interrupted run and its --resume.
+RESUME_FREE = {"resume", "overwrite", "save_every", "save_total_limit", "eval_every", "quiet"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    cache: str
+    model: str
+    out: str
+    beta: float = 0.1
+    loss: str = "sigmoid"
+    loss_weights: str | None = None
+    label_smoothing: float = 0.0
+    ipo_length_normalized: bool = True
+    discopop_tau: float = 0.05
+    f_divergence: str = "reverse_kl"
+    f_alpha: float = 1.0
+    lr: float = 1e-6  # TRL's default
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    scheduler: str = "linear"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    dtype: str = "float32"
+    autocast: str | None = None  # bfloat16 / float16 mixed precision over fp32 weights
+    device: str | None = None
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+    shuffle: bool = True
+    group_by_length: bool = False
+    save_every: int | None = None
+    save_total_limit: int | None = None
+    eval_cache: str | None = None
+    eval_every: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    skip_step0_check: bool = False
+    allow_tokenizer_mismatch: bool = False
+    trust_remote_code: bool = False
+    chunk_size: int = 1024
+
+    def loss_spec(self) -> LossSpec:
+        names, weights = parse_loss_list(self.loss, self.loss_weights)
+        spec = LossSpec(losses=names, weights=weights, beta=self.beta,
+                        label_smoothing=self.label_smoothing,
+                        ipo_length_normalized=self.ipo_length_normalized,
+                        discopop_tau=self.discopop_tau, f_divergence=self.f_divergence,
+                        f_alpha=self.f_alpha)
+        validate_spec(spec)
+        return spec
+
+    def check(self) -> None:
+        positive = {"--lr": self.lr, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
+                    "--epochs": self.epochs}
+        for flag, value in positive.items():
+            if not value > 0:
+                raise DpocliError(f"must be > 0, got {value}", field=flag)
+        for flag, value in {"--max-steps": self.max_steps, "--save-every": self.save_every,
+                            "--eval-every": self.eval_every}.items():
+            if value is not None and value < 1:
+                raise DpocliError(f"must be >= 1, got {value}", field=flag)
+        if self.scheduler not in ("constant", "linear", "cosine"):
+            raise DpocliError(f"'{self.scheduler}' is not one of constant, linear, cosine",
+                              field="--scheduler")
+        if not 0 <= self.warmup_ratio < 1:
+            raise DpocliError(f"must be in [0, 1), got {self.warmup_ratio}", field="--warmup-ratio")
+        if self.autocast not in (None, "bfloat16", "float16"):
+            raise DpocliError(f"'{self.autocast}' is not bfloat16 or float16", field="--autocast")
+        if self.eval_every and not self.eval_cache:
+            raise DpocliError("needs --eval-cache", field="--eval-every")
+
+
+def _prepare_run_dir(cfg: TrainConfig, dist) -> tuple[Path, tuple[int, Path] | None]:
+    """Create RUN_DIR, or find the checkpoint to resume from. Refuses to clobber a run."""
+    run_dir = Path(cfg.out)
+    resolved = {k: v for k, v in asdict(cfg).items()}
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DpocliError("exists and is not a folder", file=run_dir)
+    has_content = run_dir.is_dir() and any(run_dir.iterdir())
+    if has_content and cfg.resume:
+        saved_path = run_dir / RUN_CONFIG
+        if saved_path.exists():
+            saved = json.loads(saved_path.read_text())
+            for key in sorted(set(saved) | set(resolved)):
+                if key not in RESUME_FREE and saved.get(key) != resolved.get(key):
+                    raise DpocliError(f"was started with {key}={saved.get(key)!r}, this run has "
+                                      f"{resolved.get(key)!r}", file=saved_path, field=key,
+                                      hint="resume with the original arguments")
+        found = checkpoint.list_checkpoints(run_dir)
+        return run_dir, (found[-1] if found else None)
+    if has_content and not cfg.overwrite:
+        raise DpocliError("already exists and is not empty", file=run_dir,
+                          hint="pass --resume to continue it, --overwrite to start over, or "
+                               "choose another --out")
+    if dist.is_main:
+        if has_content and cfg.overwrite:
+            import shutil
+            shutil.rmtree(run_dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            from dpocli.atomic import atomic_write_json
+            atomic_write_json(run_dir / RUN_CONFIG, resolved)
+        except OSError as err:
+            raise DpocliError(f"cannot be written ({err.strerror})", file=run_dir) from None
+    dist.barrier()
+    return run_dir, None
+
+
+def _load_caches(cfg: TrainConfig):
+    manifest, data = cache.load_cache(cfg.cache)
+    eval_cache = None
+    if cfg.eval_cache:
+        eval_cache = cache.load_cache(cfg.eval_cache)
+        eval_manifest = eval_cache[0]
+        for key in ("conventions", "tokenizer"):
+            differs = cache.explain_mismatch(manifest.spec[key], eval_manifest.spec[key], key)
+            if differs:
+                raise DpocliError(f"was made differently from the training cache ({differs})",
+                                  file=cfg.eval_cache, field=key)
+    return manifest, data, eval_cache
+
+
+def _step0_check(cfg, manifest, diff: float, dist) -> dict:
+    """Policy == reference at step 0 must reproduce the cached values (catches tokenization,
+    precision and parallelism drift). Enforced only when the policy has the reference's weights."""
+    same_weights = weights_fingerprint(cfg.model)["sha256"] == manifest.spec["reference_model"]["sha256"]
+    tolerance = STEP0_TOLERANCE[cfg.autocast or cfg.dtype]
+    if same_weights:
+        log(f"step-0 check: max |policy - cached reference| = {diff:.3g} (tolerance {tolerance:g})")
+        if diff > tolerance and not cfg.skip_step0_check:
+            raise RunFailure(
+                f"step-0 check failed: the policy starts from the reference's weights but its log-probs "
+                f"differ from the cache by up to {diff:.3g} (> {tolerance:g} for {cfg.autocast or cfg.dtype})",
+                hint="precompute and train with the same --dtype / attention implementation, or pass "
+                     "--skip-step0-check")
+    else:
+        log(f"step-0: policy weights differ from the cache's reference (max |Δ| = {diff:.3g}); "
+            "rewards start away from 0")
+    return {"step0_max_abs_diff": diff, "step0_policy_is_reference": same_weights}
+
+
+def _evaluate(scorer, model, eval_cache, spec, pad_id, device, dist) -> dict:
+    """eval_* metrics over the whole eval cache with the current weights."""
+    eval_manifest, eval_data = eval_cache
+    model.eval()
+    pc, pr = score_cache(scorer, eval_data, eval_manifest, pad_id, device, dist=dist)
+    ref = cached_reference(eval_data, range(eval_data.num_rows), "cpu")
+    out = compute_loss(LossInputs(pc, pr, ref["ref_chosen_logps"], ref["ref_rejected_logps"],
+                                  ref["chosen_len"], ref["rejected_len"]), spec)
+    acc = StepMetrics()
+    acc.add(out, pc, pr)
+    model.train()
+    return rename_for_eval(acc.means(distributed.DistContext()))
+
+
+def _ddp_wrap(scorer, device, dist):
+    if not dist.enabled:
+        return scorer
+    from torch.nn.parallel import DistributedDataParallel
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(scorer, device_ids=ids)
+
+
+def _rank_rows(micro: list[int], dist) -> tuple[list[int], bool]:
+    """This rank's contiguous share of a global micro-batch. A rank left with nothing (a short last
+    batch) scores one row with zero weight, because DDP needs every rank in every backward."""
+    per = -(-len(micro) // dist.world_size)
+    rows = micro[dist.rank * per:(dist.rank + 1) * per]
+    return (rows, True) if rows else (micro[:1], False)
+
+
+def run_train(cfg: TrainConfig) -> dict:
+    t_start = time.perf_counter()
+    cfg.check()
+    spec = cfg.loss_spec()
+    dist = distributed.current()
+    manifest, data, eval_set = _load_caches(cfg)
+    tokenizer = load_policy_tokenizer(cfg, manifest)
+    run_dir, resume_from = _prepare_run_dir(cfg, dist)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
+
+    torch.manual_seed(cfg.seed)
+    device = dist.device_for(resolve_device(cfg.device))
+    weights_path = str(resume_from[1]) if resume_from else cfg.model
+    model = load_causal_lm(weights_path, dtype=cfg.dtype, device=device,
+                           attn_implementation=cfg.attn_implementation,
+                           trust_remote_code=cfg.trust_remote_code)
+    check_vocab(model, data, cfg.cache)
+    model.train()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    scorer = _ddp_wrap(CompletionScorer(model, chunk_size=cfg.chunk_size), device, dist)
+    pad_id = int(manifest.spec["tokenizer"]["pad_token_id"])
+
+    # Global micro-batches hold batch_size pairs per rank; a step is grad_accum of them.
+    global_batch = cfg.batch_size * dist.world_size
+    seq_lens = [data.seq_len(i) for i in range(data.num_rows)] if cfg.group_by_length else None
+    micro_per_epoch = math.ceil(data.num_rows / global_batch)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = make_scheduler(optimizer, cfg.scheduler, warmup, total_steps)
+
+    step, epoch, micro_index, num_tokens, extra = 0, 0, 0, 0, {}
+    if resume_from:
+        state, tensors = checkpoint.load_trainer_state(resume_from[1])
+        optimizer.load_state_dict(tensors["optimizer"])
+        scheduler.load_state_dict(tensors["scheduler"])
+        checkpoint.set_rng_state(tensors["rng"])
+        step, epoch, micro_index = state["step"], state["epoch"], state["micro_index"]
+        num_tokens, extra = state["num_tokens"], state.get("step0", {})
+        metrics_log.truncate_after(step)
+        log(f"resuming from {resume_from[1]} (step {step} of {total_steps})")
+    elif cfg.resume:
+        log("nothing to resume yet; starting from step 0")
+        metrics_log.truncate_after(0)
+
+    autocast = (torch.autocast(device.type, dtype=DTYPES[cfg.autocast]) if cfg.autocast
+                else nullcontext())
+    last_saved = resume_from[0] if resume_from else None
+
+    def save(at_step: int) -> None:
+        nonlocal last_saved
+        if dist.is_main and last_saved != at_step:
+            state = {"step": at_step, "epoch": epoch, "micro_index": micro_index,
+                     "num_tokens": num_tokens, "step0": extra, "dpocli_version": __version__}
+            checkpoint.save_checkpoint(run_dir, at_step, model, tokenizer, optimizer, scheduler, state)
+            checkpoint.prune_checkpoints(run_dir, cfg.save_total_limit)
+        last_saved = at_step
+        dist.barrier()
+
+    bar_cm = ProgressBar("train", total_steps) if dist.is_main else nullcontext()
+    try:
+        with bar_cm as bar:
+            if bar is not None:
+                bar.update(step)
+            while step < total_steps:
+                batches = plan_epoch(data.num_rows, global_batch, epoch=epoch, seed=cfg.seed,
+                                     shuffle=cfg.shuffle, seq_lens=seq_lens,
+                                     group_by_length=cfg.group_by_length)
+                if micro_index >= len(batches):
+                    epoch, micro_index = epoch + 1, 0
+                    continue
+                t_step = time.perf_counter()
+                micros = batches[micro_index:micro_index + cfg.grad_accum]
+                step_pairs = sum(len(m) for m in micros)
+                step_metrics, step_tokens = StepMetrics(), 0
+                for k, micro in enumerate(micros):
+                    rows, real = _rank_rows(micro, dist)
+                    batch = cache_batch(data, rows, pad_id).to(device)
+                    ref = cached_reference(data, rows, device)
+                    # Gradients sync across ranks only on the step's last micro-batch.
+                    sync = k == len(micros) - 1 or not dist.enabled
+                    with (nullcontext() if sync else scorer.no_sync()), autocast:
+                        policy = sequence_logps(scorer, batch)
+                    out = compute_loss(LossInputs(policy.chosen_logps, policy.rejected_logps,
+                                                  ref["ref_chosen_logps"], ref["ref_rejected_logps"],
+                                                  ref["chosen_len"], ref["rejected_len"]), spec)
+                    weight = (len(rows) / step_pairs * dist.world_size) if real else 0.0
+                    with (nullcontext() if sync else scorer.no_sync()):
+                        (out.loss * weight).backward()
+                    if step == 0 and k == 0 and not extra:
+                        diff = torch.cat([(policy.chosen_logps - ref["ref_chosen_logps"]).abs(),
+                                          (policy.rejected_logps - ref["ref_rejected_logps"]).abs()]).detach()
+                        diff = float(dist.max_over_ranks(float(diff.max())))
+                        extra = _step0_check(cfg, manifest, diff, dist)
+                    if real:
+                        step_metrics.add(out, policy.chosen_logps, policy.rejected_logps)
+                        step_tokens += batch.num_tokens
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+                lr = scheduler.get_last_lr()[0]
+                means = step_metrics.means(dist)
+                if not (math.isfinite(means["loss"]) and math.isfinite(grad_norm)):
+                    raise RunFailure(
+                        f"non-finite {'loss' if not math.isfinite(means['loss']) else 'gradient norm'} "
+                        f"at step {step + 1}; the last good checkpoint is "
+                        f"{run_dir / f'checkpoint-{last_saved}' if last_saved else 'none'}",
+                        hint="lower --lr, keep --max-grad-norm, or train in float32")
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                micro_index += len(micros)
+                tokens_all = dist.all_gather_object(step_tokens)
+                num_tokens += sum(tokens_all)
+                seconds = time.perf_counter() - t_step
+                record = {"step": step, **means, "grad_norm": grad_norm, "learning_rate": lr,
+                          "epoch": round(epoch + micro_index / len(batches), 6),
+                          "num_tokens": num_tokens, "tokens_per_s": round(sum(tokens_all) / seconds, 1),
+                          "pairs_per_s": round(step_pairs / seconds, 2),
+                          "elapsed_s": round(time.perf_counter() - t_start, 3)}
+                metrics_log.write(record)
+                if bar is not None:
+                    bar.update(1, loss=f"{means['loss']:.4f}",
+                               acc=f"{means['rewards/accuracies']:.2f}",
+                               margin=f"{means['rewards/margins']:.3f}")
+                if eval_set is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                    evals = _evaluate(scorer, model, eval_set, spec, pad_id, device, dist)
+                    metrics_log.write({"step": step, **evals})
+                if cfg.save_every and step % cfg.save_every == 0:
+                    save(step)
+    except KeyboardInterrupt:
+        # Partial gradients of an unfinished step are discarded; the checkpoint is the last
+        # completed step, and the run resumes from exactly there.
+        optimizer.zero_grad(set_to_none=True)
+        if step > 0:
+            save(step)
+        where = f"checkpoint-{last_saved}" if last_saved else "no checkpoint (step 0)"
+        raise Interrupted(f"interrupted at step {step}; saved {where}",
+                          hint=f"resume with the same command plus --resume (out: {run_dir})") from None
+
+    final_eval = {}
+    if eval_set is not None:
+        final_eval = _evaluate(scorer, model, eval_set, spec, pad_id, device, dist)
+        if not (cfg.eval_every and step % cfg.eval_every == 0):
+            metrics_log.write({"step": step, **final_eval})
+    save(step)
+    if dist.is_main:
+        checkpoint.save_model_folder(run_dir, model, tokenizer)
+    dist.barrier()
+    return _summary(cfg, run_dir, step, total_steps, extra, metrics_log, final_eval, t_start, device)
+
+
+def _summary(cfg, run_dir, step, total_steps, extra, metrics_log, final_eval, t_start, device) -> dict:
+    last = {}
+    if metrics_log.path.exists():
+        for line in metrics_log.path.read_text().splitlines():
+            rec = json.loads(line)
+            if "loss" in rec:
+                last = rec
+    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        peak["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return {"command": "train", "dpocli_version": __version__, "run_dir": str(run_dir),
+            "model_dir": str(run_dir), "steps": step, "total_steps": total_steps,
+            "seconds": round(time.perf_counter() - t_start, 3), **extra,
+            "last_train_metrics": last, "eval": final_eval, **peak}
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]

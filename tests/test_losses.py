@@ -1,0 +1,407 @@
+"""Tests for dpocli.losses against an independent re-implementation written here with `math`.
+
+The reference below (`expected`) is a second implementation of the formulas in ANCHORS.md §1.3/§4.2,
+element by element in plain Python floats; it never calls dpocli.losses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dpocli.errors import DpocliError
+from dpocli.losses import (
+    LOSSES,
+    LossInputs,
+    LossOutput,
+    LossSpec,
+    compute_loss,
+    parse_loss_list,
+    validate_spec,
+)
+
+ALL_LOSSES = [
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft",
+]
+
+# Hand-picked batch (B = 4) with differing lengths and no ties in any sorted quantity:
+#   Δw = PC - RC = [ 0.7,  1.4,  0.9, -0.9]      Δl = PR - RR = [-1.1, -0.8, 0.7, -1.4]
+#   PC - PR      = [ 2.9, -1.4,  2.6,  6.4]      RC - RR      = [ 1.1, -3.6, 2.4,  5.9]
+PC = [-12.3, -40.1, -7.3, -25.0]
+PR = [-15.2, -38.7, -9.9, -31.4]
+RC = [-13.0, -41.5, -8.2, -24.1]
+RR = [-14.1, -37.9, -10.6, -30.0]
+CL = [5, 17, 3, 11]
+RL = [7, 14, 3, 20]
+
+
+# ---------------------------------------------------------------- independent reference (plain math)
+
+def lsig(x: float) -> float:
+    """log σ(x), stable for either sign."""
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def g(u: float, fdiv: str, alpha: float) -> float:
+    if fdiv == "reverse_kl" or (fdiv == "alpha_divergence" and alpha == 1.0):
+        return u
+    if fdiv == "forward_kl":
+        return -math.exp(-u)
+    if fdiv == "js_divergence":
+        return lsig(u)
+    if fdiv == "alpha_divergence":
+        return math.exp(min((alpha - 1.0) * u, 80.0)) / (alpha - 1.0)
+    raise AssertionError(fdiv)
+
+
+def expected(name, pc=PC, pr=PR, rc=RC, rr=RR, cl=CL, rl=RL, beta=0.1, eps=0.0,
+             fdiv="reverse_kl", alpha=1.0, tau=0.05, ipo_norm=True) -> list[float]:
+    """Per-pair loss list for loss `name`, straight from the formula tables."""
+    b = beta
+    dw = [c - r for c, r in zip(pc, rc)]
+    dl = [c - r for c, r in zip(pr, rr)]
+    sw = [g(u, fdiv, alpha) for u in dw]
+    sl = [g(u, fdiv, alpha) for u in dl]
+    d = [w - l for w, l in zip(sw, sl)]
+    n = len(pc)
+    out = []
+    if name == "aot":
+        a = sorted(c - r for c, r in zip(pc, pr))
+        r_ = sorted(c - r for c, r in zip(rc, rr))
+        return [-(1 - eps) * lsig(b * (x - y)) - eps * lsig(-b * (x - y)) for x, y in zip(a, r_)]
+    if name == "aot_unpaired":
+        a, r_ = sorted(dw), sorted(dl)
+        return [-(1 - eps) * lsig(b * (x - y)) - eps * lsig(-b * (x - y)) for x, y in zip(a, r_)]
+    if name == "sft":
+        return [-sum(pc) / sum(cl)] * n
+    for i in range(n):
+        z = b * d[i]
+        if name == "sigmoid":
+            v = -(1 - eps) * lsig(z) - eps * lsig(-z)
+        elif name == "hinge":
+            v = max(0.0, 1.0 - z)
+        elif name == "ipo":
+            h = sw[i] / cl[i] - sl[i] / rl[i] if ipo_norm else d[i]
+            v = (h - 1.0 / (2.0 * b)) ** 2
+        elif name == "exo_pair":
+            e = eps if eps > 0 else 1e-3
+            v = sig(z) * (lsig(z) - math.log(1 - e)) + sig(-z) * (lsig(-z) - math.log(e))
+        elif name == "nca_pair":
+            v = -lsig(b * sw[i]) - 0.5 * lsig(-b * sw[i]) - 0.5 * lsig(-b * sl[i])
+        elif name == "robust":
+            v = (-(1 - eps) * lsig(z) + eps * lsig(-z)) / (1 - 2 * eps)
+        elif name == "bco_pair":
+            v = -lsig(b * sw[i]) - lsig(-b * sl[i])
+        elif name == "sppo_hard":
+            v = (sw[i] - 1 / (2 * b)) ** 2 + (sl[i] + 1 / (2 * b)) ** 2
+        elif name == "apo_zero":
+            v = (1 - sig(b * dw[i])) + sig(b * dl[i])
+        elif name == "apo_down":
+            v = sig(b * dw[i]) + (1 - sig(z))
+        elif name == "discopop":
+            m = sig(z / tau)
+            v = (1 - m) * (-lsig(z)) + m * math.exp(-z)
+        elif name == "sigmoid_norm":
+            v = -lsig(b * (sw[i] / cl[i] - sl[i] / rl[i]))
+        else:
+            raise AssertionError(name)
+        out.append(v)
+    return out
+
+
+# ---------------------------------------------------------------- helpers
+
+def make_inputs(pc=PC, pr=PR, rc=RC, rr=RR, cl=CL, rl=RL, dtype=torch.float64, grad=False) -> LossInputs:
+    t = lambda v: torch.tensor(v, dtype=dtype, requires_grad=grad)  # noqa: E731
+    return LossInputs(t(pc), t(pr), torch.tensor(rc, dtype=dtype), torch.tensor(rr, dtype=dtype),
+                      torch.tensor(cl, dtype=torch.long), torch.tensor(rl, dtype=torch.long))
+
+
+def assert_close(got: torch.Tensor, want: list[float], rel=1e-10, abs_=1e-10):
+    got_list = got.detach().tolist()
+    assert len(got_list) == len(want)
+    for gv, wv in zip(got_list, want):
+        assert math.isclose(gv, wv, rel_tol=rel, abs_tol=abs_), (got_list, want)
+
+
+def test_registry_lists_every_loss_type():
+    assert sorted(LOSSES) == sorted(ALL_LOSSES)
+
+
+# ---------------------------------------------------------------- values vs the reference
+
+# (beta, eps): the default, a mid value with smoothing, and the small / large beta edges.
+SETTINGS = [(0.1, 0.0), (0.5, 0.2), (1e-3, 0.1), (10.0, 0.3)]
+
+
+@pytest.mark.parametrize("beta,eps", SETTINGS)
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_loss_matches_reference(name, beta, eps):
+    spec = LossSpec(losses=(name,), beta=beta, label_smoothing=eps)
+    got = LOSSES[name](make_inputs(), spec)
+    assert got.shape == (4,) and got.dtype == torch.float64
+    assert_close(got, expected(name, beta=beta, eps=eps))
+
+
+@pytest.mark.parametrize("fdiv,alpha", [("forward_kl", 1.0), ("js_divergence", 1.0),
+                                        ("alpha_divergence", 0.5), ("alpha_divergence", 1.5),
+                                        ("alpha_divergence", 1.0)])
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_f_divergence_matches_reference(name, fdiv, alpha):
+    spec = LossSpec(losses=(name,), beta=0.3, label_smoothing=0.1, f_divergence=fdiv, f_alpha=alpha)
+    got = LOSSES[name](make_inputs(), spec)
+    assert_close(got, expected(name, beta=0.3, eps=0.1, fdiv=fdiv, alpha=alpha))
+
+
+def test_ipo_summed_form_and_length_normalised_form():
+    # Summed (paper / OpenRLHF): h = δ. Pair 0: δ = 0.7 - (-1.1) = 1.8; β = 0.5 -> (1.8 - 1)² = 0.64.
+    summed = LOSSES["ipo"](make_inputs(), LossSpec(losses=("ipo",), beta=0.5, ipo_length_normalized=False))
+    assert math.isclose(summed[0].item(), 0.64, rel_tol=1e-12)
+    assert_close(summed, expected("ipo", beta=0.5, ipo_norm=False))
+    # TRL form, pair 0: h = 0.7/5 - (-1.1)/7 = 0.14 + 0.157142857...; (h - 1)².
+    normed = LOSSES["ipo"](make_inputs(), LossSpec(losses=("ipo",), beta=0.5))
+    assert math.isclose(normed[0].item(), (0.14 + 1.1 / 7 - 1.0) ** 2, rel_tol=1e-12)
+
+
+def test_sigmoid_hand_arithmetic():
+    """Δw = 2, Δl = -2, β = 0.5 -> βδ = 2 -> loss = log(1 + e^-2) = 0.1269280110429725."""
+    x = make_inputs(pc=[2.0], pr=[-2.0], rc=[0.0], rr=[0.0], cl=[1], rl=[1])
+    out = compute_loss(x, LossSpec(beta=0.5))
+    assert math.isclose(out.loss.item(), 0.1269280110429725, rel_tol=1e-14)
+    assert out.chosen_rewards.tolist() == [1.0] and out.rejected_rewards.tolist() == [-1.0]
+
+
+def test_sigmoid_eps_zero_is_plain_dpo_and_eps_gives_cdpo():
+    x = make_inputs()
+    plain = [-lsig(0.1 * (w - l)) for w, l in zip([0.7, 1.4, 0.9, -0.9], [-1.1, -0.8, 0.7, -1.4])]
+    assert_close(LOSSES["sigmoid"](x, LossSpec(label_smoothing=0.0)), plain)
+    cdpo = [-(0.75) * lsig(0.1 * (w - l)) - 0.25 * lsig(-0.1 * (w - l))
+            for w, l in zip([0.7, 1.4, 0.9, -0.9], [-1.1, -0.8, 0.7, -1.4])]
+    assert_close(LOSSES["sigmoid"](x, LossSpec(label_smoothing=0.25)), cdpo)
+
+
+def test_exo_pair_uses_1e_3_when_eps_is_zero():
+    # With ε = 0 the formula has log 0; TRL substitutes ε = 1e-3, and so do we.
+    got = LOSSES["exo_pair"](make_inputs(), LossSpec(losses=("exo_pair",), label_smoothing=0.0))
+    z = 0.1 * 1.8
+    want0 = sig(z) * (lsig(z) - math.log(1 - 1e-3)) + sig(-z) * (lsig(-z) - math.log(1e-3))
+    assert math.isclose(got[0].item(), want0, rel_tol=1e-12)
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.5, 2.0])
+def test_discopop_tau(tau):
+    got = LOSSES["discopop"](make_inputs(), LossSpec(losses=("discopop",), beta=0.7, discopop_tau=tau))
+    assert_close(got, expected("discopop", beta=0.7, tau=tau))
+
+
+def test_sft_is_token_mean_over_batch():
+    # -(−12.3 − 40.1 − 7.3 − 25.0) / (5 + 17 + 3 + 11) = 84.7 / 36
+    got = LOSSES["sft"](make_inputs(), LossSpec(losses=("sft",)))
+    assert_close(got, [84.7 / 36] * 4, rel=1e-13)
+
+
+def test_float32_in_float32_out():
+    out = compute_loss(make_inputs(dtype=torch.float32), LossSpec(losses=("sigmoid", "ipo", "sft"),
+                                                                  weights=(1.0, 1.0, 1.0)))
+    assert out.loss.dtype == torch.float32 and out.per_pair_loss.dtype == torch.float32
+    assert out.chosen_rewards.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- large margins, small / large beta
+
+def _extreme(sign: float, dtype):
+    """δ = sign·1e4 (Δw = sign·5e3, Δl = -sign·5e3), lengths 1; PC - PR = sign·1e4, reference 0."""
+    return make_inputs(pc=[sign * 5e3], pr=[-sign * 5e3], rc=[0.0], rr=[0.0], cl=[1], rl=[1],
+                       dtype=dtype, grad=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_large_margin_is_finite_with_finite_gradients(name, sign, dtype):
+    x = _extreme(sign, dtype)
+    loss = LOSSES[name](x, LossSpec(losses=(name,), beta=0.1, label_smoothing=0.2))
+    assert torch.isfinite(loss).all(), loss
+    loss.sum().backward()
+    for grad in (x.policy_chosen_logps.grad, x.policy_rejected_logps.grad):
+        assert grad is None or torch.isfinite(grad).all()  # None: sft ignores the rejected side
+
+
+# β = 0.1, |δ| = 1e4 -> z = ±1000. Asymptotes derived by hand (ε = 0.2 where used):
+ASYMPTOTES = {
+    # name: (value at z = +1000, value at z = -1000)
+    "sigmoid_eps0": (0.0, 1000.0),                 # -log σ(z): 0 and |z| = β·|δ|
+    "hinge": (0.0, 1001.0),                        # max(0, 1 - z)
+    "robust": (-0.2 * 1000 / 0.6, 0.8 * 1000 / 0.6),
+    "exo_pair": (-math.log(0.8), -math.log(0.2)),
+    "discopop": (0.0, 1000.0),
+    "nca_pair": (0.0 + 250.0, 500.0 + 250.0),      # β·s_w = ±500, β·s_l = ∓500
+    "bco_pair": (0.0, 1000.0),
+    "apo_zero": (0.0, 2.0),
+    "apo_down": (1.0, 1.0),
+    "sigmoid_norm": (0.0, 1000.0),                 # lengths 1
+}
+
+
+@pytest.mark.parametrize("key", sorted(ASYMPTOTES))
+def test_large_margin_asymptotes(key):
+    name = key.removesuffix("_eps0")
+    eps = 0.0 if key.endswith("_eps0") else 0.2
+    for sign, want in zip([1.0, -1.0], ASYMPTOTES[key]):
+        got = LOSSES[name](_extreme(sign, torch.float64), LossSpec(losses=(name,), label_smoothing=eps))
+        assert math.isclose(got.item(), want, rel_tol=1e-12, abs_tol=1e-12), (key, sign, got.item())
+
+
+def test_discopop_does_not_nan_where_the_literal_formula_would():
+    # TRL's literal m·exp(-z) is inf·0 = NaN at z = -1000; the stable form gives 1000.
+    got = LOSSES["discopop"](_extreme(-1.0, torch.float32), LossSpec(losses=("discopop",)))
+    assert math.isclose(got.item(), 1000.0, rel_tol=1e-6)
+
+
+# ---------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("fdiv,alpha", [("reverse_kl", 1.0), ("js_divergence", 1.0), ("alpha_divergence", 0.5)])
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_gradcheck(name, fdiv, alpha):
+    # Inputs have no ties (aot sorts stay differentiable) and no hinge kink (1 - βδ ≠ 0).
+    spec = LossSpec(losses=(name,), beta=0.5, label_smoothing=0.1, f_divergence=fdiv, f_alpha=alpha)
+    base = make_inputs()
+
+    def fn(pc, pr):
+        x = LossInputs(pc, pr, base.ref_chosen_logps, base.ref_rejected_logps, base.chosen_len, base.rejected_len)
+        return LOSSES[name](x, spec)
+
+    pc = base.policy_chosen_logps.clone().requires_grad_(True)
+    pr = base.policy_rejected_logps.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(fn, (pc, pr), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_gradcheck_compute_loss_combination():
+    spec = LossSpec(losses=("sigmoid", "sft", "ipo"), weights=(1.0, 0.5, 0.25), beta=0.3)
+    base = make_inputs()
+
+    def fn(pc, pr):
+        x = LossInputs(pc, pr, base.ref_chosen_logps, base.ref_rejected_logps, base.chosen_len, base.rejected_len)
+        return compute_loss(x, spec).loss
+
+    pc = base.policy_chosen_logps.clone().requires_grad_(True)
+    pr = base.policy_rejected_logps.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(fn, (pc, pr), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_sigmoid_gradient_closed_form():
+    # d/dc [-log σ(β(Δw - Δl))] = -β·σ(-βδ); d/dr = +β·σ(-βδ).
+    x = make_inputs(grad=True)
+    LOSSES["sigmoid"](x, LossSpec()).sum().backward()
+    deltas = [0.7 + 1.1, 1.4 + 0.8, 0.9 - 0.7, -0.9 + 1.4]
+    assert_close(x.policy_chosen_logps.grad, [-0.1 * sig(-0.1 * d) for d in deltas], rel=1e-12)
+    assert_close(x.policy_rejected_logps.grad, [0.1 * sig(-0.1 * d) for d in deltas], rel=1e-12)
+
+
+# ---------------------------------------------------------------- policy == reference
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-7)])
+def test_policy_equals_reference_gives_ln2_and_zero_rewards(dtype, tol):
+    x = make_inputs(pc=PC, pr=PR, rc=PC, rr=PR, dtype=dtype)
+    out = compute_loss(x, LossSpec())
+    assert abs(out.loss.item() - math.log(2)) <= tol
+    assert all(abs(v - math.log(2)) <= tol for v in out.per_pair_loss.tolist())
+    assert out.chosen_rewards.tolist() == [0.0] * 4 and out.rejected_rewards.tolist() == [0.0] * 4
+    accuracy = (out.chosen_rewards > out.rejected_rewards).to(dtype).mean().item()
+    assert accuracy == 0.0
+    # The length-normalised variant is ln 2 too (δ = 0 whatever the lengths).
+    norm = compute_loss(x, LossSpec(losses=("sigmoid_norm",)))
+    assert abs(norm.loss.item() - math.log(2)) <= tol
+
+
+# ---------------------------------------------------------------- combination and output record
+
+def test_sigmoid_plus_sft_combination():
+    names, weights = parse_loss_list("sigmoid,sft", "1,0.5")
+    assert names == ("sigmoid", "sft") and weights == (1.0, 0.5)
+    out = compute_loss(make_inputs(), LossSpec(losses=names, weights=weights))
+    assert isinstance(out, LossOutput)
+    sig_mean = sum(expected("sigmoid")) / 4
+    sft_val = 84.7 / 36
+    assert math.isclose(out.loss.item(), 1.0 * sig_mean + 0.5 * sft_val, rel_tol=1e-12)
+    assert math.isclose(out.per_pair_loss.mean().item(), out.loss.item(), rel_tol=1e-15)
+    assert_close(out.per_pair_loss, [v + 0.5 * sft_val for v in expected("sigmoid")], rel=1e-12)
+    assert set(out.components) == {"sigmoid", "sft"}
+    assert math.isclose(out.components["sigmoid"].item(), sig_mean, rel_tol=1e-12)
+    assert math.isclose(out.components["sft"].item(), sft_val, rel_tol=1e-12)
+    assert not out.components["sigmoid"].requires_grad
+
+
+def test_rewards_use_plain_log_ratios_under_f_divergence():
+    x = make_inputs(grad=True)
+    out = compute_loss(x, LossSpec(losses=("sigmoid",), beta=0.2, f_divergence="js_divergence"))
+    assert_close(out.chosen_rewards, [0.2 * v for v in [0.7, 1.4, 0.9, -0.9]], rel=1e-12)
+    assert_close(out.rejected_rewards, [0.2 * v for v in [-1.1, -0.8, 0.7, -1.4]], rel=1e-12)
+    assert not out.chosen_rewards.requires_grad and out.loss.requires_grad
+    assert out.loss.shape == ()
+
+
+# ---------------------------------------------------------------- validation and parsing
+
+def _error(**kw) -> DpocliError:
+    with pytest.raises(DpocliError) as info:
+        validate_spec(LossSpec(**kw))
+    assert "\n" not in str(info.value)
+    return info.value
+
+
+def test_unknown_loss_suggests_close_match():
+    err = _error(losses=("sigmod",))
+    assert err.field == "losses" and "sigmod" in str(err)
+    assert "sigmoid" in (err.hint or "")
+    with pytest.raises(DpocliError):  # compute_loss validates too
+        compute_loss(make_inputs(), LossSpec(losses=("sigmod",)))
+
+
+def test_weights_mismatch():
+    err = _error(losses=("sigmoid", "sft"), weights=(1.0,))
+    assert err.field == "weights"
+
+
+@pytest.mark.parametrize("losses,eps,ok", [
+    (("sigmoid",), 0.5, True), (("sigmoid",), 0.0, True), (("sigmoid",), 0.51, False),
+    (("sigmoid",), -0.1, False), (("robust",), 0.49, True), (("robust",), 0.5, False),
+])
+def test_label_smoothing_range(losses, eps, ok):
+    spec = LossSpec(losses=losses, label_smoothing=eps)
+    if ok:
+        validate_spec(spec)
+    else:
+        assert _error(losses=losses, label_smoothing=eps).field == "label_smoothing"
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"beta": 0.0}, "beta"), ({"beta": -1.0}, "beta"), ({"beta": float("nan")}, "beta"),
+    ({"f_divergence": "reverse_kll"}, "f_divergence"), ({"discopop_tau": 0.0}, "discopop_tau"),
+    ({"losses": ()}, "losses"), ({"losses": ("sigmoid", "sigmoid"), "weights": (1.0, 1.0)}, "losses"),
+])
+def test_other_spec_errors(kw, field):
+    assert _error(**kw).field == field
+
+
+def test_default_spec_and_all_losses_validate():
+    validate_spec(LossSpec())
+    validate_spec(LossSpec(losses=tuple(ALL_LOSSES), weights=(1.0,) * len(ALL_LOSSES)))
+
+
+def test_parse_loss_list():
+    assert parse_loss_list("sigmoid", None) == (("sigmoid",), (1.0,))
+    assert parse_loss_list(" sigmoid , sft ", None) == (("sigmoid", "sft"), (1.0, 1.0))
+    with pytest.raises(DpocliError) as info:
+        parse_loss_list("sigmoid,sft", "1,abc")
+    assert info.value.field == "weights"
+    with pytest.raises(DpocliError):
+        parse_loss_list("sigmoid,,sft", None)
