@@ -220,7 +220,7 @@ def eval_(
     _emit(summary, as_json, eval_table)
 
 
-@cache_app.command("info")
+@cache_app.command("info", epilog=EPILOG)
 def cache_info(
     cache: Annotated[Path, typer.Argument(help="A cache folder written by precompute-ref.")],
     as_json: JsonOpt = False,

@@ -54,12 +54,11 @@ def _common_prefix_len(a: list[int], b: list[int]) -> int:
 
 
 def _render_conversation(tokenizer, prompt, completion) -> tuple[str, str]:
-    # TRL: a prompt ending with a user turn gets the generation prompt; one ending with an
-    # assistant turn is continued instead.
-    continue_final = prompt[-1].get("role") == "assistant"
-    prompt_text = tokenizer.apply_chat_template(
-        prompt, tokenize=False, add_generation_prompt=not continue_final,
-        continue_final_message=continue_final)
+    # TRL 1.16 (`DPOTrainer._prepare_dataset`) renders every conversational prompt with
+    # add_generation_prompt=True, whatever its last role. (Older TRL continued a final assistant
+    # turn instead; doing that here put the template's end-of-turn and assistant header into the
+    # completion ids. tests/fixtures/trl_ids.json, group "conversational_assistant_last", checks it.)
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
     return prompt_text, full_text
 

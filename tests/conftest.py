@@ -1,0 +1,92 @@
+"""Shared fixtures: the bundled tiny model, small preference files, and caches built once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "sample_data"
+MODEL = SAMPLE / "tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return MODEL
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(MODEL)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_rows() -> list[dict]:
+    return read_jsonl(SAMPLE / "train.jsonl")
+
+
+@pytest.fixture(scope="session")
+def small_prefs(tmp_path_factory, sample_rows) -> Path:
+    """48 sample rows, standard and conversational mixed, as a JSONL file."""
+    return write_jsonl(tmp_path_factory.mktemp("data") / "small.jsonl", sample_rows[:48])
+
+
+def invoke(args: list[str]):
+    """Run the `dpo` CLI in-process; returns click's Result (stdout and stderr kept apart)."""
+    from dpocli.cli import app
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="session")
+def small_cache(tmp_path_factory, small_prefs) -> Path:
+    out = tmp_path_factory.mktemp("caches") / "small"
+    result = invoke(["precompute-ref", small_prefs, "--model", MODEL, "--out", out,
+                     "--rows-per-shard", 16, "--batch-size", 8, "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def train_cache(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("caches") / "train"
+    result = invoke(["precompute-ref", SAMPLE / "train.jsonl", "--model", MODEL, "--out", out, "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def heldout_cache(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("caches") / "heldout"
+    result = invoke(["precompute-ref", SAMPLE / "heldout.jsonl", "--model", MODEL, "--out", out, "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+# Hyper-parameters of the sample run (README and tests use the same ones).
+SAMPLE_TRAIN_ARGS = ["--lr", "5e-4", "--epochs", "1", "--batch-size", "16", "--warmup-steps", "5"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, train_cache) -> Path:
+    """One epoch of DPO on the sample training cache (about 75 steps)."""
+    out = tmp_path_factory.mktemp("runs") / "sample"
+    result = invoke(["train", train_cache, "--model", MODEL, "--out", out, "--quiet", *SAMPLE_TRAIN_ARGS])
+    assert result.exit_code == 0, result.stderr
+    return out

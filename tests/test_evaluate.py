@@ -1,0 +1,107 @@
+"""`dpo eval`: every metric against hand arithmetic, the reference-on-its-own-cache invariant,
+per-example rows that aggregate to the summary, and a trained checkpoint beating the reference."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import MODEL, invoke, read_jsonl
+from dpocli.evaluate import expand_models, pair_metrics
+from dpocli.losses import LossSpec
+
+
+def test_every_metric_against_hand_computation():
+    # Four pairs. Δw = pc - ref_c, Δl = pr - ref_r:
+    #   Δw = [1, -1, 1, 0],  Δl = [-1, 1, -3, -0.5]  ->  h = [2, -2, 4, 0.5];  β = 0.5
+    pc = torch.tensor([-10.0, -20.0, -5.0, -8.0], dtype=torch.float64)
+    pr = torch.tensor([-12.0, -18.0, -9.0, -8.0], dtype=torch.float64)
+    ref = {"ref_chosen_logps": torch.tensor([-11.0, -19.0, -6.0, -8.0], dtype=torch.float64),
+           "ref_rejected_logps": torch.tensor([-11.0, -19.0, -6.0, -7.5], dtype=torch.float64),
+           "chosen_len": torch.tensor([4, 10, 2, 3]), "rejected_len": torch.tensor([5, 2, 12, 3])}
+    m, cols = pair_metrics(pc, pr, ref, LossSpec(beta=0.5))
+    margins = [1.0, -1.0, 2.0, 0.25]  # β·h
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert m["loss"] == pytest.approx(sum(-math.log(sig(x)) for x in margins) / 4, abs=1e-12)
+    assert m["rewards/accuracies"] == 0.75
+    assert m["rewards/margins"] == pytest.approx(sum(margins) / 4)
+    mean = sum(margins) / 4
+    assert m["rewards/margins_std"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in margins) / 4))
+    # numpy-style linear interpolation: sorted [-1, 0.25, 1, 2]; p50 = (0.25 + 1) / 2
+    assert m["rewards/margins_p50"] == pytest.approx(0.625)
+    assert m["rewards/margins_p25"] == pytest.approx(-1 + 0.75 * 1.25)
+    assert m["rewards/chosen"] == pytest.approx(0.5 * (1 - 1 + 1 + 0) / 4)
+    assert m["rewards/rejected"] == pytest.approx(0.5 * (-1 + 1 - 3 - 0.5) / 4)
+    assert m["logps/chosen"] == pytest.approx(-43 / 4)
+    assert m["logps/rejected"] == pytest.approx(-47 / 4)
+    assert m["logps/chosen_per_token"] == pytest.approx(-43 / 19)
+    assert m["logps/rejected_per_token"] == pytest.approx(-47 / 22)
+    assert m["preference_prob/mean"] == pytest.approx(sum(sig(x) for x in margins) / 4)
+    assert m["displacement/chosen_below_ref"] == 0.25  # only pair 2 (-20 < -19)
+    assert m["displacement/rejected_below_ref"] == 0.75  # pairs 1, 3, 4
+    # length difference chosen - rejected: [-1, 8, -10, 0] -> buckets -2..2 (pairs 1, 4), 3..8, <=-9
+    assert m["length_bias/-2..2/count"] == 2 and m["length_bias/-2..2/accuracy"] == 1.0
+    assert m["length_bias/3..8/count"] == 1 and m["length_bias/3..8/accuracy"] == 0.0
+    assert m["length_bias/<=-9/count"] == 1 and m["length_bias/<=-9/accuracy"] == 1.0
+    assert m["length_bias/>=9/count"] == 0 and m["length_bias/>=9/accuracy"] is None
+    assert cols["correct"].tolist() == [True, False, True, True]
+
+
+def test_reference_scored_on_its_own_cache_is_exactly_neutral(small_cache):
+    result = invoke(["eval", small_cache, "--model", MODEL, "--json", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    m = json.loads(result.stdout)["models"][0]
+    assert m["rewards/margins"] == 0.0 and m["rewards/accuracies"] == 0.0
+    assert m["rewards/chosen"] == 0.0 and m["rewards/rejected"] == 0.0
+    assert m["loss"] == math.log(2)
+    assert m["preference_prob/mean"] == 0.5
+    assert m["displacement/chosen_below_ref"] == 0.0
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_per_example_rows_aggregate_to_the_summary(trained_run, heldout_cache, tmp_path, suffix):
+    out = tmp_path / f"per{suffix}"
+    result = invoke(["eval", heldout_cache, "--model", trained_run, "--per-example", out, "--json", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    m = json.loads(result.stdout)["models"][0]
+    rows = pq.read_table(out).to_pylist() if suffix == ".parquet" else read_jsonl(out)
+    assert len(rows) == m["pairs"]
+    n = len(rows)
+    assert sum(r["correct"] for r in rows) / n == pytest.approx(m["rewards/accuracies"])
+    assert sum(r["margin"] for r in rows) / n == pytest.approx(m["rewards/margins"])
+    assert sum(r["chosen_reward"] for r in rows) / n == pytest.approx(m["rewards/chosen"])
+    assert sum(r["preference_prob"] for r in rows) / n == pytest.approx(m["preference_prob/mean"])
+    assert sum(r["policy_chosen_logps"] for r in rows) / n == pytest.approx(m["logps/chosen"])
+    assert sum(-math.log(r["preference_prob"]) for r in rows) / n == pytest.approx(m["loss"])
+    for r in rows[:20]:  # each row is internally consistent with β = 0.1
+        assert r["chosen_reward"] == pytest.approx(0.1 * (r["policy_chosen_logps"] - r["ref_chosen_logps"]))
+        assert r["correct"] == (r["margin"] > 0)
+
+
+@pytest.mark.slow
+def test_trained_checkpoint_beats_the_reference_on_heldout(trained_run, heldout_cache):
+    result = invoke(["eval", heldout_cache, "--model", MODEL, "--model", trained_run, "--json", "--quiet"])
+    ref, trained = json.loads(result.stdout)["models"]
+    assert trained["rewards/accuracies"] > 0.75 > ref["rewards/accuracies"]
+    assert trained["loss"] < ref["loss"] and trained["preference_prob/mean"] > 0.6
+
+
+def test_globbed_checkpoints_come_in_step_order(tmp_path):
+    for step in (10, 2, 100):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    found = expand_models([str(tmp_path / "checkpoint-*")])
+    assert [p.rsplit("-", 1)[1] for p in found] == ["2", "10", "100"]
+
+
+def test_samples_and_kl_of_the_reference_against_itself(small_cache):
+    result = invoke(["eval", small_cache, "--model", MODEL, "--samples", 2, "--ref-model", MODEL,
+                     "--kl-samples", 2, "--max-new-tokens", 8, "--json", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    samples = json.loads(result.stdout)["models"][0]["samples"]
+    assert len(samples["generations"]) == 2
+    assert samples["generations"][0]["policy"] == samples["generations"][0]["reference"]  # greedy, same model
+    assert samples["kl_policy_ref"]["estimate"] == 0.0 and samples["kl_policy_ref"]["samples"] > 0
