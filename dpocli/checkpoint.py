@@ -25,11 +25,12 @@ STATE_JSON = "trainer_state.json"
 STATE_PT = "optimizer.pt"
 
 
-def save_model_folder(folder: Path, model, tokenizer) -> None:
-    """HF format, safetensors, tokenizer included."""
+def save_model_folder(folder: Path, model, tokenizer, state_dict: dict | None = None) -> None:
+    """HF format, safetensors, tokenizer included. `state_dict` overrides the module's own
+    (used with FSDP, where rank 0 saves the gathered full weights)."""
     from dpocli.modeling import quiet_transformers
     quiet_transformers()
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
@@ -48,15 +49,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler,
-                    trainer_state: dict) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer_state: dict, scheduler,
+                    trainer_state: dict, model_state: dict | None = None) -> Path:
     """Write checkpoint-<step> atomically; returns its path."""
     final = run_dir / f"checkpoint-{step}"
     for stale in run_dir.glob(f"checkpoint-{step}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     with atomic_dir(final) as tmp:
-        save_model_folder(tmp, model, tokenizer)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        save_model_folder(tmp, model, tokenizer, model_state)
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "rng": rng_state()}, tmp / STATE_PT)
         atomic_write_json(tmp / STATE_JSON, trainer_state)
     return final

@@ -40,7 +40,9 @@ AttnOpt = Annotated[Optional[str], typer.Option("--attn-implementation", help="e
 
 def _run(fn, *, quiet: bool = False):
     """Run a driver with stdout shielded, mapping our errors to one line and an exit code."""
-    set_quiet(quiet)
+    from dpocli import distributed
+    dist = distributed.current()  # initialises torch.distributed under torchrun
+    set_quiet(quiet or not dist.is_main)  # one voice per job: rank 0 logs, others stay quiet
     try:
         # A stray print() in a dependency must not corrupt `--json` output on stdout.
         with contextlib.redirect_stdout(sys.stderr):
@@ -56,9 +58,14 @@ def _run(fn, *, quiet: bool = False):
     except KeyboardInterrupt:
         err_console.print("interrupted")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        distributed.shutdown()
 
 
 def _emit(summary: dict, as_json: bool, table_fn) -> None:
+    import os as _os
+    if _os.environ.get("RANK", "0") != "0":
+        return  # under torchrun only rank 0 prints the result
     if as_json:
         emit_json(summary)
     else:
@@ -143,6 +150,7 @@ def train(
     device: DeviceOpt = None,
     attn_implementation: AttnOpt = None,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in backward to save memory.")] = False,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="Under torchrun, shard the policy with FSDP2 (per decoder layer) instead of DDP.")] = False,
     no_shuffle: Annotated[bool, typer.Option("--no-shuffle", help="Batches in the input file's row order.")] = False,
     group_by_length: Annotated[bool, typer.Option("--group-by-length", help="Batch pairs of similar length (less padding, random batch order).")] = False,
     save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (always at the end).")] = None,
@@ -169,7 +177,7 @@ def train(
         batch_size=batch_size, grad_accum=grad_accum, warmup_steps=warmup_steps,
         warmup_ratio=warmup_ratio, scheduler=scheduler, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm, seed=seed, dtype=dtype, autocast=autocast, device=device,
-        attn_implementation=attn_implementation, gradient_checkpointing=gradient_checkpointing,
+        attn_implementation=attn_implementation, gradient_checkpointing=gradient_checkpointing, fsdp=fsdp,
         shuffle=not no_shuffle, group_by_length=group_by_length, save_every=save_every,
         save_total_limit=save_total_limit, eval_cache=str(eval_cache) if eval_cache else None,
         eval_every=eval_every, resume=resume, overwrite=overwrite, skip_step0_check=skip_step0_check,

@@ -90,3 +90,42 @@ def shutdown() -> None:
     if tdist.is_initialized():
         tdist.destroy_process_group()
     _context = None
+
+
+def shard_model(model, scorer, mixed_precision: torch.dtype | None = None):
+    """FSDP2: `fully_shard` every decoder layer (the classes the model lists in `_no_split_modules`),
+    then the scorer as root, so embeddings / LM head / final norm form the root's group.
+    Parameters become DTensors; the forward all-gathers one layer at a time."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32) \
+        if mixed_precision else MixedPrecisionPolicy()
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise RuntimeError(f"{type(model).__name__} lists no decoder layer classes to shard")
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(scorer, mp_policy=policy)
+    return scorer
+
+
+def full_state_dicts(model, optimizer, sharded: bool) -> tuple[dict | None, dict]:
+    """(model state dict or None for "use the module's own", optimizer state dict), both full
+    (unsharded) tensors on CPU. With FSDP this is a collective: every rank must call it."""
+    if not sharded:
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def load_optimizer_state(model, optimizer, state: dict, sharded: bool) -> None:
+    """Load a full optimizer state dict (saved by any number of ranks) into this run's layout."""
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))

@@ -203,10 +203,18 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
     spec = _build_spec(cfg, read, tokenizer, model_fp)
     out = Path(cfg.out)
 
-    resumed = None
+    # Rank 0 alone inspects and prepares the folder; the others get its verdict (or its error,
+    # so that no rank is left waiting in a collective when rank 0 refuses).
+    verdict = None
     if dist.is_main:
-        resumed = _prepare_out_dir(out, spec, cfg.overwrite)
-    resumed = dist.broadcast_object(resumed)
+        try:
+            verdict = ("ok", _prepare_out_dir(out, spec, cfg.overwrite))
+        except DpocliError as err:
+            verdict = ("error", err)
+    verdict = dist.broadcast_object(verdict)
+    if verdict[0] == "error":
+        raise verdict[1]
+    resumed = verdict[1]
     if resumed is not None and resumed.complete:
         log(f"[green]already complete[/green]: {out} matches these arguments; nothing to do")
         return _summary(cfg, resumed, "already_complete", time.perf_counter() - t0, 0)

@@ -60,12 +60,17 @@ def score_cache(scorer, data: CacheData, manifest: Manifest, pad_id: int, device
     chosen = torch.zeros(data.num_rows, dtype=torch.float64)
     rejected = torch.zeros(data.num_rows, dtype=torch.float64)
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    batches = plan_like_precompute(data, manifest, max_tokens)
+    mine_batches = batches[rank::world]
+    # A sharded (FSDP) or DDP-wrapped model runs collectives in every forward, so all ranks
+    # must run the same number of forwards: a rank short of work repeats a batch and drops it.
+    rounds = -(-len(batches) // world)
     mine = []
-    for b, rows in enumerate(plan_like_precompute(data, manifest, max_tokens)):
-        if b % world != rank:
-            continue
+    for b in range(rounds):
+        rows = mine_batches[b] if b < len(mine_batches) else batches[0]
         out = sequence_logps(scorer, cache_batch(data, rows, pad_id).to(device))
-        mine.append((rows, out.chosen_logps.cpu(), out.rejected_logps.cpu()))
+        if b < len(mine_batches):
+            mine.append((rows, out.chosen_logps.cpu(), out.rejected_logps.cpu()))
     parts = dist.all_gather_object(mine) if dist is not None and dist.enabled else [mine]
     for part in parts:
         for rows, c, r in part:

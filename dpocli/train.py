@@ -42,7 +42,8 @@ from dpocli.scoring import cache_batch, cached_reference, score_cache
 
 RUN_CONFIG = "run_config.json"
 # Fields that may change between an interrupted run and its --resume.
-RESUME_FREE = {"resume", "overwrite", "save_every", "save_total_limit", "eval_every", "quiet"}
+# batch_size may change as long as batch_size x ranks (the global batch) stays the same.
+RESUME_FREE = {"resume", "overwrite", "save_every", "save_total_limit", "eval_every", "batch_size"}
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class TrainConfig:
     device: str | None = None
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # FSDP2 sharding under torchrun (default there: DDP)
     shuffle: bool = True
     group_by_length: bool = False
     save_every: int | None = None
@@ -117,14 +119,19 @@ class TrainConfig:
             raise DpocliError(f"must be in [0, 1), got {self.warmup_ratio}", field="--warmup-ratio")
         if self.autocast not in (None, "bfloat16", "float16"):
             raise DpocliError(f"'{self.autocast}' is not bfloat16 or float16", field="--autocast")
+        if self.fsdp and int(__import__("os").environ.get("WORLD_SIZE", "1")) < 2:
+            raise DpocliError("needs a torchrun launch with 2 or more processes", field="--fsdp",
+                              hint="torchrun --nproc-per-node N $(which dpo) train ... --fsdp")
         if self.eval_every and not self.eval_cache:
             raise DpocliError("needs --eval-cache", field="--eval-every")
 
 
 def _prepare_run_dir(cfg: TrainConfig, dist) -> tuple[Path, tuple[int, Path] | None]:
-    """Create RUN_DIR, or find the checkpoint to resume from. Refuses to clobber a run."""
+    """Create RUN_DIR, or find the checkpoint to resume from. Refuses to clobber a run.
+
+    Every rank runs the checks on the shared filesystem before rank 0 writes anything."""
     run_dir = Path(cfg.out)
-    resolved = {k: v for k, v in asdict(cfg).items()}
+    resolved = asdict(cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise DpocliError("exists and is not a folder", file=run_dir)
     has_content = run_dir.is_dir() and any(run_dir.iterdir())
@@ -138,11 +145,13 @@ def _prepare_run_dir(cfg: TrainConfig, dist) -> tuple[Path, tuple[int, Path] | N
                                       f"{resolved.get(key)!r}", file=saved_path, field=key,
                                       hint="resume with the original arguments")
         found = checkpoint.list_checkpoints(run_dir)
+        dist.barrier()
         return run_dir, (found[-1] if found else None)
     if has_content and not cfg.overwrite:
         raise DpocliError("already exists and is not empty", file=run_dir,
                           hint="pass --resume to continue it, --overwrite to start over, or "
                                "choose another --out")
+    dist.barrier()
     if dist.is_main:
         if has_content and cfg.overwrite:
             import shutil
@@ -204,12 +213,28 @@ def _evaluate(scorer, model, eval_cache, spec, pad_id, device, dist) -> dict:
     return rename_for_eval(acc.means(distributed.DistContext()))
 
 
-def _ddp_wrap(scorer, device, dist):
+def _wrap(scorer, model, device, dist, cfg):
+    """DDP under torchrun by default, FSDP2 with --fsdp, nothing in a single process."""
+    if cfg.fsdp:
+        return distributed.shard_model(model, scorer, DTYPES[cfg.autocast] if cfg.autocast else None)
     if not dist.enabled:
         return scorer
     from torch.nn.parallel import DistributedDataParallel
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(scorer, device_ids=ids)
+    # Buffers (rotary tables) are identical on every rank; skip their per-forward broadcast.
+    return DistributedDataParallel(scorer, device_ids=ids, broadcast_buffers=False)
+
+
+def _grad_sync(scorer, sync: bool):
+    """Context for one micro-batch: gradients are reduced across ranks only when `sync`."""
+    if sync or not hasattr(scorer, "no_sync") and not hasattr(scorer, "set_requires_gradient_sync"):
+        if hasattr(scorer, "set_requires_gradient_sync"):
+            scorer.set_requires_gradient_sync(True)
+        return nullcontext()
+    if hasattr(scorer, "no_sync"):
+        return scorer.no_sync()
+    scorer.set_requires_gradient_sync(False)  # FSDP2
+    return nullcontext()
 
 
 def _rank_rows(micro: list[int], dist) -> tuple[list[int], bool]:
@@ -240,7 +265,7 @@ def run_train(cfg: TrainConfig) -> dict:
     model.train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    scorer = _ddp_wrap(CompletionScorer(model, chunk_size=cfg.chunk_size), device, dist)
+    scorer = _wrap(CompletionScorer(model, chunk_size=cfg.chunk_size), model, device, dist, cfg)
     pad_id = int(manifest.spec["tokenizer"]["pad_token_id"])
 
     # Global micro-batches hold batch_size pairs per rank; a step is grad_accum of them.
@@ -256,9 +281,14 @@ def run_train(cfg: TrainConfig) -> dict:
     step, epoch, micro_index, num_tokens, extra = 0, 0, 0, 0, {}
     if resume_from:
         state, tensors = checkpoint.load_trainer_state(resume_from[1])
-        optimizer.load_state_dict(tensors["optimizer"])
+        distributed.load_optimizer_state(model, optimizer, tensors["optimizer"], cfg.fsdp)
         scheduler.load_state_dict(tensors["scheduler"])
         checkpoint.set_rng_state(tensors["rng"])
+        if state.get("global_batch", global_batch) != global_batch:
+            raise DpocliError(
+                f"was saved with a global batch of {state['global_batch']} pairs (batch size x ranks); "
+                f"this run has {global_batch}", file=resume_from[1], field="global_batch",
+                hint=f"choose --batch-size so that batch size x ranks = {state['global_batch']}")
         step, epoch, micro_index = state["step"], state["epoch"], state["micro_index"]
         num_tokens, extra = state["num_tokens"], state.get("step0", {})
         metrics_log.truncate_after(step)
@@ -267,16 +297,23 @@ def run_train(cfg: TrainConfig) -> dict:
         log("nothing to resume yet; starting from step 0")
         metrics_log.truncate_after(0)
 
-    autocast = (torch.autocast(device.type, dtype=DTYPES[cfg.autocast]) if cfg.autocast
-                else nullcontext())
+    # With FSDP the mixed-precision policy casts parameters instead of autocast.
+    autocast = (torch.autocast(device.type, dtype=DTYPES[cfg.autocast])
+                if cfg.autocast and not cfg.fsdp else nullcontext())
     last_saved = resume_from[0] if resume_from else None
 
     def save(at_step: int) -> None:
         nonlocal last_saved
-        if dist.is_main and last_saved != at_step:
+        if last_saved == at_step:
+            return
+        # Gathering full weights is a collective under FSDP: every rank takes part.
+        model_state, optim_state = distributed.full_state_dicts(model, optimizer, cfg.fsdp)
+        if dist.is_main:
             state = {"step": at_step, "epoch": epoch, "micro_index": micro_index,
+                     "global_batch": global_batch, "world_size": dist.world_size,
                      "num_tokens": num_tokens, "step0": extra, "dpocli_version": __version__}
-            checkpoint.save_checkpoint(run_dir, at_step, model, tokenizer, optimizer, scheduler, state)
+            checkpoint.save_checkpoint(run_dir, at_step, model, tokenizer, optim_state, scheduler,
+                                       state, model_state)
             checkpoint.prune_checkpoints(run_dir, cfg.save_total_limit)
         last_saved = at_step
         dist.barrier()
@@ -303,13 +340,13 @@ def run_train(cfg: TrainConfig) -> dict:
                     ref = cached_reference(data, rows, device)
                     # Gradients sync across ranks only on the step's last micro-batch.
                     sync = k == len(micros) - 1 or not dist.enabled
-                    with (nullcontext() if sync else scorer.no_sync()), autocast:
+                    with _grad_sync(scorer, sync), autocast:
                         policy = sequence_logps(scorer, batch)
                     out = compute_loss(LossInputs(policy.chosen_logps, policy.rejected_logps,
                                                   ref["ref_chosen_logps"], ref["ref_rejected_logps"],
                                                   ref["chosen_len"], ref["rejected_len"]), spec)
                     weight = (len(rows) / step_pairs * dist.world_size) if real else 0.0
-                    with (nullcontext() if sync else scorer.no_sync()):
+                    with _grad_sync(scorer, sync):
                         (out.loss * weight).backward()
                     if step == 0 and k == 0 and not extra:
                         diff = torch.cat([(policy.chosen_logps - ref["ref_chosen_logps"]).abs(),
@@ -319,8 +356,9 @@ def run_train(cfg: TrainConfig) -> dict:
                     if real:
                         step_metrics.add(out, policy.chosen_logps, policy.rejected_logps)
                         step_tokens += batch.num_tokens
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
                 lr = scheduler.get_last_lr()[0]
                 means = step_metrics.means(dist)
                 if not (math.isfinite(means["loss"]) and math.isfinite(grad_norm)):
@@ -368,8 +406,9 @@ def run_train(cfg: TrainConfig) -> dict:
         if not (cfg.eval_every and step % cfg.eval_every == 0):
             metrics_log.write({"step": step, **final_eval})
     save(step)
+    model_state, _ = distributed.full_state_dicts(model, optimizer, cfg.fsdp)
     if dist.is_main:
-        checkpoint.save_model_folder(run_dir, model, tokenizer)
+        checkpoint.save_model_folder(run_dir, model, tokenizer, model_state)
     dist.barrier()
     return _summary(cfg, run_dir, step, total_steps, extra, metrics_log, final_eval, t_start, device)
 

@@ -117,8 +117,11 @@ def test_interrupt_then_resume_is_bitwise_equal(small_cache, tmp_path, monkeypat
 def test_resume_with_changed_arguments_is_refused(small_cache, tmp_path):
     run = tmp_path / "run"
     assert invoke(train_args(small_cache, run, "--max-steps", 1, "--batch-size", 4)).exit_code == 0
+    result = invoke(train_args(small_cache, run, "--max-steps", 1, "--batch-size", 4, "--beta", 0.2, "--resume"))
+    assert result.exit_code == 2 and "beta" in result.stderr
+    # The global batch (batch size x ranks) must stay the same; the per-rank batch may change.
     result = invoke(train_args(small_cache, run, "--max-steps", 1, "--batch-size", 8, "--resume"))
-    assert result.exit_code == 2 and "batch_size" in result.stderr
+    assert result.exit_code == 2 and "global batch" in result.stderr
 
 
 def test_existing_run_dir_is_not_overwritten(small_cache, tmp_path):

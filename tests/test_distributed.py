@@ -1,0 +1,109 @@
+"""torchrun with 2 CPU ranks (gloo) behaves as one job and matches a single process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import MODEL, invoke, read_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "dpocli",
+           *[str(a) for a in args]]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def cache_values(cache_dir: Path) -> dict:
+    rows = {}
+    for shard in sorted(cache_dir.glob("part-*.parquet")):
+        for r in pq.read_table(shard).to_pylist():
+            rows[r["id"]] = (r["chosen_ids"], r["rejected_ids"], r["ref_chosen_logps"], r["ref_rejected_logps"])
+    return rows
+
+
+def test_two_rank_precompute_equals_one_rank(small_prefs, small_cache, tmp_path):
+    out = tmp_path / "cache2"
+    done = torchrun(["precompute-ref", small_prefs, "--model", MODEL, "--out", out,
+                     "--rows-per-shard", 16, "--batch-size", 8, "--quiet", "--json"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("\n") == 1  # one JSON result for the job, from rank 0
+    one, two = cache_values(small_cache), cache_values(out)
+    assert one.keys() == two.keys()
+    for key in one:
+        assert one[key][:2] == two[key][:2]
+        assert one[key][2] == pytest.approx(two[key][2], abs=1e-6)
+        assert one[key][3] == pytest.approx(two[key][3], abs=1e-6)
+    assert invoke(["cache", "info", out]).exit_code == 0
+
+
+def test_two_rank_ddp_follows_one_rank_and_resumes(small_cache, tmp_path):
+    common = ["--max-steps", 4, "--no-shuffle", "--lr", "1e-3", "--quiet"]
+    single = tmp_path / "single"
+    assert invoke(["train", small_cache, "--model", MODEL, "--out", single, "--batch-size", 8, *common]).exit_code == 0
+    ddp = tmp_path / "ddp"
+    done = torchrun(["train", small_cache, "--model", MODEL, "--out", ddp, "--batch-size", 4,
+                     "--save-every", 2, *common])
+    assert done.returncode == 0, done.stderr
+    a = [r["loss"] for r in read_jsonl(single / "metrics.jsonl")]
+    b = [r["loss"] for r in read_jsonl(ddp / "metrics.jsonl")]
+    assert len(b) == 4 and b == pytest.approx(a, abs=1e-5)
+    wa, wb = load_file(single / "model.safetensors"), load_file(ddp / "model.safetensors")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
+
+    # Resume the 2-rank run from its step-2 checkpoint on ONE rank with the same global batch.
+    for step in (4,):
+        import shutil
+        shutil.rmtree(ddp / f"checkpoint-{step}")
+    resumed = invoke(["train", small_cache, "--model", MODEL, "--out", ddp, "--batch-size", 8,
+                      "--save-every", 2, "--resume", *common])
+    assert resumed.exit_code == 0, resumed.stderr
+    c = [r["loss"] for r in read_jsonl(ddp / "metrics.jsonl")]
+    assert c == pytest.approx(a, abs=1e-5)
+    wc = load_file(ddp / "model.safetensors")
+    assert max(float((wa[k] - wc[k]).abs().max()) for k in wa) < 1e-4
+
+
+def test_fsdp2_matches_ddp_and_saves_a_normal_hf_model(small_cache, tmp_path):
+    common = ["--max-steps", 3, "--no-shuffle", "--lr", "1e-3", "--batch-size", 4, "--quiet",
+              "--save-every", 2]
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    assert torchrun(["train", small_cache, "--model", MODEL, "--out", ddp, *common]).returncode == 0
+    done = torchrun(["train", small_cache, "--model", MODEL, "--out", fsdp, "--fsdp", *common])
+    assert done.returncode == 0, done.stderr
+    a = [r["loss"] for r in read_jsonl(ddp / "metrics.jsonl")]
+    b = [r["loss"] for r in read_jsonl(fsdp / "metrics.jsonl")]
+    assert b == pytest.approx(a, abs=1e-5)
+    wa, wb = load_file(ddp / "model.safetensors"), load_file(fsdp / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
+    # The FSDP checkpoint holds full (unsharded) weights and optimizer state: resume on 2 ranks.
+    import shutil
+    shutil.rmtree(fsdp / "checkpoint-3")
+    done = torchrun(["train", small_cache, "--model", MODEL, "--out", fsdp, "--fsdp", "--resume", *common])
+    assert done.returncode == 0, done.stderr
+    c = [r["loss"] for r in read_jsonl(fsdp / "metrics.jsonl")]
+    assert c == pytest.approx(a, abs=1e-5)
+
+
+def test_fsdp_without_torchrun_is_a_usage_error(small_cache, tmp_path):
+    result = invoke(["train", small_cache, "--model", MODEL, "--out", tmp_path / "r", "--fsdp"])
+    assert result.exit_code == 2 and "torchrun" in result.stderr
