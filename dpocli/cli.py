@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 
 from dpocli import __version__
@@ -35,6 +36,34 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or lo
 DtypeOpt = Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model's repository.")]
+def _config_callback(ctx: typer.Context, param, value):
+    """Eager: load the TOML file into click's default_map before other options are resolved."""
+    if value:
+        from dpocli.config import config_defaults
+        try:
+            mapped = config_defaults(ctx.command, ctx.info_name, Path(value))
+        except DpocliError as err:
+            err_console.print(f"[red]error:[/red] {err.one_line()}", soft_wrap=True)
+            if err.hint:
+                err_console.print(f"hint: {err.hint}", soft_wrap=True)
+            raise typer.Exit(err.exit_code)
+        ctx.default_map = {**(ctx.default_map or {}), **mapped}
+    return value
+
+
+def _print_config_callback(ctx: typer.Context, param, value):
+    """Eager: print this command's options (with --config values applied) as TOML and exit."""
+    if value:
+        from dpocli.config import to_toml
+        values = {p.name: (ctx.default_map or {}).get(p.name, p.default) for p in ctx.command.params
+                  if not isinstance(p, click.Argument)}
+        sys.stdout.write(to_toml(ctx.command, values, f"dpo {ctx.info_name} options; use with --config"))
+        raise typer.Exit(0)
+    return value
+
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", is_eager=True, callback=_config_callback, help="TOML file of options (flag names as keys, optionally under [COMMAND]); flags on the command line win.")]
+PrintConfigOpt = Annotated[bool, typer.Option("--print-config", is_eager=True, callback=_print_config_callback, help="Print this command's options as TOML (a --config to start from) and exit.")]
 AttnOpt = Annotated[Optional[str], typer.Option("--attn-implementation", help="eager, sdpa or flash_attention_2 (default: transformers' choice).")]
 
 
@@ -62,6 +91,14 @@ def _run(fn, *, quiet: bool = False):
         distributed.shutdown()
 
 
+def _resolved(ctx: typer.Context) -> str:
+    """The command's fully resolved options as TOML (replayable with --config)."""
+    from dpocli.config import to_toml
+    values = {k: (str(v) if isinstance(v, Path) else v) for k, v in ctx.params.items()}
+    return to_toml(ctx.command, values, f"dpo {ctx.info_name}, as resolved for this run "
+                                        f"(dpocli {__version__}); replay with --config")
+
+
 def _emit(summary: dict, as_json: bool, table_fn) -> None:
     import os as _os
     if _os.environ.get("RANK", "0") != "0":
@@ -82,6 +119,7 @@ def _root(version: Annotated[bool, typer.Option("--version", help="Show the vers
 @app.command("precompute-ref", epilog=EPILOG + "  Example: dpo precompute-ref prefs.jsonl "
              "--model ./sft-model --out ./ref-cache")
 def precompute_ref(
+    ctx: typer.Context,
     input: Annotated[Path, typer.Argument(help="A .jsonl or .parquet file, or a folder of them.")],
     model: Annotated[str, typer.Option(help="Reference model: a local folder or a hub id in the local HF cache.")],
     out: Annotated[Path, typer.Option(help="Cache folder to write (created; resumed if unfinished).")],
@@ -101,6 +139,8 @@ def precompute_ref(
     strict: Annotated[bool, typer.Option("--strict", help="Fail (exit 2) instead of dropping a row whose prompt does not fit --max-length.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing cache made with other arguments.")] = False,
     trust_remote_code: TrustOpt = False,
+    config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -116,13 +156,14 @@ def precompute_ref(
         drop_identical=drop_identical, strict=strict, overwrite=overwrite,
         trust_remote_code=trust_remote_code)
     _check_dtype(dtype)
-    summary = _run(lambda: run_precompute(cfg), quiet=quiet)
+    summary = _run(lambda: run_precompute(cfg, resolved_toml=_resolved(ctx)), quiet=quiet)
     _emit(summary, as_json, precompute_table)
 
 
 @app.command("train", epilog=EPILOG + "  Example: dpo train ./ref-cache --model ./sft-model "
              "--out ./run --lr 5e-7 --epochs 1")
 def train(
+    ctx: typer.Context,
     cache: Annotated[Path, typer.Argument(help="Reference cache written by precompute-ref.")],
     model: Annotated[str, typer.Option(help="Policy to start from (usually the reference model itself).")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, metrics.jsonl, final model.")],
@@ -162,6 +203,8 @@ def train(
     skip_step0_check: Annotated[bool, typer.Option("--skip-step0-check", help="Do not stop when policy = reference fails to reproduce the cache.")] = False,
     allow_tokenizer_mismatch: Annotated[bool, typer.Option("--allow-tokenizer-mismatch", help="Train although the policy's tokenizer differs from the cache's.")] = False,
     trust_remote_code: TrustOpt = False,
+    config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -182,7 +225,7 @@ def train(
         save_total_limit=save_total_limit, eval_cache=str(eval_cache) if eval_cache else None,
         eval_every=eval_every, resume=resume, overwrite=overwrite, skip_step0_check=skip_step0_check,
         allow_tokenizer_mismatch=allow_tokenizer_mismatch, trust_remote_code=trust_remote_code)
-    summary = _run(lambda: run_train(cfg), quiet=quiet)
+    summary = _run(lambda: run_train(cfg, resolved_toml=_resolved(ctx)), quiet=quiet)
     _emit(summary, as_json, train_table)
 
 
@@ -209,6 +252,8 @@ def eval_(
     kl_samples: Annotated[int, typer.Option(help="Policy samples per prompt for the KL estimate.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
     trust_remote_code: TrustOpt = False,
+    config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -238,6 +283,27 @@ def cache_info(
 
     info = _run(lambda: cache_info_dict(cache))
     _emit(info, as_json, cache_info_table)
+
+
+@cache_app.command("verify", epilog=EPILOG)
+def cache_verify(
+    cache: Annotated[Path, typer.Argument(help="A cache folder written by precompute-ref.")],
+    rescore: Annotated[int, typer.Option(help="Re-score N random rows with the reference model and compare.")] = 0,
+    model: Annotated[Optional[str], typer.Option(help="Reference model to re-score with (default: the path in the manifest; its weights must match the manifest's sha256).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for choosing the rows to re-score.")] = 0,
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Recompute shard checksums, check values are finite, and optionally re-score rows."""
+    from dpocli.summaries import verify_table
+    from dpocli.verify import run_verify
+
+    result = _run(lambda: run_verify(str(cache), rescore=rescore, model=model, seed=seed,
+                                     device=device), quiet=quiet)
+    _emit(result, as_json, verify_table)
 
 
 def _check_dtype(dtype: str) -> None:

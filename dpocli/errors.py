@@ -55,3 +55,9 @@ class Interrupted(DpocliError):
     """Ctrl-C / SIGTERM after resumable state was written; the message says how to resume."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+def out_of_memory_types() -> tuple[type, ...]:
+    import torch
+    return tuple({getattr(torch, "OutOfMemoryError", MemoryError), torch.cuda.OutOfMemoryError,
+                  MemoryError})

@@ -28,7 +28,7 @@ from dpocli import __version__, cache, distributed
 from dpocli.batching import collate, plan_by_length
 from dpocli.console import ProgressBar, log, warn
 from dpocli.data import read_examples
-from dpocli.errors import DpocliError
+from dpocli.errors import DpocliError, RunFailure, out_of_memory_types
 from dpocli.logprobs import CompletionScorer, sequence_logps
 from dpocli.modeling import (load_causal_lm, load_tokenizer, resolve_device, weights_fingerprint)
 from dpocli.tokenization import Dropped, pad_token_id, tokenize_pair, tokenizer_fingerprint
@@ -99,7 +99,7 @@ def _prepare_out_dir(out: Path, spec: dict, overwrite: bool) -> cache.Manifest |
     if out.exists() and not out.is_dir():
         raise DpocliError("exists and is not a folder", file=out)
     if out.exists():
-        ours = {cache.MANIFEST_NAME, cache.TOKENIZER_DIR}
+        ours = {cache.MANIFEST_NAME, cache.TOKENIZER_DIR, RESOLVED_TOML}
         foreign = [p.name for p in out.iterdir() if p.name not in ours
                    and not cache.SHARD_PATTERN.match(p.name) and not p.name.startswith(".")]
         if foreign:
@@ -171,7 +171,10 @@ class _Throughput:
         return self.tokens / max(time.perf_counter() - self.start, 1e-9)
 
 
-def run_precompute(cfg: PrecomputeConfig) -> dict:
+RESOLVED_TOML = "precompute.resolved.toml"
+
+
+def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> dict:
     """Build (or resume, or confirm) the cache described by `cfg`; return the summary."""
     t0 = time.perf_counter()
     dist = distributed.current()
@@ -250,7 +253,12 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
                     if isinstance(tok, Dropped):
                         dropped[tok.reason] = dropped.get(tok.reason, 0) + 1
                 bar.update(len(rows) - len(keep))
-                columns = _score_shard(scorer, device, keep, cfg, pad_id, bar, throughput)
+                try:
+                    columns = _score_shard(scorer, device, keep, cfg, pad_id, bar, throughput)
+                except out_of_memory_types():
+                    raise RunFailure(
+                        f"out of memory scoring shard {index} (finished shards are kept)",
+                        hint="rerun with a smaller --max-tokens or --batch-size; it resumes") from None
                 tokens_scored += sum(len(t.chosen_ids) + len(t.rejected_ids) for _, t in keep)
                 entry = cache.write_shard(out, index, columns, cfg.token_logps, spec)
                 entry["dropped"] = dropped
@@ -260,6 +268,9 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
                 cache.commit_manifest(out, manifest)
 
     if dist.is_main:
+        if resolved_toml:
+            from dpocli.atomic import atomic_write_text
+            atomic_write_text(out / RESOLVED_TOML, resolved_toml)
         _finalize(out, manifest, tokenizer, model_fp, cfg.batching())
     dist.barrier()
     elapsed = time.perf_counter() - t0

@@ -118,3 +118,13 @@ def eval_table(s: dict):
             parts.append(f"KL(policy‖reference) ≈ {kl['estimate']:.4f} ± {kl['stderr']:.4f} "
                          f"({kl['samples']} samples)")
     return Group(*parts)
+
+
+def verify_table(s: dict) -> Table:
+    rows = [("cache", s["cache"]), ("shards checked", s["shards_checked"]), ("rows", s["rows"]),
+            ("checksums", s["checksums"]), ("values finite", s["values_finite"])]
+    if "rescored_rows" in s:
+        rows += [("re-scored rows", s["rescored_rows"]),
+                 ("max |cached - recomputed|", f"{s['rescore_max_abs_diff']:.3g} "
+                                               f"(tolerance {s['rescore_tolerance']:g})")]
+    return _kv_table("cache verify: ok", rows)

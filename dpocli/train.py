@@ -30,7 +30,7 @@ import torch
 from dpocli import __version__, cache, checkpoint, distributed
 from dpocli.batching import plan_epoch
 from dpocli.console import ProgressBar, log, warn
-from dpocli.errors import DpocliError, Interrupted, RunFailure
+from dpocli.errors import DpocliError, Interrupted, RunFailure, out_of_memory_types
 from dpocli.logprobs import CompletionScorer, sequence_logps
 from dpocli.losses import LossInputs, LossSpec, compute_loss, parse_loss_list, validate_spec
 from dpocli.metrics import MetricsLog, StepMetrics, rename_for_eval
@@ -41,6 +41,7 @@ from dpocli.schedule import make_optimizer, make_scheduler
 from dpocli.scoring import cache_batch, cached_reference, score_cache
 
 RUN_CONFIG = "run_config.json"
+RESOLVED_TOML = "config.resolved.toml"
 # Fields that may change between an interrupted run and its --resume.
 # batch_size may change as long as batch_size x ranks (the global batch) stays the same.
 RESUME_FREE = {"resume", "overwrite", "save_every", "save_total_limit", "eval_every", "batch_size"}
@@ -126,7 +127,8 @@ class TrainConfig:
             raise DpocliError("needs --eval-cache", field="--eval-every")
 
 
-def _prepare_run_dir(cfg: TrainConfig, dist) -> tuple[Path, tuple[int, Path] | None]:
+def _prepare_run_dir(cfg: TrainConfig, dist, resolved_toml: str | None = None
+                     ) -> tuple[Path, tuple[int, Path] | None]:
     """Create RUN_DIR, or find the checkpoint to resume from. Refuses to clobber a run.
 
     Every rank runs the checks on the shared filesystem before rank 0 writes anything."""
@@ -160,6 +162,9 @@ def _prepare_run_dir(cfg: TrainConfig, dist) -> tuple[Path, tuple[int, Path] | N
             run_dir.mkdir(parents=True, exist_ok=True)
             from dpocli.atomic import atomic_write_json
             atomic_write_json(run_dir / RUN_CONFIG, resolved)
+            if resolved_toml:
+                from dpocli.atomic import atomic_write_text
+                atomic_write_text(run_dir / RESOLVED_TOML, resolved_toml)
         except OSError as err:
             raise DpocliError(f"cannot be written ({err.strerror})", file=run_dir) from None
     dist.barrier()
@@ -237,6 +242,23 @@ def _grad_sync(scorer, sync: bool):
     return nullcontext()
 
 
+def _term_as_interrupt():
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_term(previous) -> None:
+    import signal
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _rank_rows(micro: list[int], dist) -> tuple[list[int], bool]:
     """This rank's contiguous share of a global micro-batch. A rank left with nothing (a short last
     batch) scores one row with zero weight, because DDP needs every rank in every backward."""
@@ -245,14 +267,14 @@ def _rank_rows(micro: list[int], dist) -> tuple[list[int], bool]:
     return (rows, True) if rows else (micro[:1], False)
 
 
-def run_train(cfg: TrainConfig) -> dict:
+def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     t_start = time.perf_counter()
     cfg.check()
     spec = cfg.loss_spec()
     dist = distributed.current()
     manifest, data, eval_set = _load_caches(cfg)
     tokenizer = load_policy_tokenizer(cfg, manifest)
-    run_dir, resume_from = _prepare_run_dir(cfg, dist)
+    run_dir, resume_from = _prepare_run_dir(cfg, dist, resolved_toml)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
 
     torch.manual_seed(cfg.seed)
@@ -319,6 +341,8 @@ def run_train(cfg: TrainConfig) -> dict:
         dist.barrier()
 
     bar_cm = ProgressBar("train", total_steps) if dist.is_main else nullcontext()
+    # SIGTERM (a scheduler's pre-emption, `kill`) takes the same path as Ctrl-C: save and exit 130.
+    previous_term = _term_as_interrupt()
     try:
         with bar_cm as bar:
             if bar is not None:
@@ -390,6 +414,10 @@ def run_train(cfg: TrainConfig) -> dict:
                     metrics_log.write({"step": step, **evals})
                 if cfg.save_every and step % cfg.save_every == 0:
                     save(step)
+    except out_of_memory_types():
+        raise RunFailure(f"out of memory at step {step + 1} (batch of {cfg.batch_size} pairs per rank)",
+                         hint="lower --batch-size and raise --grad-accum, add --gradient-checkpointing, "
+                              "or use --autocast bfloat16") from None
     except KeyboardInterrupt:
         # Partial gradients of an unfinished step are discarded; the checkpoint is the last
         # completed step, and the run resumes from exactly there.
@@ -399,6 +427,8 @@ def run_train(cfg: TrainConfig) -> dict:
         where = f"checkpoint-{last_saved}" if last_saved else "no checkpoint (step 0)"
         raise Interrupted(f"interrupted at step {step}; saved {where}",
                           hint=f"resume with the same command plus --resume (out: {run_dir})") from None
+    finally:
+        _restore_term(previous_term)
 
     final_eval = {}
     if eval_set is not None:
