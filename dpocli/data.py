@@ -30,6 +30,9 @@ Message = dict  # {"role": str, "content": str}
 
 JSONL_SUFFIXES = (".jsonl", ".json-lines", ".jsonlines", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
+# A folder written by HF `datasets.save_to_disk` holds Arrow IPC stream files (data-0000X-of-N.arrow);
+# pyarrow reads them directly, so the `datasets` package is not needed.
+ARROW_SUFFIXES = (".arrow",)
 _BOM = b"\xef\xbb\xbf"
 _PARQUET_BATCH_ROWS = 1024  # rows hold long texts; a batch bounds memory, not the file size
 _HASH_CHUNK = 1 << 20
@@ -89,7 +92,7 @@ def list_input_files(path) -> list[Path]:
                         if p.is_file() and not p.name.startswith(".") and _suffix_ok(p)),
                        key=lambda p: p.name)
         if not files:
-            raise DpocliError("folder has no .jsonl or .parquet files", file=path,
+            raise DpocliError("folder has no .jsonl, .parquet or .arrow (HF save_to_disk) files", file=path,
                               hint="pass a data file, or the folder that holds them (subfolders are not searched)")
         return files
     if not path.exists():
@@ -142,7 +145,7 @@ def read_examples(path, *, prompt_column="prompt", chosen_column="chosen", rejec
     identical = 0
     source_row = 0
     for file_path in list_input_files(path):
-        reader = _iter_parquet if file_path.name.lower().endswith(PARQUET_SUFFIXES) else _iter_jsonl
+        reader = (_iter_jsonl if file_path.name.lower().endswith(JSONL_SUFFIXES) else _iter_columnar)
         first_source_row = source_row
         for row, record in reader(file_path, columns, max_row_bytes, warnings):
             loc = {"file": str(file_path), "row": row}
@@ -209,9 +212,32 @@ def _iter_jsonl(path: Path, columns: _Columns, max_row_bytes: int, warnings: lis
             yield row, record
 
 
-def _iter_parquet(path: Path, columns: _Columns, max_row_bytes: int, warnings: list[str]) -> Iterator:
+class _ArrowStream:
+    """The subset of ParquetFile's interface we use, over an Arrow IPC (stream or file) file."""
+
+    def __init__(self, path: Path):
+        self._source = pa.memory_map(str(path))
+        try:
+            self._reader = pa.ipc.open_stream(self._source)
+            self._batches = lambda: iter(self._reader)
+        except pa.ArrowInvalid:
+            self._source.seek(0)
+            self._reader = pa.ipc.open_file(self._source)
+            self._batches = lambda: (self._reader.get_batch(i) for i in range(self._reader.num_record_batches))
+        self.schema_arrow = self._reader.schema
+
+    def iter_batches(self, batch_size: int, columns: list[str]):
+        for batch in self._batches():
+            yield batch.select(columns)
+
+    def close(self) -> None:
+        self._source.close()
+
+
+def _iter_columnar(path: Path, columns: _Columns, max_row_bytes: int, warnings: list[str]) -> Iterator:
+    """Rows of a Parquet file, or of an Arrow IPC file from an HF `save_to_disk` folder."""
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = _ArrowStream(path) if path.name.lower().endswith(ARROW_SUFFIXES) else pq.ParquetFile(path)
         names = parquet.schema_arrow.names
     except (pa.ArrowException, OSError) as e:
         raise _unreadable_parquet(path, e) from None
@@ -249,6 +275,9 @@ def _parse_row(record: dict, columns: _Columns, loc: dict):
     present = [name for name in (columns.chosen, columns.rejected, columns.prompt) if name in record]
     checked = {name: _check_field(record[name], loc, name) for name in present}
     conversational = checked[columns.chosen][0]
+    repeated = _prompt_repeated_in_messages(checked, columns)
+    if repeated is not None:
+        return (True, *repeated)
     for name, (kind, _) in checked.items():
         if kind != conversational:
             describe = {False: "a string", True: "a message list"}
@@ -268,6 +297,22 @@ def _parse_row(record: dict, columns: _Columns, loc: dict):
             raise DpocliError(f"is empty after splitting off the implicit prompt (the common prefix of {pair})",
                               field=name, **loc)
     return conversational, prompt, chosen, rejected
+
+
+def _prompt_repeated_in_messages(checked: dict, columns: _Columns):
+    """UltraFeedback-binarized shape: `prompt` is a string while `chosen`/`rejected` are full
+    conversations that begin with that prompt as a user turn. Returns (prompt messages, chosen
+    reply, rejected reply) when the row has that shape, else None (the caller then reports the
+    mixed kinds). The shared leading turns become the prompt, as TRL's implicit-prompt rule does."""
+    if columns.prompt not in checked or checked[columns.prompt][0] or not checked[columns.chosen][0] \
+            or not checked[columns.rejected][0]:
+        return None
+    text = checked[columns.prompt][1]
+    prompt, chosen, rejected = extract_prompt(checked[columns.chosen][1], checked[columns.rejected][1])
+    users = [m["content"] for m in prompt if m["role"] == "user"]
+    if not users or users[-1].strip() != text.strip() or not chosen or not rejected:
+        return None
+    return prompt, chosen, rejected
 
 
 def _check_field(value, loc: dict, field: str):
@@ -390,7 +435,7 @@ def _text_bytes(value) -> int:
 
 
 def _suffix_ok(path: Path) -> bool:
-    return path.name.lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES)
+    return path.name.lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES)
 
 
 def _type_name(value) -> str:

@@ -328,7 +328,7 @@ def test_folder_without_data_files(tmp_path):
     (tmp_path / "readme.txt").write_text("x")
     with pytest.raises(DpocliError) as excinfo:
         read_examples(tmp_path)
-    assert_one_line_error(excinfo, str(tmp_path), None, "no .jsonl or .parquet files")
+    assert_one_line_error(excinfo, str(tmp_path), None, "no .jsonl, .parquet or .arrow")
 
 
 def test_unsupported_suffix(tmp_path):
