@@ -78,8 +78,16 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "float32", device: torch.d
     from transformers import AutoModelForCausalLM
     quiet_transformers()
     folder = resolve_model_dir(name_or_path)
+    from dpocli import lora
+    if lora.is_adapter_folder(folder):  # a LoRA run: base model named in the adapter + adapter
+        base = load_causal_lm(lora.base_model_path(folder), dtype=dtype, device=device,
+                              attn_implementation=attn_implementation,
+                              trust_remote_code=trust_remote_code)
+        return lora.apply_for_inference(base, folder).eval()
     if not (folder / "config.json").exists():
         raise DpocliError("has no config.json; not a transformers model folder", file=name_or_path)
+    # An absolute path, so a LoRA adapter trained on top records where its base model lives.
+    folder = folder.resolve()
     kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=None)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

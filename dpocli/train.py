@@ -80,6 +80,11 @@ class TrainConfig:
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
     fsdp: bool = False  # FSDP2 sharding under torchrun (default there: DDP)
+    lora_r: int | None = None  # LoRA rank; None = full fine-tuning
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: str | None = None  # None = peft's default for the architecture
+    merge: bool = False  # with LoRA: also save base+adapter merged to RUN_DIR/merged
     shuffle: bool = True
     group_by_length: bool = False
     save_every: int | None = None
@@ -123,6 +128,10 @@ class TrainConfig:
         if self.fsdp and int(__import__("os").environ.get("WORLD_SIZE", "1")) < 2:
             raise DpocliError("needs a torchrun launch with 2 or more processes", field="--fsdp",
                               hint="torchrun --nproc-per-node N $(which dpo) train ... --fsdp")
+        if self.lora_r is not None and (self.lora_r < 1 or self.fsdp):
+            raise DpocliError("must be >= 1 and cannot be combined with --fsdp", field="--lora-r")
+        if self.merge and self.lora_r is None:
+            raise DpocliError("only applies to LoRA runs", field="--merge", hint="add --lora-r N")
         if self.eval_every and not self.eval_cache:
             raise DpocliError("needs --eval-cache", field="--eval-every")
 
@@ -279,11 +288,18 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
 
     torch.manual_seed(cfg.seed)
     device = dist.device_for(resolve_device(cfg.device))
-    weights_path = str(resume_from[1]) if resume_from else cfg.model
+    # LoRA checkpoints hold only the adapter, so LoRA always starts from the base weights.
+    weights_path = str(resume_from[1]) if resume_from and cfg.lora_r is None else cfg.model
     model = load_causal_lm(weights_path, dtype=cfg.dtype, device=device,
                            attn_implementation=cfg.attn_implementation,
                            trust_remote_code=cfg.trust_remote_code)
     check_vocab(model, data, cfg.cache)
+    if cfg.lora_r is not None:
+        from dpocli import lora
+        model = (lora.resume(model, resume_from[1]) if resume_from else
+                 lora.wrap(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           target_modules=cfg.lora_target_modules))
+        log(lora.trainable_summary(model))
     model.train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -439,6 +455,8 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     model_state, _ = distributed.full_state_dicts(model, optimizer, cfg.fsdp)
     if dist.is_main:
         checkpoint.save_model_folder(run_dir, model, tokenizer, model_state)
+        if cfg.merge:
+            checkpoint.save_model_folder(run_dir / "merged", model.merge_and_unload(), tokenizer)
     dist.barrier()
     return _summary(cfg, run_dir, step, total_steps, extra, metrics_log, final_eval, t_start, device)
 

@@ -1,0 +1,77 @@
+"""LoRA through `peft` (optional extra: `pip install 'dpocli[lora]'`).
+
+With a cache the reference is already scored, so LoRA training needs no adapter switching: the
+policy is base + adapter, the reference is the cache. LoRA's B matrices start at zero, so the
+step-0 check still sees exactly the base model.
+
+Layout of a LoRA run: RUN_DIR holds the adapter (adapter_config.json + adapter_model.safetensors,
+loadable with peft's `AutoPeftModelForCausalLM` or `PeftModel.from_pretrained`), plus, with
+`--merge`, RUN_DIR/merged/ as a plain HF model. `dpo eval --model RUN_DIR` loads the base model
+named in adapter_config.json and applies the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dpocli.errors import DpocliError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise DpocliError("LoRA needs the peft package", field="--lora-r",
+                          hint="pip install 'dpocli[lora]'") from None
+    return peft
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / ADAPTER_CONFIG).exists() and not (path / "config.json").exists()
+
+
+def wrap(model, *, r: int, alpha: float, dropout: float, target_modules: str | None):
+    """Add fresh LoRA adapters. `target_modules` None = peft's default for the architecture
+    (q_proj, v_proj for Llama), "all-linear", or a comma-separated list of module names."""
+    peft = _peft()
+    targets = None
+    if target_modules:
+        targets = "all-linear" if target_modules == "all-linear" else [
+            t.strip() for t in target_modules.split(",") if t.strip()]
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                             task_type="CAUSAL_LM")
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as err:
+        raise DpocliError(f"cannot be applied: {str(err).splitlines()[0]}",
+                          field="--lora-target-modules") from None
+
+
+def resume(model, folder: Path):
+    """Base model + the trainable adapter saved in a checkpoint folder."""
+    return _peft().PeftModel.from_pretrained(model, folder, is_trainable=True)
+
+
+def base_model_path(folder: str | Path) -> str:
+    config = json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise DpocliError("names no base model", file=Path(folder) / ADAPTER_CONFIG,
+                          field="base_model_name_or_path")
+    return base
+
+
+def apply_for_inference(base_model, folder: str | Path):
+    """Base model with the adapter merged in (plain module, fast forward)."""
+    model = _peft().PeftModel.from_pretrained(base_model, folder)
+    return model.merge_and_unload()
+
+
+def trainable_summary(model) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
