@@ -66,9 +66,10 @@ def rename_for_eval(metrics: dict) -> dict:
 class MetricsLog:
     """Appends one JSON object per line to RUN_DIR/metrics.jsonl, flushed at every write."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, sinks: list | None = None):
         self.path = path
         self.enabled = enabled
+        self.sinks = sinks or []  # optional TensorBoard / W&B writers (dpocli/integrations.py)
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines logged after the checkpoint we resume from (they will be redone)."""
@@ -84,3 +85,9 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()

@@ -44,7 +44,8 @@ RUN_CONFIG = "run_config.json"
 RESOLVED_TOML = "config.resolved.toml"
 # Fields that may change between an interrupted run and its --resume.
 # batch_size may change as long as batch_size x ranks (the global batch) stays the same.
-RESUME_FREE = {"resume", "overwrite", "save_every", "save_total_limit", "eval_every", "batch_size"}
+RESUME_FREE = {"resume", "overwrite", "save_every", "save_total_limit", "eval_every", "batch_size",
+               "report_to"}
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_target_modules: str | None = None  # None = peft's default for the architecture
     merge: bool = False  # with LoRA: also save base+adapter merged to RUN_DIR/merged
+    report_to: str | None = None  # tensorboard, wandb (comma-separated), beside metrics.jsonl
     shuffle: bool = True
     group_by_length: bool = False
     save_every: int | None = None
@@ -128,6 +130,8 @@ class TrainConfig:
         if self.fsdp and int(__import__("os").environ.get("WORLD_SIZE", "1")) < 2:
             raise DpocliError("needs a torchrun launch with 2 or more processes", field="--fsdp",
                               hint="torchrun --nproc-per-node N $(which dpo) train ... --fsdp")
+        from dpocli.integrations import check as check_report_to
+        check_report_to(self.report_to)
         if self.lora_r is not None and (self.lora_r < 1 or self.fsdp):
             raise DpocliError("must be >= 1 and cannot be combined with --fsdp", field="--lora-r")
         if self.merge and self.lora_r is None:
@@ -284,7 +288,11 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     manifest, data, eval_set = _load_caches(cfg)
     tokenizer = load_policy_tokenizer(cfg, manifest)
     run_dir, resume_from = _prepare_run_dir(cfg, dist, resolved_toml)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
+    sinks = []
+    if dist.is_main and cfg.report_to:
+        from dpocli.integrations import make_sinks
+        sinks = make_sinks(cfg.report_to, run_dir, asdict(cfg))
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main, sinks=sinks)
 
     torch.manual_seed(cfg.seed)
     device = dist.device_for(resolve_device(cfg.device))
@@ -452,6 +460,7 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
         if not (cfg.eval_every and step % cfg.eval_every == 0):
             metrics_log.write({"step": step, **final_eval})
     save(step)
+    metrics_log.close()
     model_state, _ = distributed.full_state_dicts(model, optimizer, cfg.fsdp)
     if dist.is_main:
         checkpoint.save_model_folder(run_dir, model, tokenizer, model_state)
