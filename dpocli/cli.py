@@ -281,6 +281,20 @@ def eval_(
     _emit(summary, as_json, eval_table)
 
 
+@app.command("report", epilog=EPILOG + "  Example: dpo report ./run --out report.html")
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder written by train (its metrics.jsonl), or a metrics.jsonl file.")],
+    out: Annotated[Optional[Path], typer.Option(help="Also draw the curves to a .png, or a self-contained .html page (needs matplotlib, the 'report' extra).")] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Summarise a run's metrics: first/last/min/max and a sparkline per metric; plots with --out."""
+    from dpocli.report import report_table, summarize
+
+    summary = _run(lambda: summarize(run_dir, out), quiet=quiet)
+    _emit(summary, as_json, report_table)
+
+
 @cache_app.command("info", epilog=EPILOG)
 def cache_info(
     cache: Annotated[Path, typer.Argument(help="A cache folder written by precompute-ref.")],

@@ -35,16 +35,22 @@ class SequenceLogps:
     rejected_token_logps: list[torch.Tensor] | None = None
 
 
+def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Upcast to *at least* fp32: bf16/fp16 logits go to fp32 (as TRL and HF do), but fp64 stays
+    # fp64. (Casting fp64 down to fp32 made gradcheck and fp64 comparisons meaningless.)
+    return torch.promote_types(dtype, torch.float32)
+
+
 class _ChunkedTokenLogps(torch.autograd.Function):
     """log_softmax(hidden @ weight.T)[label] row by row chunk, recomputing logits in backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size):
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        out = torch.empty(hidden.shape[0], dtype=_softmax_dtype(hidden.dtype), device=hidden.device)
         lse = torch.empty_like(out)
         for start in range(0, hidden.shape[0], chunk_size):
             sl = slice(start, start + chunk_size)
-            logits = (hidden[sl] @ weight.T).float()
+            logits = (hidden[sl] @ weight.T).to(out.dtype)
             lse[sl] = torch.logsumexp(logits, dim=-1)
             out[sl] = logits.gather(1, labels[sl, None]).squeeze(1) - lse[sl]
         ctx.save_for_backward(hidden, weight, labels, lse)
@@ -55,10 +61,10 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     def backward(ctx, grad_out):
         hidden, weight, labels, lse = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_weight = torch.zeros_like(weight, dtype=lse.dtype) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             sl = slice(start, start + ctx.chunk_size)
-            logits = (hidden[sl] @ weight.T).float()
+            logits = (hidden[sl] @ weight.T).to(lse.dtype)
             # d logp[label] / d logits = onehot(label) - softmax(logits)
             grad_logits = -torch.exp(logits - lse[sl, None])
             grad_logits.scatter_add_(1, labels[sl, None], torch.ones_like(lse[sl, None]))
@@ -67,7 +73,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[sl] = grad_logits @ weight
             if grad_weight is not None:
-                grad_weight += (grad_logits.T @ hidden[sl]).float()
+                grad_weight += (grad_logits.T @ hidden[sl]).to(lse.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
@@ -75,13 +81,14 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
 def token_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                             chunk_size: int = 1024) -> torch.Tensor:
-    """[N] fp32 log-probs of `labels` under logits `hidden @ weight.T` (hidden [N, H], weight [V, H])."""
+    """[N] log-probs of `labels` under logits `hidden @ weight.T` (hidden [N, H], weight [V, H]);
+    fp32, or fp64 when `hidden` is fp64."""
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _ChunkedTokenLogps.apply(hidden, weight, labels, chunk_size)
-    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    out = torch.empty(hidden.shape[0], dtype=_softmax_dtype(hidden.dtype), device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
-        logits = (hidden[sl] @ weight.T).float()
+        logits = (hidden[sl] @ weight.T).to(out.dtype)
         out[sl] = logits.gather(1, labels[sl, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
     return out
 
