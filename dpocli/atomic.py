@@ -86,6 +86,7 @@ def atomic_dir(path: str | os.PathLike):
     """
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes 0700; honour the umask like mkdir would
     try:
         yield tmp
         fsync_dir(tmp)

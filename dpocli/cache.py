@@ -259,6 +259,11 @@ def load_cache(cache_dir: str | Path, *, checksums: bool = True) -> tuple[Manife
             raise DpocliError(f"holds a non-finite value ({data.scalars[name][bad[0]]})",
                               file=cache_dir, row=int(data.source_row[bad[0]]) + 1, field=name,
                               hint="recreate the cache; check the reference model's dtype")
+    if len(set(data.ids)) != data.num_rows:
+        seen: set[str] = set()
+        dup = next(i for i in data.ids if i in seen or seen.add(i))
+        raise DpocliError(f"lists id {dup!r} more than once", file=cache_dir, field="id",
+                          hint="recreate the cache")
     if data.num_rows != manifest.rows_written:
         raise DpocliError(f"has {data.num_rows} rows, the manifest lists {manifest.rows_written}",
                           file=cache_dir, field="rows_written")

@@ -93,6 +93,22 @@ def _build_spec(cfg: PrecomputeConfig, read, tokenizer, model_fp: dict) -> dict:
     }
 
 
+def _keep_intact_shards(out: Path, manifest: cache.Manifest) -> cache.Manifest:
+    """Drop listed shards that are missing or fail their checksum, so a resume redoes them rather
+    than trusting a damaged cache (a finished one becomes unfinished again)."""
+    intact = []
+    for entry in manifest.shards:
+        try:
+            cache.verify_shards(out, cache.Manifest(manifest.spec, 0, 0, [entry]))
+            intact.append(entry)
+        except DpocliError as err:
+            warn(f"{err.one_line()}; it will be recomputed")
+    if len(intact) != len(manifest.shards):
+        manifest.shards = intact
+        manifest.complete = False
+    return manifest
+
+
 def _prepare_out_dir(out: Path, spec: dict, overwrite: bool) -> cache.Manifest | None:
     """Make `out` ready; return the manifest of an unfinished run with the same spec (to resume),
     or None to start fresh. A finished cache with the same spec is returned as is."""
@@ -112,7 +128,7 @@ def _prepare_out_dir(out: Path, spec: dict, overwrite: bool) -> cache.Manifest |
             except DpocliError as err:
                 old, differs = None, err.message
             if differs is None and old is not None:
-                return old
+                return _keep_intact_shards(out, old)
             if not overwrite:
                 raise DpocliError(f"already holds a cache made differently ({differs})", file=out,
                                   hint="pass --overwrite to replace it, or choose another --out")
@@ -198,6 +214,10 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
                                   f"--max-length {cfg.max_length} tokens)", file=ex.file, row=ex.row,
                                   field=cfg.prompt_column, hint="raise --max-length or drop --strict")
         pairs.append((ex, tok))
+    shrunk = sum(1 for _, t in pairs if not isinstance(t, Dropped) and t.prompt_shrunk)
+    if shrunk:
+        warn(f"{shrunk} row(s): the tokenized prompt is not a prefix of prompt+completion (BPE merged "
+             "across the boundary); their prompt was shortened to the common prefix, as TRL does")
     kept = sum(1 for _, t in pairs if not isinstance(t, Dropped))
     if kept == 0:
         raise DpocliError(f"no rows left after tokenization: all {len(pairs)} prompts have at least "
@@ -229,10 +249,16 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     if done:
         log(f"resuming: {len(done)} of {planned} shards already done")
 
-    device = resolve_device(cfg.device)
+    device = dist.device_for(resolve_device(cfg.device))
     model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device,
                            attn_implementation=cfg.attn_implementation,
                            trust_remote_code=cfg.trust_remote_code)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids))
+                  for _, t in pairs if not isinstance(t, Dropped))
+    if positions and longest > positions:
+        warn(f"the longest sequence has {longest} tokens but the model was configured for "
+             f"{positions} positions; lower --max-length unless the model extrapolates")
     scorer = CompletionScorer(model, chunk_size=cfg.chunk_size)
     pad_id = pad_token_id(tokenizer)
     rows_todo = sum(min(cfg.rows_per_shard, len(pairs) - i * cfg.rows_per_shard) for i in todo)

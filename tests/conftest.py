@@ -10,6 +10,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The test models are tiny: one thread avoids oversubscription and is faster on 2 shared cores.
+torch.set_num_threads(1)
 from typer.testing import CliRunner  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

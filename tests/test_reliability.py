@@ -15,7 +15,9 @@ import pytest
 
 from conftest import MODEL, SAMPLE, invoke, read_jsonl
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+# Same thread count as the in-process runs (conftest): CPU reductions are bitwise-stable only
+# for a fixed number of threads.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def spawn(args: list) -> subprocess.Popen:
@@ -198,3 +200,15 @@ def test_out_of_memory_is_exit_1_with_what_to_change(small_cache, tmp_path, monk
     result = invoke(["train", small_cache, "--model", MODEL, "--out", tmp_path / "r", "--max-steps", 2])
     assert result.exit_code == 1
     assert "out of memory" in result.stderr and "--batch-size" in result.stderr
+
+
+def test_rerun_of_a_finished_cache_with_a_damaged_shard_recomputes_it(small_prefs, tmp_path):
+    args = ["precompute-ref", small_prefs, "--model", MODEL, "--out", tmp_path / "c",
+            "--rows-per-shard", 16, "--quiet", "--json"]
+    assert invoke(args).exit_code == 0
+    clean = shard_bytes(tmp_path / "c")
+    (tmp_path / "c" / "part-00001.parquet").unlink()
+    rerun = invoke(args)
+    assert rerun.exit_code == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["status"] == "resumed"
+    assert shard_bytes(tmp_path / "c") == clean
