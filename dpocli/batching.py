@@ -105,3 +105,82 @@ def plan_epoch(num_pairs: int, batch_size: int, *, epoch: int, seed: int, shuffl
     if group_by_length and shuffle:
         rng.shuffle(batches)
     return batches
+
+
+@dataclass(frozen=True)
+class SharedPrefixBatch:
+    """B pairs as B rows `prompt + chosen + rejected`: the prompt is run once per pair instead of
+    twice ("Accelerating DPO with Prefix Sharing"). A 4-D mask lets chosen tokens see the prompt
+    and earlier chosen tokens, and rejected tokens see the prompt and earlier rejected tokens
+    (never chosen); position ids restart after the prompt for the rejected part.
+
+    input_ids:      [B, T] long, right-padded.
+    attention_mask: [B, 1, T, T] float additive mask (0 = attend, dtype min = blocked).
+    position_ids:   [B, T] long.
+    score_from:     [N] flat indices into the [B*T] hidden states that predict each scored token.
+    labels:         [N] the scored tokens.
+    segments:       [N] 0..B-1 for chosen tokens of pair i, B..2B-1 for rejected tokens.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    score_from: torch.Tensor
+    labels: torch.Tensor
+    segments: torch.Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens actually run through the model (the prompt once per pair)."""
+        return int((self.position_ids > 0).sum() + self.input_ids.shape[0])
+
+    def to(self, device) -> "SharedPrefixBatch":
+        return SharedPrefixBatch(*(t.to(device, non_blocking=True) for t in (
+            self.input_ids, self.attention_mask, self.position_ids, self.score_from, self.labels,
+            self.segments)))
+
+
+def collate_shared(prompts: Sequence[Sequence[int]], chosens: Sequence[Sequence[int]],
+                   rejecteds: Sequence[Sequence[int]], pad_id: int,
+                   mask_dtype: torch.dtype = torch.float32) -> SharedPrefixBatch:
+    """Pack each pair into one row with a prefix-sharing mask (see `SharedPrefixBatch`)."""
+    b = len(prompts)
+    width = max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosens, rejecteds))
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((b, width), dtype=torch.long)
+    allowed = torch.zeros((b, width, width), dtype=torch.bool)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    score_from, labels, segments = [], [], []
+    for i, (p, c, r) in enumerate(zip(prompts, chosens, rejecteds)):
+        np_, nc, nr = len(p), len(c), len(r)
+        end = np_ + nc + nr
+        input_ids[i, :end] = torch.tensor(list(p) + list(c) + list(r), dtype=torch.long)
+        position_ids[i, :np_ + nc] = torch.arange(np_ + nc)
+        position_ids[i, np_ + nc:end] = torch.arange(np_, np_ + nr)
+        allowed[i, :np_ + nc, :np_ + nc] = causal[:np_ + nc, :np_ + nc]
+        allowed[i, np_ + nc:end, :np_] = True
+        allowed[i, np_ + nc:end, np_ + nc:end] = causal[:nr, :nr]
+        pad = torch.arange(end, width)
+        allowed[i, pad, pad] = True  # pad queries attend to themselves only (no all-blocked row)
+        row = i * width
+        # chosen token at np_+j is predicted from position np_+j-1; the first rejected token is
+        # predicted from the last prompt position, later ones from the previous rejected token.
+        score_from += [row + np_ - 1 + j for j in range(nc)]
+        score_from += [row + np_ - 1] + [row + np_ + nc + j - 1 for j in range(1, nr)]
+        labels += list(c) + list(r)
+        segments += [i] * nc + [b + i] * nr
+    mask = torch.zeros((b, 1, width, width), dtype=mask_dtype)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(mask_dtype).min)
+    return SharedPrefixBatch(input_ids, mask, position_ids, torch.tensor(score_from),
+                             torch.tensor(labels), torch.tensor(segments))
+
+
+def make_batch(prompts, chosens, rejecteds, pad_id: int, prefix_sharing: bool = False):
+    """A `SharedPrefixBatch` when `prefix_sharing`, else the standard 2B-row `Batch`."""
+    if prefix_sharing:
+        return collate_shared(prompts, chosens, rejecteds, pad_id)
+    return collate(prompts, chosens, rejecteds, pad_id)

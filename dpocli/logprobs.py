@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dpocli.batching import Batch
+from dpocli.batching import Batch, SharedPrefixBatch
 
 
 @dataclass(frozen=True)
@@ -106,12 +106,17 @@ def _head_is_plain_linear(model) -> bool:
 
 
 class CompletionScorer(nn.Module):
-    """Scores the completion tokens of a padded batch. Wrap *this* in DDP/FSDP, not the bare model,
+    """Scores the completion tokens of a batch. Wrap *this* in DDP/FSDP, not the bare model,
     so the distributed wrapper's hooks see the whole computation.
 
-    forward(input_ids [R,T], attention_mask [R,T], completion_mask [R,T]) returns
-    (row_sums [R] float64, token_logps [N] float32) where N = completion_mask[:, 1:].sum() and
-    token_logps lists the scored tokens row by row, left to right.
+    Two layouts:
+    * standard (`Batch`): forward(input_ids [R,T], attention_mask [R,T], completion_mask [R,T]);
+      token t is scored from position t-1; one output segment per row.
+    * prefix-shared (`SharedPrefixBatch`): forward(input_ids, attention_mask [B,1,T,T],
+      position_ids=..., score_from=..., labels=..., segments=...) with explicit indices; 2B
+      segments (chosen then rejected).
+    Returns (segment_sums [S] float64, token_logps [N] float32) where token_logps lists the
+    scored tokens in segment-then-position order for the standard layout, as given otherwise.
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = 1024):
@@ -120,36 +125,55 @@ class CompletionScorer(nn.Module):
         self.chunk_size = chunk_size
         self.chunked = _head_is_plain_linear(model)
 
-    def forward(self, input_ids, attention_mask, completion_mask):
-        # Token t is predicted from position t-1, so position 0 is never scored.
-        scored = completion_mask[:, 1:]
-        labels = input_ids[:, 1:][scored]
+    def forward(self, input_ids, attention_mask, completion_mask=None, position_ids=None,
+                score_from=None, labels=None, segments=None):
+        rows, width = input_ids.shape
+        if completion_mask is not None:
+            scored = completion_mask[:, 1:]
+            flat = torch.arange(rows * width, device=input_ids.device).view(rows, width)
+            score_from = flat[:, :-1][scored]
+            labels = input_ids[:, 1:][scored]
+            segments = torch.arange(rows, device=input_ids.device)[:, None].expand_as(scored)[scored]
+            num_segments = rows
+        else:
+            num_segments = 2 * rows
+        extra = {"position_ids": position_ids} if position_ids is not None else {}
         if self.chunked:
             body = self.model.get_decoder()
-            hidden = body(input_ids=input_ids, attention_mask=attention_mask,
-                          use_cache=False).last_hidden_state
-            hidden = hidden[:, :-1][scored]
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                          **extra).last_hidden_state
+            hidden = hidden.reshape(rows * width, -1)[score_from]
             token_logps = token_logps_from_hidden(
                 hidden, self.model.get_output_embeddings().weight, labels, self.chunk_size)
         else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                use_cache=False).logits
-            picked = logits[:, :-1][scored].float()
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                **extra).logits
+            picked = logits.reshape(rows * width, -1)[score_from]
+            picked = picked.to(_softmax_dtype(picked.dtype))
             token_logps = picked.gather(1, labels[:, None]).squeeze(1) - torch.logsumexp(picked, -1)
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(scored)[scored]
-        sums = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=input_ids.device)
-        sums = sums.index_add(0, rows, token_logps.double())
+        sums = torch.zeros(num_segments, dtype=torch.float64, device=input_ids.device)
+        sums = sums.index_add(0, segments, token_logps.double())
         return sums, token_logps
 
 
-def sequence_logps(scorer: nn.Module, batch: Batch, *, keep_token_logps: bool = False) -> SequenceLogps:
-    """Run `scorer` (a CompletionScorer, possibly wrapped by DDP) on `batch` and split by pair."""
-    sums, token_logps = scorer(batch.input_ids, batch.attention_mask, batch.completion_mask)
-    lens = batch.completion_mask[:, 1:].sum(dim=1)
+def sequence_logps(scorer: nn.Module, batch: Batch | SharedPrefixBatch, *,
+                   keep_token_logps: bool = False) -> SequenceLogps:
+    """Run `scorer` (a CompletionScorer, possibly wrapped by DDP/FSDP) on `batch`, split by pair."""
     b = batch.num_pairs
+    if isinstance(batch, SharedPrefixBatch):
+        sums, token_logps = scorer(batch.input_ids, batch.attention_mask,
+                                   position_ids=batch.position_ids, score_from=batch.score_from,
+                                   labels=batch.labels, segments=batch.segments)
+        lens = torch.bincount(batch.segments, minlength=2 * b)
+    else:
+        sums, token_logps = scorer(batch.input_ids, batch.attention_mask, batch.completion_mask)
+        lens = batch.completion_mask[:, 1:].sum(dim=1)
     per_row = None
     if keep_token_logps:
-        per_row = list(token_logps.detach().float().split(lens.tolist()))
+        values = token_logps.detach().float()
+        if isinstance(batch, SharedPrefixBatch):  # pair-interleaved -> grouped by segment
+            values = values[torch.argsort(batch.segments, stable=True)]
+        per_row = list(values.split(lens.tolist()))
     return SequenceLogps(
         chosen_logps=sums[:b], rejected_logps=sums[b:], chosen_len=lens[:b], rejected_len=lens[b:],
         chosen_token_logps=per_row[:b] if per_row else None,

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dpocli import __version__, cache, distributed
-from dpocli.batching import collate, plan_by_length
+from dpocli.batching import make_batch, plan_by_length
 from dpocli.console import ProgressBar, log, warn
 from dpocli.data import read_examples
 from dpocli.errors import DpocliError, RunFailure, out_of_memory_types
@@ -58,6 +58,7 @@ class PrecomputeConfig:
     overwrite: bool = False
     trust_remote_code: bool = False
     chunk_size: int = 1024
+    prefix_sharing: bool = False  # run each pair's prompt once (prompt + chosen + rejected rows)
 
     def batching(self) -> dict:
         if self.batch_size is not None and self.max_tokens is not None:
@@ -154,8 +155,8 @@ def _score_shard(scorer, device, pairs, cfg, pad_id, bar, throughput) -> dict:
     chosen_tok, rejected_tok = [None] * len(pairs), [None] * len(pairs)
     for idxs in plan_by_length(seq_lens, **cfg.batching()):
         sel = [pairs[i][1] for i in idxs]
-        batch = collate([p.prompt_ids for p in sel], [p.chosen_ids for p in sel],
-                        [p.rejected_ids for p in sel], pad_id).to(device)
+        batch = make_batch([p.prompt_ids for p in sel], [p.chosen_ids for p in sel],
+                           [p.rejected_ids for p in sel], pad_id, cfg.prefix_sharing).to(device)
         out = sequence_logps(scorer, batch, keep_token_logps=cfg.token_logps)
         for j, i in enumerate(idxs):
             chosen[i], rejected[i] = float(out.chosen_logps[j]), float(out.rejected_logps[j])
@@ -196,6 +197,9 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     dist = distributed.current()
     if cfg.max_length < 2:
         raise DpocliError("must be at least 2", field="--max-length")
+    if cfg.prefix_sharing and "flash" in (cfg.attn_implementation or ""):
+        raise DpocliError("needs a custom attention mask, which flash attention does not take",
+                          field="--prefix-sharing", hint="use --attn-implementation sdpa")
     if cfg.rows_per_shard < 1:
         raise DpocliError("must be at least 1", field="--rows-per-shard")
     cfg.batching()
@@ -297,13 +301,14 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
         if resolved_toml:
             from dpocli.atomic import atomic_write_text
             atomic_write_text(out / RESOLVED_TOML, resolved_toml)
-        _finalize(out, manifest, tokenizer, model_fp, cfg.batching())
+        _finalize(out, manifest, tokenizer, model_fp, cfg.batching(), cfg.prefix_sharing)
     dist.barrier()
     elapsed = time.perf_counter() - t0
     return _summary(cfg, manifest, "resumed" if done else "complete", elapsed, tokens_scored)
 
 
-def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict, batching: dict) -> None:
+def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict, batching: dict,
+              prefix_sharing: bool) -> None:
     import pyarrow.parquet as pq
     lens = {"prompt": [], "chosen": [], "rejected": []}
     for entry in manifest.shards:
@@ -320,6 +325,7 @@ def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict, ba
         # Not part of the spec (batching changes values only at the ulp level), but `dpo eval`
         # replays it so that scoring the reference reproduces the cache bit for bit on CPU.
         "batching": batching, "rows_per_shard": manifest.spec["rows_per_shard"],
+        "prefix_sharing": prefix_sharing,
     }
     tok_dir = out / cache.TOKENIZER_DIR
     if tok_dir.exists():

@@ -95,8 +95,8 @@ def eval_table(s: dict):
     table.add_column("metric", style="bold")
     for m in s["models"]:
         table.add_column(m["model"], justify="right")
-    keys = EVAL_ROWS + sorted({k for m in s["models"] for k in m
-                               if k.startswith("length_bias/") and k.endswith("accuracy")})
+    from dpocli.evaluate import LENGTH_BUCKETS  # natural bucket order, shortest chosen first
+    keys = EVAL_ROWS + [f"length_bias/{name}/accuracy" for _, _, name in LENGTH_BUCKETS]
     for key in keys:
         table.add_row(key, *[("-" if m.get(key) is None else _fmt(m[key])) for m in s["models"]])
     parts = [table]

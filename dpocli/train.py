@@ -86,6 +86,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_target_modules: str | None = None  # None = peft's default for the architecture
     merge: bool = False  # with LoRA: also save base+adapter merged to RUN_DIR/merged
+    prefix_sharing: bool = False  # one row per pair: prompt + chosen + rejected, prompt run once
     report_to: str | None = None  # tensorboard, wandb (comma-separated), beside metrics.jsonl
     shuffle: bool = True
     group_by_length: bool = False
@@ -132,6 +133,9 @@ class TrainConfig:
                               hint="torchrun --nproc-per-node N $(which dpo) train ... --fsdp")
         from dpocli.integrations import check as check_report_to
         check_report_to(self.report_to)
+        if self.prefix_sharing and "flash" in (self.attn_implementation or ""):
+            raise DpocliError("needs a custom attention mask, which flash attention does not take",
+                              field="--prefix-sharing", hint="use --attn-implementation sdpa")
         if self.lora_r is not None and (self.lora_r < 1 or self.fsdp):
             raise DpocliError("must be >= 1 and cannot be combined with --fsdp", field="--lora-r")
         if self.merge and self.lora_r is None:
@@ -384,7 +388,7 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
                 step_metrics, step_tokens = StepMetrics(), 0
                 for k, micro in enumerate(micros):
                     rows, real = _rank_rows(micro, dist)
-                    batch = cache_batch(data, rows, pad_id).to(device)
+                    batch = cache_batch(data, rows, pad_id, cfg.prefix_sharing).to(device)
                     ref = cached_reference(data, rows, device)
                     # Gradients sync across ranks only on the step's last micro-batch.
                     sync = k == len(micros) - 1 or not dist.enabled
