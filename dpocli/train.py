@@ -29,7 +29,7 @@ import torch
 
 from dpocli import __version__, cache, checkpoint, distributed
 from dpocli.batching import plan_epoch
-from dpocli.console import ProgressBar, log, warn
+from dpocli.console import ProgressBar, log
 from dpocli.errors import DpocliError, Interrupted, RunFailure, out_of_memory_types
 from dpocli.logprobs import CompletionScorer, sequence_logps
 from dpocli.losses import LossInputs, LossSpec, compute_loss, parse_loss_list, validate_spec

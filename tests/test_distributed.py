@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import MODEL, invoke, read_jsonl

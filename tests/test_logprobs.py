@@ -23,14 +23,7 @@ from dpocli.tokenization import TokenizedPair, tokenize_pair
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls on 2 shared cores: a second intra-op thread only adds contention (measured
-    ~10x slower per linear layer under load), so this module runs torch single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# torch runs single-threaded for the whole session (conftest.py).
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,7 @@ from conftest import MODEL, invoke, read_jsonl, write_jsonl
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls on 2 shared cores: a second intra-op thread only adds contention (measured
-    ~10x slower per linear layer under load), so this module runs torch single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# torch runs single-threaded for the whole session (conftest.py).
 
 
 # --- helpers and local fixtures ---
