@@ -106,3 +106,15 @@ def test_fsdp2_matches_ddp_and_saves_a_normal_hf_model(small_cache, tmp_path):
 def test_fsdp_without_torchrun_is_a_usage_error(small_cache, tmp_path):
     result = invoke(["train", small_cache, "--model", MODEL, "--out", tmp_path / "r", "--fsdp"])
     assert result.exit_code == 2 and "torchrun" in result.stderr
+
+
+def test_two_rank_precompute_resumes_missing_shards(small_prefs, small_cache, tmp_path):
+    args = ["precompute-ref", small_prefs, "--model", MODEL, "--out", tmp_path / "c",
+            "--rows-per-shard", 16, "--batch-size", 8, "--quiet", "--json"]
+    assert torchrun(args).returncode == 0
+    (tmp_path / "c" / "part-00002.parquet").unlink()  # as if the rank writing it had died
+    again = torchrun(args)
+    assert again.returncode == 0, again.stderr
+    assert '"status": "resumed"' in again.stdout
+    assert cache_values(tmp_path / "c").keys() == cache_values(small_cache).keys()
+    assert invoke(["cache", "verify", tmp_path / "c"]).exit_code == 0
