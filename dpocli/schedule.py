@@ -14,9 +14,11 @@ def make_optimizer(model, cfg, device) -> torch.optim.Optimizer:
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    # fused AdamW is HF/TRL's default on GPU; on CPU the foreach implementation is used.
+    # Fused AdamW (TRL's default on GPU) is also ~4x faster than foreach on CPU (0.19 -> 0.04 s per
+    # step for a 31M model, bench/profile_dpocli_step.py). FSDP's DTensor parameters keep foreach.
+    fused = device.type in ("cuda", "cpu") and not getattr(cfg, "fsdp", False)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_eps, fused=device.type == "cuda" or None)
+                             eps=cfg.adam_eps, fused=fused or None)
 
 
 def lr_factor(step: int, kind: str, warmup: int, total: int) -> float:

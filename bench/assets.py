@@ -1,0 +1,157 @@
+"""Deterministic benchmark assets: the medium random-init Llama and the synthetic preference data.
+
+Nothing here needs TRL; it runs under the main environment (`python bench/assets.py --help`).
+
+* tiny   = sample_data/tiny-llama (2 layers, hidden 64, vocab 1413), used as is.
+* medium = a Llama-shaped random init (hidden 384, 4 layers, 6 heads / 2 KV heads, MLP 1024,
+           vocab 32768, untied head: ~31M parameters), saved under bench/models/medium-llama with the
+           sample tokenizer. The tokenizer only knows 1413 ids, so every id fed to the model is
+           < 1413 < 32768; only the vocabulary *dimension* (embedding + LM head cost) matters here.
+* data   = plain-string (non-conversational) rows {"id", "prompt", "chosen", "rejected"} whose
+           prompts are PROMPT_TOKENS tokens and completions COMPLETION_TOKENS tokens under the sample
+           tokenizer (TRL conventions: BOS on the prompt, EOS appended to each completion).
+           Plain strings only, because a `datasets.Dataset` column cannot mix strings and message lists
+           (sample_data/train.jsonl mixes both, so TRL cannot load it as one dataset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+TINY_MODEL = REPO / "sample_data" / "tiny-llama"
+MEDIUM_MODEL = BENCH / "models" / "medium-llama"
+DATA_DIR = BENCH / "data"
+
+PROMPT_TOKENS = (100, 250)
+COMPLETION_TOKENS = (50, 150)
+SEED = 1234
+
+MEDIUM_CONFIG = dict(vocab_size=32768, hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
+                     num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024,
+                     rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                     pad_token_id=0, initializer_range=0.02, attention_dropout=0.0)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+WORDS = (
+    "apple river stone cloud tiger lemon candle forest window garden rocket pencil mirror castle "
+    "dragon island marble orange planet silver spider sugar thunder violin wagon yellow zebra anchor "
+    "basket cactus dolphin engine feather guitar hammer jacket kettle ladder magnet needle ocean "
+    "pepper rabbit saddle tomato umbrella velvet walnut bridge copper desert falcon glacier harbor "
+    "quick lazy happy brave quiet bright small large gentle rapid calm cold warm green blue red "
+    "silent loud soft sharp the a of and to in is was for on with as by at from"
+).split()
+
+
+TINY_SNAPSHOT = BENCH / "models" / "tiny-llama"
+
+
+def snapshot_tiny() -> Path:
+    """Copy sample_data/tiny-llama to bench/models/tiny-llama, so the model cannot change while a
+    benchmark runs (sample_data/make_sample.py rewrites it in place)."""
+    if not (TINY_MODEL / "config.json").exists():
+        raise SystemExit(f"tiny model not found: {TINY_MODEL}")
+    tmp = TINY_SNAPSHOT.with_name("tiny-llama.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(TINY_MODEL, tmp)
+    shutil.rmtree(TINY_SNAPSHOT, ignore_errors=True)
+    tmp.rename(TINY_SNAPSHOT)
+    return TINY_SNAPSHOT
+
+
+def build_medium_model(force: bool = False) -> Path:
+    """Random-init Llama, deterministic (fixed seed, CPU)."""
+    if (MEDIUM_MODEL / "model.safetensors").exists() and not force:
+        return MEDIUM_MODEL
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(LlamaConfig(**MEDIUM_CONFIG)).float().eval()
+    if MEDIUM_MODEL.exists():
+        shutil.rmtree(MEDIUM_MODEL)
+    MEDIUM_MODEL.mkdir(parents=True)
+    model.save_pretrained(MEDIUM_MODEL)
+    for name in TOKENIZER_FILES:
+        if (TINY_MODEL / name).exists():
+            shutil.copy(TINY_MODEL / name, MEDIUM_MODEL / name)
+    return MEDIUM_MODEL
+
+
+def _text_of_tokens(rng: random.Random, tokenizer, target: int, lead: str = "") -> str:
+    """Whitespace-joined words whose tokenization (no special tokens) has exactly `target` tokens
+    (or one fewer if the last word does not fit)."""
+    words: list[str] = []
+    while True:
+        w = rng.choice(WORDS) if rng.random() < 0.85 else str(rng.randint(0, 999))
+        trial = lead + " ".join(words + [w])
+        if len(tokenizer(trial, add_special_tokens=False)["input_ids"]) > target:
+            return lead + " ".join(words)
+        words.append(w)
+
+
+def build_data(n_pairs: int, force: bool = False) -> Path:
+    """`n_pairs` synthetic rows; chosen = the prompt's last words reversed-ish, rejected = random."""
+    path = DATA_DIR / f"synthetic-{n_pairs}.jsonl"
+    if path.exists() and not force:
+        return path
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    rng = random.Random(SEED)
+    rows = []
+    for i in range(n_pairs):
+        # Prompt target counts BOS; completion target counts the appended EOS.
+        p_len = rng.randint(*PROMPT_TOKENS) - 1
+        c_len = rng.randint(*COMPLETION_TOKENS) - 1
+        r_len = rng.randint(*COMPLETION_TOKENS) - 1
+        prompt = _text_of_tokens(rng, tokenizer, p_len - 3, "Continue the list: ") + "\nAnswer:"
+        chosen = _text_of_tokens(rng, tokenizer, c_len, " ")
+        rejected = _text_of_tokens(rng, tokenizer, r_len, " ")
+        if rejected == chosen:
+            rejected += " no"
+        rows.append({"id": f"bench-{i:05d}", "prompt": prompt, "chosen": chosen, "rejected": rejected})
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    return path
+
+
+def token_stats(path: Path) -> dict:
+    """Token counts under TRL's conventions (prompt with BOS, completion + EOS), no truncation."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    p, c, r = [], [], []
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        prompt_ids = tokenizer(row["prompt"])["input_ids"]
+        p.append(len(prompt_ids))
+        c.append(len(tokenizer(row["prompt"] + row["chosen"] + tokenizer.eos_token)["input_ids"]) - len(prompt_ids))
+        r.append(len(tokenizer(row["prompt"] + row["rejected"] + tokenizer.eos_token)["input_ids"]) - len(prompt_ids))
+    return {"pairs": len(p), "prompt_tokens": [min(p), sum(p) / len(p), max(p)],
+            "chosen_tokens": [min(c), sum(c) / len(c), max(c)],
+            "rejected_tokens": [min(r), sum(r) / len(r), max(r)],
+            "completion_tokens_total": sum(c) + sum(r),
+            "nonpad_tokens_total": 2 * sum(p) + sum(c) + sum(r)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=96)
+    ap.add_argument("--force", action="store_true")
+    args = ap.parse_args()
+    print(build_medium_model(args.force))
+    path = build_data(args.pairs, args.force)
+    print(path, json.dumps(token_stats(path)))
+
+
+if __name__ == "__main__":
+    main()
