@@ -35,19 +35,17 @@ class StepMetrics:
     def add(self, out: LossOutput, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor) -> None:
         n = out.chosen_rewards.shape[0]
         cr, rr = out.chosen_rewards.double(), out.rejected_rewards.double()
-        values = {
-            "loss": float(out.loss.detach()) * n,
-            "rewards/chosen": float(cr.sum()),
-            "rewards/rejected": float(rr.sum()),
-            "rewards/accuracies": float((cr > rr).double().sum()),
-            "rewards/margins": float((cr - rr).sum()),
-            "logps/chosen": float(policy_chosen.detach().double().sum()),
-            "logps/rejected": float(policy_rejected.detach().double().sum()),
-        }
+        names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                 "rewards/margins", "logps/chosen", "logps/rejected"]
+        parts = [out.loss.detach().double() * n, cr.sum(), rr.sum(), (cr > rr).double().sum(),
+                 (cr - rr).sum(), policy_chosen.detach().double().sum(),
+                 policy_rejected.detach().double().sum()]
         if len(out.components) > 1:
-            values.update({f"loss/{k}": float(v) * n for k, v in out.components.items()})
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+            names += [f"loss/{k}" for k in out.components]
+            parts += [v.double() * n for v in out.components.values()]
+        # One device-to-host copy per micro-batch: on GPU every float() would be a sync point.
+        for key, value in zip(names, torch.stack(parts).tolist()):
+            self.sums[key] = self.sums.get(key, 0.0) + value
         self.pairs += n
 
     def means(self, dist) -> dict[str, float]:
