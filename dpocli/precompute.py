@@ -158,8 +158,10 @@ def _score_shard(scorer, device, pairs, cfg, pad_id, bar, throughput) -> dict:
         batch = make_batch([p.prompt_ids for p in sel], [p.chosen_ids for p in sel],
                            [p.rejected_ids for p in sel], pad_id, cfg.prefix_sharing).to(device)
         out = sequence_logps(scorer, batch, keep_token_logps=cfg.token_logps)
+        # One copy to the host per batch, not one sync per value.
+        batch_chosen, batch_rejected = out.chosen_logps.tolist(), out.rejected_logps.tolist()
         for j, i in enumerate(idxs):
-            chosen[i], rejected[i] = float(out.chosen_logps[j]), float(out.rejected_logps[j])
+            chosen[i], rejected[i] = batch_chosen[j], batch_rejected[j]
             if cfg.token_logps:
                 chosen_tok[i] = out.chosen_token_logps[j].cpu().tolist()
                 rejected_tok[i] = out.rejected_token_logps[j].cpu().tolist()
