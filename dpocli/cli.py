@@ -287,6 +287,7 @@ def eval_(
 def report(
     run_dir: Annotated[Path, typer.Argument(help="Run folder written by train (its metrics.jsonl), or a metrics.jsonl file.")],
     out: Annotated[Optional[Path], typer.Option(help="Also draw the curves to a .png, or a self-contained .html page (needs matplotlib, the 'report' extra).")] = None,
+    config: ConfigOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -300,6 +301,7 @@ def report(
 @cache_app.command("info", epilog=EPILOG)
 def cache_info(
     cache: Annotated[Path, typer.Argument(help="A cache folder written by precompute-ref.")],
+    config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ):
     """Manifest summary: what produced the cache, row counts, dropped rows by reason, lengths."""

@@ -118,3 +118,15 @@ def test_two_rank_precompute_resumes_missing_shards(small_prefs, small_cache, tm
     assert '"status": "resumed"' in again.stdout
     assert cache_values(tmp_path / "c").keys() == cache_values(small_cache).keys()
     assert invoke(["cache", "verify", tmp_path / "c"]).exit_code == 0
+
+
+def test_two_rank_eval_equals_one_rank(small_cache, tmp_path):
+    one = invoke(["eval", small_cache, "--model", MODEL, "--max-tokens", 512, "--json", "--quiet"])
+    two = torchrun(["eval", small_cache, "--model", MODEL, "--max-tokens", 512, "--json", "--quiet",
+                    "--per-example", tmp_path / "per.jsonl"])
+    assert two.returncode == 0, two.stderr
+    import json
+    a, b = json.loads(one.stdout)["models"][0], json.loads(two.stdout)["models"][0]
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert b[key] == pytest.approx(a[key], abs=1e-6), key
+    assert len(read_jsonl(tmp_path / "per.jsonl")) == a["pairs"]  # written once, by rank 0

@@ -87,12 +87,13 @@ def test_sigkill_during_train_then_resume_equals_uninterrupted(train_cache, tmp_
 
 
 @pytest.mark.slow
-def test_sigterm_during_train_saves_and_exits_130(train_cache, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_during_train_saves_and_exits_130(train_cache, tmp_path, signum):
     run = tmp_path / "run"
     proc = spawn(["train", train_cache, "--model", MODEL, "--out", run, "--max-steps", 200,
                   "--batch-size", 16, "--lr", "5e-4"])
     wait_for(lambda: (run / "metrics.jsonl").exists() and len(read_jsonl(run / "metrics.jsonl")) >= 3, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
     assert "--resume" in err

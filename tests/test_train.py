@@ -81,6 +81,13 @@ def test_grad_accum_equals_larger_batch(small_cache, tmp_path):
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
 
 
+def test_gradient_checkpointing_changes_memory_not_math(small_cache, tmp_path):
+    common = ["--max-steps", 3, "--no-shuffle", "--lr", "1e-3", "--batch-size", 8]
+    assert invoke(train_args(small_cache, tmp_path / "plain", *common)).exit_code == 0
+    assert invoke(train_args(small_cache, tmp_path / "ckpt", *common, "--gradient-checkpointing")).exit_code == 0
+    assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), abs=1e-6)
+
+
 def _interrupt_after(monkeypatch, calls: int):
     """Make the (calls+1)-th loss computation raise KeyboardInterrupt, as Ctrl-C would."""
     import dpocli.train as train_mod
