@@ -119,11 +119,23 @@ class CompletionScorer(nn.Module):
     scored tokens in segment-then-position order for the standard layout, as given otherwise.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, compile: bool = False):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.chunked = _head_is_plain_linear(model)
+        self.compile = compile
+        self._compiled = {}  # a plain dict: compiled wrappers stay out of the module tree
+
+    def _run_body(self, **inputs):
+        """The transformer body when the head is chunked, else the whole model; with `compile`,
+        torch.compile'd once (dynamic shapes, since batches vary in length)."""
+        target = self.model.get_decoder() if self.chunked else self.model
+        if self.compile:
+            if self.chunked not in self._compiled:
+                self._compiled[self.chunked] = torch.compile(target, dynamic=True)
+            target = self._compiled[self.chunked]
+        return target(**inputs)
 
     def forward(self, input_ids, attention_mask, completion_mask=None, position_ids=None,
                 score_from=None, labels=None, segments=None):
@@ -139,15 +151,14 @@ class CompletionScorer(nn.Module):
             num_segments = 2 * rows
         extra = {"position_ids": position_ids} if position_ids is not None else {}
         if self.chunked:
-            body = self.model.get_decoder()
-            hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                          **extra).last_hidden_state
+            hidden = self._run_body(input_ids=input_ids, attention_mask=attention_mask,
+                                    use_cache=False, **extra).last_hidden_state
             hidden = hidden.reshape(rows * width, -1)[score_from]
             token_logps = token_logps_from_hidden(
                 hidden, self.model.get_output_embeddings().weight, labels, self.chunk_size)
         else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                **extra).logits
+            logits = self._run_body(input_ids=input_ids, attention_mask=attention_mask,
+                                    use_cache=False, **extra).logits
             picked = logits.reshape(rows * width, -1)[score_from]
             picked = picked.to(_softmax_dtype(picked.dtype))
             token_logps = picked.gather(1, labels[:, None]).squeeze(1) - torch.logsumexp(picked, -1)

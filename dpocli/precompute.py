@@ -58,6 +58,7 @@ class PrecomputeConfig:
     overwrite: bool = False
     trust_remote_code: bool = False
     chunk_size: int = 1024
+    compile: bool = False  # torch.compile the transformer body
     prefix_sharing: bool = False  # run each pair's prompt once (prompt + chosen + rejected rows)
 
     def batching(self) -> dict:
@@ -265,7 +266,7 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     if positions and longest > positions:
         warn(f"the longest sequence has {longest} tokens but the model was configured for "
              f"{positions} positions; lower --max-length unless the model extrapolates")
-    scorer = CompletionScorer(model, chunk_size=cfg.chunk_size)
+    scorer = CompletionScorer(model, chunk_size=cfg.chunk_size, compile=cfg.compile)
     pad_id = pad_token_id(tokenizer)
     rows_todo = sum(min(cfg.rows_per_shard, len(pairs) - i * cfg.rows_per_shard) for i in todo)
     tokens_scored = 0

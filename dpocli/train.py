@@ -86,6 +86,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_target_modules: str | None = None  # None = peft's default for the architecture
     merge: bool = False  # with LoRA: also save base+adapter merged to RUN_DIR/merged
+    compile: bool = False  # torch.compile the transformer body
     prefix_sharing: bool = False  # one row per pair: prompt + chosen + rejected, prompt run once
     report_to: str | None = None  # tensorboard, wandb (comma-separated), beside metrics.jsonl
     shuffle: bool = True
@@ -136,6 +137,8 @@ class TrainConfig:
         if self.prefix_sharing and "flash" in (self.attn_implementation or ""):
             raise DpocliError("needs a custom attention mask, which flash attention does not take",
                               field="--prefix-sharing", hint="use --attn-implementation sdpa")
+        if self.compile and self.fsdp:
+            raise DpocliError("is not supported together with --fsdp", field="--compile")
         if self.lora_r is not None and (self.lora_r < 1 or self.fsdp):
             raise DpocliError("must be >= 1 and cannot be combined with --fsdp", field="--lora-r")
         if self.merge and self.lora_r is None:
@@ -315,7 +318,8 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     model.train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    scorer = _wrap(CompletionScorer(model, chunk_size=cfg.chunk_size), model, device, dist, cfg)
+    scorer = _wrap(CompletionScorer(model, chunk_size=cfg.chunk_size, compile=cfg.compile), model,
+                   device, dist, cfg)
     pad_id = int(manifest.spec["tokenizer"]["pad_token_id"])
 
     # Global micro-batches hold batch_size pairs per rank; a step is grad_accum of them.

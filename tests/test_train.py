@@ -216,3 +216,12 @@ def test_training_learns_the_sample_preference(trained_run, train_cache):
     assert ref["rewards/accuracies"] == 0.0 and ref["preference_prob/mean"] == 0.5
     assert trained["rewards/accuracies"] > 0.9
     assert trained["rewards/margins"] > 0
+
+
+@pytest.mark.slow
+def test_torch_compile_changes_speed_not_math(small_cache, tmp_path):
+    common = ["--max-steps", 2, "--no-shuffle", "--lr", "1e-3", "--batch-size", 8]
+    assert invoke(train_args(small_cache, tmp_path / "eager", *common)).exit_code == 0
+    result = invoke(train_args(small_cache, tmp_path / "compiled", *common, "--compile"))
+    assert result.exit_code == 0, result.stderr
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), abs=1e-5)
