@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpocli import __version__
-from dpocli.atomic import atomic_path, atomic_write_json
+from dpocli.atomic import atomic_path, atomic_write_json, sha256_file
 from dpocli.errors import DpocliError
 
 FORMAT = "dpocli-reference-cache"
@@ -70,14 +70,6 @@ def fingerprint(obj) -> str:
 
 def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -164,7 +156,7 @@ def write_shard(cache_dir: str | Path, index: int, columns: dict, token_logps: b
     with atomic_path(path) as tmp:
         # Fixed writer options so equal inputs give byte-identical shards (and equal checksums).
         pq.write_table(table, tmp, compression="zstd", write_statistics=False)
-    return {"index": index, "file": path.name, "rows": table.num_rows, "sha256": _sha256_file(path)}
+    return {"index": index, "file": path.name, "rows": table.num_rows, "sha256": sha256_file(path)}
 
 
 def explain_mismatch(expected, actual, path: str = "") -> str | None:
@@ -197,7 +189,7 @@ def verify_shards(cache_dir: str | Path, manifest: Manifest, *, checksums: bool 
         if rows != entry["rows"]:
             raise DpocliError(f"has {rows} rows, the manifest lists {entry['rows']}", file=path,
                               field="rows")
-        if checksums and _sha256_file(path) != entry["sha256"]:
+        if checksums and sha256_file(path) != entry["sha256"]:
             raise DpocliError("does not match its checksum in the manifest (modified or corrupt)",
                               file=path, field="sha256", hint="recreate the cache")
 

@@ -43,9 +43,7 @@ def _config_callback(ctx: typer.Context, param, value):
         try:
             mapped = config_defaults(ctx.command, ctx.info_name, Path(value))
         except DpocliError as err:
-            err_console.print(f"[red]error:[/red] {err.one_line()}", soft_wrap=True)
-            if err.hint:
-                err_console.print(f"hint: {err.hint}", soft_wrap=True)
+            _print_error(err)
             raise typer.Exit(err.exit_code)
         ctx.default_map = {**(ctx.default_map or {}), **mapped}
     return value
@@ -67,6 +65,13 @@ PrintConfigOpt = Annotated[bool, typer.Option("--print-config", is_eager=True, c
 AttnOpt = Annotated[Optional[str], typer.Option("--attn-implementation", help="eager, sdpa or flash_attention_2 (default: transformers' choice).")]
 
 
+def _print_error(err: DpocliError) -> None:
+    """`error: <one line>` and an optional `hint:` line, on stderr."""
+    err_console.print(f"[red]error:[/red] {err.one_line()}", markup=True, highlight=False, soft_wrap=True)
+    if err.hint:
+        err_console.print(f"hint: {err.hint}", markup=False, highlight=False, soft_wrap=True)
+
+
 def _run(fn, *, quiet: bool = False):
     """Run a driver with stdout shielded, mapping our errors to one line and an exit code."""
     from dpocli import distributed
@@ -77,10 +82,7 @@ def _run(fn, *, quiet: bool = False):
         with contextlib.redirect_stdout(sys.stderr):
             return fn()
     except DpocliError as err:
-        err_console.print(f"[red]error:[/red] {err.one_line()}", markup=True, highlight=False,
-                          soft_wrap=True)
-        if err.hint:
-            err_console.print(f"hint: {err.hint}", highlight=False, soft_wrap=True)
+        _print_error(err)
         if os.environ.get("DPOCLI_DEBUG"):
             raise
         raise typer.Exit(err.exit_code) from None

@@ -24,6 +24,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dpocli.atomic import sha256_file
 from dpocli.errors import DpocliError
 
 Message = dict  # {"role": str, "content": str}
@@ -35,7 +36,6 @@ PARQUET_SUFFIXES = (".parquet",)
 ARROW_SUFFIXES = (".arrow",)
 _BOM = b"\xef\xbb\xbf"
 _PARQUET_BATCH_ROWS = 1024  # rows hold long texts; a batch bounds memory, not the file size
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def read_examples(path, *, prompt_column="prompt", chosen_column="chosen", rejec
         rows = source_row - first_source_row
         if not rows:
             warnings.append(f"{file_path}: file has no rows")
-        files.append(InputFile(str(file_path), file_path.stat().st_size, _sha256_file(file_path), rows))
+        files.append(InputFile(str(file_path), file_path.stat().st_size, sha256_file(file_path), rows))
 
     if source_row == 0:
         raise DpocliError("input has no rows (expected at least one preference pair)", file=path)
@@ -441,11 +441,3 @@ def _suffix_ok(path: Path) -> bool:
 def _type_name(value) -> str:
     names = {type(None): "null", bool: "bool", dict: "object", list: "list", str: "string"}
     return names.get(type(value), type(value).__name__)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from dpocli.atomic import sha256_file
 from dpocli.errors import DpocliError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -101,14 +102,6 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "float32", device: torch.d
     return model.to(device).eval()
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -118,7 +111,7 @@ def weights_fingerprint(name_or_path: str) -> dict:
     folder = resolve_model_dir(name_or_path)
     files = sorted(p for p in folder.iterdir()
                    if p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES))
-    per_file = {p.name: _sha256_file(p) for p in files}
+    per_file = {p.name: sha256_file(p) for p in files}
     combined = hashlib.sha256("".join(f"{k}:{v};" for k, v in per_file.items()).encode()).hexdigest()
     revision = folder.name if "snapshots" in folder.parts else None
     return {"path": os.fspath(name_or_path), "revision": revision, "sha256": combined, "files": per_file}

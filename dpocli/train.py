@@ -252,13 +252,11 @@ def _wrap(scorer, model, device, dist, cfg):
 
 def _grad_sync(scorer, sync: bool):
     """Context for one micro-batch: gradients are reduced across ranks only when `sync`."""
-    if sync or not hasattr(scorer, "no_sync") and not hasattr(scorer, "set_requires_gradient_sync"):
-        if hasattr(scorer, "set_requires_gradient_sync"):
-            scorer.set_requires_gradient_sync(True)
+    if hasattr(scorer, "set_requires_gradient_sync"):  # FSDP2: a flag on the module
+        scorer.set_requires_gradient_sync(sync)
         return nullcontext()
-    if hasattr(scorer, "no_sync"):
+    if hasattr(scorer, "no_sync") and not sync:  # DDP: a context manager
         return scorer.no_sync()
-    scorer.set_requires_gradient_sync(False)  # FSDP2
     return nullcontext()
 
 

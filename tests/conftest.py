@@ -67,20 +67,21 @@ def small_cache(tmp_path_factory, small_prefs) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def train_cache(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("caches") / "train"
-    result = invoke(["precompute-ref", SAMPLE / "train.jsonl", "--model", MODEL, "--out", out, "--quiet"])
+def _sample_cache(tmp_path_factory, split: str) -> Path:
+    out = tmp_path_factory.mktemp("caches") / split
+    result = invoke(["precompute-ref", SAMPLE / f"{split}.jsonl", "--model", MODEL, "--out", out, "--quiet"])
     assert result.exit_code == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def train_cache(tmp_path_factory) -> Path:
+    return _sample_cache(tmp_path_factory, "train")
 
 
 @pytest.fixture(scope="session")
 def heldout_cache(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("caches") / "heldout"
-    result = invoke(["precompute-ref", SAMPLE / "heldout.jsonl", "--model", MODEL, "--out", out, "--quiet"])
-    assert result.exit_code == 0, result.stderr
-    return out
+    return _sample_cache(tmp_path_factory, "heldout")
 
 
 # Hyper-parameters of the sample run (README and tests use the same ones).
