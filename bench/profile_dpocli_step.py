@@ -6,7 +6,8 @@ dpocli.losses.compute_loss, dpocli.schedule.make_optimizer, clip 1.0) on the fir
 cache, in the same order as `dpo train --no-shuffle`, and times forward / backward / clip /
 optimizer separately. Knobs that `dpo train` does not expose are varied here to size possible
 levers: the LM-head chunk size (TrainConfig.chunk_size, fixed at 1024 by the CLI) and fused AdamW
-on CPU (make_optimizer passes fused=None on CPU). Each variant runs in its own process so peak RSS
+on CPU (make_optimizer passes fused=None on CPU); the batch layouts (`prefix`, `packed`,
+`packed_prefix`) are the ones `--prefix-sharing` and `--packing` select. Each variant runs in its own process so peak RSS
 (ru_maxrss) is per variant.
 
     python bench/profile_dpocli_step.py --cache bench/runs/medium/dpocli-precompute \\
@@ -29,6 +30,9 @@ VARIANTS = {
     "chunk4096": {"chunk_size": 4096},
     "fused": {"fused": True},
     "threads1": {"threads": 1},
+    "prefix": {"prefix_sharing": True},
+    "packed": {"packing": True},
+    "packed_prefix": {"packing": True, "prefix_sharing": True},
 }
 
 
@@ -61,7 +65,8 @@ def one(args, variant: dict) -> dict:
     for step in range(args.steps):
         rows = list(range(step * args.batch_size, (step + 1) * args.batch_size))
         t0 = time.perf_counter()
-        batch = cache_batch(data, rows, pad_id)
+        batch = cache_batch(data, rows, pad_id, variant.get("prefix_sharing", False),
+                            variant.get("packing", False))
         ref = cached_reference(data, rows, "cpu")
         t1 = time.perf_counter()
         pol = sequence_logps(scorer, batch)

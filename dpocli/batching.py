@@ -179,8 +179,14 @@ def collate_shared(prompts: Sequence[Sequence[int]], chosens: Sequence[Sequence[
                              torch.tensor(labels), torch.tensor(segments))
 
 
-def make_batch(prompts, chosens, rejecteds, pad_id: int, prefix_sharing: bool = False):
-    """A `SharedPrefixBatch` when `prefix_sharing`, else the standard 2B-row `Batch`."""
+def make_batch(prompts, chosens, rejecteds, pad_id: int, prefix_sharing: bool = False,
+               packing: bool = False):
+    """The model inputs for a list of pairs: a padding-free `PackedBatch` when `packing` (its
+    prompt shared per pair when `prefix_sharing` too), else a `SharedPrefixBatch` when
+    `prefix_sharing`, else the standard 2B-row `Batch`."""
+    if packing:
+        from dpocli.packing import collate_packed
+        return collate_packed(prompts, chosens, rejecteds, share_prefix=prefix_sharing)
     if prefix_sharing:
         return collate_shared(prompts, chosens, rejecteds, pad_id)
     return collate(prompts, chosens, rejecteds, pad_id)

@@ -136,7 +136,8 @@ def precompute_ref(
     chosen_column: Annotated[str, typer.Option(help="Preferred completion column.")] = "chosen",
     rejected_column: Annotated[str, typer.Option(help="Dispreferred completion column.")] = "rejected",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the transformer body (pays on long runs; compiling takes a minute).")] = False,
-    prefix_sharing: Annotated[bool, typer.Option("--prefix-sharing", help="Run each pair's prompt once: one row prompt+chosen+rejected with a prefix-sharing attention mask (faster with long prompts; not with flash attention).")] = False,
+    prefix_sharing: Annotated[bool, typer.Option("--prefix-sharing", help="Run each pair's prompt once: prompt+chosen+rejected with a prefix-sharing attention pattern (faster with long prompts; without --packing it builds a dense mask and cannot use flash attention).")] = False,
+    packing: Annotated[bool, typer.Option("--packing", help="Padding-free batches: all sequences of a batch end to end in one row, attention run per sequence (no compute on pad tokens).")] = False,
     token_logps: Annotated[bool, typer.Option("--token-logps", help="Also store per-token reference log-probs.")] = False,
     rows_per_shard: Annotated[int, typer.Option(help="Input rows per Parquet shard (the unit of resume).")] = 4096,
     drop_identical: Annotated[bool, typer.Option("--drop-identical", help="Drop rows whose chosen equals rejected (default: keep and warn).")] = False,
@@ -158,7 +159,8 @@ def precompute_ref(
         id_column=id_column, prompt_column=prompt_column, chosen_column=chosen_column,
         rejected_column=rejected_column, token_logps=token_logps, rows_per_shard=rows_per_shard,
         drop_identical=drop_identical, strict=strict, overwrite=overwrite,
-        trust_remote_code=trust_remote_code, prefix_sharing=prefix_sharing, compile=compile)
+        trust_remote_code=trust_remote_code, prefix_sharing=prefix_sharing, packing=packing,
+        compile=compile)
     _check_dtype(dtype)
     summary = _run(lambda: run_precompute(cfg, resolved_toml=_resolved(ctx)), quiet=quiet)
     _emit(summary, as_json, precompute_table)
@@ -203,7 +205,8 @@ def train(
     merge: Annotated[bool, typer.Option("--merge", help="With LoRA, also save base + adapter merged to RUN_DIR/merged.")] = False,
     report_to: Annotated[Optional[str], typer.Option(help="Also log to tensorboard and/or wandb (comma-separated; the package must be installed).")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the transformer body (pays on long runs; compiling takes a minute).")] = False,
-    prefix_sharing: Annotated[bool, typer.Option("--prefix-sharing", help="Run each pair's prompt once: one row prompt+chosen+rejected with a prefix-sharing attention mask (faster with long prompts; not with flash attention).")] = False,
+    prefix_sharing: Annotated[bool, typer.Option("--prefix-sharing", help="Run each pair's prompt once: prompt+chosen+rejected with a prefix-sharing attention pattern (faster with long prompts; without --packing it builds a dense mask and cannot use flash attention).")] = False,
+    packing: Annotated[bool, typer.Option("--packing", help="Padding-free batches: all sequences of a batch end to end in one row, attention run per sequence (no compute on pad tokens).")] = False,
     no_shuffle: Annotated[bool, typer.Option("--no-shuffle", help="Batches in the input file's row order.")] = False,
     group_by_length: Annotated[bool, typer.Option("--group-by-length", help="Batch pairs of similar length (less padding, random batch order).")] = False,
     save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (always at the end).")] = None,
@@ -235,7 +238,7 @@ def train(
         attn_implementation=attn_implementation, gradient_checkpointing=gradient_checkpointing, fsdp=fsdp,
         lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         lora_target_modules=lora_target_modules, merge=merge, report_to=report_to, prefix_sharing=prefix_sharing,
-        compile=compile,
+        packing=packing, compile=compile,
         shuffle=not no_shuffle, group_by_length=group_by_length, save_every=save_every,
         save_total_limit=save_total_limit, eval_cache=str(eval_cache) if eval_cache else None,
         eval_every=eval_every, resume=resume, overwrite=overwrite, skip_step0_check=skip_step0_check,

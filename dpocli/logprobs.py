@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dpocli.batching import Batch, SharedPrefixBatch
+from dpocli.packing import LAYOUT_KWARG, PACKED_ATTENTION, PackedBatch, enable_packed_attention
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,8 @@ class CompletionScorer(nn.Module):
     * prefix-shared (`SharedPrefixBatch`): forward(input_ids, attention_mask [B,1,T,T],
       position_ids=..., score_from=..., labels=..., segments=...) with explicit indices; 2B
       segments (chosen then rejected).
+    * packed (`PackedBatch`): as prefix-shared, with attention_mask None and `units` giving the
+      sequences of the single row (see dpocli.packing).
     Returns (segment_sums [S] float64, token_logps [N] float32) where token_logps lists the
     scored tokens in segment-then-position order for the standard layout, as given otherwise.
     """
@@ -138,7 +141,7 @@ class CompletionScorer(nn.Module):
         return target(**inputs)
 
     def forward(self, input_ids, attention_mask, completion_mask=None, position_ids=None,
-                score_from=None, labels=None, segments=None):
+                score_from=None, labels=None, segments=None, units=None, num_segments=None):
         rows, width = input_ids.shape
         if completion_mask is not None:
             scored = completion_mask[:, 1:]
@@ -148,8 +151,12 @@ class CompletionScorer(nn.Module):
             segments = torch.arange(rows, device=input_ids.device)[:, None].expand_as(scored)[scored]
             num_segments = rows
         else:
-            num_segments = 2 * rows
+            num_segments = num_segments or 2 * rows
         extra = {"position_ids": position_ids} if position_ids is not None else {}
+        if units is not None:
+            if self.model.config._attn_implementation != PACKED_ATTENTION:
+                enable_packed_attention(self.model)
+            extra[LAYOUT_KWARG] = units
         if self.chunked:
             hidden = self._run_body(input_ids=input_ids, attention_mask=attention_mask,
                                     use_cache=False, **extra).last_hidden_state
@@ -167,11 +174,16 @@ class CompletionScorer(nn.Module):
         return sums, token_logps
 
 
-def sequence_logps(scorer: nn.Module, batch: Batch | SharedPrefixBatch, *,
+def sequence_logps(scorer: nn.Module, batch: Batch | SharedPrefixBatch | PackedBatch, *,
                    keep_token_logps: bool = False) -> SequenceLogps:
     """Run `scorer` (a CompletionScorer, possibly wrapped by DDP/FSDP) on `batch`, split by pair."""
     b = batch.num_pairs
-    if isinstance(batch, SharedPrefixBatch):
+    if isinstance(batch, PackedBatch):
+        sums, token_logps = scorer(batch.input_ids, None, position_ids=batch.position_ids,
+                                   score_from=batch.score_from, labels=batch.labels,
+                                   segments=batch.segments, units=batch.units, num_segments=2 * b)
+        lens = torch.bincount(batch.segments, minlength=2 * b)
+    elif isinstance(batch, SharedPrefixBatch):
         sums, token_logps = scorer(batch.input_ids, batch.attention_mask,
                                    position_ids=batch.position_ids, score_from=batch.score_from,
                                    labels=batch.labels, segments=batch.segments)
@@ -182,7 +194,7 @@ def sequence_logps(scorer: nn.Module, batch: Batch | SharedPrefixBatch, *,
     per_row = None
     if keep_token_logps:
         values = token_logps.detach().float()
-        if isinstance(batch, SharedPrefixBatch):  # pair-interleaved -> grouped by segment
+        if not isinstance(batch, Batch):  # pair-interleaved -> grouped by segment
             values = values[torch.argsort(batch.segments, stable=True)]
         per_row = list(values.split(lens.tolist()))
     return SequenceLogps(

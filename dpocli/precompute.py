@@ -26,6 +26,7 @@ import torch
 
 from dpocli import __version__, cache, distributed
 from dpocli.batching import make_batch, plan_by_length
+from dpocli.packing import check_layout_flags
 from dpocli.console import ProgressBar, log, warn
 from dpocli.data import read_examples
 from dpocli.errors import DpocliError, RunFailure, out_of_memory_types
@@ -60,6 +61,7 @@ class PrecomputeConfig:
     chunk_size: int = 1024
     compile: bool = False  # torch.compile the transformer body
     prefix_sharing: bool = False  # run each pair's prompt once (prompt + chosen + rejected rows)
+    packing: bool = False  # padding-free: all sequences of a batch in one row
 
     def batching(self) -> dict:
         if self.batch_size is not None and self.max_tokens is not None:
@@ -157,7 +159,8 @@ def _score_shard(scorer, device, pairs, cfg, pad_id, bar, throughput) -> dict:
     for idxs in plan_by_length(seq_lens, **cfg.batching()):
         sel = [pairs[i][1] for i in idxs]
         batch = make_batch([p.prompt_ids for p in sel], [p.chosen_ids for p in sel],
-                           [p.rejected_ids for p in sel], pad_id, cfg.prefix_sharing).to(device)
+                           [p.rejected_ids for p in sel], pad_id, cfg.prefix_sharing,
+                           cfg.packing).to(device)
         out = sequence_logps(scorer, batch, keep_token_logps=cfg.token_logps)
         # One copy to the host per batch, not one sync per value.
         batch_chosen, batch_rejected = out.chosen_logps.tolist(), out.rejected_logps.tolist()
@@ -200,9 +203,7 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     dist = distributed.current()
     if cfg.max_length < 2:
         raise DpocliError("must be at least 2", field="--max-length")
-    if cfg.prefix_sharing and "flash" in (cfg.attn_implementation or ""):
-        raise DpocliError("needs a custom attention mask, which flash attention does not take",
-                          field="--prefix-sharing", hint="use --attn-implementation sdpa")
+    check_layout_flags(cfg.prefix_sharing, cfg.packing, cfg.attn_implementation)
     if cfg.rows_per_shard < 1:
         raise DpocliError("must be at least 1", field="--rows-per-shard")
     cfg.batching()
@@ -304,14 +305,14 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
         if resolved_toml:
             from dpocli.atomic import atomic_write_text
             atomic_write_text(out / RESOLVED_TOML, resolved_toml)
-        _finalize(out, manifest, tokenizer, model_fp, cfg.batching(), cfg.prefix_sharing)
+        _finalize(out, manifest, tokenizer, model_fp, cfg)
     dist.barrier()
     elapsed = time.perf_counter() - t0
     return _summary(cfg, manifest, "resumed" if done else "complete", elapsed, tokens_scored)
 
 
-def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict, batching: dict,
-              prefix_sharing: bool) -> None:
+def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict,
+              cfg: PrecomputeConfig) -> None:
     import pyarrow.parquet as pq
     lens = {"prompt": [], "chosen": [], "rejected": []}
     for entry in manifest.shards:
@@ -327,8 +328,8 @@ def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict, ba
         "reference_model_files": model_fp["files"],
         # Not part of the spec (batching changes values only at the ulp level), but `dpo eval`
         # replays it so that scoring the reference reproduces the cache bit for bit on CPU.
-        "batching": batching, "rows_per_shard": manifest.spec["rows_per_shard"],
-        "prefix_sharing": prefix_sharing,
+        "batching": cfg.batching(), "rows_per_shard": manifest.spec["rows_per_shard"],
+        "prefix_sharing": cfg.prefix_sharing, "packing": cfg.packing,
     }
     tok_dir = out / cache.TOKENIZER_DIR
     if tok_dir.exists():

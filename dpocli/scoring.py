@@ -13,13 +13,15 @@ import torch
 from dpocli.batching import Batch, SharedPrefixBatch, make_batch, plan_by_length
 from dpocli.cache import CacheData, Manifest
 from dpocli.logprobs import sequence_logps
+from dpocli.packing import PackedBatch
 
 
-def cache_batch(data: CacheData, rows: Sequence[int], pad_id: int,
-                prefix_sharing: bool = False) -> Batch | SharedPrefixBatch:
+def cache_batch(data: CacheData, rows: Sequence[int], pad_id: int, prefix_sharing: bool = False,
+                packing: bool = False) -> Batch | SharedPrefixBatch | PackedBatch:
     return make_batch([data.row_list("prompt_ids", i) for i in rows],
                       [data.row_list("chosen_ids", i) for i in rows],
-                      [data.row_list("rejected_ids", i) for i in rows], pad_id, prefix_sharing)
+                      [data.row_list("rejected_ids", i) for i in rows], pad_id, prefix_sharing,
+                      packing)
 
 
 def cached_reference(data: CacheData, rows: Sequence[int], device) -> dict[str, torch.Tensor]:
@@ -60,7 +62,9 @@ def score_cache(scorer, data: CacheData, manifest: Manifest, pad_id: int, device
     """
     chosen = torch.zeros(data.num_rows, dtype=torch.float64)
     rejected = torch.zeros(data.num_rows, dtype=torch.float64)
-    shared = bool(manifest.created.get("prefix_sharing", False))  # replay precompute's layout too
+    # replay precompute's layout too
+    layout = (bool(manifest.created.get("prefix_sharing", False)),
+              bool(manifest.created.get("packing", False)))
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     batches = plan_like_precompute(data, manifest, max_tokens)
     mine_batches = batches[rank::world]
@@ -70,7 +74,7 @@ def score_cache(scorer, data: CacheData, manifest: Manifest, pad_id: int, device
     mine = []
     for b in range(rounds):
         rows = mine_batches[b] if b < len(mine_batches) else batches[0]
-        out = sequence_logps(scorer, cache_batch(data, rows, pad_id, shared).to(device))
+        out = sequence_logps(scorer, cache_batch(data, rows, pad_id, *layout).to(device))
         if b < len(mine_batches):
             mine.append((rows, out.chosen_logps.cpu(), out.rejected_logps.cpu()))
     parts = dist.all_gather_object(mine) if dist is not None and dist.enabled else [mine]

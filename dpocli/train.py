@@ -36,6 +36,7 @@ from dpocli.losses import LossInputs, LossSpec, compute_loss, parse_loss_list, v
 from dpocli.metrics import MetricsLog, StepMetrics, rename_for_eval
 from dpocli.modeling import (DTYPES, STEP0_TOLERANCE, load_causal_lm, resolve_device,
                              weights_fingerprint)
+from dpocli.packing import check_layout_flags
 from dpocli.policy import load_policy_tokenizer, check_vocab
 from dpocli.schedule import make_optimizer, make_scheduler
 from dpocli.scoring import cache_batch, cached_reference, score_cache
@@ -88,6 +89,7 @@ class TrainConfig:
     merge: bool = False  # with LoRA: also save base+adapter merged to RUN_DIR/merged
     compile: bool = False  # torch.compile the transformer body
     prefix_sharing: bool = False  # one row per pair: prompt + chosen + rejected, prompt run once
+    packing: bool = False  # padding-free: all sequences of a micro-batch in one row
     report_to: str | None = None  # tensorboard, wandb (comma-separated), beside metrics.jsonl
     shuffle: bool = True
     group_by_length: bool = False
@@ -134,9 +136,7 @@ class TrainConfig:
                               hint="torchrun --nproc-per-node N $(which dpo) train ... --fsdp")
         from dpocli.integrations import check as check_report_to
         check_report_to(self.report_to)
-        if self.prefix_sharing and "flash" in (self.attn_implementation or ""):
-            raise DpocliError("needs a custom attention mask, which flash attention does not take",
-                              field="--prefix-sharing", hint="use --attn-implementation sdpa")
+        check_layout_flags(self.prefix_sharing, self.packing, self.attn_implementation)
         if self.compile and self.fsdp:
             raise DpocliError("is not supported together with --fsdp", field="--compile")
         if self.lora_r is not None and (self.lora_r < 1 or self.fsdp):
@@ -390,7 +390,7 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
                 step_metrics, step_tokens = StepMetrics(), 0
                 for k, micro in enumerate(micros):
                     rows, real = _rank_rows(micro, dist)
-                    batch = cache_batch(data, rows, pad_id, cfg.prefix_sharing).to(device)
+                    batch = cache_batch(data, rows, pad_id, cfg.prefix_sharing, cfg.packing).to(device)
                     ref = cached_reference(data, rows, device)
                     # Gradients sync across ranks only on the step's last micro-batch.
                     sync = k == len(micros) - 1 or not dist.enabled

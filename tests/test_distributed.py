@@ -94,6 +94,12 @@ def test_fsdp2_matches_ddp_and_saves_a_normal_hf_model(small_cache, tmp_path):
     wa, wb = load_file(ddp / "model.safetensors"), load_file(fsdp / "model.safetensors")
     assert wa.keys() == wb.keys()
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
+    # Packed, prefix-shared batches go through the sharded layers' hooks unchanged.
+    packed = tmp_path / "fsdp-packed"
+    done = torchrun(["train", small_cache, "--model", MODEL, "--out", packed, "--fsdp", "--packing",
+                     "--prefix-sharing", *common])
+    assert done.returncode == 0, done.stderr
+    assert [r["loss"] for r in read_jsonl(packed / "metrics.jsonl")] == pytest.approx(a, abs=1e-5)
     # The FSDP checkpoint holds full (unsharded) weights and optimizer state: resume on 2 ranks.
     import shutil
     shutil.rmtree(fsdp / "checkpoint-3")
