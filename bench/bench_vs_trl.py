@@ -16,6 +16,9 @@ Runs (all on the same model, data, batch size, max length, lr, beta, seed, steps
   dpocli-train-gbl       dpo train --group-by-length             (shuffled, length-grouped)
   dpocli-precompute-ps   dpo precompute-ref --batch-size B --prefix-sharing (prompt run once per pair)
   dpocli-train-ps        dpo train --no-shuffle --prefix-sharing, from the --prefix-sharing cache
+  dpocli-precompute-pk   dpo precompute-ref --batch-size B --packing --prefix-sharing (padding-free)
+  dpocli-train-pk        dpo train --no-shuffle --packing (padding-free), from the dpocli-precompute cache
+  dpocli-train-pkps      dpo train --no-shuffle --packing --prefix-sharing, from the -pk cache
   trl-default            DPOTrainer, reference model in memory   (sequential batches)
   trl-precompute         DPOTrainer, precompute_ref_log_probs=True (sequential batches;
                          its _precompute_ref_logps pass is timed inside the same run)
@@ -57,7 +60,8 @@ import assets  # noqa: E402
 BENCH = assets.BENCH
 REPO = assets.REPO
 RUN_ORDER = ["dpocli-precompute", "trl-precompute", "dpocli-train", "trl-default",
-             "dpocli-train-gbl", "dpocli-precompute-def", "dpocli-precompute-ps", "dpocli-train-ps"]
+             "dpocli-train-gbl", "dpocli-precompute-def", "dpocli-precompute-ps", "dpocli-train-ps",
+             "dpocli-precompute-pk", "dpocli-train-pk", "dpocli-train-pkps"]
 TRAJ_KEYS = ["loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",
              "logps/chosen", "logps/rejected", "grad_norm", "learning_rate"]
 
@@ -295,7 +299,8 @@ def report(res: dict) -> str:
         others[label] = trl_pre.get("others_cpu_share", 0)
     for key, label in (("dpocli-precompute", f"dpocli `precompute-ref --batch-size {a['batch_size']}`"),
                        ("dpocli-precompute-def", "dpocli `precompute-ref` (default --max-tokens 16384)"),
-                       ("dpocli-precompute-ps", f"dpocli `precompute-ref --batch-size {a['batch_size']} --prefix-sharing`")):
+                       ("dpocli-precompute-ps", f"dpocli `precompute-ref --batch-size {a['batch_size']} --prefix-sharing`"),
+                       ("dpocli-precompute-pk", f"dpocli `precompute-ref --batch-size {a['batch_size']} --packing --prefix-sharing`")):
         if key in runs:
             r = runs[key]
             pre_rows.append((label, r["timings"]["score_s"], r["wall_s"], r["peak_rss_mb"]))
@@ -327,8 +332,10 @@ def report(res: dict) -> str:
               "trl-precompute": "TRL precompute_ref_log_probs=True",
               "dpocli-train": "dpocli `train --no-shuffle`",
               "dpocli-train-gbl": "dpocli `train --group-by-length` (shuffled)",
-              "dpocli-train-ps": "dpocli `train --no-shuffle --prefix-sharing`"}
-    for key in ("trl-default", "trl-precompute", "dpocli-train", "dpocli-train-gbl", "dpocli-train-ps"):
+              "dpocli-train-ps": "dpocli `train --no-shuffle --prefix-sharing`",
+              "dpocli-train-pk": "dpocli `train --no-shuffle --packing`",
+              "dpocli-train-pkps": "dpocli `train --no-shuffle --packing --prefix-sharing`"}
+    for key in labels:
         if key not in runs:
             continue
         r, st = runs[key], steady(runs[key])
@@ -341,9 +348,10 @@ def report(res: dict) -> str:
           f"{fmt(cpu_ratio, 2)}× | {fmt(r['peak_rss_mb'], 0)} | "
           f"{fmt(rss_ratio, 2)}× | {fmt(r['wall_s'], 0)} | "
           f"{r.get('others_cpu_share', 0):.0%} |")
-    if "dpocli-train-gbl" in runs or "dpocli-train-ps" in runs:
-        w("\n(non-pad tok/s counts real tokens only: --group-by-length feeds the same real tokens with "
-          "less padding, and --prefix-sharing feeds each prompt once, so compare those rows by pairs/s.)\n")
+    if any(k in runs for k in ("dpocli-train-gbl", "dpocli-train-ps", "dpocli-train-pk")):
+        w("\n(non-pad tok/s counts real tokens only: --group-by-length and --packing feed the same real "
+          "tokens with less or no padding, and --prefix-sharing feeds each prompt once, so compare "
+          "those rows by pairs/s.)\n")
 
     # Wall time
     w("**Wall time** (launch to end of the last step of the epoch; `process` = launch to exit incl. saving)\n")
@@ -368,6 +376,10 @@ def report(res: dict) -> str:
         p = runs["dpocli-precompute-ps"]["wall_s"]
         rows.append(("dpocli precompute-ref + train, both --prefix-sharing", runs["dpocli-train-ps"], p,
                      p + runs["dpocli-train-ps"]["wall_s"]))
+    if "dpocli-train-pkps" in runs and "dpocli-precompute-pk" in runs:
+        p = runs["dpocli-precompute-pk"]["wall_s"]
+        rows.append(("dpocli precompute-ref + train, both --packing --prefix-sharing",
+                     runs["dpocli-train-pkps"], p, p + runs["dpocli-train-pkps"]["wall_s"]))
     ref1 = epoch_time(runs["trl-default"], 1, spe)[0] if "trl-default" in runs else None
     ref3 = epoch_time(runs["trl-default"], 3, spe)[0] if "trl-default" in runs else None
     extrapolated = False
@@ -384,12 +396,13 @@ def report(res: dict) -> str:
     n_cmp = min(len(runs[k]["steps"]) for k in ("dpocli-train", "trl-default", "trl-precompute") if k in runs)
     w(f"\n**Trajectories** (sequential batches, same lr schedule; max |difference| over steps 1..{n_cmp})\n")
     w("| metric | dpocli vs TRL default | dpocli vs TRL precompute | TRL default vs TRL precompute | "
-      "dpocli --prefix-sharing vs TRL default |")
-    w("|---|---:|---:|---:|---:|")
+      "dpocli --prefix-sharing vs TRL default | dpocli --packing --prefix-sharing vs TRL default |")
+    w("|---|---:|---:|---:|---:|---:|")
     traj = res["trajectory_diff"]
     for key in TRAJ_KEYS:
         cells = [traj.get(pair, {}).get(key) for pair in ("dpocli~trl-default", "dpocli~trl-precompute",
-                                                          "trl-default~trl-precompute", "dpocli-ps~trl-default")]
+                                                          "trl-default~trl-precompute", "dpocli-ps~trl-default",
+                                                          "dpocli-pkps~trl-default")]
         w(f"| {key} | " + " | ".join(fmt(c[0], 3) + (f" (step {c[1]})" if c and c[0] else "")
                                      if c else "–" for c in cells) + " |")
     w("\nPer step (dpocli / TRL default):\n")
@@ -407,9 +420,10 @@ def report(res: dict) -> str:
 
 def trajectory_diff(runs: dict) -> dict:
     out = {}
-    names = {"dpocli-train": "dpocli", "dpocli-train-ps": "dpocli-ps"}
+    names = {"dpocli-train": "dpocli", "dpocli-train-ps": "dpocli-ps", "dpocli-train-pkps": "dpocli-pkps"}
     for a, b in (("dpocli-train", "trl-default"), ("dpocli-train", "trl-precompute"),
-                 ("trl-default", "trl-precompute"), ("dpocli-train-ps", "trl-default")):
+                 ("trl-default", "trl-precompute"), ("dpocli-train-ps", "trl-default"),
+                 ("dpocli-train-pkps", "trl-default")):
         if a not in runs or b not in runs:
             continue
         sa, sb = runs[a]["steps"], runs[b]["steps"]
@@ -486,6 +500,15 @@ def main() -> None:
             elif name == "dpocli-train-ps":
                 runs[name] = dpocli_train(name, args, model, runs["dpocli-precompute-ps"]["cache"], workdir,
                                           extra=["--prefix-sharing"])
+            elif name == "dpocli-precompute-pk":
+                runs[name] = dpocli_precompute(name, args, model, data, workdir, args.batch_size,
+                                               extra=["--packing", "--prefix-sharing"])
+            elif name == "dpocli-train-pk":
+                runs[name] = dpocli_train(name, args, model, runs["dpocli-precompute"]["cache"], workdir,
+                                          extra=["--packing"])
+            elif name == "dpocli-train-pkps":
+                runs[name] = dpocli_train(name, args, model, runs["dpocli-precompute-pk"]["cache"], workdir,
+                                          extra=["--packing", "--prefix-sharing"])
             elif name in ("trl-default", "trl-precompute"):
                 runs[name] = trl_run(name, args, model, data, workdir, precompute=name == "trl-precompute")
             for r in runs.values():
