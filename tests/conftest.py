@@ -41,6 +41,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def ref_values(cache_dir: Path) -> dict:
+    """id -> (ref_chosen_logps, ref_rejected_logps) over every shard of a cache."""
+    import pyarrow.parquet as pq
+    rows = {}
+    for shard in cache_dir.glob("part-*.parquet"):
+        for r in pq.read_table(shard).to_pylist():
+            rows[r["id"]] = (r["ref_chosen_logps"], r["ref_rejected_logps"])
+    return rows
+
+
 @pytest.fixture(scope="session")
 def sample_rows() -> list[dict]:
     return read_jsonl(SAMPLE / "train.jsonl")

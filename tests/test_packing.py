@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import MODEL, invoke, read_jsonl
+from conftest import MODEL, invoke, read_jsonl, ref_values
 from dpocli.batching import collate
 from dpocli.logprobs import CompletionScorer, sequence_logps
 from dpocli.packing import PACKED_ATTENTION, PackedBatch, PackedUnit, collate_packed
@@ -113,15 +113,6 @@ def test_packed_gradient_checkpointing_equals_the_plain_path(model64):
         torch.testing.assert_close(g_ckpt[name], g_plain[name], atol=1e-10, rtol=1e-10)
 
 
-def _values(cache_dir):
-    import pyarrow.parquet as pq
-    rows = {}
-    for shard in cache_dir.glob("part-*.parquet"):
-        for r in pq.read_table(shard).to_pylist():
-            rows[r["id"]] = (r["ref_chosen_logps"], r["ref_rejected_logps"])
-    return rows
-
-
 def test_packed_precompute_equals_padded_and_eval_replays_it_exactly(small_prefs, small_cache, tmp_path):
     packed = tmp_path / "packed"
     assert invoke(["precompute-ref", small_prefs, "--model", MODEL, "--out", packed, "--packing",
@@ -129,7 +120,7 @@ def test_packed_precompute_equals_padded_and_eval_replays_it_exactly(small_prefs
                    "--quiet"]).exit_code == 0
     manifest = json.loads((packed / "manifest.json").read_text())
     assert manifest["created"]["packing"] is True and manifest["created"]["prefix_sharing"] is True
-    a, b = _values(small_cache), _values(packed)
+    a, b = ref_values(small_cache), ref_values(packed)
     assert a.keys() == b.keys()
     assert max(abs(a[k][i] - b[k][i]) for k in a for i in (0, 1)) < 1e-5
     m = json.loads(invoke(["eval", packed, "--model", MODEL, "--json", "--quiet"]).stdout)["models"][0]

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import math
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import MODEL, invoke, read_jsonl
+from conftest import MODEL, invoke, read_jsonl, ref_values
 from dpocli.batching import collate, collate_shared
 from dpocli.logprobs import CompletionScorer, sequence_logps
 
@@ -57,19 +56,11 @@ def test_shared_layout_scores_and_gradients_match_the_standard_layout():
         assert torch.allclose(ga[name], gb[name], atol=1e-4, rtol=1e-4), name
 
 
-def _values(cache_dir):
-    rows = {}
-    for shard in cache_dir.glob("part-*.parquet"):
-        for r in pq.read_table(shard).to_pylist():
-            rows[r["id"]] = (r["ref_chosen_logps"], r["ref_rejected_logps"])
-    return rows
-
-
 def test_shared_precompute_equals_standard_and_eval_replays_it_exactly(small_prefs, small_cache, tmp_path):
     shared = tmp_path / "shared"
     assert invoke(["precompute-ref", small_prefs, "--model", MODEL, "--out", shared, "--prefix-sharing",
                    "--rows-per-shard", 16, "--batch-size", 8, "--quiet"]).exit_code == 0
-    a, b = _values(small_cache), _values(shared)
+    a, b = ref_values(small_cache), ref_values(shared)
     assert a.keys() == b.keys()
     assert max(abs(a[k][i] - b[k][i]) for k in a for i in (0, 1)) < 1e-5
     m = json.loads(invoke(["eval", shared, "--model", MODEL, "--json", "--quiet"]).stdout)["models"][0]
