@@ -157,6 +157,15 @@ class CompletionScorer(nn.Module):
             if self.model.config._attn_implementation != PACKED_ATTENTION:
                 enable_packed_attention(self.model)
             extra[LAYOUT_KWARG] = units
+        if attention_mask is not None and attention_mask.is_floating_point():
+            # An additive 4-D mask must match the model's dtype: SDPA given an fp32 mask in an
+            # fp64 model computed wrong gradients.
+            model_dtype = next(self.model.parameters()).dtype
+            if attention_mask.dtype != model_dtype:
+                blocked = attention_mask != 0
+                attention_mask = torch.zeros(attention_mask.shape, dtype=model_dtype,
+                                             device=attention_mask.device)
+                attention_mask.masked_fill_(blocked, torch.finfo(model_dtype).min)
         if self.chunked:
             hidden = self._run_body(input_ids=input_ids, attention_mask=attention_mask,
                                     use_cache=False, **extra).last_hidden_state

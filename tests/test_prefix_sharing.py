@@ -80,3 +80,18 @@ def test_prefix_sharing_with_flash_attention_is_refused(small_cache, tmp_path):
     result = invoke(["train", small_cache, "--model", MODEL, "--out", tmp_path / "r", "--prefix-sharing",
                      "--attn-implementation", "flash_attention_2"])
     assert result.exit_code == 2 and "flash" in result.stderr
+
+
+def test_dense_shared_mask_follows_the_model_dtype():
+    """The fp32 mask of `collate_shared` in an fp64 model once gave wrong gradients."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(MODEL).double()
+    scorer = CompletionScorer(model)
+    grads = []
+    for make in (collate, collate_shared):
+        model.zero_grad()
+        out = sequence_logps(scorer, make(*PAIRS, 0))
+        (out.chosen_logps.sum() - 0.5 * out.rejected_logps.sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:  # fp32 precision: Llama's RMSNorm computes in fp32 (see test_packing)
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-5)
