@@ -26,12 +26,12 @@ import torch
 
 from dpocli import __version__, cache, distributed
 from dpocli.batching import make_batch, plan_by_length
-from dpocli.packing import check_layout_flags
 from dpocli.console import ProgressBar, log, warn
 from dpocli.data import read_examples
 from dpocli.errors import DpocliError, RunFailure, out_of_memory_types
 from dpocli.logprobs import CompletionScorer, sequence_logps
 from dpocli.modeling import (load_causal_lm, load_tokenizer, resolve_device, weights_fingerprint)
+from dpocli.packing import check_layout_flags
 from dpocli.tokenization import Dropped, pad_token_id, tokenize_pair, tokenizer_fingerprint
 
 CONVENTIONS = "trl-1.x"  # tokenization + log-prob conventions; see tokenization.py
