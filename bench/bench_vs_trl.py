@@ -364,22 +364,17 @@ def report(res: dict) -> str:
     if "trl-precompute" in runs:
         rows.append(("TRL precompute (pass inside the run)", runs["trl-precompute"], 0.0,
                      runs["trl-precompute"]["wall_s"]))
-    if "dpocli-train" in runs and "dpocli-precompute" in runs:
-        p = runs["dpocli-precompute"]["wall_s"]
-        rows.append(("dpocli precompute-ref + train", runs["dpocli-train"], p,
-                     p + runs["dpocli-train"]["wall_s"]))
-    if "dpocli-train-gbl" in runs and "dpocli-precompute" in runs:
-        p = runs["dpocli-precompute"]["wall_s"]
-        rows.append(("dpocli precompute-ref + train --group-by-length", runs["dpocli-train-gbl"], p,
-                     p + runs["dpocli-train-gbl"]["wall_s"]))
-    if "dpocli-train-ps" in runs and "dpocli-precompute-ps" in runs:
-        p = runs["dpocli-precompute-ps"]["wall_s"]
-        rows.append(("dpocli precompute-ref + train, both --prefix-sharing", runs["dpocli-train-ps"], p,
-                     p + runs["dpocli-train-ps"]["wall_s"]))
-    if "dpocli-train-pkps" in runs and "dpocli-precompute-pk" in runs:
-        p = runs["dpocli-precompute-pk"]["wall_s"]
-        rows.append(("dpocli precompute-ref + train, both --packing --prefix-sharing",
-                     runs["dpocli-train-pkps"], p, p + runs["dpocli-train-pkps"]["wall_s"]))
+    # (label, precompute run, training run): the pipeline's time adds the precompute process wall
+    pipelines = (("dpocli precompute-ref + train", "dpocli-precompute", "dpocli-train"),
+                 ("dpocli precompute-ref + train --group-by-length", "dpocli-precompute", "dpocli-train-gbl"),
+                 ("dpocli precompute-ref + train, both --prefix-sharing", "dpocli-precompute-ps",
+                  "dpocli-train-ps"),
+                 ("dpocli precompute-ref + train, both --packing --prefix-sharing", "dpocli-precompute-pk",
+                  "dpocli-train-pkps"))
+    for label, pre, train in pipelines:
+        if pre in runs and train in runs:
+            p = runs[pre]["wall_s"]
+            rows.append((label, runs[train], p, p + runs[train]["wall_s"]))
     ref1 = epoch_time(runs["trl-default"], 1, spe)[0] if "trl-default" in runs else None
     ref3 = epoch_time(runs["trl-default"], 3, spe)[0] if "trl-default" in runs else None
     extrapolated = False
