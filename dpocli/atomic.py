@@ -10,9 +10,39 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+
+# The names our temporaries take: `.NAME.<8 random>.tmp` (files), `NAME.tmp-<8 random>` (folders)
+# and `NAME.old-<pid>` (a replaced folder on its way out). `temporary_base` recognises them, so a
+# resumed command can clean up after a killed one without touching anything else.
+_TEMPORARY = (re.compile(r"^\.(?P<base>.+)\.[A-Za-z0-9_]{8}\.tmp$"),
+              re.compile(r"^(?P<base>.+)\.tmp-[A-Za-z0-9_]{8}$"),
+              re.compile(r"^(?P<base>.+)\.old-\d+$"))
+
+
+def temporary_base(name: str) -> str | None:
+    """The name a leftover temporary was meant to become, or None if `name` is not one of ours."""
+    for pattern in _TEMPORARY:
+        match = pattern.match(name)
+        if match:
+            return match.group("base")
+    return None
+
+
+def _as_write_failure(path: Path, err: BaseException):
+    """Disk full / not writable / vanished as one `error:` line (see outputs.write_failure)."""
+    from dpocli.errors import DpocliError
+    if isinstance(err, (DpocliError, KeyboardInterrupt, SystemExit)):
+        return err
+    from dpocli.outputs import write_failure
+    failure = write_failure(path, err)
+    # Any OSError is about the write; another exception only when it reads as a full or read-only
+    # disk (safetensors, torch.save), so that a genuine bug keeps its traceback.
+    recognised = isinstance(err, OSError) or "the write failed" not in failure.message
+    return failure if recognised else err
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -60,7 +90,10 @@ def atomic_path(path: str | os.PathLike):
     For writers that want a path rather than bytes (pyarrow, safetensors).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _as_write_failure(path, err) from None
     os.close(fd)
     try:
         yield Path(tmp)
@@ -68,10 +101,13 @@ def atomic_path(path: str | os.PathLike):
             os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as err:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise
+        failure = _as_write_failure(path, err)
+        if failure is err:
+            raise
+        raise failure from None
     fsync_dir(path.parent)
 
 
@@ -83,8 +119,11 @@ def atomic_dir(path: str | os.PathLike):
     `*.tmp-*` folder that readers ignore and later writers clean up.
     """
     path = Path(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
-    os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes 0700; honour the umask like mkdir would
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
+        os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes 0700; honour the umask like mkdir would
+    except OSError as err:
+        raise _as_write_failure(path, err) from None
     try:
         yield tmp
         fsync_dir(tmp)
@@ -95,7 +134,10 @@ def atomic_dir(path: str | os.PathLike):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        failure = _as_write_failure(path, err)
+        if failure is err:
+            raise
+        raise failure from None
     fsync_dir(path.parent)

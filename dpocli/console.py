@@ -6,9 +6,12 @@ so nothing in this package prints to stdout except `emit_json` / `emit_table`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 import time
 
 from rich.console import Console
@@ -105,3 +108,19 @@ class ProgressBar:
             self._last_line = time.monotonic()
             total = f"/{self.total}" if self.total else ""
             err_console.print(f"{self.description}: {self.done}{total}  {info}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler's pre-emption, `kill`) takes Ctrl-C's path inside the block: the
+    driver saves what it has and exits 130 with a resume hint, instead of dying mid-write."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

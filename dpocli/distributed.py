@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+from dpocli.errors import DpocliError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -45,6 +47,20 @@ class DistContext:
         box = [obj]
         tdist.broadcast_object_list(box, src=src)
         return box[0]
+
+    def on_main_then_broadcast(self, fn):
+        """Run `fn` on rank 0 only and give every rank its result; an error it raises is raised
+        on every rank, so no rank is left waiting in a collective when rank 0 refuses."""
+        verdict = None
+        if self.is_main:
+            try:
+                verdict = ("ok", fn())
+            except DpocliError as err:
+                verdict = ("error", err)
+        verdict = self.broadcast_object(verdict)
+        if verdict[0] == "error":
+            raise verdict[1]
+        return verdict[1]
 
     def all_gather_object(self, obj) -> list:
         if not self.enabled:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import platform
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -24,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from dpocli import __version__, cache, distributed
+from dpocli import __version__, cache, distributed, outputs
 from dpocli.batching import make_batch, plan_by_length
-from dpocli.console import ProgressBar, log, warn
+from dpocli.console import ProgressBar, log, sigterm_as_interrupt, warn
 from dpocli.data import read_examples
-from dpocli.errors import DpocliError, RunFailure, out_of_memory_types
+from dpocli.errors import DpocliError, Interrupted, RunFailure, out_of_memory_types
 from dpocli.logprobs import CompletionScorer, sequence_logps
 from dpocli.modeling import (load_causal_lm, load_tokenizer, resolve_device, weights_fingerprint)
 from dpocli.packing import check_layout_flags
@@ -68,8 +67,9 @@ class PrecomputeConfig:
             raise DpocliError("give --batch-size or --max-tokens, not both", field="--max-tokens")
         if self.batch_size is None and self.max_tokens is None:
             return {"max_tokens": 16384}
-        if (self.batch_size or 1) < 1 or (self.max_tokens or 1) < 1:
-            raise DpocliError("must be a positive number", field="--batch-size/--max-tokens")
+        for flag, value in (("--batch-size", self.batch_size), ("--max-tokens", self.max_tokens)):
+            if value is not None and value < 1:
+                raise DpocliError(f"must be at least 1, got {value}", field=flag)
         return {"batch_size": self.batch_size} if self.batch_size else {"max_tokens": self.max_tokens}
 
 
@@ -113,42 +113,96 @@ def _keep_intact_shards(out: Path, manifest: cache.Manifest) -> cache.Manifest:
     return manifest
 
 
-def _prepare_out_dir(out: Path, spec: dict, overwrite: bool) -> cache.Manifest | None:
-    """Make `out` ready; return the manifest of an unfinished run with the same spec (to resume),
-    or None to start fresh. A finished cache with the same spec is returned as is."""
+# Entries of a cache folder that only dpocli writes (besides the shards its manifest lists).
+CACHE_NAMES = {cache.MANIFEST_NAME, cache.TOKENIZER_DIR, "config.resolved.toml",
+               "precompute.resolved.toml"}  # the last: the name dpocli 0.1 used
+
+
+def _shard_written_for(path: Path, spec: dict) -> bool:
+    """An unlisted shard is ours only if its Parquet metadata carries this cache's spec (a run
+    killed between writing the shard and listing it)."""
+    import pyarrow.parquet as pq
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except Exception:
+        return False
+    return meta.get(b"dpocli.spec") == cache.canonical_json(spec).encode()
+
+
+def _survey_cache(out: Path, manifest: cache.Manifest | None) -> outputs.Survey:
+    listed = {e["file"] for e in manifest.shards} if manifest else set()
+    spec = manifest.spec if manifest else None
+
+    def is_owned(name: str) -> bool:
+        if manifest is None:  # no record yet: only the first manifest's own temporaries are ours
+            return False
+        if name in CACHE_NAMES or name in listed:
+            return True
+        return bool(cache.SHARD_PATTERN.match(name)) and _shard_written_for(out / name, spec)
+    found = outputs.survey(out, is_owned)
+    if manifest is None:  # a run killed while writing its first manifest
+        found.temporaries += [out / n for n in found.foreign if outputs.temporary_base(n) in CACHE_NAMES]
+        found.foreign = [n for n in found.foreign if outputs.temporary_base(n) not in CACHE_NAMES]
+    return found
+
+
+@dataclass
+class OutPlan:
+    """What `--out` needs, decided by looking only: `resume` is None for a fresh cache."""
+
+    resume: cache.Manifest | None
+    remove: list[Path]
+    complete: bool = False
+
+
+def _inspect_out(out: Path, spec: dict, overwrite: bool) -> OutPlan:
+    """Decide how to use `out` without touching it. Refuses (exit 2) a folder dpocli did not
+    write, a cache made differently (unless --overwrite), and any folder holding foreign files
+    that would have to be written into or cleared."""
     if out.exists() and not out.is_dir():
         raise DpocliError("exists and is not a folder", file=out)
-    if out.exists():
-        ours = {cache.MANIFEST_NAME, cache.TOKENIZER_DIR, RESOLVED_TOML}
-        foreign = [p.name for p in out.iterdir() if p.name not in ours
-                   and not cache.SHARD_PATTERN.match(p.name) and not p.name.startswith(".")]
-        if foreign:
-            raise DpocliError(f"is not empty and not a dpocli cache (contains {foreign[0]!r})",
-                              file=out, hint="choose another --out folder")
-        if (out / cache.MANIFEST_NAME).exists():
-            try:
-                old = cache.read_manifest(out)
-                differs = cache.explain_mismatch(spec, old.spec)
-            except DpocliError as err:
-                old, differs = None, err.message
-            if differs is None and old is not None:
-                return _keep_intact_shards(out, old)
-            if not overwrite:
-                raise DpocliError(f"already holds a cache made differently ({differs})", file=out,
-                                  hint="pass --overwrite to replace it, or choose another --out")
-        for p in out.iterdir():  # unlisted or replaced shards, stray temporaries
-            if p.is_dir():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+    if not out.exists() or not any(out.iterdir()):
+        return OutPlan(None, [])
+    manifest = None
+    if (out / cache.MANIFEST_NAME).exists():
+        try:
+            manifest = cache.read_manifest(out)
+        except DpocliError as err:
+            raise DpocliError(f"holds a manifest.json dpocli cannot read ({err.message}), so it cannot "
+                              "prove it wrote this folder; it will not write into or clear it",
+                              file=out, hint="choose another --out, or delete the folder yourself "
+                                             "if it is a cache you no longer need") from None
+    found = _survey_cache(out, manifest)
+    if manifest is None:
+        found.refuse_foreign("is not empty and is not a dpocli cache; it")
+        return OutPlan(None, found.temporaries)
+    differs = cache.explain_mismatch(spec, manifest.spec)
+    if differs is None:
+        manifest = _keep_intact_shards(out, manifest)
+        if manifest.complete:  # nothing to write, so extra entries do no harm
+            return OutPlan(manifest, [], complete=True)
+        found.refuse_foreign("is an unfinished dpocli cache but")
+        listed = {e["file"] for e in manifest.shards}
+        stale = [p for p in found.owned if cache.SHARD_PATTERN.match(p.name) and p.name not in listed]
+        return OutPlan(manifest, found.temporaries + stale)
+    if not overwrite:
+        raise DpocliError(f"already holds a cache made differently ({differs})", file=out,
+                          hint="pass --overwrite to replace it, or choose another --out")
+    found.refuse_foreign("is a dpocli cache but")
+    return OutPlan(None, found.owned + found.temporaries)
+
+
+def _claim_out(out: Path, plan: OutPlan, manifest: cache.Manifest) -> None:
+    """Clear what the plan proved to be ours, then commit the manifest first: from here on the
+    folder is provably a dpocli cache, so a killed run can be resumed or replaced safely."""
+    outputs.remove_owned(plan.remove)
+    created = outputs.ensure_folder(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".dpocli-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise DpocliError(f"cannot be written ({err.strerror})", file=out) from None
-    return None
+        cache.commit_manifest(out, manifest)
+    except DpocliError:
+        if created:
+            outputs.remove_folder_if_empty(out)
+        raise
 
 
 def _score_shard(scorer, device, pairs, cfg, pad_id, bar, throughput) -> dict:
@@ -183,6 +237,27 @@ def _score_shard(scorer, device, pairs, cfg, pad_id, bar, throughput) -> dict:
     return columns
 
 
+def _write_shard(out: Path, index: int, pairs, cfg: PrecomputeConfig, spec: dict, scorer, device,
+                 pad_id: int, bar, throughput) -> dict:
+    """Score and write shard `index`; its manifest entry, plus the completion tokens scored."""
+    rows = pairs[index * cfg.rows_per_shard:(index + 1) * cfg.rows_per_shard]
+    keep = [(ex, tok) for ex, tok in rows if not isinstance(tok, Dropped)]
+    dropped: dict[str, int] = {}
+    for _, tok in rows:
+        if isinstance(tok, Dropped):
+            dropped[tok.reason] = dropped.get(tok.reason, 0) + 1
+    bar.update(len(rows) - len(keep))
+    try:
+        columns = _score_shard(scorer, device, keep, cfg, pad_id, bar, throughput)
+    except out_of_memory_types():
+        raise RunFailure(f"out of memory scoring shard {index} (finished shards are kept)",
+                         hint="rerun with a smaller --max-tokens or --batch-size; it resumes") from None
+    entry = cache.write_shard(out, index, columns, cfg.token_logps, spec)
+    entry["dropped"] = dropped
+    entry["tokens"] = sum(len(t.chosen_ids) + len(t.rejected_ids) for _, t in keep)
+    return entry
+
+
 class _Throughput:
     """Tokens/s over the run, shown in the progress bar."""
 
@@ -194,7 +269,27 @@ class _Throughput:
         return self.tokens / max(time.perf_counter() - self.start, 1e-9)
 
 
-RESOLVED_TOML = "precompute.resolved.toml"
+RESOLVED_TOML = "config.resolved.toml"
+
+
+def _tokenize_rows(cfg: PrecomputeConfig, read, tokenizer) -> list[tuple]:
+    """(example, TokenizedPair | Dropped) for every row read; refuses with --strict or when nothing fits."""
+    pairs = []
+    for ex in read.examples:
+        tok = tokenize_pair(ex, tokenizer, cfg.max_length)
+        if isinstance(tok, Dropped) and cfg.strict:
+            raise DpocliError(f"would be dropped ({tok.reason}: the prompt alone has at least "
+                              f"--max-length {cfg.max_length} tokens)", file=ex.file, row=ex.row,
+                              field=cfg.prompt_column, hint="raise --max-length or drop --strict")
+        pairs.append((ex, tok))
+    shrunk = sum(1 for _, t in pairs if not isinstance(t, Dropped) and t.prompt_shrunk)
+    if shrunk:
+        warn(f"{shrunk} row(s): the tokenized prompt is not a prefix of prompt+completion (BPE merged "
+             "across the boundary); their prompt was shortened to the common prefix, as TRL does")
+    if not any(not isinstance(t, Dropped) for _, t in pairs):
+        raise DpocliError(f"no rows left after tokenization: all {len(pairs)} prompts have at least "
+                          f"--max-length {cfg.max_length} tokens", file=cfg.input, field="--max-length")
+    return pairs
 
 
 def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> dict:
@@ -213,54 +308,33 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     for line in read.warnings:
         warn(line)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    pairs = []
-    for ex in read.examples:
-        tok = tokenize_pair(ex, tokenizer, cfg.max_length)
-        if isinstance(tok, Dropped):
-            if cfg.strict:
-                raise DpocliError(f"would be dropped ({tok.reason}: the prompt alone has at least "
-                                  f"--max-length {cfg.max_length} tokens)", file=ex.file, row=ex.row,
-                                  field=cfg.prompt_column, hint="raise --max-length or drop --strict")
-        pairs.append((ex, tok))
-    shrunk = sum(1 for _, t in pairs if not isinstance(t, Dropped) and t.prompt_shrunk)
-    if shrunk:
-        warn(f"{shrunk} row(s): the tokenized prompt is not a prefix of prompt+completion (BPE merged "
-             "across the boundary); their prompt was shortened to the common prefix, as TRL does")
-    kept = sum(1 for _, t in pairs if not isinstance(t, Dropped))
-    if kept == 0:
-        raise DpocliError(f"no rows left after tokenization: all {len(pairs)} prompts have at least "
-                          f"--max-length {cfg.max_length} tokens", file=cfg.input, field="--max-length")
+    pairs = _tokenize_rows(cfg, read, tokenizer)
     model_fp = weights_fingerprint(cfg.model)
     spec = _build_spec(cfg, read, tokenizer, model_fp)
     out = Path(cfg.out)
+    outputs.check_output_location(out, {"the input": cfg.input, "--model": cfg.model})
 
-    # Rank 0 alone inspects and prepares the folder; the others get its verdict (or its error,
-    # so that no rank is left waiting in a collective when rank 0 refuses).
-    verdict = None
-    if dist.is_main:
-        try:
-            verdict = ("ok", _prepare_out_dir(out, spec, cfg.overwrite))
-        except DpocliError as err:
-            verdict = ("error", err)
-    verdict = dist.broadcast_object(verdict)
-    if verdict[0] == "error":
-        raise verdict[1]
-    resumed = verdict[1]
-    if resumed is not None and resumed.complete:
+    # Rank 0 alone inspects the folder; the others get its verdict (or its error, so that no
+    # rank is left waiting in a collective when rank 0 refuses). Nothing is written yet.
+    plan = dist.on_main_then_broadcast(lambda: _inspect_out(out, spec, cfg.overwrite))
+    if plan.complete:
         log(f"[green]already complete[/green]: {out} matches these arguments; nothing to do")
-        return _summary(cfg, resumed, "already_complete", time.perf_counter() - t0, 0)
+        return _summary(cfg, plan.resume, "already_complete", time.perf_counter() - t0, 0)
 
     planned = math.ceil(len(pairs) / cfg.rows_per_shard)
-    manifest = resumed or cache.Manifest(spec=spec, planned_shards=planned, rows_read=read.rows_read)
+    manifest = plan.resume or cache.Manifest(spec=spec, planned_shards=planned, rows_read=read.rows_read)
     done = {s["index"] for s in manifest.shards}
     todo = [i for i in range(planned) if i not in done and i % dist.world_size == dist.rank]
-    if done:
-        log(f"resuming: {len(done)} of {planned} shards already done")
 
+    # Device and model come before the folder is touched, so a bad --device or model leaves the
+    # folder (and any cache in it) exactly as it was.
     device = dist.device_for(resolve_device(cfg.device))
     model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device,
                            attn_implementation=cfg.attn_implementation,
                            trust_remote_code=cfg.trust_remote_code)
+    dist.on_main_then_broadcast(lambda: _claim_out(out, plan, manifest))
+    if done:
+        log(f"resuming: {len(done)} of {planned} shards already done")
     positions = getattr(model.config, "max_position_embeddings", None)
     longest = max(len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids))
                   for _, t in pairs if not isinstance(t, Dropped))
@@ -274,32 +348,23 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     # Every rank takes part in every gather, also after its own shards run out (None entries),
     # so rank 0 can commit the manifest after each round of shards.
     rounds = dist.max_over_ranks(len(todo))
-    with ProgressBar("precompute-ref", rows_todo) as bar, torch.inference_mode():
-        throughput = _Throughput()
-        for round_ in range(rounds):
-            entry = None
-            if round_ < len(todo):
-                index = todo[round_]
-                rows = pairs[index * cfg.rows_per_shard:(index + 1) * cfg.rows_per_shard]
-                keep = [(ex, tok) for ex, tok in rows if not isinstance(tok, Dropped)]
-                dropped: dict[str, int] = {}
-                for _, tok in rows:
-                    if isinstance(tok, Dropped):
-                        dropped[tok.reason] = dropped.get(tok.reason, 0) + 1
-                bar.update(len(rows) - len(keep))
-                try:
-                    columns = _score_shard(scorer, device, keep, cfg, pad_id, bar, throughput)
-                except out_of_memory_types():
-                    raise RunFailure(
-                        f"out of memory scoring shard {index} (finished shards are kept)",
-                        hint="rerun with a smaller --max-tokens or --batch-size; it resumes") from None
-                tokens_scored += sum(len(t.chosen_ids) + len(t.rejected_ids) for _, t in keep)
-                entry = cache.write_shard(out, index, columns, cfg.token_logps, spec)
-                entry["dropped"] = dropped
-            manifest.shards += [e for e in dist.all_gather_object(entry) if e is not None]
-            manifest.shards.sort(key=lambda e: e["index"])
-            if dist.is_main:
-                cache.commit_manifest(out, manifest)
+    try:
+        with sigterm_as_interrupt(), ProgressBar("precompute-ref", rows_todo) as bar, \
+                torch.inference_mode():
+            throughput = _Throughput()
+            for round_ in range(rounds):
+                entry = None
+                if round_ < len(todo):
+                    entry = _write_shard(out, todo[round_], pairs, cfg, spec, scorer, device,
+                                         pad_id, bar, throughput)
+                    tokens_scored += entry.pop("tokens")
+                manifest.shards += [e for e in dist.all_gather_object(entry) if e is not None]
+                manifest.shards.sort(key=lambda e: e["index"])
+                if dist.is_main:
+                    cache.commit_manifest(out, manifest)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; {len(manifest.shards)} of {planned} shards are saved in {out}",
+                          hint="rerun the same command to resume: finished shards are kept") from None
 
     if dist.is_main:
         if resolved_toml:
@@ -331,9 +396,7 @@ def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict,
         "batching": cfg.batching(), "rows_per_shard": manifest.spec["rows_per_shard"],
         "prefix_sharing": cfg.prefix_sharing, "packing": cfg.packing,
     }
-    tok_dir = out / cache.TOKENIZER_DIR
-    if tok_dir.exists():
-        shutil.rmtree(tok_dir)
+    tok_dir = out / cache.TOKENIZER_DIR  # replaced whole if present: it is ours (CACHE_NAMES)
     from dpocli.atomic import atomic_dir
     with atomic_dir(tok_dir) as tmp:
         tokenizer.save_pretrained(tmp)

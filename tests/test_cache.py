@@ -173,7 +173,7 @@ def test_failed_shard_write_leaves_nothing(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(cache.pq, "write_table", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(cache.DpocliError, match="cannot be written"):  # one line, exit 1
         write_shard(out, 0, columns([make_row(0)]), False, SPEC)
     assert list(out.iterdir()) == []  # no shard, no temporary
 

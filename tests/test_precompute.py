@@ -167,13 +167,14 @@ def test_interrupted_run_resumes_to_identical_cache(tmp_path, monkeypatch, tiny_
     to an uninterrupted run's, and only the shards not listed in the manifest are scored.
 
     Failing in commit_manifest leaves shard k written but unlisted (a crash between the rename and
-    the manifest commit): it must be redone, not trusted."""
+    the manifest commit): it must be redone, not trusted. (The first commit_manifest call is the
+    empty manifest that claims the folder before any shard is written.)"""
     real_write, calls, failing = cache.write_shard, [], []
 
     def fail_on_call(real):
         def wrapper(*args, **kwargs):
             failing.append(1)
-            if len(failing) == k + 1:
+            if len(failing) == k + 1 + (target == "commit_manifest"):
                 raise error("simulated crash")
             return real(*args, **kwargs)
         return wrapper

@@ -1,0 +1,169 @@
+"""What dpocli may write and delete: output folders are surveyed, and checked, before anything is touched.
+
+The rule (DESIGN.md, "Safety defaults"):
+* dpocli deletes only what it can prove it wrote: entries its own record lists (a cache's
+  `manifest.json`, a run's `run_record.json`) and the temporaries of its atomic writes (atomic.py).
+  It removes a folder only when nothing else is left in it.
+* `--overwrite` replaces a dpocli cache or run, nothing else. A folder that holds anything dpocli
+  did not write is never written into, cleared or deleted; the user is told which entry is foreign.
+* An output never is, holds, or lies inside what the same command reads (its input, model or
+  cache), and never is the working directory or one of its parents.
+
+Everything here only looks; callers delete through `remove_owned` once every other check passed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dpocli.atomic import temporary_base
+from dpocli.errors import DpocliError, RunFailure
+
+
+@dataclass
+class Survey:
+    """The entries of an existing output folder, sorted by who wrote them."""
+
+    folder: Path
+    owned: list[Path] = field(default_factory=list)  # listed in dpocli's record: replaceable
+    temporaries: list[Path] = field(default_factory=list)  # leftovers of a killed dpocli write
+    foreign: list[str] = field(default_factory=list)  # anything else: never touched
+
+    def refuse_foreign(self, what: str) -> None:
+        if self.foreign:
+            shown = ", ".join(repr(n) for n in self.foreign[:3]) + (" ..." if len(self.foreign) > 3 else "")
+            raise DpocliError(f"{what} also holds {shown}, which dpocli did not write; dpocli never "
+                              "writes into, clears or deletes such a folder", file=self.folder,
+                              hint="move those entries out, or choose another --out")
+
+
+def survey(folder: Path, is_owned) -> Survey:
+    """Sort `folder`'s entries with `is_owned(name) -> bool`; temporaries of owned names are ours too."""
+    found = Survey(folder)
+    for entry in sorted(folder.iterdir()):
+        base = temporary_base(entry.name)
+        if is_owned(entry.name):
+            found.owned.append(entry)
+        elif base is not None and is_owned(base):
+            found.temporaries.append(entry)
+        else:
+            found.foreign.append(entry.name)
+    return found
+
+
+def remove_owned(paths: list[Path]) -> None:
+    """Delete entries a survey proved to be ours (files, or folders dpocli wrote whole)."""
+    for path in paths:
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as err:
+            raise write_failure(path, err) from None
+
+
+def remove_folder_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # something else is (still) there: it stays
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_output_location(out: Path, reads: dict[str, str | Path | None], flag: str = "--out") -> None:
+    """Refuse an output folder that is, holds or lies inside something the command reads, or that is
+    the working directory or a parent of it. `reads` maps a flag name to a path (non-paths, such as
+    hub ids that are not local folders, are skipped)."""
+    target = Path(out).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise DpocliError("is the working directory or one of its parents; dpocli writes its output "
+                          "into a folder of its own", file=out, field=flag,
+                          hint="choose a new subfolder, e.g. --out ./runs/NAME")
+    _check_creatable(Path(out), flag)
+    for name, path in reads.items():
+        if path is None or not Path(path).expanduser().exists():
+            continue
+        source = Path(path).expanduser().resolve()
+        if _overlaps(target, source):
+            raise DpocliError(f"overlaps {name} {path}; an output must not be, hold or lie inside what "
+                              "the command reads", file=out, field=flag,
+                              hint="choose an --out folder outside it")
+
+
+def _check_creatable(folder: Path, flag: str) -> None:
+    """The folder exists and is writable, or its nearest existing parent is a writable folder."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe != folder and not probe.is_dir():
+        raise DpocliError(f"cannot be written: {probe} is a file, not a folder", file=folder, field=flag)
+    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
+        raise DpocliError(f"cannot be written: {probe} is not writable", file=folder, field=flag)
+
+
+def ensure_folder(folder: Path) -> bool:
+    """Create `folder` (and parents); True if this call created it, so a failed start can remove it."""
+    if folder.is_dir():
+        return False
+    try:
+        folder.mkdir(parents=True)
+    except FileExistsError:
+        raise DpocliError("exists and is not a folder", file=folder) from None
+    except OSError as err:
+        raise write_failure(folder, err) from None
+    return True
+
+
+def check_writable_file(path: Path, flag: str) -> None:
+    """An output file's folder exists (created if missing) and can be written, checked up front."""
+    path = Path(path)
+    if path.is_dir():
+        raise DpocliError("is a folder; give a file name", file=path, field=flag)
+    ensure_folder(path.parent)
+    if not os.access(path.parent, os.W_OK):
+        raise DpocliError("cannot be written (the folder is not writable)", file=path, field=flag)
+
+
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def write_failure(path: Path, err: BaseException) -> RunFailure:
+    """A one-line runtime error for a failed write: disk full, folder not writable, or gone.
+
+    Writers report failures in different shapes (OSError with errno, pyarrow's and safetensors'
+    own messages, torch's "file write failed"), so the folder itself is examined too."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    code = getattr(err, "errno", None)
+    text = str(err)
+    if code in _FULL or "No space left" in text or "StorageFull" in text or _nearly_full(folder):
+        why = "no space left on the device"
+        hint = "free some space, then rerun the same command: finished work is kept and resumes"
+    elif code in _DENIED or "Permission denied" in text or "Read-only" in text \
+            or (folder.exists() and not os.access(folder, os.W_OK)):
+        why = "the folder is not writable"
+        hint = "make it writable (or choose another output), then rerun the same command"
+    elif code == errno.ENOENT or not folder.exists():
+        why = "the folder vanished while dpocli was writing to it"
+        hint = "rerun the same command"
+    else:
+        why = f"the write failed ({type(err).__name__}: {text.splitlines()[0] if text else ''})"
+        hint = "rerun the same command; finished work is kept"
+    return RunFailure(f"cannot be written: {why}", file=path, hint=hint)
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
