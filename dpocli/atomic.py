@@ -32,7 +32,7 @@ def temporary_base(name: str) -> str | None:
     return None
 
 
-def _as_write_failure(path: Path, err: BaseException):
+def as_write_failure(path: Path, err: BaseException):
     """Disk full / not writable / vanished as one `error:` line (see outputs.write_failure)."""
     from dpocli.errors import DpocliError
     if isinstance(err, (DpocliError, KeyboardInterrupt, SystemExit)):
@@ -93,7 +93,7 @@ def atomic_path(path: str | os.PathLike):
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
-        raise _as_write_failure(path, err) from None
+        raise as_write_failure(path, err) from None
     os.close(fd)
     try:
         yield Path(tmp)
@@ -104,7 +104,7 @@ def atomic_path(path: str | os.PathLike):
     except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        failure = _as_write_failure(path, err)
+        failure = as_write_failure(path, err)
         if failure is err:
             raise
         raise failure from None
@@ -123,7 +123,7 @@ def atomic_dir(path: str | os.PathLike):
         tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
         os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes 0700; honour the umask like mkdir would
     except OSError as err:
-        raise _as_write_failure(path, err) from None
+        raise as_write_failure(path, err) from None
     try:
         yield tmp
         fsync_dir(tmp)
@@ -136,7 +136,7 @@ def atomic_dir(path: str | os.PathLike):
             os.replace(tmp, path)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        failure = _as_write_failure(path, err)
+        failure = as_write_failure(path, err)
         if failure is err:
             raise
         raise failure from None

@@ -1,4 +1,10 @@
-"""Checkpoints: an HF-format model folder plus the trainer state needed to resume exactly.
+"""The run folder and its checkpoints: what a run wrote, and the state needed to resume exactly.
+
+A run folder is dpocli's only if it holds `run_record.json`, the run record. The record lists
+every top-level entry the run created (written to the record *before* the entry is created),
+so `--overwrite`, pruning and cleanup delete only what the record proves dpocli wrote
+(outputs.py states the rule).
+
 
 A checkpoint is `RUN_DIR/checkpoint-<step>/` holding config.json + model.safetensors + tokenizer
 files (loadable with `from_pretrained`), `trainer_state.json` (step, data position, RNG seeds) and
@@ -10,19 +16,216 @@ renamed, so a checkpoint folder either exists complete or not at all; leftovers 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from dpocli.atomic import atomic_dir, atomic_write_json
+from dpocli import __version__, outputs
+from dpocli.atomic import as_write_failure, atomic_dir, atomic_write_json
 from dpocli.errors import DpocliError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_JSON = "trainer_state.json"
 STATE_PT = "optimizer.pt"
+RUN_RECORD = "run_record.json"
+RUN_CONFIG = "run_config.json"
+RESOLVED_TOML = "config.resolved.toml"
+METRICS = "metrics.jsonl"
+FINAL_STAGING = "final-model"  # the final model is written here first (as a temporary), then moved up
+RECORD_FORMAT = "dpocli-run"
+# Fields that may change between an interrupted run and its --resume.
+# batch_size may change as long as batch_size x ranks (the global batch) stays the same.
+RESUME_FREE = {"resume", "overwrite", "save_every", "save_total_limit", "eval_every", "batch_size",
+               "report_to"}
+
+
+@dataclass
+class RunPlan:
+    """How `--out` will be used, decided by looking only (`inspect_run_dir`)."""
+
+    path: Path
+    resume_from: tuple[int, Path] | None = None  # (step, checkpoint folder)
+    record: dict | None = None  # the existing record when resuming
+    remove: list[Path] = field(default_factory=list)  # ours: cleared before the run starts
+
+
+def _read_record(path: Path) -> dict | None:
+    """The run record, a dpocli 0.1 run's equivalent (run_config.json only), or None."""
+    record_path = path / RUN_RECORD
+    if record_path.exists():
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise DpocliError(f"cannot be read ({err}), so dpocli cannot prove it wrote this folder",
+                              file=record_path, hint="choose another --out") from None
+        if not (isinstance(record, dict) and record.get("format") == RECORD_FORMAT
+                and isinstance(record.get("files"), list)):
+            raise DpocliError("is not a dpocli run record", file=record_path,
+                              hint="choose another --out")
+        return record
+    if (path / RUN_CONFIG).is_file():  # written by dpocli 0.1, which kept no record
+        try:
+            config = json.loads((path / RUN_CONFIG).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if isinstance(config, dict) and {"cache", "model", "out", "beta"} <= set(config):
+            legacy = [RUN_CONFIG, RESOLVED_TOML, METRICS] + [p.name for _, p in list_checkpoints(path)]
+            return {"format": RECORD_FORMAT, "files": legacy, "legacy": True}
+    return None
+
+
+def _owned_by(record: dict):
+    names = set(record["files"]) | {RUN_RECORD}
+    return lambda name: name in names or name == FINAL_STAGING
+
+
+def inspect_run_dir(path: Path, config: dict, cache_identity: dict, *, resume: bool,
+                    overwrite: bool) -> RunPlan:
+    """Decide how to use RUN_DIR without touching it; refuse what would clobber anything that is
+    not this run's. Every rank may call it (it only reads)."""
+    if path.exists() and not path.is_dir():
+        raise DpocliError("exists and is not a folder", file=path)
+    if not path.exists() or not any(path.iterdir()):
+        return RunPlan(path)
+    record = _read_record(path)
+    if record is None:
+        first = sorted(p.name for p in path.iterdir())[0]
+        raise DpocliError(f"is not empty (holds {first!r}) and is not a dpocli run; dpocli never "
+                          "writes into, clears or deletes such a folder", file=path,
+                          hint="choose a new --out folder")
+    found = outputs.survey(path, _owned_by(record))
+    if resume:
+        found.refuse_foreign("is a dpocli run but")
+        _check_resumable(path, config, cache_identity, record)
+        found_ckpts = list_checkpoints(path)
+        return RunPlan(path, found_ckpts[-1] if found_ckpts else None, record, found.temporaries)
+    if not overwrite:
+        raise DpocliError("already holds a dpocli run", file=path,
+                          hint="pass --resume to continue it, --overwrite to start over, or choose "
+                               "another --out")
+    found.refuse_foreign("is a dpocli run but")
+    return RunPlan(path, remove=found.owned + found.temporaries)
+
+
+def _check_resumable(path: Path, config: dict, cache_identity: dict, record: dict) -> None:
+    saved_path = path / RUN_CONFIG
+    try:
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DpocliError(f"cannot be read ({err})", file=saved_path) from None
+    for key in sorted(set(saved) | set(config)):
+        if key not in RESUME_FREE and saved.get(key) != config.get(key):
+            raise DpocliError(f"was started with {key}={saved.get(key)!r}, this run has "
+                              f"{config.get(key)!r}", file=saved_path, field=key,
+                              hint="resume with the original arguments, or start a new run from a "
+                                   "checkpoint: --model RUN_DIR/checkpoint-N --out NEW_DIR")
+    for key, value in record.get("cache", {}).items():
+        if cache_identity.get(key) != value:
+            raise DpocliError(f"the cache {config.get('cache')} was rebuilt since this run started "
+                              f"({key} differs)", file=path / RUN_RECORD, field=key,
+                              hint="resume with the cache the run started with, or start a new run")
+
+
+class RunDir:
+    """A claimed run folder. Only rank 0 makes one; it adds each entry to the record first."""
+
+    def __init__(self, path: Path, record: dict, created_folder: bool):
+        self.path = path
+        self.record = record
+        self.created_folder = created_folder
+
+    @classmethod
+    def claim(cls, plan: RunPlan, config: dict, cache_identity: dict, resolved_toml: str | None,
+              extra_files: tuple[str, ...] = ()) -> "RunDir":
+        """Clear what the plan proved to be ours, then write the record, run_config.json and the
+        resolved TOML. Called only after every check and the model load succeeded."""
+        outputs.remove_owned(plan.remove)
+        created = outputs.ensure_folder(plan.path)
+        if plan.record is not None and not plan.record.get("legacy"):
+            record = plan.record
+        else:
+            record = {"format": RECORD_FORMAT, "dpocli_version": __version__,
+                      "files": list((plan.record or {}).get("files", [])), "cache": cache_identity}
+        run = cls(plan.path, record, created)
+        run.add(RUN_CONFIG, RESOLVED_TOML, METRICS, *extra_files)
+        if plan.record is None:
+            atomic_write_json(plan.path / RUN_CONFIG, config)
+            if resolved_toml:
+                from dpocli.atomic import atomic_write_text
+                atomic_write_text(plan.path / RESOLVED_TOML, resolved_toml)
+        return run
+
+    def add(self, *names: str) -> None:
+        """List entries in the record before they are created."""
+        new = [n for n in names if n not in self.record["files"]]
+        if new:
+            self.record["files"] += new
+            atomic_write_json(self.path / RUN_RECORD, self.record)
+
+    def discard(self, *names: str) -> None:
+        self.record["files"] = [n for n in self.record["files"] if n not in names]
+        atomic_write_json(self.path / RUN_RECORD, self.record)
+
+    def abandon(self) -> None:
+        """A run that failed before its first step leaves nothing behind: the corrected rerun
+        must not find a half-started run in its way."""
+        outputs.remove_owned([self.path / n for n in self.record["files"] + [RUN_RECORD]
+                              if (self.path / n).exists()])
+        if self.created_folder:
+            outputs.remove_folder_if_empty(self.path)
+
+    def save_checkpoint(self, step: int, model, tokenizer, optimizer_state: dict, scheduler,
+                        trainer_state: dict, model_state: dict | None = None) -> Path:
+        self.add(f"checkpoint-{step}")
+        return save_checkpoint(self.path, step, model, tokenizer, optimizer_state, scheduler,
+                               trainer_state, model_state)
+
+    def prune(self, keep: int | None) -> None:
+        """Delete the oldest of this run's checkpoints beyond `keep` (None keeps all)."""
+        if not keep:
+            return
+        listed = set(self.record["files"])
+        for _, path in [c for c in list_checkpoints(self.path) if c[1].name in listed][:-keep]:
+            outputs.remove_owned([path])
+            self.discard(path.name)
+
+    def save_final(self, model, tokenizer, state_dict: dict | None = None) -> None:
+        """The final model, as a plain HF folder = RUN_DIR itself. Written in a staging folder
+        first; its files are recorded, then moved up with config.json last, so a failure never
+        leaves a config.json that looks like a finished model without its weights."""
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=f"{FINAL_STAGING}.tmp-", dir=self.path))
+        except OSError as err:
+            raise outputs.write_failure(self.path, err) from None
+        try:
+            save_model_folder(staging, model, tokenizer, state_dict)
+            names = sorted(os.listdir(staging), key=lambda n: n == "config.json")
+            for name in names:
+                target = self.path / name
+                if (target.exists() and name not in self.record["files"]) or target.is_dir():
+                    raise DpocliError(f"would replace {name!r}, which dpocli did not write",
+                                      file=self.path)
+            self.add(*names)
+            for name in names:
+                os.replace(staging / name, self.path / name)
+        except Exception as err:
+            failure = as_write_failure(self.path, err)
+            if failure is err:
+                raise
+            raise failure from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def save_merged(self, model, tokenizer) -> None:
+        self.add("merged")
+        with atomic_dir(self.path / "merged") as tmp:
+            save_model_folder(tmp, model, tokenizer)
 
 
 def save_model_folder(folder: Path, model, tokenizer, state_dict: dict | None = None) -> None:
@@ -85,11 +288,3 @@ def load_trainer_state(folder: Path) -> tuple[dict, dict]:
         raise DpocliError(f"is not a readable checkpoint ({type(err).__name__}: {err})",
                           file=folder, hint="delete it to resume from the one before") from None
     return state, tensors
-
-
-def prune_checkpoints(run_dir: Path, keep: int | None) -> None:
-    """Delete the oldest checkpoints beyond `keep` (None keeps all)."""
-    if not keep:
-        return
-    for _, path in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)

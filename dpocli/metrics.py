@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from dpocli.atomic import atomic_write_text
+from dpocli.errors import DpocliError
 from dpocli.losses import LossOutput
 
 
@@ -70,19 +72,35 @@ class MetricsLog:
         self.sinks = sinks or []  # optional TensorBoard / W&B writers (dpocli/integrations.py)
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop lines logged after the checkpoint we resume from (they will be redone)."""
+        """On resume: drop lines logged after the checkpoint we resume from (they will be redone).
+
+        A last line cut short by a kill is dropped too; a damaged line elsewhere is an error."""
         if not (self.enabled and self.path.exists()):
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                if number == len(lines):
+                    break  # a write cut by the kill that stopped the run
+                raise DpocliError("is not valid JSON", file=self.path, row=number,
+                                  hint="fix or delete that line, then resume") from None
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+        except OSError as err:
+            from dpocli.outputs import write_failure
+            raise write_failure(self.path, err) from None
         for sink in self.sinks:
             sink.write(record)
 

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from dpocli import __version__, cache, checkpoint, distributed
+from dpocli import __version__, cache, checkpoint, distributed, outputs
 from dpocli.batching import plan_epoch
-from dpocli.console import ProgressBar, log
+from dpocli.console import ProgressBar, log, sigterm_as_interrupt
 from dpocli.errors import DpocliError, Interrupted, RunFailure, out_of_memory_types
 from dpocli.logprobs import CompletionScorer, sequence_logps
 from dpocli.losses import LossInputs, LossSpec, compute_loss, parse_loss_list, validate_spec
@@ -40,13 +40,6 @@ from dpocli.packing import check_layout_flags
 from dpocli.policy import load_policy_tokenizer, check_vocab
 from dpocli.schedule import make_optimizer, make_scheduler
 from dpocli.scoring import cache_batch, cached_reference, score_cache
-
-RUN_CONFIG = "run_config.json"
-RESOLVED_TOML = "config.resolved.toml"
-# Fields that may change between an interrupted run and its --resume.
-# batch_size may change as long as batch_size x ranks (the global batch) stays the same.
-RESUME_FREE = {"resume", "overwrite", "save_every", "save_total_limit", "eval_every", "batch_size",
-               "report_to"}
 
 
 @dataclass(frozen=True)
@@ -147,48 +140,11 @@ class TrainConfig:
             raise DpocliError("needs --eval-cache", field="--eval-every")
 
 
-def _prepare_run_dir(cfg: TrainConfig, dist, resolved_toml: str | None = None
-                     ) -> tuple[Path, tuple[int, Path] | None]:
-    """Create RUN_DIR, or find the checkpoint to resume from. Refuses to clobber a run.
-
-    Every rank runs the checks on the shared filesystem before rank 0 writes anything."""
-    run_dir = Path(cfg.out)
-    resolved = asdict(cfg)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise DpocliError("exists and is not a folder", file=run_dir)
-    has_content = run_dir.is_dir() and any(run_dir.iterdir())
-    if has_content and cfg.resume:
-        saved_path = run_dir / RUN_CONFIG
-        if saved_path.exists():
-            saved = json.loads(saved_path.read_text())
-            for key in sorted(set(saved) | set(resolved)):
-                if key not in RESUME_FREE and saved.get(key) != resolved.get(key):
-                    raise DpocliError(f"was started with {key}={saved.get(key)!r}, this run has "
-                                      f"{resolved.get(key)!r}", file=saved_path, field=key,
-                                      hint="resume with the original arguments")
-        found = checkpoint.list_checkpoints(run_dir)
-        dist.barrier()
-        return run_dir, (found[-1] if found else None)
-    if has_content and not cfg.overwrite:
-        raise DpocliError("already exists and is not empty", file=run_dir,
-                          hint="pass --resume to continue it, --overwrite to start over, or "
-                               "choose another --out")
-    dist.barrier()
-    if dist.is_main:
-        if has_content and cfg.overwrite:
-            import shutil
-            shutil.rmtree(run_dir)
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            from dpocli.atomic import atomic_write_json
-            atomic_write_json(run_dir / RUN_CONFIG, resolved)
-            if resolved_toml:
-                from dpocli.atomic import atomic_write_text
-                atomic_write_text(run_dir / RESOLVED_TOML, resolved_toml)
-        except OSError as err:
-            raise DpocliError(f"cannot be written ({err.strerror})", file=run_dir) from None
-    dist.barrier()
-    return run_dir, None
+def _cache_identity(manifest, data) -> dict:
+    """What a resumed run must find again: the same spec and the same rows in the same order."""
+    import hashlib
+    ids = hashlib.sha256("\n".join(data.ids).encode("utf-8")).hexdigest()
+    return {"spec_fingerprint": manifest.spec_fingerprint, "ids_sha256": ids}
 
 
 def _load_caches(cfg: TrainConfig):
@@ -260,23 +216,6 @@ def _grad_sync(scorer, sync: bool):
     return nullcontext()
 
 
-def _term_as_interrupt():
-    import signal
-    import threading
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, handler)
-
-
-def _restore_term(previous) -> None:
-    import signal
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _rank_rows(micro: list[int], dist) -> tuple[list[int], bool]:
     """This rank's contiguous share of a global micro-batch. A rank left with nothing (a short last
     batch) scores one row with zero weight, because DDP needs every rank in every backward."""
@@ -292,12 +231,14 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     dist = distributed.current()
     manifest, data, eval_set = _load_caches(cfg)
     tokenizer = load_policy_tokenizer(cfg, manifest)
-    run_dir, resume_from = _prepare_run_dir(cfg, dist, resolved_toml)
-    sinks = []
-    if dist.is_main and cfg.report_to:
-        from dpocli.integrations import make_sinks
-        sinks = make_sinks(cfg.report_to, run_dir, asdict(cfg))
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main, sinks=sinks)
+    identity = _cache_identity(manifest, data)
+    run_dir = Path(cfg.out)
+    outputs.check_output_location(run_dir, {"--model": cfg.model, "the cache": cfg.cache,
+                                            "--eval-cache": cfg.eval_cache})
+    # Look only: every check (folder, device, model) passes before anything is created or deleted.
+    plan = checkpoint.inspect_run_dir(run_dir, asdict(cfg), identity, resume=cfg.resume,
+                                      overwrite=cfg.overwrite)
+    resume_from = plan.resume_from
 
     torch.manual_seed(cfg.seed)
     device = dist.device_for(resolve_device(cfg.device))
@@ -313,6 +254,15 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
                  lora.wrap(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                            target_modules=cfg.lora_target_modules))
         log(lora.trainable_summary(model))
+
+    sink_dirs = tuple(name for name in ("tensorboard", "wandb") if name in (cfg.report_to or ""))
+    run = dist.on_main_then_broadcast(lambda: checkpoint.RunDir.claim(
+        plan, asdict(cfg), identity, resolved_toml, sink_dirs + (("merged",) if cfg.merge else ())))
+    sinks = []
+    if dist.is_main and cfg.report_to:
+        from dpocli.integrations import make_sinks
+        sinks = make_sinks(cfg.report_to, run_dir, asdict(cfg))
+    metrics_log = MetricsLog(run_dir / checkpoint.METRICS, enabled=dist.is_main, sinks=sinks)
     model.train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -364,17 +314,21 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
             state = {"step": at_step, "epoch": epoch, "micro_index": micro_index,
                      "global_batch": global_batch, "world_size": dist.world_size,
                      "num_tokens": num_tokens, "step0": extra, "dpocli_version": __version__}
-            checkpoint.save_checkpoint(run_dir, at_step, model, tokenizer, optim_state, scheduler,
-                                       state, model_state)
-            checkpoint.prune_checkpoints(run_dir, cfg.save_total_limit)
+            run.save_checkpoint(at_step, model, tokenizer, optim_state, scheduler, state, model_state)
+            run.prune(cfg.save_total_limit)
         last_saved = at_step
         dist.barrier()
 
+    def abandon_if_unstarted() -> None:
+        # A run that fails before its first step (step-0 check, OOM, Ctrl-C) leaves nothing
+        # behind, so the corrected rerun is not refused by a half-started run.
+        if step == 0 and plan.record is None and dist.is_main:
+            run.abandon()
+
     bar_cm = ProgressBar("train", total_steps) if dist.is_main else nullcontext()
     # SIGTERM (a scheduler's pre-emption, `kill`) takes the same path as Ctrl-C: save and exit 130.
-    previous_term = _term_as_interrupt()
     try:
-        with bar_cm as bar:
+        with sigterm_as_interrupt(), bar_cm as bar:
             if bar is not None:
                 bar.update(step)
             while step < total_steps:
@@ -416,11 +370,14 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
                 lr = scheduler.get_last_lr()[0]
                 means = step_metrics.means(dist)
                 if not (math.isfinite(means["loss"]) and math.isfinite(grad_norm)):
+                    good = run_dir / f"checkpoint-{last_saved}" if last_saved else cfg.model
                     raise RunFailure(
                         f"non-finite {'loss' if not math.isfinite(means['loss']) else 'gradient norm'} "
                         f"at step {step + 1}; the last good checkpoint is "
-                        f"{run_dir / f'checkpoint-{last_saved}' if last_saved else 'none'}",
-                        hint="lower --lr, keep --max-grad-norm, or train in float32")
+                        f"{good if last_saved else 'none'}",
+                        hint=f"start a new run from {good} with a lower --lr (or --dtype float32): "
+                             f"dpo train {cfg.cache} --model {good} --out NEW_DIR ... "
+                             "(--resume keeps the original settings)")
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -445,6 +402,7 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
                 if cfg.save_every and step % cfg.save_every == 0:
                     save(step)
     except out_of_memory_types():
+        abandon_if_unstarted()
         raise RunFailure(f"out of memory at step {step + 1} (batch of {cfg.batch_size} pairs per rank)",
                          hint="lower --batch-size and raise --grad-accum, add --gradient-checkpointing, "
                               "or use --autocast bfloat16") from None
@@ -454,11 +412,13 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if step > 0:
             save(step)
+        abandon_if_unstarted()
         where = f"checkpoint-{last_saved}" if last_saved else "no checkpoint (step 0)"
         raise Interrupted(f"interrupted at step {step}; saved {where}",
                           hint=f"resume with the same command plus --resume (out: {run_dir})") from None
-    finally:
-        _restore_term(previous_term)
+    except BaseException:
+        abandon_if_unstarted()
+        raise
 
     final_eval = {}
     if eval_set is not None:
@@ -469,9 +429,9 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     metrics_log.close()
     model_state, _ = distributed.full_state_dicts(model, optimizer, cfg.fsdp)
     if dist.is_main:
-        checkpoint.save_model_folder(run_dir, model, tokenizer, model_state)
+        run.save_final(model, tokenizer, model_state)
         if cfg.merge:
-            checkpoint.save_model_folder(run_dir / "merged", model.merge_and_unload(), tokenizer)
+            run.save_merged(model.merge_and_unload(), tokenizer)
     dist.barrier()
     return _summary(cfg, run_dir, step, total_steps, extra, metrics_log, final_eval, t_start, device)
 

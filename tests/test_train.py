@@ -135,7 +135,7 @@ def test_existing_run_dir_is_not_overwritten(small_cache, tmp_path):
     run = tmp_path / "run"
     assert invoke(train_args(small_cache, run, "--max-steps", 1)).exit_code == 0
     result = invoke(train_args(small_cache, run, "--max-steps", 1))
-    assert result.exit_code == 2 and "already exists" in result.stderr
+    assert result.exit_code == 2 and "already holds a dpocli run" in result.stderr
     assert invoke(train_args(small_cache, run, "--max-steps", 1, "--overwrite")).exit_code == 0
 
 
