@@ -111,7 +111,10 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, body: dict, where: str) -> "Manifest":
-        if not isinstance(body, dict) or body.get("format") != FORMAT:
+        if not isinstance(body, dict):
+            raise DpocliError(f"is not a dpocli cache manifest (a JSON {type(body).__name__}, not an "
+                              "object)", file=where)
+        if body.get("format") != FORMAT:
             raise DpocliError(f"is not a dpocli cache manifest (format {body.get('format')!r})",
                               file=where, field="format")
         if body.get("format_version") != FORMAT_VERSION:
@@ -139,6 +142,8 @@ def read_manifest(cache_dir: str | Path) -> Manifest:
         body = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise DpocliError(f"is not valid JSON ({err})", file=path) from None
+    except OSError as err:  # a folder named manifest.json, unreadable permissions
+        raise DpocliError(f"cannot be read ({err.strerror})", file=path) from None
     return Manifest.from_dict(body, str(path))
 
 

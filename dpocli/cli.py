@@ -17,16 +17,79 @@ import typer
 
 from dpocli import __version__
 from dpocli.console import emit_json, emit_table, err_console, set_quiet
-from dpocli.errors import EXIT_INTERRUPTED, DpocliError
+from dpocli.errors import (EXIT_INTERRUPTED, EXIT_RUNTIME, DpocliError, RunFailure,
+                           out_of_memory_types)
 
 EPILOG = ("Exit codes: 0 success, 1 runtime failure (NaN loss, out of memory), 2 bad usage or "
           "input, 130 interrupted (state saved). Set DPOCLI_DEBUG=1 for tracebacks.")
 
-app = typer.Typer(name="dpo", no_args_is_help=True, add_completion=False,
+def _is_click_error(err: BaseException, name: str = "ClickException") -> bool:
+    # typer >= 0.29 vendors click (typer._click), older typer uses click itself: match by class name.
+    return any(cls.__name__ == name for cls in type(err).__mro__)
+
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """Every failure reaches the user as one `error:` line and an exit code, never a traceback:
+    click's usage errors (2), our DpocliError (2, or 1 at run time), anything else (1, a bug)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except Exception as err:  # typer.Exit never gets here: non-standalone click returns its code
+            code = _report(err)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _report(err: BaseException) -> int:
+    """Print `err` as one line (plus a hint) on stderr; return the exit code."""
+    debug = bool(os.environ.get("DPOCLI_DEBUG"))
+    if _is_click_error(err, "NoArgsIsHelpError"):
+        sys.stdout.write(err.format_message() + "\n")  # the help text itself
+        return 0
+    if _is_click_error(err, "Abort"):
+        err_console.print("interrupted")
+        return EXIT_INTERRUPTED
+    if _is_click_error(err):
+        ctx, param = getattr(err, "ctx", None), getattr(err, "param", None)
+        config_file, from_config = (ctx.meta.get("dpocli.config") if ctx else None) or (None, ())
+        named = config_file if param is not None and param.name in from_config else None
+        _print_error(DpocliError(err.format_message().strip().rstrip(".").replace("\n", " "),
+                                 file=named, hint=f"see '{ctx.command_path} --help'" if ctx else None))
+        return err.exit_code
+    if isinstance(err, DpocliError):
+        _print_error(err)
+        if debug:
+            _print_traceback(err)
+        return err.exit_code
+    if isinstance(err, out_of_memory_types()):
+        _print_error(RunFailure("out of memory", hint="lower --batch-size / --max-tokens, or use a "
+                                                      "smaller --dtype"))
+        return EXIT_RUNTIME
+    if isinstance(err, OSError):
+        where = err.filename if getattr(err, "filename", None) else None
+        _print_error(RunFailure(err.strerror or str(err) or type(err).__name__, file=where))
+        return EXIT_RUNTIME
+    first_line = str(err).splitlines()[0] if str(err) else ""
+    _print_error(RunFailure(f"internal error ({type(err).__name__}: {first_line})",
+                            hint="this is a bug in dpocli; rerun with DPOCLI_DEBUG=1 for the traceback "
+                                 "and report it"))
+    if debug:
+        _print_traceback(err)
+    return EXIT_RUNTIME
+
+
+def _print_traceback(err: BaseException) -> None:
+    import traceback
+    sys.stderr.write("".join(traceback.format_exception(type(err), err, err.__traceback__)))
+
+
+app = typer.Typer(name="dpo", cls=_OneLineErrors, no_args_is_help=True, add_completion=False,
                   pretty_exceptions_show_locals=False, epilog=EPILOG,
                   help="Direct Preference Optimization in two stages: cache the reference once "
                        "(precompute-ref), then train and evaluate from the cache.")
-cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check reference caches.",
+cache_app = typer.Typer(cls=_OneLineErrors, no_args_is_help=True, help="Inspect and check reference caches.",
                         epilog=EPILOG)
 app.add_typer(cache_app, name="cache")
 
@@ -46,6 +109,7 @@ def _config_callback(ctx: typer.Context, param, value):
             _print_error(err)
             raise typer.Exit(err.exit_code)
         ctx.default_map = {**(ctx.default_map or {}), **mapped}
+        ctx.meta["dpocli.config"] = (str(value), set(mapped))  # so a bad value can name the file
     return value
 
 
@@ -81,14 +145,11 @@ def _run(fn, *, quiet: bool = False):
         # A stray print() in a dependency must not corrupt `--json` output on stdout.
         with contextlib.redirect_stdout(sys.stderr):
             return fn()
-    except DpocliError as err:
-        _print_error(err)
-        if os.environ.get("DPOCLI_DEBUG"):
-            raise
-        raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
         err_console.print("interrupted")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as err:
+        raise typer.Exit(_report(err)) from None
     finally:
         distributed.shutdown()
 

@@ -34,6 +34,10 @@ def _toml_load(path: Path) -> dict:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DpocliError("no such config file", file=path, field="--config") from None
+    except IsADirectoryError:
+        raise DpocliError("is a folder, not a TOML file", file=path, field="--config") from None
+    except OSError as err:
+        raise DpocliError(f"cannot be read ({err.strerror})", file=path, field="--config") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise DpocliError(f"is not valid TOML ({err})", file=path, field="--config") from None
 
@@ -76,6 +80,7 @@ def config_defaults(command: click.Command, command_name: str, path: Path) -> di
                               f"see `dpo {command_name} --help`")
         mapped[names[key]] = value
     return mapped
+
 
 
 def _toml_value(value) -> str:

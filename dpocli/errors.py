@@ -7,7 +7,6 @@ The CLI catches `DpocliError` only, so a real bug still shows its traceback.
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2  # click's own code for usage errors, so typer's errors and ours agree
 EXIT_INTERRUPTED = 130
@@ -55,6 +54,21 @@ class Interrupted(DpocliError):
     """Ctrl-C / SIGTERM after resumable state was written; the message says how to resume."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+MAX_SEED = 2**32 - 1  # numpy's limit, which HF's set_seed (and so TRL) also has
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise DpocliError(f"must be between 0 and {MAX_SEED}, got {seed}", field=flag)
+
+
+def check_at_least(values: dict, minimum: float) -> None:
+    """Refuse any `flag: value` below `minimum` (None means unset and passes)."""
+    for flag, value in values.items():
+        if value is not None and not value >= minimum:
+            raise DpocliError(f"must be >= {minimum}, got {value}", field=flag)
 
 
 def out_of_memory_types() -> tuple[type, ...]:

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from dpocli import __version__, cache, distributed
+from dpocli import __version__, cache, distributed, outputs
 from dpocli.atomic import atomic_path
 from dpocli.console import ProgressBar, log
-from dpocli.errors import DpocliError
+from dpocli.errors import DpocliError, check_at_least, check_seed
 from dpocli.logprobs import CompletionScorer
 from dpocli.losses import LossInputs, LossSpec, compute_loss, parse_loss_list, validate_spec
 from dpocli.modeling import load_causal_lm, resolve_device
@@ -101,6 +101,39 @@ def pair_metrics(pc: torch.Tensor, pr: torch.Tensor, ref: dict, spec: LossSpec) 
     return m, columns
 
 
+PER_EXAMPLE_KEY = "dpocli.per_example"
+PER_EXAMPLE_COLUMNS = {"model", "id", "source_row"}
+
+
+def check_per_example_path(path: Path, reads: list[str]) -> None:
+    """--per-example may replace only a file `dpo eval` wrote; its folder is created if missing."""
+    for source in reads:
+        if Path(source).exists() and Path(source).resolve() in path.resolve().parents:
+            raise DpocliError(f"lies inside {source}, which this command reads", file=path,
+                              field="--per-example", hint="write it somewhere else")
+    if path.exists() and not _written_by_eval(path):
+        raise DpocliError("exists and was not written by `dpo eval`; dpocli will not replace it",
+                          file=path, field="--per-example", hint="choose another file name")
+    outputs.check_writable_file(path, "--per-example")
+
+
+def _written_by_eval(path: Path) -> bool:
+    if path.is_dir():
+        return False
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+            schema = pq.read_schema(path)
+            return PER_EXAMPLE_KEY.encode() in (schema.metadata or {}) or \
+                PER_EXAMPLE_COLUMNS <= set(schema.names)
+        import json
+        with open(path, encoding="utf-8") as f:
+            first = f.readline()
+        return not first.strip() or PER_EXAMPLE_COLUMNS <= set(json.loads(first))
+    except Exception:  # unreadable or another format: not provably ours
+        return False
+
+
 def write_per_example(path: Path, rows: list[dict]) -> None:
     """One row per (model, pair); Parquet or JSONL by suffix, written atomically."""
     import pyarrow as pa
@@ -108,7 +141,7 @@ def write_per_example(path: Path, rows: list[dict]) -> None:
     with atomic_path(path) as tmp:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
-            pq.write_table(table, tmp)
+            pq.write_table(table.replace_schema_metadata({PER_EXAMPLE_KEY: "1"}), tmp)
         elif path.suffix in (".jsonl", ".json"):
             import json
             with open(tmp, "w", encoding="utf-8") as f:
@@ -126,6 +159,8 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
              temperature: float = 0.0, kl_samples: int = 4, seed: int = 0,
              attn_implementation: str | None = None, trust_remote_code: bool = False) -> dict:
     t0 = time.perf_counter()
+    check_eval_options(samples=samples, temperature=temperature, kl_samples=kl_samples,
+                       max_new_tokens=max_new_tokens, max_tokens=max_tokens, seed=seed)
     names, weights = parse_loss_list(loss, loss_weights)
     spec = LossSpec(losses=names, weights=weights, beta=beta, label_smoothing=label_smoothing,
                     ipo_length_normalized=ipo_length_normalized)
@@ -136,6 +171,8 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
     if not models:
         raise DpocliError("give at least one --model", field="--model")
     manifest, data = cache.load_cache(cache_dir)
+    if per_example:  # checked before the evaluation, so a bad path does not lose its results
+        check_per_example_path(Path(per_example), [cache_dir, *models])
     dist = distributed.current()
     dev = dist.device_for(resolve_device(device))
     pad_id = int(manifest.spec["tokenizer"]["pad_token_id"])
@@ -175,3 +212,12 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
             "spec_fingerprint": manifest.spec_fingerprint, "beta": beta, "loss": loss,
             "pairs": data.num_rows, "models": results, "per_example": per_example,
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def check_eval_options(*, samples: int, temperature: float, kl_samples: int, max_new_tokens: int,
+                       max_tokens: int | None, seed: int) -> None:
+    """0 keeps its documented meaning for --samples (none) and --temperature (greedy)."""
+    check_at_least({"--samples": samples, "--temperature": temperature}, 0)
+    check_at_least({"--kl-samples": kl_samples, "--max-new-tokens": max_new_tokens,
+                    "--max-tokens": max_tokens}, 1)
+    check_seed(seed)

@@ -124,6 +124,18 @@ def _ordered(names) -> list[str]:
     return sorted(names, key=lambda n: (rank.get(n.removeprefix("eval_"), len(ORDER)), n))
 
 
+REPORT_MARK = "dpocli report"
+
+
+def _written_by_report(path: Path) -> bool:
+    """Reports carry REPORT_MARK (PNG text chunk, HTML meta tag) near the start of the file."""
+    try:
+        with open(path, "rb") as f:
+            return REPORT_MARK.encode() in f.read(4096)
+    except OSError:
+        return False
+
+
 def summarize(run_dir: str | Path, out: str | Path | None = None) -> dict:
     """The report as a dict (the `--json` output); also writes `out` (.png or .html) when given."""
     run_dir = Path(run_dir)
@@ -133,6 +145,9 @@ def summarize(run_dir: str | Path, out: str | Path | None = None) -> dict:
             raise DpocliError("unknown report format (expected a .png or .html file name)", file=out)
         if not out.parent.is_dir():
             raise DpocliError("folder does not exist", file=out.parent)
+        if out.exists() and not _written_by_report(out):
+            raise DpocliError("exists and was not written by `dpo report`; dpocli will not replace it",
+                              file=out, field="--out", hint="choose another file name")
     train, evals = read_metrics(run_dir)
     config = {}
     config_path = (run_dir if run_dir.is_dir() else run_dir.parent) / "run_config.json"
@@ -229,7 +244,7 @@ def render_png(train: dict[str, Series], evals: dict[str, Series], *, title: str
         axes[len(PANELS)].text(0.02, 0.98, "\n".join(notes), va="top", ha="left", family="monospace",
                                fontsize=11, transform=axes[len(PANELS)].transAxes)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", metadata={"Software": REPORT_MARK})
     return buf.getvalue()
 
 
@@ -276,7 +291,7 @@ def _html_page(summary: dict, png: bytes) -> str:
     config = "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>"
                      for k, v in summary["config"].items())
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>dpo report {esc(summary['run_dir'])}</title>
+<html><head><meta charset="utf-8"><meta name="generator" content="{REPORT_MARK}"><title>dpo report {esc(summary['run_dir'])}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em}} img{{max-width:100%}}
 table{{border-collapse:collapse;margin:1em 0}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
 td:first-child{{text-align:left}} td.s{{font-family:monospace;text-align:left}}</style></head><body>

@@ -30,7 +30,8 @@ import torch
 from dpocli import __version__, cache, checkpoint, distributed, outputs
 from dpocli.batching import plan_epoch
 from dpocli.console import ProgressBar, log, sigterm_as_interrupt
-from dpocli.errors import DpocliError, Interrupted, RunFailure, out_of_memory_types
+from dpocli.errors import (DpocliError, Interrupted, RunFailure, check_at_least, check_seed,
+                           out_of_memory_types)
 from dpocli.logprobs import CompletionScorer, sequence_logps
 from dpocli.losses import LossInputs, LossSpec, compute_loss, parse_loss_list, validate_spec
 from dpocli.metrics import MetricsLog, StepMetrics, rename_for_eval
@@ -113,10 +114,12 @@ class TrainConfig:
         for flag, value in positive.items():
             if not value > 0:
                 raise DpocliError(f"must be > 0, got {value}", field=flag)
-        for flag, value in {"--max-steps": self.max_steps, "--save-every": self.save_every,
-                            "--eval-every": self.eval_every}.items():
-            if value is not None and value < 1:
-                raise DpocliError(f"must be >= 1, got {value}", field=flag)
+        check_at_least({"--max-steps": self.max_steps, "--save-every": self.save_every,
+                        "--eval-every": self.eval_every, "--save-total-limit": self.save_total_limit}, 1)
+        # 0 has a meaning for these: no warm-up, no weight decay, no clipping (--max-grad-norm 0).
+        check_at_least({"--warmup-steps": self.warmup_steps, "--weight-decay": self.weight_decay,
+                        "--max-grad-norm": self.max_grad_norm}, 0)
+        check_seed(self.seed)
         if self.scheduler not in ("constant", "linear", "cosine"):
             raise DpocliError(f"'{self.scheduler}' is not one of constant, linear, cosine",
                               field="--scheduler")

@@ -14,7 +14,7 @@ import torch
 
 from dpocli import __version__, cache
 from dpocli.console import log
-from dpocli.errors import DpocliError
+from dpocli.errors import DpocliError, check_at_least, check_seed
 from dpocli.logprobs import CompletionScorer
 from dpocli.modeling import STEP0_TOLERANCE, load_causal_lm, resolve_device, weights_fingerprint
 from dpocli.scoring import cache_batch
@@ -26,6 +26,8 @@ RESCORE_TOLERANCE = {"float32": 1e-4, **{k: v for k, v in STEP0_TOLERANCE.items(
 def run_verify(cache_dir: str, *, rescore: int = 0, model: str | None = None, seed: int = 0,
                device: str | None = None) -> dict:
     t0 = time.perf_counter()
+    check_at_least({"--rescore": rescore}, 0)
+    check_seed(seed)
     manifest, data = cache.load_cache(cache_dir, checksums=True)
     result = {"command": "cache verify", "dpocli_version": __version__, "cache": str(cache_dir),
               "spec_fingerprint": manifest.spec_fingerprint, "shards_checked": len(manifest.shards),
