@@ -25,7 +25,7 @@ from dpocli.tokenization import TokenizedPair, tokenize_pair, tokenizer_fingerpr
 FIXTURES = Path(__file__).parent / "fixtures"
 BIG = 10**6
 GROUPS = ["tools_list", "tools_json", "tool_calls_in_prompt", "tool_turns_in_completion", "template_kwargs",
-          "implicit_with_tools"]
+          "extra_message_keys", "implicit_with_tools"]
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,8 @@ def test_trl_fixture_exercises_what_it_claims(trl_chat, chat_tokenizer):
     assert "<tool_response>" in decode(trl_chat["groups"]["tool_turns_in_completion"][0]["chosen_ids"])
     thinking = ["<think>" in decode(e["prompt_ids"]) for e in trl_chat["groups"]["template_kwargs"]]
     assert thinking == [True, False, False]  # off, on, and null (the missing key) is not `false`
+    reasoning = trl_chat["groups"]["extra_message_keys"]
+    assert decode(reasoning[0]["chosen_ids"]).startswith("<think>\n7 has no divisors.\n</think>")
 
 
 def test_arrow_union_is_what_makes_the_ids_equal(trl_chat, chat_tokenizer):
