@@ -31,7 +31,8 @@ from dpocli import messages as chat
 from dpocli.atomic import sha256_file
 from dpocli.errors import DpocliError
 from dpocli.messages import type_name as _type_name
-from dpocli.sources import ARROW_SUFFIXES, DEFAULT_SPLIT, JSONL_SUFFIXES, list_input_files, resolve_input
+from dpocli.sources import ARROW_SUFFIXES, DEFAULT_SPLIT, JSONL_SUFFIXES, resolve_input
+from dpocli.sources import list_input_files  # noqa: F401 (its old home: callers import it from here)
 
 Message = dict  # {"role": str, "content": str | None, ...}: every key is kept (see messages.py)
 
@@ -325,8 +326,7 @@ def _parse_row(record: dict, columns: _Columns, loc: dict):
     for name, part in ((columns.chosen, chosen), (columns.rejected, rejected)):
         if not _has_text(part):
             raise DpocliError("is empty after splitting off the implicit prompt (the common prefix of "
-                              f"{pair})",
-                              field=name, **loc)
+                              f"{pair})", field=name, **loc)
     return conversational, prompt, chosen, rejected
 
 
@@ -341,7 +341,7 @@ def _prompt_repeated_in_messages(checked: dict, columns: _Columns):
     text = checked[columns.prompt][1]
     prompt, chosen, rejected = extract_prompt(checked[columns.chosen][1], checked[columns.rejected][1])
     users = [m["content"] for m in prompt if m["role"] == "user"]
-    if not users or users[-1].strip() != text.strip() or not chosen or not rejected:
+    if not users or (users[-1] or "").strip() != text.strip() or not chosen or not rejected:
         return None
     return prompt, chosen, rejected
 

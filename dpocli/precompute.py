@@ -90,7 +90,8 @@ def _build_spec(cfg: PrecomputeConfig, read, tokenizer, model_fp: dict) -> dict:
         "rows_per_shard": cfg.rows_per_shard,
         "input": {
             "files": [asdict(f) for f in read.files],
-            "split": read.split,  # None when the input has no splits
+            # Only inputs with splits record one, so caches of plain files made before --split stay valid.
+            **({"split": read.split} if read.split is not None else {}),
             "columns": {"prompt": cfg.prompt_column, "chosen": cfg.chosen_column,
                         "rejected": cfg.rejected_column, "id": cfg.id_column},
             "drop_identical": cfg.drop_identical,
