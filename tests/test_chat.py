@@ -25,7 +25,7 @@ from dpocli.tokenization import TokenizedPair, tokenize_pair, tokenizer_fingerpr
 FIXTURES = Path(__file__).parent / "fixtures"
 BIG = 10**6
 GROUPS = ["tools_list", "tools_json", "tool_calls_in_prompt", "tool_turns_in_completion", "template_kwargs",
-          "extra_message_keys", "implicit_with_tools"]
+          "extra_message_keys", "implicit_with_tools", "rendered_unknown_role"]
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +37,20 @@ def chat_tokenizer(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def trl_chat(chat_tokenizer):
+def tokenizers(tokenizer, chat_tokenizer):
+    return {"tool": chat_tokenizer, "bundled": tokenizer}
+
+
+@pytest.fixture(scope="module")
+def trl_chat(tokenizers):
     fixture = json.loads((FIXTURES / "trl_chat_ids.json").read_text())
     assert fixture["trl_version"] == "1.16.0"
-    assert fixture["tokenizer_fingerprint"] == tokenizer_fingerprint(chat_tokenizer), (
+    fingerprints = {k: tokenizer_fingerprint(t) for k, t in tokenizers.items()}
+    assert fixture["tokenizer_fingerprints"] == fingerprints, (
         "fixture is stale: rerun tests/fixtures/make_trl_chat_ids.py")
     assert list(fixture["groups"]) == GROUPS
-    return fixture
+    return {name: group["rows"] for name, group in fixture["groups"].items()}, \
+        {name: group["template"] for name, group in fixture["groups"].items()}
 
 
 def user(text):
@@ -72,12 +79,13 @@ def one(tmp_path, row, tokenizer):
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 @pytest.mark.parametrize("group", GROUPS)
-def test_ids_equal_trl(tmp_path, trl_chat, chat_tokenizer, group, fmt):
-    entries = trl_chat["groups"][group]
+def test_ids_equal_trl(tmp_path, trl_chat, tokenizers, group, fmt):
+    groups, templates = trl_chat
+    entries = groups[group]
     examples = read_rows(tmp_path, [e["row"] for e in entries], fmt)
     assert [e.id for e in examples] == [e["row"]["id"] for e in entries]
     for example, entry in zip(examples, entries, strict=True):
-        pair = tokenize_pair(example, chat_tokenizer, BIG)
+        pair = tokenize_pair(example, tokenizers[templates[group]], BIG)
         assert isinstance(pair, TokenizedPair)
         assert pair.prompt_ids == entry["prompt_ids"], example.id
         assert pair.chosen_ids == entry["chosen_ids"], example.id
@@ -85,24 +93,27 @@ def test_ids_equal_trl(tmp_path, trl_chat, chat_tokenizer, group, fmt):
 
 
 def test_trl_fixture_exercises_what_it_claims(trl_chat, chat_tokenizer):
+    groups, templates = trl_chat
+    assert {g for g, t in templates.items() if t == "bundled"} == {"rendered_unknown_role"}
     decode = chat_tokenizer.decode
     text = {g: [decode(e["prompt_ids"] + e["chosen_ids"]) + decode(e["rejected_ids"])
-                for e in trl_chat["groups"][g]] for g in GROUPS}
+                for e in groups[g]] for g in GROUPS}
     assert all("<tools>" in t for t in text["tools_list"] + text["tools_json"])
     assert any('"unit": null' in t for t in text["tools_list"])  # Arrow's union, rendered by TRL
     # A completion that is only a tool call, and tool turns inside prompts and completions.
-    assert decode(trl_chat["groups"]["tools_list"][0]["chosen_ids"]).startswith("\n<tool_call>")
-    assert "<tool_response>" in decode(trl_chat["groups"]["tool_calls_in_prompt"][0]["prompt_ids"])
-    assert "<tool_response>" in decode(trl_chat["groups"]["tool_turns_in_completion"][0]["chosen_ids"])
-    thinking = ["<think>" in decode(e["prompt_ids"]) for e in trl_chat["groups"]["template_kwargs"]]
+    assert decode(groups["tools_list"][0]["chosen_ids"]).startswith("\n<tool_call>")
+    assert "<tool_response>" in decode(groups["tool_calls_in_prompt"][0]["prompt_ids"])
+    assert "<tool_response>" in decode(groups["tool_turns_in_completion"][0]["chosen_ids"])
+    thinking = ["<think>" in decode(e["prompt_ids"]) for e in groups["template_kwargs"]]
     assert thinking == [True, False, False]  # off, on, and null (the missing key) is not `false`
-    reasoning = trl_chat["groups"]["extra_message_keys"]
+    reasoning = groups["extra_message_keys"]
     assert decode(reasoning[0]["chosen_ids"]).startswith("<think>\n7 has no divisors.\n</think>")
 
 
 def test_arrow_union_is_what_makes_the_ids_equal(trl_chat, chat_tokenizer):
+    groups, _ = trl_chat
     # The rows as written (no null-filled keys) give other ids than TRL's: the union matters.
-    entry = trl_chat["groups"]["tools_list"][0]
+    entry = groups["tools_list"][0]
     row = entry["row"]
     raw = Example("x", 0, row["prompt"], row["chosen"], row["rejected"], True, "t.jsonl", 1,
                   tools=row["tools"])
@@ -231,6 +242,7 @@ def test_plain_text_rows_with_tools_warn(tmp_path):
 
 def test_precompute_renders_tools_end_to_end(tmp_path, trl_chat, chat_tokenizer):
     """The CLI path: a model folder whose tokenizer carries the tool template, rows from the fixture."""
+    groups, _ = trl_chat
     model = tmp_path / "model"
     model.mkdir()
     for f in MODEL.iterdir():
@@ -240,13 +252,13 @@ def test_precompute_renders_tools_end_to_end(tmp_path, trl_chat, chat_tokenizer)
         if (model / f).exists():
             (model / f).unlink()
     chat_tokenizer.save_pretrained(model)
-    rows = [e["row"] for e in trl_chat["groups"]["tool_turns_in_completion"]]
+    rows = [e["row"] for e in groups["tool_turns_in_completion"]]
     out = tmp_path / "cache"
     result = invoke(["precompute-ref", write_jsonl(tmp_path / "tools.jsonl", rows), "--model", model,
                      "--out", out, "--quiet", "--json", "--token-logps"])
     assert result.exit_code == 0, result.stderr
     shard = pq.read_table(next(out.glob("part-*.parquet"))).to_pylist()
-    expected = {e["row"]["id"]: e for e in trl_chat["groups"]["tool_turns_in_completion"]}
+    expected = {e["row"]["id"]: e for e in groups["tool_turns_in_completion"]}
     for r in shard:
         assert r["prompt_ids"] == expected[r["id"]]["prompt_ids"]
         assert r["chosen_ids"] == expected[r["id"]]["chosen_ids"]
