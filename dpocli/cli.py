@@ -196,6 +196,7 @@ def precompute_ref(
     prompt_column: Annotated[str, typer.Option(help="Prompt column; if absent the prompt is the common prefix of chosen and rejected.")] = "prompt",
     chosen_column: Annotated[str, typer.Option(help="Preferred completion column.")] = "chosen",
     rejected_column: Annotated[str, typer.Option(help="Dispreferred completion column.")] = "rejected",
+    split: Annotated[str, typer.Option(help="Split to read from a folder laid out like a Hub dataset (split-named files, README.md configs, save_to_disk DatasetDict); splits are never merged.")] = "train",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the transformer body (pays on long runs; compiling takes a minute).")] = False,
     prefix_sharing: Annotated[bool, typer.Option("--prefix-sharing", help="Run each pair's prompt once: prompt+chosen+rejected with a prefix-sharing attention pattern (faster with long prompts; without --packing it builds a dense mask and cannot use flash attention).")] = False,
     packing: Annotated[bool, typer.Option("--packing", help="Padding-free batches: all sequences of a batch end to end in one row, attention run per sequence (no compute on pad tokens).")] = False,
@@ -221,7 +222,7 @@ def precompute_ref(
         rejected_column=rejected_column, token_logps=token_logps, rows_per_shard=rows_per_shard,
         drop_identical=drop_identical, strict=strict, overwrite=overwrite,
         trust_remote_code=trust_remote_code, prefix_sharing=prefix_sharing, packing=packing,
-        compile=compile)
+        compile=compile, split=split)
     _check_dtype(dtype)
     summary = _run(lambda: run_precompute(cfg, resolved_toml=_resolved(ctx)), quiet=quiet)
     _emit(summary, as_json, precompute_table)

@@ -1,9 +1,12 @@
-"""Read preference pairs from JSON Lines or Parquet files and validate them into `Example` records.
+"""Read preference pairs from JSON Lines, Parquet or Arrow files and validate them into `Example`s.
 
 Invariants:
 - Every returned `Example` has a non-empty prompt, chosen and rejected of one kind: three strings
-  (standard) or three lists of {"role", "content"} messages (conversational), with messages reduced
-  to exactly those two keys.
+  (standard) or three lists of messages (conversational). Messages keep every key, with the shape
+  TRL's Arrow-backed rows give them (`messages.unify_column`), plus the row's `tools` and
+  `chat_template_kwargs`: everything TRL hands to the chat template.
+- Only the files of one split are read (`sources.resolve_input`); columns that TRL does not read
+  either are named in a warning, never dropped silently; image columns are refused.
 - `Example.id` is unique within one `read_examples` call. `source_row` is the row's 0-based position
   in the whole input (files in name order, rows in order), dropped rows included, so later stages
   can restore input order after sorting by length.
@@ -24,16 +27,15 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dpocli import messages as chat
 from dpocli.atomic import sha256_file
 from dpocli.errors import DpocliError
+from dpocli.messages import type_name as _type_name
+from dpocli.sources import ARROW_SUFFIXES, DEFAULT_SPLIT, JSONL_SUFFIXES, resolve_input
+from dpocli.sources import list_input_files  # noqa: F401 (its old home: callers import it from here)
 
-Message = dict  # {"role": str, "content": str}
+Message = dict  # {"role": str, "content": str | None, ...}: every key is kept (see messages.py)
 
-JSONL_SUFFIXES = (".jsonl", ".json-lines", ".jsonlines", ".ndjson")
-PARQUET_SUFFIXES = (".parquet",)
-# A folder written by HF `datasets.save_to_disk` holds Arrow IPC stream files (data-0000X-of-N.arrow);
-# pyarrow reads them directly, so the `datasets` package is not needed.
-ARROW_SUFFIXES = (".arrow",)
 _BOM = b"\xef\xbb\xbf"
 _PARQUET_BATCH_ROWS = 1024  # rows hold long texts; a batch bounds memory, not the file size
 
@@ -50,6 +52,8 @@ class Example:
     conversational: bool
     file: str
     row: int
+    tools: list | None = None  # passed to apply_chat_template as `tools=` (conversational rows)
+    chat_template_kwargs: dict | None = None  # spread into apply_chat_template (conversational rows)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class ReadResult:
     rows_read: int
     dropped: dict[str, int]
     warnings: list[str]
+    split: str | None = None  # the split read; None when the input has no splits
 
 
 @dataclass(frozen=True)
@@ -79,28 +84,6 @@ class _Columns:
     chosen: str
     rejected: str
     id: str | None
-
-
-def list_input_files(path) -> list[Path]:
-    """The data files behind `path`: the file itself, or a folder's .jsonl/.parquet files sorted by name.
-
-    Folders are not searched recursively: a stray subfolder (old splits, backups) must not leak in.
-    """
-    path = Path(path)
-    if path.is_dir():
-        files = sorted((p for p in path.iterdir()
-                        if p.is_file() and not p.name.startswith(".") and _suffix_ok(p)),
-                       key=lambda p: p.name)
-        if not files:
-            raise DpocliError("folder has no .jsonl, .parquet or .arrow (HF save_to_disk) files", file=path,
-                              hint="pass a data file, or the folder that holds them (subfolders are not searched)")
-        return files
-    if not path.exists():
-        raise DpocliError("does not exist", file=path)
-    if not _suffix_ok(path):
-        raise DpocliError("is not a JSON Lines (.jsonl) or Parquet (.parquet) file", file=path,
-                          hint="convert it to JSON Lines: one {\"prompt\", \"chosen\", \"rejected\"} object per line")
-    return [path]
 
 
 def extract_prompt(chosen, rejected):
@@ -127,57 +110,90 @@ def extract_prompt(chosen, rejected):
 
 def read_examples(path, *, prompt_column="prompt", chosen_column="chosen", rejected_column="rejected",
                   id_column: str | None = None, drop_identical: bool = False,
-                  max_row_bytes: int = 16 * 2**20) -> ReadResult:
-    """Read and validate every row under `path` (see `list_input_files`).
+                  max_row_bytes: int = 16 * 2**20, split: str = DEFAULT_SPLIT) -> ReadResult:
+    """Read and validate every row of `split` under `path` (see `sources.resolve_input`).
 
     The prompt is implicit (TRL's `extract_prompt`) for rows without `prompt_column`. Ids come from
     `id_column`, else an "id" column when present, else a content hash (see `_IdAssigner`).
     Rows whose chosen equals rejected are kept with a warning, or dropped with `drop_identical`.
 
+    All rows are read before any is validated: like TRL's Arrow table, a message's keys depend on
+    the whole column (`messages.unify_column`).
+
     Raises:
         DpocliError: at the first invalid row or file, naming file, row and field.
     """
     columns = _Columns(prompt_column, chosen_column, rejected_column, id_column)
-    ids = _IdAssigner()
-    examples: list[Example] = []
+    source = resolve_input(path, split)
     files: list[InputFile] = []
     warnings: list[str] = []
-    identical = 0
-    source_row = 0
-    for file_path in list_input_files(path):
+    records: list[tuple[dict, dict]] = []  # (loc, record) in input order
+    ignored: dict[str, None] = {}
+    for file_path in source.files:
         reader = (_iter_jsonl if file_path.name.lower().endswith(JSONL_SUFFIXES) else _iter_columnar)
-        first_source_row = source_row
-        for row, record in reader(file_path, columns, max_row_bytes, warnings):
-            loc = {"file": str(file_path), "row": row}
-            conversational, prompt, chosen, rejected = _parse_row(record, columns, loc)
-            # Ids are assigned before dropping, so a duplicate id is an error whatever the flags.
-            example_id = ids.assign(record, columns.id, (prompt, chosen, rejected), loc)
-            example = Example(example_id, source_row, prompt, chosen, rejected, conversational, **loc)
-            source_row += 1
-            identical += chosen == rejected
-            if not (drop_identical and chosen == rejected):
-                examples.append(example)
-        rows = source_row - first_source_row
-        if not rows:
+        first = len(records)
+        for row, record in reader(file_path, columns, max_row_bytes, warnings, ignored):
+            records.append(({"file": str(file_path), "row": row}, record))
+        if len(records) == first:
             warnings.append(f"{file_path}: file has no rows")
-        files.append(InputFile(str(file_path), file_path.stat().st_size, sha256_file(file_path), rows))
-
-    if source_row == 0:
+        files.append(InputFile(str(file_path), file_path.stat().st_size, sha256_file(file_path),
+                               len(records) - first))
+    if not records:
         raise DpocliError("input has no rows (expected at least one preference pair)", file=path)
+    for name in (columns.prompt, columns.chosen, columns.rejected, chat.TOOLS_COLUMN, chat.KWARGS_COLUMN):
+        _unify(records, name)
+    if ignored:
+        warnings.append("column(s) not used, and not rendered by TRL's DPOTrainer either: "
+                        + ", ".join(ignored))
+
+    ids = _IdAssigner()
+    examples: list[Example] = []
+    identical = extras_ignored = 0
+    for source_row, (loc, record) in enumerate(records):
+        conversational, prompt, chosen, rejected = _parse_row(record, columns, loc)
+        tools = chat.parse_tools(record.get(chat.TOOLS_COLUMN), loc)
+        kwargs = chat.parse_template_kwargs(record.get(chat.KWARGS_COLUMN), loc)
+        if not conversational:
+            # TRL renders only message lists with a template; plain-text rows ignore both columns.
+            extras_ignored += bool(tools is not None or chat.without_nulls(kwargs))
+            tools, kwargs = None, {}
+        extras = {"tools": tools, "chat_template_kwargs": kwargs or None}
+        # Ids are assigned before dropping, so a duplicate id is an error whatever the flags.
+        example_id = ids.assign(record, columns.id, (prompt, chosen, rejected), extras, loc)
+        example = Example(example_id, source_row, prompt, chosen, rejected, conversational, **loc, **extras)
+        same = chat.without_nulls(chosen) == chat.without_nulls(rejected)
+        identical += same
+        if not (drop_identical and same):
+            examples.append(example)
+
+    if extras_ignored:
+        warnings.append(f"{extras_ignored} plain-text row(s) have '{chat.TOOLS_COLUMN}' or "
+                        f"'{chat.KWARGS_COLUMN}': ignored, as TRL does (only message lists use a "
+                        "chat template)")
     if identical and drop_identical:
         warnings.append(f"dropped {identical} row(s) with chosen identical to rejected")
     elif identical:
         rows_have = "1 row has" if identical == 1 else f"{identical} rows have"
         warnings.append(f"{rows_have} chosen identical to rejected (kept; use --drop-identical to drop them)")
     if not examples:
-        raise DpocliError(f"all {source_row} rows were dropped (chosen identical to rejected)", file=path)
+        raise DpocliError(f"all {len(records)} rows were dropped (chosen identical to rejected)", file=path)
     dropped = {"identical_chosen_rejected": identical} if drop_identical and identical else {}
-    return ReadResult(examples, files, source_row, dropped, warnings)
+    return ReadResult(examples, files, len(records), dropped, warnings, source.split)
+
+
+def _unify(records: list[tuple[dict, dict]], name: str) -> None:
+    """Give column `name` the shape TRL's Arrow rows have (see `messages.unify_column`)."""
+    present = [record for _, record in records if isinstance(record.get(name), (list, dict))]
+    for record, value in zip(present, chat.unify_column([r[name] for r in present])):
+        record[name] = value
 
 
 # --- readers: yield (1-based row, record dict), raising on anything that is not a JSON/Parquet row ---
 
-def _iter_jsonl(path: Path, columns: _Columns, max_row_bytes: int, warnings: list[str]) -> Iterator:
+def _iter_jsonl(path: Path, columns: _Columns, max_row_bytes: int, warnings: list[str],
+                ignored: dict) -> Iterator:
+    """Rows of a JSON Lines file. Keys no stage uses are added to `ignored` (for one warning)."""
+    used = _used_columns(columns)
     prompt_checked = False  # look for a near-miss prompt column once per file, not once per row
     with open(path, "rb") as f:
         row = 0
@@ -201,14 +217,18 @@ def _iter_jsonl(path: Path, columns: _Columns, max_row_bytes: int, warnings: lis
             if not text.strip():
                 continue  # blank lines are skipped, but still counted so row == line number
             try:
-                record = json.loads(text.rstrip("\r\n"))  # so a position past the end means "line ended early"
+                # Stripped, so a position past the end means "line ended early".
+                record = json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as e:
-                raise DpocliError(f"line is not valid JSON ({e.msg} at character {e.pos + 1})", **loc) from None
+                raise DpocliError(f"line is not valid JSON ({e.msg} at character {e.pos + 1})",
+                                  **loc) from None
             if not isinstance(record, dict):
                 raise DpocliError(f"line is JSON but not an object (got {_type_name(record)})", **loc)
             if not prompt_checked and columns.prompt not in record:
                 _warn_implicit_prompt(path, columns.prompt, record.keys(), warnings)
                 prompt_checked = True
+            chat.refuse_images(record, loc)
+            ignored.update((k, None) for k in record if k not in used)
             yield row, record
 
 
@@ -223,7 +243,8 @@ class _ArrowStream:
         except pa.ArrowInvalid:
             self._source.seek(0)
             self._reader = pa.ipc.open_file(self._source)
-            self._batches = lambda: (self._reader.get_batch(i) for i in range(self._reader.num_record_batches))
+            self._batches = lambda: (self._reader.get_batch(i)
+                                     for i in range(self._reader.num_record_batches))
         self.schema_arrow = self._reader.schema
 
     def iter_batches(self, batch_size: int, columns: list[str]):
@@ -234,7 +255,8 @@ class _ArrowStream:
         self._source.close()
 
 
-def _iter_columnar(path: Path, columns: _Columns, max_row_bytes: int, warnings: list[str]) -> Iterator:
+def _iter_columnar(path: Path, columns: _Columns, max_row_bytes: int, warnings: list[str],
+                   ignored: dict) -> Iterator:
     """Rows of a Parquet file, or of an Arrow IPC file from an HF `save_to_disk` folder."""
     try:
         parquet = _ArrowStream(path) if path.name.lower().endswith(ARROW_SUFFIXES) else pq.ParquetFile(path)
@@ -249,9 +271,11 @@ def _iter_columnar(path: Path, columns: _Columns, max_row_bytes: int, warnings: 
                 raise _missing_column(name, flag, names, {"file": str(path)})
         if columns.prompt not in names:
             _warn_implicit_prompt(path, columns.prompt, names, warnings)
-        # Only the columns we use: a dataset with images or long metadata columns stays cheap to read.
-        wanted = [c for c in dict.fromkeys((columns.prompt, columns.chosen, columns.rejected, columns.id or "id"))
-                  if c in names]
+        chat.refuse_images(names, {"file": str(path)})
+        # Only the columns we use: a dataset with long metadata columns stays cheap to read.
+        used = _used_columns(columns)
+        wanted = [c for c in used if c in names]
+        ignored.update((n, None) for n in names if n not in used)
         for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=wanted):
             values = {name: batch.column(name).to_pylist() for name in batch.schema.names}
             for i in range(batch.num_rows):
@@ -264,6 +288,12 @@ def _iter_columnar(path: Path, columns: _Columns, max_row_bytes: int, warnings: 
         raise _unreadable_parquet(path, e) from None
     finally:
         parquet.close()
+
+
+def _used_columns(columns: _Columns) -> tuple[str, ...]:
+    """Every column some stage reads (the rest are ignored, by TRL too)."""
+    return tuple(dict.fromkeys((columns.prompt, columns.chosen, columns.rejected, columns.id or "id",
+                                chat.TOOLS_COLUMN, chat.KWARGS_COLUMN)))
 
 
 # --- validation of one row ---
@@ -290,12 +320,13 @@ def _parse_row(record: dict, columns: _Columns, loc: dict):
     prompt, chosen, rejected = extract_prompt(chosen, rejected)
     pair = f"'{columns.chosen}' and '{columns.rejected}'"
     if not _has_text(prompt):
-        raise DpocliError(f"is absent and {pair} share no common prefix to infer it from", field=columns.prompt,
-                          **loc, hint="add a prompt column, or pass --prompt-column NAME if it has another name")
+        raise DpocliError(f"is absent and {pair} share no common prefix to infer it from",
+                          field=columns.prompt, **loc,
+                          hint="add a prompt column, or pass --prompt-column NAME if it has another name")
     for name, part in ((columns.chosen, chosen), (columns.rejected, rejected)):
         if not _has_text(part):
-            raise DpocliError(f"is empty after splitting off the implicit prompt (the common prefix of {pair})",
-                              field=name, **loc)
+            raise DpocliError("is empty after splitting off the implicit prompt (the common prefix of "
+                              f"{pair})", field=name, **loc)
     return conversational, prompt, chosen, rejected
 
 
@@ -310,7 +341,7 @@ def _prompt_repeated_in_messages(checked: dict, columns: _Columns):
     text = checked[columns.prompt][1]
     prompt, chosen, rejected = extract_prompt(checked[columns.chosen][1], checked[columns.rejected][1])
     users = [m["content"] for m in prompt if m["role"] == "user"]
-    if not users or users[-1].strip() != text.strip() or not chosen or not rejected:
+    if not users or (users[-1] or "").strip() != text.strip() or not chosen or not rejected:
         return None
     return prompt, chosen, rejected
 
@@ -323,34 +354,15 @@ def _check_field(value, loc: dict, field: str):
                               "is whitespace-only (expected non-empty text)", field=field, **loc)
         return False, value
     if isinstance(value, list):
-        if not value:
-            raise DpocliError("is an empty list (expected at least one {role, content} message)",
-                              field=field, **loc)
-        messages = [_check_message(m, loc, f"{field}[{i}]") for i, m in enumerate(value)]
-        if not messages[-1]["content"].strip():
-            raise DpocliError("is empty (the last message must have text)",
-                              field=f"{field}[{len(messages) - 1}].content", **loc)
-        return True, messages
+        return True, chat.check_messages(value, loc, field)
     raise DpocliError(f"must be a string or a list of {{role, content}} messages, got {_type_name(value)}",
                       field=field, **loc)
-
-
-def _check_message(message, loc: dict, field: str) -> Message:
-    if not isinstance(message, dict):
-        raise DpocliError(f"must be a {{role, content}} message, got {_type_name(message)}", field=field, **loc)
-    for key in ("role", "content"):
-        if not isinstance(message.get(key), str):
-            problem = f"must be a string, got {_type_name(message[key])}" if key in message else "is missing"
-            raise DpocliError(problem + " (each message needs a string 'role' and 'content')",
-                              field=f"{field}.{key}", **loc)
-    # Extra keys (Parquet struct unions fill them with None) are dropped so equal pairs compare equal.
-    return {"role": message["role"], "content": message["content"]}
 
 
 def _has_text(value) -> bool:
     if isinstance(value, str):
         return bool(value.strip())
-    return bool(value) and bool(value[-1]["content"].strip())
+    return chat.has_text(value)
 
 
 def _require(record: dict, name: str, flag: str, loc: dict):
@@ -364,7 +376,8 @@ class _IdAssigner:
 
     Explicit ids must be unique (a duplicate names both rows). Without one, the id is the first 16 hex
     chars of sha256 over the canonical JSON of {prompt, chosen, rejected} (after implicit-prompt
-    extraction, messages as role/content), so the same pair gets the same id from JSONL or Parquet;
+    extraction, null message keys left out; plus tools / chat_template_kwargs when the row has them),
+    so the same pair gets the same id from JSONL or Parquet;
     exact duplicate pairs get "-2", "-3", ... in input order.
     """
 
@@ -372,7 +385,7 @@ class _IdAssigner:
         self.first_seen: dict[str, tuple[str, int]] = {}
         self.hash_counts: dict[str, int] = {}
 
-    def assign(self, record: dict, id_column: str | None, content: tuple, loc: dict) -> str:
+    def assign(self, record: dict, id_column: str | None, content: tuple, extras: dict, loc: dict) -> str:
         field = id_column or ("id" if "id" in record else None)
         if field:
             new_id = _require(record, field, "--id-column", loc)
@@ -383,8 +396,12 @@ class _IdAssigner:
             new_id = str(new_id)
         else:
             prompt, chosen, rejected = content
-            canonical = json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected},
-                                   sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+            # Nulls are left out (they depend on other rows, see messages.unify_column), and so are
+            # absent tools / template arguments, so rows without them keep the ids they always had.
+            pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                    **{k: v for k, v in extras.items() if v is not None}}
+            canonical = json.dumps(chat.without_nulls(pair), sort_keys=True, ensure_ascii=False,
+                                   separators=(",", ":"))
             # surrogatepass: JSON may carry lone "\ud800" escapes; they must hash, not crash.
             base = hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:16]
             count = self.hash_counts[base] = self.hash_counts.get(base, 0) + 1
@@ -432,12 +449,3 @@ def _text_bytes(value) -> int:
         return len(value.encode("utf-8"))
     parts = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
     return sum(_text_bytes(v) for v in parts)
-
-
-def _suffix_ok(path: Path) -> bool:
-    return path.name.lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES)
-
-
-def _type_name(value) -> str:
-    names = {type(None): "null", bool: "bool", dict: "object", list: "list", str: "string"}
-    return names.get(type(value), type(value).__name__)

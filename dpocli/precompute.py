@@ -61,6 +61,7 @@ class PrecomputeConfig:
     compile: bool = False  # torch.compile the transformer body
     prefix_sharing: bool = False  # run each pair's prompt once (prompt + chosen + rejected rows)
     packing: bool = False  # padding-free: all sequences of a batch in one row
+    split: str = "train"  # the split to read from a Hub-style dataset folder (see sources.py)
 
     def batching(self) -> dict:
         if self.batch_size is not None and self.max_tokens is not None:
@@ -89,6 +90,8 @@ def _build_spec(cfg: PrecomputeConfig, read, tokenizer, model_fp: dict) -> dict:
         "rows_per_shard": cfg.rows_per_shard,
         "input": {
             "files": [asdict(f) for f in read.files],
+            # Only inputs with splits record one, so caches of plain files made before --split stay valid.
+            **({"split": read.split} if read.split is not None else {}),
             "columns": {"prompt": cfg.prompt_column, "chosen": cfg.chosen_column,
                         "rejected": cfg.rejected_column, "id": cfg.id_column},
             "drop_identical": cfg.drop_identical,
@@ -304,7 +307,7 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     cfg.batching()
     read = read_examples(cfg.input, prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
                          rejected_column=cfg.rejected_column, id_column=cfg.id_column,
-                         drop_identical=cfg.drop_identical)
+                         drop_identical=cfg.drop_identical, split=cfg.split)
     for line in read.warnings:
         warn(line)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)

@@ -7,8 +7,10 @@ ids; stage 2 reads ids from the cache and cannot disagree. The conventions, matc
   the EOS *string* is appended to each completion unless it already ends with it; prompt and
   completion are joined as raw strings with no separator and tokenized together.
 * Conversational rows: the chat template renders the prompt (with the generation prompt) and
-  prompt + completion; the rendered text is tokenized without extra special tokens (the template
-  carries BOS and end-of-turn); no EOS is appended.
+  prompt + completion, given the row's `tools` and `chat_template_kwargs` and every message key,
+  as TRL passes them; the rendered text is tokenized without extra special tokens (the template
+  carries BOS and end-of-turn); no EOS is appended. A message the template would leave out, a
+  completion under another role's header, or a template error is refused (exit 2) naming the row.
 * `prompt_ids` is the longest common prefix of the tokenized prompt and both joint tokenizations;
   the completions are the rest. (If BPE merges across the boundary the prompt shrinks, as in TRL.)
 * Truncation `keep_start`: prompt + completion is cut to `max_length` from the end, so a long
@@ -21,7 +23,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+import jinja2
+
 from dpocli.data import Example
+from dpocli.errors import DpocliError
 
 DROP_PROMPT_TOO_LONG = "prompt_too_long"
 
@@ -53,14 +58,61 @@ def _common_prefix_len(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _render_conversation(tokenizer, prompt, completion) -> tuple[str, str]:
+# Roles every tool-capable chat template handles. Any other role (and "developer" is one: Qwen's
+# templates skip it) must be shown to be rendered by the template at hand (`_check_roles`).
+STANDARD_ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+
+def _template_kwargs(example: Example) -> dict:
+    # TRL 1.16's tokenize step: {"tools": tools, **chat_template_kwargs}, so a "tools" key in the
+    # row's kwargs wins over the column.
+    return {"tools": example.tools, **(example.chat_template_kwargs or {})}
+
+
+def _apply(tokenizer, messages, kwargs: dict, example: Example, field: str, **flags) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **flags, **kwargs)
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError) as e:
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DpocliError(f"the model's chat template cannot render it ({type(e).__name__}: {detail})",
+                          file=example.file, row=example.row, field=field) from None
+
+
+def _render_conversation(tokenizer, example: Example, completion, side: str) -> tuple[str, str]:
     # TRL 1.16 (`DPOTrainer._prepare_dataset`) renders every conversational prompt with
     # add_generation_prompt=True, whatever its last role. (Older TRL continued a final assistant
     # turn instead; doing that here put the template's end-of-turn and assistant header into the
     # completion ids. tests/fixtures/trl_ids.json, group "conversational_assistant_last", checks it.)
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    kwargs = _template_kwargs(example)
+    prompt_text = _apply(tokenizer, example.prompt, kwargs, example, "prompt", add_generation_prompt=True)
+    full_text = _apply(tokenizer, example.prompt + completion, kwargs, example, side)
     return prompt_text, full_text
+
+
+def _check_roles(tokenizer, example: Example, completion, side: str, prompt_text: str, full_text: str):
+    """Refuse a message the template would silently leave out, or a completion scored with the wrong
+    header. Render once more, with each non-standard role's content replaced by a marker, and check
+    every marker comes out (whatever the role list of the template). A completion that does not open
+    with an assistant turn must continue the generation prompt's text, else the tokens of its own
+    role header would be scored as if the model had generated them."""
+    messages = example.prompt + completion
+    odd = [i for i, m in enumerate(messages) if m["role"] not in STANDARD_ROLES]
+    if odd:
+        probe = [dict(m, content=f"dpocli-role-probe-{i}-") if i in odd else m
+                 for i, m in enumerate(messages)]
+        text = _apply(tokenizer, probe, _template_kwargs(example), example, side)
+        for i in odd:
+            if f"dpocli-role-probe-{i}-" not in text:
+                where = f"prompt[{i}]" if i < len(example.prompt) else f"{side}[{i - len(example.prompt)}]"
+                raise DpocliError(f"is {messages[i]['role']!r}, a role the model's chat template does not "
+                                  "render (the message would be silently left out)", file=example.file,
+                                  row=example.row, field=f"{where}.role",
+                                  hint="use system, user, assistant or tool")
+    first = completion[0]["role"]
+    if first != "assistant" and not full_text.startswith(prompt_text):
+        raise DpocliError(f"is {first!r}, but the generation prompt opens an assistant turn: the {first!r} "
+                          "header would be scored as generated text", file=example.file, row=example.row,
+                          field=f"{side}[0].role", hint="a completion starts with the assistant's reply")
 
 
 def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
@@ -70,8 +122,10 @@ def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
 def tokenize_pair(example: Example, tokenizer, max_length: int) -> TokenizedPair | Dropped:
     """Token ids of `example` under TRL's conventions (see module docstring), or why it was dropped."""
     if example.conversational:
-        prompt_text, chosen_text = _render_conversation(tokenizer, example.prompt, example.chosen)
-        _, rejected_text = _render_conversation(tokenizer, example.prompt, example.rejected)
+        prompt_text, chosen_text = _render_conversation(tokenizer, example, example.chosen, "chosen")
+        _, rejected_text = _render_conversation(tokenizer, example, example.rejected, "rejected")
+        _check_roles(tokenizer, example, example.chosen, "chosen", prompt_text, chosen_text)
+        _check_roles(tokenizer, example, example.rejected, "rejected", prompt_text, rejected_text)
         special = False  # the template already carries BOS
     else:
         eos = tokenizer.eos_token or ""

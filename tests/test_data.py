@@ -61,7 +61,8 @@ def test_standard_rows_with_blank_lines(tmp_path):
                                            hashlib.sha256(path.read_bytes()).hexdigest(), 2)]
 
 
-def test_conversational_rows_drop_extra_message_keys(tmp_path):
+def test_conversational_rows_keep_every_message_key(tmp_path):
+    # TRL hands each message dict to the chat template whole, so extra keys are kept, not dropped.
     chosen = [{"role": "assistant", "content": "Paris.", "weight": 1}]
     path = write_jsonl(tmp_path / "c.jsonl", [
         {"prompt": msgs(("system", ""), ("user", "Capital of France?")), "chosen": chosen,
@@ -70,8 +71,8 @@ def test_conversational_rows_drop_extra_message_keys(tmp_path):
     (ex,) = read_examples(path).examples
     assert ex.conversational
     assert ex.prompt == msgs(("system", ""), ("user", "Capital of France?"))  # empty non-last content is fine
-    assert ex.chosen == msgs(("assistant", "Paris."))
-    assert ex.rejected == msgs(("assistant", "Lyon."))
+    assert ex.chosen == [{"role": "assistant", "content": "Paris.", "weight": 1}]
+    assert ex.rejected == msgs(("assistant", "Lyon."))  # its own column: no 'weight' key added
 
 
 @pytest.mark.parametrize("chosen, rejected, expected", [
@@ -125,13 +126,29 @@ def test_parquet_standard_and_conversational_match_jsonl(tmp_path, monkeypatch):
 
 
 def test_parquet_message_structs_with_null_extra_fields(tmp_path):
-    # pyarrow unifies struct fields across rows: messages without "name" come back with name=None.
+    # pyarrow unifies struct fields across rows: messages without "name" come back with name=None,
+    # and TRL renders them so; only chosen has the key, so chosen's user turn differs from
+    # rejected's and the implicit prompt cannot be split off (TRL gets the same mismatch).
     rows = [{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "name": "bot"}],
              "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "s.parquet")
+    with pytest.raises(DpocliError, match="share no common prefix"):
+        read_examples(tmp_path / "s.parquet")
+    rows[0]["prompt"] = [rows[0]["chosen"].pop(0)]
+    rows[0]["rejected"].pop(0)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "s.parquet")
     (ex,) = read_examples(tmp_path / "s.parquet").examples
-    assert (ex.prompt, ex.chosen, ex.rejected) == (msgs(("user", "q")), msgs(("assistant", "a")),
-                                                   msgs(("assistant", "b")))
+    assert ex.prompt == msgs(("user", "q"))
+    assert ex.chosen == [{"role": "assistant", "content": "a", "name": "bot"}]
+    assert ex.rejected == msgs(("assistant", "b"))
+    # The JSON Lines form of the same rows reads the same, nulls where Arrow puts them included.
+    two = [rows[0], {**rows[0], "chosen": msgs(("assistant", "c"))}]
+    pq.write_table(pa.Table.from_pylist(two), tmp_path / "two.parquet")
+    from_parquet = read_examples(tmp_path / "two.parquet").examples
+    from_jsonl = read_examples(write_jsonl(tmp_path / "two.jsonl", two)).examples
+    assert from_parquet[1].chosen == [{"role": "assistant", "content": "c", "name": None}]
+    assert [(e.id, e.prompt, e.chosen, e.rejected) for e in from_parquet] == \
+        [(e.id, e.prompt, e.chosen, e.rejected) for e in from_jsonl]
 
 
 def test_folder_reads_files_in_name_order_and_continues_source_row(tmp_path):
@@ -190,7 +207,9 @@ def test_near_miss_prompt_column_warns(tmp_path):
     path = write_jsonl(tmp_path / "w.jsonl", [{"promt": "x", "chosen": "Q: a", "rejected": "Q: b"}])
     result = read_examples(path)
     assert result.examples[0].prompt == "Q:"
-    assert len(result.warnings) == 1 and "--prompt-column promt" in result.warnings[0]
+    near_miss, unused = result.warnings
+    assert "--prompt-column promt" in near_miss
+    assert unused.endswith("not rendered by TRL's DPOTrainer either: promt")
 
 
 # --- bad inputs: one line naming file, row and field ---
