@@ -80,9 +80,11 @@ def _read_record(path: Path) -> dict | None:
     return None
 
 
-def _owned_by(record: dict):
+def _survey_run(path: Path, record: dict) -> outputs.Survey:
     names = set(record["files"]) | {RUN_RECORD}
-    return lambda name: name in names or name == FINAL_STAGING
+    return outputs.survey(path, lambda name: name in names,
+                          lambda name: name in names or name == FINAL_STAGING
+                          or bool(CHECKPOINT_RE.match(name)))
 
 
 def inspect_run_dir(path: Path, config: dict, cache_identity: dict, *, resume: bool,
@@ -99,7 +101,7 @@ def inspect_run_dir(path: Path, config: dict, cache_identity: dict, *, resume: b
         raise DpocliError(f"is not empty (holds {first!r}) and is not a dpocli run; dpocli never "
                           "writes into, clears or deletes such a folder", file=path,
                           hint="choose a new --out folder")
-    found = outputs.survey(path, _owned_by(record))
+    found = _survey_run(path, record)
     if resume:
         found.refuse_foreign("is a dpocli run but")
         _check_resumable(path, config, cache_identity, record)

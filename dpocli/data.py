@@ -18,6 +18,7 @@ Invariants:
 from __future__ import annotations
 
 import difflib
+import gzip
 import hashlib
 import json
 from dataclasses import dataclass
@@ -195,7 +196,8 @@ def _iter_jsonl(path: Path, columns: _Columns, max_row_bytes: int, warnings: lis
     """Rows of a JSON Lines file. Keys no stage uses are added to `ignored` (for one warning)."""
     used = _used_columns(columns)
     prompt_checked = False  # look for a near-miss prompt column once per file, not once per row
-    with open(path, "rb") as f:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
         row = 0
         while True:
             # The limit makes a runaway line (a binary file, a missing newline) fail fast instead of
@@ -224,12 +226,30 @@ def _iter_jsonl(path: Path, columns: _Columns, max_row_bytes: int, warnings: lis
                                   **loc) from None
             if not isinstance(record, dict):
                 raise DpocliError(f"line is JSON but not an object (got {_type_name(record)})", **loc)
+            _refuse_lone_surrogates(record, loc)
             if not prompt_checked and columns.prompt not in record:
                 _warn_implicit_prompt(path, columns.prompt, record.keys(), warnings)
                 prompt_checked = True
             chat.refuse_images(record, loc)
             ignored.update((k, None) for k in record if k not in used)
             yield row, record
+
+
+def _refuse_lone_surrogates(record: dict, loc: dict) -> None:
+    """JSON may escape half of a UTF-16 pair (\\ud800) on its own; that is no text a tokenizer can
+    take, so the row is refused here, naming the field, instead of failing deep in the tokenizer."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        def broken(value) -> bool:
+            try:
+                json.dumps(value, ensure_ascii=False).encode("utf-8")
+                return False
+            except UnicodeEncodeError:
+                return True
+        field = next((k for k, v in record.items() if broken(v)), None)
+        raise DpocliError("holds a lone UTF-16 surrogate escape (such as \\ud800), which is not valid text",
+                          field=field, **loc) from None
 
 
 class _ArrowStream:
@@ -434,7 +454,8 @@ def _warn_implicit_prompt(path: Path, prompt_column: str, available, warnings: l
 
 def _too_large(max_row_bytes: int, loc: dict) -> DpocliError:
     return DpocliError(f"row is larger than max_row_bytes ({max_row_bytes} bytes)", **loc,
-                       hint="raise --max-row-bytes if rows this long are intended")
+                       hint="check that the file is JSON Lines (one object per line); rows this long "
+                            "are refused to keep memory bounded")
 
 
 def _unreadable_parquet(path: Path, error: Exception) -> DpocliError:

@@ -41,14 +41,16 @@ class Survey:
                               hint="move those entries out, or choose another --out")
 
 
-def survey(folder: Path, is_owned) -> Survey:
-    """Sort `folder`'s entries with `is_owned(name) -> bool`; temporaries of owned names are ours too."""
+def survey(folder: Path, is_owned, may_write=None) -> Survey:
+    """Sort `folder`'s entries with `is_owned(name) -> bool`. A temporary is ours when it was
+    meant to become a name we write (`may_write(name)`, by default `is_owned`)."""
+    may_write = may_write or is_owned
     found = Survey(folder)
     for entry in sorted(folder.iterdir()):
         base = temporary_base(entry.name)
         if is_owned(entry.name):
             found.owned.append(entry)
-        elif base is not None and is_owned(base):
+        elif base is not None and may_write(base):
             found.temporaries.append(entry)
         else:
             found.foreign.append(entry.name)

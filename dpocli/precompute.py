@@ -133,20 +133,20 @@ def _shard_written_for(path: Path, spec: dict) -> bool:
 
 
 def _survey_cache(out: Path, manifest: cache.Manifest | None) -> outputs.Survey:
-    listed = {e["file"] for e in manifest.shards} if manifest else set()
-    spec = manifest.spec if manifest else None
+    """Without a manifest nothing is provably ours except the temporaries of a first manifest
+    write that was killed; with one, the fixed names, listed shards and shards made for it."""
+    if manifest is None:
+        return outputs.survey(out, lambda name: False, lambda name: name == cache.MANIFEST_NAME)
+    listed = {e["file"] for e in manifest.shards}
 
     def is_owned(name: str) -> bool:
-        if manifest is None:  # no record yet: only the first manifest's own temporaries are ours
-            return False
         if name in CACHE_NAMES or name in listed:
             return True
-        return bool(cache.SHARD_PATTERN.match(name)) and _shard_written_for(out / name, spec)
-    found = outputs.survey(out, is_owned)
-    if manifest is None:  # a run killed while writing its first manifest
-        found.temporaries += [out / n for n in found.foreign if outputs.temporary_base(n) in CACHE_NAMES]
-        found.foreign = [n for n in found.foreign if outputs.temporary_base(n) not in CACHE_NAMES]
-    return found
+        return bool(cache.SHARD_PATTERN.match(name)) and _shard_written_for(out / name, manifest.spec)
+
+    def may_write(name: str) -> bool:
+        return name in CACHE_NAMES or bool(cache.SHARD_PATTERN.match(name))
+    return outputs.survey(out, is_owned, may_write)
 
 
 @dataclass

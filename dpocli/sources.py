@@ -27,6 +27,7 @@ from pathlib import Path
 from dpocli.errors import DpocliError
 
 JSONL_SUFFIXES = (".jsonl", ".json-lines", ".jsonlines", ".ndjson")
+JSONL_SUFFIXES += tuple(suffix + ".gz" for suffix in JSONL_SUFFIXES)  # read through gzip
 PARQUET_SUFFIXES = (".parquet",)
 # A folder written by HF `datasets.save_to_disk` holds Arrow IPC stream files (data-0000X-of-N.arrow);
 # pyarrow reads them directly, so the `datasets` package is not needed.
