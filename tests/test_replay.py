@@ -156,6 +156,8 @@ def test_eval_refuses_a_model_with_another_tokenizer(small_cache, tmp_path):
 def test_replaced_cache_tokenizer_is_refused_by_verify_eval_and_train(small_cache, tmp_path):
     cache_dir = tmp_path / "cache"
     shutil.copytree(small_cache, cache_dir)
+    intact = invoke(["cache", "verify", cache_dir, "--json"])
+    assert intact.exit_code == 0 and json.loads(intact.stdout)["tokenizer_files_checked"] >= 2
     replaced = cache_dir / "tokenizer" / "tokenizer_config.json"
     config = json.loads(replaced.read_text())
     config["chat_template"] = "{% for m in messages %}{{ m.content }}{% endfor %}"
@@ -168,3 +170,19 @@ def test_replaced_cache_tokenizer_is_refused_by_verify_eval_and_train(small_cach
         line = result.stderr.splitlines()[0]
         assert str(replaced) in line and "tokenizer_files" in line and "sha256" in line, line
     assert not (tmp_path / "run").exists()  # refused before the run folder is made
+
+
+# --- two ranks: each writes its own shards, and eval splits the replayed batches between ranks ---
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout,budget", [("padded", "batch-size"),
+                                           ("packing+prefix-sharing", "max-tokens")])
+def test_two_rank_reference_on_its_own_cache_is_exactly_neutral(twin_prefs, tmp_path, layout, budget):
+    from test_distributed import torchrun
+    out, per = tmp_path / "cache", tmp_path / "per.jsonl"
+    made = torchrun(["precompute-ref", twin_prefs, "--model", MODEL, "--out", out, "--rows-per-shard", "8",
+                     "--drop-identical", *LAYOUTS[layout], *BUDGETS[budget], "--quiet"])
+    assert made.returncode == 0, made.stderr
+    scored = torchrun(["eval", out, "--model", MODEL, "--per-example", per, "--json", "--quiet"])
+    assert scored.returncode == 0, scored.stderr
+    assert_exactly_neutral(json.loads(scored.stdout)["models"][0], read_jsonl(per))
