@@ -115,7 +115,7 @@ def numerics_like_cache(manifest: cache.Manifest, dtype: str | None,
     for flag, (given, cached) in chosen.items():
         if given is not None and given != cached:
             warn(f"{flag} {given} differs from the cache's {cached}: the reference model will not "
-                 "score exactly neutral on this cache (margins of rounding size, not 0)")
+                 "score exactly neutral on this cache (small nonzero margins, not exactly 0)")
     dtype = dtype if dtype is not None else manifest.spec["dtype"]
     if attn_implementation is None and cached_attn != "default":
         attn_implementation = cached_attn
