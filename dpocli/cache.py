@@ -3,15 +3,23 @@
 Layout of a cache folder:
     manifest.json            what produced the numbers (the `spec`), row counts, finished shards
     part-00000.parquet ...   rows; each shard also carries the spec in its key-value metadata
-    tokenizer/               the tokenizer that produced the ids (so a checkpoint can ship it)
+    tokenizer/               the tokenizer that produced the ids (so a checkpoint can ship it);
+                             the manifest lists each of its files with a sha256
 
 Invariants:
 * A shard file is written under a temporary name and renamed; it is listed in the manifest (with
   its sha256) only after the rename, and the manifest itself is rewritten atomically. So a crash
   leaves either a shard that is listed and complete, or one that is ignored and redone.
 * `complete` is set only when every planned shard is listed; readers refuse incomplete caches.
-* `spec` holds every input that changes the numbers; `spec_fingerprint` hashes it, and
-  `manifest_sha256` hashes the whole manifest so a hand edit is detected.
+* `spec` holds every input that changes the numbers, the batch layout included (`dpo eval`
+  replays it); each shard entry records the batch budget it was scored with. `spec_fingerprint`
+  hashes the spec, and `manifest_sha256` hashes the whole manifest so a hand edit is detected.
+* Every file of `tokenizer/` is listed with its sha256 (`tokenizer_files`), so a replaced
+  tokenizer is refused by `load_cache` instead of shipping with checkpoints or decoding samples.
+
+Format versions: 2 added `spec.batching`, `shards[].budget` and `tokenizer_files`. Version 1
+caches are refused (recreate them): they cannot prove their tokenizer folder, and a resumed v1
+run may have mixed batch plans that `dpo eval` could not replay.
 
 Pure pyarrow + stdlib: no torch, no transformers.
 """
@@ -33,7 +41,7 @@ from dpocli.atomic import atomic_path, atomic_write_json, sha256_file
 from dpocli.errors import DpocliError
 
 FORMAT = "dpocli-reference-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 SHARD_PATTERN = re.compile(r"^part-(\d{5})\.parquet$")
@@ -79,10 +87,12 @@ class Manifest:
     spec: dict
     planned_shards: int
     rows_read: int
-    shards: list[dict] = field(default_factory=list)  # {"index","file","rows","sha256","dropped"}
+    # {"index", "file", "rows", "sha256", "dropped", "budget"}
+    shards: list[dict] = field(default_factory=list)
     complete: bool = False
     length_stats: dict = field(default_factory=dict)
     created: dict = field(default_factory=dict)  # timestamps, host, versions: not fingerprinted
+    tokenizer_files: dict = field(default_factory=dict)  # file name in tokenizer/ -> sha256
 
     @property
     def spec_fingerprint(self) -> str:
@@ -127,7 +137,8 @@ class Manifest:
             raise DpocliError("was modified after dpocli wrote it (checksum mismatch)", file=where,
                               field="manifest_sha256",
                               hint="recreate the cache, or restore the original manifest.json")
-        names = ("spec", "planned_shards", "rows_read", "shards", "complete", "length_stats", "created")
+        names = ("spec", "planned_shards", "rows_read", "shards", "complete", "length_stats", "created",
+                 "tokenizer_files")
         return cls(**{k: body[k] for k in names})
 
 
@@ -199,11 +210,42 @@ def verify_shards(cache_dir: str | Path, manifest: Manifest, *, checksums: bool 
                               file=path, field="sha256", hint="recreate the cache")
 
 
+def tokenizer_file_hashes(folder: str | Path) -> dict[str, str]:
+    """sha256 of every file in a saved tokenizer folder, by name (what the manifest records)."""
+    return {p.name: sha256_file(p) for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+def verify_tokenizer_files(cache_dir: str | Path, manifest: Manifest, *, checksums: bool = True) -> None:
+    """`tokenizer/` holds exactly the files the manifest lists, with (optionally) their sha256s."""
+    folder = Path(cache_dir) / TOKENIZER_DIR
+    listed = manifest.tokenizer_files
+    hint = "restore the cache's original tokenizer/ folder, or recreate the cache"
+    if not listed:
+        raise DpocliError("lists no tokenizer files", file=Path(cache_dir) / MANIFEST_NAME,
+                          field="tokenizer_files", hint="recreate the cache")
+    found = {p.name for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
+    for name in sorted(set(listed) | found):
+        path = folder / name
+        if name not in listed:
+            # An added file can change what AutoTokenizer loads (tokenizer.json beats vocab files).
+            raise DpocliError("is not one of the tokenizer files the manifest lists", file=path,
+                              field="tokenizer_files", hint=hint)
+        if name not in found:
+            raise DpocliError("is listed in the manifest but missing", file=path,
+                              field="tokenizer_files", hint=hint)
+        if checksums and sha256_file(path) != listed[name]:
+            raise DpocliError("does not match its sha256 in the manifest (the tokenizer was replaced "
+                              "or edited)", file=path, field="tokenizer_files", hint=hint)
+
+
 class CacheData:
     """All rows of a complete cache in memory as flat numpy arrays, ordered by `source_row`.
 
     List columns are stored as (values, offsets) so a row is a zero-copy slice; this keeps a
     100k-pair cache at a few bytes per token instead of Python lists of ints.
+    `shard` and `shard_position` say where each row is stored: the reference batches were planned
+    per stored shard, in stored order, so that is what a replay must group by (not arithmetic on
+    `source_row`, which skips rows dropped while reading).
     """
 
     def __init__(self, table: pa.Table):
@@ -211,6 +253,8 @@ class CacheData:
         self.num_rows = table.num_rows
         self.ids = table.column("id").to_pylist()
         self.source_row = table.column("source_row").to_numpy()
+        self.shard = table.column("shard").to_numpy()
+        self.shard_position = table.column("shard_position").to_numpy()
         self.scalars = {name: table.column(name).to_numpy() for name in
                         ("chosen_len", "rejected_len", "ref_chosen_logps", "ref_rejected_logps")}
         self.lists = {}
@@ -228,6 +272,18 @@ class CacheData:
         p = self.row_list("prompt_ids", i).shape[0]
         return p + max(int(self.scalars["chosen_len"][i]), int(self.scalars["rejected_len"][i]))
 
+    def pair_lens(self, i: int) -> tuple[int, int, int]:
+        """(prompt, chosen, rejected) token counts of row i."""
+        return (int(self.row_list("prompt_ids", i).shape[0]), int(self.scalars["chosen_len"][i]),
+                int(self.scalars["rejected_len"][i]))
+
+    def shard_rows(self) -> dict[int, list[int]]:
+        """Shard index -> its rows (indices into this object), in the order the shard stores them."""
+        grouped: dict[int, list[int]] = {}
+        for i in np.lexsort((self.shard_position, self.shard)):
+            grouped.setdefault(int(self.shard[i]), []).append(int(i))
+        return grouped
+
 
 def load_cache(cache_dir: str | Path, *, checksums: bool = True) -> tuple[Manifest, CacheData]:
     """Open a complete cache, checking manifest, shard row counts, checksums and values."""
@@ -237,14 +293,21 @@ def load_cache(cache_dir: str | Path, *, checksums: bool = True) -> tuple[Manife
                           "shards); the precompute run was interrupted", file=cache_dir,
                           hint="rerun the same `dpo precompute-ref` command to finish it")
     verify_shards(cache_dir, manifest, checksums=checksums)
+    verify_tokenizer_files(cache_dir, manifest, checksums=checksums)
     tables = []
     for entry in sorted(manifest.shards, key=lambda e: e["index"]):
         path = Path(cache_dir) / entry["file"]
         try:
-            tables.append(pq.read_table(path))
+            table = pq.read_table(path)
         except Exception:
             raise DpocliError("is not a readable Parquet file (truncated or corrupt)", file=path) from None
-    table = pa.concat_tables(tables) if tables else cache_schema(False).empty_table()
+        tables.append(table.append_column("shard", pa.array([entry["index"]] * table.num_rows, pa.int64()))
+                      .append_column("shard_position", pa.array(np.arange(table.num_rows), pa.int64())))
+    if not tables:
+        empty = cache_schema(False).empty_table()
+        tables = [empty.append_column("shard", pa.array([], pa.int64()))
+                  .append_column("shard_position", pa.array([], pa.int64()))]
+    table = pa.concat_tables(tables)
     expected = set(cache_schema(False).names)
     missing = expected - set(table.column_names)
     if missing:

@@ -321,9 +321,10 @@ def eval_(
     label_smoothing: Annotated[float, typer.Option(help="ε for the losses that use it.")] = 0.0,
     ipo_sum: Annotated[bool, typer.Option("--ipo-sum", help="IPO on summed log-ratios.")] = False,
     max_tokens: Annotated[Optional[int], typer.Option(help="Padded tokens per forward (default: the cache's precompute batching, which reproduces it exactly).")] = None,
-    dtype: DtypeOpt = "float32",
+    # Default None = the cache's: scoring the reference in other numerics is not exactly neutral.
+    dtype: Annotated[Optional[str], typer.Option(help="Weights dtype: float32, bfloat16 or float16 (default: the cache's; another value warns).")] = None,
     device: DeviceOpt = None,
-    attn_implementation: AttnOpt = None,
+    attn_implementation: Annotated[Optional[str], typer.Option("--attn-implementation", help="eager, sdpa or flash_attention_2 (default: the cache's; another value warns).")] = None,
     per_example: Annotated[Optional[Path], typer.Option(help="Write one row per (model, pair) to this .parquet or .jsonl file.")] = None,
     samples: Annotated[int, typer.Option(help="Generate completions for the first N held-out prompts.")] = 0,
     ref_model: Annotated[Optional[str], typer.Option(help="Reference model for side-by-side samples and a sampled KL(policy||reference) estimate.")] = None,
@@ -341,7 +342,8 @@ def eval_(
     from dpocli.evaluate import run_eval
     from dpocli.summaries import eval_table
 
-    _check_dtype(dtype)
+    if dtype is not None:
+        _check_dtype(dtype)
     models = list(model or []) + list(more_models or [])
     summary = _run(lambda: run_eval(
         str(cache), models, beta=beta, loss=loss, loss_weights=loss_weights,

@@ -15,8 +15,10 @@ h_i = Δw_i − Δl_i with Δ = policy − reference sums):
                                     (likelihood displacement); rejected likewise
     length_bias/<bucket>       accuracy and count by bucket of len(chosen) − len(rejected) tokens
 
-Assumptions: batches replay precompute's plan, so evaluating the reference reproduces the cache
-exactly on the same hardware (margins 0, accuracy 0, sigmoid loss ln 2).
+Assumptions: batches replay precompute's plan and layout, and the model runs in the cache's dtype
+and attention implementation unless told otherwise (with a warning), so evaluating the reference
+reproduces the cache exactly on the same hardware (margins 0, accuracy 0, sigmoid loss ln 2).
+A model whose folder holds a tokenizer must have the cache's (as in train).
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ import torch
 
 from dpocli import __version__, cache, distributed, outputs
 from dpocli.atomic import atomic_path
-from dpocli.console import ProgressBar, log
+from dpocli.console import ProgressBar, log, warn
 from dpocli.errors import DpocliError, check_at_least, check_seed
 from dpocli.logprobs import CompletionScorer
 from dpocli.losses import LossInputs, LossSpec, compute_loss, parse_loss_list, validate_spec
 from dpocli.modeling import load_causal_lm, resolve_device
-from dpocli.policy import check_vocab
+from dpocli.policy import check_model_tokenizer, check_vocab
 from dpocli.scoring import cached_reference, score_cache
 
 LENGTH_BUCKETS = [(-10**9, -9, "<=-9"), (-8, -3, "-8..-3"), (-2, 2, "-2..2"), (3, 8, "3..8"),
@@ -134,6 +136,25 @@ def _written_by_eval(path: Path) -> bool:
         return False
 
 
+def numerics_like_cache(manifest: cache.Manifest, dtype: str | None,
+                        attn_implementation: str | None) -> tuple[str, str | None]:
+    """(dtype, attention implementation) to load models with: the cache's unless given. A value
+    that differs from the cache's gets a warning, because the reference then no longer scores
+    exactly neutral on its own cache (a bfloat16 cache scored in float32: accuracy 0.23, not 0, on
+    30 sample pairs)."""
+    cached_attn = manifest.spec["attn_implementation"]  # "default" = transformers' choice (None)
+    chosen = {"--dtype": (dtype, manifest.spec["dtype"]),
+              "--attn-implementation": (attn_implementation, cached_attn)}
+    for flag, (given, cached) in chosen.items():
+        if given is not None and given != cached:
+            warn(f"{flag} {given} differs from the cache's {cached}: the reference model will not "
+                 "score exactly neutral on this cache (small nonzero margins, not exactly 0)")
+    dtype = dtype if dtype is not None else manifest.spec["dtype"]
+    if attn_implementation is None and cached_attn != "default":
+        attn_implementation = cached_attn
+    return dtype, attn_implementation
+
+
 def write_per_example(path: Path, rows: list[dict]) -> None:
     """One row per (model, pair); Parquet or JSONL by suffix, written atomically."""
     import pyarrow as pa
@@ -154,7 +175,7 @@ def write_per_example(path: Path, rows: list[dict]) -> None:
 def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str = "sigmoid",
              loss_weights: str | None = None, label_smoothing: float = 0.0,
              ipo_length_normalized: bool = True, max_tokens: int | None = None,
-             dtype: str = "float32", device: str | None = None, per_example: str | None = None,
+             dtype: str | None = None, device: str | None = None, per_example: str | None = None,
              samples: int = 0, ref_model: str | None = None, max_new_tokens: int = 64,
              temperature: float = 0.0, kl_samples: int = 4, seed: int = 0,
              attn_implementation: str | None = None, trust_remote_code: bool = False) -> dict:
@@ -173,6 +194,7 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
     manifest, data = cache.load_cache(cache_dir)
     if per_example:  # checked before the evaluation, so a bad path does not lose its results
         check_per_example_path(Path(per_example), [cache_dir, *models])
+    dtype, attn_implementation = numerics_like_cache(manifest, dtype, attn_implementation)
     dist = distributed.current()
     dev = dist.device_for(resolve_device(device))
     pad_id = int(manifest.spec["tokenizer"]["pad_token_id"])
@@ -180,6 +202,7 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
     results, per_rows = [], []
     with ProgressBar("eval", len(models)) as bar:
         for path in models:
+            check_model_tokenizer(path, manifest, trust_remote_code=trust_remote_code)
             model = load_causal_lm(path, dtype=dtype, device=dev, attn_implementation=attn_implementation,
                                    trust_remote_code=trust_remote_code)
             check_vocab(model, data, cache_dir)

@@ -13,21 +13,37 @@ from dpocli.tokenization import tokenizer_fingerprint
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def check_model_tokenizer(model: str, manifest: cache.Manifest, *, trust_remote_code: bool = False,
+                          allow_mismatch: bool = False, override_flag: str | None = None):
+    """The model folder's own tokenizer, refused (exit 2) when it differs from the one that made
+    the cache; None when the folder has no tokenizer (nothing to compare; `check_vocab` still runs).
+
+    `allow_mismatch` turns the refusal into a warning; `override_flag` names the command's flag
+    for that in the hint (train has --allow-tokenizer-mismatch, eval has none).
+    """
+    folder = resolve_model_dir(model)
+    if not any((folder / name).exists() for name in TOKENIZER_FILES):
+        return None
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    if tokenizer_fingerprint(tokenizer) != manifest.spec["tokenizer"]["fingerprint"]:
+        message = ("the model's tokenizer differs from the one that produced the cache, so cached "
+                   "token ids would mean different text")
+        if not allow_mismatch:
+            hint = "precompute the cache with this model's tokenizer"
+            if override_flag:
+                hint += f", or pass {override_flag} if you know the vocabularies agree"
+            raise DpocliError(message, file=model, field="tokenizer.fingerprint", hint=hint)
+        warn(message + f" ({override_flag} given)")
+    return tokenizer
+
+
 def load_policy_tokenizer(cfg, manifest: cache.Manifest):
     """The tokenizer to ship with checkpoints: the policy's own if it has one (and it must match the
     cache's, unless overridden), else the one stored in the cache."""
-    expected = manifest.spec["tokenizer"]["fingerprint"]
-    folder = resolve_model_dir(cfg.model)
-    if any((folder / name).exists() for name in TOKENIZER_FILES):
-        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        if tokenizer_fingerprint(tokenizer) != expected:
-            message = ("the policy's tokenizer differs from the one that produced the cache, so cached "
-                       "token ids would mean different text")
-            if not cfg.allow_tokenizer_mismatch:
-                raise DpocliError(message, file=cfg.model, field="tokenizer",
-                                  hint="precompute the cache with this model's tokenizer, or pass "
-                                       "--allow-tokenizer-mismatch if you know the vocabularies agree")
-            warn(message + " (--allow-tokenizer-mismatch given)")
+    tokenizer = check_model_tokenizer(cfg.model, manifest, trust_remote_code=cfg.trust_remote_code,
+                                      allow_mismatch=cfg.allow_tokenizer_mismatch,
+                                      override_flag="--allow-tokenizer-mismatch")
+    if tokenizer is not None:
         return tokenizer
     log("the policy folder has no tokenizer; using the cache's")
     return load_tokenizer(str(Path(cfg.cache) / cache.TOKENIZER_DIR))

@@ -9,7 +9,9 @@ Assumptions:
   rerun with the same arguments finds the same shards and skips the ones already listed.
 * Bad input (including, with --strict, any row that would be dropped) is reported before the
   output folder is touched.
-* Values do not depend on batch size or row order beyond fp32 rounding (~1e-6 per token).
+* Values do not depend on batch size or row order beyond fp32 rounding (~1e-6 per token). Still,
+  `dpo eval` replays the batching to reproduce the cache exactly, so it is recorded exactly: the
+  layout (shards, packing, prefix sharing) in the spec, the budget per shard (see `Batching`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 
 from dpocli import __version__, cache, distributed, outputs
-from dpocli.batching import make_batch, plan_by_length
+from dpocli.batching import Batching, make_batch, plan_reference_batches
 from dpocli.console import ProgressBar, log, sigterm_as_interrupt, warn
 from dpocli.data import read_examples
 from dpocli.errors import DpocliError, Interrupted, RunFailure, out_of_memory_types
@@ -63,19 +65,23 @@ class PrecomputeConfig:
     packing: bool = False  # padding-free: all sequences of a batch in one row
     split: str = "train"  # the split to read from a Hub-style dataset folder (see sources.py)
 
-    def batching(self) -> dict:
+    def batching(self) -> Batching:
         if self.batch_size is not None and self.max_tokens is not None:
             raise DpocliError("give --batch-size or --max-tokens, not both", field="--max-tokens")
-        if self.batch_size is None and self.max_tokens is None:
-            return {"max_tokens": 16384}
         for flag, value in (("--batch-size", self.batch_size), ("--max-tokens", self.max_tokens)):
             if value is not None and value < 1:
                 raise DpocliError(f"must be at least 1, got {value}", field=flag)
-        return {"batch_size": self.batch_size} if self.batch_size else {"max_tokens": self.max_tokens}
+        max_tokens = 16384 if self.batch_size is None and self.max_tokens is None else self.max_tokens
+        return Batching(batch_size=self.batch_size, max_tokens=max_tokens,
+                        rows_per_shard=self.rows_per_shard, packing=self.packing,
+                        prefix_sharing=self.prefix_sharing)
 
 
 def _build_spec(cfg: PrecomputeConfig, read, tokenizer, model_fp: dict) -> dict:
-    """Everything that changes the cached numbers (and nothing that doesn't, such as batch size)."""
+    """Everything that changes the cached numbers or how `dpo eval` replays them, except the
+    batch budget, which each shard records (so an out-of-memory run can resume with a smaller
+    one). The layout is here although it moves values only at the ulp level: a rerun asking for
+    another layout must be refused (or redone with --overwrite), never mixed into one cache."""
     return {
         "conventions": CONVENTIONS,
         "reference_model": {"path": model_fp["path"], "revision": model_fp["revision"],
@@ -87,7 +93,7 @@ def _build_spec(cfg: PrecomputeConfig, read, tokenizer, model_fp: dict) -> dict:
         "dtype": cfg.dtype,
         "attn_implementation": cfg.attn_implementation or "default",
         "token_logps": cfg.token_logps,
-        "rows_per_shard": cfg.rows_per_shard,
+        "batching": cfg.batching().layout(),
         "input": {
             "files": [asdict(f) for f in read.files],
             # Only inputs with splits record one, so caches of plain files made before --split stay valid.
@@ -210,14 +216,15 @@ def _claim_out(out: Path, plan: OutPlan, manifest: cache.Manifest) -> None:
 
 def _score_shard(scorer, device, pairs, cfg, pad_id, bar, throughput) -> dict:
     """Reference values for the (row, TokenizedPair) list of one shard, as cache columns in input order."""
-    seq_lens = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for _, p in pairs]
+    lengths = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for _, p in pairs]
     chosen, rejected = [0.0] * len(pairs), [0.0] * len(pairs)
     chosen_tok, rejected_tok = [None] * len(pairs), [None] * len(pairs)
-    for idxs in plan_by_length(seq_lens, **cfg.batching()):
+    batching = cfg.batching()
+    for idxs in plan_reference_batches(lengths, batching):
         sel = [pairs[i][1] for i in idxs]
         batch = make_batch([p.prompt_ids for p in sel], [p.chosen_ids for p in sel],
-                           [p.rejected_ids for p in sel], pad_id, cfg.prefix_sharing,
-                           cfg.packing).to(device)
+                           [p.rejected_ids for p in sel], pad_id, batching.prefix_sharing,
+                           batching.packing).to(device)
         out = sequence_logps(scorer, batch, keep_token_logps=cfg.token_logps)
         # One copy to the host per batch, not one sync per value.
         batch_chosen, batch_rejected = out.chosen_logps.tolist(), out.rejected_logps.tolist()
@@ -257,6 +264,7 @@ def _write_shard(out: Path, index: int, pairs, cfg: PrecomputeConfig, spec: dict
                          hint="rerun with a smaller --max-tokens or --batch-size; it resumes") from None
     entry = cache.write_shard(out, index, columns, cfg.token_logps, spec)
     entry["dropped"] = dropped
+    entry["budget"] = cfg.batching().budget()  # eval replays each shard's own budget
     entry["tokens"] = sum(len(t.chosen_ids) + len(t.rejected_ids) for _, t in keep)
     return entry
 
@@ -394,15 +402,13 @@ def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict,
         "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
         "transformers": __import__("transformers").__version__, "dpocli": __version__,
         "reference_model_files": model_fp["files"],
-        # Not part of the spec (batching changes values only at the ulp level), but `dpo eval`
-        # replays it so that scoring the reference reproduces the cache bit for bit on CPU.
-        "batching": cfg.batching(), "rows_per_shard": manifest.spec["rows_per_shard"],
-        "prefix_sharing": cfg.prefix_sharing, "packing": cfg.packing,
     }
     tok_dir = out / cache.TOKENIZER_DIR  # replaced whole if present: it is ours (CACHE_NAMES)
     from dpocli.atomic import atomic_dir
     with atomic_dir(tok_dir) as tmp:
         tokenizer.save_pretrained(tmp)
+    # Hashed after the rename, from the files as they now lie: what train/eval/verify check.
+    manifest.tokenizer_files = cache.tokenizer_file_hashes(tok_dir)
     manifest.complete = True
     cache.commit_manifest(out, manifest)
 

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from dpocli.batching import Batch, SharedPrefixBatch, make_batch, plan_by_length
+from dpocli.batching import Batch, Batching, SharedPrefixBatch, make_batch, plan_reference_batches
 from dpocli.cache import CacheData, Manifest
 from dpocli.logprobs import sequence_logps
 from dpocli.packing import PackedBatch
@@ -34,22 +34,26 @@ def cached_reference(data: CacheData, rows: Sequence[int], device) -> dict[str, 
             "rejected_len": pick("rejected_len", torch.long)}
 
 
+def shard_batching(manifest: Manifest) -> dict[int, Batching]:
+    """Shard index -> the batching precompute scored that shard with (layout from the spec,
+    budget from the shard's own entry: a resumed run may have changed it)."""
+    return {entry["index"]: Batching.from_records(manifest.spec.get("batching"), entry.get("budget"),
+                                                  "manifest.json")
+            for entry in manifest.shards}
+
+
 def plan_like_precompute(data: CacheData, manifest: Manifest,
                          max_tokens: int | None = None) -> list[list[int]]:
-    """Batches of cache rows grouped exactly as `precompute-ref` grouped them (same shards, same
-    length-sorted budget), so that scoring the reference model reproduces the cached values bit
-    for bit on the same hardware. `max_tokens` overrides the budget (faster, equal to ~1e-6)."""
-    created = manifest.created
-    batching = {"max_tokens": max_tokens} if max_tokens else created.get("batching", {"max_tokens": 16384})
-    per_shard = created.get("rows_per_shard", manifest.spec.get("rows_per_shard", 4096))
-    shards: dict[int, list[int]] = {}
-    for i, source_row in enumerate(data.source_row):
-        shards.setdefault(int(source_row) // per_shard, []).append(i)
+    """Batches of cache rows grouped exactly as `precompute-ref` grouped them: the same planner
+    over the same stored shards in stored order with each shard's recorded batching, so scoring
+    the reference model reproduces the cached values bit for bit on the same hardware.
+    `max_tokens` overrides the budget (faster, equal to ~1e-6)."""
+    batching = shard_batching(manifest)
     batches = []
-    for shard in sorted(shards):
-        rows = shards[shard]
-        for positions in plan_by_length([data.seq_len(i) for i in rows], **batching):
-            batches.append([rows[p] for p in positions])
+    for shard, rows in sorted(data.shard_rows().items()):
+        plan = plan_reference_batches([data.pair_lens(i) for i in rows],
+                                      batching[shard].with_budget(max_tokens))
+        batches += [[rows[p] for p in positions] for positions in plan]
     return batches
 
 
@@ -62,9 +66,8 @@ def score_cache(scorer, data: CacheData, manifest: Manifest, pad_id: int, device
     """
     chosen = torch.zeros(data.num_rows, dtype=torch.float64)
     rejected = torch.zeros(data.num_rows, dtype=torch.float64)
-    # replay precompute's layout too
-    layout = (bool(manifest.created.get("prefix_sharing", False)),
-              bool(manifest.created.get("packing", False)))
+    # Replay precompute's layout too, not only its batches (the layout is one per cache).
+    layout = manifest.spec["batching"]
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     batches = plan_like_precompute(data, manifest, max_tokens)
     mine_batches = batches[rank::world]
@@ -74,7 +77,8 @@ def score_cache(scorer, data: CacheData, manifest: Manifest, pad_id: int, device
     mine = []
     for b in range(rounds):
         rows = mine_batches[b] if b < len(mine_batches) else batches[0]
-        out = sequence_logps(scorer, cache_batch(data, rows, pad_id, *layout).to(device))
+        batch = cache_batch(data, rows, pad_id, layout["prefix_sharing"], layout["packing"])
+        out = sequence_logps(scorer, batch.to(device))
         if b < len(mine_batches):
             mine.append((rows, out.chosen_logps.cpu(), out.rejected_logps.cpu()))
     parts = dist.all_gather_object(mine) if dist is not None and dist.enabled else [mine]

@@ -1,8 +1,10 @@
 """`dpo cache verify`: prove a cache still is what its manifest says.
 
 Checks, cheapest first: the manifest's own checksum and format version, every shard's row count
-and sha256, finite reference values, and (with `rescore`) a random sample of rows re-scored with
-the reference model, whose weights must hash to the manifest's fingerprint.
+and sha256, the sha256 of every file in `tokenizer/` (a replaced tokenizer would ship with
+checkpoints), finite reference values, and (with `rescore`) a random sample of rows re-scored
+with the reference model, whose weights must hash to the manifest's fingerprint.
+All but the re-scoring are `cache.load_cache`'s checks, the same that train and eval run.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def run_verify(cache_dir: str, *, rescore: int = 0, model: str | None = None, se
     manifest, data = cache.load_cache(cache_dir, checksums=True)
     result = {"command": "cache verify", "dpocli_version": __version__, "cache": str(cache_dir),
               "spec_fingerprint": manifest.spec_fingerprint, "shards_checked": len(manifest.shards),
-              "rows": data.num_rows, "checksums": "ok", "values_finite": "ok"}
+              "rows": data.num_rows, "checksums": "ok", "values_finite": "ok",
+              "tokenizer_files_checked": len(manifest.tokenizer_files)}
     if rescore > 0:
         ref = manifest.spec["reference_model"]
         path = model or ref["path"]

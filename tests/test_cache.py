@@ -38,6 +38,16 @@ def columns(rows: list[dict]) -> dict:
     return cols
 
 
+def add_tokenizer(out, manifest: Manifest) -> None:
+    """A stand-in tokenizer/ folder (any bytes do: only its hashes are checked here), listed in
+    the manifest as precompute lists it."""
+    folder = out / cache.TOKENIZER_DIR
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text('{"model": "stand-in"}')
+    (folder / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+    manifest.tokenizer_files = cache.tokenizer_file_hashes(folder)
+
+
 def build(tmp_path, shards: list[list[int]], *, complete=True, spec=SPEC, name="c") -> tuple:
     """A cache folder with one shard per list of source rows (rows written in the given order)."""
     out = tmp_path / name
@@ -50,6 +60,7 @@ def build(tmp_path, shards: list[list[int]], *, complete=True, spec=SPEC, name="
         entry["dropped"] = {"prompt_too_long": index}
         manifest.shards.append(entry)
     manifest.complete = complete
+    add_tokenizer(out, manifest)
     commit_manifest(out, manifest)
     return out, manifest
 
@@ -77,7 +88,9 @@ def test_manifest_round_trip(tmp_path):
     # Dropped rows: per shard (0 + 1) plus the ones dropped while reading.
     assert again.dropped == {"prompt_too_long": 1, "identical_chosen_rejected": 1}
     body = json.loads((out / "manifest.json").read_text())
-    assert body["format"] == "dpocli-reference-cache" and body["format_version"] == 1
+    assert body["format"] == "dpocli-reference-cache" and body["format_version"] == 2
+    assert body["tokenizer_files"] == again.tokenizer_files
+    assert set(again.tokenizer_files) == {"tokenizer.json", "tokenizer_config.json"}
     assert body["rows_written"] == 3 and body["spec_fingerprint"] == cache.fingerprint(SPEC)
     assert Manifest.from_dict(manifest.to_dict(), "x") == manifest
 
@@ -105,6 +118,18 @@ def test_manifest_with_a_valid_signature_is_accepted_after_edit(tmp_path):
     out, _ = build(tmp_path, [[0, 1]])
     edit_manifest(out, lambda body: (body.__setitem__("created", {"note": "x"}), resign(body)))
     assert read_manifest(out).created == {"note": "x"}
+
+
+def test_version_1_cache_is_refused_with_a_hint_to_recreate(tmp_path):
+    # Version 1 had no tokenizer hashes and no batching record: it cannot be checked or replayed.
+    out, _ = build(tmp_path, [[0]])
+    edit_manifest(out, lambda body: (body.__setitem__("format_version", 1), body.pop("tokenizer_files"),
+                                     resign(body)))
+    for opener in (read_manifest, load_cache):
+        with pytest.raises(DpocliError) as err:
+            opener(out)
+        assert err.value.field == "format_version" and "version 1" in str(err.value)
+        assert "precompute-ref" in err.value.hint
 
 
 def test_not_a_manifest(tmp_path):
@@ -145,6 +170,20 @@ def test_load_round_trip_and_order(tmp_path):
         assert data.scalars["ref_rejected_logps"][i] == row["ref_rejected_logps"]
         assert data.scalars["chosen_len"][i] == row["chosen_len"]
         assert data.seq_len(i) == 2 + max(row["chosen_len"], row["rejected_len"])
+        assert data.pair_lens(i) == (2, row["chosen_len"], row["rejected_len"])
+    # Where each row is stored, in stored order: what eval's replay of precompute groups by.
+    assert data.shard.tolist() == [1, 1, 1, 0, 0, 0, 2]
+    stored = {s: [int(data.source_row[i]) for i in rows] for s, rows in data.shard_rows().items()}
+    assert stored == {0: [5, 3, 4], 1: [0, 2, 1], 2: [6]}
+
+
+def test_shard_membership_does_not_follow_source_row_arithmetic(tmp_path):
+    # Rows dropped while reading (--drop-identical) leave gaps in source_row, so shard i does not
+    # hold source rows [i*n, (i+1)*n): here 3 rows per shard, with source rows 1 and 4 dropped.
+    out, _ = build(tmp_path, [[0, 2, 3], [5, 6, 7]])
+    _, data = load_cache(out)
+    stored = {s: [int(data.source_row[i]) for i in rows] for s, rows in data.shard_rows().items()}
+    assert stored == {0: [0, 2, 3], 1: [5, 6, 7]}
 
 
 def test_shard_carries_spec_and_schema(tmp_path):
@@ -214,6 +253,37 @@ def test_missing_shard_and_wrong_row_count_are_refused(tmp_path):
         load_cache(out)
 
 
+# --- tokenizer folder ---
+
+@pytest.mark.parametrize("change", ["replaced", "missing", "added"])
+def test_changed_tokenizer_folder_is_refused_naming_the_file(tmp_path, change):
+    out, _ = build(tmp_path, [[0, 1]])
+    folder = out / cache.TOKENIZER_DIR
+    name = {"replaced": "tokenizer.json", "missing": "tokenizer_config.json",
+            "added": "vocab.json"}[change]
+    if change == "replaced":
+        (folder / name).write_text('{"model": "another tokenizer"}')
+    elif change == "missing":
+        (folder / name).unlink()
+    else:
+        (folder / name).write_text("{}")
+    with pytest.raises(DpocliError) as err:
+        load_cache(out)
+    assert err.value.field == "tokenizer_files" and err.value.file == str(folder / name)
+    assert "tokenizer/" in err.value.hint
+    if change == "replaced":  # only the hash can tell; without checksums the folder's shape passes
+        load_cache(out, checksums=False)
+
+
+def test_tokenizer_folder_is_checked_only_against_the_manifest(tmp_path):
+    # Control: the same edit, re-listed in a re-signed manifest, is accepted.
+    out, _ = build(tmp_path, [[0, 1]])
+    (out / cache.TOKENIZER_DIR / "tokenizer.json").write_text('{"model": "re-listed"}')
+    hashes = cache.tokenizer_file_hashes(out / cache.TOKENIZER_DIR)
+    edit_manifest(out, lambda body: (body.__setitem__("tokenizer_files", hashes), resign(body)))
+    load_cache(out)
+
+
 def test_incomplete_cache_is_refused(tmp_path):
     out, manifest = build(tmp_path, [[0, 1], [2, 3]], complete=False)
     assert len(manifest.shards) == 1
@@ -235,6 +305,7 @@ def test_non_finite_reference_value_is_refused(tmp_path, field, bad):
     out.mkdir()
     manifest = Manifest(spec=SPEC, planned_shards=1, rows_read=4, complete=True)
     manifest.shards.append(write_shard(out, 0, columns(rows[::-1]), False, SPEC))
+    add_tokenizer(out, manifest)
     commit_manifest(out, manifest)
     verify_shards(out, read_manifest(out))  # checksums are fine: the values are the problem
     with pytest.raises(DpocliError) as err:
@@ -253,6 +324,7 @@ def test_token_logps_columns(tmp_path):
     spec = {**SPEC, "token_logps": True}
     manifest = Manifest(spec=spec, planned_shards=1, rows_read=3, complete=True)
     manifest.shards.append(write_shard(out, 0, cols, True, spec))
+    add_tokenizer(out, manifest)
     commit_manifest(out, manifest)
     _, data = load_cache(out)
     for i, r in enumerate(rows):

@@ -119,7 +119,8 @@ def test_packed_precompute_equals_padded_and_eval_replays_it_exactly(small_prefs
                    "--prefix-sharing", "--rows-per-shard", 16, "--batch-size", 8,
                    "--quiet"]).exit_code == 0
     manifest = json.loads((packed / "manifest.json").read_text())
-    assert manifest["created"]["packing"] is True and manifest["created"]["prefix_sharing"] is True
+    layout = manifest["spec"]["batching"]
+    assert layout["packing"] is True and layout["prefix_sharing"] is True
     a, b = ref_values(small_cache), ref_values(packed)
     assert a.keys() == b.keys()
     assert max(abs(a[k][i] - b[k][i]) for k in a for i in (0, 1)) < 1e-5
