@@ -77,6 +77,11 @@ class PrecomputeConfig:
                         prefix_sharing=self.prefix_sharing)
 
 
+def _resolved(path: str) -> str:
+    """An existing local path made absolute; anything else (a hub id) as given."""
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
 def _build_spec(cfg: PrecomputeConfig, read, tokenizer, model_fp: dict) -> dict:
     """Everything that changes the cached numbers or how `dpo eval` replays them, except the
     batch budget, which each shard records (so an out-of-memory run can resume with a smaller
@@ -84,7 +89,9 @@ def _build_spec(cfg: PrecomputeConfig, read, tokenizer, model_fp: dict) -> dict:
     another layout must be refused (or redone with --overwrite), never mixed into one cache."""
     return {
         "conventions": CONVENTIONS,
-        "reference_model": {"path": model_fp["path"], "revision": model_fp["revision"],
+        # Local paths are stored resolved: `./data.jsonl` and `/abs/data.jsonl` are the same input
+        # on resume, and `cache verify --rescore` finds the model from any working directory.
+        "reference_model": {"path": _resolved(model_fp["path"]), "revision": model_fp["revision"],
                             "sha256": model_fp["sha256"]},
         "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer),
                       "eos_token": tokenizer.eos_token, "pad_token_id": pad_token_id(tokenizer)},
@@ -95,7 +102,7 @@ def _build_spec(cfg: PrecomputeConfig, read, tokenizer, model_fp: dict) -> dict:
         "token_logps": cfg.token_logps,
         "batching": cfg.batching().layout(),
         "input": {
-            "files": [asdict(f) for f in read.files],
+            "files": [{**asdict(f), "path": _resolved(f.path)} for f in read.files],
             # Only inputs with splits record one, so caches of plain files made before --split stay valid.
             **({"split": read.split} if read.split is not None else {}),
             "columns": {"prompt": cfg.prompt_column, "chosen": cfg.chosen_column,

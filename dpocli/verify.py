@@ -38,7 +38,14 @@ def run_verify(cache_dir: str, *, rescore: int = 0, model: str | None = None, se
     if rescore > 0:
         ref = manifest.spec["reference_model"]
         path = model or ref["path"]
-        found = weights_fingerprint(path)["sha256"]
+        try:
+            found = weights_fingerprint(path)["sha256"]
+        except DpocliError as err:
+            if model:
+                raise
+            raise DpocliError(f"the cache's reference model {path} cannot be found ({err.message})",
+                              field="--model", hint="pass --model with the reference the cache was "
+                                                    "made with") from None
         if found != ref["sha256"]:
             raise DpocliError(f"weights differ from the cache's reference (sha256 {found[:12]} vs "
                               f"{ref['sha256'][:12]})", file=path, field="reference_model.sha256",

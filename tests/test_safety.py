@@ -269,3 +269,35 @@ def test_per_example_path_is_checked_first_and_its_folders_created(small_cache, 
         OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))))
     result = invoke(["eval", small_cache, "--model", MODEL, "--per-example", target, "--quiet"])
     assert result.exit_code == 1 and result.stderr.startswith("error:") and "Traceback" not in result.stderr
+
+
+def test_relative_and_absolute_paths_name_the_same_input(tmp_path, prefs, monkeypatch):
+    from dpocli import cache
+    monkeypatch.chdir(tmp_path)
+    real, calls = cache.write_shard, []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(cache, "write_shard", crash_on_second)
+    assert precompute(Path("prefs.jsonl"), Path("cache")).exit_code == 130
+    monkeypatch.setattr(cache, "write_shard", real)
+    result = precompute(prefs.resolve(), (tmp_path / "cache").resolve(), "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["status"] == "resumed"
+
+
+def test_verify_rescore_finds_a_relative_reference_from_anywhere(tmp_path, prefs, monkeypatch):
+    shutil.copytree(MODEL, tmp_path / "ref")
+    monkeypatch.chdir(tmp_path)
+    result = invoke(["precompute-ref", "prefs.jsonl", "--model", "ref", "--out", "cache", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    result = invoke(["cache", "verify", tmp_path / "cache", "--rescore", 2, "--json"])
+    assert result.exit_code == 0, result.stderr
+    shutil.rmtree(tmp_path / "ref")
+    result = invoke(["cache", "verify", tmp_path / "cache", "--rescore", 2])
+    assert result.exit_code == 2 and "--model" in result.stderr
