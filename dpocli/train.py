@@ -32,7 +32,7 @@ from dpocli.batching import plan_epoch
 from dpocli.console import ProgressBar, log
 from dpocli.errors import DpocliError, Interrupted, RunFailure, out_of_memory_types
 from dpocli.logprobs import CompletionScorer, sequence_logps
-from dpocli.losses import LossInputs, LossSpec, compute_loss, parse_loss_list, validate_spec
+from dpocli.losses import LOSS_OPTIONS, LossInputs, LossSpec, compute_loss, spec_from_options
 from dpocli.metrics import MetricsLog, StepMetrics, rename_for_eval
 from dpocli.modeling import (DTYPES, STEP0_TOLERANCE, load_causal_lm, resolve_device,
                              weights_fingerprint)
@@ -61,7 +61,7 @@ class TrainConfig:
     ipo_length_normalized: bool = True
     discopop_tau: float = 0.05
     f_divergence: str = "reverse_kl"
-    f_alpha: float = 1.0
+    f_alpha: float = 0.5  # TRL's f_alpha_divergence_coef default
     lr: float = 1e-6  # TRL's default
     epochs: int = 1
     max_steps: int | None = None
@@ -100,19 +100,13 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     skip_step0_check: bool = False
+    keep_dropout: bool = False  # TRL's disable_dropout=True is the default
     allow_tokenizer_mismatch: bool = False
     trust_remote_code: bool = False
     chunk_size: int = 1024
 
     def loss_spec(self) -> LossSpec:
-        names, weights = parse_loss_list(self.loss, self.loss_weights)
-        spec = LossSpec(losses=names, weights=weights, beta=self.beta,
-                        label_smoothing=self.label_smoothing,
-                        ipo_length_normalized=self.ipo_length_normalized,
-                        discopop_tau=self.discopop_tau, f_divergence=self.f_divergence,
-                        f_alpha=self.f_alpha)
-        validate_spec(spec)
-        return spec
+        return spec_from_options(**{name: getattr(self, name) for name in LOSS_OPTIONS})
 
     def check(self) -> None:
         positive = {"--lr": self.lr, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
