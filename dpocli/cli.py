@@ -317,8 +317,9 @@ def eval_(
 
     _check_dtype(dtype)
     models = list(model or []) + list(more_models or [])
+    # Given = on the command line or in --config. By name: typer may bring its own copy of click's enum.
     given = frozenset(option for param, option in LOSS_PARAMS.items()
-                      if ctx.get_parameter_source(param) != click.core.ParameterSource.DEFAULT)
+                      if getattr(ctx.get_parameter_source(param), "name", "DEFAULT") != "DEFAULT")
     summary = _run(lambda: run_eval(
         str(cache), models, beta=beta, loss=loss, loss_weights=loss_weights,
         label_smoothing=label_smoothing, ipo_length_normalized=not ipo_sum, discopop_tau=discopop_tau,
