@@ -311,8 +311,8 @@ def validate_spec(spec: LossSpec) -> None:
                           field="f_divergence", hint=_suggest(spec.f_divergence, F_DIVERGENCES))
     unsupported = [name for name in spec.losses if name not in F_DIVERGENCE_LOSSES]
     if spec.f_divergence != "reverse_kl" and unsupported:
-        raise DpocliError(f"'{spec.f_divergence}' does not apply to loss {', '.join(unsupported)} (as in TRL, "
-                          f"only {', '.join(sorted(F_DIVERGENCE_LOSSES))} take an f-divergence)",
+        raise DpocliError(f"'{spec.f_divergence}' does not apply to loss {', '.join(unsupported)} "
+                          f"(as in TRL, only {', '.join(sorted(F_DIVERGENCE_LOSSES))} take an f-divergence)",
                           field="f_divergence", hint="use --f-divergence reverse_kl with these losses")
     _validate_label_smoothing(spec)  # after the f-divergence check, the order of TRL's own checks
     if not math.isfinite(spec.f_alpha):

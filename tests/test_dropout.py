@@ -21,8 +21,8 @@ from dpocli.modeling import active_dropout, disable_dropout, load_causal_lm
 
 TRL = json.loads((Path(__file__).parent / "fixtures" / "trl_dropout.json").read_text())
 SETTINGS = TRL["settings"]
-TRAIN_ARGS = ["--no-shuffle", "--max-steps", 5, "--batch-size", SETTINGS["batch_size"], "--lr", SETTINGS["lr"],
-              "--beta", SETTINGS["beta"], "--seed", SETTINGS["seed"], "--quiet"]
+TRAIN_ARGS = ["--no-shuffle", "--max-steps", 5, "--batch-size", SETTINGS["batch_size"],
+              "--lr", SETTINGS["lr"], "--beta", SETTINGS["beta"], "--seed", SETTINGS["seed"], "--quiet"]
 
 
 # ---------------------------------------------------------------- disable_dropout on three families

@@ -75,7 +75,8 @@ def test_eval_refuses(flags, words, small_cache):
 
 
 def test_sigmoid_label_smoothing_hint_names_cdpo(small_cache, tmp_path):
-    result = invoke(["train", small_cache, "--model", MODEL, "--out", tmp_path / "r", "--label-smoothing", "0.1"])
+    result = invoke(["train", small_cache, "--model", MODEL, "--out", tmp_path / "r",
+                     "--label-smoothing", "0.1"])
     assert "hint:" in result.stderr and "--loss cdpo" in result.stderr
 
 
@@ -134,5 +135,6 @@ def test_eval_of_runs_with_different_loss_options_is_refused(small_cache, two_ru
 def test_eval_loss_options_in_a_config_file_count_as_given(small_cache, two_runs, tmp_path):
     config = tmp_path / "eval.toml"
     config.write_text('[eval]\nloss = "ipo"\nbeta = 0.3\n')
-    summary = _eval(small_cache, "--model", two_runs["ipo"], "--model", two_runs["sigmoid"], "--config", config)
+    summary = _eval(small_cache, "--model", two_runs["ipo"], "--model", two_runs["sigmoid"],
+                    "--config", config)
     assert summary["loss_options"]["loss"] == "ipo" and summary["loss_options"]["beta"] == 0.3

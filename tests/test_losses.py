@@ -247,7 +247,8 @@ def test_label_smoothing_that_no_loss_uses_is_refused(losses):
     err = _error(losses=losses, weights=(1.0,) * len(losses), label_smoothing=0.1)
     assert err.field == "label_smoothing" and "no effect" in str(err) and "cdpo" in err.hint
     # ...but accepted where one listed loss uses it, as TRL applies it there only.
-    validate_spec(LossSpec(losses=(*losses, "robust"), weights=(1.0,) * (len(losses) + 1), label_smoothing=0.1))
+    validate_spec(LossSpec(losses=(*losses, "robust"), weights=(1.0,) * (len(losses) + 1),
+                           label_smoothing=0.1))
 
 
 def test_exo_pair_refuses_eps_zero():
@@ -262,7 +263,8 @@ def test_f_divergence_refused_where_trl_refuses_it(name):
     err = _error(losses=(name,), f_divergence="js_divergence")
     assert err.field == "f_divergence" and name in str(err)
     # In a combination too, even when the other loss would take it.
-    assert _error(losses=("sigmoid", name), weights=(1.0, 1.0), f_divergence="forward_kl").field == "f_divergence"
+    err = _error(losses=("sigmoid", name), weights=(1.0, 1.0), f_divergence="forward_kl")
+    assert err.field == "f_divergence"
 
 
 @pytest.mark.parametrize("tau", [0.05, 0.5, 2.0])
