@@ -128,6 +128,31 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", is_eager=True, ca
 PrintConfigOpt = Annotated[bool, typer.Option("--print-config", is_eager=True, callback=_print_config_callback, help="Print this command's options as TOML (a --config to start from) and exit.")]
 AttnOpt = Annotated[Optional[str], typer.Option("--attn-implementation", help="eager, sdpa or flash_attention_2 (default: transformers' choice).")]
 
+# The loss options, shared by train and eval (defaults too: tests/test_cli_loss_options.py checks
+# both commands declare the same ones, with TrainConfig's defaults). Names are TRL 1.16's.
+BetaOpt = Annotated[float, typer.Option(
+    help="β: strength of the pull towards the reference; scales rewards and loss.")]
+LossOpt = Annotated[str, typer.Option(
+    help="Loss type(s), comma-separated: sigmoid, cdpo, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, "
+         "sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, sft (TRL 1.16's "
+         "loss_type; cdpo is dpocli's label-smoothed sigmoid).")]
+LossWeightsOpt = Annotated[Optional[str], typer.Option(
+    help="Comma-separated weight per loss type (default all 1).")]
+LabelSmoothingOpt = Annotated[float, typer.Option(
+    help="ε for cdpo, robust, exo_pair (needs > 0), aot, aot_unpaired; refused when no listed loss uses "
+         "it (TRL 1.16 ignores it there).")]
+IpoSumOpt = Annotated[bool, typer.Option(
+    "--ipo-sum", help="IPO on summed log-ratios (paper, OpenRLHF) instead of TRL's per-token average.")]
+DiscopopTauOpt = Annotated[float, typer.Option(help="τ of the discopop loss.")]
+FDivergenceOpt = Annotated[str, typer.Option(
+    help="reverse_kl (DPO), forward_kl, js_divergence or alpha_divergence (TRL's f_divergence_type); only "
+         "with sigmoid, cdpo, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft.")]
+FAlphaOpt = Annotated[float, typer.Option(help="α of alpha_divergence (TRL's f_alpha_divergence_coef).")]
+# CLI parameter -> LossSpec option (see dpocli.losses.LOSS_OPTIONS); --ipo-sum is the negation.
+LOSS_PARAMS = {"loss": "loss", "loss_weights": "loss_weights", "beta": "beta",
+               "label_smoothing": "label_smoothing", "ipo_sum": "ipo_length_normalized",
+               "discopop_tau": "discopop_tau", "f_divergence": "f_divergence", "f_alpha": "f_alpha"}
+
 
 def _print_error(err: DpocliError) -> None:
     """`error: <one line>` and an optional `hint:` line, on stderr."""
@@ -235,14 +260,14 @@ def train(
     cache: Annotated[Path, typer.Argument(help="Reference cache written by precompute-ref.")],
     model: Annotated[str, typer.Option(help="Policy to start from (usually the reference model itself).")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, metrics.jsonl, final model.")],
-    beta: Annotated[float, typer.Option(help="β: strength of the pull towards the reference.")] = 0.1,
-    loss: Annotated[str, typer.Option(help="Loss type(s), comma-separated: sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, sft.")] = "sigmoid",
-    loss_weights: Annotated[Optional[str], typer.Option(help="Comma-separated weight per loss type (default all 1).")] = None,
-    label_smoothing: Annotated[float, typer.Option(help="ε for cDPO/robust/exo_pair/aot.")] = 0.0,
-    ipo_sum: Annotated[bool, typer.Option("--ipo-sum", help="IPO on summed log-ratios (paper, OpenRLHF) instead of TRL's per-token average.")] = False,
-    discopop_tau: Annotated[float, typer.Option(help="τ of the discopop loss.")] = 0.05,
-    f_divergence: Annotated[str, typer.Option(help="reverse_kl (DPO), forward_kl, js_divergence or alpha_divergence.")] = "reverse_kl",
-    f_alpha: Annotated[float, typer.Option(help="α of alpha_divergence.")] = 1.0,
+    beta: BetaOpt = 0.1,
+    loss: LossOpt = "sigmoid",
+    loss_weights: LossWeightsOpt = None,
+    label_smoothing: LabelSmoothingOpt = 0.0,
+    ipo_sum: IpoSumOpt = False,
+    discopop_tau: DiscopopTauOpt = 0.05,
+    f_divergence: FDivergenceOpt = "reverse_kl",
+    f_alpha: FAlphaOpt = 0.5,
     lr: Annotated[float, typer.Option(help="Peak learning rate (TRL's default 1e-6).")] = 1e-6,
     epochs: Annotated[int, typer.Option(help="Passes over the cache (ignored when --max-steps is given).")] = 1,
     max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps to run; overrides --epochs.")] = None,
@@ -278,6 +303,9 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing --out and start over.")] = False,
     skip_step0_check: Annotated[bool, typer.Option("--skip-step0-check", help="Do not stop when policy = reference fails to reproduce the cache.")] = False,
+    keep_dropout: Annotated[bool, typer.Option(
+        "--keep-dropout", help="Train with the model's dropout (default: every dropout set to 0, like TRL's "
+        "disable_dropout; precompute-ref and eval run the model in eval mode, never with dropout).")] = False,
     allow_tokenizer_mismatch: Annotated[bool, typer.Option("--allow-tokenizer-mismatch", help="Train although the policy's tokenizer differs from the cache's.")] = False,
     trust_remote_code: TrustOpt = False,
     config: ConfigOpt = None,
@@ -304,6 +332,7 @@ def train(
         shuffle=not no_shuffle, group_by_length=group_by_length, save_every=save_every,
         save_total_limit=save_total_limit, eval_cache=str(eval_cache) if eval_cache else None,
         eval_every=eval_every, resume=resume, overwrite=overwrite, skip_step0_check=skip_step0_check,
+        keep_dropout=keep_dropout,
         allow_tokenizer_mismatch=allow_tokenizer_mismatch, trust_remote_code=trust_remote_code)
     summary = _run(lambda: run_train(cfg, resolved_toml=_resolved(ctx)), quiet=quiet)
     _emit(summary, as_json, train_table)
@@ -312,14 +341,18 @@ def train(
 @app.command("eval", epilog=EPILOG + "  Example: dpo eval ./heldout-cache --model ./run "
              "--model './run/checkpoint-*' --json")
 def eval_(
+    ctx: typer.Context,
     cache: Annotated[Path, typer.Argument(help="Held-out cache written by precompute-ref.")],
     more_models: Annotated[Optional[list[str]], typer.Argument(help="More models; lets an unquoted shell glob after --model work.", show_default=False)] = None,
     model: Annotated[Optional[list[str]], typer.Option("--model", help="Model folder to score (repeatable; quoted globs like 'run/checkpoint-*' expand in step order).")] = None,
-    beta: Annotated[float, typer.Option(help="β for rewards and loss.")] = 0.1,
-    loss: Annotated[str, typer.Option(help="Loss type(s) to report, comma-separated.")] = "sigmoid",
-    loss_weights: Annotated[Optional[str], typer.Option(help="Weights of the loss types.")] = None,
-    label_smoothing: Annotated[float, typer.Option(help="ε for the losses that use it.")] = 0.0,
-    ipo_sum: Annotated[bool, typer.Option("--ipo-sum", help="IPO on summed log-ratios.")] = False,
+    beta: BetaOpt = 0.1,
+    loss: LossOpt = "sigmoid",
+    loss_weights: LossWeightsOpt = None,
+    label_smoothing: LabelSmoothingOpt = 0.0,
+    ipo_sum: IpoSumOpt = False,
+    discopop_tau: DiscopopTauOpt = 0.05,
+    f_divergence: FDivergenceOpt = "reverse_kl",
+    f_alpha: FAlphaOpt = 0.5,
     max_tokens: Annotated[Optional[int], typer.Option(help="Padded tokens per forward (default: the cache's precompute batching, which reproduces it exactly).")] = None,
     # Default None = the cache's: scoring the reference in other numerics is not exactly neutral.
     dtype: Annotated[Optional[str], typer.Option(help="Weights dtype: float32, bfloat16 or float16 (default: the cache's; another value warns).")] = None,
@@ -338,16 +371,23 @@ def eval_(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
-    """Score checkpoints on a held-out cache: accuracy, margins, displacement, length bias."""
+    """Score checkpoints on a held-out cache: accuracy, margins, displacement, length bias.
+
+    Loss options not given (on the command line or in --config) come from the training run of the
+    models when they are dpocli run folders or their checkpoints."""
     from dpocli.evaluate import run_eval
     from dpocli.summaries import eval_table
 
     if dtype is not None:
         _check_dtype(dtype)
     models = list(model or []) + list(more_models or [])
+    # Given = on the command line or in --config. By name: typer may bring its own copy of click's enum.
+    given = frozenset(option for param, option in LOSS_PARAMS.items()
+                      if getattr(ctx.get_parameter_source(param), "name", "DEFAULT") != "DEFAULT")
     summary = _run(lambda: run_eval(
         str(cache), models, beta=beta, loss=loss, loss_weights=loss_weights,
-        label_smoothing=label_smoothing, ipo_length_normalized=not ipo_sum, max_tokens=max_tokens,
+        label_smoothing=label_smoothing, ipo_length_normalized=not ipo_sum, discopop_tau=discopop_tau,
+        f_divergence=f_divergence, f_alpha=f_alpha, loss_given=given, max_tokens=max_tokens,
         dtype=dtype, device=device, per_example=str(per_example) if per_example else None,
         samples=samples, ref_model=ref_model, max_new_tokens=max_new_tokens, temperature=temperature,
         kl_samples=kl_samples, seed=seed, attn_implementation=attn_implementation,

@@ -35,7 +35,7 @@ from dpocli.atomic import atomic_path
 from dpocli.console import ProgressBar, log, warn
 from dpocli.errors import DpocliError, check_at_least, check_seed
 from dpocli.logprobs import CompletionScorer
-from dpocli.losses import LossInputs, LossSpec, compute_loss, parse_loss_list, validate_spec
+from dpocli.losses import LOSS_OPTIONS, LossInputs, LossSpec, compute_loss, spec_from_options
 from dpocli.modeling import load_causal_lm, resolve_device
 from dpocli.policy import check_model_tokenizer, check_vocab
 from dpocli.scoring import cached_reference, score_cache
@@ -172,25 +172,73 @@ def write_per_example(path: Path, rows: list[dict]) -> None:
             raise DpocliError("must end in .parquet or .jsonl", file=path, field="--per-example")
 
 
+def run_config_of(model: str) -> Path | None:
+    """The run_config.json of the dpocli run that wrote `model`: in a run folder itself, or beside a
+    checkpoint-N folder inside one (train.py writes it there; the name is fixed by train.RUN_CONFIG)."""
+    folder = Path(model)
+    for candidate in (folder, folder.parent if re.fullmatch(r"checkpoint-\d+", folder.name) else None):
+        if candidate is not None and (candidate / "run_config.json").is_file():
+            return candidate / "run_config.json"
+    return None
+
+
+def _flag(option: str) -> str:
+    return "--ipo-sum" if option == "ipo_length_normalized" else "--" + option.replace("_", "-")
+
+
+def loss_options_from_runs(models: list[str], options: dict, given: frozenset[str]) -> tuple[dict, list[str]]:
+    """`options` with every loss option not in `given` replaced by the value the models were trained
+    with, and the run_config.json files it came from. Models that are not dpocli runs have no say;
+    runs that disagree on an option not given are refused (the loss would be ambiguous)."""
+    import json
+    saved: dict[str, dict] = {}
+    for model in models:
+        path = run_config_of(model)
+        if path is not None:
+            config = json.loads(path.read_text())
+            saved[str(path)] = {k: config[k] for k in LOSS_OPTIONS if k in config and k not in given}
+    if not saved:
+        return options, []
+    (first_path, first), *rest = saved.items()
+    for path, other in rest:
+        for key in sorted(set(first) | set(other)):
+            if first.get(key) != other.get(key):
+                raise DpocliError(f"the models come from runs trained with different loss options ({key}: "
+                                  f"{first.get(key)!r} in {first_path}, {other.get(key)!r} in {path})",
+                                  field="--model", hint=f"pass {_flag(key)} (and the other loss options) "
+                                                        "explicitly to score them alike")
+    return {**options, **first}, list(saved)
+
+
 def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str = "sigmoid",
              loss_weights: str | None = None, label_smoothing: float = 0.0,
-             ipo_length_normalized: bool = True, max_tokens: int | None = None,
+             ipo_length_normalized: bool = True, discopop_tau: float = 0.05,
+             f_divergence: str = "reverse_kl", f_alpha: float = 0.5,
+             loss_given: frozenset[str] | None = None, max_tokens: int | None = None,
              dtype: str | None = None, device: str | None = None, per_example: str | None = None,
              samples: int = 0, ref_model: str | None = None, max_new_tokens: int = 64,
              temperature: float = 0.0, kl_samples: int = 4, seed: int = 0,
              attn_implementation: str | None = None, trust_remote_code: bool = False) -> dict:
+    """Metrics of each model on the cache. `loss_given`: the loss options the user set; the others
+    come from the models' training runs (`loss_options_from_runs`). None: use the arguments as they are."""
     t0 = time.perf_counter()
     check_eval_options(samples=samples, temperature=temperature, kl_samples=kl_samples,
                        max_new_tokens=max_new_tokens, max_tokens=max_tokens, seed=seed)
-    names, weights = parse_loss_list(loss, loss_weights)
-    spec = LossSpec(losses=names, weights=weights, beta=beta, label_smoothing=label_smoothing,
-                    ipo_length_normalized=ipo_length_normalized)
-    validate_spec(spec)
+    options = {"loss": loss, "loss_weights": loss_weights, "beta": beta, "label_smoothing": label_smoothing,
+               "ipo_length_normalized": ipo_length_normalized, "discopop_tau": discopop_tau,
+               "f_divergence": f_divergence, "f_alpha": f_alpha}
     if per_example and Path(per_example).suffix not in (".parquet", ".jsonl", ".json"):
         raise DpocliError("must end in .parquet or .jsonl", file=per_example, field="--per-example")
     models = expand_models(models)
     if not models:
         raise DpocliError("give at least one --model", field="--model")
+    options_from = []
+    if loss_given is not None:
+        options, options_from = loss_options_from_runs(models, options, loss_given)
+        if options_from:
+            log(f"loss options from {', '.join(options_from)}: " +
+                ", ".join(f"{k}={options[k]!r}" for k in LOSS_OPTIONS if k not in loss_given))
+    spec = spec_from_options(**options)
     manifest, data = cache.load_cache(cache_dir)
     if per_example:  # checked before the evaluation, so a bad path does not lose its results
         check_per_example_path(Path(per_example), [cache_dir, *models])
@@ -232,7 +280,8 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
         write_per_example(Path(per_example), per_rows)
         log(f"wrote {len(per_rows)} per-example rows to {per_example}")
     return {"command": "eval", "dpocli_version": __version__, "cache": str(cache_dir),
-            "spec_fingerprint": manifest.spec_fingerprint, "beta": beta, "loss": loss,
+            "spec_fingerprint": manifest.spec_fingerprint, "beta": options["beta"], "loss": options["loss"],
+            "loss_options": options, "loss_options_from": options_from,
             "pairs": data.num_rows, "models": results, "per_example": per_example,
             "seconds": round(time.perf_counter() - t0, 3)}
 

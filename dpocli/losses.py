@@ -2,8 +2,11 @@
 
 Invariants:
 - Every loss maps `(LossInputs, LossSpec)` to a `[B]` per-pair loss in the inputs' dtype; no I/O, no model.
-- Formulas match TRL's `DPOTrainer._compute_loss` (huggingface/trl@f2cd577). Where we differ it is
-  only in a numerically stable rewrite of the same expression (noted at the function).
+- Formulas match TRL 1.16's `DPOTrainer._compute_loss`. Where we differ it is only in a numerically
+  stable rewrite of the same expression (noted at the function), or in `cdpo`, a loss TRL 1.16 lacks.
+- Options TRL 1.16 rejects or silently ignores are refused by `validate_spec` (one-line error):
+  label smoothing that no listed loss uses, `exo_pair` with ε = 0, an f-divergence on a loss TRL
+  does not generalise.
 - Implicit rewards always use the plain log-ratios, even under an f-divergence (as TRL does).
 - Completion lengths are clamped to >= 1 before dividing, as TRL clamps its mask sums.
 
@@ -50,7 +53,7 @@ class LossSpec:
     ipo_length_normalized: bool = True  # TRL's form; False = paper / OpenRLHF / original repo (summed)
     discopop_tau: float = 0.05  # TRL default
     f_divergence: str = "reverse_kl"  # reverse_kl | forward_kl | js_divergence | alpha_divergence
-    f_alpha: float = 1.0
+    f_alpha: float = 0.5  # TRL's `f_alpha_divergence_coef` default
 
 
 @dataclass(frozen=True)
@@ -71,21 +74,35 @@ class LossOutput:
 
 
 # ---- f-divergence score transforms g(u) (Wang et al., arXiv 2309.16240; TRL `f_divergence_type`) ----
+# g(u) = f'(e^u) exactly as TRL writes it, constants included: they cancel in s_w - s_l, but not after
+# the per-token division of `ipo` and `sigmoid_norm`.
 
 def _alpha_divergence(u: Tensor, alpha: float) -> Tensor:
-    """g(u) = exp((α-1)·u)/(α-1), exponent capped at 80 (11 in fp16) as TRL does; g(u) = u when α = 1."""
-    if alpha == 1.0:
+    """g(u) = (exp((α-1)·u) - 1)/(α-1), i.e. f'(t) = (t^(α-1) - 1)/(α-1); g(u) = u when |α-1| < 1e-6.
+
+    As TRL: the exponent is capped at 11 in fp16 and 80 otherwise (TRL has no fp64 entry and raises
+    there; we use 80), exp is taken in at least fp32, and the result is multiplied by 1/(α-1).
+    """
+    if abs(alpha - 1.0) < 1e-6:  # the limit f'(t) -> log t, TRL's tolerance
         return u
     cap = 11.0 if u.dtype == torch.float16 else 80.0
-    return torch.exp(torch.clamp((alpha - 1.0) * u, max=cap)) / (alpha - 1.0)
+    t = ((alpha - 1.0) * u).to(torch.promote_types(u.dtype, torch.float32))
+    return (torch.exp(torch.clamp(t, max=cap)) - 1.0).to(u.dtype) * (1.0 / (alpha - 1.0))
 
 
 F_DIVERGENCES: dict[str, Callable[[Tensor, float], Tensor]] = {
-    "reverse_kl": lambda u, alpha: u,  # standard DPO
-    "forward_kl": lambda u, alpha: -torch.exp(-u),
-    "js_divergence": lambda u, alpha: F.logsigmoid(u),
+    "reverse_kl": lambda u, alpha: u,  # standard DPO, f'(t) = log t
+    "forward_kl": lambda u, alpha: 1.0 - torch.exp(-u),  # f'(t) = 1 - 1/t
+    "js_divergence": lambda u, alpha: math.log(2.0) + F.logsigmoid(u),  # f'(t) = log(2t/(t+1))
     "alpha_divergence": _alpha_divergence,
 }
+
+# Losses TRL 1.16 accepts with an f-divergence other than reverse_kl: the f-DPO reparameterisation
+# leaves a β·log Z(x) term that cancels only in s_w - s_l. `cdpo` is a function of s_w - s_l too.
+F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "cdpo", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust",
+                                 "discopop", "sft"})
+# Losses that read `label_smoothing` (ε); TRL 1.16 ignores ε for every other loss type.
+SMOOTHED_LOSSES = frozenset({"cdpo", "robust", "exo_pair", "aot", "aot_unpaired"})
 
 
 def _logratios(x: LossInputs) -> tuple[Tensor, Tensor]:
@@ -114,9 +131,19 @@ def _smoothed_logistic(z: Tensor, eps: float) -> Tensor:
 # ---- the losses: each returns the [B] per-pair loss ----
 
 def sigmoid(x: LossInputs, spec: LossSpec) -> Tensor:
-    """DPO / cDPO: -(1-ε)·log σ(βδ) - ε·log σ(-βδ); ε = 0 is plain DPO. TRL `sigmoid`.
+    """DPO: -log σ(βδ). arXiv 2305.18290. TRL `sigmoid`.
 
-    arXiv 2305.18290 (DPO); cDPO: https://ericmitchell.ai/cdpo.pdf.
+    TRL 1.16 ignores label smoothing here (TRL <= 0.x applied it); smoothed DPO is `cdpo`.
+    """
+    s_w, s_l = _scores(x, spec)
+    return -F.logsigmoid(spec.beta * (s_w - s_l))
+
+
+def cdpo(x: LossInputs, spec: LossSpec) -> Tensor:
+    """Conservative DPO: -(1-ε)·log σ(βδ) - ε·log σ(-βδ). https://ericmitchell.ai/cdpo.pdf.
+
+    Not a TRL 1.16 loss type: it is what TRL <= 0.x computed for `sigmoid` with label_smoothing = ε,
+    kept under its own name so that `sigmoid` always means TRL 1.16's `sigmoid`.
     """
     s_w, s_l = _scores(x, spec)
     return _smoothed_logistic(spec.beta * (s_w - s_l), spec.label_smoothing)
@@ -144,21 +171,22 @@ def ipo(x: LossInputs, spec: LossSpec) -> Tensor:
 def exo_pair(x: LossInputs, spec: LossSpec) -> Tensor:
     """EXO: σ(βδ)·(log σ(βδ) - log(1-ε)) + σ(-βδ)·(log σ(-βδ) - log ε). TRL `exo_pair`.
 
-    arXiv 2402.00856 Eq. 16.
-
-    ε = 0 would make log ε infinite, so TRL substitutes ε = 1e-3 when label_smoothing is 0; we match it.
+    arXiv 2402.00856 Eq. 16. ε must be > 0 (log ε); `validate_spec` refuses 0, as TRL raises.
     """
     s_w, s_l = _scores(x, spec)
-    z, eps = spec.beta * (s_w - s_l), spec.label_smoothing or 1e-3
+    z, eps = spec.beta * (s_w - s_l), spec.label_smoothing
     return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
             + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
 
 
 def nca_pair(x: LossInputs, spec: LossSpec) -> Tensor:
-    """NCA: -log σ(β·s_w) - ½·log σ(-β·s_w) - ½·log σ(-β·s_l). arXiv 2402.05369. TRL `nca_pair`."""
-    s_w, s_l = _scores(x, spec)
+    """NCA: -log σ(β·Δw) - ½·log σ(-β·Δw) - ½·log σ(-β·Δl). arXiv 2402.05369. TRL `nca_pair`.
+
+    Plain log-ratios: TRL refuses an f-divergence with this loss (so does `validate_spec`).
+    """
+    dw, dl = _logratios(x)
     b = spec.beta
-    return -F.logsigmoid(b * s_w) - 0.5 * F.logsigmoid(-b * s_w) - 0.5 * F.logsigmoid(-b * s_l)
+    return -F.logsigmoid(b * dw) - 0.5 * F.logsigmoid(-b * dw) - 0.5 * F.logsigmoid(-b * dl)
 
 
 def robust(x: LossInputs, spec: LossSpec) -> Tensor:
@@ -169,19 +197,23 @@ def robust(x: LossInputs, spec: LossSpec) -> Tensor:
 
 
 def bco_pair(x: LossInputs, spec: LossSpec) -> Tensor:
-    """BCO, paired: -log σ(β·s_w) - log σ(-β·s_l). arXiv 2404.04656. TRL `bco_pair`.
+    """BCO, paired: -log σ(β·Δw) - log σ(-β·Δl). arXiv 2404.04656. TRL `bco_pair`.
 
-    No running-mean reward baseline (TRL's DPO has none; LLaMA-Factory's BCO does).
+    No running-mean reward baseline (TRL's DPO has none; LLaMA-Factory's BCO does). Plain
+    log-ratios: no f-divergence (as TRL).
     """
-    s_w, s_l = _scores(x, spec)
-    return -F.logsigmoid(spec.beta * s_w) - F.logsigmoid(-spec.beta * s_l)
+    dw, dl = _logratios(x)
+    return -F.logsigmoid(spec.beta * dw) - F.logsigmoid(-spec.beta * dl)
 
 
 def sppo_hard(x: LossInputs, spec: LossSpec) -> Tensor:
-    """SPPO (hard labels): (s_w - 1/(2β))² + (s_l + 1/(2β))². arXiv 2405.00675. TRL `sppo_hard`."""
-    s_w, s_l = _scores(x, spec)
+    """SPPO (hard labels): (Δw - 1/(2β))² + (Δl + 1/(2β))², plain log-ratios (no f-divergence, as TRL).
+
+    arXiv 2405.00675. TRL `sppo_hard`.
+    """
+    dw, dl = _logratios(x)
     half = 0.5 / spec.beta
-    return (s_w - half) ** 2 + (s_l + half) ** 2
+    return (dw - half) ** 2 + (dl + half) ** 2
 
 
 def aot(x: LossInputs, spec: LossSpec) -> Tensor:
@@ -209,10 +241,9 @@ def apo_zero(x: LossInputs, spec: LossSpec) -> Tensor:
 
 
 def apo_down(x: LossInputs, spec: LossSpec) -> Tensor:
-    """APO-down: σ(β·Δw) + (1 - σ(β·δ)), Δw plain, δ from scores. arXiv 2408.06266. TRL `apo_down`."""
-    dw, _ = _logratios(x)
-    s_w, s_l = _scores(x, spec)
-    return torch.sigmoid(spec.beta * dw) + (1.0 - torch.sigmoid(spec.beta * (s_w - s_l)))
+    """APO-down: σ(β·Δw) + (1 - σ(β·(Δw - Δl))), plain log-ratios. arXiv 2408.06266. TRL `apo_down`."""
+    dw, dl = _logratios(x)
+    return torch.sigmoid(spec.beta * dw) + (1.0 - torch.sigmoid(spec.beta * (dw - dl)))
 
 
 def discopop(x: LossInputs, spec: LossSpec) -> Tensor:
@@ -246,7 +277,7 @@ def sft(x: LossInputs, spec: LossSpec) -> Tensor:
 
 
 LOSSES: dict[str, Callable[[LossInputs, LossSpec], Tensor]] = {
-    "sigmoid": sigmoid, "hinge": hinge, "ipo": ipo, "exo_pair": exo_pair, "nca_pair": nca_pair,
+    "sigmoid": sigmoid, "cdpo": cdpo, "hinge": hinge, "ipo": ipo, "exo_pair": exo_pair, "nca_pair": nca_pair,
     "robust": robust, "bco_pair": bco_pair, "sppo_hard": sppo_hard, "aot": aot,
     "aot_unpaired": aot_unpaired, "apo_zero": apo_zero, "apo_down": apo_down,
     "discopop": discopop, "sigmoid_norm": sigmoid_norm, "sft": sft,
@@ -275,18 +306,36 @@ def validate_spec(spec: LossSpec) -> None:
         raise DpocliError(f"must be finite numbers, got {spec.weights}", field="weights")
     if not (math.isfinite(spec.beta) and spec.beta > 0):
         raise DpocliError(f"must be > 0, got {spec.beta}", field="beta")
+    if spec.f_divergence not in F_DIVERGENCES:
+        raise DpocliError(f"has unknown value '{spec.f_divergence}' (known: {', '.join(F_DIVERGENCES)})",
+                          field="f_divergence", hint=_suggest(spec.f_divergence, F_DIVERGENCES))
+    unsupported = [name for name in spec.losses if name not in F_DIVERGENCE_LOSSES]
+    if spec.f_divergence != "reverse_kl" and unsupported:
+        raise DpocliError(f"'{spec.f_divergence}' does not apply to loss {', '.join(unsupported)} "
+                          f"(as in TRL, only {', '.join(sorted(F_DIVERGENCE_LOSSES))} take an f-divergence)",
+                          field="f_divergence", hint="use --f-divergence reverse_kl with these losses")
+    _validate_label_smoothing(spec)  # after the f-divergence check, the order of TRL's own checks
+    if not math.isfinite(spec.f_alpha):
+        raise DpocliError(f"must be a finite number, got {spec.f_alpha}", field="f_alpha")
+    if not (math.isfinite(spec.discopop_tau) and spec.discopop_tau > 0):
+        raise DpocliError(f"must be > 0, got {spec.discopop_tau}", field="discopop_tau")
+
+
+def _validate_label_smoothing(spec: LossSpec) -> None:
+    """ε in [0, 0.5] ([0, 0.5) for robust, > 0 for exo_pair), and only where some listed loss uses it."""
     eps = spec.label_smoothing
     if "robust" in spec.losses and not 0.0 <= eps < 0.5:
         raise DpocliError(f"must be in [0, 0.5) for robust, got {eps}", field="label_smoothing")
     if not 0.0 <= eps <= 0.5:
         raise DpocliError(f"must be in [0, 0.5], got {eps}", field="label_smoothing")
-    if spec.f_divergence not in F_DIVERGENCES:
-        raise DpocliError(f"has unknown value '{spec.f_divergence}' (known: {', '.join(F_DIVERGENCES)})",
-                          field="f_divergence", hint=_suggest(spec.f_divergence, F_DIVERGENCES))
-    if not math.isfinite(spec.f_alpha):
-        raise DpocliError(f"must be a finite number, got {spec.f_alpha}", field="f_alpha")
-    if not (math.isfinite(spec.discopop_tau) and spec.discopop_tau > 0):
-        raise DpocliError(f"must be > 0, got {spec.discopop_tau}", field="discopop_tau")
+    if "exo_pair" in spec.losses and eps == 0.0:  # log ε = -inf; TRL raises too
+        raise DpocliError("must be > 0 for exo_pair", field="label_smoothing",
+                          hint="the EXO paper recommends --label-smoothing 1e-3")
+    if eps > 0.0 and not SMOOTHED_LOSSES.intersection(spec.losses):
+        # TRL 1.16 would train without it; a flag that silently does nothing is refused instead.
+        raise DpocliError(f"{eps} has no effect on loss {','.join(spec.losses)} (TRL 1.16 ignores it; only "
+                          f"{', '.join(sorted(SMOOTHED_LOSSES))} use it)", field="label_smoothing",
+                          hint="for label-smoothed DPO use --loss cdpo, or drop --label-smoothing")
 
 
 def compute_loss(inputs: LossInputs, spec: LossSpec) -> LossOutput:
@@ -302,6 +351,24 @@ def compute_loss(inputs: LossInputs, spec: LossSpec) -> LossOutput:
     return LossOutput(loss=per_pair.mean(), per_pair_loss=per_pair,
                       chosen_rewards=(spec.beta * dw).detach(), rejected_rewards=(spec.beta * dl).detach(),
                       components=components)
+
+
+# The loss options of `dpo train` and `dpo eval`, named as in TrainConfig and a run's run_config.json.
+LOSS_OPTIONS = ("loss", "loss_weights", "beta", "label_smoothing", "ipo_length_normalized", "discopop_tau",
+                "f_divergence", "f_alpha")
+
+
+def spec_from_options(*, loss: str = "sigmoid", loss_weights: str | None = None, beta: float = 0.1,
+                      label_smoothing: float = 0.0, ipo_length_normalized: bool = True,
+                      discopop_tau: float = 0.05, f_divergence: str = "reverse_kl",
+                      f_alpha: float = 0.5) -> LossSpec:
+    """The checked `LossSpec` for the `LOSS_OPTIONS` values (train and eval build it here, alike)."""
+    names, weights = parse_loss_list(loss, loss_weights)
+    spec = LossSpec(losses=names, weights=weights, beta=beta, label_smoothing=label_smoothing,
+                    ipo_length_normalized=ipo_length_normalized, discopop_tau=discopop_tau,
+                    f_divergence=f_divergence, f_alpha=f_alpha)
+    validate_spec(spec)
+    return spec
 
 
 def parse_loss_list(losses: str, weights: str | None) -> tuple[tuple[str, ...], tuple[float, ...]]:

@@ -1,13 +1,15 @@
 """Load models and tokenizers safely (no remote code unless asked, safetensors), and fingerprint them.
 
 Loader failures become one-line `DpocliError`s that say what to fix, instead of transformers'
-multi-line tracebacks.
+multi-line tracebacks. Every loaded model has its dropout turned off unless the caller keeps it
+(`disable_dropout`), as TRL's `disable_dropout=True` default intends.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -87,17 +89,93 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
         raise _explain_load_error(name_or_path, err) from None
 
 
+# Dropout probabilities held as plain floats: config fields (attention_dropout, hidden_dropout,
+# resid_pdrop, embd_pdrop, layerdrop, ...) and the module attributes copied from them at init.
+DROPOUT_NAME = re.compile(r".*(dropout|pdrop|layerdrop)(_prob|_rate|_p)?$")
+DROPOUT_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+                   torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+
+
+def active_dropout(model) -> list[str]:
+    """Every non-zero dropout setting of `model`: `Dropout` modules and float fields of its modules
+    and configs, as 'name=p'. Empty when the model is deterministic in train mode."""
+    found = {}
+    for mod_name, module in model.named_modules():
+        if isinstance(module, DROPOUT_MODULES) and module.p > 0:
+            found.setdefault(f"{type(module).__name__}(p={module.p:g})", mod_name)
+        for field, value in _dropout_fields(module):
+            found.setdefault(f"{field}={value:g}", mod_name)
+    for config in _configs(model):
+        for field, value in _dropout_fields(config):
+            found.setdefault(f"{field}={value:g}", "config")
+    return sorted(found)
+
+
+def disable_dropout(model) -> list[str]:
+    """Set every dropout of `model` to 0 in place; returns what was on (`active_dropout`).
+
+    TRL's `disable_dropout_in_model` sets `p = 0` on `torch.nn.Dropout` modules only. transformers'
+    attention reads a float instead (Llama: `dropout=0.0 if not self.training else
+    self.attention_dropout`, copied from the config at init), and Falcon or GPT-Neo read the config at
+    every forward, so TRL 1.16 still trains a Llama with `attention_dropout: 0.3` with attention
+    dropout on. We zero those floats and config fields too, so the default policy is deterministic.
+    The zeroed config fields are what a checkpoint's config.json then records.
+    """
+    before = active_dropout(model)
+    for module in model.modules():
+        if isinstance(module, DROPOUT_MODULES):
+            module.p = 0.0
+        for field, _ in _dropout_fields(module):
+            setattr(module, field, 0.0)
+    for config in _configs(model):
+        for field, _ in _dropout_fields(config):
+            setattr(config, field, 0.0)
+    return before
+
+
+def _dropout_fields(obj) -> list[tuple[str, float]]:
+    """(name, p) of float attributes named like a dropout probability and > 0 (bools and None skipped)."""
+    return [(k, v) for k, v in vars(obj).items()
+            if type(v) is float and v > 0 and DROPOUT_NAME.fullmatch(k)]
+
+
+def _configs(model) -> list:
+    """The model's config and its nested sub-configs (text_config, vision_config, ...)."""
+    from transformers import PretrainedConfig
+    todo, seen = [getattr(model, "config", None)], []
+    while todo:
+        config = todo.pop()
+        if isinstance(config, PretrainedConfig) and all(config is not c for c in seen):
+            seen.append(config)
+            todo += [v for v in vars(config).values() if isinstance(v, PretrainedConfig)]
+    return seen
+
+
 def load_causal_lm(name_or_path: str, *, dtype: str = "float32", device: torch.device | str = "cpu",
-                   attn_implementation: str | None = None, trust_remote_code: bool = False):
-    """An `AutoModelForCausalLM` in `dtype` on `device`, in eval mode, safetensors only."""
+                   attn_implementation: str | None = None, trust_remote_code: bool = False,
+                   keep_dropout: bool = False):
+    """An `AutoModelForCausalLM` in `dtype` on `device`, in eval mode, safetensors only, with every
+    dropout set to 0 unless `keep_dropout` (it matters only once a caller switches to train mode)."""
+    model = _load_causal_lm(name_or_path, dtype=dtype, device=device,
+                            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    if not keep_dropout:
+        turned_off = disable_dropout(model)
+        if turned_off:
+            from dpocli.console import log
+            log(f"dropout set to 0 ({', '.join(turned_off)}); --keep-dropout keeps it in training")
+    return model
+
+
+def _load_causal_lm(name_or_path: str, *, dtype: str, device: torch.device | str,
+                    attn_implementation: str | None, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM
     quiet_transformers()
     folder = resolve_model_dir(name_or_path)
     from dpocli import lora
     if lora.is_adapter_folder(folder):  # a LoRA run: base model named in the adapter + adapter
-        base = load_causal_lm(lora.base_model_path(folder), dtype=dtype, device=device,
-                              attn_implementation=attn_implementation,
-                              trust_remote_code=trust_remote_code)
+        base = _load_causal_lm(lora.base_model_path(folder), dtype=dtype, device=device,
+                               attn_implementation=attn_implementation,
+                               trust_remote_code=trust_remote_code)
         return lora.apply_for_inference(base, folder).eval()
     if not (folder / "config.json").exists():
         raise DpocliError("has no config.json; not a transformers model folder", file=name_or_path)

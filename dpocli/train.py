@@ -33,9 +33,9 @@ from dpocli.console import ProgressBar, log, sigterm_as_interrupt
 from dpocli.errors import (DpocliError, Interrupted, RunFailure, check_at_least, check_seed,
                            out_of_memory_types)
 from dpocli.logprobs import CompletionScorer, sequence_logps
-from dpocli.losses import LossInputs, LossSpec, compute_loss, parse_loss_list, validate_spec
+from dpocli.losses import LOSS_OPTIONS, LossInputs, LossSpec, compute_loss, spec_from_options
 from dpocli.metrics import MetricsLog, StepMetrics, rename_for_eval
-from dpocli.modeling import (DTYPES, STEP0_TOLERANCE, load_causal_lm, resolve_device,
+from dpocli.modeling import (DTYPES, STEP0_TOLERANCE, active_dropout, load_causal_lm, resolve_device,
                              weights_fingerprint)
 from dpocli.packing import check_layout_flags
 from dpocli.policy import load_policy_tokenizer, check_vocab
@@ -55,7 +55,7 @@ class TrainConfig:
     ipo_length_normalized: bool = True
     discopop_tau: float = 0.05
     f_divergence: str = "reverse_kl"
-    f_alpha: float = 1.0
+    f_alpha: float = 0.5  # TRL's f_alpha_divergence_coef default
     lr: float = 1e-6  # TRL's default
     epochs: int = 1
     max_steps: int | None = None
@@ -94,19 +94,13 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     skip_step0_check: bool = False
+    keep_dropout: bool = False  # TRL's disable_dropout=True is the default
     allow_tokenizer_mismatch: bool = False
     trust_remote_code: bool = False
     chunk_size: int = 1024
 
     def loss_spec(self) -> LossSpec:
-        names, weights = parse_loss_list(self.loss, self.loss_weights)
-        spec = LossSpec(losses=names, weights=weights, beta=self.beta,
-                        label_smoothing=self.label_smoothing,
-                        ipo_length_normalized=self.ipo_length_normalized,
-                        discopop_tau=self.discopop_tau, f_divergence=self.f_divergence,
-                        f_alpha=self.f_alpha)
-        validate_spec(spec)
-        return spec
+        return spec_from_options(**{name: getattr(self, name) for name in LOSS_OPTIONS})
 
     def check(self) -> None:
         positive = {"--lr": self.lr, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
@@ -137,6 +131,10 @@ class TrainConfig:
             raise DpocliError("is not supported together with --fsdp", field="--compile")
         if self.lora_r is not None and (self.lora_r < 1 or self.fsdp):
             raise DpocliError("must be >= 1 and cannot be combined with --fsdp", field="--lora-r")
+        if self.lora_dropout and not self.keep_dropout:
+            # TRL's disable_dropout would zero it silently; a flag that does nothing is refused.
+            raise DpocliError("has no effect: dropout is off in training unless --keep-dropout is given",
+                              field="--lora-dropout", hint="add --keep-dropout, or drop --lora-dropout")
         if self.merge and self.lora_r is None:
             raise DpocliError("only applies to LoRA runs", field="--merge", hint="add --lora-r N")
         if self.eval_every and not self.eval_cache:
@@ -164,9 +162,10 @@ def _load_caches(cfg: TrainConfig):
     return manifest, data, eval_cache
 
 
-def _step0_check(cfg, manifest, diff: float, dist) -> dict:
+def _step0_check(cfg, manifest, diff: float, dist, dropout: list[str] = ()) -> dict:
     """Policy == reference at step 0 must reproduce the cached values (catches tokenization,
-    precision and parallelism drift). Enforced only when the policy has the reference's weights."""
+    precision and parallelism drift). Enforced only when the policy has the reference's weights.
+    `dropout`: the policy's active dropout settings (only with --keep-dropout), named in the hint."""
     same_weights = weights_fingerprint(cfg.model)["sha256"] == manifest.spec["reference_model"]["sha256"]
     tolerance = STEP0_TOLERANCE[cfg.autocast or cfg.dtype]
     if same_weights:
@@ -175,8 +174,10 @@ def _step0_check(cfg, manifest, diff: float, dist) -> dict:
             raise RunFailure(
                 f"step-0 check failed: the policy starts from the reference's weights but its log-probs "
                 f"differ from the cache by up to {diff:.3g} (> {tolerance:g} for {cfg.autocast or cfg.dtype})",
-                hint="precompute and train with the same --dtype / attention implementation, or pass "
-                     "--skip-step0-check")
+                hint=(f"--keep-dropout leaves dropout on in training ({', '.join(dropout)}), so the "
+                      "policy's log-probs are noisy; drop --keep-dropout" if dropout else
+                      "precompute and train with the same --dtype / attention implementation, or pass "
+                      "--skip-step0-check"))
     else:
         log(f"step-0: policy weights differ from the cache's reference (max |Δ| = {diff:.3g}); "
             "rewards start away from 0")
@@ -249,7 +250,7 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     weights_path = str(resume_from[1]) if resume_from and cfg.lora_r is None else cfg.model
     model = load_causal_lm(weights_path, dtype=cfg.dtype, device=device,
                            attn_implementation=cfg.attn_implementation,
-                           trust_remote_code=cfg.trust_remote_code)
+                           trust_remote_code=cfg.trust_remote_code, keep_dropout=cfg.keep_dropout)
     check_vocab(model, data, cfg.cache)
     if cfg.lora_r is not None:
         from dpocli import lora
@@ -363,7 +364,8 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
                         diff = torch.cat([(policy.chosen_logps - ref["ref_chosen_logps"]).abs(),
                                           (policy.rejected_logps - ref["ref_rejected_logps"]).abs()]).detach()
                         diff = float(dist.max_over_ranks(float(diff.max())))
-                        extra = _step0_check(cfg, manifest, diff, dist)
+                        extra = _step0_check(cfg, manifest, diff, dist,
+                                             active_dropout(model) if cfg.keep_dropout else [])
                     if real:
                         step_metrics.add(out, policy.chosen_logps, policy.rejected_logps)
                         step_tokens += batch.num_tokens

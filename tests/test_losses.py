@@ -1,7 +1,9 @@
 """Tests for dpocli.losses against an independent re-implementation written here with `math`.
 
-The reference below (`expected`) is a second implementation of the formulas in ANCHORS.md §1.3/§4.2,
-element by element in plain Python floats; it never calls dpocli.losses.
+The reference below (`expected`) is a second implementation of TRL 1.16's `_compute_loss` formulas
+(and of `cdpo`, TRL <= 0.x's smoothed sigmoid), element by element in plain Python floats; it never
+calls dpocli.losses. `trl_accepts` restates, independently, which options TRL 1.16 refuses or ignores.
+tests/test_losses_trl.py compares against values recorded from TRL itself.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dpocli.losses import (
 )
 
 ALL_LOSSES = [
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "sigmoid", "cdpo", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft",
 ]
 
@@ -50,15 +52,34 @@ def sig(x: float) -> float:
 
 
 def g(u: float, fdiv: str, alpha: float) -> float:
+    """f'(e^u) as TRL 1.16 writes each score, constants kept."""
     if fdiv == "reverse_kl" or (fdiv == "alpha_divergence" and alpha == 1.0):
         return u
     if fdiv == "forward_kl":
-        return -math.exp(-u)
+        return 1.0 - math.exp(-u)
     if fdiv == "js_divergence":
-        return lsig(u)
+        return math.log(2.0) + lsig(u)
     if fdiv == "alpha_divergence":
-        return math.exp(min((alpha - 1.0) * u, 80.0)) / (alpha - 1.0)
+        return (math.exp(min((alpha - 1.0) * u, 80.0)) - 1.0) / (alpha - 1.0)
     raise AssertionError(fdiv)
+
+
+# TRL 1.16's constructor refuses an f-divergence other than reverse_kl outside this set (cdpo is
+# dpocli's, a function of s_w - s_l like sigmoid).
+F_DIV_LOSSES = {"sigmoid", "cdpo", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+# The losses whose TRL formula reads label_smoothing (plus cdpo); TRL ignores ε for all others.
+EPS_LOSSES = {"cdpo", "robust", "exo_pair", "aot", "aot_unpaired"}
+
+
+def trl_accepts(names: tuple[str, ...], fdiv: str, eps: float) -> str | None:
+    """None if dpocli must compute this spec, else the field its refusal must name (TRL's order)."""
+    if fdiv != "reverse_kl" and not set(names) <= F_DIV_LOSSES:
+        return "f_divergence"  # TRL raises
+    if "exo_pair" in names and eps == 0.0:
+        return "label_smoothing"  # TRL raises: log ε
+    if eps > 0.0 and not EPS_LOSSES & set(names):
+        return "label_smoothing"  # TRL would ignore ε; dpocli refuses a flag that does nothing
+    return None
 
 
 def expected(name, pc=PC, pr=PR, rc=RC, rr=RR, cl=CL, rl=RL, beta=0.1, eps=0.0,
@@ -84,6 +105,8 @@ def expected(name, pc=PC, pr=PR, rc=RC, rr=RR, cl=CL, rl=RL, beta=0.1, eps=0.0,
     for i in range(n):
         z = b * d[i]
         if name == "sigmoid":
+            v = -lsig(z)
+        elif name == "cdpo":
             v = -(1 - eps) * lsig(z) - eps * lsig(-z)
         elif name == "hinge":
             v = max(0.0, 1.0 - z)
@@ -91,20 +114,19 @@ def expected(name, pc=PC, pr=PR, rc=RC, rr=RR, cl=CL, rl=RL, beta=0.1, eps=0.0,
             h = sw[i] / cl[i] - sl[i] / rl[i] if ipo_norm else d[i]
             v = (h - 1.0 / (2.0 * b)) ** 2
         elif name == "exo_pair":
-            e = eps if eps > 0 else 1e-3
-            v = sig(z) * (lsig(z) - math.log(1 - e)) + sig(-z) * (lsig(-z) - math.log(e))
-        elif name == "nca_pair":
-            v = -lsig(b * sw[i]) - 0.5 * lsig(-b * sw[i]) - 0.5 * lsig(-b * sl[i])
+            v = sig(z) * (lsig(z) - math.log(1 - eps)) + sig(-z) * (lsig(-z) - math.log(eps))
+        elif name == "nca_pair":  # TRL: plain log-ratios (an f-divergence is refused)
+            v = -lsig(b * dw[i]) - 0.5 * lsig(-b * dw[i]) - 0.5 * lsig(-b * dl[i])
         elif name == "robust":
             v = (-(1 - eps) * lsig(z) + eps * lsig(-z)) / (1 - 2 * eps)
         elif name == "bco_pair":
-            v = -lsig(b * sw[i]) - lsig(-b * sl[i])
+            v = -lsig(b * dw[i]) - lsig(-b * dl[i])
         elif name == "sppo_hard":
-            v = (sw[i] - 1 / (2 * b)) ** 2 + (sl[i] + 1 / (2 * b)) ** 2
+            v = (dw[i] - 1 / (2 * b)) ** 2 + (dl[i] + 1 / (2 * b)) ** 2
         elif name == "apo_zero":
             v = (1 - sig(b * dw[i])) + sig(b * dl[i])
         elif name == "apo_down":
-            v = sig(b * dw[i]) + (1 - sig(z))
+            v = sig(b * dw[i]) + (1 - sig(b * (dw[i] - dl[i])))
         elif name == "discopop":
             m = sig(z / tau)
             v = (1 - m) * (-lsig(z)) + m * math.exp(-z)
@@ -139,25 +161,56 @@ def test_registry_lists_every_loss_type():
 
 # (beta, eps): the default, a mid value with smoothing, and the small / large beta edges.
 SETTINGS = [(0.1, 0.0), (0.5, 0.2), (1e-3, 0.1), (10.0, 0.3)]
+# (f_divergence, α): α = 0.5 is the default; 1.0 is the reverse_kl fallback; α < 0 flips the sign.
+F_DIVS = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.5),
+          ("alpha_divergence", 1.5), ("alpha_divergence", 1.0), ("alpha_divergence", -0.5)]
 
 
 @pytest.mark.parametrize("beta,eps", SETTINGS)
+@pytest.mark.parametrize("fdiv,alpha", F_DIVS)
 @pytest.mark.parametrize("name", ALL_LOSSES)
-def test_loss_matches_reference(name, beta, eps):
-    spec = LossSpec(losses=(name,), beta=beta, label_smoothing=eps)
-    got = LOSSES[name](make_inputs(), spec)
+def test_every_combination_matches_trl_formula_or_is_refused(name, fdiv, alpha, beta, eps):
+    spec = LossSpec(losses=(name,), beta=beta, label_smoothing=eps, f_divergence=fdiv, f_alpha=alpha)
+    refused = trl_accepts((name,), fdiv, eps)
+    if refused:
+        assert _error(**vars(spec)).field == refused
+        return
+    got = compute_loss(make_inputs(), spec).per_pair_loss
     assert got.shape == (4,) and got.dtype == torch.float64
-    assert_close(got, expected(name, beta=beta, eps=eps))
+    assert_close(got, expected(name, beta=beta, eps=eps, fdiv=fdiv, alpha=alpha))
 
 
-@pytest.mark.parametrize("fdiv,alpha", [("forward_kl", 1.0), ("js_divergence", 1.0),
-                                        ("alpha_divergence", 0.5), ("alpha_divergence", 1.5),
-                                        ("alpha_divergence", 1.0)])
-@pytest.mark.parametrize("name", ALL_LOSSES)
-def test_f_divergence_matches_reference(name, fdiv, alpha):
-    spec = LossSpec(losses=(name,), beta=0.3, label_smoothing=0.1, f_divergence=fdiv, f_alpha=alpha)
-    got = LOSSES[name](make_inputs(), spec)
-    assert_close(got, expected(name, beta=0.3, eps=0.1, fdiv=fdiv, alpha=alpha))
+def test_f_divergence_constants_survive_ipo_length_normalisation():
+    """Δw = Δl = u, |y_w| = 1, |y_l| = 3, β = 0.5: h = s(1 - 1/3) = 2s/3, loss (2s/3 - 1)².
+
+    Dropping g's constant (as dpocli once did) leaves δ unchanged but changes s, hence h:
+      forward_kl, u = ln 2:    s = 1 - 1/2 = 1/2                  -> (1/3 - 1)² = 4/9
+      js_divergence, u = ln 3: s = ln 2 + ln σ(ln 3) = ln(3/2)    -> (2/3·ln 1.5 - 1)²
+      alpha_divergence α = 0.5, u = -2 ln 2: s = (2 - 1)/(-1/2) = -2 -> (-4/3 - 1)² = 49/9
+    """
+    cases = [("forward_kl", 0.5, math.log(2), 4 / 9),
+             ("js_divergence", 0.5, math.log(3), (2 / 3 * math.log(1.5) - 1) ** 2),
+             ("alpha_divergence", 0.5, -2 * math.log(2), 49 / 9)]
+    for fdiv, alpha, u, want in cases:
+        x = make_inputs(pc=[u], pr=[u], rc=[0.0], rr=[0.0], cl=[1], rl=[3])
+        got = LOSSES["ipo"](x, LossSpec(losses=("ipo",), beta=0.5, f_divergence=fdiv, f_alpha=alpha))
+        assert math.isclose(got.item(), want, rel_tol=1e-12), (fdiv, got.item(), want)
+
+
+def test_alpha_divergence_default_and_fallback():
+    assert LossSpec().f_alpha == 0.5  # TRL's f_alpha_divergence_coef default
+    x = make_inputs()
+    plain = LOSSES["sigmoid"](x, LossSpec())
+    near_one = LossSpec(f_divergence="alpha_divergence", f_alpha=1.0 + 5e-7)  # TRL: |α - 1| < 1e-6
+    assert torch.equal(LOSSES["sigmoid"](x, near_one), plain)
+
+
+def test_alpha_divergence_exponent_cap():
+    # α = 4, Δw = 40: (α-1)·Δw = 120 is capped at 80, so s_w = (e^80 - 1)/3 (TRL caps before exp).
+    x = make_inputs(pc=[40.0], pr=[0.0], rc=[0.0], rr=[0.0], cl=[1], rl=[1])
+    spec = LossSpec(losses=("hinge",), beta=1e-36, f_divergence="alpha_divergence", f_alpha=4.0)
+    got = LOSSES["hinge"](x, spec).item()  # 1 - β·(s_w - 0)
+    assert math.isclose(got, 1.0 - 1e-36 * (math.exp(80) - 1) / 3, rel_tol=1e-12)
 
 
 def test_ipo_summed_form_and_length_normalised_form():
@@ -178,22 +231,40 @@ def test_sigmoid_hand_arithmetic():
     assert out.chosen_rewards.tolist() == [1.0] and out.rejected_rewards.tolist() == [-1.0]
 
 
-def test_sigmoid_eps_zero_is_plain_dpo_and_eps_gives_cdpo():
+def test_sigmoid_ignores_eps_and_cdpo_applies_it():
+    """TRL 1.16's sigmoid has no ε; cdpo is -(1-ε)·log σ(βδ) - ε·log σ(-βδ), and plain DPO at ε = 0."""
     x = make_inputs()
-    plain = [-lsig(0.1 * (w - l)) for w, l in zip([0.7, 1.4, 0.9, -0.9], [-1.1, -0.8, 0.7, -1.4])]
-    assert_close(LOSSES["sigmoid"](x, LossSpec(label_smoothing=0.0)), plain)
-    cdpo = [-(0.75) * lsig(0.1 * (w - l)) - 0.25 * lsig(-0.1 * (w - l))
-            for w, l in zip([0.7, 1.4, 0.9, -0.9], [-1.1, -0.8, 0.7, -1.4])]
-    assert_close(LOSSES["sigmoid"](x, LossSpec(label_smoothing=0.25)), cdpo)
+    deltas = [w - l for w, l in zip([0.7, 1.4, 0.9, -0.9], [-1.1, -0.8, 0.7, -1.4])]
+    plain = [-lsig(0.1 * d) for d in deltas]
+    assert_close(LOSSES["sigmoid"](x, LossSpec(label_smoothing=0.25)), plain)
+    assert_close(LOSSES["cdpo"](x, LossSpec(losses=("cdpo",), label_smoothing=0.0)), plain)
+    smoothed = [-0.75 * lsig(0.1 * d) - 0.25 * lsig(-0.1 * d) for d in deltas]
+    assert_close(LOSSES["cdpo"](x, LossSpec(losses=("cdpo",), label_smoothing=0.25)), smoothed)
 
 
-def test_exo_pair_uses_1e_3_when_eps_is_zero():
-    # With ε = 0 the formula has log 0; TRL substitutes ε = 1e-3, and so do we.
-    got = LOSSES["exo_pair"](make_inputs(), LossSpec(losses=("exo_pair",), label_smoothing=0.0))
-    z = 0.1 * 1.8
-    want0 = sig(z) * (lsig(z) - math.log(1 - 1e-3)) + sig(-z) * (lsig(-z) - math.log(1e-3))
-    assert math.isclose(got[0].item(), want0, rel_tol=1e-12)
-    assert torch.isfinite(got).all()
+@pytest.mark.parametrize("losses", [("sigmoid",), ("hinge",), ("ipo",), ("sigmoid", "sft"), ("discopop",)])
+def test_label_smoothing_that_no_loss_uses_is_refused(losses):
+    err = _error(losses=losses, weights=(1.0,) * len(losses), label_smoothing=0.1)
+    assert err.field == "label_smoothing" and "no effect" in str(err) and "cdpo" in err.hint
+    # ...but accepted where one listed loss uses it, as TRL applies it there only.
+    validate_spec(LossSpec(losses=(*losses, "robust"), weights=(1.0,) * (len(losses) + 1),
+                           label_smoothing=0.1))
+
+
+def test_exo_pair_refuses_eps_zero():
+    err = _error(losses=("exo_pair",), label_smoothing=0.0)
+    assert err.field == "label_smoothing" and "exo_pair" in str(err) and "1e-3" in err.hint
+    validate_spec(LossSpec(losses=("exo_pair",), label_smoothing=1e-3))
+
+
+@pytest.mark.parametrize("name", ["nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
+                                  "apo_down"])
+def test_f_divergence_refused_where_trl_refuses_it(name):
+    err = _error(losses=(name,), f_divergence="js_divergence")
+    assert err.field == "f_divergence" and name in str(err)
+    # In a combination too, even when the other loss would take it.
+    err = _error(losses=("sigmoid", name), weights=(1.0, 1.0), f_divergence="forward_kl")
+    assert err.field == "f_divergence"
 
 
 @pytest.mark.parametrize("tau", [0.05, 0.5, 2.0])
@@ -240,6 +311,7 @@ ASYMPTOTES = {
     # name: (value at z = +1000, value at z = -1000)
     "sigmoid_eps0": (0.0, 1000.0),                 # -log σ(z): 0 and |z| = β·|δ|
     "hinge": (0.0, 1001.0),                        # max(0, 1 - z)
+    "cdpo": (0.2 * 1000, 0.8 * 1000),              # -(1-ε)·log σ(z) - ε·log σ(-z)
     "robust": (-0.2 * 1000 / 0.6, 0.8 * 1000 / 0.6),
     "exo_pair": (-math.log(0.8), -math.log(0.2)),
     "discopop": (0.0, 1000.0),
@@ -372,8 +444,8 @@ def test_weights_mismatch():
 
 
 @pytest.mark.parametrize("losses,eps,ok", [
-    (("sigmoid",), 0.5, True), (("sigmoid",), 0.0, True), (("sigmoid",), 0.51, False),
-    (("sigmoid",), -0.1, False), (("robust",), 0.49, True), (("robust",), 0.5, False),
+    (("cdpo",), 0.5, True), (("sigmoid",), 0.0, True), (("cdpo",), 0.51, False),
+    (("cdpo",), -0.1, False), (("robust",), 0.49, True), (("robust",), 0.5, False),
 ])
 def test_label_smoothing_range(losses, eps, ok):
     spec = LossSpec(losses=losses, label_smoothing=eps)
@@ -394,7 +466,7 @@ def test_other_spec_errors(kw, field):
 
 def test_default_spec_and_all_losses_validate():
     validate_spec(LossSpec())
-    validate_spec(LossSpec(losses=tuple(ALL_LOSSES), weights=(1.0,) * len(ALL_LOSSES)))
+    validate_spec(LossSpec(losses=tuple(ALL_LOSSES), weights=(1.0,) * len(ALL_LOSSES), label_smoothing=0.1))
 
 
 def test_parse_loss_list():
