@@ -330,10 +330,6 @@ def load_cache(cache_dir: str | Path, *, checksums: bool = True) -> tuple[Manife
     return manifest, data
 
 
-def existing_shard_files(cache_dir: str | Path) -> list[Path]:
-    return sorted(p for p in Path(cache_dir).iterdir() if SHARD_PATTERN.match(p.name))
-
-
 def length_stats(prompt_lens, chosen_lens, rejected_lens) -> dict:
     def describe(values) -> dict:
         a = np.asarray(values, dtype=np.float64)

@@ -88,7 +88,7 @@ def _survey_run(path: Path, record: dict) -> outputs.Survey:
 
 
 def inspect_run_dir(path: Path, config: dict, cache_identity: dict, *, resume: bool,
-                    overwrite: bool) -> RunPlan:
+                    overwrite: bool, defaults: dict | None = None) -> RunPlan:
     """Decide how to use RUN_DIR without touching it; refuse what would clobber anything that is
     not this run's. Every rank may call it (it only reads)."""
     if path.exists() and not path.is_dir():
@@ -104,7 +104,7 @@ def inspect_run_dir(path: Path, config: dict, cache_identity: dict, *, resume: b
     found = _survey_run(path, record)
     if resume:
         found.refuse_foreign("is a dpocli run but")
-        _check_resumable(path, config, cache_identity, record)
+        _check_resumable(path, config, cache_identity, record, defaults or {})
         found_ckpts = list_checkpoints(path)
         return RunPlan(path, found_ckpts[-1] if found_ckpts else None, record, found.temporaries)
     if not overwrite:
@@ -115,12 +115,17 @@ def inspect_run_dir(path: Path, config: dict, cache_identity: dict, *, resume: b
     return RunPlan(path, remove=found.owned + found.temporaries)
 
 
-def _check_resumable(path: Path, config: dict, cache_identity: dict, record: dict) -> None:
+def _check_resumable(path: Path, config: dict, cache_identity: dict, record: dict,
+                     defaults: dict) -> None:
     saved_path = path / RUN_CONFIG
     try:
         saved = json.loads(saved_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise DpocliError(f"cannot be read ({err})", file=saved_path) from None
+    if not isinstance(saved, dict):
+        raise DpocliError("is not a JSON object", file=saved_path)
+    # An option added after the run started has its default in that run.
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     for key in sorted(set(saved) | set(config)):
         if key not in RESUME_FREE and saved.get(key) != config.get(key):
             raise DpocliError(f"was started with {key}={saved.get(key)!r}, this run has "

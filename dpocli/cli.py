@@ -285,7 +285,7 @@ def train(
     attn_implementation: AttnOpt = None,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in backward to save memory.")] = False,
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Under torchrun, shard the policy with FSDP2 (per decoder layer) instead of DDP.")] = False,
-    lora_r: Annotated[Optional[int], typer.Option(help="Train a LoRA adapter of this rank instead of all weights (needs dpocli[lora]).")] = None,
+    lora_r: Annotated[Optional[int], typer.Option(help="Train a LoRA adapter of this rank instead of all weights (needs the optional peft package: pip install 'dpocli\\[lora]').")] = None,
     lora_alpha: Annotated[float, typer.Option(help="LoRA scaling α.")] = 16.0,
     lora_dropout: Annotated[float, typer.Option(help="Dropout on the LoRA path.")] = 0.0,
     lora_target_modules: Annotated[Optional[str], typer.Option(help="Modules to adapt: comma-separated names or 'all-linear' (default: peft's choice for the architecture, q_proj,v_proj for Llama).")] = None,

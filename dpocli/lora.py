@@ -20,10 +20,14 @@ from dpocli.errors import DpocliError
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def _peft():
+def _peft(folder: str | Path | None = None):
+    """peft, or an error naming what asked for it: --lora-r, or an adapter folder given as a model."""
     try:
         import peft
     except ImportError:
+        if folder is not None:
+            raise DpocliError("is a LoRA adapter, and loading it needs the peft package", file=folder,
+                              hint="pip install 'dpocli[lora]'") from None
         raise DpocliError("LoRA needs the peft package", field="--lora-r",
                           hint="pip install 'dpocli[lora]'") from None
     return peft
@@ -67,7 +71,7 @@ def base_model_path(folder: str | Path) -> str:
 
 def apply_for_inference(base_model, folder: str | Path):
     """Base model with the adapter merged in (plain module, fast forward)."""
-    model = _peft().PeftModel.from_pretrained(base_model, folder)
+    model = _peft(folder).PeftModel.from_pretrained(base_model, folder)
     return model.merge_and_unload()
 
 

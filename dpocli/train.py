@@ -241,7 +241,8 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
                                             "--eval-cache": cfg.eval_cache})
     # Look only: every check (folder, device, model) passes before anything is created or deleted.
     plan = checkpoint.inspect_run_dir(run_dir, asdict(cfg), identity, resume=cfg.resume,
-                                      overwrite=cfg.overwrite)
+                                      overwrite=cfg.overwrite,
+                                      defaults={f.name: f.default for f in fields(TrainConfig)})
     resume_from = plan.resume_from
 
     torch.manual_seed(cfg.seed)
@@ -455,7 +456,3 @@ def _summary(cfg, run_dir, step, total_steps, extra, metrics_log, final_eval, t_
             "model_dir": str(run_dir), "steps": step, "total_steps": total_steps,
             "seconds": round(time.perf_counter() - t_start, 3), **extra,
             "last_train_metrics": last, "eval": final_eval, **peak}
-
-
-def config_fields() -> list[str]:
-    return [f.name for f in fields(TrainConfig)]
