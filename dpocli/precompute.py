@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from dpocli import __version__, cache, distributed
+from dpocli.attention import describe as describe_attention
 from dpocli.batching import make_batch, plan_by_length
 from dpocli.console import ProgressBar, log, warn
 from dpocli.data import read_examples
@@ -330,6 +331,7 @@ def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict,
         # replays it so that scoring the reference reproduces the cache bit for bit on CPU.
         "batching": cfg.batching(), "rows_per_shard": manifest.spec["rows_per_shard"],
         "prefix_sharing": cfg.prefix_sharing, "packing": cfg.packing,
+        "attention_kernel": describe_attention(cfg.packing, cfg.attn_implementation),
     }
     tok_dir = out / cache.TOKENIZER_DIR
     if tok_dir.exists():

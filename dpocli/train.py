@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from dpocli import __version__, cache, checkpoint, distributed
+from dpocli.attention import describe as describe_attention
 from dpocli.batching import plan_epoch
 from dpocli.console import ProgressBar, log
 from dpocli.errors import DpocliError, Interrupted, RunFailure, out_of_memory_types
@@ -46,7 +47,7 @@ RESOLVED_TOML = "config.resolved.toml"
 # Fields that may change between an interrupted run and its --resume.
 # batch_size may change as long as batch_size x ranks (the global batch) stays the same.
 RESUME_FREE = {"resume", "overwrite", "save_every", "save_total_limit", "eval_every", "batch_size",
-               "report_to"}
+               "report_to", "attention_kernel"}
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,9 @@ def _prepare_run_dir(cfg: TrainConfig, dist, resolved_toml: str | None = None
 
     Every rank runs the checks on the shared filesystem before rank 0 writes anything."""
     run_dir = Path(cfg.out)
-    resolved = asdict(cfg)
+    # attention_kernel: a record of what ran, not a setting (kernels agree to rounding)
+    kernel = describe_attention(cfg.packing, cfg.attn_implementation)
+    resolved = {**asdict(cfg), "attention_kernel": kernel}
     if run_dir.exists() and not run_dir.is_dir():
         raise DpocliError("exists and is not a folder", file=run_dir)
     has_content = run_dir.is_dir() and any(run_dir.iterdir())
@@ -489,6 +492,7 @@ def _summary(cfg, run_dir, step, total_steps, extra, metrics_log, final_eval, t_
     return {"command": "train", "dpocli_version": __version__, "run_dir": str(run_dir),
             "model_dir": str(run_dir), "steps": step, "total_steps": total_steps,
             "seconds": round(time.perf_counter() - t_start, 3), **extra,
+            "attention_kernel": describe_attention(cfg.packing, cfg.attn_implementation),
             "last_train_metrics": last, "eval": final_eval, **peak}
 
 
