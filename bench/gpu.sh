@@ -25,8 +25,9 @@ for arg in "$@"; do
 done
 if [[ "${SMOKE:-0}" == "1" ]]; then profile=smoke; fi
 
-if [[ -d bench/wheelhouse ]] && ! "$PYTHON" -c "import trl" 2>/dev/null; then
-    echo "[gpu.sh] installing trl from bench/wheelhouse" >&2
+if [[ -d bench/wheelhouse ]] && ! "$PYTHON" -c "import trl, accelerate, datasets, typer, rich" 2>/dev/null
+then
+    echo "[gpu.sh] installing bench/wheelhouse/requirements.txt from bench/wheelhouse" >&2
     "$PYTHON" -m pip install --quiet --no-index --find-links bench/wheelhouse \
         -r bench/wheelhouse/requirements.txt
 fi

@@ -26,7 +26,7 @@ Per row:
                   backward) plus 2 where TRL runs the reference forward inside the step
                   (trl-default), F = 2 for a reference pass. "Tokens run" is the logged
                   num_tokens (non-pad; with prefix sharing the prompt counts once). 6·N·T ignores
-                  attention-score FLOPs (~12·layers·hidden·context per token, ~7% here) and counts
+                  attention-score FLOPs (PaLM's 12·layers·hidden·seq per token, ≤ 5% here) and counts
                   the LM head on every token, although dpocli applies it to completion tokens only;
   peak GPU memory torch.cuda.max_memory_allocated() of each process (train and precompute apart
                   for dpocli; TRL's precompute pass shares its training process);
