@@ -7,8 +7,8 @@
 #
 # Any other arguments go to gpu_bench.py (--rows, --out-dir, --trl-python).
 # Offline machine: trl and its dependencies come from bench/wheelhouse/ when that folder exists
-# (bench/make_wheelhouse.sh fills it where the package index is reachable). dpocli itself runs
-# from this checkout (PYTHONPATH), on the torch / transformers already installed.
+# (bench/make_wheelhouse.sh fills it where the package index is reachable); not in --smoke.
+# dpocli itself runs from this checkout (PYTHONPATH), on the torch / transformers installed.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,8 +25,15 @@ for arg in "$@"; do
 done
 if [[ "${SMOKE:-0}" == "1" ]]; then profile=smoke; fi
 
-if [[ -d bench/wheelhouse ]] && ! "$PYTHON" -c "import trl, accelerate, datasets, typer, rich" 2>/dev/null
-then
+if [[ "$profile" == gpu ]]; then
+    "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else \
+'no CUDA device: run bench/gpu.sh --smoke for the CPU smoke run')"
+fi
+
+# Only for the real run: the wheelhouse targets the GPU image (CPython 3.12), and a smoke run on a
+# development machine takes TRL from the benchmark venv instead (gpu_bench.py --trl-python).
+if [[ "$profile" == gpu && -d bench/wheelhouse ]] \
+    && ! "$PYTHON" -c "import trl, accelerate, datasets, typer, rich" 2>/dev/null; then
     echo "[gpu.sh] installing bench/wheelhouse/requirements.txt from bench/wheelhouse" >&2
     "$PYTHON" -m pip install --quiet --no-index --find-links bench/wheelhouse \
         -r bench/wheelhouse/requirements.txt
@@ -34,11 +41,6 @@ fi
 
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-
-if [[ "$profile" == gpu ]]; then
-    "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else \
-'no CUDA device: run bench/gpu.sh --smoke for the CPU smoke run')"
-fi
 
 start=$(date +%s)
 "$PYTHON" bench/gpu_bench.py --profile "$profile" ${args[@]+"${args[@]}"}
