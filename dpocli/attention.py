@@ -15,7 +15,8 @@ Two implementations compute the same attention over a packed row (layouts: `dpoc
 
 `torch.nn.attention.varlen.varlen_attn` (cu_seqlens, flash kernels) would serve plain packing in
 one call, but it is CUDA-only (nothing here could test it) and its signature changed between
-releases, so it is not offered.
+releases (2.10: an `is_causal` flag, no `scale`, no GQA; 2.12: `window_size` in place of
+`is_causal`, and `enable_gqa`), so it is not offered until it can be tried on torch 2.11.
 
 The choice is recorded as `attention_kernel` in the cache manifest and the training summary
 (`describe`).
