@@ -5,9 +5,10 @@ Settings are set explicitly so they match `dpo train` (TRL's own defaults differ
 checkpointing on, lr 1e-6, fused AdamW, shuffled batches):
 fp32 on CPU (or --device cuda --dtype bfloat16: bf16 weights and bf16=True), no gradient
 checkpointing, AdamW (--optim: torch non-fused by default, fused for the GPU benchmark; HF
-defaults betas 0.9/0.999, eps 1e-8, weight decay 0), linear decay with no warm-up, max_grad_norm 1.0, sigmoid loss, beta, lr,
-batch size, max_length, seed, logging every step, and SEQUENTIAL batches (the sampler is replaced
-by a SequentialSampler, the equivalent of `dpo train --no-shuffle`).
+defaults betas 0.9/0.999, eps 1e-8, weight decay 0), linear decay with no warm-up,
+max_grad_norm 1.0, sigmoid loss, beta, lr, batch size, max_length, seed, logging every step, and
+SEQUENTIAL batches (the sampler is replaced by a SequentialSampler, the equivalent of
+`dpo train --no-shuffle`).
 
 Writes one JSON file (--result) with per-step metrics and timings:
   step_end_s[k]   seconds from process start (this script's first line) to the end of step k+1
