@@ -131,7 +131,7 @@ def dpocli_precompute(name, args, model, data, workdir, batch_size, extra=()) ->
     timings = workdir / f"{name}.timings.json"
     cmd = [sys.executable, str(BENCH / "dpocli_timed.py"), "precompute-ref", str(data),
            "--model", str(model), "--out", str(cache_dir), "--max-length", str(args.max_length),
-           "--device", "cpu", "--dtype", "float32", "--json", "-q", "--overwrite"]
+           "--device", args.device, "--dtype", args.dtype, "--json", "-q", "--overwrite"]
     if batch_size:
         cmd += ["--batch-size", str(batch_size)]
     cmd += list(extra)
@@ -152,8 +152,8 @@ def dpocli_train(name, args, model, cache_dir, workdir, group_by_length=False, e
            "--model", str(model), "--out", str(run_dir),
            "--beta", str(args.beta), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
            "--scheduler", "linear", "--warmup-steps", "0", "--weight-decay", "0",
-           "--max-grad-norm", "1.0", "--seed", str(args.seed), "--device", "cpu",
-           "--dtype", "float32", "--json", "-q", "--overwrite"]
+           "--max-grad-norm", "1.0", "--seed", str(args.seed), "--device", args.device,
+           "--dtype", args.dtype, "--json", "-q", "--overwrite"]
     cmd += ["--group-by-length"] if group_by_length else ["--no-shuffle"]
     cmd += ["--max-steps", str(args.steps)] if args.steps and not epochs else \
         ["--epochs", str(epochs or args.epochs)]
@@ -177,7 +177,7 @@ def trl_run(name, args, model, data, workdir, precompute: bool) -> dict:
            "--out", str(workdir / name), "--result", str(result),
            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
            "--lr", str(args.lr), "--beta", str(args.beta), "--seed", str(args.seed),
-           "--optim", args.trl_optim]
+           "--optim", args.trl_optim, "--device", args.device, "--dtype", args.dtype]
     cmd += ["--max-steps", str(args.steps)] if args.steps else ["--epochs", str(args.epochs)]
     if precompute:
         cmd += ["--precompute", "--precompute-batch-size", str(args.batch_size)]
@@ -460,6 +460,7 @@ def main() -> None:
                     help="TRL optim: adamw_torch = the same torch AdamW (foreach) dpocli uses on CPU; "
                          "HF's default would be adamw_torch_fused")
     args = ap.parse_args()
+    args.device, args.dtype = "cpu", "float32"  # this CPU benchmark; bench/gpu_bench.py sets others
 
     if args.pairs % args.batch_size:
         raise SystemExit("--pairs must be a multiple of --batch-size (every step has the same pairs)")

@@ -10,7 +10,8 @@ is exactly `dpo precompute-ref ...` / `dpo train ...` (same entry point, `dpocli
 * `dpocli.metrics.MetricsLog.write` records, for every training-step record, the seconds since this
   process started and the process CPU time (user+sys), the same clocks bench/trl_worker.py reads
   in its on_step_end callback.
-Everything goes to the JSON file named by $BENCH_TIMINGS.
+On exit it also records `peak_gpu_mem_mb` (torch.cuda.max_memory_allocated over the whole process)
+when the command used CUDA. Everything goes to the JSON file named by $BENCH_TIMINGS.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def main() -> None:
     finally:
         timings["total_s"] = time.perf_counter() - T0
         timings["total_cpu_s"] = _cpu()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            timings["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
         path = os.environ.get("BENCH_TIMINGS")
         if path:
             with open(path, "w") as f:

@@ -3,10 +3,12 @@ benchmark venv's python, which has trl installed: /work/benchenv/bin/python).
 
 Settings are set explicitly so they match `dpo train` (TRL's own defaults differ: bf16 on, gradient
 checkpointing on, lr 1e-6, fused AdamW, shuffled batches):
-fp32 on CPU, no gradient checkpointing, AdamW (torch, non-fused, HF defaults betas 0.9/0.999, eps
-1e-8, weight decay 0), linear decay with no warm-up, max_grad_norm 1.0, sigmoid loss, beta, lr,
-batch size, max_length, seed, logging every step, and SEQUENTIAL batches (the sampler is replaced
-by a SequentialSampler, the equivalent of `dpo train --no-shuffle`).
+fp32 on CPU (or --device cuda --dtype bfloat16: bf16 weights and bf16=True), no gradient
+checkpointing, AdamW (--optim: torch non-fused by default, fused for the GPU benchmark; HF
+defaults betas 0.9/0.999, eps 1e-8, weight decay 0), linear decay with no warm-up,
+max_grad_norm 1.0, sigmoid loss, beta, lr, batch size, max_length, seed, logging every step, and
+SEQUENTIAL batches (the sampler is replaced by a SequentialSampler, the equivalent of
+`dpo train --no-shuffle`).
 
 Writes one JSON file (--result) with per-step metrics and timings:
   step_end_s[k]   seconds from process start (this script's first line) to the end of step k+1
@@ -15,6 +17,7 @@ Writes one JSON file (--result) with per-step metrics and timings:
   hash_s          time spent in trl's hash_module (only with precompute: it fingerprints the weights)
   construct_s     time of DPOTrainer(...) (tokenization, model + reference loading, precompute)
   steps           per step: TRL's logged metrics plus the exact (unrounded) loss of compute_loss
+  peak_gpu_mem_mb torch.cuda.max_memory_allocated() over the whole process (--device cuda only)
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--optim", default="adamw_torch")
     ap.add_argument("--no-save", action="store_true", help="skip trainer.save_model() at the end")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="weights dtype; bfloat16 also turns on TRL's bf16 (autocast) flag")
     args = ap.parse_args()
 
     import torch
@@ -135,9 +141,9 @@ def main() -> None:
         adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
         optim=args.optim,
         max_grad_norm=1.0,
-        bf16=False, fp16=False,
+        bf16=args.dtype == "bfloat16", fp16=False,
         gradient_checkpointing=False,
-        use_cpu=True,
+        use_cpu=args.device == "cpu",
         seed=args.seed, data_seed=args.seed,
         logging_steps=1,
         save_strategy="no",
@@ -151,7 +157,7 @@ def main() -> None:
         loss_type=["sigmoid"],
         precompute_ref_log_probs=args.precompute,
         precompute_ref_batch_size=args.precompute_batch_size,
-        model_init_kwargs={"dtype": "float32"},
+        model_init_kwargs={"dtype": args.dtype},
     )
     t = time.perf_counter()
     trainer = BenchDPOTrainer(model=args.model, args=config, train_dataset=dataset,
@@ -195,6 +201,9 @@ def main() -> None:
         "rows": len(p), "prompt_tokens": sum(p), "chosen_tokens": sum(c), "rejected_tokens": sum(r),
         "self_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "torch_threads": torch.get_num_threads(),
+        "device": args.device, "dtype": args.dtype,
+        "peak_gpu_mem_mb": (torch.cuda.max_memory_allocated() / 2**20
+                            if args.device == "cuda" else None),
         "steps": steps,
     }
     with open(args.result, "w") as f:

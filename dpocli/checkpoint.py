@@ -42,7 +42,7 @@ RECORD_FORMAT = "dpocli-run"
 # Fields that may change between an interrupted run and its --resume.
 # batch_size may change as long as batch_size x ranks (the global batch) stays the same.
 RESUME_FREE = {"resume", "overwrite", "save_every", "save_total_limit", "eval_every", "batch_size",
-               "report_to"}
+               "report_to", "attention_kernel"}
 
 
 @dataclass

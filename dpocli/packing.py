@@ -207,9 +207,12 @@ def _packed_mask(*args, attention_mask=None, **kwargs):
 
 
 def enable_packed_attention(model) -> None:
-    """Register `PACKED_ATTENTION` with transformers (once) and switch `model` to it."""
+    """Register `PACKED_ATTENTION` with transformers and switch `model` to it. The kernel behind
+    the name is chosen here, once (`dpocli.attention.packed_kernel`)."""
     from transformers import AttentionInterface
-    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+
+    from dpocli.attention import packed_kernel  # per-sequence SDPA unless $DPOCLI_ATTN_KERNEL
+    AttentionInterface.register(PACKED_ATTENTION, packed_kernel())
     try:
         from transformers.masking_utils import AttentionMaskInterface
     except ImportError:  # transformers < 4.53 builds masks itself; packed calls ignore them

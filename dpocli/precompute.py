@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from dpocli import __version__, cache, distributed, outputs
+from dpocli.attention import describe as describe_attention
 from dpocli.batching import Batching, make_batch, plan_reference_batches
 from dpocli.console import ProgressBar, log, sigterm_as_interrupt, warn
 from dpocli.data import read_examples
@@ -409,6 +410,7 @@ def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict,
         "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
         "transformers": __import__("transformers").__version__, "dpocli": __version__,
         "reference_model_files": model_fp["files"],
+        "attention_kernel": describe_attention(cfg.packing, cfg.attn_implementation),
     }
     tok_dir = out / cache.TOKENIZER_DIR  # replaced whole if present: it is ours (CACHE_NAMES)
     from dpocli.atomic import atomic_dir

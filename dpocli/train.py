@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from dpocli import __version__, cache, checkpoint, distributed, outputs
+from dpocli.attention import describe as describe_attention
 from dpocli.batching import plan_epoch
 from dpocli.console import ProgressBar, log, sigterm_as_interrupt
 from dpocli.errors import (DpocliError, Interrupted, RunFailure, check_at_least, check_seed,
@@ -240,7 +241,9 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     outputs.check_output_location(run_dir, {"--model": cfg.model, "the cache": cfg.cache,
                                             "--eval-cache": cfg.eval_cache})
     # Look only: every check (folder, device, model) passes before anything is created or deleted.
-    plan = checkpoint.inspect_run_dir(run_dir, asdict(cfg), identity, resume=cfg.resume,
+    # attention_kernel: a record of what ran, not a setting (the kernels agree to rounding)
+    config = {**asdict(cfg), "attention_kernel": describe_attention(cfg.packing, cfg.attn_implementation)}
+    plan = checkpoint.inspect_run_dir(run_dir, config, identity, resume=cfg.resume,
                                       overwrite=cfg.overwrite,
                                       defaults={f.name: f.default for f in fields(TrainConfig)})
     resume_from = plan.resume_from
@@ -262,7 +265,7 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
 
     sink_dirs = tuple(name for name in ("tensorboard", "wandb") if name in (cfg.report_to or ""))
     run = dist.on_main_then_broadcast(lambda: checkpoint.RunDir.claim(
-        plan, asdict(cfg), identity, resolved_toml, sink_dirs + (("merged",) if cfg.merge else ())))
+        plan, config, identity, resolved_toml, sink_dirs + (("merged",) if cfg.merge else ())))
     sinks = []
     if dist.is_main and cfg.report_to:
         from dpocli.integrations import make_sinks
@@ -455,4 +458,5 @@ def _summary(cfg, run_dir, step, total_steps, extra, metrics_log, final_eval, t_
     return {"command": "train", "dpocli_version": __version__, "run_dir": str(run_dir),
             "model_dir": str(run_dir), "steps": step, "total_steps": total_steps,
             "seconds": round(time.perf_counter() - t_start, 3), **extra,
+            "attention_kernel": describe_attention(cfg.packing, cfg.attn_implementation),
             "last_train_metrics": last, "eval": final_eval, **peak}
