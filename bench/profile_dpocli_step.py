@@ -70,8 +70,7 @@ def one(args, variant: dict) -> dict:
         ref = cached_reference(data, rows, "cpu")
         t1 = time.perf_counter()
         pol = sequence_logps(scorer, batch)
-        out = compute_loss(LossInputs(pol.chosen_logps, pol.rejected_logps, ref["ref_chosen_logps"],
-                                      ref["ref_rejected_logps"], ref["chosen_len"], ref["rejected_len"]), spec)
+        out = compute_loss(LossInputs.from_logps(pol, ref), spec)
         t2 = time.perf_counter()
         out.loss.backward()
         t3 = time.perf_counter()

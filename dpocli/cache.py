@@ -339,3 +339,20 @@ def length_stats(prompt_lens, chosen_lens, rejected_lens) -> dict:
                 "p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95))}
     return {"prompt": describe(prompt_lens), "chosen": describe(chosen_lens),
             "rejected": describe(rejected_lens)}
+
+
+def load_matching_cache(cache_dir: str | Path, reference: Manifest) -> tuple[Manifest, CacheData]:
+    """A second cache (e.g. --eval-cache) that must share the first one's tokenization."""
+    manifest, data = load_cache(cache_dir)
+    for key in ("conventions", "tokenizer"):
+        differs = explain_mismatch(reference.spec[key], manifest.spec[key], key)
+        if differs:
+            raise DpocliError(f"was made differently from the training cache ({differs})",
+                              file=cache_dir, field=key)
+    return manifest, data
+
+
+def identity(manifest: Manifest, data: CacheData) -> dict:
+    """What a resumed run must find again: the same spec and the same rows in the same order."""
+    ids = hashlib.sha256("\n".join(data.ids).encode("utf-8")).hexdigest()
+    return {"spec_fingerprint": manifest.spec_fingerprint, "ids_sha256": ids}

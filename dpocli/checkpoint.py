@@ -46,6 +46,42 @@ RESUME_FREE = {"resume", "overwrite", "save_every", "save_total_limit", "eval_ev
 
 
 @dataclass
+class TrainState:
+    """Where a run stands: all a resume needs, since the batch order is a function of (seed, epoch)."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_index: int = 0  # global micro-batches of `epoch` already done
+    num_tokens: int = 0
+    step0: dict = field(default_factory=dict)  # the step-0 check's findings, kept for the summary
+    last_saved: int | None = None  # the step of the newest checkpoint
+
+    def record(self, global_batch: int, world_size: int) -> dict:
+        """trainer_state.json of a checkpoint at this state."""
+        return {"step": self.step, "epoch": self.epoch, "micro_index": self.micro_index,
+                "global_batch": global_batch, "world_size": world_size, "num_tokens": self.num_tokens,
+                "step0": self.step0, "dpocli_version": __version__}
+
+
+def restore(resume_from: tuple[int, Path], model, optimizer, scheduler, sharded: bool,
+            global_batch: int) -> TrainState:
+    """Load optimizer, scheduler and RNG states of a checkpoint; return its TrainState."""
+    from dpocli.distributed import load_optimizer_state
+    step, folder = resume_from
+    state, tensors = load_trainer_state(folder)
+    load_optimizer_state(model, optimizer, tensors["optimizer"], sharded)
+    scheduler.load_state_dict(tensors["scheduler"])
+    set_rng_state(tensors["rng"])
+    if state.get("global_batch", global_batch) != global_batch:
+        raise DpocliError(
+            f"was saved with a global batch of {state['global_batch']} pairs (batch size x ranks); "
+            f"this run has {global_batch}", file=folder, field="global_batch",
+            hint=f"choose --batch-size so that batch size x ranks = {state['global_batch']}")
+    return TrainState(step=state["step"], epoch=state["epoch"], micro_index=state["micro_index"],
+                      num_tokens=state["num_tokens"], step0=state.get("step0", {}), last_saved=step)
+
+
+@dataclass
 class RunPlan:
     """How `--out` will be used, decided by looking only (`inspect_run_dir`)."""
 

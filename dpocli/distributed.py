@@ -9,6 +9,7 @@ call them unconditionally and never branch on "am I distributed".
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -145,3 +146,43 @@ def load_optimizer_state(model, optimizer, state: dict, sharded: bool) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
                              options=StateDictOptions(full_state_dict=True))
+
+
+def wrap_for_training(scorer, model, device: torch.device, fsdp: bool,
+                      mixed_precision: torch.dtype | None = None):
+    """DDP under torchrun by default, FSDP2 with `fsdp`, the plain scorer in a single process."""
+    if fsdp:
+        return shard_model(model, scorer, mixed_precision)
+    if not current().enabled:
+        return scorer
+    from torch.nn.parallel import DistributedDataParallel
+    ids = [device.index] if device.type == "cuda" else None
+    # Buffers (rotary tables) are identical on every rank; skip their per-forward broadcast.
+    return DistributedDataParallel(scorer, device_ids=ids, broadcast_buffers=False)
+
+
+def grad_sync(scorer, last_micro_batch: bool):
+    """Context for one micro-batch: gradients are reduced across ranks only on a step's last
+    micro-batch (a no-op in one process, where there is nothing to reduce)."""
+    sync = last_micro_batch or not current().enabled
+    if hasattr(scorer, "set_requires_gradient_sync"):  # FSDP2: a flag on the module
+        scorer.set_requires_gradient_sync(sync)
+        return nullcontext()
+    if hasattr(scorer, "no_sync") and not sync:  # DDP: a context manager
+        return scorer.no_sync()
+    return nullcontext()
+
+
+def rank_rows(micro: list[int], dist: DistContext) -> tuple[list[int], bool]:
+    """This rank's contiguous share of a global micro-batch. A rank left with nothing (a short last
+    batch) scores one row with zero weight, because DDP needs every rank in every backward."""
+    per = -(-len(micro) // dist.world_size)
+    rows = micro[dist.rank * per:(dist.rank + 1) * per]
+    return (rows, True) if rows else (micro[:1], False)
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """Clip the total gradient norm (0 = no clipping) and return it as a float (a sync point).
+    Under FSDP the norm is a DTensor, reduced over ranks by `full_tensor`."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

@@ -35,14 +35,12 @@ from dpocli.atomic import atomic_path
 from dpocli.console import ProgressBar, log, warn
 from dpocli.errors import DpocliError, check_at_least, check_seed
 from dpocli.logprobs import CompletionScorer
-from dpocli.losses import LOSS_OPTIONS, LossInputs, LossSpec, compute_loss, spec_from_options
+from dpocli.losses import LOSS_OPTIONS, LossSpec, spec_from_options
+from dpocli.metrics import LENGTH_BUCKETS, pair_metrics  # noqa: F401 (LENGTH_BUCKETS: for summaries)
 from dpocli.modeling import load_causal_lm, resolve_device
 from dpocli.policy import check_model_tokenizer, check_vocab
-from dpocli.scoring import cached_reference, score_cache
+from dpocli.scoring import RefLogps, cached_reference, score_cache
 
-LENGTH_BUCKETS = [(-10**9, -9, "<=-9"), (-8, -3, "-8..-3"), (-2, 2, "-2..2"), (3, 8, "3..8"),
-                  (9, 10**9, ">=9")]
-PERCENTILES = (5, 25, 50, 75, 95)
 
 
 def expand_models(patterns: list[str]) -> list[str]:
@@ -63,44 +61,14 @@ def expand_models(patterns: list[str]) -> list[str]:
     return out
 
 
-def pair_metrics(pc: torch.Tensor, pr: torch.Tensor, ref: dict, spec: LossSpec) -> tuple[dict, dict]:
-    """(summary metrics, per-pair columns) for policy sums `pc`, `pr` against cached `ref`."""
-    out = compute_loss(LossInputs(pc, pr, ref["ref_chosen_logps"], ref["ref_rejected_logps"],
-                                  ref["chosen_len"], ref["rejected_len"]), spec)
-    cr, rr = out.chosen_rewards, out.rejected_rewards
-    margin = cr - rr
-    correct = (cr > rr).double()
-    prob = torch.sigmoid(margin)
-    clen, rlen = ref["chosen_len"].double(), ref["rejected_len"].double()
-    m = {
-        "loss": float(out.loss),
-        "rewards/accuracies": float(correct.mean()),
-        "rewards/margins": float(margin.mean()),
-        "rewards/margins_std": float(margin.std(unbiased=False)),
-        **{f"rewards/margins_p{q}": float(torch.quantile(margin, q / 100)) for q in PERCENTILES},
-        "rewards/chosen": float(cr.mean()),
-        "rewards/rejected": float(rr.mean()),
-        "logps/chosen": float(pc.mean()),
-        "logps/rejected": float(pr.mean()),
-        "logps/chosen_per_token": float(pc.sum() / clen.sum()),
-        "logps/rejected_per_token": float(pr.sum() / rlen.sum()),
-        "preference_prob/mean": float(prob.mean()),
-        "displacement/chosen_below_ref": float((pc < ref["ref_chosen_logps"]).double().mean()),
-        "displacement/rejected_below_ref": float((pr < ref["ref_rejected_logps"]).double().mean()),
-        "pairs": int(pc.shape[0]),
-    }
-    if len(out.components) > 1:
-        m.update({f"loss/{k}": float(v) for k, v in out.components.items()})
-    diff = (ref["chosen_len"] - ref["rejected_len"])
-    for low, high, name in LENGTH_BUCKETS:
-        inside = (diff >= low) & (diff <= high)
-        n = int(inside.sum())
-        m[f"length_bias/{name}/count"] = n
-        m[f"length_bias/{name}/accuracy"] = float(correct[inside].mean()) if n else None
-    columns = {"chosen_reward": cr, "rejected_reward": rr, "margin": margin,
-               "preference_prob": prob, "correct": correct.bool(), "policy_chosen_logps": pc,
-               "policy_rejected_logps": pr}
-    return m, columns
+def evaluate_policy(scorer, data, manifest, spec: LossSpec, pad_id: int, device, *,
+                    max_tokens: int | None = None, dist=None) -> tuple[dict, dict, RefLogps]:
+    """(metrics, per-pair columns, reference values) of the model behind `scorer` on a cache: the
+    one evaluation path, used by `dpo eval` and by training's periodic eval (as eval_*)."""
+    policy = score_cache(scorer, data, manifest, pad_id, device, max_tokens=max_tokens, dist=dist)
+    ref = cached_reference(data, range(data.num_rows), "cpu")
+    metrics, columns = pair_metrics(policy, ref, spec)
+    return metrics, columns, ref
 
 
 PER_EXAMPLE_KEY = "dpocli.per_example"
@@ -246,7 +214,6 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
     dist = distributed.current()
     dev = dist.device_for(resolve_device(device))
     pad_id = int(manifest.spec["tokenizer"]["pad_token_id"])
-    ref = cached_reference(data, range(data.num_rows), "cpu")
     results, per_rows = [], []
     with ProgressBar("eval", len(models)) as bar:
         for path in models:
@@ -254,9 +221,8 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
             model = load_causal_lm(path, dtype=dtype, device=dev, attn_implementation=attn_implementation,
                                    trust_remote_code=trust_remote_code)
             check_vocab(model, data, cache_dir)
-            pc, pr = score_cache(CompletionScorer(model), data, manifest, pad_id, dev,
-                                 max_tokens=max_tokens, dist=dist)
-            metrics, columns = pair_metrics(pc, pr, ref, spec)
+            metrics, columns, ref = evaluate_policy(CompletionScorer(model), data, manifest, spec, pad_id,
+                                                    dev, max_tokens=max_tokens, dist=dist)
             entry = {"model": path, **metrics}
             if samples:
                 from dpocli.sampling import sample_report
@@ -271,9 +237,9 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
                         "model": path, "id": data.ids[i], "source_row": int(data.source_row[i]),
                         **{k: (bool(v[i]) if v.dtype == torch.bool else float(v[i]))
                            for k, v in columns.items()},
-                        "ref_chosen_logps": float(ref["ref_chosen_logps"][i]),
-                        "ref_rejected_logps": float(ref["ref_rejected_logps"][i]),
-                        "chosen_len": int(ref["chosen_len"][i]), "rejected_len": int(ref["rejected_len"][i])})
+                        "ref_chosen_logps": float(ref.chosen_logps[i]),
+                        "ref_rejected_logps": float(ref.rejected_logps[i]),
+                        "chosen_len": int(ref.chosen_len[i]), "rejected_len": int(ref.rejected_len[i])})
             del model
             bar.update(1)
     if per_example and dist.is_main:

@@ -41,6 +41,13 @@ class LossInputs:
     chosen_len: Tensor
     rejected_len: Tensor
 
+    @classmethod
+    def from_logps(cls, policy, ref) -> "LossInputs":
+        """The loss inputs of a batch: the policy's sums (a `logprobs.SequenceLogps`) against the
+        cached reference values (a `scoring.RefLogps`), whose completion lengths are used."""
+        return cls(policy.chosen_logps, policy.rejected_logps, ref.chosen_logps, ref.rejected_logps,
+                   ref.chosen_len, ref.rejected_len)
+
 
 @dataclass(frozen=True)
 class LossSpec:

@@ -24,7 +24,11 @@ import torch
 
 from dpocli.atomic import atomic_write_text
 from dpocli.errors import DpocliError
-from dpocli.losses import LossOutput
+from dpocli.losses import LossInputs, LossOutput, LossSpec, compute_loss
+
+LENGTH_BUCKETS = [(-10**9, -9, "<=-9"), (-8, -3, "-8..-3"), (-2, 2, "-2..2"), (3, 8, "3..8"),
+                  (9, 10**9, ">=9")]
+PERCENTILES = (5, 25, 50, 75, 95)
 
 
 class StepMetrics:
@@ -57,6 +61,47 @@ class StepMetrics:
         dist.all_reduce_sum_(packed)
         total = packed[-1].item()
         return {k: packed[i].item() / total for i, k in enumerate(keys)}
+
+
+def pair_metrics(policy, ref, spec: LossSpec) -> tuple[dict, dict]:
+    """(summary metrics, per-pair columns) of a policy's sums (a `SequenceLogps`) over a whole
+    evaluation set against its cached reference values (a `RefLogps`); definitions in evaluate.py."""
+    out = compute_loss(LossInputs.from_logps(policy, ref), spec)
+    pc, pr = policy.chosen_logps, policy.rejected_logps
+    cr, rr = out.chosen_rewards, out.rejected_rewards
+    margin = cr - rr
+    correct = (cr > rr).double()
+    prob = torch.sigmoid(margin)
+    clen, rlen = ref.chosen_len.double(), ref.rejected_len.double()
+    m = {
+        "loss": float(out.loss),
+        "rewards/accuracies": float(correct.mean()),
+        "rewards/margins": float(margin.mean()),
+        "rewards/margins_std": float(margin.std(unbiased=False)),
+        **{f"rewards/margins_p{q}": float(torch.quantile(margin, q / 100)) for q in PERCENTILES},
+        "rewards/chosen": float(cr.mean()),
+        "rewards/rejected": float(rr.mean()),
+        "logps/chosen": float(pc.mean()),
+        "logps/rejected": float(pr.mean()),
+        "logps/chosen_per_token": float(pc.sum() / clen.sum()),
+        "logps/rejected_per_token": float(pr.sum() / rlen.sum()),
+        "preference_prob/mean": float(prob.mean()),
+        "displacement/chosen_below_ref": float((pc < ref.chosen_logps).double().mean()),
+        "displacement/rejected_below_ref": float((pr < ref.rejected_logps).double().mean()),
+        "pairs": int(pc.shape[0]),
+    }
+    if len(out.components) > 1:
+        m.update({f"loss/{k}": float(v) for k, v in out.components.items()})
+    diff = (ref.chosen_len - ref.rejected_len)
+    for low, high, name in LENGTH_BUCKETS:
+        inside = (diff >= low) & (diff <= high)
+        n = int(inside.sum())
+        m[f"length_bias/{name}/count"] = n
+        m[f"length_bias/{name}/accuracy"] = float(correct[inside].mean()) if n else None
+    columns = {"chosen_reward": cr, "rejected_reward": rr, "margin": margin,
+               "preference_prob": prob, "correct": correct.bool(), "policy_chosen_logps": pc,
+               "policy_rejected_logps": pr}
+    return m, columns
 
 
 def rename_for_eval(metrics: dict) -> dict:
@@ -103,6 +148,17 @@ class MetricsLog:
             raise write_failure(self.path, err) from None
         for sink in self.sinks:
             sink.write(record)
+
+    def last_record_with(self, key: str) -> dict:
+        """The newest logged record that has `key` ({} when there is none, or on other ranks)."""
+        if not (self.enabled and self.path.exists()):
+            return {}
+        last = {}
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line) if line.strip() else {}
+            if key in record:
+                last = record
+        return last
 
     def close(self) -> None:
         for sink in self.sinks:

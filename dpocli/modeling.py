@@ -19,9 +19,6 @@ from dpocli.errors import DpocliError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Tolerance on summed log-probs when checking that a policy reproduces cached reference values.
-# Per token the error is about one ulp of the logit scale; sums over hundreds of tokens grow it.
-STEP0_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.25}
 
 
 def quiet_transformers() -> None:

@@ -1,14 +1,24 @@
-"""Checks that a policy fits a cache: same tokenizer (the ids mean the same words), ids in vocab."""
+"""The policy: loaded, checked against the cache, adapted (LoRA), wrapped for the ranks.
+
+Checks that a policy fits a cache: same tokenizer (the ids mean the same words), ids in its
+vocabulary, and at step 0 the step-0 check (policy = reference reproduces the cached values).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from dpocli import cache
+from dpocli import cache, distributed
 from dpocli.console import log, warn
-from dpocli.errors import DpocliError
-from dpocli.modeling import load_tokenizer, resolve_model_dir
+from dpocli.errors import DpocliError, RunFailure
+from dpocli.logprobs import CompletionScorer
+from dpocli.modeling import (DTYPES, active_dropout, load_causal_lm, load_tokenizer, resolve_model_dir,
+                             weights_fingerprint)
 from dpocli.tokenization import tokenizer_fingerprint
+
+# Tolerance on summed log-probs when checking that a policy reproduces cached reference values.
+# Per token the error is about one ulp of the logit scale; sums over hundreds of tokens grow it.
+STEP0_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.25}
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -58,3 +68,52 @@ def check_vocab(model, data: cache.CacheData, cache_path: str) -> None:
         raise DpocliError(f"holds token id {top}, but the policy's vocabulary has {vocab} entries",
                           file=cache_path, field="token ids",
                           hint="this cache was made with another tokenizer/model family")
+
+
+def build_policy(cfg, data: cache.CacheData, resume_from, device):
+    """(model, scorer): the policy in train mode, and the module the loop calls (the completion
+    scorer, wrapped for DDP or FSDP under torchrun). LoRA checkpoints hold only the adapter, so
+    LoRA always starts from the base weights."""
+    weights_path = str(resume_from[1]) if resume_from and cfg.lora_r is None else cfg.model
+    model = load_causal_lm(weights_path, dtype=cfg.dtype, device=device,
+                           attn_implementation=cfg.attn_implementation,
+                           trust_remote_code=cfg.trust_remote_code, keep_dropout=cfg.keep_dropout)
+    check_vocab(model, data, cfg.cache)
+    if cfg.lora_r is not None:
+        from dpocli import lora
+        model = (lora.resume(model, resume_from[1]) if resume_from else
+                 lora.wrap(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           target_modules=cfg.lora_target_modules))
+        log(lora.trainable_summary(model))
+    model.train()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    scorer = CompletionScorer(model, chunk_size=cfg.chunk_size, compile=cfg.compile)
+    # With FSDP the mixed-precision policy casts parameters (instead of autocast in the loop).
+    scorer = distributed.wrap_for_training(scorer, model, device, cfg.fsdp,
+                                           DTYPES[cfg.autocast] if cfg.autocast else None)
+    return model, scorer
+
+
+def step0_check(cfg, manifest: cache.Manifest, diff: float, model) -> dict:
+    """Policy == reference at step 0 must reproduce the cached values (catches tokenization,
+    precision and parallelism drift). Enforced only when the policy has the reference's weights;
+    `diff` is the max |policy − cached reference| over the first micro-batch of every rank."""
+    same_weights = weights_fingerprint(cfg.model)["sha256"] == manifest.spec["reference_model"]["sha256"]
+    precision = cfg.autocast or cfg.dtype
+    tolerance = STEP0_TOLERANCE[precision]
+    if not same_weights:
+        log(f"step-0: policy weights differ from the cache's reference (max |Δ| = {diff:.3g}); "
+            "rewards start away from 0")
+    else:
+        log(f"step-0 check: max |policy - cached reference| = {diff:.3g} (tolerance {tolerance:g})")
+        if diff > tolerance and not cfg.skip_step0_check:
+            dropout = active_dropout(model) if cfg.keep_dropout else []
+            raise RunFailure(
+                f"step-0 check failed: the policy starts from the reference's weights but its log-probs "
+                f"differ from the cache by up to {diff:.3g} (> {tolerance:g} for {precision})",
+                hint=(f"--keep-dropout leaves dropout on in training ({', '.join(dropout)}), so the "
+                      "policy's log-probs are noisy; drop --keep-dropout" if dropout else
+                      "precompute and train with the same --dtype / attention implementation, or pass "
+                      "--skip-step0-check"))
+    return {"step0_max_abs_diff": diff, "step0_policy_is_reference": same_weights}

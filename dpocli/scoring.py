@@ -6,13 +6,14 @@ and loss inputs from the cache the same way.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from dpocli.batching import Batch, Batching, SharedPrefixBatch, make_batch, plan_reference_batches
 from dpocli.cache import CacheData, Manifest
-from dpocli.logprobs import sequence_logps
+from dpocli.logprobs import SequenceLogps, sequence_logps
 from dpocli.packing import PackedBatch
 
 
@@ -24,14 +25,26 @@ def cache_batch(data: CacheData, rows: Sequence[int], pad_id: int, prefix_sharin
                       packing)
 
 
-def cached_reference(data: CacheData, rows: Sequence[int], device) -> dict[str, torch.Tensor]:
-    """Reference sums (float64) and completion lengths of `rows`, as [B] tensors on `device`."""
+@dataclass(frozen=True)
+class RefLogps:
+    """Cached reference values of a batch of pairs, each [B]: summed completion log-probs
+    (float64) and completion token counts (long). What the loss compares the policy against."""
+
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_len: torch.Tensor
+    rejected_len: torch.Tensor
+
+
+def cached_reference(data: CacheData, rows: Sequence[int], device) -> RefLogps:
+    """The reference values of `rows`, as [B] tensors on `device`."""
     idx = list(rows)
-    pick = lambda name, dtype: torch.as_tensor(data.scalars[name][idx], dtype=dtype, device=device)  # noqa: E731
-    return {"ref_chosen_logps": pick("ref_chosen_logps", torch.float64),
-            "ref_rejected_logps": pick("ref_rejected_logps", torch.float64),
-            "chosen_len": pick("chosen_len", torch.long),
-            "rejected_len": pick("rejected_len", torch.long)}
+
+    def pick(name: str, dtype: torch.dtype) -> torch.Tensor:
+        return torch.as_tensor(data.scalars[name][idx], dtype=dtype, device=device)
+    return RefLogps(chosen_logps=pick("ref_chosen_logps", torch.float64),
+                    rejected_logps=pick("ref_rejected_logps", torch.float64),
+                    chosen_len=pick("chosen_len", torch.long), rejected_len=pick("rejected_len", torch.long))
 
 
 def shard_batching(manifest: Manifest) -> dict[int, Batching]:
@@ -59,8 +72,9 @@ def plan_like_precompute(data: CacheData, manifest: Manifest,
 
 @torch.no_grad()
 def score_cache(scorer, data: CacheData, manifest: Manifest, pad_id: int, device, *,
-                max_tokens: int | None = None, dist=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Policy summed log-probs (float64, CPU) of chosen and rejected for every cache row.
+                max_tokens: int | None = None, dist=None) -> SequenceLogps:
+    """Policy summed log-probs (float64, CPU) of chosen and rejected for every cache row, in row
+    order, with the cached completion lengths.
 
     With `dist`, ranks take every world_size-th batch and results are gathered on every rank.
     """
@@ -86,4 +100,5 @@ def score_cache(scorer, data: CacheData, manifest: Manifest, pad_id: int, device
         for rows, c, r in part:
             chosen[rows] = c
             rejected[rows] = r
-    return chosen, rejected
+    ref = cached_reference(data, range(data.num_rows), "cpu")
+    return SequenceLogps(chosen, rejected, ref.chosen_len, ref.rejected_len)

@@ -18,7 +18,8 @@ from dpocli import __version__, cache
 from dpocli.console import log
 from dpocli.errors import DpocliError, check_at_least, check_seed
 from dpocli.logprobs import CompletionScorer
-from dpocli.modeling import STEP0_TOLERANCE, load_causal_lm, resolve_device, weights_fingerprint
+from dpocli.modeling import load_causal_lm, resolve_device, weights_fingerprint
+from dpocli.policy import STEP0_TOLERANCE
 from dpocli.scoring import cache_batch
 
 # Re-scored rows run in other batches than precompute used, so they agree to fp rounding only.

@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from conftest import MODEL, invoke, read_jsonl
-from dpocli.evaluate import expand_models, pair_metrics
+from dpocli.evaluate import expand_models
+from dpocli.logprobs import SequenceLogps
 from dpocli.losses import LossSpec
+from dpocli.metrics import pair_metrics
+from dpocli.scoring import RefLogps
 
 
 def test_every_metric_against_hand_computation():
@@ -20,10 +23,11 @@ def test_every_metric_against_hand_computation():
     #   Δw = [1, -1, 1, 0],  Δl = [-1, 1, -3, -0.5]  ->  h = [2, -2, 4, 0.5];  β = 0.5
     pc = torch.tensor([-10.0, -20.0, -5.0, -8.0], dtype=torch.float64)
     pr = torch.tensor([-12.0, -18.0, -9.0, -8.0], dtype=torch.float64)
-    ref = {"ref_chosen_logps": torch.tensor([-11.0, -19.0, -6.0, -8.0], dtype=torch.float64),
-           "ref_rejected_logps": torch.tensor([-11.0, -19.0, -6.0, -7.5], dtype=torch.float64),
-           "chosen_len": torch.tensor([4, 10, 2, 3]), "rejected_len": torch.tensor([5, 2, 12, 3])}
-    m, cols = pair_metrics(pc, pr, ref, LossSpec(beta=0.5))
+    ref = RefLogps(chosen_logps=torch.tensor([-11.0, -19.0, -6.0, -8.0], dtype=torch.float64),
+                   rejected_logps=torch.tensor([-11.0, -19.0, -6.0, -7.5], dtype=torch.float64),
+                   chosen_len=torch.tensor([4, 10, 2, 3]), rejected_len=torch.tensor([5, 2, 12, 3]))
+    policy = SequenceLogps(pc, pr, ref.chosen_len, ref.rejected_len)
+    m, cols = pair_metrics(policy, ref, LossSpec(beta=0.5))
     margins = [1.0, -1.0, 2.0, 0.25]  # β·h
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     assert m["loss"] == pytest.approx(sum(-math.log(sig(x)) for x in margins) / 4, abs=1e-12)
@@ -105,3 +109,21 @@ def test_samples_and_kl_of_the_reference_against_itself(small_cache):
     assert len(samples["generations"]) == 2
     assert samples["generations"][0]["policy"] == samples["generations"][0]["reference"]  # greedy, same model
     assert samples["kl_policy_ref"]["estimate"] == 0.0 and samples["kl_policy_ref"]["samples"] > 0
+
+
+def test_periodic_eval_during_training_equals_dpo_eval_of_the_checkpoint(small_cache, tmp_path):
+    """One metrics path: the eval_* line a run logs at step 2 is `dpo eval` of checkpoint-2."""
+    run = tmp_path / "run"
+    result = invoke(["train", small_cache, "--model", MODEL, "--out", run, "--max-steps", 2,
+                     "--batch-size", 4, "--lr", "5e-4", "--eval-cache", small_cache, "--eval-every", 2,
+                     "--save-every", 2, "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    logged = next(r for r in read_jsonl(run / "metrics.jsonl") if r["step"] == 2 and "eval_loss" in r)
+    result = invoke(["eval", small_cache, "--model", run / "checkpoint-2", "--json", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    direct = json.loads(result.stdout)["models"][0]
+    assert direct["rewards/accuracies"] > 0  # trained: the comparison is not between two zeros
+    for key, value in direct.items():
+        if key in ("model", "samples"):
+            continue
+        assert logged[f"eval_{key}"] == value, key  # same code, same batches: bit for bit

@@ -162,7 +162,7 @@ def test_a_failed_start_leaves_nothing_behind(small_cache, tmp_path, monkeypatch
 
     def failing_check(*args, **kwargs):
         raise RunFailure("step-0 check failed (simulated)")
-    monkeypatch.setattr(train_module, "_step0_check", failing_check)
+    monkeypatch.setattr(train_module, "step0_check", failing_check)
     run = tmp_path / "new" / "run"
     result = train(small_cache, run)
     assert result.exit_code == 1 and "step-0" in result.stderr
