@@ -17,6 +17,31 @@ from dpocli.errors import DpocliError
 
 
 @dataclass(frozen=True)
+class ModelInputs:
+    """What the scorer's forward takes, whatever the batch layout (each layout's `model_inputs`).
+
+    input_ids:      [R, T] long.
+    attention_mask: [R, T] 0/1 padding mask, a [R, 1, T, T] additive mask, or None (packed).
+    position_ids:   [R, T] long, or None for positions 0..T-1.
+    score_from:     [M] flat indices into the R*T hidden states; each predicts one scored token.
+    labels:         [M] the scored tokens.
+    segments:       [M] the sequence each scored token belongs to: pair i's chosen completion is
+                    segment i, its rejected completion segment B + i (so 2B segments).
+    num_segments:   2B.
+    units:          the packed row's sequences, for the packed attention (None otherwise).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    score_from: torch.Tensor
+    labels: torch.Tensor
+    segments: torch.Tensor
+    num_segments: int
+    units: tuple | None = None
+
+
+@dataclass(frozen=True)
 class Batch:
     """B preference pairs as 2B padded sequences.
 
@@ -41,6 +66,16 @@ class Batch:
         return Batch(self.input_ids.to(device, non_blocking=True),
                      self.attention_mask.to(device, non_blocking=True),
                      self.completion_mask.to(device, non_blocking=True))
+
+    def model_inputs(self) -> ModelInputs:
+        """Token t of a row is scored from position t - 1; row r is segment r."""
+        rows, width = self.input_ids.shape
+        scored = self.completion_mask[:, 1:]
+        flat = torch.arange(rows * width, device=self.input_ids.device).view(rows, width)
+        segments = torch.arange(rows, device=self.input_ids.device)[:, None].expand_as(scored)
+        return ModelInputs(self.input_ids, self.attention_mask, None, score_from=flat[:, :-1][scored],
+                           labels=self.input_ids[:, 1:][scored], segments=segments[scored],
+                           num_segments=rows)
 
 
 def collate(prompts: Sequence[Sequence[int]], chosens: Sequence[Sequence[int]],
@@ -206,6 +241,10 @@ class SharedPrefixBatch:
         return SharedPrefixBatch(*(t.to(device, non_blocking=True) for t in (
             self.input_ids, self.attention_mask, self.position_ids, self.score_from, self.labels,
             self.segments)))
+
+    def model_inputs(self) -> ModelInputs:
+        return ModelInputs(self.input_ids, self.attention_mask, self.position_ids, self.score_from,
+                           self.labels, self.segments, num_segments=2 * self.num_pairs)
 
 
 def collate_shared(prompts: Sequence[Sequence[int]], chosens: Sequence[Sequence[int]],

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dpocli.batching import Batch, SharedPrefixBatch
-from dpocli.packing import LAYOUT_KWARG, PACKED_ATTENTION, PackedBatch, enable_packed_attention
+from dpocli.batching import ModelInputs
+from dpocli.packing import LAYOUT_KWARG, PACKED_ATTENTION, enable_packed_attention
 
 
 @dataclass(frozen=True)
@@ -110,16 +110,10 @@ class CompletionScorer(nn.Module):
     """Scores the completion tokens of a batch. Wrap *this* in DDP/FSDP, not the bare model,
     so the distributed wrapper's hooks see the whole computation.
 
-    Two layouts:
-    * standard (`Batch`): forward(input_ids [R,T], attention_mask [R,T], completion_mask [R,T]);
-      token t is scored from position t-1; one output segment per row.
-    * prefix-shared (`SharedPrefixBatch`): forward(input_ids, attention_mask [B,1,T,T],
-      position_ids=..., score_from=..., labels=..., segments=...) with explicit indices; 2B
-      segments (chosen then rejected).
-    * packed (`PackedBatch`): as prefix-shared, with attention_mask None and `units` giving the
-      sequences of the single row (see dpocli.packing).
-    Returns (segment_sums [S] float64, token_logps [N] float32) where token_logps lists the
-    scored tokens in segment-then-position order for the standard layout, as given otherwise.
+    forward(ModelInputs) -> (segment_sums [2B] float64, token_logps [M] in the inputs' order).
+    Every layout (padded, prefix-shared, packed) describes itself as a `batching.ModelInputs`:
+    the ids, its mask and positions, and which hidden states score which tokens into which
+    segment, so the scorer has one path.
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = 1024, compile: bool = False):
@@ -140,18 +134,11 @@ class CompletionScorer(nn.Module):
             target = self._compiled[self.chunked]
         return target(**inputs)
 
-    def forward(self, input_ids, attention_mask, completion_mask=None, position_ids=None,
-                score_from=None, labels=None, segments=None, units=None, num_segments=None):
+    def forward(self, inputs: ModelInputs):
+        input_ids, attention_mask = inputs.input_ids, inputs.attention_mask
         rows, width = input_ids.shape
-        if completion_mask is not None:
-            scored = completion_mask[:, 1:]
-            flat = torch.arange(rows * width, device=input_ids.device).view(rows, width)
-            score_from = flat[:, :-1][scored]
-            labels = input_ids[:, 1:][scored]
-            segments = torch.arange(rows, device=input_ids.device)[:, None].expand_as(scored)[scored]
-            num_segments = rows
-        else:
-            num_segments = num_segments or 2 * rows
+        score_from, labels, units = inputs.score_from, inputs.labels, inputs.units
+        position_ids = inputs.position_ids
         extra = {"position_ids": position_ids} if position_ids is not None else {}
         if units is not None:
             if self.model.config._attn_implementation != PACKED_ATTENTION:
@@ -178,33 +165,22 @@ class CompletionScorer(nn.Module):
             picked = logits.reshape(rows * width, -1)[score_from]
             picked = picked.to(_softmax_dtype(picked.dtype))
             token_logps = picked.gather(1, labels[:, None]).squeeze(1) - torch.logsumexp(picked, -1)
-        sums = torch.zeros(num_segments, dtype=torch.float64, device=input_ids.device)
-        sums = sums.index_add(0, segments, token_logps.double())
+        sums = torch.zeros(inputs.num_segments, dtype=torch.float64, device=input_ids.device)
+        sums = sums.index_add(0, inputs.segments, token_logps.double())
         return sums, token_logps
 
 
-def sequence_logps(scorer: nn.Module, batch: Batch | SharedPrefixBatch | PackedBatch, *,
-                   keep_token_logps: bool = False) -> SequenceLogps:
-    """Run `scorer` (a CompletionScorer, possibly wrapped by DDP/FSDP) on `batch`, split by pair."""
+def sequence_logps(scorer: nn.Module, batch, *, keep_token_logps: bool = False) -> SequenceLogps:
+    """Run `scorer` (a CompletionScorer, possibly wrapped by DDP/FSDP) on `batch` (any layout:
+    `Batch`, `SharedPrefixBatch`, `PackedBatch`), split by pair."""
     b = batch.num_pairs
-    if isinstance(batch, PackedBatch):
-        sums, token_logps = scorer(batch.input_ids, None, position_ids=batch.position_ids,
-                                   score_from=batch.score_from, labels=batch.labels,
-                                   segments=batch.segments, units=batch.units, num_segments=2 * b)
-        lens = torch.bincount(batch.segments, minlength=2 * b)
-    elif isinstance(batch, SharedPrefixBatch):
-        sums, token_logps = scorer(batch.input_ids, batch.attention_mask,
-                                   position_ids=batch.position_ids, score_from=batch.score_from,
-                                   labels=batch.labels, segments=batch.segments)
-        lens = torch.bincount(batch.segments, minlength=2 * b)
-    else:
-        sums, token_logps = scorer(batch.input_ids, batch.attention_mask, batch.completion_mask)
-        lens = batch.completion_mask[:, 1:].sum(dim=1)
+    inputs = batch.model_inputs()
+    sums, token_logps = scorer(inputs)
+    lens = torch.bincount(inputs.segments, minlength=2 * b)
     per_row = None
     if keep_token_logps:
-        values = token_logps.detach().float()
-        if not isinstance(batch, Batch):  # pair-interleaved -> grouped by segment
-            values = values[torch.argsort(batch.segments, stable=True)]
+        # Grouped by segment (the standard layout is already in that order; the stable sort keeps it).
+        values = token_logps.detach().float()[torch.argsort(inputs.segments, stable=True)]
         per_row = list(values.split(lens.tolist()))
     return SequenceLogps(
         chosen_logps=sums[:b], rejected_logps=sums[b:], chosen_len=lens[:b], rejected_len=lens[b:],

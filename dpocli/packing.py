@@ -28,6 +28,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from dpocli.batching import ModelInputs
 from dpocli.errors import DpocliError
 
 PACKED_ATTENTION = "dpocli_packed"
@@ -73,6 +74,10 @@ class PackedBatch:
         moved = (t.to(device, non_blocking=True) for t in (
             self.input_ids, self.position_ids, self.score_from, self.labels, self.segments))
         return PackedBatch(*moved, units=self.units, num_pairs=self.num_pairs)
+
+    def model_inputs(self) -> ModelInputs:
+        return ModelInputs(self.input_ids, None, self.position_ids, self.score_from, self.labels,
+                           self.segments, num_segments=2 * self.num_pairs, units=self.units)
 
 
 def collate_packed(prompts: Sequence[Sequence[int]], chosens: Sequence[Sequence[int]],

@@ -389,26 +389,26 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
         if resolved_toml:
             from dpocli.atomic import atomic_write_text
             atomic_write_text(out / RESOLVED_TOML, resolved_toml)
-        _finalize(out, manifest, tokenizer, model_fp, cfg)
+        _finalize(out, manifest, tokenizer, model_fp, cfg, pairs)
     dist.barrier()
     elapsed = time.perf_counter() - t0
     return _summary(cfg, manifest, "resumed" if done else "complete", elapsed, tokens_scored)
 
 
 def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict,
-              cfg: PrecomputeConfig) -> None:
-    import pyarrow.parquet as pq
-    lens = {"prompt": [], "chosen": [], "rejected": []}
-    for entry in manifest.shards:
-        t = pq.read_table(out / entry["file"], columns=["prompt_ids", "chosen_len", "rejected_len"])
-        lens["prompt"] += [len(x) for x in t.column("prompt_ids").to_pylist()]
-        lens["chosen"] += t.column("chosen_len").to_pylist()
-        lens["rejected"] += t.column("rejected_len").to_pylist()
-    manifest.length_stats = cache.length_stats(lens["prompt"], lens["chosen"], lens["rejected"])
+              cfg: PrecomputeConfig, pairs: list[tuple]) -> None:
+    """Length statistics, provenance and the tokenizer; then the manifest is marked complete.
+    The statistics come from the tokenized rows (every shard holds exactly the kept ones, also
+    after a resume: same spec, same tokenization), so no shard is read back."""
+    import transformers
+    kept = [t for _, t in pairs if not isinstance(t, Dropped)]
+    manifest.length_stats = cache.length_stats([len(t.prompt_ids) for t in kept],
+                                               [len(t.chosen_ids) for t in kept],
+                                               [len(t.rejected_ids) for t in kept])
     manifest.created = {
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__, "dpocli": __version__,
+        "transformers": transformers.__version__, "dpocli": __version__,
         "reference_model_files": model_fp["files"],
         "attention_kernel": describe_attention(cfg.packing, cfg.attn_implementation),
     }

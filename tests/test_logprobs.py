@@ -125,10 +125,9 @@ def test_chunked_head_equals_unchunked(model, pairs):
     plain = CompletionScorer(model)
     plain.chunked = False  # the model's own forward: full [R, T, V] logits
     with torch.no_grad():
-        ref_sums, ref_tokens = plain(batch.input_ids, batch.attention_mask, batch.completion_mask)
+        ref_sums, ref_tokens = plain(batch.model_inputs())
         for chunk in (1, 3, 64, n_scored, n_scored + 100):
-            sums, tokens = CompletionScorer(model, chunk_size=chunk)(
-                batch.input_ids, batch.attention_mask, batch.completion_mask)
+            sums, tokens = CompletionScorer(model, chunk_size=chunk)(batch.model_inputs())
             assert tokens.shape == (n_scored,)
             # Not bitwise: a [1, H] @ W.T and a [R*T, H] @ W.T round differently (~1 fp32 ulp).
             assert torch.allclose(tokens, ref_tokens, rtol=0, atol=5e-6), chunk
@@ -145,7 +144,7 @@ def test_chunked_head_gradients_equal_unchunked(model, pairs):
         model.zero_grad(set_to_none=True)
         scorer = CompletionScorer(model, chunk_size=chunk)
         scorer.chunked = chunked
-        sums, _ = scorer(batch.input_ids, batch.attention_mask, batch.completion_mask)
+        sums, _ = scorer(batch.model_inputs())
         (sums * weights).sum().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
