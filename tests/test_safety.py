@@ -207,20 +207,23 @@ def enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def test_full_disk_during_precompute_is_one_line_and_resumes(tmp_path, prefs, monkeypatch):
+@pytest.mark.parametrize("code,says", [(errno.ENOSPC, "no space left"), (errno.EROFS, "not writable"),
+                                       (errno.EACCES, "not writable")])
+def test_full_or_read_only_disk_during_precompute_is_one_line_and_resumes(tmp_path, prefs, monkeypatch,
+                                                                          code, says):
     from dpocli import cache
     out = tmp_path / "cache"
     real, calls = cache.pq.write_table, []
 
-    def full_on_second(*args, **kwargs):
+    def fail_on_second(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            enospc()
+            raise OSError(code, os.strerror(code))
         return real(*args, **kwargs)
-    monkeypatch.setattr(cache.pq, "write_table", full_on_second)
+    monkeypatch.setattr(cache.pq, "write_table", fail_on_second)
     result = precompute(prefs, out)
     lines = result.stderr.strip().splitlines()
-    assert result.exit_code == 1 and lines[0].startswith("error:") and "no space left" in lines[0]
+    assert result.exit_code == 1 and lines[0].startswith("error:") and says in lines[0]
     assert "part-00001.parquet" in lines[0] and "Traceback" not in result.stderr
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     monkeypatch.undo()  # the user frees space
