@@ -4,42 +4,14 @@ unless given."""
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import json
 
 import pytest
-import typer
 
 from conftest import MODEL, invoke
-from dpocli.cli import LOSS_PARAMS, app
-from dpocli.losses import LOSS_OPTIONS, spec_from_options
-from dpocli.train import TrainConfig
 
-
-def _params(command: str) -> dict:
-    click_command = typer.main.get_command(app).commands[command]
-    return {p.name: p for p in click_command.params}
-
-
-def test_train_and_eval_declare_the_same_loss_options():
-    train, eval_ = _params("train"), _params("eval")
-    assert set(LOSS_PARAMS.values()) == set(LOSS_OPTIONS)
-    for name in LOSS_PARAMS:
-        assert (train[name].opts, train[name].help, train[name].default) == \
-               (eval_[name].opts, eval_[name].help, eval_[name].default), name
-
-
-def test_cli_defaults_are_the_library_defaults():
-    train = _params("train")
-    config_defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    spec_defaults = {k: p.default for k, p in inspect.signature(spec_from_options).parameters.items()}
-    for param, option in LOSS_PARAMS.items():
-        cli_default = train[param].default
-        if param == "ipo_sum":
-            cli_default = not cli_default
-        assert cli_default == config_defaults[option] == spec_defaults[option], option
-    assert config_defaults["f_alpha"] == 0.5  # TRL's f_alpha_divergence_coef
+# That train and eval declare the same loss options, with the library's defaults, is
+# tests/test_options.py's (LossOpts is one group, taken by both).
 
 
 # ---------------------------------------------------------------- refusals through the CLI
