@@ -17,12 +17,31 @@ import typer
 from dpocli import __version__
 from dpocli.console import emit_json, emit_table, err_console, set_quiet
 from dpocli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DpocliError, RunFailure, out_of_memory_types
-from dpocli.options import (CheckpointOpts, EvalOpts, LayoutOpts, LoadOpts, LoraOpts, LossOpts, ModelOpts,
-                            OptimOpts, OutputFormat, OutputOpts, PrecomputeOpts, ReportOpts, TrainOpts,
-                            VerifyOpts, config_kwargs, given, with_options)
+from dpocli.options import (
+    CheckpointOpts,
+    EvalOpts,
+    LayoutOpts,
+    LoadOpts,
+    LoraOpts,
+    LossOpts,
+    ModelOpts,
+    OptimOpts,
+    OutputFormat,
+    OutputOpts,
+    PrecomputeOpts,
+    ReportOpts,
+    TrainOpts,
+    VerifyOpts,
+    config_kwargs,
+    given,
+    with_options,
+)
 
-EPILOG = ("Exit codes: 0 success, 1 runtime failure (NaN loss, out of memory), 2 bad usage or "
-          "input, 130 interrupted (state saved). Set DPOCLI_DEBUG=1 for tracebacks.")
+EPILOG = (
+    "Exit codes: 0 success, 1 runtime failure (NaN loss, out of memory), 2 bad usage or "
+    "input, 130 interrupted (state saved). Set DPOCLI_DEBUG=1 for tracebacks."
+)
+
 
 def _is_click_error(err: BaseException, name: str = "ClickException") -> bool:
     # typer >= 0.29 vendors click (typer._click), older typer uses click itself: match by class name.
@@ -56,8 +75,13 @@ def _report(err: BaseException) -> int:
         ctx, param = getattr(err, "ctx", None), getattr(err, "param", None)
         config_file, from_config = (ctx.meta.get("dpocli.config") if ctx else None) or (None, ())
         named = config_file if param is not None and param.name in from_config else None
-        _print_error(DpocliError(err.format_message().strip().rstrip(".").replace("\n", " "),
-                                 file=named, hint=f"see '{ctx.command_path} --help'" if ctx else None))
+        _print_error(
+            DpocliError(
+                err.format_message().strip().rstrip(".").replace("\n", " "),
+                file=named,
+                hint=f"see '{ctx.command_path} --help'" if ctx else None,
+            )
+        )
         return err.exit_code
     if isinstance(err, DpocliError):
         _print_error(err)
@@ -65,17 +89,21 @@ def _report(err: BaseException) -> int:
             _print_traceback(err)
         return err.exit_code
     if isinstance(err, out_of_memory_types()):
-        _print_error(RunFailure("out of memory", hint="lower --batch-size / --max-tokens, or use a "
-                                                      "smaller --dtype"))
+        _print_error(
+            RunFailure("out of memory", hint="lower --batch-size / --max-tokens, or use a smaller --dtype")
+        )
         return EXIT_RUNTIME
     if isinstance(err, OSError):
         where = err.filename if getattr(err, "filename", None) else None
         _print_error(RunFailure(err.strerror or str(err) or type(err).__name__, file=where))
         return EXIT_RUNTIME
     first_line = str(err).splitlines()[0] if str(err) else ""
-    _print_error(RunFailure(f"internal error ({type(err).__name__}: {first_line})",
-                            hint="this is a bug in dpocli; rerun with DPOCLI_DEBUG=1 for the traceback "
-                                 "and report it"))
+    _print_error(
+        RunFailure(
+            f"internal error ({type(err).__name__}: {first_line})",
+            hint="this is a bug in dpocli; rerun with DPOCLI_DEBUG=1 for the traceback and report it",
+        )
+    )
     if debug:
         _print_traceback(err)
     return EXIT_RUNTIME
@@ -83,15 +111,23 @@ def _report(err: BaseException) -> int:
 
 def _print_traceback(err: BaseException) -> None:
     import traceback
+
     sys.stderr.write("".join(traceback.format_exception(type(err), err, err.__traceback__)))
 
 
-app = typer.Typer(name="dpo", cls=_OneLineErrors, no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_show_locals=False, epilog=EPILOG,
-                  help="Direct Preference Optimization in two stages: cache the reference once "
-                       "(precompute-ref), then train and evaluate from the cache.")
-cache_app = typer.Typer(cls=_OneLineErrors, no_args_is_help=True, help="Inspect and check reference caches.",
-                        epilog=EPILOG)
+app = typer.Typer(
+    name="dpo",
+    cls=_OneLineErrors,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    epilog=EPILOG,
+    help="Direct Preference Optimization in two stages: cache the reference once "
+    "(precompute-ref), then train and evaluate from the cache.",
+)
+cache_app = typer.Typer(
+    cls=_OneLineErrors, no_args_is_help=True, help="Inspect and check reference caches.", epilog=EPILOG
+)
 app.add_typer(cache_app, name="cache")
 
 
@@ -99,11 +135,12 @@ def _config_callback(ctx: typer.Context, param, value):
     """Eager: load the TOML file into click's default_map before other options are resolved."""
     if value:
         from dpocli.config import config_defaults
+
         try:
             mapped = config_defaults(ctx.command, ctx.info_name, Path(value))
         except DpocliError as err:
             _print_error(err)
-            raise typer.Exit(err.exit_code)
+            raise typer.Exit(err.exit_code) from None
         ctx.default_map = {**(ctx.default_map or {}), **mapped}
         ctx.meta["dpocli.config"] = (str(value), set(mapped))  # so a bad value can name the file
     return value
@@ -123,19 +160,32 @@ def _options_toml(ctx: typer.Context, values: dict, title: str) -> str:
     `--print-config` and a run's config.resolved.toml both come from here, so they list the same
     keys, and either one can be given back to `--config`."""
     from dpocli.config import to_toml
+
     values = {p.name: values.get(p.name) for p in ctx.command.params}
     values = {name: str(v) if isinstance(v, Path) else v for name, v in values.items()}
     return to_toml(ctx.command, values, title)
 
 
 # The eager options every command takes; the others are declared in dpocli/options.py.
-ConfigOpt = Annotated[Optional[Path], typer.Option(
-    "--config", is_eager=True, callback=_config_callback,
-    help="TOML file of options (flag names as keys, optionally under [COMMAND]); flags on the command line "
-         "win.")]
-PrintConfigOpt = Annotated[bool, typer.Option(
-    "--print-config", is_eager=True, callback=_print_config_callback,
-    help="Print this command's options as TOML (a --config to start from) and exit.")]
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--config",
+        is_eager=True,
+        callback=_config_callback,
+        help="TOML file of options (flag names as keys, optionally under [COMMAND]); flags on the "
+        "command line win.",
+    ),
+]
+PrintConfigOpt = Annotated[
+    bool,
+    typer.Option(
+        "--print-config",
+        is_eager=True,
+        callback=_print_config_callback,
+        help="Print this command's options as TOML (a --config to start from) and exit.",
+    ),
+]
 
 
 def _print_error(err: DpocliError) -> None:
@@ -148,6 +198,7 @@ def _print_error(err: DpocliError) -> None:
 def _run(fn, *, quiet: bool = False):
     """Run a driver with stdout shielded, mapping our errors to one line and an exit code."""
     from dpocli import distributed
+
     dist = distributed.current()  # initialises torch.distributed under torchrun
     set_quiet(quiet or not dist.is_main)  # one voice per job: rank 0 logs, others stay quiet
     try:
@@ -165,8 +216,11 @@ def _run(fn, *, quiet: bool = False):
 
 def _resolved(ctx: typer.Context) -> str:
     """The command's fully resolved options as TOML (replayable with --config)."""
-    return _options_toml(ctx, ctx.params, f"dpo {ctx.info_name}, as resolved for this run "
-                                          f"(dpocli {__version__}); replay with --config")
+    return _options_toml(
+        ctx,
+        ctx.params,
+        f"dpo {ctx.info_name}, as resolved for this run (dpocli {__version__}); replay with --config",
+    )
 
 
 def _emit(summary: dict, as_json: bool, table_fn) -> None:
@@ -185,14 +239,22 @@ def _root(version: Annotated[bool, typer.Option("--version", help="Show the vers
         raise typer.Exit(0)
 
 
-@app.command("precompute-ref", epilog=EPILOG + "  Example: dpo precompute-ref prefs.jsonl "
-             "--model ./sft-model --out ./ref-cache")
+@app.command(
+    "precompute-ref",
+    epilog=EPILOG + "  Example: dpo precompute-ref prefs.jsonl --model ./sft-model --out ./ref-cache",
+)
 @with_options
 def precompute_ref(
     ctx: typer.Context,
     input: Annotated[Path, typer.Argument(help="A .jsonl or .parquet file, or a folder of them.")],
-    run: PrecomputeOpts, model: ModelOpts, layout: LayoutOpts, load: LoadOpts, output: OutputOpts,
-    fmt: OutputFormat, config: ConfigOpt = None, print_config: PrintConfigOpt = False,
+    run: PrecomputeOpts,
+    model: ModelOpts,
+    layout: LayoutOpts,
+    load: LoadOpts,
+    output: OutputOpts,
+    fmt: OutputFormat,
+    config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
 ):
     """Score every pair with the reference model once and write the Parquet reference cache."""
     from dpocli.precompute import PrecomputeConfig, run_precompute
@@ -203,36 +265,59 @@ def precompute_ref(
     _emit(summary, fmt.json, precompute_table)
 
 
-@app.command("train", epilog=EPILOG + "  Example: dpo train ./ref-cache --model ./sft-model "
-             "--out ./run --lr 5e-7 --epochs 1")
+@app.command(
+    "train",
+    epilog=EPILOG + "  Example: dpo train ./ref-cache --model ./sft-model --out ./run --lr 5e-7 --epochs 1",
+)
 @with_options
 def train(
     ctx: typer.Context,
     cache: Annotated[Path, typer.Argument(help="Reference cache written by precompute-ref.")],
-    run: TrainOpts, loss: LossOpts, optim: OptimOpts, model: ModelOpts, layout: LayoutOpts,
-    load: LoadOpts, lora: LoraOpts, checkpoints: CheckpointOpts, output: OutputOpts, fmt: OutputFormat,
-    config: ConfigOpt = None, print_config: PrintConfigOpt = False,
+    run: TrainOpts,
+    loss: LossOpts,
+    optim: OptimOpts,
+    model: ModelOpts,
+    layout: LayoutOpts,
+    load: LoadOpts,
+    lora: LoraOpts,
+    checkpoints: CheckpointOpts,
+    output: OutputOpts,
+    fmt: OutputFormat,
+    config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
 ):
     """Train the policy with DPO from the cache alone (the reference model is never loaded)."""
     from dpocli.summaries import train_table
     from dpocli.train import TrainConfig, run_train
 
-    cfg = TrainConfig(cache=str(cache), **config_kwargs(run, loss, optim, model, layout, load, lora,
-                                                        checkpoints, output))
+    cfg = TrainConfig(
+        cache=str(cache), **config_kwargs(run, loss, optim, model, layout, load, lora, checkpoints, output)
+    )
     summary = _run(lambda: run_train(cfg, resolved_toml=_resolved(ctx)), quiet=fmt.quiet)
     _emit(summary, fmt.json, train_table)
 
 
-@app.command("eval", epilog=EPILOG + "  Example: dpo eval ./heldout-cache --model ./run "
-             "--model './run/checkpoint-*' --json")
+@app.command(
+    "eval",
+    epilog=EPILOG + "  Example: dpo eval ./heldout-cache --model ./run --model './run/checkpoint-*' --json",
+)
 @with_options
 def eval_(
     ctx: typer.Context,
     cache: Annotated[Path, typer.Argument(help="Held-out cache written by precompute-ref.")],
-    more_models: Annotated[Optional[list[str]], typer.Argument(
-        help="More models; lets an unquoted shell glob after --model work.", show_default=False)] = None,
-    *, run: EvalOpts, loss: LossOpts, load: LoadOpts, fmt: OutputFormat,
-    config: ConfigOpt = None, print_config: PrintConfigOpt = False,
+    more_models: Annotated[
+        Optional[list[str]],
+        typer.Argument(
+            help="More models; lets an unquoted shell glob after --model work.", show_default=False
+        ),
+    ] = None,
+    *,
+    run: EvalOpts,
+    loss: LossOpts,
+    load: LoadOpts,
+    fmt: OutputFormat,
+    config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
 ):
     """Score checkpoints on a held-out cache: accuracy, margins, displacement, length bias.
 
@@ -243,17 +328,22 @@ def eval_(
 
     kwargs = config_kwargs(run, loss, load)
     models = list(kwargs.pop("model") or []) + list(more_models or [])
-    summary = _run(lambda: run_eval(str(cache), models, loss_given=given(ctx, LossOpts), **kwargs),
-                   quiet=fmt.quiet)
+    summary = _run(
+        lambda: run_eval(str(cache), models, loss_given=given(ctx, LossOpts), **kwargs), quiet=fmt.quiet
+    )
     _emit(summary, fmt.json, eval_table)
 
 
 @app.command("report", epilog=EPILOG + "  Example: dpo report ./run --out report.html")
 @with_options
 def report(
-    run_dir: Annotated[Path, typer.Argument(
-        help="Run folder written by train (its metrics.jsonl), or a metrics.jsonl file.")],
-    run: ReportOpts, fmt: OutputFormat, config: ConfigOpt = None, print_config: PrintConfigOpt = False,
+    run_dir: Annotated[
+        Path, typer.Argument(help="Run folder written by train (its metrics.jsonl), or a metrics.jsonl file.")
+    ],
+    run: ReportOpts,
+    fmt: OutputFormat,
+    config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
 ):
     """Summarise a run's metrics: first/last/min/max and a sparkline per metric; plots with --out."""
     from dpocli.report import report_table, summarize
@@ -266,7 +356,9 @@ def report(
 @with_options
 def cache_info(
     cache: Annotated[Path, typer.Argument(help="A cache folder written by precompute-ref.")],
-    fmt: OutputFormat, config: ConfigOpt = None, print_config: PrintConfigOpt = False,
+    fmt: OutputFormat,
+    config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
 ):
     """Manifest summary: what produced the cache, row counts, dropped rows by reason, lengths."""
     from dpocli.summaries import cache_info_dict, cache_info_table
@@ -279,8 +371,11 @@ def cache_info(
 @with_options
 def cache_verify(
     cache: Annotated[Path, typer.Argument(help="A cache folder written by precompute-ref.")],
-    run: VerifyOpts, load: LoadOpts, fmt: OutputFormat,
-    config: ConfigOpt = None, print_config: PrintConfigOpt = False,
+    run: VerifyOpts,
+    load: LoadOpts,
+    fmt: OutputFormat,
+    config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
 ):
     """Recompute shard checksums, check values are finite, and optionally re-score rows."""
     from dpocli.summaries import verify_table

@@ -34,8 +34,9 @@ from dpocli.errors import DpocliError
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
-def opt(help: str, default: Any = dataclasses.MISSING, *, flags: tuple[str, ...] = (),
-        negate: bool = False) -> Any:
+def opt(
+    help: str, default: Any = dataclasses.MISSING, *, flags: tuple[str, ...] = (), negate: bool = False
+) -> Any:
     """A group field. `flags`: the spellings when they differ from `--field-name`. `negate`: the
     flag turns the field off (`--no-shuffle` sets `shuffle` to False), so the flag's default is
     `not default`."""
@@ -48,6 +49,7 @@ def _check_dtype(dtype: str | None) -> None:
 
 
 # ---------------------------------------------------------------- groups shared by several commands
+
 
 @dataclass(frozen=True)
 class LoadOpts:
@@ -64,9 +66,11 @@ class ModelOpts:
 
     dtype: str = opt("Weights dtype: float32, bfloat16 or float16.", "float32")
     attn_implementation: str | None = opt(
-        "eager, sdpa or flash_attention_2 (default: transformers' choice).", None)
-    compile: bool = opt("torch.compile the transformer body (pays on long runs; compiling takes a "
-                        "minute).", False)
+        "eager, sdpa or flash_attention_2 (default: transformers' choice).", None
+    )
+    compile: bool = opt(
+        "torch.compile the transformer body (pays on long runs; compiling takes a minute).", False
+    )
 
     def __post_init__(self):
         _check_dtype(self.dtype)
@@ -80,17 +84,24 @@ class LayoutOpts:
     prefix_sharing: bool = opt(
         "Run each pair's prompt once: prompt+chosen+rejected with a prefix-sharing attention pattern "
         "(faster with long prompts; without --packing it builds a dense mask and cannot use flash "
-        "attention).", False)
-    packing: bool = opt("Padding-free batches: all sequences of a batch end to end in one row, attention "
-                        "run per sequence (no compute on pad tokens).", False)
+        "attention).",
+        False,
+    )
+    packing: bool = opt(
+        "Padding-free batches: all sequences of a batch end to end in one row, attention "
+        "run per sequence (no compute on pad tokens).",
+        False,
+    )
 
 
 @dataclass(frozen=True)
 class OutputOpts:
     """What to do with an existing output (precompute-ref, train)."""
 
-    overwrite: bool = opt("Replace a dpocli cache or run already in --out (a folder holding anything "
-                          "else is still refused).", False)
+    overwrite: bool = opt(
+        "Replace a dpocli cache or run already in --out (a folder holding anything else is still refused).",
+        False,
+    )
 
 
 @dataclass(frozen=True)
@@ -101,18 +112,27 @@ class LossOpts:
     loss: str = opt(
         "Loss type(s), comma-separated: sigmoid, cdpo, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, "
         "sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, sft (TRL 1.16's "
-        "loss_type; cdpo is dpocli's label-smoothed sigmoid).", "sigmoid")
+        "loss_type; cdpo is dpocli's label-smoothed sigmoid).",
+        "sigmoid",
+    )
     loss_weights: str | None = opt("Comma-separated weight per loss type (default all 1).", None)
     label_smoothing: float = opt(
         "ε for cdpo, robust, exo_pair (needs > 0), aot, aot_unpaired; refused when no listed loss uses "
-        "it (TRL 1.16 ignores it there).", 0.0)
+        "it (TRL 1.16 ignores it there).",
+        0.0,
+    )
     ipo_length_normalized: bool = opt(
-        "IPO on summed log-ratios (paper, OpenRLHF) instead of TRL's per-token average.", True,
-        flags=("--ipo-sum",), negate=True)
+        "IPO on summed log-ratios (paper, OpenRLHF) instead of TRL's per-token average.",
+        True,
+        flags=("--ipo-sum",),
+        negate=True,
+    )
     discopop_tau: float = opt("τ of the discopop loss.", 0.05)
     f_divergence: str = opt(
         "reverse_kl (DPO), forward_kl, js_divergence or alpha_divergence (TRL's f_divergence_type); only "
-        "with sigmoid, cdpo, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft.", "reverse_kl")
+        "with sigmoid, cdpo, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft.",
+        "reverse_kl",
+    )
     f_alpha: float = opt("α of alpha_divergence (TRL's f_alpha_divergence_coef).", 0.5)
 
 
@@ -126,29 +146,37 @@ class OutputFormat:
 
 # ---------------------------------------------------------------- groups of one command
 
+
 @dataclass(frozen=True)
 class PrecomputeOpts:
     model: str = opt("Reference model: a local folder or a hub id in the local HF cache.")
     out: Path = opt("Cache folder to write (created; resumed if unfinished).")
     max_length: int = opt(
         "Max tokens of prompt+completion; longer completions are cut at the end (keep_start), rows whose "
-        "prompt alone fills it are dropped.", 1024)
+        "prompt alone fills it are dropped.",
+        1024,
+    )
     batch_size: int | None = opt("Pairs per forward pass (length-sorted).", None)
     max_tokens: int | None = opt(
-        "Padded tokens per forward pass, both rows of each pair counted (default 16384).", None)
+        "Padded tokens per forward pass, both rows of each pair counted (default 16384).", None
+    )
     id_column: str | None = opt("Column with row ids (default: 'id' if present, else a content hash).", None)
     prompt_column: str = opt(
-        "Prompt column; if absent the prompt is the common prefix of chosen and rejected.", "prompt")
+        "Prompt column; if absent the prompt is the common prefix of chosen and rejected.", "prompt"
+    )
     chosen_column: str = opt("Preferred completion column.", "chosen")
     rejected_column: str = opt("Dispreferred completion column.", "rejected")
     split: str = opt(
         "Split to read from a folder laid out like a Hub dataset (split-named files, README.md configs, "
-        "save_to_disk DatasetDict); splits are never merged.", "train")
+        "save_to_disk DatasetDict); splits are never merged.",
+        "train",
+    )
     token_logps: bool = opt("Also store per-token reference log-probs.", False)
     rows_per_shard: int = opt("Input rows per Parquet shard (the unit of resume).", 4096)
     drop_identical: bool = opt("Drop rows whose chosen equals rejected (default: keep and warn).", False)
-    strict: bool = opt("Fail (exit 2) instead of dropping a row whose prompt does not fit --max-length.",
-                       False)
+    strict: bool = opt(
+        "Fail (exit 2) instead of dropping a row whose prompt does not fit --max-length.", False
+    )
 
 
 @dataclass(frozen=True)
@@ -166,8 +194,7 @@ class OptimOpts:
     weight_decay: float = opt("AdamW weight decay (not on biases and norms).", 0.0)
     adam_beta1: float = opt("AdamW β1: decay of the gradient's running mean.", 0.9)
     adam_beta2: float = opt("AdamW β2: decay of the squared gradient's running mean.", 0.999)
-    adam_eps: float = opt("AdamW ε, added to the denominator for stability.", 1e-8,
-                          flags=("--adam-epsilon",))
+    adam_eps: float = opt("AdamW ε, added to the denominator for stability.", 1e-8, flags=("--adam-epsilon",))
     max_grad_norm: float = opt("Clip the total gradient norm (0 disables).", 1.0)
     seed: int = opt("Seed for batch order and any randomness.", 42)
 
@@ -189,16 +216,20 @@ class TrainOpts:
     fsdp: bool = opt("Under torchrun, shard the policy with FSDP2 (per decoder layer) instead of DDP.", False)
     keep_dropout: bool = opt(
         "Train with the model's dropout (default: every dropout set to 0, like TRL's disable_dropout; "
-        "precompute-ref and eval run the model in eval mode, never with dropout).", False)
+        "precompute-ref and eval run the model in eval mode, never with dropout).",
+        False,
+    )
     shuffle: bool = opt("Batches in the input file's row order.", True, flags=("--no-shuffle",), negate=True)
     group_by_length: bool = opt("Batch pairs of similar length (less padding, random batch order).", False)
     eval_cache: Path | None = opt("Held-out cache for eval_* metrics.", None)
     eval_every: int | None = opt("Evaluate every N steps (and at the end).", None)
     report_to: str | None = opt(
-        "Also log to tensorboard and/or wandb (comma-separated; the package must be installed).", None)
+        "Also log to tensorboard and/or wandb (comma-separated; the package must be installed).", None
+    )
     skip_step0_check: bool = opt("Do not stop when policy = reference fails to reproduce the cache.", False)
-    allow_tokenizer_mismatch: bool = opt("Train although the policy's tokenizer differs from the cache's.",
-                                         False)
+    allow_tokenizer_mismatch: bool = opt(
+        "Train although the policy's tokenizer differs from the cache's.", False
+    )
 
 
 @dataclass(frozen=True)
@@ -212,30 +243,40 @@ class CheckpointOpts:
 class LoraOpts:
     lora_r: int | None = opt(
         "Train a LoRA adapter of this rank instead of all weights (needs the optional peft package: "
-        "pip install 'dpocli\\[lora]').", None)
+        "pip install 'dpocli\\[lora]').",
+        None,
+    )
     lora_alpha: float = opt("LoRA scaling α.", 16.0)
     lora_dropout: float = opt("Dropout on the LoRA path.", 0.0)
     lora_target_modules: str | None = opt(
         "Modules to adapt: comma-separated names or 'all-linear' (default: peft's choice for the "
-        "architecture, q_proj,v_proj for Llama).", None)
+        "architecture, q_proj,v_proj for Llama).",
+        None,
+    )
     merge: bool = opt("With LoRA, also save base + adapter merged to RUN_DIR/merged.", False)
 
 
 @dataclass(frozen=True)
 class EvalOpts:
-    model: list[str] | None = opt("Model folder to score (repeatable; quoted globs like 'run/checkpoint-*' "
-                                  "expand in step order).", None)
-    max_tokens: int | None = opt("Padded tokens per forward (default: the cache's precompute batching, "
-                                 "which reproduces it exactly).", None)
+    model: list[str] | None = opt(
+        "Model folder to score (repeatable; quoted globs like 'run/checkpoint-*' expand in step order).", None
+    )
+    max_tokens: int | None = opt(
+        "Padded tokens per forward (default: the cache's precompute batching, which reproduces it exactly).",
+        None,
+    )
     # None = the cache's: scoring the reference in other numerics is not exactly neutral.
     dtype: str | None = opt(
-        "Weights dtype: float32, bfloat16 or float16 (default: the cache's; another value warns).", None)
+        "Weights dtype: float32, bfloat16 or float16 (default: the cache's; another value warns).", None
+    )
     attn_implementation: str | None = opt(
-        "eager, sdpa or flash_attention_2 (default: the cache's; another value warns).", None)
+        "eager, sdpa or flash_attention_2 (default: the cache's; another value warns).", None
+    )
     per_example: Path | None = opt("Write one row per (model, pair) to this .parquet or .jsonl file.", None)
     samples: int = opt("Generate completions for the first N held-out prompts.", 0)
     ref_model: str | None = opt(
-        "Reference model for side-by-side samples and a sampled KL(policy||reference) estimate.", None)
+        "Reference model for side-by-side samples and a sampled KL(policy||reference) estimate.", None
+    )
     max_new_tokens: int = opt("Generation length for --samples.", 64)
     temperature: float = opt("0 = greedy samples; KL always samples at 1.", 0.0)
     kl_samples: int = opt("Policy samples per prompt for the KL estimate.", 4)
@@ -248,25 +289,39 @@ class EvalOpts:
 @dataclass(frozen=True)
 class VerifyOpts:
     rescore: int = opt("Re-score N random rows with the reference model and compare.", 0)
-    model: str | None = opt("Reference model to re-score with (default: the path in the manifest; its "
-                            "weights must match the manifest's sha256).", None)
+    model: str | None = opt(
+        "Reference model to re-score with (default: the path in the manifest; its "
+        "weights must match the manifest's sha256).",
+        None,
+    )
     seed: int = opt("Seed for choosing the rows to re-score.", 0)
 
 
 @dataclass(frozen=True)
 class ReportOpts:
-    out: Path | None = opt("Also draw the curves to a .png, or a self-contained .html page (needs "
-                           "matplotlib, the 'report' extra).", None)
+    out: Path | None = opt(
+        "Also draw the curves to a .png, or a self-contained .html page (needs "
+        "matplotlib, the 'report' extra).",
+        None,
+    )
 
 
 # Flags whose meaning and default are each command's own, so each is declared in that command's
 # group: which model (reference, policy, several to score), which output, what a batch or a seed is
 # for; eval's numerics default to the cache's.
-PER_COMMAND = {"--model", "--out", "--batch-size", "--max-tokens", "--seed", "--dtype",
-               "--attn-implementation"}
+PER_COMMAND = {
+    "--model",
+    "--out",
+    "--batch-size",
+    "--max-tokens",
+    "--seed",
+    "--dtype",
+    "--attn-implementation",
+}
 
 
 # ---------------------------------------------------------------- groups -> typer parameters
+
 
 def flags_of(f: dataclasses.Field) -> tuple[str, ...]:
     return f.metadata["flags"] or ("--" + f.name.replace("_", "-"),)
@@ -284,8 +339,12 @@ def _typer_parameter(f: dataclasses.Field, hint: Any) -> inspect.Parameter:
     if negate:
         default = not default
     annotated = Annotated[bool if negate else hint, typer.Option(*flags_of(f), help=f.metadata["help"])]
-    return inspect.Parameter(param_name(f), inspect.Parameter.KEYWORD_ONLY, annotation=annotated,
-                             default=inspect.Parameter.empty if default is dataclasses.MISSING else default)
+    return inspect.Parameter(
+        param_name(f),
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=annotated,
+        default=inspect.Parameter.empty if default is dataclasses.MISSING else default,
+    )
 
 
 def is_group(annotation: Any) -> bool:
@@ -350,5 +409,8 @@ def config_kwargs(*groups: Any) -> dict:
 def given(ctx: typer.Context, cls: type) -> frozenset[str]:
     """Fields of group `cls` set on the command line or in --config (not left at their default)."""
     # By name: typer may bring its own copy of click's ParameterSource enum.
-    return frozenset(f.name for f in dataclasses.fields(cls)
-                     if getattr(ctx.get_parameter_source(param_name(f)), "name", "DEFAULT") != "DEFAULT")
+    return frozenset(
+        f.name
+        for f in dataclasses.fields(cls)
+        if getattr(ctx.get_parameter_source(param_name(f)), "name", "DEFAULT") != "DEFAULT"
+    )

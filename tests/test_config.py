@@ -46,8 +46,26 @@ def test_invalid_toml_is_a_one_line_error(tmp_path):
 
 def test_resolved_config_replays_the_run_exactly(small_cache, tmp_path):
     first = tmp_path / "first"
-    assert invoke(["train", small_cache, "--model", MODEL, "--out", first, "--max-steps", 2,
-                   "--batch-size", 4, "--lr", "1e-3", "--quiet"]).exit_code == 0
+    assert (
+        invoke(
+            [
+                "train",
+                small_cache,
+                "--model",
+                MODEL,
+                "--out",
+                first,
+                "--max-steps",
+                2,
+                "--batch-size",
+                4,
+                "--lr",
+                "1e-3",
+                "--quiet",
+            ]
+        ).exit_code
+        == 0
+    )
     resolved = first / "config.resolved.toml"
     assert tomllib.loads(resolved.read_text())["max-steps"] == 2
     second = tmp_path / "second"
@@ -63,10 +81,14 @@ def toml_keys(text: str) -> list[str]:
 def test_print_config_and_resolved_config_list_the_same_keys(small_cache, tmp_path):
     """Both come from one function; a run's file must be a complete --config for its command."""
     run = tmp_path / "run"
-    assert invoke(["train", small_cache, "--model", MODEL, "--out", run, "--max-steps", 1,
-                   "--quiet"]).exit_code == 0
-    for command, resolved in (("train", run / "config.resolved.toml"),
-                              ("precompute-ref", small_cache / "config.resolved.toml")):
+    assert (
+        invoke(["train", small_cache, "--model", MODEL, "--out", run, "--max-steps", 1, "--quiet"]).exit_code
+        == 0
+    )
+    for command, resolved in (
+        ("train", run / "config.resolved.toml"),
+        ("precompute-ref", small_cache / "config.resolved.toml"),
+    ):
         printed = toml_keys(invoke([command, "--print-config"]).stdout)
         written = toml_keys(resolved.read_text())
         assert printed == written, command

@@ -42,8 +42,12 @@ COMMANDS = commands()
 
 def flag_options(click_command) -> dict[str, object]:
     """Long flag -> click option, without --help and the eager options."""
-    return {opt: p for p in click_command.params for opt in getattr(p, "opts", ())
-            if opt.startswith("--") and opt not in EAGER and not p.is_eager}
+    return {
+        opt: p
+        for p in click_command.params
+        for opt in getattr(p, "opts", ())
+        if opt.startswith("--") and opt not in EAGER and not p.is_eager
+    }
 
 
 def test_every_command_takes_option_groups_and_the_eager_options():
@@ -75,8 +79,18 @@ def test_a_flag_on_several_commands_has_one_help_and_default():
         for flag, param in flag_options(click_command).items():
             seen.setdefault(flag, {})[name] = (param.help, param.default, tuple(param.opts))
     shared = {flag: by_command for flag, by_command in seen.items() if len(by_command) > 1}
-    assert {"--compile", "--packing", "--prefix-sharing", "--overwrite", "--ipo-sum", "--device",
-            "--trust-remote-code", "--json", "--quiet", "--beta"} <= set(shared)
+    assert {
+        "--compile",
+        "--packing",
+        "--prefix-sharing",
+        "--overwrite",
+        "--ipo-sum",
+        "--device",
+        "--trust-remote-code",
+        "--json",
+        "--quiet",
+        "--beta",
+    } <= set(shared)
     for flag, by_command in shared.items():
         if flag not in options.PER_COMMAND:
             assert len(set(by_command.values())) == 1, (flag, by_command)
@@ -102,16 +116,18 @@ def test_each_flag_is_declared_once():
     for name, (_, click_command) in COMMANDS.items():
         assert set(flag_options(click_command)) <= set(declared), name
     tree = ast.parse((ROOT / "dpocli" / "cli.py").read_text())
-    declarations = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
-                    and isinstance(node.func, ast.Attribute) and node.func.attr == "Option"]
+    declarations = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "Option"
+    ]
     flags = sorted(node.args[0].value for node in declarations)
     assert flags == ["--config", "--print-config", "--version"]
 
 
 def test_groups_are_frozen():
     for cls in GROUPS:
-        instance = cls(**{f.name: "x" for f in dataclasses.fields(cls)
-                          if f.default is dataclasses.MISSING})
+        instance = cls(**{f.name: "x" for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING})
         for f in dataclasses.fields(cls):
             with pytest.raises(dataclasses.FrozenInstanceError):
                 setattr(instance, f.name, None)
@@ -119,10 +135,15 @@ def test_groups_are_frozen():
 
 # ---------------------------------------------------------------- configs built from the groups
 
+
 def group_fields(command: str) -> dict[str, dataclasses.Field]:
     callback, _ = COMMANDS[command]
-    return {f.name: f for g in callback.option_groups.values() if g is not options.OutputFormat
-            for f in dataclasses.fields(g)}
+    return {
+        f.name: f
+        for g in callback.option_groups.values()
+        if g is not options.OutputFormat
+        for f in dataclasses.fields(g)
+    }
 
 
 def defaults_of(fields: dict[str, dataclasses.Field]) -> dict:
@@ -133,10 +154,13 @@ def defaults_of(fields: dict[str, dataclasses.Field]) -> dict:
 NOT_FLAGS = {"chunk_size"}
 
 
-@pytest.mark.parametrize("command,config,arguments", [
-    ("train", TrainConfig, {"cache"}),
-    ("precompute-ref", PrecomputeConfig, {"input"}),
-])
+@pytest.mark.parametrize(
+    "command,config,arguments",
+    [
+        ("train", TrainConfig, {"cache"}),
+        ("precompute-ref", PrecomputeConfig, {"input"}),
+    ],
+)
 def test_config_fields_are_group_fields_with_the_same_defaults(command, config, arguments):
     fields = group_fields(command)
     config_fields = {f.name: f for f in dataclasses.fields(config)}
@@ -146,10 +170,13 @@ def test_config_fields_are_group_fields_with_the_same_defaults(command, config, 
         assert config_defaults[name] == default, name
 
 
-@pytest.mark.parametrize("command,driver,arguments", [
-    ("eval", run_eval, {"cache_dir", "models", "loss_given"}),
-    ("cache verify", run_verify, {"cache_dir"}),
-])
+@pytest.mark.parametrize(
+    "command,driver,arguments",
+    [
+        ("eval", run_eval, {"cache_dir", "models", "loss_given"}),
+        ("cache verify", run_verify, {"cache_dir"}),
+    ],
+)
 def test_driver_keywords_are_group_fields_with_the_same_defaults(command, driver, arguments):
     fields = group_fields(command)
     fields.pop("model", None) if command == "eval" else None  # eval's --model (repeatable) -> models
@@ -174,6 +201,7 @@ ADAM_FLAGS = ["--adam-beta1", "0.8", "--adam-beta2", "0.95", "--adam-epsilon", "
 
 def test_adam_flags_reach_the_optimizer_and_the_resolved_config(small_cache, tmp_path, monkeypatch):
     import torch
+
     made = []
 
     class RecordingAdamW(torch.optim.AdamW):
@@ -183,8 +211,9 @@ def test_adam_flags_reach_the_optimizer_and_the_resolved_config(small_cache, tmp
 
     monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
     run = tmp_path / "run"
-    result = invoke(["train", small_cache, "--model", MODEL, "--out", run, "--max-steps", 1, "--quiet",
-                     *ADAM_FLAGS])
+    result = invoke(
+        ["train", small_cache, "--model", MODEL, "--out", run, "--max-steps", 1, "--quiet", *ADAM_FLAGS]
+    )
     assert result.exit_code == 0, result.stderr
     assert len(made) == 1
     group = made[0].param_groups[0]
@@ -204,12 +233,15 @@ def test_adam_flags_in_a_config_file_and_print_config(tmp_path):
     assert (printed["adam-beta1"], printed["adam-beta2"], printed["adam-epsilon"]) == (0.7, 0.999, 1e-5)
 
 
-@pytest.mark.parametrize("flags,field", [
-    (["--adam-beta1", "1"], "--adam-beta1"),
-    (["--adam-beta2", "-0.1"], "--adam-beta2"),
-    (["--adam-epsilon", "-1"], "--adam-epsilon"),
-    (["--dtype", "fp8"], "--dtype"),
-])
+@pytest.mark.parametrize(
+    "flags,field",
+    [
+        (["--adam-beta1", "1"], "--adam-beta1"),
+        (["--adam-beta2", "-0.1"], "--adam-beta2"),
+        (["--adam-epsilon", "-1"], "--adam-epsilon"),
+        (["--dtype", "fp8"], "--dtype"),
+    ],
+)
 def test_a_group_refuses_its_bad_values_before_any_work(flags, field, tmp_path):
     result = invoke(["train", tmp_path / "no-cache", "--model", "m", "--out", tmp_path / "r", *flags])
     assert result.exit_code == 2 and result.stdout == ""
