@@ -31,15 +31,15 @@ import typer
 
 from dpocli.errors import DpocliError
 
+# modeling.DTYPES' names, spelled out so that `dpo --help` need not import torch (a test compares them).
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+REQUIRED = dataclasses.MISSING  # a flag without a default must be given
 
 
-def opt(
-    help: str, default: Any = dataclasses.MISSING, *, flags: tuple[str, ...] = (), negate: bool = False
-) -> Any:
-    """A group field. `flags`: the spellings when they differ from `--field-name`. `negate`: the
-    flag turns the field off (`--no-shuffle` sets `shuffle` to False), so the flag's default is
-    `not default`."""
+def opt(default: Any, help: str, *, flags: tuple[str, ...] = (), negate: bool = False) -> Any:
+    """A group field: its default, then its help. `flags`: the spellings when they differ from
+    `--field-name`. `negate`: the flag turns the field off (`--no-shuffle` sets `shuffle` to
+    False), so the flag's default is `not default`."""
     return field(default=default, metadata={"help": help, "flags": flags, "negate": negate})
 
 
@@ -55,8 +55,8 @@ def _check_dtype(dtype: str | None) -> None:
 class LoadOpts:
     """Where and how a model is loaded (precompute-ref, train, eval, cache verify)."""
 
-    device: str | None = opt("cpu, cuda or cuda:N (default: cuda if available).", None)
-    trust_remote_code: bool = opt("Allow model code from the model's repository.", False)
+    device: str | None = opt(None, "cpu, cuda or cuda:N (default: cuda if available).")
+    trust_remote_code: bool = opt(False, "Allow model code from the model's repository.")
 
 
 @dataclass(frozen=True)
@@ -64,12 +64,12 @@ class ModelOpts:
     """The numerics of the model a command runs (precompute-ref, train). eval's `--dtype` and
     `--attn-implementation` default to the cache's instead: see `EvalOpts`."""
 
-    dtype: str = opt("Weights dtype: float32, bfloat16 or float16.", "float32")
+    dtype: str = opt("float32", "Weights dtype: float32, bfloat16 or float16.")
     attn_implementation: str | None = opt(
-        "eager, sdpa or flash_attention_2 (default: transformers' choice).", None
+        None, "eager, sdpa or flash_attention_2 (default: transformers' choice)."
     )
     compile: bool = opt(
-        "torch.compile the transformer body (pays on long runs; compiling takes a minute).", False
+        False, "torch.compile the transformer body (pays on long runs; compiling takes a minute)."
     )
 
     def __post_init__(self):
@@ -82,15 +82,15 @@ class LayoutOpts:
     is not a flag: eval replays precompute's batching exactly, with the default chunking."""
 
     prefix_sharing: bool = opt(
+        False,
         "Run each pair's prompt once: prompt+chosen+rejected with a prefix-sharing attention pattern "
         "(faster with long prompts; without --packing it builds a dense mask and cannot use flash "
         "attention).",
-        False,
     )
     packing: bool = opt(
+        False,
         "Padding-free batches: all sequences of a batch end to end in one row, attention "
         "run per sequence (no compute on pad tokens).",
-        False,
     )
 
 
@@ -99,8 +99,8 @@ class OutputOpts:
     """What to do with an existing output (precompute-ref, train)."""
 
     overwrite: bool = opt(
-        "Replace a dpocli cache or run already in --out (a folder holding anything else is still refused).",
         False,
+        "Replace a dpocli cache or run already in --out (a folder holding anything else is still refused).",
     )
 
 
@@ -108,40 +108,40 @@ class OutputOpts:
 class LossOpts:
     """The loss (train, eval). Field names are `losses.LOSS_OPTIONS`; names and defaults are TRL 1.16's."""
 
-    beta: float = opt("β: strength of the pull towards the reference; scales rewards and loss.", 0.1)
+    beta: float = opt(0.1, "β: strength of the pull towards the reference; scales rewards and loss.")
     loss: str = opt(
+        "sigmoid",
         "Loss type(s), comma-separated: sigmoid, cdpo, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, "
         "sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, sft (TRL 1.16's "
         "loss_type; cdpo is dpocli's label-smoothed sigmoid).",
-        "sigmoid",
     )
-    loss_weights: str | None = opt("Comma-separated weight per loss type (default all 1).", None)
+    loss_weights: str | None = opt(None, "Comma-separated weight per loss type (default all 1).")
     label_smoothing: float = opt(
+        0.0,
         "ε for cdpo, robust, exo_pair (needs > 0), aot, aot_unpaired; refused when no listed loss uses "
         "it (TRL 1.16 ignores it there).",
-        0.0,
     )
     ipo_length_normalized: bool = opt(
-        "IPO on summed log-ratios (paper, OpenRLHF) instead of TRL's per-token average.",
         True,
+        "IPO on summed log-ratios (paper, OpenRLHF) instead of TRL's per-token average.",
         flags=("--ipo-sum",),
         negate=True,
     )
-    discopop_tau: float = opt("τ of the discopop loss.", 0.05)
+    discopop_tau: float = opt(0.05, "τ of the discopop loss.")
     f_divergence: str = opt(
+        "reverse_kl",
         "reverse_kl (DPO), forward_kl, js_divergence or alpha_divergence (TRL's f_divergence_type); only "
         "with sigmoid, cdpo, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft.",
-        "reverse_kl",
     )
-    f_alpha: float = opt("α of alpha_divergence (TRL's f_alpha_divergence_coef).", 0.5)
+    f_alpha: float = opt(0.5, "α of alpha_divergence (TRL's f_alpha_divergence_coef).")
 
 
 @dataclass(frozen=True)
 class OutputFormat:
     """How the result is shown (every command)."""
 
-    json: bool = opt("Print the result as one JSON object on stdout.", False)
-    quiet: bool = opt("No progress or logs on stderr (errors still shown).", False, flags=("--quiet", "-q"))
+    json: bool = opt(False, "Print the result as one JSON object on stdout.")
+    quiet: bool = opt(False, "No progress or logs on stderr (errors still shown).", flags=("--quiet", "-q"))
 
 
 # ---------------------------------------------------------------- groups of one command
@@ -149,33 +149,33 @@ class OutputFormat:
 
 @dataclass(frozen=True)
 class PrecomputeOpts:
-    model: str = opt("Reference model: a local folder or a hub id in the local HF cache.")
-    out: Path = opt("Cache folder to write (created; resumed if unfinished).")
+    model: str = opt(REQUIRED, "Reference model: a local folder or a hub id in the local HF cache.")
+    out: Path = opt(REQUIRED, "Cache folder to write (created; resumed if unfinished).")
     max_length: int = opt(
+        1024,
         "Max tokens of prompt+completion; longer completions are cut at the end (keep_start), rows whose "
         "prompt alone fills it are dropped.",
-        1024,
     )
-    batch_size: int | None = opt("Pairs per forward pass (length-sorted).", None)
+    batch_size: int | None = opt(None, "Pairs per forward pass (length-sorted).")
     max_tokens: int | None = opt(
-        "Padded tokens per forward pass, both rows of each pair counted (default 16384).", None
+        None, "Padded tokens per forward pass, both rows of each pair counted (default 16384)."
     )
-    id_column: str | None = opt("Column with row ids (default: 'id' if present, else a content hash).", None)
+    id_column: str | None = opt(None, "Column with row ids (default: 'id' if present, else a content hash).")
     prompt_column: str = opt(
-        "Prompt column; if absent the prompt is the common prefix of chosen and rejected.", "prompt"
+        "prompt", "Prompt column; if absent the prompt is the common prefix of chosen and rejected."
     )
-    chosen_column: str = opt("Preferred completion column.", "chosen")
-    rejected_column: str = opt("Dispreferred completion column.", "rejected")
+    chosen_column: str = opt("chosen", "Preferred completion column.")
+    rejected_column: str = opt("rejected", "Dispreferred completion column.")
     split: str = opt(
+        "train",
         "Split to read from a folder laid out like a Hub dataset (split-named files, README.md configs, "
         "save_to_disk DatasetDict); splits are never merged.",
-        "train",
     )
-    token_logps: bool = opt("Also store per-token reference log-probs.", False)
-    rows_per_shard: int = opt("Input rows per Parquet shard (the unit of resume).", 4096)
-    drop_identical: bool = opt("Drop rows whose chosen equals rejected (default: keep and warn).", False)
+    token_logps: bool = opt(False, "Also store per-token reference log-probs.")
+    rows_per_shard: int = opt(4096, "Input rows per Parquet shard (the unit of resume).")
+    drop_identical: bool = opt(False, "Drop rows whose chosen equals rejected (default: keep and warn).")
     strict: bool = opt(
-        "Fail (exit 2) instead of dropping a row whose prompt does not fit --max-length.", False
+        False, "Fail (exit 2) instead of dropping a row whose prompt does not fit --max-length."
     )
 
 
@@ -183,20 +183,20 @@ class PrecomputeOpts:
 class OptimOpts:
     """The optimizer, schedule and batch size of train. AdamW's names follow TRL (adam_beta1, ...)."""
 
-    lr: float = opt("Peak learning rate (TRL's default 1e-6).", 1e-6)
-    epochs: int = opt("Passes over the cache (ignored when --max-steps is given).", 1)
-    max_steps: int | None = opt("Optimizer steps to run; overrides --epochs.", None)
-    batch_size: int = opt("Pairs per micro-batch per process.", 8)
-    grad_accum: int = opt("Micro-batches per optimizer step.", 1)
-    warmup_steps: int = opt("Linear warm-up steps.", 0)
-    warmup_ratio: float = opt("Warm-up as a fraction of all steps (if --warmup-steps is 0).", 0.0)
-    scheduler: str = opt("constant, linear or cosine decay after warm-up.", "linear")
-    weight_decay: float = opt("AdamW weight decay (not on biases and norms).", 0.0)
-    adam_beta1: float = opt("AdamW β1: decay of the gradient's running mean.", 0.9)
-    adam_beta2: float = opt("AdamW β2: decay of the squared gradient's running mean.", 0.999)
-    adam_eps: float = opt("AdamW ε, added to the denominator for stability.", 1e-8, flags=("--adam-epsilon",))
-    max_grad_norm: float = opt("Clip the total gradient norm (0 disables).", 1.0)
-    seed: int = opt("Seed for batch order and any randomness.", 42)
+    lr: float = opt(1e-6, "Peak learning rate (TRL's default 1e-6).")
+    epochs: int = opt(1, "Passes over the cache (ignored when --max-steps is given).")
+    max_steps: int | None = opt(None, "Optimizer steps to run; overrides --epochs.")
+    batch_size: int = opt(8, "Pairs per micro-batch per process.")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
+    warmup_steps: int = opt(0, "Linear warm-up steps.")
+    warmup_ratio: float = opt(0.0, "Warm-up as a fraction of all steps (if --warmup-steps is 0).")
+    scheduler: str = opt("linear", "constant, linear or cosine decay after warm-up.")
+    weight_decay: float = opt(0.0, "AdamW weight decay (not on biases and norms).")
+    adam_beta1: float = opt(0.9, "AdamW β1: decay of the gradient's running mean.")
+    adam_beta2: float = opt(0.999, "AdamW β2: decay of the squared gradient's running mean.")
+    adam_eps: float = opt(1e-8, "AdamW ε, added to the denominator for stability.", flags=("--adam-epsilon",))
+    max_grad_norm: float = opt(1.0, "Clip the total gradient norm (0 disables).")
+    seed: int = opt(42, "Seed for batch order and any randomness.")
 
     def __post_init__(self):
         # torch.optim.AdamW would refuse these with a ValueError at the first step (exit 1).
@@ -209,78 +209,78 @@ class OptimOpts:
 
 @dataclass(frozen=True)
 class TrainOpts:
-    model: str = opt("Policy to start from (usually the reference model itself).")
-    out: Path = opt("Run folder: checkpoints, metrics.jsonl, final model.")
-    autocast: str | None = opt("Mixed precision over fp32 weights: bfloat16 or float16.", None)
-    gradient_checkpointing: bool = opt("Recompute activations in backward to save memory.", False)
-    fsdp: bool = opt("Under torchrun, shard the policy with FSDP2 (per decoder layer) instead of DDP.", False)
+    model: str = opt(REQUIRED, "Policy to start from (usually the reference model itself).")
+    out: Path = opt(REQUIRED, "Run folder: checkpoints, metrics.jsonl, final model.")
+    autocast: str | None = opt(None, "Mixed precision over fp32 weights: bfloat16 or float16.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    fsdp: bool = opt(False, "Under torchrun, shard the policy with FSDP2 (per decoder layer) instead of DDP.")
     keep_dropout: bool = opt(
+        False,
         "Train with the model's dropout (default: every dropout set to 0, like TRL's disable_dropout; "
         "precompute-ref and eval run the model in eval mode, never with dropout).",
-        False,
     )
-    shuffle: bool = opt("Batches in the input file's row order.", True, flags=("--no-shuffle",), negate=True)
-    group_by_length: bool = opt("Batch pairs of similar length (less padding, random batch order).", False)
-    eval_cache: Path | None = opt("Held-out cache for eval_* metrics.", None)
-    eval_every: int | None = opt("Evaluate every N steps (and at the end).", None)
+    shuffle: bool = opt(True, "Batches in the input file's row order.", flags=("--no-shuffle",), negate=True)
+    group_by_length: bool = opt(False, "Batch pairs of similar length (less padding, random batch order).")
+    eval_cache: Path | None = opt(None, "Held-out cache for eval_* metrics.")
+    eval_every: int | None = opt(None, "Evaluate every N steps (and at the end).")
     report_to: str | None = opt(
-        "Also log to tensorboard and/or wandb (comma-separated; the package must be installed).", None
+        None, "Also log to tensorboard and/or wandb (comma-separated; the package must be installed)."
     )
-    skip_step0_check: bool = opt("Do not stop when policy = reference fails to reproduce the cache.", False)
+    skip_step0_check: bool = opt(False, "Do not stop when policy = reference fails to reproduce the cache.")
     allow_tokenizer_mismatch: bool = opt(
-        "Train although the policy's tokenizer differs from the cache's.", False
+        False, "Train although the policy's tokenizer differs from the cache's."
     )
 
 
 @dataclass(frozen=True)
 class CheckpointOpts:
-    save_every: int | None = opt("Checkpoint every N steps (always at the end).", None)
-    save_total_limit: int | None = opt("Keep only the newest N checkpoints.", None)
-    resume: bool = opt("Continue from the newest checkpoint in --out.", False)
+    save_every: int | None = opt(None, "Checkpoint every N steps (always at the end).")
+    save_total_limit: int | None = opt(None, "Keep only the newest N checkpoints.")
+    resume: bool = opt(False, "Continue from the newest checkpoint in --out.")
 
 
 @dataclass(frozen=True)
 class LoraOpts:
     lora_r: int | None = opt(
+        None,
         "Train a LoRA adapter of this rank instead of all weights (needs the optional peft package: "
         "pip install 'dpocli\\[lora]').",
-        None,
     )
-    lora_alpha: float = opt("LoRA scaling α.", 16.0)
-    lora_dropout: float = opt("Dropout on the LoRA path.", 0.0)
+    lora_alpha: float = opt(16.0, "LoRA scaling α.")
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA path.")
     lora_target_modules: str | None = opt(
+        None,
         "Modules to adapt: comma-separated names or 'all-linear' (default: peft's choice for the "
         "architecture, q_proj,v_proj for Llama).",
-        None,
     )
-    merge: bool = opt("With LoRA, also save base + adapter merged to RUN_DIR/merged.", False)
+    merge: bool = opt(False, "With LoRA, also save base + adapter merged to RUN_DIR/merged.")
 
 
 @dataclass(frozen=True)
 class EvalOpts:
     model: list[str] | None = opt(
-        "Model folder to score (repeatable; quoted globs like 'run/checkpoint-*' expand in step order).", None
+        None, "Model folder to score (repeatable; quoted globs like 'run/checkpoint-*' expand in step order)."
     )
     max_tokens: int | None = opt(
-        "Padded tokens per forward (default: the cache's precompute batching, which reproduces it exactly).",
         None,
+        "Padded tokens per forward (default: the cache's precompute batching, which reproduces it exactly).",
     )
     # None = the cache's: scoring the reference in other numerics is not exactly neutral.
     dtype: str | None = opt(
-        "Weights dtype: float32, bfloat16 or float16 (default: the cache's; another value warns).", None
+        None, "Weights dtype: float32, bfloat16 or float16 (default: the cache's; another value warns)."
     )
     attn_implementation: str | None = opt(
-        "eager, sdpa or flash_attention_2 (default: the cache's; another value warns).", None
+        None, "eager, sdpa or flash_attention_2 (default: the cache's; another value warns)."
     )
-    per_example: Path | None = opt("Write one row per (model, pair) to this .parquet or .jsonl file.", None)
-    samples: int = opt("Generate completions for the first N held-out prompts.", 0)
+    per_example: Path | None = opt(None, "Write one row per (model, pair) to this .parquet or .jsonl file.")
+    samples: int = opt(0, "Generate completions for the first N held-out prompts.")
     ref_model: str | None = opt(
-        "Reference model for side-by-side samples and a sampled KL(policy||reference) estimate.", None
+        None, "Reference model for side-by-side samples and a sampled KL(policy||reference) estimate."
     )
-    max_new_tokens: int = opt("Generation length for --samples.", 64)
-    temperature: float = opt("0 = greedy samples; KL always samples at 1.", 0.0)
-    kl_samples: int = opt("Policy samples per prompt for the KL estimate.", 4)
-    seed: int = opt("Seed for sampling.", 0)
+    max_new_tokens: int = opt(64, "Generation length for --samples.")
+    temperature: float = opt(0.0, "0 = greedy samples; KL always samples at 1.")
+    kl_samples: int = opt(4, "Policy samples per prompt for the KL estimate.")
+    seed: int = opt(0, "Seed for sampling.")
 
     def __post_init__(self):
         _check_dtype(self.dtype)
@@ -288,21 +288,21 @@ class EvalOpts:
 
 @dataclass(frozen=True)
 class VerifyOpts:
-    rescore: int = opt("Re-score N random rows with the reference model and compare.", 0)
+    rescore: int = opt(0, "Re-score N random rows with the reference model and compare.")
     model: str | None = opt(
+        None,
         "Reference model to re-score with (default: the path in the manifest; its "
         "weights must match the manifest's sha256).",
-        None,
     )
-    seed: int = opt("Seed for choosing the rows to re-score.", 0)
+    seed: int = opt(0, "Seed for choosing the rows to re-score.")
 
 
 @dataclass(frozen=True)
 class ReportOpts:
     out: Path | None = opt(
+        None,
         "Also draw the curves to a .png, or a self-contained .html page (needs "
         "matplotlib, the 'report' extra).",
-        None,
     )
 
 

@@ -125,6 +125,12 @@ def test_each_flag_is_declared_once():
     assert flags == ["--config", "--print-config", "--version"]
 
 
+def test_dtype_names_are_the_loadable_dtypes():
+    from dpocli.modeling import DTYPES
+
+    assert options.DTYPE_NAMES == tuple(DTYPES)
+
+
 def test_groups_are_frozen():
     for cls in GROUPS:
         instance = cls(**{f.name: "x" for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING})
