@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from dpocli import cache
+from dpocli import __version__, cache
 
 
 def _kv_table(title: str, rows: list[tuple[str, object]]) -> Table:
@@ -39,7 +39,8 @@ def cache_info_dict(cache_dir) -> dict:
     cache.verify_shards(cache_dir, manifest, checksums=False)
     spec = manifest.spec
     return {
-        "command": "cache info", "cache": str(cache_dir), "complete": manifest.complete,
+        "command": "cache info", "dpocli_version": __version__, "cache": str(cache_dir),
+        "complete": manifest.complete,
         "format_version": cache.FORMAT_VERSION, "spec_fingerprint": manifest.spec_fingerprint,
         "reference_model": spec["reference_model"], "tokenizer_fingerprint": spec["tokenizer"]["fingerprint"],
         "max_length": spec["max_length"], "truncation": spec["truncation"], "dtype": spec["dtype"],

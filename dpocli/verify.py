@@ -27,7 +27,7 @@ RESCORE_TOLERANCE = {"float32": 1e-4, **{k: v for k, v in STEP0_TOLERANCE.items(
 
 
 def run_verify(cache_dir: str, *, rescore: int = 0, model: str | None = None, seed: int = 0,
-               device: str | None = None) -> dict:
+               device: str | None = None, trust_remote_code: bool = False) -> dict:
     t0 = time.perf_counter()
     check_at_least({"--rescore": rescore}, 0)
     check_seed(seed)
@@ -53,7 +53,8 @@ def run_verify(cache_dir: str, *, rescore: int = 0, model: str | None = None, se
                               hint="pass --model with the exact reference the cache was made with")
         dtype = manifest.spec["dtype"]
         dev = resolve_device(device)
-        scorer = CompletionScorer(load_causal_lm(path, dtype=dtype, device=dev))
+        scorer = CompletionScorer(load_causal_lm(path, dtype=dtype, device=dev,
+                                                  trust_remote_code=trust_remote_code))
         rows = sorted(random.Random(seed).sample(range(data.num_rows), min(rescore, data.num_rows)))
         pad_id = int(manifest.spec["tokenizer"]["pad_token_id"])
         worst, worst_row = 0.0, None

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from conftest import MODEL, invoke
+from conftest import MODEL, SAMPLE, invoke
+from dpocli import __version__
 
-COMMANDS = [["precompute-ref"], ["train"], ["eval"], ["cache", "info"]]
+COMMANDS = [["precompute-ref"], ["train"], ["eval"], ["report"], ["cache", "info"], ["cache", "verify"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -27,13 +28,51 @@ def test_version_and_root_help():
         assert name in out
 
 
-def test_json_goes_to_stdout_and_logs_to_stderr(small_cache):
-    result = invoke(["cache", "info", small_cache, "--json"])
-    assert result.exit_code == 0
-    info = json.loads(result.stdout)  # exactly one object
-    assert info["complete"] and info["rows_written"] == 48
-    result = invoke(["eval", small_cache, "--model", MODEL, "--json"])
-    assert result.stdout.count("\n") == 1 and json.loads(result.stdout)["command"] == "eval"
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, small_cache) -> dict:
+    """A 4-row input and a 1-step run, for the commands that need one."""
+    root = tmp_path_factory.mktemp("cli")
+    prefs = root / "prefs.jsonl"
+    prefs.write_text("".join((SAMPLE / "train.jsonl").read_text().splitlines(keepends=True)[:4]))
+    run = root / "run"
+    result = invoke(["train", small_cache, "--model", MODEL, "--out", run, "--max-steps", 1, "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    return {"prefs": prefs, "cache": small_cache, "run": run}
+
+
+# Every command, with --json: (expected "command" value, arguments given the world and a fresh folder).
+JSON_RUNS = {
+    "precompute-ref": lambda w, tmp: ["precompute-ref", w["prefs"], "--model", MODEL, "--out", tmp / "c"],
+    "train": lambda w, tmp: ["train", w["cache"], "--model", MODEL, "--out", tmp / "r", "--max-steps", 1],
+    "eval": lambda w, tmp: ["eval", w["cache"], "--model", MODEL],
+    "report": lambda w, tmp: ["report", w["run"]],
+    "cache info": lambda w, tmp: ["cache", "info", w["cache"]],
+    "cache verify": lambda w, tmp: ["cache", "verify", w["cache"], "--rescore", 2],
+}
+
+
+@pytest.mark.parametrize("command", list(JSON_RUNS))
+def test_json_is_exactly_one_object_on_stdout(command, world, tmp_path):
+    result = invoke([*JSON_RUNS[command](world, tmp_path), "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.endswith("\n") and result.stdout.count("\n") == 1
+    summary = json.loads(result.stdout)
+    assert isinstance(summary, dict)
+    assert summary["command"] == command and summary["dpocli_version"] == __version__
+    assert "{" not in result.stderr  # the result is not echoed to stderr
+
+
+def test_logs_go_to_stderr_and_quiet_silences_them(world, tmp_path):
+    out = tmp_path / "cache"
+    args = ["precompute-ref", world["prefs"], "--model", MODEL, "--out", out, "--json"]
+    assert invoke(args).exit_code == 0
+    again = invoke(args)  # a complete cache: logged as a no-op on stderr, the result on stdout
+    assert again.exit_code == 0
+    assert "already complete" in again.stderr and str(out) in again.stderr
+    assert "already complete" not in again.stdout and json.loads(again.stdout)["status"] == "already_complete"
+    quiet = invoke([*args, "--quiet"])
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+    assert json.loads(quiet.stdout)["status"] == "already_complete"  # --quiet silences logs, not results
 
 
 def test_missing_cache_is_a_one_line_error_with_exit_2(tmp_path):

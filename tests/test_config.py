@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 
 from conftest import MODEL, invoke, read_jsonl
@@ -45,10 +46,51 @@ def test_invalid_toml_is_a_one_line_error(tmp_path):
 
 def test_resolved_config_replays_the_run_exactly(small_cache, tmp_path):
     first = tmp_path / "first"
-    assert invoke(["train", small_cache, "--model", MODEL, "--out", first, "--max-steps", 2,
-                   "--batch-size", 4, "--lr", "1e-3", "--quiet"]).exit_code == 0
+    assert (
+        invoke(
+            [
+                "train",
+                small_cache,
+                "--model",
+                MODEL,
+                "--out",
+                first,
+                "--max-steps",
+                2,
+                "--batch-size",
+                4,
+                "--lr",
+                "1e-3",
+                "--quiet",
+            ]
+        ).exit_code
+        == 0
+    )
     resolved = first / "config.resolved.toml"
     assert tomllib.loads(resolved.read_text())["max-steps"] == 2
     second = tmp_path / "second"
     assert invoke(["train", "--config", resolved, "--out", second]).exit_code == 0
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+
+
+def toml_keys(text: str) -> list[str]:
+    """Keys of a --print-config / config.resolved.toml text, unset (commented-out) ones included."""
+    return re.findall(r"^(?:# )?([\w-]+) =", text, flags=re.MULTILINE)
+
+
+def test_print_config_and_resolved_config_list_the_same_keys(small_cache, tmp_path):
+    """Both come from one function; a run's file must be a complete --config for its command."""
+    run = tmp_path / "run"
+    assert (
+        invoke(["train", small_cache, "--model", MODEL, "--out", run, "--max-steps", 1, "--quiet"]).exit_code
+        == 0
+    )
+    for command, resolved in (
+        ("train", run / "config.resolved.toml"),
+        ("precompute-ref", small_cache / "config.resolved.toml"),
+    ):
+        printed = toml_keys(invoke([command, "--print-config"]).stdout)
+        written = toml_keys(resolved.read_text())
+        assert printed == written, command
+        assert {"json", "quiet", "seed" if command == "train" else "max-length"} <= set(printed)
+        assert {"config", "print-config", "help"}.isdisjoint(printed)

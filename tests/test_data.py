@@ -3,6 +3,7 @@ file:row:field. Expected values are written out by hand (or come from a verbatim
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -375,6 +376,12 @@ def test_all_rows_dropped_is_an_error(tmp_path):
 
 
 def test_example_is_frozen():
+    """Tokenization and error messages share the rows read once: no stage may rewrite a field."""
     ex = Example("i", 0, "p", "c", "r", False, "f.jsonl", 1)
-    with pytest.raises(AttributeError):
-        ex.id = "j"
+    before = dataclasses.astuple(ex)
+    for f in dataclasses.fields(Example):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(ex, f.name, None)
+    assert dataclasses.astuple(ex) == before
+    changed = dataclasses.replace(ex, chosen="c2")  # a changed copy is the only way to change one
+    assert (changed.chosen, ex.chosen) == ("c2", "c")

@@ -4,45 +4,18 @@ unless given."""
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import json
 
 import pytest
-import typer
 
 from conftest import MODEL, invoke
-from dpocli.cli import LOSS_PARAMS, app
-from dpocli.losses import LOSS_OPTIONS, spec_from_options
-from dpocli.train import TrainConfig
 
-
-def _params(command: str) -> dict:
-    click_command = typer.main.get_command(app).commands[command]
-    return {p.name: p for p in click_command.params}
-
-
-def test_train_and_eval_declare_the_same_loss_options():
-    train, eval_ = _params("train"), _params("eval")
-    assert set(LOSS_PARAMS.values()) == set(LOSS_OPTIONS)
-    for name in LOSS_PARAMS:
-        assert (train[name].opts, train[name].help, train[name].default) == \
-               (eval_[name].opts, eval_[name].help, eval_[name].default), name
-
-
-def test_cli_defaults_are_the_library_defaults():
-    train = _params("train")
-    config_defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    spec_defaults = {k: p.default for k, p in inspect.signature(spec_from_options).parameters.items()}
-    for param, option in LOSS_PARAMS.items():
-        cli_default = train[param].default
-        if param == "ipo_sum":
-            cli_default = not cli_default
-        assert cli_default == config_defaults[option] == spec_defaults[option], option
-    assert config_defaults["f_alpha"] == 0.5  # TRL's f_alpha_divergence_coef
+# That train and eval declare the same loss options, with the library's defaults, is
+# tests/test_options.py's (LossOpts is one group, taken by both).
 
 
 # ---------------------------------------------------------------- refusals through the CLI
+
 
 def _refused(result, *words):
     assert result.exit_code == 2, (result.exit_code, result.stderr)
@@ -75,12 +48,14 @@ def test_eval_refuses(flags, words, small_cache):
 
 
 def test_sigmoid_label_smoothing_hint_names_cdpo(small_cache, tmp_path):
-    result = invoke(["train", small_cache, "--model", MODEL, "--out", tmp_path / "r",
-                     "--label-smoothing", "0.1"])
+    result = invoke(
+        ["train", small_cache, "--model", MODEL, "--out", tmp_path / "r", "--label-smoothing", "0.1"]
+    )
     assert "hint:" in result.stderr and "--loss cdpo" in result.stderr
 
 
 # ---------------------------------------------------------------- eval takes the run's loss options
+
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, small_cache) -> dict:
@@ -88,8 +63,22 @@ def two_runs(tmp_path_factory, small_cache) -> dict:
     root = tmp_path_factory.mktemp("loss-option-runs")
     runs = {"ipo": (root / "ipo", ["--loss", "ipo", "--beta", "0.5"]), "sigmoid": (root / "sigmoid", [])}
     for out, flags in runs.values():
-        result = invoke(["train", small_cache, "--model", MODEL, "--out", out, "--max-steps", 1,
-                         "--lr", "1e-3", "--quiet", *flags])
+        result = invoke(
+            [
+                "train",
+                small_cache,
+                "--model",
+                MODEL,
+                "--out",
+                out,
+                "--max-steps",
+                1,
+                "--lr",
+                "1e-3",
+                "--quiet",
+                *flags,
+            ]
+        )
         assert result.exit_code == 0, result.stderr
     return {name: out for name, (out, _) in runs.items()}
 
@@ -109,8 +98,12 @@ def test_eval_takes_loss_options_from_the_run(small_cache, two_runs):
     # The defaults (sigmoid at β 0.1) give another number, so the test above can tell them apart.
     defaults = _eval(small_cache, "--model", MODEL)
     assert defaults["loss_options"]["loss"] == "sigmoid" and defaults["loss_options_from"] == []
-    assert from_run["models"][0]["loss"] != _eval(small_cache, "--model", two_runs["ipo"], "--loss",
-                                                  "sigmoid", "--beta", "0.1")["models"][0]["loss"]
+    assert (
+        from_run["models"][0]["loss"]
+        != _eval(small_cache, "--model", two_runs["ipo"], "--loss", "sigmoid", "--beta", "0.1")["models"][0][
+            "loss"
+        ]
+    )
 
 
 def test_eval_explicit_flags_win_option_by_option(small_cache, two_runs):
@@ -127,14 +120,24 @@ def test_eval_of_runs_with_different_loss_options_is_refused(small_cache, two_ru
     result = invoke(["eval", small_cache, "--model", two_runs["ipo"], "--model", two_runs["sigmoid"]])
     _refused(result, "different loss options", "ipo", "sigmoid")
     # Given explicitly, the differing options no longer need to agree.
-    summary = _eval(small_cache, "--model", two_runs["ipo"], "--model", two_runs["sigmoid"],
-                    "--loss", "sigmoid", "--beta", "0.1")
+    summary = _eval(
+        small_cache,
+        "--model",
+        two_runs["ipo"],
+        "--model",
+        two_runs["sigmoid"],
+        "--loss",
+        "sigmoid",
+        "--beta",
+        "0.1",
+    )
     assert len(summary["models"]) == 2 and summary["loss_options_from"] != []
 
 
 def test_eval_loss_options_in_a_config_file_count_as_given(small_cache, two_runs, tmp_path):
     config = tmp_path / "eval.toml"
     config.write_text('[eval]\nloss = "ipo"\nbeta = 0.3\n')
-    summary = _eval(small_cache, "--model", two_runs["ipo"], "--model", two_runs["sigmoid"],
-                    "--config", config)
+    summary = _eval(
+        small_cache, "--model", two_runs["ipo"], "--model", two_runs["sigmoid"], "--config", config
+    )
     assert summary["loss_options"]["loss"] == "ipo" and summary["loss_options"]["beta"] == 0.3

@@ -1,0 +1,416 @@
+"""Every `dpo` option, declared once: groups of flags as frozen dataclasses, and the helper that
+turns a command's groups into typer parameters.
+
+A field is one flag. Its help text (and its flag spelling, where that differs from the field
+name) lives in the field's metadata; its default is the field's default. Field names are the
+names of the library's config fields (`TrainConfig`, `PrecomputeConfig`, `run_eval`,
+`run_verify`), so a command builds its config with `config_kwargs(*groups)` and no renaming.
+
+Invariants (checked by tests/test_options.py):
+* a command that takes a group offers every field of it, with the group's help and default, so
+  a flag shared by two commands cannot drift between them;
+* a flag name belongs to one field, except the few in `PER_COMMAND` whose meaning (and default)
+  is the command's own, such as `--model` (the reference for precompute-ref, the policy for train);
+* a group checks its own values in `__post_init__`; a bad value is a `DpocliError` (exit 2)
+  raised before the command does any work. `TrainConfig.check` still holds train's older checks.
+
+This module imports no torch, so `dpo --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Callable
+
+import typer
+
+from dpocli.errors import DpocliError
+
+# modeling.DTYPES' names, spelled out so that `dpo --help` need not import torch (a test compares them).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+REQUIRED = dataclasses.MISSING  # a flag without a default must be given
+
+
+def opt(default: Any, help: str, *, flags: tuple[str, ...] = (), negate: bool = False) -> Any:
+    """A group field: its default, then its help. `flags`: the spellings when they differ from
+    `--field-name`. `negate`: the flag turns the field off (`--no-shuffle` sets `shuffle` to
+    False), so the flag's default is `not default`."""
+    return field(default=default, metadata={"help": help, "flags": flags, "negate": negate})
+
+
+def _check_dtype(dtype: str | None) -> None:
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise DpocliError(f"'{dtype}' is not one of {', '.join(DTYPE_NAMES)}", field="--dtype")
+
+
+# ---------------------------------------------------------------- groups shared by several commands
+
+
+@dataclass(frozen=True)
+class LoadOpts:
+    """Where and how a model is loaded (precompute-ref, train, eval, cache verify)."""
+
+    device: str | None = opt(None, "cpu, cuda or cuda:N (default: cuda if available).")
+    trust_remote_code: bool = opt(False, "Allow model code from the model's repository.")
+
+
+@dataclass(frozen=True)
+class ModelOpts:
+    """The numerics of the model a command runs (precompute-ref, train). eval's `--dtype` and
+    `--attn-implementation` default to the cache's instead: see `EvalOpts`."""
+
+    dtype: str = opt("float32", "Weights dtype: float32, bfloat16 or float16.")
+    attn_implementation: str | None = opt(
+        None, "eager, sdpa or flash_attention_2 (default: transformers' choice)."
+    )
+    compile: bool = opt(
+        False, "torch.compile the transformer body (pays on long runs; compiling takes a minute)."
+    )
+
+    def __post_init__(self):
+        _check_dtype(self.dtype)
+
+
+@dataclass(frozen=True)
+class LayoutOpts:
+    """How pairs are laid out in a forward pass (precompute-ref, train). The LM head's chunk size
+    is not a flag: eval replays precompute's batching exactly, with the default chunking."""
+
+    prefix_sharing: bool = opt(
+        False,
+        "Run each pair's prompt once: prompt+chosen+rejected with a prefix-sharing attention pattern "
+        "(faster with long prompts; without --packing it builds a dense mask and cannot use flash "
+        "attention).",
+    )
+    packing: bool = opt(
+        False,
+        "Padding-free batches: all sequences of a batch end to end in one row, attention "
+        "run per sequence (no compute on pad tokens).",
+    )
+
+
+@dataclass(frozen=True)
+class OutputOpts:
+    """What to do with an existing output (precompute-ref, train)."""
+
+    overwrite: bool = opt(
+        False,
+        "Replace a dpocli cache or run already in --out (a folder holding anything else is still refused).",
+    )
+
+
+@dataclass(frozen=True)
+class LossOpts:
+    """The loss (train, eval). Field names are `losses.LOSS_OPTIONS`; names and defaults are TRL 1.16's."""
+
+    beta: float = opt(0.1, "β: strength of the pull towards the reference; scales rewards and loss.")
+    loss: str = opt(
+        "sigmoid",
+        "Loss type(s), comma-separated: sigmoid, cdpo, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, "
+        "sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, sft (TRL 1.16's "
+        "loss_type; cdpo is dpocli's label-smoothed sigmoid).",
+    )
+    loss_weights: str | None = opt(None, "Comma-separated weight per loss type (default all 1).")
+    label_smoothing: float = opt(
+        0.0,
+        "ε for cdpo, robust, exo_pair (needs > 0), aot, aot_unpaired; refused when no listed loss uses "
+        "it (TRL 1.16 ignores it there).",
+    )
+    ipo_length_normalized: bool = opt(
+        True,
+        "IPO on summed log-ratios (paper, OpenRLHF) instead of TRL's per-token average.",
+        flags=("--ipo-sum",),
+        negate=True,
+    )
+    discopop_tau: float = opt(0.05, "τ of the discopop loss.")
+    f_divergence: str = opt(
+        "reverse_kl",
+        "reverse_kl (DPO), forward_kl, js_divergence or alpha_divergence (TRL's f_divergence_type); only "
+        "with sigmoid, cdpo, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft.",
+    )
+    f_alpha: float = opt(0.5, "α of alpha_divergence (TRL's f_alpha_divergence_coef).")
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """How the result is shown (every command)."""
+
+    json: bool = opt(False, "Print the result as one JSON object on stdout.")
+    quiet: bool = opt(False, "No progress or logs on stderr (errors still shown).", flags=("--quiet", "-q"))
+
+
+# ---------------------------------------------------------------- groups of one command
+
+
+@dataclass(frozen=True)
+class PrecomputeOpts:
+    model: str = opt(REQUIRED, "Reference model: a local folder or a hub id in the local HF cache.")
+    out: Path = opt(REQUIRED, "Cache folder to write (created; resumed if unfinished).")
+    max_length: int = opt(
+        1024,
+        "Max tokens of prompt+completion; longer completions are cut at the end (keep_start), rows whose "
+        "prompt alone fills it are dropped.",
+    )
+    batch_size: int | None = opt(None, "Pairs per forward pass (length-sorted).")
+    max_tokens: int | None = opt(
+        None, "Padded tokens per forward pass, both rows of each pair counted (default 16384)."
+    )
+    id_column: str | None = opt(None, "Column with row ids (default: 'id' if present, else a content hash).")
+    prompt_column: str = opt(
+        "prompt", "Prompt column; if absent the prompt is the common prefix of chosen and rejected."
+    )
+    chosen_column: str = opt("chosen", "Preferred completion column.")
+    rejected_column: str = opt("rejected", "Dispreferred completion column.")
+    split: str = opt(
+        "train",
+        "Split to read from a folder laid out like a Hub dataset (split-named files, README.md configs, "
+        "save_to_disk DatasetDict); splits are never merged.",
+    )
+    token_logps: bool = opt(False, "Also store per-token reference log-probs.")
+    rows_per_shard: int = opt(4096, "Input rows per Parquet shard (the unit of resume).")
+    drop_identical: bool = opt(False, "Drop rows whose chosen equals rejected (default: keep and warn).")
+    strict: bool = opt(
+        False, "Fail (exit 2) instead of dropping a row whose prompt does not fit --max-length."
+    )
+
+
+@dataclass(frozen=True)
+class OptimOpts:
+    """The optimizer, schedule and batch size of train. AdamW's names follow TRL (adam_beta1, ...)."""
+
+    lr: float = opt(1e-6, "Peak learning rate (TRL's default 1e-6).")
+    epochs: int = opt(1, "Passes over the cache (ignored when --max-steps is given).")
+    max_steps: int | None = opt(None, "Optimizer steps to run; overrides --epochs.")
+    batch_size: int = opt(8, "Pairs per micro-batch per process.")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
+    warmup_steps: int = opt(0, "Linear warm-up steps.")
+    warmup_ratio: float = opt(0.0, "Warm-up as a fraction of all steps (if --warmup-steps is 0).")
+    scheduler: str = opt("linear", "constant, linear or cosine decay after warm-up.")
+    weight_decay: float = opt(0.0, "AdamW weight decay (not on biases and norms).")
+    adam_beta1: float = opt(0.9, "AdamW β1: decay of the gradient's running mean.")
+    adam_beta2: float = opt(0.999, "AdamW β2: decay of the squared gradient's running mean.")
+    adam_eps: float = opt(1e-8, "AdamW ε, added to the denominator for stability.", flags=("--adam-epsilon",))
+    max_grad_norm: float = opt(1.0, "Clip the total gradient norm (0 disables).")
+    seed: int = opt(42, "Seed for batch order and any randomness.")
+
+    def __post_init__(self):
+        # torch.optim.AdamW would refuse these with a ValueError at the first step (exit 1).
+        for flag, value in (("--adam-beta1", self.adam_beta1), ("--adam-beta2", self.adam_beta2)):
+            if not 0 <= value < 1:
+                raise DpocliError(f"must be in [0, 1), got {value}", field=flag)
+        if not self.adam_eps >= 0:
+            raise DpocliError(f"must be >= 0, got {self.adam_eps}", field="--adam-epsilon")
+
+
+@dataclass(frozen=True)
+class TrainOpts:
+    model: str = opt(REQUIRED, "Policy to start from (usually the reference model itself).")
+    out: Path = opt(REQUIRED, "Run folder: checkpoints, metrics.jsonl, final model.")
+    autocast: str | None = opt(None, "Mixed precision over fp32 weights: bfloat16 or float16.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    fsdp: bool = opt(False, "Under torchrun, shard the policy with FSDP2 (per decoder layer) instead of DDP.")
+    keep_dropout: bool = opt(
+        False,
+        "Train with the model's dropout (default: every dropout set to 0, like TRL's disable_dropout; "
+        "precompute-ref and eval run the model in eval mode, never with dropout).",
+    )
+    shuffle: bool = opt(True, "Batches in the input file's row order.", flags=("--no-shuffle",), negate=True)
+    group_by_length: bool = opt(False, "Batch pairs of similar length (less padding, random batch order).")
+    eval_cache: Path | None = opt(None, "Held-out cache for eval_* metrics.")
+    eval_every: int | None = opt(None, "Evaluate every N steps (and at the end).")
+    report_to: str | None = opt(
+        None, "Also log to tensorboard and/or wandb (comma-separated; the package must be installed)."
+    )
+    skip_step0_check: bool = opt(False, "Do not stop when policy = reference fails to reproduce the cache.")
+    allow_tokenizer_mismatch: bool = opt(
+        False, "Train although the policy's tokenizer differs from the cache's."
+    )
+
+
+@dataclass(frozen=True)
+class CheckpointOpts:
+    save_every: int | None = opt(None, "Checkpoint every N steps (always at the end).")
+    save_total_limit: int | None = opt(None, "Keep only the newest N checkpoints.")
+    resume: bool = opt(False, "Continue from the newest checkpoint in --out.")
+
+
+@dataclass(frozen=True)
+class LoraOpts:
+    lora_r: int | None = opt(
+        None,
+        "Train a LoRA adapter of this rank instead of all weights (needs the optional peft package: "
+        "pip install 'dpocli\\[lora]').",
+    )
+    lora_alpha: float = opt(16.0, "LoRA scaling α.")
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA path.")
+    lora_target_modules: str | None = opt(
+        None,
+        "Modules to adapt: comma-separated names or 'all-linear' (default: peft's choice for the "
+        "architecture, q_proj,v_proj for Llama).",
+    )
+    merge: bool = opt(False, "With LoRA, also save base + adapter merged to RUN_DIR/merged.")
+
+
+@dataclass(frozen=True)
+class EvalOpts:
+    model: list[str] | None = opt(
+        None, "Model folder to score (repeatable; quoted globs like 'run/checkpoint-*' expand in step order)."
+    )
+    max_tokens: int | None = opt(
+        None,
+        "Padded tokens per forward (default: the cache's precompute batching, which reproduces it exactly).",
+    )
+    # None = the cache's: scoring the reference in other numerics is not exactly neutral.
+    dtype: str | None = opt(
+        None, "Weights dtype: float32, bfloat16 or float16 (default: the cache's; another value warns)."
+    )
+    attn_implementation: str | None = opt(
+        None, "eager, sdpa or flash_attention_2 (default: the cache's; another value warns)."
+    )
+    per_example: Path | None = opt(None, "Write one row per (model, pair) to this .parquet or .jsonl file.")
+    samples: int = opt(0, "Generate completions for the first N held-out prompts.")
+    ref_model: str | None = opt(
+        None, "Reference model for side-by-side samples and a sampled KL(policy||reference) estimate."
+    )
+    max_new_tokens: int = opt(64, "Generation length for --samples.")
+    temperature: float = opt(0.0, "0 = greedy samples; KL always samples at 1.")
+    kl_samples: int = opt(4, "Policy samples per prompt for the KL estimate.")
+    seed: int = opt(0, "Seed for sampling.")
+
+    def __post_init__(self):
+        _check_dtype(self.dtype)
+
+
+@dataclass(frozen=True)
+class VerifyOpts:
+    rescore: int = opt(0, "Re-score N random rows with the reference model and compare.")
+    model: str | None = opt(
+        None,
+        "Reference model to re-score with (default: the path in the manifest; its "
+        "weights must match the manifest's sha256).",
+    )
+    seed: int = opt(0, "Seed for choosing the rows to re-score.")
+
+
+@dataclass(frozen=True)
+class ReportOpts:
+    out: Path | None = opt(
+        None,
+        "Also draw the curves to a .png, or a self-contained .html page (needs "
+        "matplotlib, the 'report' extra).",
+    )
+
+
+# Flags whose meaning and default are each command's own, so each is declared in that command's
+# group: which model (reference, policy, several to score), which output, what a batch or a seed is
+# for; eval's numerics default to the cache's.
+PER_COMMAND = {
+    "--model",
+    "--out",
+    "--batch-size",
+    "--max-tokens",
+    "--seed",
+    "--dtype",
+    "--attn-implementation",
+}
+
+
+# ---------------------------------------------------------------- groups -> typer parameters
+
+
+def flags_of(f: dataclasses.Field) -> tuple[str, ...]:
+    return f.metadata["flags"] or ("--" + f.name.replace("_", "-"),)
+
+
+def param_name(f: dataclasses.Field) -> str:
+    """The click parameter name: the field's, or its first long flag's when spelled otherwise
+    (`--ipo-sum` -> ipo_sum), so `--config` files and `--print-config` use the flag's name."""
+    return flags_of(f)[0][2:].replace("-", "_") if f.metadata["flags"] else f.name
+
+
+def _typer_parameter(f: dataclasses.Field, hint: Any) -> inspect.Parameter:
+    negate = f.metadata["negate"]
+    default = f.default
+    if negate:
+        default = not default
+    annotated = Annotated[bool if negate else hint, typer.Option(*flags_of(f), help=f.metadata["help"])]
+    return inspect.Parameter(
+        param_name(f),
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=annotated,
+        default=inspect.Parameter.empty if default is dataclasses.MISSING else default,
+    )
+
+
+def is_group(annotation: Any) -> bool:
+    return dataclasses.is_dataclass(annotation) and annotation.__module__ == __name__
+
+
+def with_options(fn: Callable) -> Callable:
+    """Let a typer command take option groups: each parameter of `fn` annotated with a group class
+    becomes that group's flags in the signature typer reads, and `fn` receives one instance per
+    group. Other parameters (the context, positional arguments, the eager options) pass through."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    params, groups = [], {}
+    for p in inspect.signature(fn).parameters.values():
+        annotation = hints.get(p.name, p.annotation)
+        if not is_group(annotation):
+            # After a group's flags (keyword-only) every parameter must be keyword-only too; the
+            # wrapper passes everything by name anyway.
+            kind = inspect.Parameter.KEYWORD_ONLY if groups else p.kind
+            params.append(p.replace(annotation=annotation, kind=kind))
+            continue
+        field_hints = typing.get_type_hints(annotation)
+        groups[p.name] = annotation
+        params += [_typer_parameter(f, field_hints[f.name]) for f in dataclasses.fields(annotation)]
+    names = [p.name for p in params]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:  # two groups of one command declaring the same flag: a bug in this module
+        raise TypeError(f"{fn.__name__}: flags declared twice: {sorted(duplicates)}")
+
+    @functools.wraps(fn)
+    def command(**kwargs):
+        for arg, cls in groups.items():
+            kwargs[arg] = make_group(cls, kwargs)
+        return fn(**kwargs)
+
+    # typer reads inspect.signature (which honours __signature__) and get_type_hints (which reads
+    # __annotations__): both must describe the flags, not fn's own parameters.
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.option_groups = dict(groups)
+    return command
+
+
+def make_group(cls: type, values: dict) -> Any:
+    """The group `cls` from click's parameter values (popped from `values`)."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        value = values.pop(param_name(f))
+        kwargs[f.name] = (not value) if f.metadata["negate"] else value
+    return cls(**kwargs)
+
+
+def config_kwargs(*groups: Any) -> dict:
+    """The groups' fields as one flat dict of config arguments (paths as strings, as configs keep them)."""
+    out = {}
+    for group in groups:
+        for f in dataclasses.fields(group):
+            value = getattr(group, f.name)
+            out[f.name] = str(value) if isinstance(value, Path) else value
+    return out
+
+
+def given(ctx: typer.Context, cls: type) -> frozenset[str]:
+    """Fields of group `cls` set on the command line or in --config (not left at their default)."""
+    # By name: typer may bring its own copy of click's ParameterSource enum.
+    return frozenset(
+        f.name
+        for f in dataclasses.fields(cls)
+        if getattr(ctx.get_parameter_source(param_name(f)), "name", "DEFAULT") != "DEFAULT"
+    )
