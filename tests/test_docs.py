@@ -16,7 +16,9 @@ How the README's code blocks are tested (`test_readme_blocks_run`):
 The blocks use the sample's paths (`sample_data/train.jsonl`, `sample_data/tiny-llama`) and small
 `--max-steps`. One substitution keeps the test short, and it is the only one: the temporary
 folder's `sample_data/train.jsonl` and `heldout.jsonl` are the first 160 and 48 rows of the real
-files (the model is the real one). `dpo` runs this checkout's code (`python -m dpocli`).
+files (the model is the real one). `dpo` runs this checkout's `dpocli.cli.main`, the console
+script's entry point, in a child forked from a process that imported torch once
+(`tests/docs/dpo_server.py`): the same command, without ~5 s of imports per call.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -168,7 +171,9 @@ def normalise(line: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def sandbox(tmp_path_factory) -> tuple[Path, dict]:
+def sandbox(tmp_path_factory):
+    """The temporary folder with the cut sample, and the environment whose `dpo` runs this checkout's
+    `dpocli.cli.main` (through a fork server that imports torch once: tests/docs/dpo_server.py)."""
     work = tmp_path_factory.mktemp("readme")
     sample = work / "sample_data"
     sample.mkdir()
@@ -176,15 +181,26 @@ def sandbox(tmp_path_factory) -> tuple[Path, dict]:
     for name, rows in SAMPLE_ROWS.items():
         lines = (ROOT / "sample_data" / name).read_text().splitlines(keepends=True)[:rows]
         (sample / name).write_text("".join(lines))
-    bin_dir = work / ".bin"
-    bin_dir.mkdir()
+    bin_dir = tmp_path_factory.mktemp("bin")
     shim = bin_dir / "dpo"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m dpocli "$@"\n')
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests/docs/dpo_client.py"}" "$@"\n')
     shim.chmod(0o755)
+    socket_path = bin_dir / "dpo.sock"
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "NO_COLOR": "1"}
+           "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "NO_COLOR": "1",
+           "DPO_DOCS_SOCKET": str(socket_path)}
     env.pop("DPOCLI_DEBUG", None)
-    return work, env
+    server = subprocess.Popen([sys.executable, str(ROOT / "tests/docs/dpo_server.py"), str(socket_path)],
+                              env=env, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not socket_path.exists():
+            assert server.poll() is None and time.monotonic() < deadline, "the dpo docs server did not start"
+            time.sleep(0.1)
+        yield work, env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.mark.slow
