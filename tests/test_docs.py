@@ -222,3 +222,28 @@ def test_readme_blocks_run(sandbox):
                 if line.strip():
                     assert normalise(line) in shown, f"README shows {line!r}; the run printed:\n{last_stdout}"
     assert ran >= 5
+
+
+# ---- the Guide's figures from the sample run ----
+
+# (value the Guide's table shows for the trained policy, tolerance): thread counts and hardware
+# change the last bits of a 75-step trajectory, so the check is loose, the README rounded.
+SAMPLE_EVAL_FIGURES = {"loss": ("0.1551", 0.01), "rewards/accuracies": ("0.9833", 0.0125),
+                       "preference_prob/mean": ("0.8778", 0.01),
+                       "displacement/chosen_below_ref": ("0.8333", 0.03)}
+
+
+@pytest.mark.slow
+def test_guide_quotes_what_the_sample_run_gives(trained_run, heldout_cache):
+    """trained_run is run_sample.sh's training (tests/conftest.py SAMPLE_TRAIN_ARGS); eval-cache and
+    save cadence do not change its weights, so `dpo eval` of it gives the Guide's figures."""
+    import json
+
+    from conftest import invoke
+    guide = section("Guide")
+    result = invoke(["eval", heldout_cache, "--model", trained_run, "--json", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    metrics = json.loads(result.stdout)["models"][0]
+    for key, (shown, tolerance) in SAMPLE_EVAL_FIGURES.items():
+        assert re.search(rf"\| {re.escape(key)} \| [^|]+ \| {re.escape(shown)} \|", guide), key
+        assert abs(metrics[key] - float(shown)) <= tolerance, (key, metrics[key], shown)
