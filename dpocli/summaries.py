@@ -45,6 +45,7 @@ def cache_info_dict(cache_dir) -> dict:
         "format_version": cache.FORMAT_VERSION, "spec_fingerprint": manifest.spec_fingerprint,
         "reference_model": spec["reference_model"], "tokenizer_fingerprint": spec["tokenizer"]["fingerprint"],
         "max_length": spec["max_length"], "truncation": spec["truncation"], "dtype": spec["dtype"],
+        "attn_implementation": spec["attn_implementation"], "batching": spec["batching"],
         "conventions": spec["conventions"], "token_logps": spec["token_logps"],
         "input_files": spec["input"]["files"], "rows_read": manifest.rows_read,
         "rows_written": manifest.rows_written, "rows_dropped": manifest.dropped,
@@ -58,7 +59,9 @@ def cache_info_table(s: dict) -> Table:
     return _kv_table(f"cache {s['cache']}", [
         ("complete", f"{s['complete']} ({s['shards']}/{s['planned_shards']} shards)"),
         ("reference model", f"{model['path']} (sha256 {model['sha256'][:12]})"),
-        ("dtype", s["dtype"]), ("max length", f"{s['max_length']} ({s['truncation']})"),
+        ("dtype", s["dtype"]), ("attention", s["attn_implementation"]),
+        ("batch layout", ", ".join(f"{k.replace('_', '-')} {v}" for k, v in sorted(s["batching"].items()))),
+        ("max length", f"{s['max_length']} ({s['truncation']})"),
         ("conventions", s["conventions"]), ("per-token log-probs", s["token_logps"]),
         ("input", ", ".join(f["path"] for f in s["input_files"])),
         ("rows read", s["rows_read"]), ("rows written", s["rows_written"]),

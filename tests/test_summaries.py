@@ -59,3 +59,14 @@ def test_80_column_table_shows_distinct_step_numbers_and_the_common_folder():
     assert header == ["metric", "checkpoint-25", "checkpoint-50", "checkpoint-75", "checkpoint-100"]
     assert "…" not in text  # nothing is cut with an ellipsis, model names or metric names
     assert LONG in "".join(text.split())  # the common folder is in the title
+
+
+def test_cache_info_shows_the_layout_and_attention_it_was_made_with(small_cache):
+    """Both belong to the cache's identity (a rerun with another value is refused), so info shows them."""
+    from dpocli.summaries import cache_info_dict, cache_info_table
+    info = cache_info_dict(small_cache)
+    assert info["batching"] == {"packing": False, "prefix_sharing": False, "rows_per_shard": 16}  # conftest.small_cache
+    buf = StringIO()
+    Console(file=buf, width=120).print(cache_info_table(info))
+    assert "packing False, prefix-sharing False, rows-per-shard 16" in buf.getvalue()
+    assert "attention" in buf.getvalue()
