@@ -105,8 +105,8 @@ def command_section(command: str) -> str:
 
 def test_every_flag_of_every_command_is_documented_in_its_section():
     """A flag counts as documented when its command's section, or the section on the options
-    every command takes, names it (as a whole word: `--max-tokens` does not count for `--max`)."""
-    common = README.split("\n### Options every command takes", 1)[1].split("\n### ", 1)[0]
+    shared by the commands, names it (as a whole word: `--max-tokens` does not count for `--max`)."""
+    common = README.split("\n### Options shared by the commands", 1)[1].split("\n### ", 1)[0]
     missing = []
     for command, flags in cli_flags().items():
         text = command_section(command) + common
