@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.table import Table
 
 from dpocli import __version__, cache
@@ -44,6 +46,7 @@ def cache_info_dict(cache_dir) -> dict:
         "format_version": cache.FORMAT_VERSION, "spec_fingerprint": manifest.spec_fingerprint,
         "reference_model": spec["reference_model"], "tokenizer_fingerprint": spec["tokenizer"]["fingerprint"],
         "max_length": spec["max_length"], "truncation": spec["truncation"], "dtype": spec["dtype"],
+        "attn_implementation": spec["attn_implementation"], "batching": spec["batching"],
         "conventions": spec["conventions"], "token_logps": spec["token_logps"],
         "input_files": spec["input"]["files"], "rows_read": manifest.rows_read,
         "rows_written": manifest.rows_written, "rows_dropped": manifest.dropped,
@@ -57,7 +60,9 @@ def cache_info_table(s: dict) -> Table:
     return _kv_table(f"cache {s['cache']}", [
         ("complete", f"{s['complete']} ({s['shards']}/{s['planned_shards']} shards)"),
         ("reference model", f"{model['path']} (sha256 {model['sha256'][:12]})"),
-        ("dtype", s["dtype"]), ("max length", f"{s['max_length']} ({s['truncation']})"),
+        ("dtype", s["dtype"]), ("attention", s["attn_implementation"]),
+        ("batch layout", ", ".join(f"{k.replace('_', '-')} {v}" for k, v in sorted(s["batching"].items()))),
+        ("max length", f"{s['max_length']} ({s['truncation']})"),
         ("conventions", s["conventions"]), ("per-token log-probs", s["token_logps"]),
         ("input", ", ".join(f["path"] for f in s["input_files"])),
         ("rows read", s["rows_read"]), ("rows written", s["rows_written"]),
@@ -89,13 +94,35 @@ EVAL_ROWS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/margins_s
              "displacement/rejected_below_ref"]
 
 
+def model_labels(paths: list[str]) -> tuple[str, list[str]]:
+    """(common folder, column labels): each model named relative to the folder all of them share.
+
+    Paths that share a long prefix (`runs/sample/run/checkpoint-25`, `.../checkpoint-50`) would be
+    cut to identical prefixes in a narrow table; `checkpoint-25` and `checkpoint-50` are not. The
+    shared folder is kept out of a label only while every label stays non-empty and distinct, so
+    `run` and `run/checkpoint-25` keep the `run` they differ by."""
+    parts = [Path(p).parts for p in paths]
+    if len(paths) < 2:
+        return "", list(paths)
+    common = 0
+    while all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
+        common += 1
+    labels = [str(Path(*p[common:])) for p in parts]
+    if len(set(labels)) < len(labels):  # the same model twice, or paths that differ only in spelling
+        return "", list(paths)
+    return (str(Path(*parts[0][:common])) if common else ""), labels
+
+
 def eval_table(s: dict):
     from rich.console import Group
-    table = Table(title=f"eval on {s['cache']} ({s['pairs']} pairs, β={s['beta']}, loss={s['loss']})",
-                  title_justify="left")
-    table.add_column("metric", style="bold")
-    for m in s["models"]:
-        table.add_column(m["model"], justify="right")
+    folder, labels = model_labels([m["model"] for m in s["models"]])
+    table = Table(title=f"eval on {s['cache']} ({s['pairs']} pairs, β={s['beta']}, loss={s['loss']})"
+                        + (f"; models in {folder}/" if folder else ""), title_justify="left")
+    # Neither metric names nor model labels are ever cut with an ellipsis: too narrow a terminal
+    # folds them onto a second line instead, so two columns can never show the same text.
+    table.add_column("metric", style="bold", overflow="fold")
+    for label in labels:
+        table.add_column(label, justify="right", overflow="fold")
     from dpocli.evaluate import LENGTH_BUCKETS  # natural bucket order, shortest chosen first
     keys = EVAL_ROWS + [f"length_bias/{name}/accuracy" for _, _, name in LENGTH_BUCKETS]
     for key in keys:
