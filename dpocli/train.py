@@ -1,10 +1,9 @@
 """Stage 2: train the policy from the reference cache alone (the reference model is never loaded).
 
-`run_train` sets up (caches, run folder, policy, optimizer, resume) and then runs the loop, which
-reads top to bottom in `_train_step`: the step's micro-batches -> policy forward (completion-only,
-chunked LM head) -> loss against the cached reference sums -> backward -> clip -> step -> log.
-The run folder (checkpoint.py), the policy and its wrapping (policy.py, distributed.py) and the
-step-0 check (policy.py) live in their own modules, so the loop has no mode branches.
+`run_train` sets up (caches, run folder, policy, optimizer, resume), then runs `_train_step`, read
+top to bottom: micro-batches -> policy forward (completion-only, chunked LM head) -> loss against
+the cached reference sums -> backward -> clip -> step -> log. Run folder, policy, wrapping and the
+step-0 check live in checkpoint.py, policy.py and distributed.py: the loop has no mode branches.
 
 Assumptions:
 * Batch order is a pure function of (seed, epoch): resuming needs only the step and the position
@@ -108,6 +107,8 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     elif cfg.resume:
         log("nothing to resume yet; starting from step 0")
     s.metrics_log.truncate_after(state.step)
+    if s.run is not None:
+        s.run.prune(cfg.save_total_limit)  # a --save-total-limit lowered on resume applies at once
 
     try:
         with sigterm_as_interrupt(), (ProgressBar("train", s.total_steps) if dist.is_main
@@ -251,6 +252,10 @@ def _final_eval(s: _Session, step: int) -> dict:
         return {}
     if s.last_eval[0] == step:
         return s.last_eval[1]
+    logged = s.metrics_log.last_record_with("eval_loss")
+    # A run resumed after it had finished logged this step's eval already: not written twice.
+    if s.dist.broadcast_object(logged.get("step") == step):
+        return {k: v for k, v in logged.items() if k != "step"}
     evals = _evaluate(s)
     if not (s.cfg.eval_every and step % s.cfg.eval_every == 0):
         s.metrics_log.write({"step": step, **evals})

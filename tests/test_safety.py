@@ -304,3 +304,15 @@ def test_verify_rescore_finds_a_relative_reference_from_anywhere(tmp_path, prefs
     shutil.rmtree(tmp_path / "ref")
     result = invoke(["cache", "verify", tmp_path / "cache", "--rescore", 2])
     assert result.exit_code == 2 and "--model" in result.stderr
+
+
+def test_resuming_a_finished_run_prunes_and_logs_its_final_eval_once(small_cache, tmp_path):
+    run = tmp_path / "run"
+    args = ("--save-every", 1, "--max-steps", 3, "--eval-cache", small_cache, "--eval-every", 2)
+    assert train(small_cache, run, *args).exit_code == 0
+    assert len(list(run.glob("checkpoint-*"))) == 3
+    result = train(small_cache, run, *args, "--save-total-limit", 1, "--resume")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-3"]
+    evals = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "eval_loss" in r]
+    assert evals == [2, 3]  # the periodic one, and the final one once
