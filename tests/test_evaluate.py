@@ -66,6 +66,7 @@ def test_reference_scored_on_its_own_cache_is_exactly_neutral(small_cache):
     assert m["displacement/chosen_below_ref"] == 0.0
 
 
+@pytest.mark.slow  # the one-epoch sample run it needs takes ~40 s
 @pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
 def test_per_example_rows_aggregate_to_the_summary(trained_run, heldout_cache, tmp_path, suffix):
     out = tmp_path / f"per{suffix}"

@@ -135,6 +135,7 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.slow  # matplotlib's first import and render take ~10 s
 def test_png_and_html_are_written(run_dir, tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "report.png"
