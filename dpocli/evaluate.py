@@ -157,8 +157,14 @@ def _flag(option: str) -> str:
 def loss_options_from_runs(models: list[str], options: dict, given: frozenset[str]) -> tuple[dict, list[str]]:
     """`options` with every loss option not in `given` replaced by the value the models were trained
     with, and the run_config.json files it came from. Models that are not dpocli runs have no say;
-    runs that disagree on an option not given are refused (the loss would be ambiguous)."""
+    runs that disagree on an option not given are refused (the loss would be ambiguous).
+    --rpo-alpha stands for a --loss and --loss-weights: either side given takes nothing of the
+    other side from a run, so that the user's choice does not meet a run's conflicting one."""
     import json
+    if given & {"loss", "loss_weights"}:
+        given = given | {"rpo_alpha"}
+    if "rpo_alpha" in given:
+        given = given | {"loss", "loss_weights"}
     saved: dict[str, dict] = {}
     for model in models:
         path = run_config_of(model)
@@ -181,7 +187,7 @@ def loss_options_from_runs(models: list[str], options: dict, given: frozenset[st
 def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str = "sigmoid",
              loss_weights: str | None = None, label_smoothing: float = 0.0,
              ipo_length_normalized: bool = True, discopop_tau: float = 0.05,
-             f_divergence: str = "reverse_kl", f_alpha: float = 0.5,
+             f_divergence: str = "reverse_kl", f_alpha: float = 0.5, rpo_alpha: float | None = None,
              loss_given: frozenset[str] | None = None, max_tokens: int | None = None,
              dtype: str | None = None, device: str | None = None, per_example: str | None = None,
              samples: int = 0, ref_model: str | None = None, max_new_tokens: int = 64,
@@ -194,7 +200,7 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
                        max_new_tokens=max_new_tokens, max_tokens=max_tokens, seed=seed)
     options = {"loss": loss, "loss_weights": loss_weights, "beta": beta, "label_smoothing": label_smoothing,
                "ipo_length_normalized": ipo_length_normalized, "discopop_tau": discopop_tau,
-               "f_divergence": f_divergence, "f_alpha": f_alpha}
+               "f_divergence": f_divergence, "f_alpha": f_alpha, "rpo_alpha": rpo_alpha}
     if per_example and Path(per_example).suffix not in (".parquet", ".jsonl", ".json"):
         raise DpocliError("must end in .parquet or .jsonl", file=per_example, field="--per-example")
     models = expand_models(models)
