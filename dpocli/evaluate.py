@@ -65,9 +65,15 @@ def evaluate_policy(scorer, data, manifest, spec: LossSpec, pad_id: int, device,
                     max_tokens: int | None = None, dist=None) -> tuple[dict, dict, RefLogps]:
     """(metrics, per-pair columns, reference values) of the model behind `scorer` on a cache: the
     one evaluation path, used by `dpo eval` and by training's periodic eval (as eval_*)."""
+    t0 = time.perf_counter()
     policy = score_cache(scorer, data, manifest, pad_id, device, max_tokens=max_tokens, dist=dist)
     ref = cached_reference(data, range(data.num_rows), "cpu")
     metrics, columns = pair_metrics(policy, ref, spec)
+    # HF's evaluate() speed metrics (eval_runtime, eval_samples_per_second once renamed); no
+    # steps_per_second: eval batches follow precompute's token budget, not a batch size.
+    seconds = time.perf_counter() - t0
+    metrics["runtime"] = round(seconds, 4)
+    metrics["samples_per_second"] = round(data.num_rows / seconds, 3) if seconds > 0 else None
     return metrics, columns, ref
 
 
@@ -229,7 +235,9 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
             check_vocab(model, data, cache_dir)
             metrics, columns, ref = evaluate_policy(CompletionScorer(model), data, manifest, spec, pad_id,
                                                     dev, max_tokens=max_tokens, dist=dist)
-            entry = {"model": path, **metrics}
+            # HF's evaluate() names: eval_runtime, eval_samples_per_second (the rest stay unprefixed)
+            entry = {"model": path, **{("eval_" + k if k in ("runtime", "samples_per_second") else k): v
+                                       for k, v in metrics.items()}}
             if samples:
                 from dpocli.sampling import sample_report
                 entry["samples"] = sample_report(model, path, data, samples, ref_model=ref_model,

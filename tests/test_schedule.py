@@ -100,7 +100,8 @@ def test_schedules_by_hand():
     (dict(scheduler="cosine", num_decay_steps=3), "--num-decay-steps"),
     (dict(scheduler="linear", decay_type="cosine"), "--decay-type"),
     (dict(scheduler="warmup_stable_decay"), "--scheduler warmup_stable_decay"),
-    (dict(scheduler="warmup_stable_decay", num_decay_steps=2, decay_ratio=0.1), "--scheduler warmup_stable_decay"),
+    (dict(scheduler="warmup_stable_decay", num_decay_steps=2, decay_ratio=0.1),
+     "--scheduler warmup_stable_decay"),
     (dict(scheduler="warmup_stable_decay", decay_ratio=0.1, decay_type="exp"), "--decay-type"),
     (dict(scheduler="cosine_restarts"), "--scheduler"),
     (dict(optim="sgd"), "--optim"),
@@ -188,7 +189,8 @@ def test_8bit_without_bitsandbytes_is_a_usage_error(small_cache, tmp_path, monke
 def test_optimizer_is_recorded_and_resume_refuses_another(small_cache, tmp_path):
     import json
     run = tmp_path / "run"
-    base = ["train", small_cache, "--model", MODEL, "--out", run, "--max-steps", 1, "--batch-size", 4, "--quiet"]
+    base = ["train", small_cache, "--model", MODEL, "--out", run, "--max-steps", 1, "--batch-size", 4,
+            "--quiet"]
     assert invoke(base + ["--optim", "adafactor"]).exit_code == 0
     assert json.loads((run / "run_config.json").read_text())["optim"] == "adafactor"
     result = invoke(base + ["--resume"])  # default --optim adamw
