@@ -246,7 +246,9 @@ class TrainOpts:
     eval_cache: Path | None = opt(None, "Held-out cache for eval_* metrics.")
     eval_every: int | None = opt(None, "Evaluate every N steps (and at the end).")
     report_to: str | None = opt(
-        None, "Also log to tensorboard and/or wandb (comma-separated; the package must be installed)."
+        None,
+        "Also log to tensorboard, wandb and/or mlflow (comma-separated; the package must be installed), "
+        "under HF Trainer's keys (train/loss, eval/loss, ...).",
     )
     skip_step0_check: bool = opt(False, "Do not stop when policy = reference fails to reproduce the cache.")
     allow_tokenizer_mismatch: bool = opt(

@@ -57,7 +57,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the transformer body
     prefix_sharing: bool = False  # one row per pair: prompt + chosen + rejected, prompt run once
     packing: bool = False  # padding-free: all sequences of a micro-batch in one row
-    report_to: str | None = None  # tensorboard, wandb (comma-separated), beside metrics.jsonl
+    report_to: str | None = None  # tensorboard, wandb, mlflow (comma-separated), beside metrics.jsonl
     shuffle: bool = True
     group_by_length: bool = False
     save_every: int | None = None
