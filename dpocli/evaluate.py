@@ -65,9 +65,15 @@ def evaluate_policy(scorer, data, manifest, spec: LossSpec, pad_id: int, device,
                     max_tokens: int | None = None, dist=None) -> tuple[dict, dict, RefLogps]:
     """(metrics, per-pair columns, reference values) of the model behind `scorer` on a cache: the
     one evaluation path, used by `dpo eval` and by training's periodic eval (as eval_*)."""
+    t0 = time.perf_counter()
     policy = score_cache(scorer, data, manifest, pad_id, device, max_tokens=max_tokens, dist=dist)
     ref = cached_reference(data, range(data.num_rows), "cpu")
     metrics, columns = pair_metrics(policy, ref, spec)
+    # HF's evaluate() speed metrics (eval_runtime, eval_samples_per_second once renamed); no
+    # steps_per_second: eval batches follow precompute's token budget, not a batch size.
+    seconds = time.perf_counter() - t0
+    metrics["runtime"] = round(seconds, 4)
+    metrics["samples_per_second"] = round(data.num_rows / seconds, 3) if seconds > 0 else None
     return metrics, columns, ref
 
 
@@ -157,8 +163,14 @@ def _flag(option: str) -> str:
 def loss_options_from_runs(models: list[str], options: dict, given: frozenset[str]) -> tuple[dict, list[str]]:
     """`options` with every loss option not in `given` replaced by the value the models were trained
     with, and the run_config.json files it came from. Models that are not dpocli runs have no say;
-    runs that disagree on an option not given are refused (the loss would be ambiguous)."""
+    runs that disagree on an option not given are refused (the loss would be ambiguous).
+    --rpo-alpha stands for a --loss and --loss-weights: either side given takes nothing of the
+    other side from a run, so that the user's choice does not meet a run's conflicting one."""
     import json
+    if given & {"loss", "loss_weights"}:
+        given = given | {"rpo_alpha"}
+    if "rpo_alpha" in given:
+        given = given | {"loss", "loss_weights"}
     saved: dict[str, dict] = {}
     for model in models:
         path = run_config_of(model)
@@ -181,7 +193,7 @@ def loss_options_from_runs(models: list[str], options: dict, given: frozenset[st
 def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str = "sigmoid",
              loss_weights: str | None = None, label_smoothing: float = 0.0,
              ipo_length_normalized: bool = True, discopop_tau: float = 0.05,
-             f_divergence: str = "reverse_kl", f_alpha: float = 0.5,
+             f_divergence: str = "reverse_kl", f_alpha: float = 0.5, rpo_alpha: float | None = None,
              loss_given: frozenset[str] | None = None, max_tokens: int | None = None,
              dtype: str | None = None, device: str | None = None, per_example: str | None = None,
              samples: int = 0, ref_model: str | None = None, max_new_tokens: int = 64,
@@ -194,7 +206,7 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
                        max_new_tokens=max_new_tokens, max_tokens=max_tokens, seed=seed)
     options = {"loss": loss, "loss_weights": loss_weights, "beta": beta, "label_smoothing": label_smoothing,
                "ipo_length_normalized": ipo_length_normalized, "discopop_tau": discopop_tau,
-               "f_divergence": f_divergence, "f_alpha": f_alpha}
+               "f_divergence": f_divergence, "f_alpha": f_alpha, "rpo_alpha": rpo_alpha}
     if per_example and Path(per_example).suffix not in (".parquet", ".jsonl", ".json"):
         raise DpocliError("must end in .parquet or .jsonl", file=per_example, field="--per-example")
     models = expand_models(models)
@@ -223,7 +235,9 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
             check_vocab(model, data, cache_dir)
             metrics, columns, ref = evaluate_policy(CompletionScorer(model), data, manifest, spec, pad_id,
                                                     dev, max_tokens=max_tokens, dist=dist)
-            entry = {"model": path, **metrics}
+            # HF's evaluate() names: eval_runtime, eval_samples_per_second (the rest stay unprefixed)
+            entry = {"model": path, **{("eval_" + k if k in ("runtime", "samples_per_second") else k): v
+                                       for k, v in metrics.items()}}
             if samples:
                 from dpocli.sampling import sample_report
                 entry["samples"] = sample_report(model, path, data, samples, ref_model=ref_model,

@@ -362,20 +362,35 @@ def compute_loss(inputs: LossInputs, spec: LossSpec) -> LossOutput:
 
 # The loss options of `dpo train` and `dpo eval`, named as in TrainConfig and a run's run_config.json.
 LOSS_OPTIONS = ("loss", "loss_weights", "beta", "label_smoothing", "ipo_length_normalized", "discopop_tau",
-                "f_divergence", "f_alpha")
+                "f_divergence", "f_alpha", "rpo_alpha")
 
 
 def spec_from_options(*, loss: str = "sigmoid", loss_weights: str | None = None, beta: float = 0.1,
                       label_smoothing: float = 0.0, ipo_length_normalized: bool = True,
                       discopop_tau: float = 0.05, f_divergence: str = "reverse_kl",
-                      f_alpha: float = 0.5) -> LossSpec:
+                      f_alpha: float = 0.5, rpo_alpha: float | None = None) -> LossSpec:
     """The checked `LossSpec` for the `LOSS_OPTIONS` values (train and eval build it here, alike)."""
     names, weights = parse_loss_list(loss, loss_weights)
+    if rpo_alpha is not None:
+        names, weights = _rpo(names, loss_weights, rpo_alpha)
     spec = LossSpec(losses=names, weights=weights, beta=beta, label_smoothing=label_smoothing,
                     ipo_length_normalized=ipo_length_normalized, discopop_tau=discopop_tau,
                     f_divergence=f_divergence, f_alpha=f_alpha)
     validate_spec(spec)
     return spec
+
+
+def _rpo(names: tuple[str, ...], loss_weights: str | None, alpha: float) -> tuple[tuple, tuple]:
+    """TRL's rpo_alpha (v0.x; TRL 1.x spells it loss_type=["sigmoid", "sft"], loss_weights=[1, α]):
+    the DPO loss plus α times the token-mean NLL of the chosen completions, which is `sft` here."""
+    if names != ("sigmoid",) or loss_weights is not None:
+        given = f"--loss {','.join(names)}" + (f" --loss-weights {loss_weights}" if loss_weights else "")
+        raise DpocliError(f"means --loss sigmoid,sft --loss-weights 1,{alpha:g}; it cannot be combined with "
+                          f"{given}", field="--rpo-alpha",
+                          hint="drop --rpo-alpha and list sft with its weight in --loss")
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise DpocliError(f"must be a finite number >= 0, got {alpha}", field="--rpo-alpha")
+    return ("sigmoid", "sft"), (1.0, float(alpha))
 
 
 def parse_loss_list(losses: str, weights: str | None) -> tuple[tuple[str, ...], tuple[float, ...]]:

@@ -134,6 +134,11 @@ class LossOpts:
         "with sigmoid, cdpo, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft.",
     )
     f_alpha: float = opt(0.5, "α of alpha_divergence (TRL's f_alpha_divergence_coef).")
+    rpo_alpha: float | None = opt(
+        None,
+        "RPO (TRL's rpo_alpha): the same as --loss sigmoid,sft --loss-weights 1,A, i.e. DPO plus A "
+        "times the token-mean NLL of the chosen completions.",
+    )
 
 
 @dataclass(frozen=True)
@@ -190,7 +195,24 @@ class OptimOpts:
     grad_accum: int = opt(1, "Micro-batches per optimizer step.")
     warmup_steps: int = opt(0, "Linear warm-up steps.")
     warmup_ratio: float = opt(0.0, "Warm-up as a fraction of all steps (if --warmup-steps is 0).")
-    scheduler: str = opt("linear", "constant, linear or cosine decay after warm-up.")
+    scheduler: str = opt(
+        "linear",
+        "transformers' lr_scheduler_type: linear, cosine, cosine_with_min_lr, constant (no warm-up), "
+        "constant_with_warmup, inverse_sqrt or warmup_stable_decay.",
+    )
+    min_lr_rate: float | None = opt(
+        None,
+        "Floor of the rate as a fraction of --lr: needed by cosine_with_min_lr (min_lr_rate); for "
+        "warmup_stable_decay the warm-up starts and the decay ends there (min_lr_ratio, default 0).",
+    )
+    num_decay_steps: int | None = opt(None, "warmup_stable_decay: steps of the final decay.")
+    decay_ratio: float | None = opt(None, "warmup_stable_decay: the decay as a fraction of all steps.")
+    decay_type: str | None = opt(None, "warmup_stable_decay: linear, cosine (default) or 1-sqrt decay.")
+    optim: str = opt(
+        "adamw",
+        "HF's optim: adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes: pip install "
+        "'dpocli\\[bnb]'), or adafactor (HF Trainer's: lr and weight decay only).",
+    )
     weight_decay: float = opt(0.0, "AdamW weight decay (not on biases and norms).")
     adam_beta1: float = opt(0.9, "AdamW β1: decay of the gradient's running mean.")
     adam_beta2: float = opt(0.999, "AdamW β2: decay of the squared gradient's running mean.")
@@ -224,7 +246,9 @@ class TrainOpts:
     eval_cache: Path | None = opt(None, "Held-out cache for eval_* metrics.")
     eval_every: int | None = opt(None, "Evaluate every N steps (and at the end).")
     report_to: str | None = opt(
-        None, "Also log to tensorboard and/or wandb (comma-separated; the package must be installed)."
+        None,
+        "Also log to tensorboard, wandb and/or mlflow (comma-separated; the package must be installed), "
+        "under HF Trainer's keys (train/loss, eval/loss, ...).",
     )
     skip_step0_check: bool = opt(False, "Do not stop when policy = reference fails to reproduce the cache.")
     allow_tokenizer_mismatch: bool = opt(

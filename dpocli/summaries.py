@@ -79,6 +79,9 @@ def train_table(s: dict) -> Table:
             ("seconds", s["seconds"]), ("peak RSS MB", s.get("peak_rss_mb"))]
     if "step0_max_abs_diff" in s:
         rows.append(("step-0 max |policy - ref|", f"{s['step0_max_abs_diff']:.3g}"))
+    for key in ("train_loss", "train_runtime", "train_samples_per_second"):  # HF's run summary
+        if s.get(key) is not None:
+            rows.append((key, _fmt(s[key])))
     for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
         if key in s["last_train_metrics"]:
             rows.append((f"last step {key}", _fmt(s["last_train_metrics"][key])))

@@ -39,6 +39,7 @@ from dpocli.losses import LossInputs, LossSpec, compute_loss
 from dpocli.metrics import MetricsLog, StepMetrics, rename_for_eval
 from dpocli.modeling import DTYPES, resolve_device
 from dpocli.policy import build_policy, load_policy_tokenizer, step0_check
+from dpocli.run_summary import TrainTotals, samples_scheduled
 from dpocli.schedule import make_optimizer, make_scheduler
 from dpocli.scoring import cache_batch, cached_reference
 from dpocli.train_config import TrainConfig
@@ -72,6 +73,7 @@ class _Session:
     seq_lens: list[int] | None  # for --group-by-length
     t_start: float
     last_eval: tuple = (None, {})  # (step, eval_* metrics) of the newest periodic eval
+    totals: TrainTotals | None = None  # per-step losses and timing for HF's train_* summary
 
 
 def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
@@ -198,22 +200,22 @@ def _train_step(s: _Session, state: TrainState, bar) -> None:
 def _session(cfg, spec, dist, manifest, data, eval_set, run, run_dir, model, scorer, tokenizer,
              device, t_start) -> _Session:
     """Optimizer, schedule, metrics log and batch geometry of a run whose folder is claimed."""
-    sinks = []
+    sinks = [TrainTotals()]  # train_runtime counts from here, the end of set-up (as HF's)
     if dist.is_main and cfg.report_to:
-        from dpocli.integrations import make_sinks
-        sinks = make_sinks(cfg.report_to, run_dir, asdict(cfg))
+        from dpocli import integrations
+        run.add(*integrations.folders(cfg.report_to))  # listed before the sinks create them
+        sinks += integrations.make_sinks(cfg.report_to, run_dir, asdict(cfg))
     # Global micro-batches hold batch_size pairs per rank; a step is grad_accum of them.
     global_batch = cfg.batch_size * dist.world_size
     steps_per_epoch = math.ceil(math.ceil(data.num_rows / global_batch) / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
     optimizer = make_optimizer(model, cfg, device)
     # With FSDP the mixed-precision policy casts parameters instead of autocast.
     autocast = (torch.autocast(device.type, dtype=DTYPES[cfg.autocast])
                 if cfg.autocast and not cfg.fsdp else nullcontext())
     return _Session(cfg=cfg, spec=spec, dist=dist, data=data, manifest=manifest, run=run, run_dir=run_dir,
                     model=model, scorer=scorer, tokenizer=tokenizer, optimizer=optimizer,
-                    scheduler=make_scheduler(optimizer, cfg.scheduler, warmup, total_steps),
+                    scheduler=make_scheduler(optimizer, cfg, total_steps), totals=sinks[0],
                     device=device, autocast=autocast,
                     pad_id=int(manifest.spec["tokenizer"]["pad_token_id"]), global_batch=global_batch,
                     total_steps=total_steps, eval_set=eval_set, t_start=t_start,
@@ -293,8 +295,11 @@ def _summary(s: _Session, state: TrainState, final_eval: dict, t_start: float) -
     peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if s.device.type == "cuda":
         peak["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(s.device) / 2**20, 1)
+    hf = s.totals.summary(samples_scheduled(s.cfg, s.data.num_rows, s.global_batch), s.total_steps)
+    # HF's train() logs these as its last line; the dashboard sinks are closed by now.
+    MetricsLog(s.metrics_log.path, enabled=s.metrics_log.enabled).write({"step": state.step, **hf})
     return {"command": "train", "dpocli_version": __version__, "run_dir": str(s.run_dir),
             "model_dir": str(s.run_dir), "steps": state.step, "total_steps": s.total_steps,
-            "seconds": round(time.perf_counter() - t_start, 3), **state.step0,
+            "seconds": round(time.perf_counter() - t_start, 3), **state.step0, **hf,
             "attention_kernel": describe_attention(s.cfg.packing, s.cfg.attn_implementation),
             "last_train_metrics": s.metrics_log.last_record_with("loss"), "eval": final_eval, **peak}

@@ -23,6 +23,7 @@ class TrainConfig:
     discopop_tau: float = 0.05
     f_divergence: str = "reverse_kl"
     f_alpha: float = 0.5  # TRL's f_alpha_divergence_coef default
+    rpo_alpha: float | None = None  # alias: --loss sigmoid,sft --loss-weights 1,A
     lr: float = 1e-6  # TRL's default
     epochs: int = 1
     max_steps: int | None = None
@@ -31,6 +32,11 @@ class TrainConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     scheduler: str = "linear"
+    min_lr_rate: float | None = None  # cosine_with_min_lr / warmup_stable_decay floor
+    num_decay_steps: int | None = None  # warmup_stable_decay
+    decay_ratio: float | None = None  # warmup_stable_decay
+    decay_type: str | None = None  # warmup_stable_decay; None = transformers' cosine
+    optim: str = "adamw"
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -51,7 +57,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the transformer body
     prefix_sharing: bool = False  # one row per pair: prompt + chosen + rejected, prompt run once
     packing: bool = False  # padding-free: all sequences of a micro-batch in one row
-    report_to: str | None = None  # tensorboard, wandb (comma-separated), beside metrics.jsonl
+    report_to: str | None = None  # tensorboard, wandb, mlflow (comma-separated), beside metrics.jsonl
     shuffle: bool = True
     group_by_length: bool = False
     save_every: int | None = None
@@ -81,9 +87,8 @@ class TrainConfig:
         check_at_least({"--warmup-steps": self.warmup_steps, "--weight-decay": self.weight_decay,
                         "--max-grad-norm": self.max_grad_norm}, 0)
         check_seed(self.seed)
-        if self.scheduler not in ("constant", "linear", "cosine"):
-            raise DpocliError(f"'{self.scheduler}' is not one of constant, linear, cosine",
-                              field="--scheduler")
+        from dpocli import schedule
+        schedule.check(self)
         if not 0 <= self.warmup_ratio < 1:
             raise DpocliError(f"must be in [0, 1), got {self.warmup_ratio}", field="--warmup-ratio")
         if self.autocast not in (None, "bfloat16", "float16"):

@@ -125,6 +125,6 @@ def test_periodic_eval_during_training_equals_dpo_eval_of_the_checkpoint(small_c
     direct = json.loads(result.stdout)["models"][0]
     assert direct["rewards/accuracies"] > 0  # trained: the comparison is not between two zeros
     for key, value in direct.items():
-        if key in ("model", "samples"):
-            continue
+        if key in ("model", "samples", "eval_runtime", "eval_samples_per_second"):
+            continue  # timings differ from run to run; both carry them (test_run_summary.py)
         assert logged[f"eval_{key}"] == value, key  # same code, same batches: bit for bit

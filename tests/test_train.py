@@ -1,6 +1,6 @@
 """`dpo train`: invariants, learning, exact resume, failure modes. Expected values are independent:
-ln 2 and zero rewards from the DPO formula, an uninterrupted run for resume, hand-computed
-schedules."""
+ln 2 and zero rewards from the DPO formula, an uninterrupted run for resume (schedules:
+tests/test_schedule.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 
 from conftest import MODEL, invoke, read_jsonl, write_jsonl
 from dpocli import cache
-from dpocli.schedule import lr_factor
 
 
 def train_args(cache_dir, out, *extra):
@@ -195,16 +194,6 @@ def test_policy_with_another_tokenizer_is_refused(small_cache, tmp_path):
     ok = invoke(["train", small_cache, "--model", other, "--out", tmp_path / "run", "--max-steps", 1,
                  "--allow-tokenizer-mismatch", "--quiet"])
     assert ok.exit_code == 0
-
-
-@pytest.mark.parametrize("kind,expected", [
-    ("constant", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0]),
-    ("linear", [0.0, 0.5, 1.0, 0.75, 0.5, 0.25]),
-    ("cosine", [0.0, 0.5, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))]),
-])
-def test_learning_rate_schedules(kind, expected):
-    """Warm-up 2 of 6 steps: 0, 1/2, then decay over the remaining 4 steps (HF's definitions)."""
-    assert [lr_factor(s, kind, 2, 6) for s in range(6)] == pytest.approx(expected)
 
 
 @pytest.mark.slow
