@@ -16,6 +16,7 @@ Rounding is HF's: 4 decimals for the runtime, 3 for the rates.
 
 from __future__ import annotations
 
+import resource
 import time
 
 
@@ -57,3 +58,25 @@ def samples_scheduled(cfg, num_rows: int, global_batch: int) -> int:
     """HF's num_train_samples: pairs x epochs, or max_steps x pairs per step when max_steps is set
     (`global_batch`: pairs per micro-batch over all ranks)."""
     return cfg.max_steps * global_batch * cfg.grad_accum if cfg.max_steps else num_rows * cfg.epochs
+
+
+def train_summary(s, state, final_eval: dict, t_start: float) -> dict:
+    """`dpo train --json`: what ran, HF's end-of-run metrics (also logged as metrics.jsonl's last
+    line, as HF's train() logs them), the step-0 check, the final eval and peak memory.
+    `s` is train's session, `state` its TrainState."""
+    import torch
+
+    from dpocli import __version__
+    from dpocli.attention import describe as describe_attention
+    from dpocli.metrics import MetricsLog
+    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if s.device.type == "cuda":
+        peak["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(s.device) / 2**20, 1)
+    hf = s.totals.summary(samples_scheduled(s.cfg, s.data.num_rows, s.global_batch), s.total_steps)
+    # The dashboard sinks are closed by now: a plain log writes the line.
+    MetricsLog(s.metrics_log.path, enabled=s.metrics_log.enabled).write({"step": state.step, **hf})
+    return {"command": "train", "dpocli_version": __version__, "run_dir": str(s.run_dir),
+            "model_dir": str(s.run_dir), "steps": state.step, "total_steps": s.total_steps,
+            "seconds": round(time.perf_counter() - t_start, 3), **state.step0, **hf,
+            "attention_kernel": describe_attention(s.cfg.packing, s.cfg.attn_implementation),
+            "last_train_metrics": s.metrics_log.last_record_with("loss"), "eval": final_eval, **peak}

@@ -19,7 +19,6 @@ Assumptions:
 from __future__ import annotations
 
 import math
-import resource
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dpocli import __version__, cache, checkpoint, distributed, outputs
+from dpocli import cache, checkpoint, distributed, outputs
 from dpocli.attention import describe as describe_attention
 from dpocli.batching import plan_epoch
 from dpocli.checkpoint import RunDir, TrainState
@@ -39,7 +38,7 @@ from dpocli.losses import LossInputs, LossSpec, compute_loss
 from dpocli.metrics import MetricsLog, StepMetrics, rename_for_eval
 from dpocli.modeling import DTYPES, resolve_device
 from dpocli.policy import build_policy, load_policy_tokenizer, step0_check
-from dpocli.run_summary import TrainTotals, samples_scheduled
+from dpocli.run_summary import TrainTotals, train_summary
 from dpocli.schedule import make_optimizer, make_scheduler
 from dpocli.scoring import cache_batch, cached_reference
 from dpocli.train_config import TrainConfig
@@ -135,7 +134,7 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
         if cfg.merge:
             run.save_merged(model.merge_and_unload(), tokenizer)
     dist.barrier()
-    return _summary(s, state, final_eval, t_start)
+    return train_summary(s, state, final_eval, t_start)
 
 
 def _train_step(s: _Session, state: TrainState, bar) -> None:
@@ -289,17 +288,3 @@ def _non_finite(s: _Session, state: TrainState, what: str) -> RunFailure:
         f"{good if state.last_saved else 'none'}",
         hint=f"start a new run from {good} with a lower --lr (or --dtype float32): dpo train "
              f"{s.cfg.cache} --model {good} --out NEW_DIR ... (--resume keeps the original settings)")
-
-
-def _summary(s: _Session, state: TrainState, final_eval: dict, t_start: float) -> dict:
-    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    if s.device.type == "cuda":
-        peak["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(s.device) / 2**20, 1)
-    hf = s.totals.summary(samples_scheduled(s.cfg, s.data.num_rows, s.global_batch), s.total_steps)
-    # HF's train() logs these as its last line; the dashboard sinks are closed by now.
-    MetricsLog(s.metrics_log.path, enabled=s.metrics_log.enabled).write({"step": state.step, **hf})
-    return {"command": "train", "dpocli_version": __version__, "run_dir": str(s.run_dir),
-            "model_dir": str(s.run_dir), "steps": state.step, "total_steps": s.total_steps,
-            "seconds": round(time.perf_counter() - t_start, 3), **state.step0, **hf,
-            "attention_kernel": describe_attention(s.cfg.packing, s.cfg.attn_implementation),
-            "last_train_metrics": s.metrics_log.last_record_with("loss"), "eval": final_eval, **peak}
