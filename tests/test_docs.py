@@ -146,8 +146,9 @@ def test_loss_start_value_table_equals_the_code():
 
 def test_first_warmup_step_has_learning_rate_zero():
     """The README says so; the schedule must agree."""
-    from dpocli.schedule import lr_factor
-    assert lr_factor(0, "linear", 5, 100) == 0.0 and lr_factor(1, "linear", 5, 100) == 0.2
+    from dpocli.schedule import Schedule
+    linear = Schedule("linear", warmup=5, total=100)
+    assert linear.factor(0) == 0.0 and linear.factor(1) == 0.2
     assert "first warm-up step's learning rate is 0" in README
 
 
