@@ -226,6 +226,16 @@ class TrainOpts:
     report_to: str | None = opt(
         None, "Also log to tensorboard and/or wandb (comma-separated; the package must be installed)."
     )
+    use_weighting: bool = opt(
+        False,
+        "WPO: weight each pair's loss by the policy's per-token-normalised probability of chosen times "
+        "rejected (TRL's use_weighting; not with aot, aot_unpaired).",
+    )
+    ld_alpha: float | None = opt(
+        None,
+        "LD-DPO α in [0, 1]: completion tokens past the shorter completion of the pair count α times, for "
+        "policy and reference (TRL's ld_alpha); needs a cache made with --token-logps.",
+    )
     skip_step0_check: bool = opt(False, "Do not stop when policy = reference fails to reproduce the cache.")
     allow_tokenizer_mismatch: bool = opt(
         False, "Train although the policy's tokenizer differs from the cache's."

@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from dpocli.batching import Batch, Batching, SharedPrefixBatch, make_batch, plan_reference_batches
 from dpocli.cache import CacheData, Manifest
+from dpocli.errors import DpocliError
 from dpocli.logprobs import SequenceLogps, sequence_logps
 from dpocli.packing import PackedBatch
 
@@ -36,15 +38,40 @@ class RefLogps:
     rejected_len: torch.Tensor
 
 
-def cached_reference(data: CacheData, rows: Sequence[int], device) -> RefLogps:
-    """The reference values of `rows`, as [B] tensors on `device`."""
+def cached_reference(data: CacheData, rows: Sequence[int], device, ld_alpha: float | None = None) -> RefLogps:
+    """The reference values of `rows`, as [B] tensors on `device`.
+
+    ld_alpha: LD-DPO sums from the cached per-token log-probs (a `--token-logps` cache, see
+    `check_token_logps`): Σ_{t<=ℓ} + α·Σ_{t>ℓ}, ℓ = min(|y_w|, |y_l|). TRL 1.16 applies `ld_alpha`
+    to the reference as well as to the policy."""
     idx = list(rows)
 
     def pick(name: str, dtype: torch.dtype) -> torch.Tensor:
         return torch.as_tensor(data.scalars[name][idx], dtype=dtype, device=device)
-    return RefLogps(chosen_logps=pick("ref_chosen_logps", torch.float64),
-                    rejected_logps=pick("ref_rejected_logps", torch.float64),
+    chosen, rejected = pick("ref_chosen_logps", torch.float64), pick("ref_rejected_logps", torch.float64)
+    if ld_alpha is not None:
+        sums = [_ld_pair(data.row_list("ref_chosen_token_logps", i),
+                         data.row_list("ref_rejected_token_logps", i), ld_alpha) for i in idx]
+        chosen = torch.tensor([c for c, _ in sums], dtype=torch.float64, device=device)
+        rejected = torch.tensor([r for _, r in sums], dtype=torch.float64, device=device)
+    return RefLogps(chosen_logps=chosen, rejected_logps=rejected,
                     chosen_len=pick("chosen_len", torch.long), rejected_len=pick("rejected_len", torch.long))
+
+
+def _ld_pair(chosen, rejected, alpha: float) -> tuple[float, float]:
+    shared = min(len(chosen), len(rejected))
+    return tuple(float(np.sum(t[:shared], dtype=np.float64) + alpha * np.sum(t[shared:], dtype=np.float64))
+                 for t in (chosen, rejected))
+
+
+def check_token_logps(flag: str, *caches: tuple) -> None:
+    """Refuse (exit 2) an option that needs per-token reference log-probs when one of the
+    (cache folder, CacheData) pairs lacks them."""
+    for cache_dir, data in caches:
+        if "ref_chosen_token_logps" not in data.lists:
+            raise DpocliError(f"needs per-token reference log-probs, and the cache {cache_dir} has none",
+                              field=flag,
+                              hint="recreate the cache with `dpo precompute-ref ... --token-logps`")
 
 
 def shard_batching(manifest: Manifest) -> dict[int, Batching]:

@@ -41,7 +41,7 @@ from dpocli.metrics import MetricsLog, StepMetrics, rename_for_eval
 from dpocli.modeling import DTYPES, resolve_device
 from dpocli.policy import build_policy, load_policy_tokenizer, step0_check
 from dpocli.schedule import make_optimizer, make_scheduler
-from dpocli.scoring import cache_batch, cached_reference
+from dpocli.scoring import cache_batch, cached_reference, check_token_logps
 from dpocli.train_config import TrainConfig
 
 __all__ = ["TrainConfig", "run_train"]
@@ -82,6 +82,8 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     dist = distributed.current()
     manifest, data = cache.load_cache(cfg.cache)
     eval_set = cache.load_matching_cache(cfg.eval_cache, manifest) if cfg.eval_cache else None
+    if cfg.ld_alpha is not None:  # LD-DPO needs per-token reference values: checked before any write
+        check_token_logps("--ld-alpha", (cfg.cache, data), *[(cfg.eval_cache, e[1]) for e in [eval_set] if e])
     tokenizer = load_policy_tokenizer(cfg, manifest)
     run_dir = Path(cfg.out)
     outputs.check_output_location(run_dir, {"--model": cfg.model, "the cache": cfg.cache,
@@ -150,10 +152,11 @@ def _train_step(s: _Session, state: TrainState, bar) -> None:
     for k, micro in enumerate(micros):
         rows, real = distributed.rank_rows(micro, dist)
         batch = cache_batch(s.data, rows, s.pad_id, cfg.prefix_sharing, cfg.packing).to(s.device)
-        ref = cached_reference(s.data, rows, s.device)
+        ref = cached_reference(s.data, rows, s.device, s.spec.ld_alpha)
         last = k == len(micros) - 1  # gradients sync across ranks only on the last micro-batch
         with distributed.grad_sync(s.scorer, last), s.autocast:
-            policy = sequence_logps(s.scorer, batch)
+            # token_stats: TRL's LM-head metrics (and WPO's weights) from the same vocabulary chunks
+            policy = sequence_logps(s.scorer, batch, token_stats=True, ld_alpha=s.spec.ld_alpha)
         out = compute_loss(LossInputs.from_logps(policy, ref), s.spec)
         weight = (len(rows) / step_pairs * dist.world_size) if real else 0.0
         with distributed.grad_sync(s.scorer, last):
@@ -163,6 +166,7 @@ def _train_step(s: _Session, state: TrainState, bar) -> None:
                               (policy.rejected_logps - ref.rejected_logps).abs()]).detach()
             state.step0 = step0_check(cfg, s.manifest, float(dist.max_over_ranks(float(diff.max()))),
                                       s.model)
+        step_metrics.add_tokens(policy, real)
         if real:
             step_metrics.add(out, policy.chosen_logps, policy.rejected_logps)
             step_tokens += batch.num_tokens
