@@ -123,6 +123,8 @@ def pair_metrics(policy, ref, spec: LossSpec) -> tuple[dict, dict]:
     }
     if len(out.components) > 1:
         m.update({f"loss/{k}": float(v) for k, v in out.components.items()})
+    if policy.stats is not None:
+        m.update(token_metrics(policy.stats, clen, rlen))
     diff = (ref.chosen_len - ref.rejected_len)
     for low, high, name in LENGTH_BUCKETS:
         inside = (diff >= low) & (diff <= high)
@@ -133,6 +135,19 @@ def pair_metrics(policy, ref, spec: LossSpec) -> tuple[dict, dict]:
                "preference_prob": prob, "correct": correct.bool(), "policy_chosen_logps": pc,
                "policy_rejected_logps": pr}
     return m, columns
+
+
+def token_metrics(stats, chosen_len: torch.Tensor, rejected_len: torch.Tensor) -> dict[str, float]:
+    """TRL's LM-head metrics over a whole set of pairs (token-weighted; definitions at the top)."""
+    n = chosen_len.shape[0]
+    c_tokens, r_tokens = float(chosen_len.sum()), float(rejected_len.sum())
+
+    def ratio(total, tokens: float) -> float:
+        return float(total) / tokens if tokens > 0 else 0.0
+    return {"entropy": ratio(stats.entropy.sum(), c_tokens + r_tokens),
+            "logits/chosen": ratio(stats.mean_logit[:n].sum(), c_tokens),
+            "logits/rejected": ratio(stats.mean_logit[n:].sum(), r_tokens),
+            "mean_token_accuracy": ratio(stats.top1[:n].sum(), c_tokens)}
 
 
 def rename_for_eval(metrics: dict) -> dict:

@@ -7,10 +7,12 @@ applies the textbook definitions token by token; nothing is shared with dpocli.l
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from conftest import MODEL, invoke
+from conftest import MODEL, invoke, read_jsonl
 from dpocli.batching import collate, collate_shared
 from dpocli.logprobs import CompletionScorer, sequence_logps
 from dpocli.packing import collate_packed
@@ -119,3 +121,34 @@ def test_flags_in_help_and_print_config():
     assert printed.exit_code == 0, printed.stderr
     lines = printed.stdout.splitlines()
     assert "use-weighting = false" in lines and "# ld-alpha =" in lines
+
+
+# ---------------------------------------------------------------- eval: the same definitions
+
+def test_eval_metrics_equal_training_step_one(small_cache, tmp_path):
+    """With the weights of step 1 (policy = reference) and one batch holding every pair, `dpo eval`'s
+    LM-head metrics over the cache equal the first training step's."""
+    result = invoke(["train", small_cache, "--model", MODEL, "--out", tmp_path / "r", "--max-steps", 1,
+                     "--batch-size", 48, "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    step = read_jsonl(tmp_path / "r" / "metrics.jsonl")[0]
+    evaluated = json.loads(invoke(["eval", small_cache, "--model", MODEL, "--json", "--quiet"]).stdout)
+    m = evaluated["models"][0]
+    for key in ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"):
+        assert m[key] == pytest.approx(step[key], abs=1e-6), key
+    assert 0 < m["mean_token_accuracy"] < 1 and m["entropy"] > 0
+
+
+def test_periodic_eval_with_wpo_and_ld_alpha(tmp_path, small_prefs):
+    cache = tmp_path / "c"
+    assert invoke(["precompute-ref", small_prefs, "--model", MODEL, "--out", cache, "--token-logps",
+                   "--quiet"]).exit_code == 0
+    result = invoke(["train", cache, "--model", MODEL, "--out", tmp_path / "r", "--max-steps", 1,
+                     "--batch-size", 48, "--eval-cache", cache, "--eval-every", 1, "--use-weighting",
+                     "--ld-alpha", 0.5, "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    records = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    evals = [r for r in records if "eval_loss" in r]
+    assert len(evals) == 1 and "eval_entropy" in evals[0] and "eval_mean_token_accuracy" in evals[0]
+    # WPO weights are < 1, so the weighted loss sits below the unweighted ln 2 at step 1
+    assert records[0]["loss"] < 0.69
