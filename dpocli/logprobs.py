@@ -74,6 +74,7 @@ class SequenceLogps:
     rejected_token_logps: list[torch.Tensor] | None = None
     stats: TokenStats | None = None
     chosen_plain_logps: torch.Tensor | None = None
+    router_aux_loss: torch.Tensor | None = None  # MoE load-balancing loss (scalar, differentiable)
 
 
 def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -161,8 +162,9 @@ class CompletionScorer(nn.Module):
     """Scores the completion tokens of a batch. Wrap *this* in DDP/FSDP, not the bare model,
     so the distributed wrapper's hooks see the whole computation.
 
-    forward(ModelInputs, token_stats=False) -> (segment_sums [2B] float64, token_logps [M] in the
-    inputs' order, per-token `TOKEN_STATS` [M, 4] (detached) or None without `token_stats`).
+    forward(ModelInputs, token_stats=False, router_aux=False) -> (segment_sums [2B] float64,
+    token_logps [M] in the inputs' order, per-token `TOKEN_STATS` [M, 4] (detached) or None without
+    `token_stats`, the MoE router load-balancing loss (a scalar) or None without `router_aux`).
     Every layout (padded, prefix-shared, packed) describes itself as a `batching.ModelInputs`:
     the ids, its mask and positions, and which hidden states score which tokens into which
     segment, so the scorer has one path.
@@ -186,7 +188,7 @@ class CompletionScorer(nn.Module):
             target = self._compiled[self.chunked]
         return target(**inputs)
 
-    def forward(self, inputs: ModelInputs, token_stats: bool = False):
+    def forward(self, inputs: ModelInputs, token_stats: bool = False, router_aux: bool = False):
         input_ids, attention_mask = inputs.input_ids, inputs.attention_mask
         rows, width = input_ids.shape
         score_from, labels, units = inputs.score_from, inputs.labels, inputs.units
@@ -205,16 +207,20 @@ class CompletionScorer(nn.Module):
                 attention_mask = torch.zeros(attention_mask.shape, dtype=model_dtype,
                                              device=attention_mask.device)
                 attention_mask.masked_fill_(blocked, torch.finfo(model_dtype).min)
+        if router_aux:
+            extra["output_router_logits"] = True
         if self.chunked:
-            hidden = self._run_body(input_ids=input_ids, attention_mask=attention_mask,
-                                    use_cache=False, **extra).last_hidden_state
+            body = self._run_body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                  **extra)
+            hidden = body.last_hidden_state
             hidden = hidden.reshape(rows * width, -1)[score_from]
             scored = token_logps_from_hidden(hidden, self.model.get_output_embeddings().weight, labels,
                                              self.chunk_size, with_stats=token_stats)
             token_logps, stats = scored if token_stats else (scored, None)
         else:
-            logits = self._run_body(input_ids=input_ids, attention_mask=attention_mask,
-                                    use_cache=False, **extra).logits
+            body = self._run_body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                  **extra)
+            logits = body.logits
             picked = logits.reshape(rows * width, -1)[score_from]
             picked = picked.to(_softmax_dtype(picked.dtype))
             lse = torch.logsumexp(picked, -1)
@@ -222,21 +228,49 @@ class CompletionScorer(nn.Module):
             stats = _chunk_stats(picked.detach(), lse.detach(), labels) if token_stats else None
         sums = torch.zeros(inputs.num_segments, dtype=torch.float64, device=input_ids.device)
         sums = sums.index_add(0, inputs.segments, token_logps.double())
-        return sums, token_logps, (stats if token_stats else None)
+        aux = _router_aux_loss(self.model.config, body.router_logits, attention_mask) if router_aux else None
+        return sums, token_logps, (stats if token_stats else None), aux
+
+
+def _router_aux_loss(config, router_logits, attention_mask) -> torch.Tensor:
+    """The MoE load-balancing loss of one forward (transformers' Mixtral function, which every MoE
+    family shares and TRL 1.16 calls), over the real tokens of a padded batch. Packed rows have no
+    pad and a prefix-shared batch a 4-D mask, so there every position counts (TRL: the same for its
+    padding-free rows)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    config = config.get_text_config()
+    mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+    return load_balancing_loss_func(router_logits, config.num_experts, config.num_experts_per_tok, mask)
+
+
+def router_aux_coefficient(model, requested: float | None) -> float:
+    """TRL's `router_aux_loss_coef`: the requested value, else the model config's (0 when it has
+    none). A model without `output_router_logits` in its config has no router loss to weight: a
+    nonzero request is refused (exit 2)."""
+    from dpocli.errors import DpocliError
+    config = model.config.get_text_config()
+    if requested and not hasattr(config, "output_router_logits"):
+        raise DpocliError(f"is {requested}, but {type(model).__name__} is not a Mixture-of-Experts model "
+                          "that returns router logits", field="--router-aux-loss-coef",
+                          hint="drop --router-aux-loss-coef for this model")
+    if not hasattr(config, "output_router_logits"):
+        return 0.0
+    return float(getattr(config, "router_aux_loss_coef", 0.0) if requested is None else requested)
 
 
 def sequence_logps(scorer: nn.Module, batch, *, keep_token_logps: bool = False, token_stats: bool = False,
-                   ld_alpha: float | None = None) -> SequenceLogps:
+                   ld_alpha: float | None = None, router_aux: bool = False) -> SequenceLogps:
     """Run `scorer` (a CompletionScorer, possibly wrapped by DDP/FSDP) on `batch` (any layout:
     `Batch`, `SharedPrefixBatch`, `PackedBatch`), split by pair.
 
     token_stats: also sum TRL's per-token LM-head values per segment (`SequenceLogps.stats`).
     ld_alpha: LD-DPO (arXiv 2409.06411, TRL's `ld_alpha`): each completion's sum becomes
     Σ_{t<=ℓ} log p_t + α·Σ_{t>ℓ} log p_t with ℓ = min(|y_w|, |y_l|) of its pair.
+    router_aux: also return the MoE router load-balancing loss of the forward.
     """
     b = batch.num_pairs
     inputs = batch.model_inputs()
-    sums, token_logps, stats = scorer(inputs, token_stats=token_stats)
+    sums, token_logps, stats, aux = scorer(inputs, token_stats=token_stats, router_aux=router_aux)
     lens = torch.bincount(inputs.segments, minlength=2 * b)
     # Grouped by segment (every layout lists a segment's tokens in completion order; the stable
     # sort keeps it, and the standard layout is already grouped).
@@ -253,7 +287,7 @@ def sequence_logps(scorer: nn.Module, batch, *, keep_token_logps: bool = False, 
         chosen_token_logps=per_row[:b] if per_row else None,
         rejected_token_logps=per_row[b:] if per_row else None,
         stats=_segment_stats(token_logps, stats, inputs) if stats is not None else None,
-        chosen_plain_logps=plain)
+        chosen_plain_logps=plain, router_aux_loss=aux)
 
 
 def _ld_sums(token_logps, segments, order, lens, alpha: float) -> torch.Tensor:

@@ -45,6 +45,8 @@ class LossInputs:
     rejected_wpo_logps: Tensor | None = None
     # Under LD-DPO the *_logps above are length-desensitised; `sft` uses the plain chosen sums (as TRL).
     policy_chosen_plain_logps: Tensor | None = None
+    # MoE: the forward's router load-balancing loss (scalar), added with `LossSpec.router_aux_loss_coef`.
+    router_aux_loss: Tensor | None = None
 
     @classmethod
     def from_logps(cls, policy, ref) -> "LossInputs":
@@ -56,7 +58,8 @@ class LossInputs:
                    ref.chosen_len, ref.rejected_len,
                    chosen_wpo_logps=wpo[:b] if wpo is not None else None,
                    rejected_wpo_logps=wpo[b:] if wpo is not None else None,
-                   policy_chosen_plain_logps=policy.chosen_plain_logps)
+                   policy_chosen_plain_logps=policy.chosen_plain_logps,
+                   router_aux_loss=policy.router_aux_loss)
 
 
 @dataclass(frozen=True)
@@ -75,13 +78,15 @@ class LossSpec:
     # LD-DPO α (TRL `ld_alpha`). Not used by the loss itself: it says how the policy's and the
     # reference's sums are formed (logprobs.sequence_logps, scoring.cached_reference).
     ld_alpha: float | None = None
+    # TRL `router_aux_loss_coef`, resolved against the model (logprobs.router_aux_coefficient); 0 = off.
+    router_aux_loss_coef: float = 0.0
 
 
 @dataclass(frozen=True)
 class LossOutput:
     """Result of `compute_loss`. All tensors except `loss` and `per_pair_loss` are detached.
 
-    loss: scalar, Σ_k w_k · mean_B(loss_k); what backward() is called on.
+    loss: scalar, Σ_k w_k · mean_B(loss_k) (+ coef · router aux loss for MoE); what backward() is called on.
     per_pair_loss: [B], Σ_k w_k · loss_k per pair (its mean equals `loss`).
     chosen_rewards / rejected_rewards: [B], β·Δw and β·Δl (plain log-ratios).
     components: loss name -> batch mean of that loss (scalar), before its loss weight w_k
@@ -93,6 +98,7 @@ class LossOutput:
     chosen_rewards: Tensor
     rejected_rewards: Tensor
     components: dict[str, Tensor]
+    aux_loss: Tensor | None = None  # MoE router load-balancing loss (detached), already inside `loss`
 
 
 # ---- f-divergence score transforms g(u) (Wang et al., arXiv 2309.16240; TRL `f_divergence_type`) ----
@@ -392,9 +398,13 @@ def compute_loss(inputs: LossInputs, spec: LossSpec) -> LossOutput:
         components[name] = loss_k.detach().mean()
         per_pair = per_pair + weight * loss_k
     dw, dl = _logratios(inputs)
-    return LossOutput(loss=per_pair.mean(), per_pair_loss=per_pair,
+    loss, aux = per_pair.mean(), None
+    if spec.router_aux_loss_coef and inputs.router_aux_loss is not None:  # TRL: loss + coef·aux_loss
+        aux = inputs.router_aux_loss
+        loss = loss + spec.router_aux_loss_coef * aux.to(loss.dtype)
+    return LossOutput(loss=loss, per_pair_loss=per_pair,
                       chosen_rewards=(spec.beta * dw).detach(), rejected_rewards=(spec.beta * dl).detach(),
-                      components=components)
+                      components=components, aux_loss=aux.detach() if aux is not None else None)
 
 
 # The loss options of `dpo train` and `dpo eval`, named as in TrainConfig and a run's run_config.json.

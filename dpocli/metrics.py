@@ -10,6 +10,7 @@ Per pair i, with Δw = policy_chosen_logps − ref_chosen_logps and Δl likewise
     logps/rejected      mean_i policy_rejected_logps_i  call it an average per token, the code sums)
     loss                the optimised loss: Σ_k w_k · mean_i loss_k,i
     loss/<type>         mean_i loss_k,i for each loss type when several are combined
+    aux_loss            MoE only: the router load-balancing loss of each micro-batch, pair-weighted
 
 All means are over pairs (example-weighted). Within an optimizer step they run over every pair of
 every micro-batch on every rank, which equals TRL's mean of per-batch means when batches are equal.
@@ -72,6 +73,9 @@ class StepMetrics:
         if len(out.components) > 1:
             names += [f"loss/{k}" for k in out.components]
             parts += [v.double() * n for v in out.components.values()]
+        if out.aux_loss is not None:  # MoE: TRL logs the router load-balancing loss as aux_loss
+            names.append("aux_loss")
+            parts.append(out.aux_loss.double() * n)
         # One device-to-host copy per micro-batch: on GPU every float() would be a sync point.
         for key, value in zip(names, torch.stack(parts).tolist()):
             self.sums[key] = self.sums.get(key, 0.0) + value

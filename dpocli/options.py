@@ -236,6 +236,11 @@ class TrainOpts:
         "LD-DPO α in [0, 1]: completion tokens past the shorter completion of the pair count α times, for "
         "policy and reference (TRL's ld_alpha); needs a cache made with --token-logps.",
     )
+    router_aux_loss_coef: float | None = opt(
+        None,
+        "MoE models: weight of the router load-balancing loss added to the loss and logged as aux_loss "
+        "(default: the model config's router_aux_loss_coef, as TRL; 0 disables; refused for other models).",
+    )
     skip_step0_check: bool = opt(False, "Do not stop when policy = reference fails to reproduce the cache.")
     allow_tokenizer_mismatch: bool = opt(
         False, "Train although the policy's tokenizer differs from the cache's."

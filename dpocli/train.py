@@ -23,7 +23,7 @@ import math
 import resource
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ from dpocli.checkpoint import RunDir, TrainState
 from dpocli.console import ProgressBar, log, sigterm_as_interrupt
 from dpocli.errors import Interrupted, RunFailure, out_of_memory_types
 from dpocli.evaluate import evaluate_policy
-from dpocli.logprobs import sequence_logps
+from dpocli.logprobs import router_aux_coefficient, sequence_logps
 from dpocli.losses import LossInputs, LossSpec, compute_loss
 from dpocli.metrics import MetricsLog, StepMetrics, rename_for_eval
 from dpocli.modeling import DTYPES, resolve_device
@@ -97,6 +97,7 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     device = dist.device_for(resolve_device(cfg.device))
     model, scorer = build_policy(cfg, data, plan.resume_from, device)
+    spec = replace(spec, router_aux_loss_coef=router_aux_coefficient(model, cfg.router_aux_loss_coef))
     extra_files = tuple(n for n in ("tensorboard", "wandb") if n in (cfg.report_to or ""))
     run = dist.on_main_then_broadcast(lambda: RunDir.claim(
         plan, config, identity, resolved_toml, extra_files + (("merged",) if cfg.merge else ())))
@@ -155,8 +156,8 @@ def _train_step(s: _Session, state: TrainState, bar) -> None:
         ref = cached_reference(s.data, rows, s.device, s.spec.ld_alpha)
         last = k == len(micros) - 1  # gradients sync across ranks only on the last micro-batch
         with distributed.grad_sync(s.scorer, last), s.autocast:
-            # token_stats: TRL's LM-head metrics (and WPO's weights) from the same vocabulary chunks
-            policy = sequence_logps(s.scorer, batch, token_stats=True, ld_alpha=s.spec.ld_alpha)
+            policy = sequence_logps(s.scorer, batch, token_stats=True, ld_alpha=s.spec.ld_alpha,
+                                    router_aux=s.spec.router_aux_loss_coef != 0)
         out = compute_loss(LossInputs.from_logps(policy, ref), s.spec)
         weight = (len(rows) / step_pairs * dist.world_size) if real else 0.0
         with distributed.grad_sync(s.scorer, last):

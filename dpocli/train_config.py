@@ -25,6 +25,7 @@ class TrainConfig:
     f_alpha: float = 0.5  # TRL's f_alpha_divergence_coef default
     use_weighting: bool = False  # WPO (TRL's use_weighting)
     ld_alpha: float | None = None  # LD-DPO (TRL's ld_alpha); needs a --token-logps cache
+    router_aux_loss_coef: float | None = None  # MoE; None = the model config's value (as TRL)
     lr: float = 1e-6  # TRL's default
     epochs: int = 1
     max_steps: int | None = None
@@ -111,5 +112,8 @@ class TrainConfig:
             raise DpocliError("only applies to LoRA runs", field="--merge", hint="add --lora-r N")
         if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
             raise DpocliError(f"must be in [0, 1], got {self.ld_alpha}", field="--ld-alpha")
+        if self.router_aux_loss_coef is not None and not self.router_aux_loss_coef >= 0:
+            raise DpocliError(f"must be >= 0, got {self.router_aux_loss_coef}",
+                              field="--router-aux-loss-coef")
         if self.eval_every and not self.eval_cache:
             raise DpocliError("needs --eval-cache", field="--eval-every")

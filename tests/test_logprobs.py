@@ -125,9 +125,9 @@ def test_chunked_head_equals_unchunked(model, pairs):
     plain = CompletionScorer(model)
     plain.chunked = False  # the model's own forward: full [R, T, V] logits
     with torch.no_grad():
-        ref_sums, ref_tokens, _ = plain(batch.model_inputs())
+        ref_sums, ref_tokens, _, _ = plain(batch.model_inputs())
         for chunk in (1, 3, 64, n_scored, n_scored + 100):
-            sums, tokens, _ = CompletionScorer(model, chunk_size=chunk)(batch.model_inputs())
+            sums, tokens, _, _ = CompletionScorer(model, chunk_size=chunk)(batch.model_inputs())
             assert tokens.shape == (n_scored,)
             # Not bitwise: a [1, H] @ W.T and a [R*T, H] @ W.T round differently (~1 fp32 ulp).
             assert torch.allclose(tokens, ref_tokens, rtol=0, atol=5e-6), chunk
