@@ -19,7 +19,8 @@ TRL = json.loads((Path(__file__).parent / "fixtures" / "trl_metrics.json").read_
 SETTINGS = TRL["settings"]
 TRAIN_ARGS = ["--no-shuffle", "--max-steps", SETTINGS["steps"], "--batch-size", SETTINGS["batch_size"],
               "--lr", SETTINGS["lr"], "--beta", SETTINGS["beta"], "--seed", SETTINGS["seed"], "--quiet"]
-FLAGS = {"plain": [], "use_weighting": ["--use-weighting"], "ld_alpha_0.5": ["--ld-alpha", 0.5]}
+FLAGS = {"plain": [], "use_weighting": ["--use-weighting"], "ld_alpha_0.5": ["--ld-alpha", 0.5],
+         "grad_accum_2": ["--batch-size", 4, "--grad-accum", 2]}  # the later --batch-size wins
 COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
             "logps/chosen", "logps/rejected", "entropy", "logits/chosen", "logits/rejected",
             "mean_token_accuracy", "num_tokens", "grad_norm")
