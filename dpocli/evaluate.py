@@ -11,6 +11,8 @@ h_i = Δw_i − Δl_i with Δ = policy − reference sums):
     logps/chosen|rejected      mean over pairs of summed policy log-probs
     logps/chosen_per_token     Σ_i logp_i / Σ_i len_i (token-weighted), likewise rejected
     preference_prob/mean       mean σ(β·h): the implicit probability that chosen is preferred
+    entropy, logits/chosen|rejected, mean_token_accuracy
+                               TRL's LM-head metrics (metrics.py), token-weighted over the whole set
     displacement/chosen_below_ref   fraction of pairs with policy chosen log-prob < reference's
                                     (likelihood displacement); rejected likewise
     length_bias/<bucket>       accuracy and count by bucket of len(chosen) − len(rejected) tokens
@@ -66,8 +68,9 @@ def evaluate_policy(scorer, data, manifest, spec: LossSpec, pad_id: int, device,
     """(metrics, per-pair columns, reference values) of the model behind `scorer` on a cache: the
     one evaluation path, used by `dpo eval` and by training's periodic eval (as eval_*)."""
     t0 = time.perf_counter()
-    policy = score_cache(scorer, data, manifest, pad_id, device, max_tokens=max_tokens, dist=dist)
-    ref = cached_reference(data, range(data.num_rows), "cpu")
+    policy = score_cache(scorer, data, manifest, pad_id, device, max_tokens=max_tokens, dist=dist,
+                         token_stats=True, ld_alpha=spec.ld_alpha)
+    ref = cached_reference(data, range(data.num_rows), "cpu", spec.ld_alpha)
     metrics, columns = pair_metrics(policy, ref, spec)
     # HF's evaluate() speed metrics (eval_runtime, eval_samples_per_second once renamed); no
     # steps_per_second: eval batches follow precompute's token budget, not a batch size.

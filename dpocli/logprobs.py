@@ -8,6 +8,10 @@ chunk's logits in the backward pass instead of saving them, so peak memory for t
 
 Numerics: logits come out of the head in the model's dtype and are upcast to fp32 before the
 log-softmax (as TRL and HF do); per-token values are fp32 and sums are accumulated in fp64.
+
+On request (`token_stats=True`, training only) the same chunks also yield TRL 1.16's per-token
+LM-head values (`TOKEN_STATS`), detached, so the `entropy`, `logits/*` and `mean_token_accuracy`
+metrics and the WPO weights cost no second pass over the vocabulary.
 """
 
 from __future__ import annotations
@@ -20,12 +24,46 @@ from torch import nn
 from dpocli.batching import ModelInputs
 from dpocli.packing import LAYOUT_KWARG, PACKED_ATTENTION, enable_packed_attention
 
+# Per-token values of the next-token distribution (logits z over the vocabulary V, label y), as TRL
+# 1.16's fused LM head computes them (trl/kernels/chunked_logprob.py): the entropy
+# logsumexp(z) - Σ_v p_v·z_v; the mean logit Σ_v z_v / V; 1[argmax z = y] (first maximum wins, like
+# torch.argmax); and log Σ_v p_v² = logsumexp(2z) - 2·logsumexp(z), which WPO's weights use.
+TOKEN_STATS = ("entropy", "mean_logit", "top1", "log_sum_sq_probs")
+
+
+def _chunk_stats(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[n, len(TOKEN_STATS)] from one chunk of logits [n, V] (already upcast) and its logsumexp [n]."""
+    probs = torch.exp(logits - lse[:, None])
+    return torch.stack([lse - (probs * logits).sum(-1), logits.mean(-1),
+                        (logits.argmax(-1) == labels).to(logits.dtype),
+                        torch.logsumexp(2 * logits, dim=-1) - 2 * lse], dim=1)
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Per segment [2B] (pair i's chosen is i, its rejected B + i): sums over the completion
+    tokens, float64, detached, of TRL's per-token LM-head values (see `TOKEN_STATS`).
+
+    entropy:     Σ_t entropy of the next-token distribution.
+    mean_logit:  Σ_t (vocabulary-mean logit).
+    top1:        Σ_t 1[argmax = label] (the number of tokens the model would have predicted).
+    wpo_logps:   Σ_t (log p(y_t) - log Σ_v p_v²), WPO's aligned log-probs (arXiv 2406.11827 Eq. 2).
+    """
+
+    entropy: torch.Tensor
+    mean_logit: torch.Tensor
+    top1: torch.Tensor
+    wpo_logps: torch.Tensor
+
 
 @dataclass(frozen=True)
 class SequenceLogps:
     """Per pair [B]: summed completion log-probs (float64) and completion token counts (long).
 
     `*_token_logps` (optional): per pair, a 1-D float32 tensor of the completion's token log-probs.
+    `stats` (optional): TRL's per-token LM-head values summed per segment.
+    With LD-DPO (`ld_alpha`), `*_logps` are the length-desensitised sums and
+    `chosen_plain_logps` the plain ones (TRL's `sft` term uses those).
     """
 
     chosen_logps: torch.Tensor
@@ -34,6 +72,9 @@ class SequenceLogps:
     rejected_len: torch.Tensor
     chosen_token_logps: list[torch.Tensor] | None = None
     rejected_token_logps: list[torch.Tensor] | None = None
+    stats: TokenStats | None = None
+    chosen_plain_logps: torch.Tensor | None = None
+    router_aux_loss: torch.Tensor | None = None  # MoE load-balancing loss (scalar, differentiable)
 
 
 def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -43,23 +84,21 @@ def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
-    """log_softmax(hidden @ weight.T)[label] row by row chunk, recomputing logits in backward."""
+    """log_softmax(hidden @ weight.T)[label] row by row chunk, recomputing logits in backward.
+
+    Second output: the `TOKEN_STATS` of every row ([N, 4], no gradient) when `with_stats`, else an
+    empty [N, 0] tensor."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size):
-        out = torch.empty(hidden.shape[0], dtype=_softmax_dtype(hidden.dtype), device=hidden.device)
-        lse = torch.empty_like(out)
-        for start in range(0, hidden.shape[0], chunk_size):
-            sl = slice(start, start + chunk_size)
-            logits = (hidden[sl] @ weight.T).to(out.dtype)
-            lse[sl] = torch.logsumexp(logits, dim=-1)
-            out[sl] = logits.gather(1, labels[sl, None]).squeeze(1) - lse[sl]
+    def forward(ctx, hidden, weight, labels, chunk_size, with_stats=False):
+        out, lse, stats = _chunked_forward(hidden, weight, labels, chunk_size, with_stats)
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.chunk_size = chunk_size
-        return out
+        ctx.mark_non_differentiable(stats)
+        return out, stats
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_stats):
         hidden, weight, labels, lse = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=lse.dtype) if ctx.needs_input_grad[1] else None
@@ -77,21 +116,34 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 grad_weight += (grad_logits.T @ hidden[sl]).to(lse.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
-def token_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                            chunk_size: int = 1024) -> torch.Tensor:
-    """[N] log-probs of `labels` under logits `hidden @ weight.T` (hidden [N, H], weight [V, H]);
-    fp32, or fp64 when `hidden` is fp64."""
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _ChunkedTokenLogps.apply(hidden, weight, labels, chunk_size)
+@torch.no_grad()
+def _chunked_forward(hidden, weight, labels, chunk_size, with_stats):
+    """(token log-probs [N], logsumexp [N], stats [N, 4] or [N, 0]), one [chunk, V] block at a time."""
     out = torch.empty(hidden.shape[0], dtype=_softmax_dtype(hidden.dtype), device=hidden.device)
+    lse = torch.empty_like(out)
+    stats = out.new_empty((hidden.shape[0], len(TOKEN_STATS) if with_stats else 0))
     for start in range(0, hidden.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
         logits = (hidden[sl] @ weight.T).to(out.dtype)
-        out[sl] = logits.gather(1, labels[sl, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-    return out
+        lse[sl] = torch.logsumexp(logits, dim=-1)
+        out[sl] = logits.gather(1, labels[sl, None]).squeeze(1) - lse[sl]
+        if with_stats:
+            stats[sl] = _chunk_stats(logits, lse[sl], labels[sl])
+    return out, lse, stats
+
+
+def token_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                            chunk_size: int = 1024, *, with_stats: bool = False):
+    """[N] log-probs of `labels` under logits `hidden @ weight.T` (hidden [N, H], weight [V, H]);
+    fp32, or fp64 when `hidden` is fp64. With `with_stats`, returns (log-probs, stats [N, 4])."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        out, stats = _ChunkedTokenLogps.apply(hidden, weight, labels, chunk_size, with_stats)
+    else:
+        out, _, stats = _chunked_forward(hidden, weight, labels, chunk_size, with_stats)
+    return (out, stats) if with_stats else out
 
 
 def _head_is_plain_linear(model) -> bool:
@@ -110,7 +162,9 @@ class CompletionScorer(nn.Module):
     """Scores the completion tokens of a batch. Wrap *this* in DDP/FSDP, not the bare model,
     so the distributed wrapper's hooks see the whole computation.
 
-    forward(ModelInputs) -> (segment_sums [2B] float64, token_logps [M] in the inputs' order).
+    forward(ModelInputs, token_stats=False, router_aux=False) -> (segment_sums [2B] float64,
+    token_logps [M] in the inputs' order, per-token `TOKEN_STATS` [M, 4] (detached) or None without
+    `token_stats`, the MoE router load-balancing loss (a scalar) or None without `router_aux`).
     Every layout (padded, prefix-shared, packed) describes itself as a `batching.ModelInputs`:
     the ids, its mask and positions, and which hidden states score which tokens into which
     segment, so the scorer has one path.
@@ -134,7 +188,7 @@ class CompletionScorer(nn.Module):
             target = self._compiled[self.chunked]
         return target(**inputs)
 
-    def forward(self, inputs: ModelInputs):
+    def forward(self, inputs: ModelInputs, token_stats: bool = False, router_aux: bool = False):
         input_ids, attention_mask = inputs.input_ids, inputs.attention_mask
         rows, width = input_ids.shape
         score_from, labels, units = inputs.score_from, inputs.labels, inputs.units
@@ -153,36 +207,105 @@ class CompletionScorer(nn.Module):
                 attention_mask = torch.zeros(attention_mask.shape, dtype=model_dtype,
                                              device=attention_mask.device)
                 attention_mask.masked_fill_(blocked, torch.finfo(model_dtype).min)
+        if router_aux:
+            extra["output_router_logits"] = True
         if self.chunked:
-            hidden = self._run_body(input_ids=input_ids, attention_mask=attention_mask,
-                                    use_cache=False, **extra).last_hidden_state
+            body = self._run_body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                  **extra)
+            hidden = body.last_hidden_state
             hidden = hidden.reshape(rows * width, -1)[score_from]
-            token_logps = token_logps_from_hidden(
-                hidden, self.model.get_output_embeddings().weight, labels, self.chunk_size)
+            scored = token_logps_from_hidden(hidden, self.model.get_output_embeddings().weight, labels,
+                                             self.chunk_size, with_stats=token_stats)
+            token_logps, stats = scored if token_stats else (scored, None)
         else:
-            logits = self._run_body(input_ids=input_ids, attention_mask=attention_mask,
-                                    use_cache=False, **extra).logits
+            body = self._run_body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                  **extra)
+            logits = body.logits
             picked = logits.reshape(rows * width, -1)[score_from]
             picked = picked.to(_softmax_dtype(picked.dtype))
-            token_logps = picked.gather(1, labels[:, None]).squeeze(1) - torch.logsumexp(picked, -1)
+            lse = torch.logsumexp(picked, -1)
+            token_logps = picked.gather(1, labels[:, None]).squeeze(1) - lse
+            stats = _chunk_stats(picked.detach(), lse.detach(), labels) if token_stats else None
         sums = torch.zeros(inputs.num_segments, dtype=torch.float64, device=input_ids.device)
         sums = sums.index_add(0, inputs.segments, token_logps.double())
-        return sums, token_logps
+        aux = _router_aux_loss(self.model.config, body.router_logits, attention_mask) if router_aux else None
+        return sums, token_logps, (stats if token_stats else None), aux
 
 
-def sequence_logps(scorer: nn.Module, batch, *, keep_token_logps: bool = False) -> SequenceLogps:
+def _router_aux_loss(config, router_logits, attention_mask) -> torch.Tensor:
+    """The MoE load-balancing loss of one forward (transformers' Mixtral function, which every MoE
+    family shares and TRL 1.16 calls), over the real tokens of a padded batch. Packed rows have no
+    pad and a prefix-shared batch a 4-D mask, so there every position counts (TRL: the same for its
+    padding-free rows)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    config = config.get_text_config()
+    mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+    return load_balancing_loss_func(router_logits, config.num_experts, config.num_experts_per_tok, mask)
+
+
+def router_aux_coefficient(model, requested: float | None) -> float:
+    """TRL's `router_aux_loss_coef`: the requested value, else the model config's (0 when it has
+    none). A model without `output_router_logits` in its config has no router loss to weight: a
+    nonzero request is refused (exit 2)."""
+    from dpocli.errors import DpocliError
+    config = model.config.get_text_config()
+    if requested and not hasattr(config, "output_router_logits"):
+        raise DpocliError(f"is {requested}, but {type(model).__name__} is not a Mixture-of-Experts model "
+                          "that returns router logits", field="--router-aux-loss-coef",
+                          hint="drop --router-aux-loss-coef for this model")
+    if not hasattr(config, "output_router_logits"):
+        return 0.0
+    return float(getattr(config, "router_aux_loss_coef", 0.0) if requested is None else requested)
+
+
+def sequence_logps(scorer: nn.Module, batch, *, keep_token_logps: bool = False, token_stats: bool = False,
+                   ld_alpha: float | None = None, router_aux: bool = False) -> SequenceLogps:
     """Run `scorer` (a CompletionScorer, possibly wrapped by DDP/FSDP) on `batch` (any layout:
-    `Batch`, `SharedPrefixBatch`, `PackedBatch`), split by pair."""
+    `Batch`, `SharedPrefixBatch`, `PackedBatch`), split by pair.
+
+    token_stats: also sum TRL's per-token LM-head values per segment (`SequenceLogps.stats`).
+    ld_alpha: LD-DPO (arXiv 2409.06411, TRL's `ld_alpha`): each completion's sum becomes
+    Σ_{t<=ℓ} log p_t + α·Σ_{t>ℓ} log p_t with ℓ = min(|y_w|, |y_l|) of its pair.
+    router_aux: also return the MoE router load-balancing loss of the forward.
+    """
     b = batch.num_pairs
     inputs = batch.model_inputs()
-    sums, token_logps = scorer(inputs)
+    sums, token_logps, stats, aux = scorer(inputs, token_stats=token_stats, router_aux=router_aux)
     lens = torch.bincount(inputs.segments, minlength=2 * b)
+    # Grouped by segment (every layout lists a segment's tokens in completion order; the stable
+    # sort keeps it, and the standard layout is already grouped).
+    order = torch.argsort(inputs.segments, stable=True)
     per_row = None
     if keep_token_logps:
-        # Grouped by segment (the standard layout is already in that order; the stable sort keeps it).
-        values = token_logps.detach().float()[torch.argsort(inputs.segments, stable=True)]
-        per_row = list(values.split(lens.tolist()))
+        per_row = list(token_logps.detach().float()[order].split(lens.tolist()))
+    plain = None
+    if ld_alpha is not None:
+        plain = sums[:b]
+        sums = _ld_sums(token_logps, inputs.segments, order, lens, ld_alpha)
     return SequenceLogps(
         chosen_logps=sums[:b], rejected_logps=sums[b:], chosen_len=lens[:b], rejected_len=lens[b:],
         chosen_token_logps=per_row[:b] if per_row else None,
-        rejected_token_logps=per_row[b:] if per_row else None)
+        rejected_token_logps=per_row[b:] if per_row else None,
+        stats=_segment_stats(token_logps, stats, inputs) if stats is not None else None,
+        chosen_plain_logps=plain, router_aux_loss=aux)
+
+
+def _ld_sums(token_logps, segments, order, lens, alpha: float) -> torch.Tensor:
+    """[2B] float64 LD-DPO sums (differentiable): a token at 0-based position k of its completion
+    counts fully when k < min(|y_w|, |y_l|) of its pair, else with weight α (TRL `ld_alpha`)."""
+    b = lens.shape[0] // 2
+    starts = torch.cumsum(lens, 0) - lens
+    position = torch.empty_like(segments)
+    position[order] = torch.arange(segments.shape[0], device=segments.device) - starts[segments[order]]
+    shared = torch.minimum(lens[:b], lens[b:]).repeat(2)
+    weight = torch.where(position < shared[segments], 1.0, alpha).to(torch.float64)
+    out = torch.zeros(2 * b, dtype=torch.float64, device=token_logps.device)
+    return out.index_add(0, segments, token_logps.double() * weight)
+
+
+def _segment_stats(token_logps, stats, inputs) -> TokenStats:
+    """Per-segment sums of the per-token `TOKEN_STATS` (and WPO's aligned log-probs)."""
+    cols = torch.cat([stats[:, :3], (token_logps.detach() - stats[:, 3])[:, None]], dim=1).double()
+    sums = torch.zeros((inputs.num_segments, 4), dtype=torch.float64, device=cols.device)
+    sums = sums.index_add(0, inputs.segments, cols)
+    return TokenStats(*sums.unbind(1))

@@ -40,13 +40,26 @@ class LossInputs:
     ref_rejected_logps: Tensor
     chosen_len: Tensor
     rejected_len: Tensor
+    # WPO (`LossSpec.use_weighting`): Σ_t (log p(y_t) - log Σ_v p_v²) per completion, detached.
+    chosen_wpo_logps: Tensor | None = None
+    rejected_wpo_logps: Tensor | None = None
+    # Under LD-DPO the *_logps above are length-desensitised; `sft` uses the plain chosen sums (as TRL).
+    policy_chosen_plain_logps: Tensor | None = None
+    # MoE: the forward's router load-balancing loss (scalar), added with `LossSpec.router_aux_loss_coef`.
+    router_aux_loss: Tensor | None = None
 
     @classmethod
     def from_logps(cls, policy, ref) -> "LossInputs":
         """The loss inputs of a batch: the policy's sums (a `logprobs.SequenceLogps`) against the
         cached reference values (a `scoring.RefLogps`), whose completion lengths are used."""
+        b = policy.chosen_logps.shape[0]
+        wpo = policy.stats.wpo_logps if policy.stats is not None else None
         return cls(policy.chosen_logps, policy.rejected_logps, ref.chosen_logps, ref.rejected_logps,
-                   ref.chosen_len, ref.rejected_len)
+                   ref.chosen_len, ref.rejected_len,
+                   chosen_wpo_logps=wpo[:b] if wpo is not None else None,
+                   rejected_wpo_logps=wpo[b:] if wpo is not None else None,
+                   policy_chosen_plain_logps=policy.chosen_plain_logps,
+                   router_aux_loss=policy.router_aux_loss)
 
 
 @dataclass(frozen=True)
@@ -61,16 +74,23 @@ class LossSpec:
     discopop_tau: float = 0.05  # TRL default
     f_divergence: str = "reverse_kl"  # reverse_kl | forward_kl | js_divergence | alpha_divergence
     f_alpha: float = 0.5  # TRL's `f_alpha_divergence_coef` default
+    use_weighting: bool = False  # WPO: every per-pair loss times the pair's weight (`wpo_weights`)
+    # LD-DPO α (TRL `ld_alpha`). Not used by the loss itself: it says how the policy's and the
+    # reference's sums are formed (logprobs.sequence_logps, scoring.cached_reference).
+    ld_alpha: float | None = None
+    # TRL `router_aux_loss_coef`, resolved against the model (logprobs.router_aux_coefficient); 0 = off.
+    router_aux_loss_coef: float = 0.0
 
 
 @dataclass(frozen=True)
 class LossOutput:
     """Result of `compute_loss`. All tensors except `loss` and `per_pair_loss` are detached.
 
-    loss: scalar, Σ_k w_k · mean_B(loss_k); what backward() is called on.
+    loss: scalar, Σ_k w_k · mean_B(loss_k) (+ coef · router aux loss for MoE); what backward() is called on.
     per_pair_loss: [B], Σ_k w_k · loss_k per pair (its mean equals `loss`).
     chosen_rewards / rejected_rewards: [B], β·Δw and β·Δl (plain log-ratios).
-    components: loss name -> unweighted batch mean of that loss (scalar).
+    components: loss name -> batch mean of that loss (scalar), before its loss weight w_k
+    (with WPO, after the per-pair WPO weights).
     """
 
     loss: Tensor
@@ -78,6 +98,7 @@ class LossOutput:
     chosen_rewards: Tensor
     rejected_rewards: Tensor
     components: dict[str, Tensor]
+    aux_loss: Tensor | None = None  # MoE router load-balancing loss (detached), already inside `loss`
 
 
 # ---- f-divergence score transforms g(u) (Wang et al., arXiv 2309.16240; TRL `f_divergence_type`) ----
@@ -279,8 +300,23 @@ def sft(x: LossInputs, spec: LossSpec) -> Tensor:
 
     Mixed with a DPO loss by weights this is RPO (arXiv 2404.19733). TRL `sft`.
     """
-    nll = -x.policy_chosen_logps.sum() / x.chosen_len.to(x.policy_chosen_logps).sum().clamp(min=1.0)
+    chosen = x.policy_chosen_plain_logps if x.policy_chosen_plain_logps is not None else x.policy_chosen_logps
+    nll = -chosen.sum() / x.chosen_len.to(chosen).sum().clamp(min=1.0)
     return nll.expand_as(x.policy_chosen_logps)
+
+
+def wpo_weights(x: LossInputs) -> Tensor:
+    """WPO's per-pair weight w_w·w_l, with w = exp(mean over the completion's tokens of
+    log p(y_t) - log Σ_v p_v²): the sequence's probability under the policy's own sampling
+    distribution, per token. arXiv 2406.11827 Eq. 2. TRL `use_weighting` (no gradient, as TRL).
+    """
+    if x.chosen_wpo_logps is None or x.rejected_wpo_logps is None:
+        raise ValueError("use_weighting needs the policy's per-token WPO terms "
+                         "(sequence_logps(..., token_stats=True))")
+    len_w, len_l = _lengths(x)
+    w_w = torch.exp(x.chosen_wpo_logps.to(len_w) / len_w)
+    w_l = torch.exp(x.rejected_wpo_logps.to(len_l) / len_l)
+    return (w_w * w_l).detach()
 
 
 LOSSES: dict[str, Callable[[LossInputs, LossSpec], Tensor]] = {
@@ -326,6 +362,10 @@ def validate_spec(spec: LossSpec) -> None:
         raise DpocliError(f"must be a finite number, got {spec.f_alpha}", field="f_alpha")
     if not (math.isfinite(spec.discopop_tau) and spec.discopop_tau > 0):
         raise DpocliError(f"must be > 0, got {spec.discopop_tau}", field="discopop_tau")
+    sorting = sorted({"aot", "aot_unpaired"}.intersection(spec.losses))
+    if spec.use_weighting and sorting:  # TRL raises NotImplementedError
+        raise DpocliError(f"does not apply to loss {', '.join(sorting)}: it sorts pairs, so per-pair "
+                          "weights would be misaligned (TRL refuses it too)", field="use_weighting")
 
 
 def _validate_label_smoothing(spec: LossSpec) -> None:
@@ -350,14 +390,21 @@ def compute_loss(inputs: LossInputs, spec: LossSpec) -> LossOutput:
     validate_spec(spec)  # a few comparisons; cheap next to the forward pass that produced `inputs`
     per_pair = torch.zeros_like(inputs.policy_chosen_logps)
     components = {}
+    pair_weights = wpo_weights(inputs) if spec.use_weighting else None
     for name, weight in zip(spec.losses, spec.weights):
         loss_k = LOSSES[name](inputs, spec)
+        if pair_weights is not None:  # TRL weights every loss type's per-pair value, sft included
+            loss_k = loss_k * pair_weights
         components[name] = loss_k.detach().mean()
         per_pair = per_pair + weight * loss_k
     dw, dl = _logratios(inputs)
-    return LossOutput(loss=per_pair.mean(), per_pair_loss=per_pair,
+    loss, aux = per_pair.mean(), None
+    if spec.router_aux_loss_coef and inputs.router_aux_loss is not None:  # TRL: loss + coef·aux_loss
+        aux = inputs.router_aux_loss
+        loss = loss + spec.router_aux_loss_coef * aux.to(loss.dtype)
+    return LossOutput(loss=loss, per_pair_loss=per_pair,
                       chosen_rewards=(spec.beta * dw).detach(), rejected_rewards=(spec.beta * dl).detach(),
-                      components=components)
+                      components=components, aux_loss=aux.detach() if aux is not None else None)
 
 
 # The loss options of `dpo train` and `dpo eval`, named as in TrainConfig and a run's run_config.json.

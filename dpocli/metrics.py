@@ -10,9 +10,19 @@ Per pair i, with Δw = policy_chosen_logps − ref_chosen_logps and Δl likewise
     logps/rejected      mean_i policy_rejected_logps_i  call it an average per token, the code sums)
     loss                the optimised loss: Σ_k w_k · mean_i loss_k,i
     loss/<type>         mean_i loss_k,i for each loss type when several are combined
+    aux_loss            MoE only: the router load-balancing loss of each micro-batch, pair-weighted
 
 All means are over pairs (example-weighted). Within an optimizer step they run over every pair of
 every micro-batch on every rank, which equals TRL's mean of per-batch means when batches are equal.
+
+Token metrics, from the LM head (TRL 1.16's `_compute_loss`, all detached): per micro-batch, a
+ratio of sums over the completion tokens of every rank, then the mean of those ratios over the
+step's micro-batches (TRL logs one value per micro-batch and averages them; 0 when a ratio has no
+tokens):
+
+    entropy             Σ_t H_t / #tokens, over chosen AND rejected completion tokens
+    logits/chosen       Σ_t mean_v z_t,v / #tokens, chosen completion tokens   (likewise rejected)
+    mean_token_accuracy Σ_t 1[argmax_v z_t,v = y_t] / #tokens, chosen completion tokens only
 """
 
 from __future__ import annotations
@@ -37,6 +47,20 @@ class StepMetrics:
     def __init__(self):
         self.sums: dict[str, float] = {}
         self.pairs = 0
+        self.token_parts: list[torch.Tensor] = []  # per micro-batch: the sums of TOKEN_METRICS
+
+    # name -> (numerator, denominator) positions in a micro-batch's `token_parts` vector
+    TOKEN_METRICS = {"entropy": (0, 1), "logits/chosen": (2, 3), "logits/rejected": (4, 5),
+                     "mean_token_accuracy": (6, 3)}
+
+    def add_tokens(self, policy, real: bool = True) -> None:
+        """The LM-head sums of one micro-batch (a `SequenceLogps` with `stats`). Every rank adds
+        every micro-batch, a rank without real rows as zeros, so the all-reduce lines up."""
+        st, b = policy.stats, policy.chosen_len.shape[0]
+        c_len, r_len = policy.chosen_len.double().sum(), policy.rejected_len.double().sum()
+        parts = torch.stack([st.entropy.sum(), c_len + r_len, st.mean_logit[:b].sum(), c_len,
+                             st.mean_logit[b:].sum(), r_len, st.top1[:b].sum()]).double()
+        self.token_parts.append(parts if real else torch.zeros_like(parts))
 
     def add(self, out: LossOutput, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor) -> None:
         n = out.chosen_rewards.shape[0]
@@ -49,6 +73,9 @@ class StepMetrics:
         if len(out.components) > 1:
             names += [f"loss/{k}" for k in out.components]
             parts += [v.double() * n for v in out.components.values()]
+        if out.aux_loss is not None:  # MoE: TRL logs the router load-balancing loss as aux_loss
+            names.append("aux_loss")
+            parts.append(out.aux_loss.double() * n)
         # One device-to-host copy per micro-batch: on GPU every float() would be a sync point.
         for key, value in zip(names, torch.stack(parts).tolist()):
             self.sums[key] = self.sums.get(key, 0.0) + value
@@ -57,10 +84,18 @@ class StepMetrics:
     def means(self, dist) -> dict[str, float]:
         """Means over all pairs of all ranks (one all-reduce, a sync point)."""
         keys = sorted(self.sums)
-        packed = torch.tensor([self.sums[k] for k in keys] + [float(self.pairs)], dtype=torch.float64)
+        micro = (torch.stack(self.token_parts).cpu() if self.token_parts
+                 else torch.zeros((0, 7), dtype=torch.float64))
+        packed = torch.cat([torch.tensor([self.sums[k] for k in keys] + [float(self.pairs)],
+                                         dtype=torch.float64), micro.flatten()])
         dist.all_reduce_sum_(packed)
-        total = packed[-1].item()
-        return {k: packed[i].item() / total for i, k in enumerate(keys)}
+        total = packed[len(keys)].item()
+        out = {k: packed[i].item() / total for i, k in enumerate(keys)}
+        micro = packed[len(keys) + 1:].view(-1, 7)
+        for name, (num, den) in self.TOKEN_METRICS.items() if len(micro) else ():
+            ratios = [n / d if d > 0 else 0.0 for n, d in zip(micro[:, num].tolist(), micro[:, den].tolist())]
+            out[name] = sum(ratios) / len(ratios)
+        return out
 
 
 def pair_metrics(policy, ref, spec: LossSpec) -> tuple[dict, dict]:
@@ -92,6 +127,8 @@ def pair_metrics(policy, ref, spec: LossSpec) -> tuple[dict, dict]:
     }
     if len(out.components) > 1:
         m.update({f"loss/{k}": float(v) for k, v in out.components.items()})
+    if policy.stats is not None:
+        m.update(token_metrics(policy.stats, clen, rlen))
     diff = (ref.chosen_len - ref.rejected_len)
     for low, high, name in LENGTH_BUCKETS:
         inside = (diff >= low) & (diff <= high)
@@ -102,6 +139,19 @@ def pair_metrics(policy, ref, spec: LossSpec) -> tuple[dict, dict]:
                "preference_prob": prob, "correct": correct.bool(), "policy_chosen_logps": pc,
                "policy_rejected_logps": pr}
     return m, columns
+
+
+def token_metrics(stats, chosen_len: torch.Tensor, rejected_len: torch.Tensor) -> dict[str, float]:
+    """TRL's LM-head metrics over a whole set of pairs (token-weighted; definitions at the top)."""
+    n = chosen_len.shape[0]
+    c_tokens, r_tokens = float(chosen_len.sum()), float(rejected_len.sum())
+
+    def ratio(total, tokens: float) -> float:
+        return float(total) / tokens if tokens > 0 else 0.0
+    return {"entropy": ratio(stats.entropy.sum(), c_tokens + r_tokens),
+            "logits/chosen": ratio(stats.mean_logit[:n].sum(), c_tokens),
+            "logits/rejected": ratio(stats.mean_logit[n:].sum(), r_tokens),
+            "mean_token_accuracy": ratio(stats.top1[:n].sum(), c_tokens)}
 
 
 def rename_for_eval(metrics: dict) -> dict:

@@ -250,6 +250,21 @@ class TrainOpts:
         "Also log to tensorboard, wandb and/or mlflow (comma-separated; the package must be installed), "
         "under HF Trainer's keys (train/loss, eval/loss, ...).",
     )
+    use_weighting: bool = opt(
+        False,
+        "WPO: weight each pair's loss by the policy's per-token-normalised probability of chosen times "
+        "rejected (TRL's use_weighting; not with aot, aot_unpaired).",
+    )
+    ld_alpha: float | None = opt(
+        None,
+        "LD-DPO α in [0, 1]: completion tokens past the shorter completion of the pair count α times, for "
+        "policy and reference (TRL's ld_alpha); needs a cache made with --token-logps.",
+    )
+    router_aux_loss_coef: float | None = opt(
+        None,
+        "MoE models: weight of the router load-balancing loss added to the loss and logged as aux_loss "
+        "(default: the model config's router_aux_loss_coef, as TRL; 0 disables; refused for other models).",
+    )
     skip_step0_check: bool = opt(False, "Do not stop when policy = reference fails to reproduce the cache.")
     allow_tokenizer_mismatch: bool = opt(
         False, "Train although the policy's tokenizer differs from the cache's."

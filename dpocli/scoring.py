@@ -9,11 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from dpocli.batching import Batch, Batching, SharedPrefixBatch, make_batch, plan_reference_batches
 from dpocli.cache import CacheData, Manifest
-from dpocli.logprobs import SequenceLogps, sequence_logps
+from dpocli.errors import DpocliError
+from dpocli.logprobs import SequenceLogps, TokenStats, sequence_logps
 from dpocli.packing import PackedBatch
 
 
@@ -36,15 +38,40 @@ class RefLogps:
     rejected_len: torch.Tensor
 
 
-def cached_reference(data: CacheData, rows: Sequence[int], device) -> RefLogps:
-    """The reference values of `rows`, as [B] tensors on `device`."""
+def cached_reference(data: CacheData, rows: Sequence[int], device, ld_alpha: float | None = None) -> RefLogps:
+    """The reference values of `rows`, as [B] tensors on `device`.
+
+    ld_alpha: LD-DPO sums from the cached per-token log-probs (a `--token-logps` cache, see
+    `check_token_logps`): Σ_{t<=ℓ} + α·Σ_{t>ℓ}, ℓ = min(|y_w|, |y_l|). TRL 1.16 applies `ld_alpha`
+    to the reference as well as to the policy."""
     idx = list(rows)
 
     def pick(name: str, dtype: torch.dtype) -> torch.Tensor:
         return torch.as_tensor(data.scalars[name][idx], dtype=dtype, device=device)
-    return RefLogps(chosen_logps=pick("ref_chosen_logps", torch.float64),
-                    rejected_logps=pick("ref_rejected_logps", torch.float64),
+    chosen, rejected = pick("ref_chosen_logps", torch.float64), pick("ref_rejected_logps", torch.float64)
+    if ld_alpha is not None:
+        sums = [_ld_pair(data.row_list("ref_chosen_token_logps", i),
+                         data.row_list("ref_rejected_token_logps", i), ld_alpha) for i in idx]
+        chosen = torch.tensor([c for c, _ in sums], dtype=torch.float64, device=device)
+        rejected = torch.tensor([r for _, r in sums], dtype=torch.float64, device=device)
+    return RefLogps(chosen_logps=chosen, rejected_logps=rejected,
                     chosen_len=pick("chosen_len", torch.long), rejected_len=pick("rejected_len", torch.long))
+
+
+def _ld_pair(chosen, rejected, alpha: float) -> tuple[float, float]:
+    shared = min(len(chosen), len(rejected))
+    return tuple(float(np.sum(t[:shared], dtype=np.float64) + alpha * np.sum(t[shared:], dtype=np.float64))
+                 for t in (chosen, rejected))
+
+
+def check_token_logps(flag: str, *caches: tuple) -> None:
+    """Refuse (exit 2) an option that needs per-token reference log-probs when one of the
+    (cache folder, CacheData) pairs lacks them."""
+    for cache_dir, data in caches:
+        if "ref_chosen_token_logps" not in data.lists:
+            raise DpocliError(f"needs per-token reference log-probs, and the cache {cache_dir} has none",
+                              field=flag,
+                              hint="recreate the cache with `dpo precompute-ref ... --token-logps`")
 
 
 def shard_batching(manifest: Manifest) -> dict[int, Batching]:
@@ -72,14 +99,17 @@ def plan_like_precompute(data: CacheData, manifest: Manifest,
 
 @torch.no_grad()
 def score_cache(scorer, data: CacheData, manifest: Manifest, pad_id: int, device, *,
-                max_tokens: int | None = None, dist=None) -> SequenceLogps:
+                max_tokens: int | None = None, dist=None, token_stats: bool = False,
+                ld_alpha: float | None = None) -> SequenceLogps:
     """Policy summed log-probs (float64, CPU) of chosen and rejected for every cache row, in row
-    order, with the cached completion lengths.
+    order, with the cached completion lengths; `token_stats` and `ld_alpha` as in `sequence_logps`.
 
     With `dist`, ranks take every world_size-th batch and results are gathered on every rank.
     """
-    chosen = torch.zeros(data.num_rows, dtype=torch.float64)
-    rejected = torch.zeros(data.num_rows, dtype=torch.float64)
+    # Per row: chosen, rejected sums, then (with token_stats) the chosen and rejected TokenStats
+    # sums, then (with ld_alpha) the plain chosen sum.
+    width = 2 + (8 if token_stats else 0) + (1 if ld_alpha is not None else 0)
+    values = torch.zeros((data.num_rows, width), dtype=torch.float64)
     # Replay precompute's layout too, not only its batches (the layout is one per cache).
     layout = manifest.spec["batching"]
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
@@ -92,13 +122,28 @@ def score_cache(scorer, data: CacheData, manifest: Manifest, pad_id: int, device
     for b in range(rounds):
         rows = mine_batches[b] if b < len(mine_batches) else batches[0]
         batch = cache_batch(data, rows, pad_id, layout["prefix_sharing"], layout["packing"])
-        out = sequence_logps(scorer, batch.to(device))
+        out = sequence_logps(scorer, batch.to(device), token_stats=token_stats, ld_alpha=ld_alpha)
         if b < len(mine_batches):
-            mine.append((rows, out.chosen_logps.cpu(), out.rejected_logps.cpu()))
+            mine.append((rows, _row_values(out).cpu()))
     parts = dist.all_gather_object(mine) if dist is not None and dist.enabled else [mine]
     for part in parts:
-        for rows, c, r in part:
-            chosen[rows] = c
-            rejected[rows] = r
+        for rows, row_values in part:
+            values[rows] = row_values
     ref = cached_reference(data, range(data.num_rows), "cpu")
-    return SequenceLogps(chosen, rejected, ref.chosen_len, ref.rejected_len)
+    stats = None
+    if token_stats:  # back to per-segment [2N] vectors: chosen rows, then rejected rows
+        stats = TokenStats(*(torch.cat([values[:, 2 + k], values[:, 6 + k]]) for k in range(4)))
+    return SequenceLogps(values[:, 0], values[:, 1], ref.chosen_len, ref.rejected_len, stats=stats,
+                         chosen_plain_logps=values[:, -1] if ld_alpha is not None else None)
+
+
+def _row_values(out: SequenceLogps) -> torch.Tensor:
+    """[B, width] per pair: the columns `score_cache` collects."""
+    b = out.chosen_logps.shape[0]
+    cols = [out.chosen_logps, out.rejected_logps]
+    if out.stats is not None:
+        fields = (out.stats.entropy, out.stats.mean_logit, out.stats.top1, out.stats.wpo_logps)
+        cols += [f[:b] for f in fields] + [f[b:] for f in fields]
+    if out.chosen_plain_logps is not None:
+        cols.append(out.chosen_plain_logps)
+    return torch.stack([c.detach().double() for c in cols], dim=1)

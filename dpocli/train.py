@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -33,14 +33,14 @@ from dpocli.checkpoint import RunDir, TrainState
 from dpocli.console import ProgressBar, log, sigterm_as_interrupt
 from dpocli.errors import Interrupted, RunFailure, out_of_memory_types
 from dpocli.evaluate import evaluate_policy
-from dpocli.logprobs import sequence_logps
+from dpocli.logprobs import router_aux_coefficient, sequence_logps
 from dpocli.losses import LossInputs, LossSpec, compute_loss
 from dpocli.metrics import MetricsLog, StepMetrics, rename_for_eval
 from dpocli.modeling import DTYPES, resolve_device
 from dpocli.policy import build_policy, load_policy_tokenizer, step0_check
 from dpocli.run_summary import TrainTotals, train_summary
 from dpocli.schedule import make_optimizer, make_scheduler
-from dpocli.scoring import cache_batch, cached_reference
+from dpocli.scoring import cache_batch, cached_reference, check_token_logps
 from dpocli.train_config import TrainConfig
 
 __all__ = ["TrainConfig", "run_train"]
@@ -82,6 +82,8 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     dist = distributed.current()
     manifest, data = cache.load_cache(cfg.cache)
     eval_set = cache.load_matching_cache(cfg.eval_cache, manifest) if cfg.eval_cache else None
+    if cfg.ld_alpha is not None:  # LD-DPO needs per-token reference values: checked before any write
+        check_token_logps("--ld-alpha", (cfg.cache, data), *[(cfg.eval_cache, e[1]) for e in [eval_set] if e])
     tokenizer = load_policy_tokenizer(cfg, manifest)
     run_dir = Path(cfg.out)
     outputs.check_output_location(run_dir, {"--model": cfg.model, "the cache": cfg.cache,
@@ -95,6 +97,7 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     device = dist.device_for(resolve_device(cfg.device))
     model, scorer = build_policy(cfg, data, plan.resume_from, device)
+    spec = replace(spec, router_aux_loss_coef=router_aux_coefficient(model, cfg.router_aux_loss_coef))
     extra_files = tuple(n for n in ("tensorboard", "wandb") if n in (cfg.report_to or ""))
     run = dist.on_main_then_broadcast(lambda: RunDir.claim(
         plan, config, identity, resolved_toml, extra_files + (("merged",) if cfg.merge else ())))
@@ -152,10 +155,11 @@ def _train_step(s: _Session, state: TrainState, bar) -> None:
     for k, micro in enumerate(micros):
         rows, real = distributed.rank_rows(micro, dist)
         batch = cache_batch(s.data, rows, s.pad_id, cfg.prefix_sharing, cfg.packing).to(s.device)
-        ref = cached_reference(s.data, rows, s.device)
+        ref = cached_reference(s.data, rows, s.device, s.spec.ld_alpha)
         last = k == len(micros) - 1  # gradients sync across ranks only on the last micro-batch
         with distributed.grad_sync(s.scorer, last), s.autocast:
-            policy = sequence_logps(s.scorer, batch)
+            policy = sequence_logps(s.scorer, batch, token_stats=True, ld_alpha=s.spec.ld_alpha,
+                                    router_aux=s.spec.router_aux_loss_coef != 0)
         out = compute_loss(LossInputs.from_logps(policy, ref), s.spec)
         weight = (len(rows) / step_pairs * dist.world_size) if real else 0.0
         with distributed.grad_sync(s.scorer, last):
@@ -165,6 +169,7 @@ def _train_step(s: _Session, state: TrainState, bar) -> None:
                               (policy.rejected_logps - ref.rejected_logps).abs()]).detach()
             state.step0 = step0_check(cfg, s.manifest, float(dist.max_over_ranks(float(diff.max()))),
                                       s.model)
+        step_metrics.add_tokens(policy, real)
         if real:
             step_metrics.add(out, policy.chosen_logps, policy.rejected_logps)
             step_tokens += batch.num_tokens

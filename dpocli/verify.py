@@ -62,7 +62,7 @@ def run_verify(cache_dir: str, *, rescore: int = 0, model: str | None = None, se
             for start in range(0, len(rows), 8):
                 chunk = rows[start:start + 8]
                 batch = cache_batch(data, chunk, pad_id).to(dev)
-                sums, _ = scorer(batch.model_inputs())
+                sums = scorer(batch.model_inputs())[0]
                 b = len(chunk)
                 for j, i in enumerate(chunk):
                     for value, name in ((sums[j], "ref_chosen_logps"), (sums[b + j], "ref_rejected_logps")):

@@ -125,9 +125,9 @@ def test_chunked_head_equals_unchunked(model, pairs):
     plain = CompletionScorer(model)
     plain.chunked = False  # the model's own forward: full [R, T, V] logits
     with torch.no_grad():
-        ref_sums, ref_tokens = plain(batch.model_inputs())
+        ref_sums, ref_tokens, _, _ = plain(batch.model_inputs())
         for chunk in (1, 3, 64, n_scored, n_scored + 100):
-            sums, tokens = CompletionScorer(model, chunk_size=chunk)(batch.model_inputs())
+            sums, tokens, _, _ = CompletionScorer(model, chunk_size=chunk)(batch.model_inputs())
             assert tokens.shape == (n_scored,)
             # Not bitwise: a [1, H] @ W.T and a [R*T, H] @ W.T round differently (~1 fp32 ulp).
             assert torch.allclose(tokens, ref_tokens, rtol=0, atol=5e-6), chunk
@@ -144,7 +144,7 @@ def test_chunked_head_gradients_equal_unchunked(model, pairs):
         model.zero_grad(set_to_none=True)
         scorer = CompletionScorer(model, chunk_size=chunk)
         scorer.chunked = chunked
-        sums, _ = scorer(batch.model_inputs())
+        sums = scorer(batch.model_inputs())[0]
         (sums * weights).sum().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -180,7 +180,7 @@ def test_forward_equals_plain_log_softmax(chunk):
     with torch.no_grad():
         assert torch.allclose(token_logps_from_hidden(hidden, weight, labels, chunk), expected,
                               rtol=0, atol=1e-12)
-    got = _ChunkedTokenLogps.apply(hidden.requires_grad_(), weight, labels, chunk)
+    got, _ = _ChunkedTokenLogps.apply(hidden.requires_grad_(), weight, labels, chunk)
     assert got.dtype == torch.float64 and torch.allclose(got, expected, rtol=0, atol=1e-12)
 
 
@@ -225,5 +225,5 @@ def test_backward_with_only_one_input_requiring_grad():
 def test_gradcheck():
     hidden, weight, labels = small_problem(n=5, h=4, v=7, seed=3)
     assert torch.autograd.gradcheck(
-        lambda h, w: _ChunkedTokenLogps.apply(h, w, labels, 2),
+        lambda h, w: _ChunkedTokenLogps.apply(h, w, labels, 2)[0],
         (hidden.requires_grad_(), weight.requires_grad_()), eps=1e-6, atol=1e-8)

@@ -477,3 +477,40 @@ def test_parse_loss_list():
     assert info.value.field == "weights"
     with pytest.raises(DpocliError):
         parse_loss_list("sigmoid,,sft", None)
+
+
+# ---- WPO (use_weighting) and LD-DPO's plain sums for sft ----
+
+def _wpo_inputs(**extra) -> LossInputs:
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    return LossInputs(t(-10.0, -4.0), t(-12.0, -3.0), t(-11.0, -4.0), t(-11.0, -3.5),
+                      torch.tensor([4, 2]), torch.tensor([3, 5]), **extra)
+
+
+def test_wpo_multiplies_every_loss_by_the_pair_weights():
+    """Pair 0: w_w = exp(-2/4), w_l = exp(-3/3), so the weight is exp(-1.5); pair 1: exp(-1/2)·exp(-5/5).
+    h_0 = (−10+11) − (−12+11) = 2 and h_1 = 0 − 0.5 = −0.5; sigmoid loss −log σ(0.1·h)."""
+    x = _wpo_inputs(chosen_wpo_logps=torch.tensor([-2.0, -1.0], dtype=torch.float64),
+                    rejected_wpo_logps=torch.tensor([-3.0, -5.0], dtype=torch.float64))
+    spec = LossSpec(losses=("sigmoid", "sft"), weights=(1.0, 0.5), use_weighting=True)
+    out = compute_loss(x, spec)
+    w = [math.exp(-1.5), math.exp(-1.5)]
+    sig = [math.log1p(math.exp(-0.2)) * w[0], math.log1p(math.exp(0.05)) * w[1]]
+    nll = (10.0 + 4.0) / 6.0
+    sft = [nll * w[0], nll * w[1]]
+    assert out.per_pair_loss.tolist() == pytest.approx([s + 0.5 * f for s, f in zip(sig, sft)], abs=1e-12)
+    assert float(out.components["sigmoid"]) == pytest.approx(sum(sig) / 2, abs=1e-12)
+
+
+def test_wpo_without_weights_or_with_sorting_losses_is_refused():
+    with pytest.raises(ValueError, match="token_stats"):
+        compute_loss(_wpo_inputs(), LossSpec(use_weighting=True))
+    with pytest.raises(DpocliError, match="aot"):
+        validate_spec(LossSpec(losses=("aot",), use_weighting=True))
+
+
+def test_sft_uses_plain_sums_under_ld_alpha():
+    """LD-DPO changes the sums the DPO terms see, not TRL's sft term: −(−20 − 5)/(4 + 2)."""
+    x = _wpo_inputs(policy_chosen_plain_logps=torch.tensor([-20.0, -5.0], dtype=torch.float64))
+    out = compute_loss(x, LossSpec(losses=("sft",)))
+    assert float(out.loss) == pytest.approx(25.0 / 6.0, abs=1e-12)
