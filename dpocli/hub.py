@@ -84,8 +84,10 @@ def snapshot(repo_id: str, repo_type: str, revision: str | None = None) -> Snaps
     if offline():
         # Say which part is missing: the repo, or only the revision asked for.
         missing = (
-            f"has no revision '{revision}'" if revision and where.is_dir() else f"{repo_type} is not"
-        ) + " in the local Hugging Face cache"
+            f"has no revision '{revision}' in the local Hugging Face cache"
+            if revision and where.is_dir()
+            else f"is neither a local path nor a {repo_type}{at} in the local Hugging Face cache"
+        )
         command = " ".join(
             ["hf download", repo_id]
             + (["--repo-type dataset"] if repo_type == "dataset" else [])
@@ -101,7 +103,7 @@ def snapshot(repo_id: str, repo_type: str, revision: str | None = None) -> Snaps
     except Exception as err:  # network, auth, missing repo or revision: all mean "not available"
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise DpocliError(
-            f"{repo_type} {repo_id}{at} is not in the local Hugging Face cache (searched "
+            f"is neither a local path nor a {repo_type}{at} in the local Hugging Face cache (searched "
             f"{where}) and could not be downloaded ({type(err).__name__}: {reason})",
             file=repo_id,
             hint="check the id and revision, your network and HF_TOKEN; "

@@ -132,7 +132,9 @@ def test_a_missing_dataset_or_revision_names_the_cache_folder_searched(hf_cache,
     with pytest.raises(DpocliError) as err:
         hub.resolve_dataset("org/absent")
     line = err.value.one_line()
-    assert line.startswith("org/absent: dataset is not in the local Hugging Face cache")
+    assert line.startswith(
+        "org/absent: is neither a local path nor a dataset in the local Hugging Face cache"
+    )
     assert f"searched {hf_cache / 'datasets--org--absent'}" in line and "HF_HUB_OFFLINE" in line
     assert "hf download org/absent --repo-type dataset" in err.value.hint
     fake_snapshot(hf_cache, "dataset", "org/prefs", C1, {"train.jsonl": b"{}\n"})
@@ -287,7 +289,7 @@ def test_a_missing_hub_dataset_is_exit_2_before_anything_is_written(hf_cache, tm
     result = invoke(["precompute-ref", "org/absent", "--model", MODEL, "--out", out])
     assert result.exit_code == 2 and not out.exists()
     assert (
-        f"error: org/absent: dataset is not in the local Hugging Face cache (searched "
+        f"error: org/absent: is neither a local path nor a dataset in the local Hugging Face cache (searched "
         f"{hf_cache / 'datasets--org--absent'}" in " ".join(result.stderr.split())
     )
 
