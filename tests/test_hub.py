@@ -326,3 +326,33 @@ def test_hub_flags_are_in_help_and_print_config(command, flags, tmp_path):
     for flag in flags:
         assert flag in help_text and f"# {flag[2:]} =" in printed  # unset by default
         assert resolved[flag[2:]] == f"v-{flag[2:]}"
+
+
+def test_train_from_a_hub_model_uses_the_revision_asked_for(hf_cache, tmp_path, small_cache, calls):
+    """org/tiny@v1 holds the cache's reference files; main (C2) has another config.json. Only with
+    the revision threaded through loading and the step-0 check is the policy the reference."""
+    fake_snapshot(hf_cache, "model", "org/tiny", C1, model_files(), refs=("v1",))
+    fake_snapshot(hf_cache, "model", "org/tiny", C2, model_files({"dpocli_test": 2}))
+    for revision, is_reference in (("v1", True), (None, False)):
+        out = tmp_path / f"run-{revision}"
+        args = ["--model-revision", revision] if revision else []
+        result = invoke(
+            [
+                "train",
+                small_cache,
+                "--model",
+                "org/tiny",
+                *args,
+                "--out",
+                out,
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "4",
+                "--json",
+                "--quiet",
+            ]
+        )
+        assert result.exit_code == 0, result.stderr
+        assert json.loads(result.stdout)["step0_policy_is_reference"] is is_reference
+        assert json.loads((out / "run_config.json").read_text())["model_revision"] == revision
