@@ -298,7 +298,10 @@ def load_cache(cache_dir: str | Path, *, checksums: bool = True) -> tuple[Manife
     for entry in sorted(manifest.shards, key=lambda e: e["index"]):
         path = Path(cache_dir) / entry["file"]
         try:
-            table = pq.read_table(path)
+            # ParquetFile, not pq.read_table: one file needs no pyarrow.dataset, whose import
+            # (with pyarrow.compute) costs more than reading a small cache (`cache verify` start-up).
+            with pq.ParquetFile(path) as shard:
+                table = shard.read()
         except Exception:
             raise DpocliError("is not a readable Parquet file (truncated or corrupt)", file=path) from None
         tables.append(table.append_column("shard", pa.array([entry["index"]] * table.num_rows, pa.int64()))

@@ -195,12 +195,19 @@ def _print_error(err: DpocliError) -> None:
         err_console.print(f"hint: {err.hint}", markup=False, highlight=False, soft_wrap=True)
 
 
-def _run(fn, *, quiet: bool = False):
-    """Run a driver with stdout shielded, mapping our errors to one line and an exit code."""
-    from dpocli import distributed
+def _run(fn, *, quiet: bool = False, uses_torch: bool = True):
+    """Run a driver with stdout shielded, mapping our errors to one line and an exit code.
+    `uses_torch=False` (cache info, cache verify, report): skip torch.distributed, whose import alone
+    takes seconds, far more than these commands' own work (bench/startup.py measures it)."""
+    shutdown = None
+    if uses_torch:
+        from dpocli import distributed
 
-    dist = distributed.current()  # initialises torch.distributed under torchrun
-    set_quiet(quiet or not dist.is_main)  # one voice per job: rank 0 logs, others stay quiet
+        is_main = distributed.current().is_main  # initialises torch.distributed under torchrun
+        shutdown = distributed.shutdown
+    else:
+        is_main = os.environ.get("RANK", "0") == "0"  # torchrun's rank, read without torch
+    set_quiet(quiet or not is_main)  # one voice per job: rank 0 logs, others stay quiet
     try:
         # A stray print() in a dependency must not corrupt `--json` output on stdout.
         with contextlib.redirect_stdout(sys.stderr):
@@ -211,7 +218,8 @@ def _run(fn, *, quiet: bool = False):
     except Exception as err:
         raise typer.Exit(_report(err)) from None
     finally:
-        distributed.shutdown()
+        if shutdown is not None:
+            shutdown()
 
 
 def _resolved(ctx: typer.Context) -> str:
@@ -246,7 +254,13 @@ def _root(version: Annotated[bool, typer.Option("--version", help="Show the vers
 @with_options
 def precompute_ref(
     ctx: typer.Context,
-    input: Annotated[Path, typer.Argument(help="A .jsonl or .parquet file, or a folder of them.")],
+    input: Annotated[
+        Path,
+        typer.Argument(
+            help="A .jsonl or .parquet file, a folder of them, or a Hub dataset id ORG/NAME (read from the "
+            "local HF cache; downloaded only when HF_HUB_OFFLINE is unset)."
+        ),
+    ],
     run: PrecomputeOpts,
     model: ModelOpts,
     layout: LayoutOpts,
@@ -348,7 +362,7 @@ def report(
     """Summarise a run's metrics: first/last/min/max and a sparkline per metric; plots with --out."""
     from dpocli.report import report_table, summarize
 
-    summary = _run(lambda: summarize(run_dir, run.out), quiet=fmt.quiet)
+    summary = _run(lambda: summarize(run_dir, run.out), quiet=fmt.quiet, uses_torch=False)
     _emit(summary, fmt.json, report_table)
 
 
@@ -363,7 +377,7 @@ def cache_info(
     """Manifest summary: what produced the cache, row counts, dropped rows by reason, lengths."""
     from dpocli.summaries import cache_info_dict, cache_info_table
 
-    info = _run(lambda: cache_info_dict(cache), quiet=fmt.quiet)
+    info = _run(lambda: cache_info_dict(cache), quiet=fmt.quiet, uses_torch=False)
     _emit(info, fmt.json, cache_info_table)
 
 
@@ -381,7 +395,8 @@ def cache_verify(
     from dpocli.summaries import verify_table
     from dpocli.verify import run_verify
 
-    result = _run(lambda: run_verify(str(cache), **config_kwargs(run, load)), quiet=fmt.quiet)
+    result = _run(lambda: run_verify(str(cache), **config_kwargs(run, load)), quiet=fmt.quiet,
+                  uses_torch=run.rescore > 0)
     _emit(result, fmt.json, verify_table)
 
 

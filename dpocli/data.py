@@ -111,8 +111,10 @@ def extract_prompt(chosen, rejected):
 
 def read_examples(path, *, prompt_column="prompt", chosen_column="chosen", rejected_column="rejected",
                   id_column: str | None = None, drop_identical: bool = False,
-                  max_row_bytes: int = 16 * 2**20, split: str = DEFAULT_SPLIT) -> ReadResult:
-    """Read and validate every row of `split` under `path` (see `sources.resolve_input`).
+                  max_row_bytes: int = 16 * 2**20, split: str = DEFAULT_SPLIT,
+                  subset: str | None = None) -> ReadResult:
+    """Read and validate every row of `split` (of README config `subset`) under `path` (see
+    `sources.resolve_input`).
 
     The prompt is implicit (TRL's `extract_prompt`) for rows without `prompt_column`. Ids come from
     `id_column`, else an "id" column when present, else a content hash (see `_IdAssigner`).
@@ -125,7 +127,7 @@ def read_examples(path, *, prompt_column="prompt", chosen_column="chosen", rejec
         DpocliError: at the first invalid row or file, naming file, row and field.
     """
     columns = _Columns(prompt_column, chosen_column, rejected_column, id_column)
-    source = resolve_input(path, split)
+    source = resolve_input(path, split, subset)
     files: list[InputFile] = []
     warnings: list[str] = []
     records: list[tuple[dict, dict]] = []  # (loc, record) in input order

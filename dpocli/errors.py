@@ -72,6 +72,9 @@ def check_at_least(values: dict, minimum: float) -> None:
 
 
 def out_of_memory_types() -> tuple[type, ...]:
+    import sys
+    if "torch" not in sys.modules:  # no torch, no torch OOM; and torch-free commands stay torch-free
+        return (MemoryError,)
     import torch
     return tuple({getattr(torch, "OutOfMemoryError", MemoryError), torch.cuda.OutOfMemoryError,
                   MemoryError})

@@ -201,9 +201,11 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
              dtype: str | None = None, device: str | None = None, per_example: str | None = None,
              samples: int = 0, ref_model: str | None = None, max_new_tokens: int = 64,
              temperature: float = 0.0, kl_samples: int = 4, seed: int = 0,
-             attn_implementation: str | None = None, trust_remote_code: bool = False) -> dict:
+             attn_implementation: str | None = None, trust_remote_code: bool = False,
+             model_revision: str | None = None) -> dict:
     """Metrics of each model on the cache. `loss_given`: the loss options the user set; the others
-    come from the models' training runs (`loss_options_from_runs`). None: use the arguments as they are."""
+    come from the models' training runs (`loss_options_from_runs`). None: use the arguments as they are.
+    `model_revision` applies to every model (each must then be a hub id)."""
     t0 = time.perf_counter()
     check_eval_options(samples=samples, temperature=temperature, kl_samples=kl_samples,
                        max_new_tokens=max_new_tokens, max_tokens=max_tokens, seed=seed)
@@ -232,9 +234,10 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
     results, per_rows = [], []
     with ProgressBar("eval", len(models)) as bar:
         for path in models:
-            check_model_tokenizer(path, manifest, trust_remote_code=trust_remote_code)
+            check_model_tokenizer(path, manifest, trust_remote_code=trust_remote_code,
+                                  revision=model_revision)
             model = load_causal_lm(path, dtype=dtype, device=dev, attn_implementation=attn_implementation,
-                                   trust_remote_code=trust_remote_code)
+                                   trust_remote_code=trust_remote_code, revision=model_revision)
             check_vocab(model, data, cache_dir)
             metrics, columns, ref = evaluate_policy(CompletionScorer(model), data, manifest, spec, pad_id,
                                                     dev, max_tokens=max_tokens, dist=dist)

@@ -51,19 +51,10 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def resolve_model_dir(name_or_path: str) -> Path:
-    """A local folder, or the snapshot folder of a hub id already in the local HF cache."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise DpocliError("is a file, expected a model folder", file=name_or_path)
-    try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(name_or_path, local_files_only=True))
-    except Exception:
-        raise DpocliError("no such model folder, and not a hub id in the local HF cache",
-                          file=name_or_path, hint="pass a folder with config.json and weights") from None
+def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
+    """A local folder, or the snapshot folder of a hub id at `revision` (see `hub.resolve_model`)."""
+    from dpocli.hub import resolve_model
+    return resolve_model(name_or_path, revision)[0]
 
 
 def _explain_load_error(path: str, err: Exception) -> DpocliError:
@@ -77,9 +68,9 @@ def _explain_load_error(path: str, err: Exception) -> DpocliError:
     return DpocliError(f"could not be loaded: {first}", file=path)
 
 
-def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
-    folder = resolve_model_dir(name_or_path)
+    folder = resolve_model_dir(name_or_path, revision)
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers raises many types here; all mean "cannot load"
@@ -150,10 +141,11 @@ def _configs(model) -> list:
 
 def load_causal_lm(name_or_path: str, *, dtype: str = "float32", device: torch.device | str = "cpu",
                    attn_implementation: str | None = None, trust_remote_code: bool = False,
-                   keep_dropout: bool = False):
+                   keep_dropout: bool = False, revision: str | None = None):
     """An `AutoModelForCausalLM` in `dtype` on `device`, in eval mode, safetensors only, with every
-    dropout set to 0 unless `keep_dropout` (it matters only once a caller switches to train mode)."""
-    model = _load_causal_lm(name_or_path, dtype=dtype, device=device,
+    dropout set to 0 unless `keep_dropout` (it matters only once a caller switches to train mode).
+    `revision`: the commit, branch or tag of a hub id (refused for a local folder)."""
+    model = _load_causal_lm(name_or_path, dtype=dtype, device=device, revision=revision,
                             attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     if not keep_dropout:
         turned_off = disable_dropout(model)
@@ -164,10 +156,10 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "float32", device: torch.d
 
 
 def _load_causal_lm(name_or_path: str, *, dtype: str, device: torch.device | str,
-                    attn_implementation: str | None, trust_remote_code: bool):
+                    attn_implementation: str | None, trust_remote_code: bool, revision: str | None = None):
     from transformers import AutoModelForCausalLM
     quiet_transformers()
-    folder = resolve_model_dir(name_or_path)
+    folder = resolve_model_dir(name_or_path, revision)
     from dpocli import lora
     if lora.is_adapter_folder(folder):  # a LoRA run: base model named in the adapter + adapter
         base = _load_causal_lm(lora.base_model_path(folder), dtype=dtype, device=device,
@@ -194,10 +186,11 @@ def _load_causal_lm(name_or_path: str, *, dtype: str, device: torch.device | str
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-def weights_fingerprint(name_or_path: str) -> dict:
+def weights_fingerprint(name_or_path: str, revision: str | None = None) -> dict:
     """sha256 of every weight file and of config.json. Read once per precompute: a few seconds per
-    GB, small next to the forward pass, and it makes a stale cache detectable."""
-    folder = resolve_model_dir(name_or_path)
+    GB, small next to the forward pass, and it makes a stale cache detectable. `revision` is the
+    snapshot's commit for a hub id, None for a local folder."""
+    folder = resolve_model_dir(name_or_path, revision)
     files = sorted(p for p in folder.iterdir()
                    if p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES))
     per_file = {p.name: sha256_file(p) for p in files}

@@ -57,6 +57,11 @@ class LoadOpts:
 
     device: str | None = opt(None, "cpu, cuda or cuda:N (default: cuda if available).")
     trust_remote_code: bool = opt(False, "Allow model code from the model's repository.")
+    model_revision: str | None = opt(
+        None,
+        "Commit, branch or tag of a Hub model id given as --model (TRL's model_revision; default main); "
+        "refused for a local folder.",
+    )
 
 
 @dataclass(frozen=True)
@@ -175,6 +180,15 @@ class PrecomputeOpts:
         "train",
         "Split to read from a folder laid out like a Hub dataset (split-named files, README.md configs, "
         "save_to_disk DatasetDict); splits are never merged.",
+    )
+    revision: str | None = opt(
+        None,
+        "Commit, branch or tag of a Hub dataset id given as INPUT (default main); refused for a local path.",
+    )
+    subset: str | None = opt(
+        None,
+        "Config of a dataset whose README.md lists several (its config_name; TRL's dataset_config; "
+        "default: the README's default config).",
     )
     token_logps: bool = opt(False, "Also store per-token reference log-probs.")
     rows_per_shard: int = opt(4096, "Input rows per Parquet shard (the unit of resume).")

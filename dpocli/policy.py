@@ -24,17 +24,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def check_model_tokenizer(model: str, manifest: cache.Manifest, *, trust_remote_code: bool = False,
-                          allow_mismatch: bool = False, override_flag: str | None = None):
+                          allow_mismatch: bool = False, override_flag: str | None = None,
+                          revision: str | None = None):
     """The model folder's own tokenizer, refused (exit 2) when it differs from the one that made
     the cache; None when the folder has no tokenizer (nothing to compare; `check_vocab` still runs).
 
     `allow_mismatch` turns the refusal into a warning; `override_flag` names the command's flag
     for that in the hint (train has --allow-tokenizer-mismatch, eval has none).
     """
-    folder = resolve_model_dir(model)
+    folder = resolve_model_dir(model, revision)
     if not any((folder / name).exists() for name in TOKENIZER_FILES):
         return None
-    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code, revision=revision)
     if tokenizer_fingerprint(tokenizer) != manifest.spec["tokenizer"]["fingerprint"]:
         message = ("the model's tokenizer differs from the one that produced the cache, so cached "
                    "token ids would mean different text")
@@ -52,7 +53,7 @@ def load_policy_tokenizer(cfg, manifest: cache.Manifest):
     cache's, unless overridden), else the one stored in the cache."""
     tokenizer = check_model_tokenizer(cfg.model, manifest, trust_remote_code=cfg.trust_remote_code,
                                       allow_mismatch=cfg.allow_tokenizer_mismatch,
-                                      override_flag="--allow-tokenizer-mismatch")
+                                      override_flag="--allow-tokenizer-mismatch", revision=cfg.model_revision)
     if tokenizer is not None:
         return tokenizer
     log("the policy folder has no tokenizer; using the cache's")
@@ -74,8 +75,10 @@ def build_policy(cfg, data: cache.CacheData, resume_from, device):
     """(model, scorer): the policy in train mode, and the module the loop calls (the completion
     scorer, wrapped for DDP or FSDP under torchrun). LoRA checkpoints hold only the adapter, so
     LoRA always starts from the base weights."""
-    weights_path = str(resume_from[1]) if resume_from and cfg.lora_r is None else cfg.model
+    from_checkpoint = resume_from is not None and cfg.lora_r is None
+    weights_path = str(resume_from[1]) if from_checkpoint else cfg.model
     model = load_causal_lm(weights_path, dtype=cfg.dtype, device=device,
+                           revision=None if from_checkpoint else cfg.model_revision,
                            attn_implementation=cfg.attn_implementation,
                            trust_remote_code=cfg.trust_remote_code, keep_dropout=cfg.keep_dropout)
     check_vocab(model, data, cfg.cache)
@@ -99,7 +102,8 @@ def step0_check(cfg, manifest: cache.Manifest, diff: float, model) -> dict:
     """Policy == reference at step 0 must reproduce the cached values (catches tokenization,
     precision and parallelism drift). Enforced only when the policy has the reference's weights;
     `diff` is the max |policy − cached reference| over the first micro-batch of every rank."""
-    same_weights = weights_fingerprint(cfg.model)["sha256"] == manifest.spec["reference_model"]["sha256"]
+    policy_sha256 = weights_fingerprint(cfg.model, cfg.model_revision)["sha256"]
+    same_weights = policy_sha256 == manifest.spec["reference_model"]["sha256"]
     precision = cfg.autocast or cfg.dtype
     tolerance = STEP0_TOLERANCE[precision]
     if not same_weights:

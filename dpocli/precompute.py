@@ -31,8 +31,15 @@ from dpocli.batching import Batching, make_batch, plan_reference_batches
 from dpocli.console import ProgressBar, log, sigterm_as_interrupt, warn
 from dpocli.data import read_examples
 from dpocli.errors import DpocliError, Interrupted, RunFailure, out_of_memory_types
+from dpocli.hub import Snapshot, resolve_dataset
 from dpocli.logprobs import CompletionScorer, sequence_logps
-from dpocli.modeling import (load_causal_lm, load_tokenizer, resolve_device, weights_fingerprint)
+from dpocli.modeling import (
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+    resolve_model_dir,
+    weights_fingerprint,
+)
 from dpocli.packing import check_layout_flags
 from dpocli.tokenization import Dropped, pad_token_id, tokenize_pair, tokenizer_fingerprint
 
@@ -65,6 +72,9 @@ class PrecomputeConfig:
     prefix_sharing: bool = False  # run each pair's prompt once (prompt + chosen + rejected rows)
     packing: bool = False  # padding-free: all sequences of a batch in one row
     split: str = "train"  # the split to read from a Hub-style dataset folder (see sources.py)
+    revision: str | None = None  # of a Hub dataset id given as `input` (see hub.py)
+    subset: str | None = None  # a README.md config by name
+    model_revision: str | None = None  # of a Hub model id given as `model`
 
     def batching(self) -> Batching:
         if self.batch_size is not None and self.max_tokens is not None:
@@ -83,7 +93,17 @@ def _resolved(path: str) -> str:
     return str(Path(path).resolve()) if Path(path).exists() else path
 
 
-def _build_spec(cfg: PrecomputeConfig, read, tokenizer, model_fp: dict) -> dict:
+def _input_files(read, dataset: Snapshot | None) -> list[dict]:
+    """The files read, each with its fingerprint. A Hub dataset's files are named by their path
+    inside the repo (the commit pins them), so the same snapshot in another HF cache folder, or on
+    another machine, is the same input on resume."""
+    if dataset is not None:
+        return [{**asdict(f), "path": dataset.relative(Path(f.path))} for f in read.files]
+    return [{**asdict(f), "path": _resolved(f.path)} for f in read.files]
+
+
+def _build_spec(cfg: PrecomputeConfig, read, tokenizer, model_fp: dict,
+                dataset: Snapshot | None = None) -> dict:
     """Everything that changes the cached numbers or how `dpo eval` replays them, except the
     batch budget, which each shard records (so an out-of-memory run can resume with a smaller
     one). The layout is here although it moves values only at the ulp level: a rerun asking for
@@ -103,9 +123,12 @@ def _build_spec(cfg: PrecomputeConfig, read, tokenizer, model_fp: dict) -> dict:
         "token_logps": cfg.token_logps,
         "batching": cfg.batching().layout(),
         "input": {
-            "files": [{**asdict(f), "path": _resolved(f.path)} for f in read.files],
-            # Only inputs with splits record one, so caches of plain files made before --split stay valid.
+            "files": _input_files(read, dataset),
+            # Only inputs with splits record one, so caches of plain files made before --split stay valid;
+            # likewise the hub repo and subset only when there is one.
+            **({"hub": {"repo_id": dataset.repo_id, "revision": dataset.revision}} if dataset else {}),
             **({"split": read.split} if read.split is not None else {}),
+            **({"subset": cfg.subset} if cfg.subset is not None else {}),
             "columns": {"prompt": cfg.prompt_column, "chosen": cfg.chosen_column,
                         "rejected": cfg.rejected_column, "id": cfg.id_column},
             "drop_identical": cfg.drop_identical,
@@ -321,17 +344,22 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     if cfg.rows_per_shard < 1:
         raise DpocliError("must be at least 1", field="--rows-per-shard")
     cfg.batching()
-    read = read_examples(cfg.input, prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
+    source, dataset = resolve_dataset(cfg.input, cfg.revision)
+    if dataset is not None:
+        log(f"dataset {dataset.repo_id} at {dataset.revision[:12]} from {source}")
+    read = read_examples(source, prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
                          rejected_column=cfg.rejected_column, id_column=cfg.id_column,
-                         drop_identical=cfg.drop_identical, split=cfg.split)
+                         drop_identical=cfg.drop_identical, split=cfg.split, subset=cfg.subset)
     for line in read.warnings:
         warn(line)
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model_dir = resolve_model_dir(cfg.model, cfg.model_revision)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
+                               revision=cfg.model_revision)
     pairs = _tokenize_rows(cfg, read, tokenizer)
-    model_fp = weights_fingerprint(cfg.model)
-    spec = _build_spec(cfg, read, tokenizer, model_fp)
+    model_fp = weights_fingerprint(cfg.model, cfg.model_revision)
+    spec = _build_spec(cfg, read, tokenizer, model_fp, dataset)
     out = Path(cfg.out)
-    outputs.check_output_location(out, {"the input": cfg.input, "--model": cfg.model})
+    outputs.check_output_location(out, {"the input": source, "--model": model_dir})
 
     # Rank 0 alone inspects the folder; the others get its verdict (or its error, so that no
     # rank is left waiting in a collective when rank 0 refuses). Nothing is written yet.
@@ -348,7 +376,7 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     # Device and model come before the folder is touched, so a bad --device or model leaves the
     # folder (and any cache in it) exactly as it was.
     device = dist.device_for(resolve_device(cfg.device))
-    model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device,
+    model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, revision=cfg.model_revision,
                            attn_implementation=cfg.attn_implementation,
                            trust_remote_code=cfg.trust_remote_code)
     dist.on_main_then_broadcast(lambda: _claim_out(out, plan, manifest))

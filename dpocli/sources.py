@@ -57,27 +57,34 @@ def is_data_file(path: Path) -> bool:
     return path.name.lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES)
 
 
-def resolve_input(path, split: str = DEFAULT_SPLIT) -> InputSource:
-    """The files of `split` under `path` (see the module docstring for the layouts).
+def resolve_input(path, split: str = DEFAULT_SPLIT, subset: str | None = None) -> InputSource:
+    """The files of `split` under `path` (see the module docstring for the layouts), from the
+    README.md config named `subset` when given (else the README's default config).
 
     A single file, or a folder whose files name no split, has no splits: it is read whole, and
-    only the default split may be asked for (any other is refused rather than ignored).
+    only the default split may be asked for (any other is refused rather than ignored). A `subset`
+    is refused unless the folder's README.md lists configs.
     """
     path = Path(path)
     wanted = _SPLIT_ALIASES.get(split.lower(), split)
     if not path.exists():
         raise DpocliError("does not exist", file=path)
+    saved = path.is_dir() and (path / "dataset_dict.json").is_file()
+    configs = _readme_splits(path, subset) if path.is_dir() and not saved else None
+    if configs is not None:
+        return _pick(path, configs, wanted, "readme-configs")
+    if subset is not None:
+        raise DpocliError(f"has no README.md with configs, so --subset {subset} cannot be honoured",
+                          file=path, field="--subset",
+                          hint="drop --subset, or pass the folder of that config")
     if not path.is_dir():
         if not is_data_file(path):
             raise DpocliError("is not a JSON Lines (.jsonl) or Parquet (.parquet) file", file=path,
                               hint="convert it to JSON Lines: one {\"prompt\", \"chosen\", \"rejected\"} "
                                    "object per line")
         return _unsplit(InputSource([path], None, "file"), split, path)
-    if (path / "dataset_dict.json").is_file():
+    if saved:
         return _pick(path, _save_to_disk_splits(path), wanted, "save_to_disk-dict")
-    configs = _readme_splits(path)
-    if configs is not None:
-        return _pick(path, configs, wanted, "readme-configs")
 
     for folder in (path, path / "data"):
         files = _data_files(folder)
@@ -108,9 +115,9 @@ def resolve_input(path, split: str = DEFAULT_SPLIT) -> InputSource:
     return _pick(path, splits, wanted, "split-files")
 
 
-def list_input_files(path, split: str = DEFAULT_SPLIT) -> list[Path]:
-    """The data files `read_examples` reads for `path` and `split`, in reading order."""
-    return resolve_input(path, split).files
+def list_input_files(path, split: str = DEFAULT_SPLIT, subset: str | None = None) -> list[Path]:
+    """The data files `read_examples` reads for `path`, `split` and `subset`, in reading order."""
+    return resolve_input(path, split, subset).files
 
 
 # --- layouts ---
@@ -161,8 +168,9 @@ def _arrow_files_in_order(folder: Path) -> list[Path]:
     return [p for p in _data_files(folder) if p.name.endswith(ARROW_SUFFIXES)]
 
 
-def _readme_splits(path: Path) -> dict[str, list[Path]] | None:
-    """Split -> files from README.md's `configs` (None when there is no such block)."""
+def _readme_splits(path: Path, subset: str | None = None) -> dict[str, list[Path]] | None:
+    """Split -> files of config `subset` (default: the default one) from README.md's `configs`
+    (None when there is no such block)."""
     readme = path / "README.md"
     if not readme.is_file():
         return None
@@ -179,7 +187,7 @@ def _readme_splits(path: Path) -> dict[str, list[Path]] | None:
     configs = meta.get("configs") if isinstance(meta, dict) else None
     if not configs:
         return None
-    config = _default_config(configs, readme)
+    config = _pick_config(configs, readme, subset)
     data_files = config.get("data_files")
     if isinstance(data_files, (str, list)) and not (isinstance(data_files, list) and data_files
                                                    and isinstance(data_files[0], dict)):
@@ -207,16 +215,22 @@ def _readme_splits(path: Path) -> dict[str, list[Path]] | None:
     return splits
 
 
-def _default_config(configs, readme: Path) -> dict:
+def _pick_config(configs, readme: Path, subset: str | None) -> dict:
     if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
         raise DpocliError("is not a list of {config_name, data_files}", file=readme, field="configs")
+    names = ", ".join(str(c.get("config_name")) for c in configs)
+    if subset is not None:
+        named = [c for c in configs if str(c.get("config_name")) == subset]
+        if not named:
+            raise DpocliError(f"lists no config '{subset}' (configs: {names})", file=readme, field="--subset",
+                              hint="pass --subset with one of the configs listed")
+        return named[0]
     chosen = ([c for c in configs if c.get("default") is True] or
               [c for c in configs if c.get("config_name") == "default"] or
               (configs if len(configs) == 1 else []))
     if len(chosen) != 1:
-        names = ", ".join(str(c.get("config_name")) for c in configs)
         raise DpocliError(f"lists several configs ({names}) and none is the default", file=readme,
-                          field="configs", hint="pass the folder or files of the config you want directly")
+                          field="configs", hint="pass --subset with the config you want")
     return chosen[0]
 
 

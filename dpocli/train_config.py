@@ -73,6 +73,7 @@ class TrainConfig:
     keep_dropout: bool = False  # TRL's disable_dropout=True is the default
     allow_tokenizer_mismatch: bool = False
     trust_remote_code: bool = False
+    model_revision: str | None = None  # of a Hub model id given as `model` (see hub.py)
     chunk_size: int = 1024
 
     def loss_spec(self) -> LossSpec:

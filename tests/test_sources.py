@@ -102,6 +102,34 @@ def test_readme_with_several_configs_and_no_default_is_refused(tmp_path):
         read_examples(tmp_path)
 
 
+def test_subset_picks_a_readme_config_by_name(tmp_path):
+    (tmp_path / "README.md").write_text(
+        "---\nconfigs:\n- config_name: a\n  data_files: a/*.jsonl\n"
+        "- config_name: b\n  data_files:\n  - split: train\n    path: b/train.jsonl\n"
+        "  - split: test\n    path: b/test.jsonl\n---\n")
+    poison(tmp_path / "a" / "x.jsonl")  # config a is never opened when b is asked for
+    jsonl(tmp_path / "b" / "train.jsonl", rows("b"))
+    jsonl(tmp_path / "b" / "test.jsonl", rows("bt"))
+    assert ids(tmp_path, subset="b") == ["b-0", "b-1"]
+    assert ids(tmp_path, subset="b", split="test") == ["bt-0", "bt-1"]
+    with pytest.raises(DpocliError) as err:
+        read_examples(tmp_path, subset="c")
+    assert str(err.value) == f"{tmp_path / 'README.md'}: field '--subset' lists no config 'c' (configs: a, b)"
+    assert err.value.hint == "pass --subset with one of the configs listed"
+    with pytest.raises(DpocliError) as err:
+        read_examples(tmp_path)
+    assert err.value.hint == "pass --subset with the config you want"
+
+
+def test_subset_without_readme_configs_is_refused(tmp_path):
+    jsonl(tmp_path / "train.jsonl", rows("t"))
+    for path in (tmp_path, tmp_path / "train.jsonl"):
+        with pytest.raises(DpocliError) as err:
+            read_examples(path, subset="a")
+        assert str(err.value) == (f"{path}: field '--subset' has no README.md with configs, so --subset a "
+                                  "cannot be honoured")
+
+
 def _save_split(folder, data):
     folder.mkdir(parents=True)
     table = pa.Table.from_pylist(data)
