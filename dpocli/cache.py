@@ -359,3 +359,24 @@ def identity(manifest: Manifest, data: CacheData) -> dict:
     """What a resumed run must find again: the same spec and the same rows in the same order."""
     ids = hashlib.sha256("\n".join(data.ids).encode("utf-8")).hexdigest()
     return {"spec_fingerprint": manifest.spec_fingerprint, "ids_sha256": ids}
+
+
+def info(cache_dir: str | Path) -> dict:
+    """`dpo cache info`: what produced the cache, from its manifest (shards checked for presence
+    and row counts, not checksums, so it stays fast on big caches)."""
+    manifest = read_manifest(cache_dir)
+    verify_shards(cache_dir, manifest, checksums=False)
+    spec = manifest.spec
+    return {
+        "command": "cache info", "dpocli_version": __version__, "cache": str(cache_dir),
+        "complete": manifest.complete,
+        "format_version": FORMAT_VERSION, "spec_fingerprint": manifest.spec_fingerprint,
+        "reference_model": spec["reference_model"], "tokenizer_fingerprint": spec["tokenizer"]["fingerprint"],
+        "max_length": spec["max_length"], "truncation": spec["truncation"], "dtype": spec["dtype"],
+        "attn_implementation": spec["attn_implementation"], "batching": spec["batching"],
+        "conventions": spec["conventions"], "token_logps": spec["token_logps"],
+        "input_files": spec["input"]["files"], "rows_read": manifest.rows_read,
+        "rows_written": manifest.rows_written, "rows_dropped": manifest.dropped,
+        "shards": len(manifest.shards), "planned_shards": manifest.planned_shards,
+        "length_stats": manifest.length_stats, "created": manifest.created,
+    }

@@ -375,7 +375,8 @@ def cache_info(
     print_config: PrintConfigOpt = False,
 ):
     """Manifest summary: what produced the cache, row counts, dropped rows by reason, lengths."""
-    from dpocli.summaries import cache_info_dict, cache_info_table
+    from dpocli.cache import info as cache_info_dict
+    from dpocli.summaries import cache_info_table
 
     info = _run(lambda: cache_info_dict(cache), quiet=fmt.quiet, uses_torch=False)
     _emit(info, fmt.json, cache_info_table)

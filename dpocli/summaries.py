@@ -6,7 +6,6 @@ from pathlib import Path
 
 from rich.table import Table
 
-from dpocli import __version__, cache
 
 
 def _kv_table(title: str, rows: list[tuple[str, object]]) -> Table:
@@ -34,25 +33,6 @@ def precompute_table(s: dict) -> Table:
         ("completion tokens scored", s["completion_tokens_scored"]),
         ("tokens/s", s["completion_tokens_per_s"]), ("seconds", s["seconds"]),
         ("spec fingerprint", s["spec_fingerprint"][:16]), *_lengths(s["length_stats"])])
-
-
-def cache_info_dict(cache_dir) -> dict:
-    manifest = cache.read_manifest(cache_dir)
-    cache.verify_shards(cache_dir, manifest, checksums=False)
-    spec = manifest.spec
-    return {
-        "command": "cache info", "dpocli_version": __version__, "cache": str(cache_dir),
-        "complete": manifest.complete,
-        "format_version": cache.FORMAT_VERSION, "spec_fingerprint": manifest.spec_fingerprint,
-        "reference_model": spec["reference_model"], "tokenizer_fingerprint": spec["tokenizer"]["fingerprint"],
-        "max_length": spec["max_length"], "truncation": spec["truncation"], "dtype": spec["dtype"],
-        "attn_implementation": spec["attn_implementation"], "batching": spec["batching"],
-        "conventions": spec["conventions"], "token_logps": spec["token_logps"],
-        "input_files": spec["input"]["files"], "rows_read": manifest.rows_read,
-        "rows_written": manifest.rows_written, "rows_dropped": manifest.dropped,
-        "shards": len(manifest.shards), "planned_shards": manifest.planned_shards,
-        "length_stats": manifest.length_stats, "created": manifest.created,
-    }
 
 
 def cache_info_table(s: dict) -> Table:
