@@ -38,21 +38,25 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (path / ADAPTER_CONFIG).exists() and not (path / "config.json").exists()
 
 
-def wrap(model, *, r: int, alpha: float, dropout: float, target_modules: str | None):
+def _names(value: str | None) -> list[str] | None:
+    return [t.strip() for t in value.split(",") if t.strip()] if value else None
+
+
+def wrap(model, *, r: int, alpha: float, dropout: float, target_modules: str | None,
+         use_dora: bool = False, use_rslora: bool = False, modules_to_save: str | None = None):
     """Add fresh LoRA adapters. `target_modules` None = peft's default for the architecture
-    (q_proj, v_proj for Llama), "all-linear", or a comma-separated list of module names."""
+    (q_proj, v_proj for Llama), "all-linear", or a comma-separated list of module names.
+    `use_dora`, `use_rslora` and `modules_to_save` are peft's LoraConfig options of those names."""
     peft = _peft()
-    targets = None
-    if target_modules:
-        targets = "all-linear" if target_modules == "all-linear" else [
-            t.strip() for t in target_modules.split(",") if t.strip()]
+    targets = "all-linear" if target_modules == "all-linear" else _names(target_modules)
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                             task_type="CAUSAL_LM")
+                             use_dora=use_dora, use_rslora=use_rslora,
+                             modules_to_save=_names(modules_to_save), task_type="CAUSAL_LM")
     try:
         return peft.get_peft_model(model, config)
     except ValueError as err:
         raise DpocliError(f"cannot be applied: {str(err).splitlines()[0]}",
-                          field="--lora-target-modules") from None
+                          field="--lora-target-modules / --lora-modules-to-save") from None
 
 
 def resume(model, folder: Path):

@@ -306,6 +306,13 @@ class LoraOpts:
         "Modules to adapt: comma-separated names or 'all-linear' (default: peft's choice for the "
         "architecture, q_proj,v_proj for Llama).",
     )
+    use_dora: bool = opt(False, "DoRA: weight-decomposed LoRA (peft's use_dora).")
+    use_rslora: bool = opt(False, "rsLoRA: scale the adapter by α/√r instead of α/r (peft's use_rslora).")
+    lora_modules_to_save: str | None = opt(
+        None,
+        "Modules trained in full and saved with the adapter, comma-separated (peft's modules_to_save, "
+        "e.g. lm_head).",
+    )
     merge: bool = opt(False, "With LoRA, also save base + adapter merged to RUN_DIR/merged.")
 
 

@@ -86,7 +86,8 @@ def build_policy(cfg, data: cache.CacheData, resume_from, device):
         from dpocli import lora
         model = (lora.resume(model, resume_from[1]) if resume_from else
                  lora.wrap(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                           target_modules=cfg.lora_target_modules))
+                           target_modules=cfg.lora_target_modules, use_dora=cfg.use_dora,
+                           use_rslora=cfg.use_rslora, modules_to_save=cfg.lora_modules_to_save))
         log(lora.trainable_summary(model))
     model.train()
     if cfg.gradient_checkpointing:

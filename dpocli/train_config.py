@@ -56,6 +56,9 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_target_modules: str | None = None  # None = peft's default for the architecture
+    use_dora: bool = False
+    use_rslora: bool = False
+    lora_modules_to_save: str | None = None
     merge: bool = False  # with LoRA: also save base+adapter merged to RUN_DIR/merged
     compile: bool = False  # torch.compile the transformer body
     prefix_sharing: bool = False  # one row per pair: prompt + chosen + rejected, prompt run once
@@ -114,6 +117,11 @@ class TrainConfig:
             # TRL's disable_dropout would zero it silently; a flag that does nothing is refused.
             raise DpocliError("has no effect: dropout is off in training unless --keep-dropout is given",
                               field="--lora-dropout", hint="add --keep-dropout, or drop --lora-dropout")
+        lora_only = {"--use-dora": self.use_dora, "--use-rslora": self.use_rslora,
+                     "--lora-modules-to-save": self.lora_modules_to_save}
+        for flag, value in lora_only.items():
+            if value and self.lora_r is None:
+                raise DpocliError("only applies to LoRA runs", field=flag, hint="add --lora-r N")
         if self.merge and self.lora_r is None:
             raise DpocliError("only applies to LoRA runs", field="--merge", hint="add --lora-r N")
         if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
