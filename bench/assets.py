@@ -36,52 +36,21 @@ PROMPT_TOKENS = (100, 250)
 COMPLETION_TOKENS = (50, 150)
 SEED = 1234
 
-MEDIUM_CONFIG = dict(
-    vocab_size=32768,
-    hidden_size=384,
-    intermediate_size=1024,
-    num_hidden_layers=4,
-    num_attention_heads=6,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-    initializer_range=0.02,
-    attention_dropout=0.0,
-)
+MEDIUM_CONFIG = dict(vocab_size=32768, hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
+                     num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024,
+                     rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                     pad_token_id=0, initializer_range=0.02, attention_dropout=0.0)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 # Qwen2.5-0.5B's shapes (bench/gpu_bench.py): 24 layers, hidden 896, 14 query / 2 KV heads, MLP 4864,
 # vocab 151,936, tied embeddings (~494M parameters). Random init; the sample tokenizer feeds it ids
 # < 1445, so as for the medium model only the vocabulary *dimension* matters.
-QWEN05_CONFIG = dict(
-    vocab_size=151936,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    max_position_embeddings=32768,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-    use_sliding_window=False,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-    attention_dropout=0.0,
-)
+QWEN05_CONFIG = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                     num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                     rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=0, attention_dropout=0.0)
 # The same architecture, small enough for a CPU smoke run of the GPU script.
-QWEN_SMOKE_CONFIG = {
-    **QWEN05_CONFIG,
-    "vocab_size": 1445,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
+QWEN_SMOKE_CONFIG = {**QWEN05_CONFIG, "vocab_size": 1445, "hidden_size": 64, "intermediate_size": 128,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
 
 WORDS = (
     "apple river stone cloud tiger lemon candle forest window garden rocket pencil mirror castle "
@@ -115,7 +84,6 @@ def build_medium_model(force: bool = False) -> Path:
         return MEDIUM_MODEL
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(LlamaConfig(**MEDIUM_CONFIG)).float().eval()
     if MEDIUM_MODEL.exists():
@@ -137,7 +105,6 @@ def build_qwen_model(name: str, config: dict, dtype: str, force: bool = False) -
         return path
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
-
     torch.manual_seed(SEED)
     model = Qwen2ForCausalLM(Qwen2Config(**config)).to(getattr(torch, dtype)).eval()
     n_params = sum(p.numel() for p in model.parameters())  # .parameters() yields a tied weight once
@@ -147,9 +114,8 @@ def build_qwen_model(name: str, config: dict, dtype: str, force: bool = False) -
     for file in TOKENIZER_FILES:
         if (TINY_MODEL / file).exists():
             shutil.copy(TINY_MODEL / file, tmp / file)
-    (tmp / "bench_model.json").write_text(
-        json.dumps({"n_params": n_params, "config": config, "dtype": dtype, "seed": SEED})
-    )
+    (tmp / "bench_model.json").write_text(json.dumps({"n_params": n_params, "config": config,
+                                                      "dtype": dtype, "seed": SEED}))
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path
@@ -167,7 +133,6 @@ def _text_of_tokens(rng: random.Random, tokenizer, target: int, lead: str = "") 
     word that overflows (the token count only grows as words are appended), but words are tried
     16, then 4, then 1 at a time, rewinding the rng when a group overflows: ~300-token texts
     would otherwise cost one tokenizer call per word."""
-
     def count(ws: list[str]) -> int:
         return len(tokenizer(lead + " ".join(ws), add_special_tokens=False)["input_ids"])
 
@@ -185,13 +150,9 @@ def _text_of_tokens(rng: random.Random, tokenizer, target: int, lead: str = "") 
             step //= 4
 
 
-def build_data(
-    n_pairs: int,
-    force: bool = False,
-    prompt_tokens: tuple[int, int] = PROMPT_TOKENS,
-    completion_tokens: tuple[int, int] = COMPLETION_TOKENS,
-    tokenizer_dir: Path = TINY_MODEL,
-) -> Path:
+def build_data(n_pairs: int, force: bool = False, prompt_tokens: tuple[int, int] = PROMPT_TOKENS,
+               completion_tokens: tuple[int, int] = COMPLETION_TOKENS,
+               tokenizer_dir: Path = TINY_MODEL) -> Path:
     """`n_pairs` synthetic rows; chosen = the prompt's last words reversed-ish, rejected = random.
     Token counts are drawn uniformly from the (inclusive) ranges, under the tokenizer that
     AutoTokenizer loads from `tokenizer_dir` (for a Qwen2 model folder transformers picks
@@ -205,7 +166,6 @@ def build_data(
     if path.exists() and not force:
         return path
     from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     rng = random.Random(SEED)
     rows = []
@@ -231,7 +191,6 @@ def pair_token_counts(path: Path, tokenizer_dir: Path = TINY_MODEL) -> tuple[lis
     """Per pair (prompt, chosen, rejected) token counts under TRL's conventions (prompt with BOS,
     completion + EOS), no truncation."""
     from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     p, c, r = [], [], []
     for line in path.read_text().splitlines():
@@ -247,14 +206,11 @@ def pair_token_counts(path: Path, tokenizer_dir: Path = TINY_MODEL) -> tuple[lis
 def token_stats(path: Path, tokenizer_dir: Path = TINY_MODEL) -> dict:
     """Token counts under TRL's conventions (prompt with BOS, completion + EOS), no truncation."""
     p, c, r = pair_token_counts(path, tokenizer_dir)
-    return {
-        "pairs": len(p),
-        "prompt_tokens": [min(p), sum(p) / len(p), max(p)],
-        "chosen_tokens": [min(c), sum(c) / len(c), max(c)],
-        "rejected_tokens": [min(r), sum(r) / len(r), max(r)],
-        "completion_tokens_total": sum(c) + sum(r),
-        "nonpad_tokens_total": 2 * sum(p) + sum(c) + sum(r),
-    }
+    return {"pairs": len(p), "prompt_tokens": [min(p), sum(p) / len(p), max(p)],
+            "chosen_tokens": [min(c), sum(c) / len(c), max(c)],
+            "rejected_tokens": [min(r), sum(r) / len(r), max(r)],
+            "completion_tokens_total": sum(c) + sum(r),
+            "nonpad_tokens_total": 2 * sum(p) + sum(c) + sum(r)}
 
 
 def main() -> None:

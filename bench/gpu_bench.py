@@ -50,48 +50,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import assets  # noqa: E402
-from bench_vs_trl import (
-    dpocli_precompute,
-    dpocli_train,
-    fmt,
-    machine_info,
-    steady,  # noqa: E402
-    trl_run,
-)
+from bench_vs_trl import (dpocli_precompute, dpocli_train, fmt, machine_info, steady,  # noqa: E402
+                          trl_run)
 
 BENCH = assets.BENCH
 PROFILES = {
-    "gpu": dict(
-        model="qwen2.5-0.5b-shape",
-        config=assets.QWEN05_CONFIG,
-        pairs=256,
-        prompt_tokens=(280, 320),
-        completion_tokens=(280, 320),
-        batch_size=8,
-        max_length=1024,
-        device="cuda",
-        dtype="bfloat16",
-    ),
-    "smoke": dict(
-        model="qwen-smoke",
-        config=assets.QWEN_SMOKE_CONFIG,
-        pairs=16,
-        prompt_tokens=(20, 40),
-        completion_tokens=(20, 40),
-        batch_size=4,
-        max_length=128,
-        device="cpu",
-        dtype="bfloat16",
-    ),
+    "gpu": dict(model="qwen2.5-0.5b-shape", config=assets.QWEN05_CONFIG, pairs=256,
+                prompt_tokens=(280, 320), completion_tokens=(280, 320), batch_size=8,
+                max_length=1024, device="cuda", dtype="bfloat16"),
+    "smoke": dict(model="qwen-smoke", config=assets.QWEN_SMOKE_CONFIG, pairs=16,
+                  prompt_tokens=(20, 40), completion_tokens=(20, 40), batch_size=4,
+                  max_length=128, device="cpu", dtype="bfloat16"),
 }
 ROWS = ("trl-default", "trl-precompute", "dpocli", "dpocli-pkps", "dpocli-pkps-flex")
-LABELS = {
-    "trl-default": "TRL 1.16 default (reference model in memory)",
-    "trl-precompute": "TRL 1.16 `precompute_ref_log_probs=True`",
-    "dpocli": "dpocli precompute-ref + train",
-    "dpocli-pkps": "dpocli, both `--packing --prefix-sharing`",
-    "dpocli-pkps-flex": "dpocli, both `--packing --prefix-sharing`, `DPOCLI_ATTN_KERNEL=flex`",
-}
+LABELS = {"trl-default": "TRL 1.16 default (reference model in memory)",
+          "trl-precompute": "TRL 1.16 `precompute_ref_log_probs=True`",
+          "dpocli": "dpocli precompute-ref + train",
+          "dpocli-pkps": "dpocli, both `--packing --prefix-sharing`",
+          "dpocli-pkps-flex": "dpocli, both `--packing --prefix-sharing`, `DPOCLI_ATTN_KERNEL=flex`"}
 # Dense bf16 peak (no sparsity), TFLOP/s, from NVIDIA's data sheets; matched in order on the name.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0))
 KERNEL_ENV = "DPOCLI_ATTN_KERNEL"
@@ -133,80 +109,48 @@ def _mfu(flops_per_token: float, tokens_per_s: float | None, peak_tflops: float 
     return flops_per_token * tokens_per_s / (peak_tflops * 1e12)
 
 
-def train_figures(
-    rec: dict, step_dataset_tokens: list[int], n_params: int, flops_factor: int, peak: float | None
-) -> dict:
+def train_figures(rec: dict, step_dataset_tokens: list[int], n_params: int, flops_factor: int,
+                  peak: float | None) -> dict:
     """Steady-state figures over steps 2..N (see the module docstring)."""
     st = steady(rec)
     ends = rec["step_end_s"]
     secs = ends[-1] - ends[0]
-    dataset_tokens = sum(step_dataset_tokens[1 : len(ends)])
-    return {
-        "steps": len(ends),
-        "s_per_step": st["s_per_step"],
-        "pairs_per_s": st["pairs_per_s"],
-        "tokens_per_s": dataset_tokens / secs,
-        "tokens_run_per_s": st["tokens_per_s"],
-        "flops_per_token": flops_factor * n_params,
-        "mfu": _mfu(flops_factor * n_params, st["tokens_per_s"], peak),
-        "step1_s": st["step1_s"],
-        "final_loss": float(rec["steps"][-1]["loss"]),
-    }
+    dataset_tokens = sum(step_dataset_tokens[1:len(ends)])
+    return {"steps": len(ends), "s_per_step": st["s_per_step"], "pairs_per_s": st["pairs_per_s"],
+            "tokens_per_s": dataset_tokens / secs, "tokens_run_per_s": st["tokens_per_s"],
+            "flops_per_token": flops_factor * n_params,
+            "mfu": _mfu(flops_factor * n_params, st["tokens_per_s"], peak),
+            "step1_s": st["step1_s"], "final_loss": float(rec["steps"][-1]["loss"])}
 
 
-def precompute_figures(
-    seconds: float, dataset_tokens: int, tokens_run: int, n_params: int, peak: float | None
-) -> dict:
-    return {
-        "seconds": seconds,
-        "tokens_per_s": dataset_tokens / seconds,
-        "tokens_run_per_s": tokens_run / seconds,
-        "mfu": _mfu(2 * n_params, tokens_run / seconds, peak),
-    }
+def precompute_figures(seconds: float, dataset_tokens: int, tokens_run: int, n_params: int,
+                       peak: float | None) -> dict:
+    return {"seconds": seconds, "tokens_per_s": dataset_tokens / seconds,
+            "tokens_run_per_s": tokens_run / seconds,
+            "mfu": _mfu(2 * n_params, tokens_run / seconds, peak)}
 
 
 def run_rows(args, profile: dict, rows: list[str], workdir: Path) -> dict:
     model = assets.build_qwen_model(profile["model"], profile["config"], profile["dtype"])
     n_params = json.loads((model / "bench_model.json").read_text())["n_params"]
-    data = assets.build_data(
-        profile["pairs"],
-        prompt_tokens=profile["prompt_tokens"],
-        completion_tokens=profile["completion_tokens"],
-        tokenizer_dir=model,
-    )
+    data = assets.build_data(profile["pairs"], prompt_tokens=profile["prompt_tokens"],
+                             completion_tokens=profile["completion_tokens"], tokenizer_dir=model)
     p, c, r = assets.pair_token_counts(data, model)
     b = profile["batch_size"]
     pair_tokens = [2 * x + y + z for x, y, z in zip(p, c, r)]  # TRL's non-pad tokens
-    step_tokens = [sum(pair_tokens[i : i + b]) for i in range(0, len(p), b)]
+    step_tokens = [sum(pair_tokens[i:i + b]) for i in range(0, len(p), b)]
     shared_tokens = sum(x + y + z for x, y, z in zip(p, c, r))  # the prompt run once
-    gpu = gpu_info(sys.executable) if profile["device"] == "cuda" else {"gpu": None, "peak_bf16_tflops": None}
+    gpu = gpu_info(sys.executable) if profile["device"] == "cuda" else {"gpu": None,
+                                                                        "peak_bf16_tflops": None}
     peak = gpu["peak_bf16_tflops"]
     # What bench_vs_trl's runners read from their argparse namespace.
     run_args = argparse.Namespace(
-        max_length=profile["max_length"],
-        batch_size=b,
-        lr=1e-6,
-        beta=0.1,
-        seed=42,
-        epochs=1,
-        steps=None,
-        trl_steps=None,
-        trl_python=args.trl_python,
-        trl_optim="adamw_torch_fused",
-        device=profile["device"],
-        dtype=profile["dtype"],
-    )
-    res = {
-        "profile": args.profile,
-        "settings": {k: v for k, v in profile.items() if k != "config"},
-        "model": str(model),
-        "model_config": profile["config"],
-        "n_params": n_params,
-        "data_file": str(data),
-        "data": assets.token_stats(data, model),
-        **gpu,
-        "rows": {},
-    }
+        max_length=profile["max_length"], batch_size=b, lr=1e-6, beta=0.1, seed=42, epochs=1,
+        steps=None, trl_steps=None, trl_python=args.trl_python, trl_optim="adamw_torch_fused",
+        device=profile["device"], dtype=profile["dtype"])
+    res = {"profile": args.profile, "settings": {k: v for k, v in profile.items() if k != "config"},
+           "model": str(model), "model_config": profile["config"], "n_params": n_params,
+           "data_file": str(data), "data": assets.token_stats(data, model), **gpu, "rows": {}}
     res["machine"] = machine_info(args.trl_python) if any(x.startswith("trl") for x in rows) else {}
     for name in rows:
         out = {"label": LABELS[name]}
@@ -218,32 +162,25 @@ def run_rows(args, profile: dict, rows: list[str], workdir: Path) -> dict:
             out["peak_gpu_mem_mb"] = {"train": rec["result"]["peak_gpu_mem_mb"]}
             if pre:
                 pass_s = rec["result"]["precompute_s"] + rec["result"]["hash_s"]
-                out["precompute"] = precompute_figures(
-                    pass_s, sum(pair_tokens), sum(pair_tokens), n_params, peak
-                )
+                out["precompute"] = precompute_figures(pass_s, sum(pair_tokens), sum(pair_tokens),
+                                                       n_params, peak)
             out["pipeline_wall_s"] = rec["wall_s"]
         else:
             extra = ["--packing", "--prefix-sharing"] if name.startswith("dpocli-pkps") else []
             with attention_kernel("flex" if name.endswith("-flex") else None):
-                pre = dpocli_precompute(
-                    f"{name}-precompute", run_args, model, data, workdir, None, extra=extra
-                )
-                rec = dpocli_train(f"{name}-train", run_args, model, pre["cache"], workdir, extra=extra)
+                pre = dpocli_precompute(f"{name}-precompute", run_args, model, data, workdir, None,
+                                        extra=extra)
+                rec = dpocli_train(f"{name}-train", run_args, model, pre["cache"], workdir,
+                                   extra=extra)
             shutil.rmtree(pre["cache"], ignore_errors=True)
             rec["pairs_per_step"] = b
             out["train"] = train_figures(rec, step_tokens, n_params, 6, peak)
             out["attention_kernel"] = rec["summary"].get("attention_kernel")
-            out["peak_gpu_mem_mb"] = {
-                "train": rec["timings"].get("peak_gpu_mem_mb"),
-                "precompute": pre["timings"].get("peak_gpu_mem_mb"),
-            }
+            out["peak_gpu_mem_mb"] = {"train": rec["timings"].get("peak_gpu_mem_mb"),
+                                      "precompute": pre["timings"].get("peak_gpu_mem_mb")}
             out["precompute"] = precompute_figures(
-                pre["timings"]["score_s"],
-                sum(pair_tokens),
-                shared_tokens if extra else sum(pair_tokens),
-                n_params,
-                peak,
-            )
+                pre["timings"]["score_s"], sum(pair_tokens),
+                shared_tokens if extra else sum(pair_tokens), n_params, peak)
             out["pipeline_wall_s"] = pre["wall_s"] + rec["wall_s"]
             out["step0_max_abs_diff"] = rec["summary"].get("step0_max_abs_diff")
         res["rows"][name] = out
@@ -252,29 +189,23 @@ def run_rows(args, profile: dict, rows: list[str], workdir: Path) -> dict:
 
 def report(res: dict) -> str:
     s, d = res["settings"], res["data"]
-    lines = [
-        f"### GPU benchmark ({res['profile']}): {res['gpu'] or 'no GPU (CPU smoke run)'}, "
-        f"{s['dtype']}, dense bf16 peak {fmt(res['peak_bf16_tflops'], 0)} TFLOP/s\n",
-        f"Model: random-init Qwen2, {res['n_params']:,} parameters. Data: {d['pairs']} pairs, "
-        f"prompt tokens mean {d['prompt_tokens'][1]:.0f}, chosen {d['chosen_tokens'][1]:.0f}, "
-        f"rejected {d['rejected_tokens'][1]:.0f}; batch {s['batch_size']} pairs, 1 epoch.\n",
-        "| row | train pairs/s | train tokens/s | train MFU | peak GPU MB (train / precompute) "
-        "| precompute s | precompute tokens/s | precompute MFU | pipeline wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    lines = [f"### GPU benchmark ({res['profile']}): {res['gpu'] or 'no GPU (CPU smoke run)'}, "
+             f"{s['dtype']}, dense bf16 peak {fmt(res['peak_bf16_tflops'], 0)} TFLOP/s\n",
+             f"Model: random-init Qwen2, {res['n_params']:,} parameters. Data: {d['pairs']} pairs, "
+             f"prompt tokens mean {d['prompt_tokens'][1]:.0f}, chosen {d['chosen_tokens'][1]:.0f}, "
+             f"rejected {d['rejected_tokens'][1]:.0f}; batch {s['batch_size']} pairs, 1 epoch.\n",
+             "| row | train pairs/s | train tokens/s | train MFU | peak GPU MB (train / precompute) "
+             "| precompute s | precompute tokens/s | precompute MFU | pipeline wall s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     pct = lambda x: "–" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     for row in res["rows"].values():
         t, pre, mem = row["train"], row.get("precompute") or {}, row["peak_gpu_mem_mb"]
-        lines.append(
-            f"| {row['label']} | {fmt(t['pairs_per_s'], 2)} | {fmt(t['tokens_per_s'], 0)} | "
-            f"{pct(t['mfu'])} | {fmt(mem.get('train'), 0)} / {fmt(mem.get('precompute'), 0)} | "
-            f"{fmt(pre.get('seconds'), 2)} | {fmt(pre.get('tokens_per_s'), 0)} | "
-            f"{pct(pre.get('mfu'))} | {fmt(row['pipeline_wall_s'], 1)} |"
-        )
-    lines.append(
-        "\nTokens/s count the dataset's tokens (prompt twice per pair) for every row; MFU "
-        "counts the tokens each row ran (bench/gpu_bench.py documents both)."
-    )
+        lines.append(f"| {row['label']} | {fmt(t['pairs_per_s'], 2)} | {fmt(t['tokens_per_s'], 0)} | "
+                     f"{pct(t['mfu'])} | {fmt(mem.get('train'), 0)} / {fmt(mem.get('precompute'), 0)} | "
+                     f"{fmt(pre.get('seconds'), 2)} | {fmt(pre.get('tokens_per_s'), 0)} | "
+                     f"{pct(pre.get('mfu'))} | {fmt(row['pipeline_wall_s'], 1)} |")
+    lines.append("\nTokens/s count the dataset's tokens (prompt twice per pair) for every row; MFU "
+                 "counts the tokens each row ran (bench/gpu_bench.py documents both).")
     return "\n".join(lines) + "\n"
 
 
@@ -286,13 +217,11 @@ def default_trl_python() -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=sorted(PROFILES), default="gpu")
-    ap.add_argument(
-        "--rows",
-        default="trl-default,trl-precompute,dpocli,dpocli-pkps",
-        help=f"comma-separated, from: {', '.join(ROWS)}",
-    )
+    ap.add_argument("--rows", default="trl-default,trl-precompute,dpocli,dpocli-pkps",
+                    help=f"comma-separated, from: {', '.join(ROWS)}")
     ap.add_argument("--flex", action="store_true", help="add the dpocli-pkps-flex row (CUDA only)")
     ap.add_argument("--out-dir", type=Path, default=BENCH / "results")
     ap.add_argument("--trl-python", default=None, help="python with trl (default: see code)")

@@ -50,13 +50,8 @@ def one(args, variant: dict) -> dict:
         torch.set_num_threads(variant["threads"])
     manifest, data = cache.load_cache(args.cache)
     pad_id = int(manifest.spec["tokenizer"]["pad_token_id"])
-    cfg = TrainConfig(
-        cache=args.cache,
-        model=args.model,
-        out="/nonexistent",
-        lr=1e-5,
-        chunk_size=variant.get("chunk_size", 1024),
-    )
+    cfg = TrainConfig(cache=args.cache, model=args.model, out="/nonexistent", lr=1e-5,
+                      chunk_size=variant.get("chunk_size", 1024))
     spec = cfg.loss_spec()
     torch.manual_seed(0)
     model = load_causal_lm(args.model, dtype="float32", device="cpu")
@@ -70,9 +65,8 @@ def one(args, variant: dict) -> dict:
     for step in range(args.steps):
         rows = list(range(step * args.batch_size, (step + 1) * args.batch_size))
         t0 = time.perf_counter()
-        batch = cache_batch(
-            data, rows, pad_id, variant.get("prefix_sharing", False), variant.get("packing", False)
-        )
+        batch = cache_batch(data, rows, pad_id, variant.get("prefix_sharing", False),
+                            variant.get("packing", False))
         ref = cached_reference(data, rows, "cpu")
         t1 = time.perf_counter()
         pol = sequence_logps(scorer, batch)
@@ -85,25 +79,17 @@ def one(args, variant: dict) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         t5 = time.perf_counter()
-        for k, a, b in (
-            ("collate", t0, t1),
-            ("forward", t1, t2),
-            ("backward", t2, t3),
-            ("clip", t3, t4),
-            ("optimizer", t4, t5),
-        ):
+        for k, a, b in (("collate", t0, t1), ("forward", t1, t2), ("backward", t2, t3), ("clip", t3, t4),
+                        ("optimizer", t4, t5)):
             times[k].append(b - a)
         losses.append(float(out.loss))
     skip = 1 if args.steps > 1 else 0
-    return {
-        "variant": variant,
-        "threads": torch.get_num_threads(),
-        "mean_s_after_step1": {k: sum(v[skip:]) / len(v[skip:]) for k, v in times.items()},
-        "step_s_after_step1": sum(sum(v[skip:]) for v in times.values()) / len(times["forward"][skip:]),
-        "rss_after_load_mb": rss0,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "losses": losses,
-    }
+    return {"variant": variant, "threads": torch.get_num_threads(),
+            "mean_s_after_step1": {k: sum(v[skip:]) / len(v[skip:]) for k, v in times.items()},
+            "step_s_after_step1": sum(sum(v[skip:]) for v in times.values()) / len(times["forward"][skip:]),
+            "rss_after_load_mb": rss0,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "losses": losses}
 
 
 def main() -> None:
@@ -120,26 +106,9 @@ def main() -> None:
         return
     results = []
     for name in args.variants.split(","):
-        cmd = [
-            "nice",
-            "-n",
-            "10",
-            sys.executable,
-            __file__,
-            "--cache",
-            args.cache,
-            "--model",
-            args.model,
-            "--steps",
-            str(args.steps),
-            "--batch-size",
-            str(args.batch_size),
-            "--child",
-            name,
-        ]
-        out = subprocess.run(
-            cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-        )
+        cmd = ["nice", "-n", "10", sys.executable, __file__, "--cache", args.cache, "--model", args.model,
+               "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--child", name]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         if out.returncode:
             sys.stderr.write(out.stderr[-3000:])
             raise SystemExit(f"variant {name} failed")
@@ -147,13 +116,10 @@ def main() -> None:
         res["name"] = name
         results.append(res)
         m = res["mean_s_after_step1"]
-        print(
-            f"{name:10s} step {res['step_s_after_step1']:.2f}s  "
-            + "  ".join(f"{k} {v:.3f}" for k, v in m.items())
-            + f"  rss after load {res['rss_after_load_mb']:.0f}MB peak {res['peak_rss_mb']:.0f}MB  "
-            f"loss[-1] {res['losses'][-1]:.6f}",
-            flush=True,
-        )
+        print(f"{name:10s} step {res['step_s_after_step1']:.2f}s  " +
+              "  ".join(f"{k} {v:.3f}" for k, v in m.items()) +
+              f"  rss after load {res['rss_after_load_mb']:.0f}MB peak {res['peak_rss_mb']:.0f}MB  "
+              f"loss[-1] {res['losses'][-1]:.6f}", flush=True)
     print(json.dumps(results))
 
 

@@ -54,31 +54,24 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--max-steps", type=int, default=None)
-    ap.add_argument(
-        "--stop-after",
-        type=int,
-        default=None,
-        help="stop after this many steps, keeping the schedule of the full run (the lr "
-        "still decays over --epochs/--max-steps, as in the dpocli run it is compared to)",
-    )
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop after this many steps, keeping the schedule of the full run (the lr "
+                         "still decays over --epochs/--max-steps, as in the dpocli run it is compared to)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--optim", default="adamw_torch")
     ap.add_argument("--no-save", action="store_true", help="skip trainer.save_model() at the end")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16"],
-        default="float32",
-        help="weights dtype; bfloat16 also turns on TRL's bf16 (autocast) flag",
-    )
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="weights dtype; bfloat16 also turns on TRL's bf16 (autocast) flag")
     args = ap.parse_args()
 
     import torch
-    import trl
-    import trl.trainer.dpo_trainer as dpo_mod
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
     from transformers import AutoTokenizer, TrainerCallback
+
+    import trl
+    import trl.trainer.dpo_trainer as dpo_mod
     from trl import DPOConfig, DPOTrainer
 
     timings = {"precompute_s": 0.0, "hash_s": 0.0}
@@ -145,17 +138,13 @@ def main() -> None:
         lr_scheduler_type="linear",
         warmup_steps=0,
         weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-8,
+        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
         optim=args.optim,
         max_grad_norm=1.0,
-        bf16=args.dtype == "bfloat16",
-        fp16=False,
+        bf16=args.dtype == "bfloat16", fp16=False,
         gradient_checkpointing=False,
         use_cpu=args.device == "cpu",
-        seed=args.seed,
-        data_seed=args.seed,
+        seed=args.seed, data_seed=args.seed,
         logging_steps=1,
         save_strategy="no",
         eval_strategy="no",
@@ -171,9 +160,8 @@ def main() -> None:
         model_init_kwargs={"dtype": args.dtype},
     )
     t = time.perf_counter()
-    trainer = BenchDPOTrainer(
-        model=args.model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()]
-    )
+    trainer = BenchDPOTrainer(model=args.model, args=config, train_dataset=dataset,
+                              processing_class=tokenizer, callbacks=[Clock()])
     construct_s = time.perf_counter() - t
     ds = trainer.train_dataset
     p = [len(x) for x in ds["prompt_ids"]]
@@ -197,54 +185,25 @@ def main() -> None:
             rec["loss_logged"] = rec["loss"]
             rec["loss"] = losses[i]
     result = {
-        "tool": "trl",
-        "trl_version": trl.__version__,
-        "torch": torch.__version__,
+        "tool": "trl", "trl_version": trl.__version__, "torch": torch.__version__,
         "mode": "precompute" if args.precompute else "default",
         "argv": sys.argv,
-        "config": {
-            k: getattr(config, k)
-            for k in (
-                "per_device_train_batch_size",
-                "learning_rate",
-                "lr_scheduler_type",
-                "warmup_steps",
-                "optim",
-                "weight_decay",
-                "max_grad_norm",
-                "bf16",
-                "gradient_checkpointing",
-                "max_length",
-                "beta",
-                "loss_type",
-                "precompute_ref_log_probs",
-                "precompute_ref_batch_size",
-                "seed",
-            )
-        },
+        "config": {k: getattr(config, k) for k in (
+            "per_device_train_batch_size", "learning_rate", "lr_scheduler_type", "warmup_steps", "optim",
+            "weight_decay", "max_grad_norm", "bf16", "gradient_checkpointing", "max_length", "beta",
+            "loss_type", "precompute_ref_log_probs", "precompute_ref_batch_size", "seed")},
         "ref_model_in_memory": trainer.ref_model is not None,
-        "construct_s": construct_s,
-        "train_s": train_s,
-        "save_s": save_s,
-        "train_begin_s": marks.get("train_begin_s"),
-        "step_end_s": step_end,
-        "step_cpu_s": step_cpu,
-        "total_steps_planned": trainer.state.max_steps,
-        "stopped_after": args.stop_after,
-        "end_train_s": end_train_s,
-        "total_s": time.perf_counter() - T0,
-        "total_cpu_s": cpu(),
-        "precompute_s": timings["precompute_s"],
-        "hash_s": timings["hash_s"],
-        "rows": len(p),
-        "prompt_tokens": sum(p),
-        "chosen_tokens": sum(c),
-        "rejected_tokens": sum(r),
+        "construct_s": construct_s, "train_s": train_s, "save_s": save_s,
+        "train_begin_s": marks.get("train_begin_s"), "step_end_s": step_end, "step_cpu_s": step_cpu,
+        "total_steps_planned": trainer.state.max_steps, "stopped_after": args.stop_after,
+        "end_train_s": end_train_s, "total_s": time.perf_counter() - T0, "total_cpu_s": cpu(),
+        "precompute_s": timings["precompute_s"], "hash_s": timings["hash_s"],
+        "rows": len(p), "prompt_tokens": sum(p), "chosen_tokens": sum(c), "rejected_tokens": sum(r),
         "self_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "torch_threads": torch.get_num_threads(),
-        "device": args.device,
-        "dtype": args.dtype,
-        "peak_gpu_mem_mb": (torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None),
+        "device": args.device, "dtype": args.dtype,
+        "peak_gpu_mem_mb": (torch.cuda.max_memory_allocated() / 2**20
+                            if args.device == "cuda" else None),
         "steps": steps,
     }
     with open(args.result, "w") as f:

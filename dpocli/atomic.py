@@ -18,11 +18,9 @@ from pathlib import Path
 # The names our temporaries take: `.NAME.<8 random>.tmp` (files), `NAME.tmp-<8 random>` (folders)
 # and `NAME.old-<pid>` (a replaced folder on its way out). `temporary_base` recognises them, so a
 # resumed command can clean up after a killed one without touching anything else.
-_TEMPORARY = (
-    re.compile(r"^\.(?P<base>.+)\.[A-Za-z0-9_]{8}\.tmp$"),
-    re.compile(r"^(?P<base>.+)\.tmp-[A-Za-z0-9_]{8}$"),
-    re.compile(r"^(?P<base>.+)\.old-\d+$"),
-)
+_TEMPORARY = (re.compile(r"^\.(?P<base>.+)\.[A-Za-z0-9_]{8}\.tmp$"),
+              re.compile(r"^(?P<base>.+)\.tmp-[A-Za-z0-9_]{8}$"),
+              re.compile(r"^(?P<base>.+)\.old-\d+$"))
 
 
 def temporary_base(name: str) -> str | None:
@@ -37,11 +35,9 @@ def temporary_base(name: str) -> str | None:
 def as_write_failure(path: Path, err: BaseException):
     """Disk full / not writable / vanished as one `error:` line (see outputs.write_failure)."""
     from dpocli.errors import DpocliError
-
     if isinstance(err, (DpocliError, KeyboardInterrupt, SystemExit)):
         return err
     from dpocli.outputs import write_failure
-
     failure = write_failure(path, err)
     # Any OSError is about the write; another exception only when it reads as a full or read-only
     # disk (safetensors, torch.save), so that a genuine bug keeps its traceback.

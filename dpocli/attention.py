@@ -40,18 +40,15 @@ def kernel_name() -> str:
     """The packed-attention kernel this process uses: $DPOCLI_ATTN_KERNEL, default "sdpa"."""
     name = os.environ.get(ENV, "").strip().lower() or "sdpa"
     if name not in KERNELS:
-        raise DpocliError(
-            f"unknown attention kernel '{name}'", field=ENV, hint=f"use one of: {', '.join(KERNELS)}"
-        )
+        raise DpocliError(f"unknown attention kernel '{name}'", field=ENV,
+                          hint=f"use one of: {', '.join(KERNELS)}")
     if name == "flex":
         try:
             import torch.nn.attention.flex_attention  # noqa: F401
         except ImportError:
-            raise DpocliError(
-                f"needs FlexAttention, which torch {torch.__version__} lacks",
-                field=ENV,
-                hint="unset it (the per-sequence SDPA path needs nothing)",
-            ) from None
+            raise DpocliError(f"needs FlexAttention, which torch {torch.__version__} lacks",
+                              field=ENV, hint="unset it (the per-sequence SDPA path needs nothing)"
+                              ) from None
     return name
 
 
@@ -87,17 +84,16 @@ def layout_tensors(units: tuple[PackedUnit, ...], length: int, device) -> dict[s
     local = torch.arange(length) - starts[doc]
     branch = local >= causal[doc]
     position = torch.where(branch, prefix[doc] + local - causal[doc], local)
-    return {
-        k: v.to(device)
-        for k, v in dict(doc=doc, local=local, branch=branch, prefix=prefix[doc], position=position).items()
-    }
+    return {k: v.to(device) for k, v in dict(doc=doc, local=local, branch=branch,
+                                                prefix=prefix[doc], position=position).items()}
 
 
 def packed_mask_mod(t: dict[str, torch.Tensor], window: int | None):
     """FlexAttention mask_mod: same unit, key not after the query, and a branch query sees only
     the prompt part of the causal tokens (never the chosen ones). Branch tokens come after the
     causal part of their unit, so a causal query never reaches them."""
-    doc, local, branch, prefix, position = (t[k] for k in ("doc", "local", "branch", "prefix", "position"))
+    doc, local, branch, prefix, position = (t[k] for k in ("doc", "local", "branch", "prefix",
+                                                            "position"))
 
     def mask_mod(b, h, q, kv):
         allowed = (doc[q] == doc[kv]) & (kv <= q)
@@ -121,15 +117,13 @@ class _FlexState:
 @torch.compiler.disable
 def _block_mask(units, length: int, window: int | None, device):
     from torch.nn.attention.flex_attention import create_block_mask
-
     if _FlexState.units is not units:
         _FlexState.units, _FlexState.masks = units, {}
     key = (length, window, str(device))
     if key not in _FlexState.masks:
         mask_mod = packed_mask_mod(layout_tensors(units, length, device), window)
-        _FlexState.masks[key] = create_block_mask(
-            mask_mod, None, None, length, length, device=device, BLOCK_SIZE=BLOCK
-        )
+        _FlexState.masks[key] = create_block_mask(mask_mod, None, None, length, length,
+                                                  device=device, BLOCK_SIZE=BLOCK)
     return _FlexState.masks[key]
 
 
@@ -138,41 +132,31 @@ def _flex_fn(device: torch.device):
     # eager FlexAttention would materialise the scores; eager on CPU (fp64-capable, no compiler).
     if _FlexState.flex is None:
         from torch.nn.attention.flex_attention import flex_attention
-
         _FlexState.flex = torch.compile(flex_attention) if device.type == "cuda" else flex_attention
     return _FlexState.flex
 
 
-def flex_packed_attention(
-    module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs
-):
+def flex_packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                          scaling: float | None = None, **kwargs):
     """`packing.packed_attention`'s contract (query [1, H, N, D], key/value [1, H_kv, N, D] ->
     ([1, N, H, D], None); plain "sdpa" without a packed layout) in one FlexAttention call."""
     units = kwargs.pop(LAYOUT_KWARG, None)
     if units is None:
-        return packed_attention(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+        return packed_attention(module, query, key, value, attention_mask, dropout=dropout,
+                                scaling=scaling, **kwargs)
     _check_supported(kwargs)
     if dropout and module.training:
-        raise DpocliError(
-            "FlexAttention has no attention dropout",
-            field=ENV,
-            hint=f"unset {ENV}, or set the model's attention_dropout to 0",
-        )
+        raise DpocliError("FlexAttention has no attention dropout", field=ENV,
+                          hint=f"unset {ENV}, or set the model's attention_dropout to 0")
     if query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad:
-        raise DpocliError(
-            "FlexAttention has no CPU backward: CPU training cannot use it",
-            field=ENV,
-            hint=f"unset {ENV} (it serves CPU precompute and eval only)",
-        )
+        raise DpocliError("FlexAttention has no CPU backward: CPU training cannot use it",
+                          field=ENV, hint=f"unset {ENV} (it serves CPU precompute and eval only)")
     n = query.shape[2]
     length = -(-n // BLOCK) * BLOCK
     if length != n:  # pad tokens form their own unit (see layout_tensors) and are cut off below
         pad = (0, 0, 0, length - n)
         query, key, value = (torch.nn.functional.pad(t, pad) for t in (query, key, value))
     block_mask = _block_mask(units, length, kwargs.get("sliding_window"), query.device)
-    out = _flex_fn(query.device)(
-        query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
-    )
+    out = _flex_fn(query.device)(query, key, value, block_mask=block_mask, scale=scaling,
+                                 enable_gqa=query.shape[1] != key.shape[1])
     return out[:, :, :n].transpose(1, 2).contiguous(), None

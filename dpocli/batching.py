@@ -63,11 +63,9 @@ class Batch:
         return int(self.attention_mask.sum())
 
     def to(self, device) -> "Batch":
-        return Batch(
-            self.input_ids.to(device, non_blocking=True),
-            self.attention_mask.to(device, non_blocking=True),
-            self.completion_mask.to(device, non_blocking=True),
-        )
+        return Batch(self.input_ids.to(device, non_blocking=True),
+                     self.attention_mask.to(device, non_blocking=True),
+                     self.completion_mask.to(device, non_blocking=True))
 
     def model_inputs(self) -> ModelInputs:
         """Token t of a row is scored from position t - 1; row r is segment r."""
@@ -75,24 +73,13 @@ class Batch:
         scored = self.completion_mask[:, 1:]
         flat = torch.arange(rows * width, device=self.input_ids.device).view(rows, width)
         segments = torch.arange(rows, device=self.input_ids.device)[:, None].expand_as(scored)
-        return ModelInputs(
-            self.input_ids,
-            self.attention_mask,
-            None,
-            score_from=flat[:, :-1][scored],
-            labels=self.input_ids[:, 1:][scored],
-            segments=segments[scored],
-            num_segments=rows,
-        )
+        return ModelInputs(self.input_ids, self.attention_mask, None, score_from=flat[:, :-1][scored],
+                           labels=self.input_ids[:, 1:][scored], segments=segments[scored],
+                           num_segments=rows)
 
 
-def collate(
-    prompts: Sequence[Sequence[int]],
-    chosens: Sequence[Sequence[int]],
-    rejecteds: Sequence[Sequence[int]],
-    pad_id: int,
-    pad_to_multiple_of: int = 1,
-) -> Batch:
+def collate(prompts: Sequence[Sequence[int]], chosens: Sequence[Sequence[int]],
+            rejecteds: Sequence[Sequence[int]], pad_id: int, pad_to_multiple_of: int = 1) -> Batch:
     """Pad pairs into a `Batch`. Each list holds one entry per pair (prompt and completion ids)."""
     rows = [(p, c) for p, c in zip(prompts, chosens)] + [(p, r) for p, r in zip(prompts, rejecteds)]
     longest = max(len(p) + len(c) for p, c in rows)
@@ -104,13 +91,12 @@ def collate(
         n = len(p) + len(c)
         input_ids[i, :n] = torch.tensor(list(p) + list(c), dtype=torch.long)
         attention_mask[i, :n] = 1
-        completion_mask[i, len(p) : n] = True
+        completion_mask[i, len(p):n] = True
     return Batch(input_ids, attention_mask, completion_mask)
 
 
-def plan_by_length(
-    seq_lens: Sequence[int], *, batch_size: int | None = None, max_tokens: int | None = None
-) -> list[list[int]]:
+def plan_by_length(seq_lens: Sequence[int], *, batch_size: int | None = None,
+                   max_tokens: int | None = None) -> list[list[int]]:
     """Inference batches over all rows, longest first, so padding is minimal and an out-of-memory
     error (if the budget is too large) shows up on the very first batch.
 
@@ -124,11 +110,8 @@ def plan_by_length(
     current: list[int] = []
     for i in order:
         if current:
-            full = (
-                len(current) >= batch_size
-                if batch_size is not None
-                else 2 * (len(current) + 1) * seq_lens[current[0]] > max_tokens
-            )
+            full = (len(current) >= batch_size if batch_size is not None
+                    else 2 * (len(current) + 1) * seq_lens[current[0]] > max_tokens)
             if full:
                 batches.append(current)
                 current = []
@@ -162,11 +145,8 @@ class Batching:
     prefix_sharing: bool
 
     def layout(self) -> dict:
-        return {
-            "rows_per_shard": self.rows_per_shard,
-            "packing": self.packing,
-            "prefix_sharing": self.prefix_sharing,
-        }
+        return {"rows_per_shard": self.rows_per_shard, "packing": self.packing,
+                "prefix_sharing": self.prefix_sharing}
 
     def budget(self) -> dict:
         return {"batch_size": self.batch_size, "max_tokens": self.max_tokens}
@@ -174,18 +154,13 @@ class Batching:
     @classmethod
     def from_records(cls, layout: dict, budget: dict, where: str) -> "Batching":
         """The inverse of `layout()` + `budget()`, refusing a record with other fields."""
-        expected = (
-            ("spec.batching", layout, ("rows_per_shard", "packing", "prefix_sharing")),
-            ("shards[].budget", budget, ("batch_size", "max_tokens")),
-        )
+        expected = (("spec.batching", layout, ("rows_per_shard", "packing", "prefix_sharing")),
+                    ("shards[].budget", budget, ("batch_size", "max_tokens")))
         for part, record, names in expected:
             if not isinstance(record, dict) or set(record) != set(names):
-                raise DpocliError(
-                    f"has a {part} record {record!r}, expected the fields {list(names)}",
-                    file=where,
-                    field=part,
-                    hint="recreate the cache with this version's `dpo precompute-ref`",
-                )
+                raise DpocliError(f"has a {part} record {record!r}, expected the fields {list(names)}",
+                                  file=where, field=part,
+                                  hint="recreate the cache with this version's `dpo precompute-ref`")
         return cls(**budget, **layout)
 
     def with_budget(self, max_tokens: int | None) -> "Batching":
@@ -208,16 +183,8 @@ def plan_reference_batches(lengths: Sequence[tuple[int, int, int]], batching: Ba
     return plan_by_length(seq_lens, batch_size=batching.batch_size, max_tokens=batching.max_tokens)
 
 
-def plan_epoch(
-    num_pairs: int,
-    batch_size: int,
-    *,
-    epoch: int,
-    seed: int,
-    shuffle: bool = True,
-    seq_lens: Sequence[int] | None = None,
-    group_by_length: bool = False,
-) -> list[list[int]]:
+def plan_epoch(num_pairs: int, batch_size: int, *, epoch: int, seed: int, shuffle: bool = True,
+               seq_lens: Sequence[int] | None = None, group_by_length: bool = False) -> list[list[int]]:
     """Training batches for one epoch: fixed `batch_size` pairs each (the last may be smaller).
 
     The order is a pure function of (seed, epoch), so resuming needs only the batch position.
@@ -231,12 +198,9 @@ def plan_epoch(
         rng.shuffle(order)
     if group_by_length and seq_lens is not None:
         window = 50 * batch_size
-        order = [
-            i
-            for start in range(0, num_pairs, window)
-            for i in sorted(order[start : start + window], key=lambda j: -seq_lens[j])
-        ]
-    batches = [order[i : i + batch_size] for i in range(0, num_pairs, batch_size)]
+        order = [i for start in range(0, num_pairs, window)
+                 for i in sorted(order[start:start + window], key=lambda j: -seq_lens[j])]
+    batches = [order[i:i + batch_size] for i in range(0, num_pairs, batch_size)]
     if group_by_length and shuffle:
         rng.shuffle(batches)
     return batches
@@ -274,39 +238,18 @@ class SharedPrefixBatch:
         return int((self.position_ids > 0).sum() + self.input_ids.shape[0])
 
     def to(self, device) -> "SharedPrefixBatch":
-        return SharedPrefixBatch(
-            *(
-                t.to(device, non_blocking=True)
-                for t in (
-                    self.input_ids,
-                    self.attention_mask,
-                    self.position_ids,
-                    self.score_from,
-                    self.labels,
-                    self.segments,
-                )
-            )
-        )
+        return SharedPrefixBatch(*(t.to(device, non_blocking=True) for t in (
+            self.input_ids, self.attention_mask, self.position_ids, self.score_from, self.labels,
+            self.segments)))
 
     def model_inputs(self) -> ModelInputs:
-        return ModelInputs(
-            self.input_ids,
-            self.attention_mask,
-            self.position_ids,
-            self.score_from,
-            self.labels,
-            self.segments,
-            num_segments=2 * self.num_pairs,
-        )
+        return ModelInputs(self.input_ids, self.attention_mask, self.position_ids, self.score_from,
+                           self.labels, self.segments, num_segments=2 * self.num_pairs)
 
 
-def collate_shared(
-    prompts: Sequence[Sequence[int]],
-    chosens: Sequence[Sequence[int]],
-    rejecteds: Sequence[Sequence[int]],
-    pad_id: int,
-    mask_dtype: torch.dtype = torch.float32,
-) -> SharedPrefixBatch:
+def collate_shared(prompts: Sequence[Sequence[int]], chosens: Sequence[Sequence[int]],
+                   rejecteds: Sequence[Sequence[int]], pad_id: int,
+                   mask_dtype: torch.dtype = torch.float32) -> SharedPrefixBatch:
     """Pack each pair into one row with a prefix-sharing mask (see `SharedPrefixBatch`)."""
     b = len(prompts)
     width = max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosens, rejecteds))
@@ -319,11 +262,11 @@ def collate_shared(
         np_, nc, nr = len(p), len(c), len(r)
         end = np_ + nc + nr
         input_ids[i, :end] = torch.tensor(list(p) + list(c) + list(r), dtype=torch.long)
-        position_ids[i, : np_ + nc] = torch.arange(np_ + nc)
-        position_ids[i, np_ + nc : end] = torch.arange(np_, np_ + nr)
-        allowed[i, : np_ + nc, : np_ + nc] = causal[: np_ + nc, : np_ + nc]
-        allowed[i, np_ + nc : end, :np_] = True
-        allowed[i, np_ + nc : end, np_ + nc : end] = causal[:nr, :nr]
+        position_ids[i, :np_ + nc] = torch.arange(np_ + nc)
+        position_ids[i, np_ + nc:end] = torch.arange(np_, np_ + nr)
+        allowed[i, :np_ + nc, :np_ + nc] = causal[:np_ + nc, :np_ + nc]
+        allowed[i, np_ + nc:end, :np_] = True
+        allowed[i, np_ + nc:end, np_ + nc:end] = causal[:nr, :nr]
         pad = torch.arange(end, width)
         allowed[i, pad, pad] = True  # pad queries attend to themselves only (no all-blocked row)
         row = i * width
@@ -335,18 +278,17 @@ def collate_shared(
         segments += [i] * nc + [b + i] * nr
     mask = torch.zeros((b, 1, width, width), dtype=mask_dtype)
     mask.masked_fill_(~allowed[:, None], torch.finfo(mask_dtype).min)
-    return SharedPrefixBatch(
-        input_ids, mask, position_ids, torch.tensor(score_from), torch.tensor(labels), torch.tensor(segments)
-    )
+    return SharedPrefixBatch(input_ids, mask, position_ids, torch.tensor(score_from),
+                             torch.tensor(labels), torch.tensor(segments))
 
 
-def make_batch(prompts, chosens, rejecteds, pad_id: int, prefix_sharing: bool = False, packing: bool = False):
+def make_batch(prompts, chosens, rejecteds, pad_id: int, prefix_sharing: bool = False,
+               packing: bool = False):
     """The model inputs for a list of pairs: a padding-free `PackedBatch` when `packing` (its
     prompt shared per pair when `prefix_sharing` too), else a `SharedPrefixBatch` when
     `prefix_sharing`, else the standard 2B-row `Batch`."""
     if packing:
         from dpocli.packing import collate_packed
-
         return collate_packed(prompts, chosens, rejecteds, share_prefix=prefix_sharing)
     if prefix_sharing:
         return collate_shared(prompts, chosens, rejecteds, pad_id)

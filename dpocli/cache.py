@@ -63,10 +63,8 @@ def cache_schema(token_logps: bool) -> pa.Schema:
         pa.field("ref_rejected_logps", pa.float64()),
     ]
     if token_logps:
-        fields += [
-            pa.field("ref_chosen_token_logps", pa.list_(pa.float32())),
-            pa.field("ref_rejected_token_logps", pa.list_(pa.float32())),
-        ]
+        fields += [pa.field("ref_chosen_token_logps", pa.list_(pa.float32())),
+                   pa.field("ref_rejected_token_logps", pa.list_(pa.float32()))]
     return pa.schema(fields)
 
 
@@ -115,55 +113,32 @@ class Manifest:
         return total
 
     def to_dict(self) -> dict:
-        body = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "dpocli_version": __version__,
-            **asdict(self),
-            "spec_fingerprint": self.spec_fingerprint,
-            "rows_written": self.rows_written,
-            "dropped": self.dropped,
-        }
+        body = {"format": FORMAT, "format_version": FORMAT_VERSION, "dpocli_version": __version__,
+                **asdict(self), "spec_fingerprint": self.spec_fingerprint,
+                "rows_written": self.rows_written, "dropped": self.dropped}
         body["manifest_sha256"] = fingerprint(body)
         return body
 
     @classmethod
     def from_dict(cls, body: dict, where: str) -> "Manifest":
         if not isinstance(body, dict):
-            raise DpocliError(
-                f"is not a dpocli cache manifest (a JSON {type(body).__name__}, not an object)", file=where
-            )
+            raise DpocliError(f"is not a dpocli cache manifest (a JSON {type(body).__name__}, not an "
+                              "object)", file=where)
         if body.get("format") != FORMAT:
-            raise DpocliError(
-                f"is not a dpocli cache manifest (format {body.get('format')!r})", file=where, field="format"
-            )
+            raise DpocliError(f"is not a dpocli cache manifest (format {body.get('format')!r})",
+                              file=where, field="format")
         if body.get("format_version") != FORMAT_VERSION:
-            raise DpocliError(
-                f"has format version {body.get('format_version')!r}; this dpocli reads "
-                f"version {FORMAT_VERSION}",
-                file=where,
-                field="format_version",
-                hint="recreate the cache with this version's `dpo precompute-ref`",
-            )
+            raise DpocliError(f"has format version {body.get('format_version')!r}; this dpocli reads "
+                              f"version {FORMAT_VERSION}", file=where, field="format_version",
+                              hint="recreate the cache with this version's `dpo precompute-ref`")
         claimed = body.get("manifest_sha256")
         unsigned = {k: v for k, v in body.items() if k != "manifest_sha256"}
         if claimed != fingerprint(unsigned):
-            raise DpocliError(
-                "was modified after dpocli wrote it (checksum mismatch)",
-                file=where,
-                field="manifest_sha256",
-                hint="recreate the cache, or restore the original manifest.json",
-            )
-        names = (
-            "spec",
-            "planned_shards",
-            "rows_read",
-            "shards",
-            "complete",
-            "length_stats",
-            "created",
-            "tokenizer_files",
-        )
+            raise DpocliError("was modified after dpocli wrote it (checksum mismatch)", file=where,
+                              field="manifest_sha256",
+                              hint="recreate the cache, or restore the original manifest.json")
+        names = ("spec", "planned_shards", "rows_read", "shards", "complete", "length_stats", "created",
+                 "tokenizer_files")
         return cls(**{k: body[k] for k in names})
 
 
@@ -172,9 +147,8 @@ def read_manifest(cache_dir: str | Path) -> Manifest:
     if not Path(cache_dir).is_dir():
         raise DpocliError("no such cache folder", file=cache_dir)
     if not path.exists():
-        raise DpocliError(
-            "has no manifest.json; not a dpocli cache (or precompute never finished a shard)", file=cache_dir
-        )
+        raise DpocliError("has no manifest.json; not a dpocli cache (or precompute never finished "
+                          "a shard)", file=cache_dir)
     try:
         body = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
@@ -188,11 +162,11 @@ def commit_manifest(cache_dir: str | Path, manifest: Manifest) -> None:
     atomic_write_json(Path(cache_dir) / MANIFEST_NAME, manifest.to_dict())
 
 
-def write_shard(cache_dir: str | Path, index: int, columns: dict, token_logps: bool, spec: dict) -> dict:
+def write_shard(cache_dir: str | Path, index: int, columns: dict, token_logps: bool,
+                spec: dict) -> dict:
     """Write one shard atomically; return its manifest entry (without `dropped`)."""
     schema = cache_schema(token_logps).with_metadata(
-        {"dpocli.spec": canonical_json(spec), "dpocli.shard_index": str(index)}
-    )
+        {"dpocli.spec": canonical_json(spec), "dpocli.shard_index": str(index)})
     table = pa.Table.from_pydict({name: columns[name] for name in schema.names}, schema=schema)
     path = Path(cache_dir) / shard_name(index)
     with atomic_path(path) as tmp:
@@ -229,14 +203,11 @@ def verify_shards(cache_dir: str | Path, manifest: Manifest, *, checksums: bool 
         except Exception:
             raise DpocliError("is not a readable Parquet file (truncated or corrupt)", file=path) from None
         if rows != entry["rows"]:
-            raise DpocliError(f"has {rows} rows, the manifest lists {entry['rows']}", file=path, field="rows")
+            raise DpocliError(f"has {rows} rows, the manifest lists {entry['rows']}", file=path,
+                              field="rows")
         if checksums and sha256_file(path) != entry["sha256"]:
-            raise DpocliError(
-                "does not match its checksum in the manifest (modified or corrupt)",
-                file=path,
-                field="sha256",
-                hint="recreate the cache",
-            )
+            raise DpocliError("does not match its checksum in the manifest (modified or corrupt)",
+                              file=path, field="sha256", hint="recreate the cache")
 
 
 def tokenizer_file_hashes(folder: str | Path) -> dict[str, str]:
@@ -250,34 +221,21 @@ def verify_tokenizer_files(cache_dir: str | Path, manifest: Manifest, *, checksu
     listed = manifest.tokenizer_files
     hint = "restore the cache's original tokenizer/ folder, or recreate the cache"
     if not listed:
-        raise DpocliError(
-            "lists no tokenizer files",
-            file=Path(cache_dir) / MANIFEST_NAME,
-            field="tokenizer_files",
-            hint="recreate the cache",
-        )
+        raise DpocliError("lists no tokenizer files", file=Path(cache_dir) / MANIFEST_NAME,
+                          field="tokenizer_files", hint="recreate the cache")
     found = {p.name for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
     for name in sorted(set(listed) | found):
         path = folder / name
         if name not in listed:
             # An added file can change what AutoTokenizer loads (tokenizer.json beats vocab files).
-            raise DpocliError(
-                "is not one of the tokenizer files the manifest lists",
-                file=path,
-                field="tokenizer_files",
-                hint=hint,
-            )
+            raise DpocliError("is not one of the tokenizer files the manifest lists", file=path,
+                              field="tokenizer_files", hint=hint)
         if name not in found:
-            raise DpocliError(
-                "is listed in the manifest but missing", file=path, field="tokenizer_files", hint=hint
-            )
+            raise DpocliError("is listed in the manifest but missing", file=path,
+                              field="tokenizer_files", hint=hint)
         if checksums and sha256_file(path) != listed[name]:
-            raise DpocliError(
-                "does not match its sha256 in the manifest (the tokenizer was replaced or edited)",
-                file=path,
-                field="tokenizer_files",
-                hint=hint,
-            )
+            raise DpocliError("does not match its sha256 in the manifest (the tokenizer was replaced "
+                              "or edited)", file=path, field="tokenizer_files", hint=hint)
 
 
 class CacheData:
@@ -297,10 +255,8 @@ class CacheData:
         self.source_row = table.column("source_row").to_numpy()
         self.shard = table.column("shard").to_numpy()
         self.shard_position = table.column("shard_position").to_numpy()
-        self.scalars = {
-            name: table.column(name).to_numpy()
-            for name in ("chosen_len", "rejected_len", "ref_chosen_logps", "ref_rejected_logps")
-        }
+        self.scalars = {name: table.column(name).to_numpy() for name in
+                        ("chosen_len", "rejected_len", "ref_chosen_logps", "ref_rejected_logps")}
         self.lists = {}
         for name in ID_COLUMNS + ("ref_chosen_token_logps", "ref_rejected_token_logps"):
             if name in table.column_names:
@@ -309,7 +265,7 @@ class CacheData:
 
     def row_list(self, name: str, i: int) -> np.ndarray:
         values, offsets = self.lists[name]
-        return values[offsets[i] : offsets[i + 1]]
+        return values[offsets[i]:offsets[i + 1]]
 
     def seq_len(self, i: int) -> int:
         """Longer of prompt+chosen and prompt+rejected, for batching."""
@@ -318,11 +274,8 @@ class CacheData:
 
     def pair_lens(self, i: int) -> tuple[int, int, int]:
         """(prompt, chosen, rejected) token counts of row i."""
-        return (
-            int(self.row_list("prompt_ids", i).shape[0]),
-            int(self.scalars["chosen_len"][i]),
-            int(self.scalars["rejected_len"][i]),
-        )
+        return (int(self.row_list("prompt_ids", i).shape[0]), int(self.scalars["chosen_len"][i]),
+                int(self.scalars["rejected_len"][i]))
 
     def shard_rows(self) -> dict[int, list[int]]:
         """Shard index -> its rows (indices into this object), in the order the shard stores them."""
@@ -336,12 +289,9 @@ def load_cache(cache_dir: str | Path, *, checksums: bool = True) -> tuple[Manife
     """Open a complete cache, checking manifest, shard row counts, checksums and values."""
     manifest = read_manifest(cache_dir)
     if not manifest.complete:
-        raise DpocliError(
-            f"is incomplete ({len(manifest.shards)} of {manifest.planned_shards} "
-            "shards); the precompute run was interrupted",
-            file=cache_dir,
-            hint="rerun the same `dpo precompute-ref` command to finish it",
-        )
+        raise DpocliError(f"is incomplete ({len(manifest.shards)} of {manifest.planned_shards} "
+                          "shards); the precompute run was interrupted", file=cache_dir,
+                          hint="rerun the same `dpo precompute-ref` command to finish it")
     verify_shards(cache_dir, manifest, checksums=checksums)
     verify_tokenizer_files(cache_dir, manifest, checksums=checksums)
     tables = []
@@ -354,18 +304,12 @@ def load_cache(cache_dir: str | Path, *, checksums: bool = True) -> tuple[Manife
                 table = shard.read()
         except Exception:
             raise DpocliError("is not a readable Parquet file (truncated or corrupt)", file=path) from None
-        tables.append(
-            table.append_column(
-                "shard", pa.array([entry["index"]] * table.num_rows, pa.int64())
-            ).append_column("shard_position", pa.array(np.arange(table.num_rows), pa.int64()))
-        )
+        tables.append(table.append_column("shard", pa.array([entry["index"]] * table.num_rows, pa.int64()))
+                      .append_column("shard_position", pa.array(np.arange(table.num_rows), pa.int64())))
     if not tables:
         empty = cache_schema(False).empty_table()
-        tables = [
-            empty.append_column("shard", pa.array([], pa.int64())).append_column(
-                "shard_position", pa.array([], pa.int64())
-            )
-        ]
+        tables = [empty.append_column("shard", pa.array([], pa.int64()))
+                  .append_column("shard_position", pa.array([], pa.int64()))]
     table = pa.concat_tables(tables)
     expected = set(cache_schema(False).names)
     missing = expected - set(table.column_names)
@@ -375,25 +319,17 @@ def load_cache(cache_dir: str | Path, *, checksums: bool = True) -> tuple[Manife
     for name in ("ref_chosen_logps", "ref_rejected_logps"):
         bad = np.flatnonzero(~np.isfinite(data.scalars[name]))
         if bad.size:
-            raise DpocliError(
-                f"holds a non-finite value ({data.scalars[name][bad[0]]})",
-                file=cache_dir,
-                row=int(data.source_row[bad[0]]) + 1,
-                field=name,
-                hint="recreate the cache; check the reference model's dtype",
-            )
+            raise DpocliError(f"holds a non-finite value ({data.scalars[name][bad[0]]})",
+                              file=cache_dir, row=int(data.source_row[bad[0]]) + 1, field=name,
+                              hint="recreate the cache; check the reference model's dtype")
     if len(set(data.ids)) != data.num_rows:
         seen: set[str] = set()
         dup = next(i for i in data.ids if i in seen or seen.add(i))
-        raise DpocliError(
-            f"lists id {dup!r} more than once", file=cache_dir, field="id", hint="recreate the cache"
-        )
+        raise DpocliError(f"lists id {dup!r} more than once", file=cache_dir, field="id",
+                          hint="recreate the cache")
     if data.num_rows != manifest.rows_written:
-        raise DpocliError(
-            f"has {data.num_rows} rows, the manifest lists {manifest.rows_written}",
-            file=cache_dir,
-            field="rows_written",
-        )
+        raise DpocliError(f"has {data.num_rows} rows, the manifest lists {manifest.rows_written}",
+                          file=cache_dir, field="rows_written")
     return manifest, data
 
 
@@ -402,19 +338,10 @@ def length_stats(prompt_lens, chosen_lens, rejected_lens) -> dict:
         a = np.asarray(values, dtype=np.float64)
         if a.size == 0:
             return {}
-        return {
-            "mean": round(float(a.mean()), 3),
-            "min": int(a.min()),
-            "max": int(a.max()),
-            "p50": float(np.percentile(a, 50)),
-            "p95": float(np.percentile(a, 95)),
-        }
-
-    return {
-        "prompt": describe(prompt_lens),
-        "chosen": describe(chosen_lens),
-        "rejected": describe(rejected_lens),
-    }
+        return {"mean": round(float(a.mean()), 3), "min": int(a.min()), "max": int(a.max()),
+                "p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95))}
+    return {"prompt": describe(prompt_lens), "chosen": describe(chosen_lens),
+            "rejected": describe(rejected_lens)}
 
 
 def load_matching_cache(cache_dir: str | Path, reference: Manifest) -> tuple[Manifest, CacheData]:
@@ -423,9 +350,8 @@ def load_matching_cache(cache_dir: str | Path, reference: Manifest) -> tuple[Man
     for key in ("conventions", "tokenizer"):
         differs = explain_mismatch(reference.spec[key], manifest.spec[key], key)
         if differs:
-            raise DpocliError(
-                f"was made differently from the training cache ({differs})", file=cache_dir, field=key
-            )
+            raise DpocliError(f"was made differently from the training cache ({differs})",
+                              file=cache_dir, field=key)
     return manifest, data
 
 
@@ -442,27 +368,15 @@ def info(cache_dir: str | Path) -> dict:
     verify_shards(cache_dir, manifest, checksums=False)
     spec = manifest.spec
     return {
-        "command": "cache info",
-        "dpocli_version": __version__,
-        "cache": str(cache_dir),
+        "command": "cache info", "dpocli_version": __version__, "cache": str(cache_dir),
         "complete": manifest.complete,
-        "format_version": FORMAT_VERSION,
-        "spec_fingerprint": manifest.spec_fingerprint,
-        "reference_model": spec["reference_model"],
-        "tokenizer_fingerprint": spec["tokenizer"]["fingerprint"],
-        "max_length": spec["max_length"],
-        "truncation": spec["truncation"],
-        "dtype": spec["dtype"],
-        "attn_implementation": spec["attn_implementation"],
-        "batching": spec["batching"],
-        "conventions": spec["conventions"],
-        "token_logps": spec["token_logps"],
-        "input_files": spec["input"]["files"],
-        "rows_read": manifest.rows_read,
-        "rows_written": manifest.rows_written,
-        "rows_dropped": manifest.dropped,
-        "shards": len(manifest.shards),
-        "planned_shards": manifest.planned_shards,
-        "length_stats": manifest.length_stats,
-        "created": manifest.created,
+        "format_version": FORMAT_VERSION, "spec_fingerprint": manifest.spec_fingerprint,
+        "reference_model": spec["reference_model"], "tokenizer_fingerprint": spec["tokenizer"]["fingerprint"],
+        "max_length": spec["max_length"], "truncation": spec["truncation"], "dtype": spec["dtype"],
+        "attn_implementation": spec["attn_implementation"], "batching": spec["batching"],
+        "conventions": spec["conventions"], "token_logps": spec["token_logps"],
+        "input_files": spec["input"]["files"], "rows_read": manifest.rows_read,
+        "rows_written": manifest.rows_written, "rows_dropped": manifest.dropped,
+        "shards": len(manifest.shards), "planned_shards": manifest.planned_shards,
+        "length_stats": manifest.length_stats, "created": manifest.created,
     }

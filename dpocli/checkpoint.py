@@ -41,16 +41,8 @@ FINAL_STAGING = "final-model"  # the final model is written here first (as a tem
 RECORD_FORMAT = "dpocli-run"
 # Fields that may change between an interrupted run and its --resume.
 # batch_size may change as long as batch_size x ranks (the global batch) stays the same.
-RESUME_FREE = {
-    "resume",
-    "overwrite",
-    "save_every",
-    "save_total_limit",
-    "eval_every",
-    "batch_size",
-    "report_to",
-    "attention_kernel",
-}
+RESUME_FREE = {"resume", "overwrite", "save_every", "save_total_limit", "eval_every", "batch_size",
+               "report_to", "attention_kernel"}
 
 
 @dataclass
@@ -66,24 +58,15 @@ class TrainState:
 
     def record(self, global_batch: int, world_size: int) -> dict:
         """trainer_state.json of a checkpoint at this state."""
-        return {
-            "step": self.step,
-            "epoch": self.epoch,
-            "micro_index": self.micro_index,
-            "global_batch": global_batch,
-            "world_size": world_size,
-            "num_tokens": self.num_tokens,
-            "step0": self.step0,
-            "dpocli_version": __version__,
-        }
+        return {"step": self.step, "epoch": self.epoch, "micro_index": self.micro_index,
+                "global_batch": global_batch, "world_size": world_size, "num_tokens": self.num_tokens,
+                "step0": self.step0, "dpocli_version": __version__}
 
 
-def restore(
-    resume_from: tuple[int, Path], model, optimizer, scheduler, sharded: bool, global_batch: int
-) -> TrainState:
+def restore(resume_from: tuple[int, Path], model, optimizer, scheduler, sharded: bool,
+            global_batch: int) -> TrainState:
     """Load optimizer, scheduler and RNG states of a checkpoint; return its TrainState."""
     from dpocli.distributed import load_optimizer_state
-
     step, folder = resume_from
     state, tensors = load_trainer_state(folder)
     load_optimizer_state(model, optimizer, tensors["optimizer"], sharded)
@@ -92,19 +75,10 @@ def restore(
     if state.get("global_batch", global_batch) != global_batch:
         raise DpocliError(
             f"was saved with a global batch of {state['global_batch']} pairs (batch size x ranks); "
-            f"this run has {global_batch}",
-            file=folder,
-            field="global_batch",
-            hint=f"choose --batch-size so that batch size x ranks = {state['global_batch']}",
-        )
-    return TrainState(
-        step=state["step"],
-        epoch=state["epoch"],
-        micro_index=state["micro_index"],
-        num_tokens=state["num_tokens"],
-        step0=state.get("step0", {}),
-        last_saved=step,
-    )
+            f"this run has {global_batch}", file=folder, field="global_batch",
+            hint=f"choose --batch-size so that batch size x ranks = {state['global_batch']}")
+    return TrainState(step=state["step"], epoch=state["epoch"], micro_index=state["micro_index"],
+                      num_tokens=state["num_tokens"], step0=state.get("step0", {}), last_saved=step)
 
 
 @dataclass
@@ -124,17 +98,12 @@ def _read_record(path: Path) -> dict | None:
         try:
             record = json.loads(record_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
-            raise DpocliError(
-                f"cannot be read ({err}), so dpocli cannot prove it wrote this folder",
-                file=record_path,
-                hint="choose another --out",
-            ) from None
-        if not (
-            isinstance(record, dict)
-            and record.get("format") == RECORD_FORMAT
-            and isinstance(record.get("files"), list)
-        ):
-            raise DpocliError("is not a dpocli run record", file=record_path, hint="choose another --out")
+            raise DpocliError(f"cannot be read ({err}), so dpocli cannot prove it wrote this folder",
+                              file=record_path, hint="choose another --out") from None
+        if not (isinstance(record, dict) and record.get("format") == RECORD_FORMAT
+                and isinstance(record.get("files"), list)):
+            raise DpocliError("is not a dpocli run record", file=record_path,
+                              hint="choose another --out")
         return record
     if (path / RUN_CONFIG).is_file():  # written by dpocli 0.1, which kept no record
         try:
@@ -149,22 +118,13 @@ def _read_record(path: Path) -> dict | None:
 
 def _survey_run(path: Path, record: dict) -> outputs.Survey:
     names = set(record["files"]) | {RUN_RECORD}
-    return outputs.survey(
-        path,
-        lambda name: name in names,
-        lambda name: name in names or name == FINAL_STAGING or bool(CHECKPOINT_RE.match(name)),
-    )
+    return outputs.survey(path, lambda name: name in names,
+                          lambda name: name in names or name == FINAL_STAGING
+                          or bool(CHECKPOINT_RE.match(name)))
 
 
-def inspect_run_dir(
-    path: Path,
-    config: dict,
-    cache_identity: dict,
-    *,
-    resume: bool,
-    overwrite: bool,
-    defaults: dict | None = None,
-) -> RunPlan:
+def inspect_run_dir(path: Path, config: dict, cache_identity: dict, *, resume: bool,
+                    overwrite: bool, defaults: dict | None = None) -> RunPlan:
     """Decide how to use RUN_DIR without touching it; refuse what would clobber anything that is
     not this run's. Every rank may call it (it only reads)."""
     if path.exists() and not path.is_dir():
@@ -174,12 +134,9 @@ def inspect_run_dir(
     record = _read_record(path)
     if record is None:
         first = sorted(p.name for p in path.iterdir())[0]
-        raise DpocliError(
-            f"is not empty (holds {first!r}) and is not a dpocli run; dpocli never "
-            "writes into, clears or deletes such a folder",
-            file=path,
-            hint="choose a new --out folder",
-        )
+        raise DpocliError(f"is not empty (holds {first!r}) and is not a dpocli run; dpocli never "
+                          "writes into, clears or deletes such a folder", file=path,
+                          hint="choose a new --out folder")
     found = _survey_run(path, record)
     if resume:
         found.refuse_foreign("is a dpocli run but")
@@ -187,16 +144,15 @@ def inspect_run_dir(
         found_ckpts = list_checkpoints(path)
         return RunPlan(path, found_ckpts[-1] if found_ckpts else None, record, found.temporaries)
     if not overwrite:
-        raise DpocliError(
-            "already holds a dpocli run",
-            file=path,
-            hint="pass --resume to continue it, --overwrite to start over, or choose another --out",
-        )
+        raise DpocliError("already holds a dpocli run", file=path,
+                          hint="pass --resume to continue it, --overwrite to start over, or choose "
+                               "another --out")
     found.refuse_foreign("is a dpocli run but")
     return RunPlan(path, remove=found.owned + found.temporaries)
 
 
-def _check_resumable(path: Path, config: dict, cache_identity: dict, record: dict, defaults: dict) -> None:
+def _check_resumable(path: Path, config: dict, cache_identity: dict, record: dict,
+                     defaults: dict) -> None:
     saved_path = path / RUN_CONFIG
     try:
         saved = json.loads(saved_path.read_text(encoding="utf-8"))
@@ -208,21 +164,15 @@ def _check_resumable(path: Path, config: dict, cache_identity: dict, record: dic
     saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     for key in sorted(set(saved) | set(config)):
         if key not in RESUME_FREE and saved.get(key) != config.get(key):
-            raise DpocliError(
-                f"was started with {key}={saved.get(key)!r}, this run has {config.get(key)!r}",
-                file=saved_path,
-                field=key,
-                hint="resume with the original arguments, or start a new run from a "
-                "checkpoint: --model RUN_DIR/checkpoint-N --out NEW_DIR",
-            )
+            raise DpocliError(f"was started with {key}={saved.get(key)!r}, this run has "
+                              f"{config.get(key)!r}", file=saved_path, field=key,
+                              hint="resume with the original arguments, or start a new run from a "
+                                   "checkpoint: --model RUN_DIR/checkpoint-N --out NEW_DIR")
     for key, value in record.get("cache", {}).items():
         if cache_identity.get(key) != value:
-            raise DpocliError(
-                f"the cache {config.get('cache')} was rebuilt since this run started ({key} differs)",
-                file=path / RUN_RECORD,
-                field=key,
-                hint="resume with the cache the run started with, or start a new run",
-            )
+            raise DpocliError(f"the cache {config.get('cache')} was rebuilt since this run started "
+                              f"({key} differs)", file=path / RUN_RECORD, field=key,
+                              hint="resume with the cache the run started with, or start a new run")
 
 
 class RunDir:
@@ -234,14 +184,8 @@ class RunDir:
         self.created_folder = created_folder
 
     @classmethod
-    def claim(
-        cls,
-        plan: RunPlan,
-        config: dict,
-        cache_identity: dict,
-        resolved_toml: str | None,
-        extra_files: tuple[str, ...] = (),
-    ) -> "RunDir":
+    def claim(cls, plan: RunPlan, config: dict, cache_identity: dict, resolved_toml: str | None,
+              extra_files: tuple[str, ...] = ()) -> "RunDir":
         """Clear what the plan proved to be ours, then write the record, run_config.json and the
         resolved TOML. Called only after every check and the model load succeeded."""
         outputs.remove_owned(plan.remove)
@@ -249,19 +193,14 @@ class RunDir:
         if plan.record is not None and not plan.record.get("legacy"):
             record = plan.record
         else:
-            record = {
-                "format": RECORD_FORMAT,
-                "dpocli_version": __version__,
-                "files": list((plan.record or {}).get("files", [])),
-                "cache": cache_identity,
-            }
+            record = {"format": RECORD_FORMAT, "dpocli_version": __version__,
+                      "files": list((plan.record or {}).get("files", [])), "cache": cache_identity}
         run = cls(plan.path, record, created)
         run.add(RUN_CONFIG, RESOLVED_TOML, METRICS, *extra_files)
         if plan.record is None:
             atomic_write_json(plan.path / RUN_CONFIG, config)
             if resolved_toml:
                 from dpocli.atomic import atomic_write_text
-
                 atomic_write_text(plan.path / RESOLVED_TOML, resolved_toml)
         return run
 
@@ -279,26 +218,16 @@ class RunDir:
     def abandon(self) -> None:
         """A run that failed before its first step leaves nothing behind: the corrected rerun
         must not find a half-started run in its way."""
-        outputs.remove_owned(
-            [self.path / n for n in self.record["files"] + [RUN_RECORD] if (self.path / n).exists()]
-        )
+        outputs.remove_owned([self.path / n for n in self.record["files"] + [RUN_RECORD]
+                              if (self.path / n).exists()])
         if self.created_folder:
             outputs.remove_folder_if_empty(self.path)
 
-    def save_checkpoint(
-        self,
-        step: int,
-        model,
-        tokenizer,
-        optimizer_state: dict,
-        scheduler,
-        trainer_state: dict,
-        model_state: dict | None = None,
-    ) -> Path:
+    def save_checkpoint(self, step: int, model, tokenizer, optimizer_state: dict, scheduler,
+                        trainer_state: dict, model_state: dict | None = None) -> Path:
         self.add(f"checkpoint-{step}")
-        return save_checkpoint(
-            self.path, step, model, tokenizer, optimizer_state, scheduler, trainer_state, model_state
-        )
+        return save_checkpoint(self.path, step, model, tokenizer, optimizer_state, scheduler,
+                               trainer_state, model_state)
 
     def prune(self, keep: int | None) -> None:
         """Delete the oldest of this run's checkpoints beyond `keep` (None keeps all)."""
@@ -323,7 +252,8 @@ class RunDir:
             for name in names:
                 target = self.path / name
                 if (target.exists() and name not in self.record["files"]) or target.is_dir():
-                    raise DpocliError(f"would replace {name!r}, which dpocli did not write", file=self.path)
+                    raise DpocliError(f"would replace {name!r}, which dpocli did not write",
+                                      file=self.path)
             self.add(*names)
             for name in names:
                 os.replace(staging / name, self.path / name)
@@ -345,7 +275,6 @@ def save_model_folder(folder: Path, model, tokenizer, state_dict: dict | None = 
     """HF format, safetensors, tokenizer included. `state_dict` overrides the module's own
     (used with FSDP, where rank 0 saves the gathered full weights)."""
     from dpocli.modeling import quiet_transformers
-
     quiet_transformers()
     model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
@@ -366,26 +295,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(
-    run_dir: Path,
-    step: int,
-    model,
-    tokenizer,
-    optimizer_state: dict,
-    scheduler,
-    trainer_state: dict,
-    model_state: dict | None = None,
-) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer_state: dict, scheduler,
+                    trainer_state: dict, model_state: dict | None = None) -> Path:
     """Write checkpoint-<step> atomically; returns its path."""
     final = run_dir / f"checkpoint-{step}"
     for stale in run_dir.glob(f"checkpoint-{step}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     with atomic_dir(final) as tmp:
         save_model_folder(tmp, model, tokenizer, model_state)
-        torch.save(
-            {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_state()},
-            tmp / STATE_PT,
-        )
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                    "rng": rng_state()}, tmp / STATE_PT)
         atomic_write_json(tmp / STATE_JSON, trainer_state)
     return final
 
@@ -409,9 +328,6 @@ def load_trainer_state(folder: Path) -> tuple[dict, dict]:
         # weights_only=True: a checkpoint is data, never code. RNG states are plain tensors/tuples.
         tensors = torch.load(folder / STATE_PT, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise DpocliError(
-            f"is not a readable checkpoint ({type(err).__name__}: {err})",
-            file=folder,
-            hint="delete it to resume from the one before",
-        ) from None
+        raise DpocliError(f"is not a readable checkpoint ({type(err).__name__}: {err})",
+                          file=folder, hint="delete it to resume from the one before") from None
     return state, tensors

@@ -396,11 +396,8 @@ def cache_verify(
     from dpocli.summaries import verify_table
     from dpocli.verify import run_verify
 
-    result = _run(
-        lambda: run_verify(str(cache), **config_kwargs(run, load)),
-        quiet=fmt.quiet,
-        uses_torch=run.rescore > 0,
-    )
+    result = _run(lambda: run_verify(str(cache), **config_kwargs(run, load)), quiet=fmt.quiet,
+                  uses_torch=run.rescore > 0)
     _emit(result, fmt.json, verify_table)
 
 

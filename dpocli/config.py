@@ -28,9 +28,8 @@ def _toml_load(path: Path) -> dict:
         try:
             import tomli as tomllib
         except ImportError:
-            raise DpocliError(
-                "reading TOML on Python 3.10 needs the tomli package", file=path, hint="pip install tomli"
-            ) from None
+            raise DpocliError("reading TOML on Python 3.10 needs the tomli package", file=path,
+                              hint="pip install tomli") from None
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -76,14 +75,12 @@ def config_defaults(command: click.Command, command_name: str, path: Path) -> di
     for key, value in section.items():
         if key not in names:
             close = difflib.get_close_matches(key, list(names), n=1)
-            raise DpocliError(
-                f"is not an option of `dpo {command_name}`",
-                file=path,
-                field=key,
-                hint=f"did you mean '{close[0]}'?" if close else f"see `dpo {command_name} --help`",
-            )
+            raise DpocliError(f"is not an option of `dpo {command_name}`", file=path, field=key,
+                              hint=f"did you mean '{close[0]}'?" if close else
+                              f"see `dpo {command_name} --help`")
         mapped[names[key]] = value
     return mapped
+
 
 
 def _toml_value(value) -> str:

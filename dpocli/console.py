@@ -15,14 +15,8 @@ import threading
 import time
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 err_console = Console(stderr=True, highlight=False)
 _quiet = False
@@ -89,16 +83,9 @@ class ProgressBar:
         self._progress = None
         if self._animated:
             self._progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                console=err_console,
-                transient=True,
-            )
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
+                TimeRemainingColumn(), console=err_console, transient=True)
             self._task = self._progress.add_task(description, total=total, info="")
 
     def __enter__(self):
@@ -127,10 +114,8 @@ class ProgressBar:
 def sigterm_as_interrupt():
     """SIGTERM (a scheduler's pre-emption, `kill`) takes Ctrl-C's path inside the block: the
     driver saves what it has and exits 130 with a resume hint, instead of dying mid-write."""
-
     def handler(signum, frame):
         raise KeyboardInterrupt
-
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread
         return

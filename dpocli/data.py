@@ -32,13 +32,8 @@ from dpocli import messages as chat
 from dpocli.atomic import sha256_file
 from dpocli.errors import DpocliError
 from dpocli.messages import type_name as _type_name
-from dpocli.sources import (
-    ARROW_SUFFIXES,
-    DEFAULT_SPLIT,
-    JSONL_SUFFIXES,
-    list_input_files,  # noqa: F401 (its old home: callers import it from here)
-    resolve_input,
-)
+from dpocli.sources import ARROW_SUFFIXES, DEFAULT_SPLIT, JSONL_SUFFIXES, resolve_input
+from dpocli.sources import list_input_files  # noqa: F401 (its old home: callers import it from here)
 
 Message = dict  # {"role": str, "content": str | None, ...}: every key is kept (see messages.py)
 
@@ -114,18 +109,10 @@ def extract_prompt(chosen, rejected):
     return chosen[:idx], chosen[idx:], rejected[idx:]
 
 
-def read_examples(
-    path,
-    *,
-    prompt_column="prompt",
-    chosen_column="chosen",
-    rejected_column="rejected",
-    id_column: str | None = None,
-    drop_identical: bool = False,
-    max_row_bytes: int = 16 * 2**20,
-    split: str = DEFAULT_SPLIT,
-    subset: str | None = None,
-) -> ReadResult:
+def read_examples(path, *, prompt_column="prompt", chosen_column="chosen", rejected_column="rejected",
+                  id_column: str | None = None, drop_identical: bool = False,
+                  max_row_bytes: int = 16 * 2**20, split: str = DEFAULT_SPLIT,
+                  subset: str | None = None) -> ReadResult:
     """Read and validate every row of `split` (of README config `subset`) under `path` (see
     `sources.resolve_input`).
 
@@ -146,23 +133,21 @@ def read_examples(
     records: list[tuple[dict, dict]] = []  # (loc, record) in input order
     ignored: dict[str, None] = {}
     for file_path in source.files:
-        reader = _iter_jsonl if file_path.name.lower().endswith(JSONL_SUFFIXES) else _iter_columnar
+        reader = (_iter_jsonl if file_path.name.lower().endswith(JSONL_SUFFIXES) else _iter_columnar)
         first = len(records)
         for row, record in reader(file_path, columns, max_row_bytes, warnings, ignored):
             records.append(({"file": str(file_path), "row": row}, record))
         if len(records) == first:
             warnings.append(f"{file_path}: file has no rows")
-        files.append(
-            InputFile(str(file_path), file_path.stat().st_size, sha256_file(file_path), len(records) - first)
-        )
+        files.append(InputFile(str(file_path), file_path.stat().st_size, sha256_file(file_path),
+                               len(records) - first))
     if not records:
         raise DpocliError("input has no rows (expected at least one preference pair)", file=path)
     for name in (columns.prompt, columns.chosen, columns.rejected, chat.TOOLS_COLUMN, chat.KWARGS_COLUMN):
         _unify(records, name)
     if ignored:
-        warnings.append(
-            "column(s) not used, and not rendered by TRL's DPOTrainer either: " + ", ".join(ignored)
-        )
+        warnings.append("column(s) not used, and not rendered by TRL's DPOTrainer either: "
+                        + ", ".join(ignored))
 
     ids = _IdAssigner()
     examples: list[Example] = []
@@ -185,11 +170,9 @@ def read_examples(
             examples.append(example)
 
     if extras_ignored:
-        warnings.append(
-            f"{extras_ignored} plain-text row(s) have '{chat.TOOLS_COLUMN}' or "
-            f"'{chat.KWARGS_COLUMN}': ignored, as TRL does (only message lists use a "
-            "chat template)"
-        )
+        warnings.append(f"{extras_ignored} plain-text row(s) have '{chat.TOOLS_COLUMN}' or "
+                        f"'{chat.KWARGS_COLUMN}': ignored, as TRL does (only message lists use a "
+                        "chat template)")
     if identical and drop_identical:
         warnings.append(f"dropped {identical} row(s) with chosen identical to rejected")
     elif identical:
@@ -210,10 +193,8 @@ def _unify(records: list[tuple[dict, dict]], name: str) -> None:
 
 # --- readers: yield (1-based row, record dict), raising on anything that is not a JSON/Parquet row ---
 
-
-def _iter_jsonl(
-    path: Path, columns: _Columns, max_row_bytes: int, warnings: list[str], ignored: dict
-) -> Iterator:
+def _iter_jsonl(path: Path, columns: _Columns, max_row_bytes: int, warnings: list[str],
+                ignored: dict) -> Iterator:
     """Rows of a JSON Lines file. Keys no stage uses are added to `ignored` (for one warning)."""
     used = _used_columns(columns)
     prompt_checked = False  # look for a near-miss prompt column once per file, not once per row
@@ -231,22 +212,20 @@ def _iter_jsonl(
             if len(raw) > max_row_bytes and not raw.endswith(b"\n"):
                 raise _too_large(max_row_bytes, loc)
             if row == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM) :]  # Windows editors write one; json.loads would reject it
+                raw = raw[len(_BOM):]  # Windows editors write one; json.loads would reject it
             try:
                 text = raw.decode("utf-8")  # decode ourselves: json.loads(bytes) would guess UTF-16/32
             except UnicodeDecodeError as e:
-                raise DpocliError(
-                    f"line is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})", **loc
-                ) from None
+                raise DpocliError(f"line is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})",
+                                  **loc) from None
             if not text.strip():
                 continue  # blank lines are skipped, but still counted so row == line number
             try:
                 # Stripped, so a position past the end means "line ended early".
                 record = json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as e:
-                raise DpocliError(
-                    f"line is not valid JSON ({e.msg} at character {e.pos + 1})", **loc
-                ) from None
+                raise DpocliError(f"line is not valid JSON ({e.msg} at character {e.pos + 1})",
+                                  **loc) from None
             if not isinstance(record, dict):
                 raise DpocliError(f"line is JSON but not an object (got {_type_name(record)})", **loc)
             _refuse_lone_surrogates(record, loc)
@@ -264,20 +243,15 @@ def _refuse_lone_surrogates(record: dict, loc: dict) -> None:
     try:
         json.dumps(record, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
-
         def broken(value) -> bool:
             try:
                 json.dumps(value, ensure_ascii=False).encode("utf-8")
                 return False
             except UnicodeEncodeError:
                 return True
-
         field = next((k for k, v in record.items() if broken(v)), None)
-        raise DpocliError(
-            "holds a lone UTF-16 surrogate escape (such as \\ud800), which is not valid text",
-            field=field,
-            **loc,
-        ) from None
+        raise DpocliError("holds a lone UTF-16 surrogate escape (such as \\ud800), which is not valid text",
+                          field=field, **loc) from None
 
 
 class _ArrowStream:
@@ -291,9 +265,8 @@ class _ArrowStream:
         except pa.ArrowInvalid:
             self._source.seek(0)
             self._reader = pa.ipc.open_file(self._source)
-            self._batches = lambda: (
-                self._reader.get_batch(i) for i in range(self._reader.num_record_batches)
-            )
+            self._batches = lambda: (self._reader.get_batch(i)
+                                     for i in range(self._reader.num_record_batches))
         self.schema_arrow = self._reader.schema
 
     def iter_batches(self, batch_size: int, columns: list[str]):
@@ -304,9 +277,8 @@ class _ArrowStream:
         self._source.close()
 
 
-def _iter_columnar(
-    path: Path, columns: _Columns, max_row_bytes: int, warnings: list[str], ignored: dict
-) -> Iterator:
+def _iter_columnar(path: Path, columns: _Columns, max_row_bytes: int, warnings: list[str],
+                   ignored: dict) -> Iterator:
     """Rows of a Parquet file, or of an Arrow IPC file from an HF `save_to_disk` folder."""
     try:
         parquet = _ArrowStream(path) if path.name.lower().endswith(ARROW_SUFFIXES) else pq.ParquetFile(path)
@@ -315,11 +287,8 @@ def _iter_columnar(
         raise _unreadable_parquet(path, e) from None
     row = 0
     try:
-        for name, flag in (
-            (columns.chosen, "--chosen-column"),
-            (columns.rejected, "--rejected-column"),
-            (columns.id, "--id-column"),
-        ):
+        for name, flag in ((columns.chosen, "--chosen-column"), (columns.rejected, "--rejected-column"),
+                           (columns.id, "--id-column")):
             if name is not None and name not in names:
                 raise _missing_column(name, flag, names, {"file": str(path)})
         if columns.prompt not in names:
@@ -345,22 +314,11 @@ def _iter_columnar(
 
 def _used_columns(columns: _Columns) -> tuple[str, ...]:
     """Every column some stage reads (the rest are ignored, by TRL too)."""
-    return tuple(
-        dict.fromkeys(
-            (
-                columns.prompt,
-                columns.chosen,
-                columns.rejected,
-                columns.id or "id",
-                chat.TOOLS_COLUMN,
-                chat.KWARGS_COLUMN,
-            )
-        )
-    )
+    return tuple(dict.fromkeys((columns.prompt, columns.chosen, columns.rejected, columns.id or "id",
+                                chat.TOOLS_COLUMN, chat.KWARGS_COLUMN)))
 
 
 # --- validation of one row ---
-
 
 def _parse_row(record: dict, columns: _Columns, loc: dict):
     """Return (conversational, prompt, chosen, rejected) for a valid row, else raise naming the field."""
@@ -375,12 +333,8 @@ def _parse_row(record: dict, columns: _Columns, loc: dict):
     for name, (kind, _) in checked.items():
         if kind != conversational:
             describe = {False: "a string", True: "a message list"}
-            raise DpocliError(
-                f"is {describe[kind]} but '{columns.chosen}' is {describe[conversational]} "
-                "(a row must be all strings or all message lists)",
-                field=name,
-                **loc,
-            )
+            raise DpocliError(f"is {describe[kind]} but '{columns.chosen}' is {describe[conversational]} "
+                              "(a row must be all strings or all message lists)", field=name, **loc)
     chosen, rejected = checked[columns.chosen][1], checked[columns.rejected][1]
     if columns.prompt in checked:
         return conversational, checked[columns.prompt][1], chosen, rejected
@@ -388,19 +342,13 @@ def _parse_row(record: dict, columns: _Columns, loc: dict):
     prompt, chosen, rejected = extract_prompt(chosen, rejected)
     pair = f"'{columns.chosen}' and '{columns.rejected}'"
     if not _has_text(prompt):
-        raise DpocliError(
-            f"is absent and {pair} share no common prefix to infer it from",
-            field=columns.prompt,
-            **loc,
-            hint="add a prompt column, or pass --prompt-column NAME if it has another name",
-        )
+        raise DpocliError(f"is absent and {pair} share no common prefix to infer it from",
+                          field=columns.prompt, **loc,
+                          hint="add a prompt column, or pass --prompt-column NAME if it has another name")
     for name, part in ((columns.chosen, chosen), (columns.rejected, rejected)):
         if not _has_text(part):
-            raise DpocliError(
-                f"is empty after splitting off the implicit prompt (the common prefix of {pair})",
-                field=name,
-                **loc,
-            )
+            raise DpocliError("is empty after splitting off the implicit prompt (the common prefix of "
+                              f"{pair})", field=name, **loc)
     return conversational, prompt, chosen, rejected
 
 
@@ -409,12 +357,8 @@ def _prompt_repeated_in_messages(checked: dict, columns: _Columns):
     conversations that begin with that prompt as a user turn. Returns (prompt messages, chosen
     reply, rejected reply) when the row has that shape, else None (the caller then reports the
     mixed kinds). The shared leading turns become the prompt, as TRL's implicit-prompt rule does."""
-    if (
-        columns.prompt not in checked
-        or checked[columns.prompt][0]
-        or not checked[columns.chosen][0]
-        or not checked[columns.rejected][0]
-    ):
+    if columns.prompt not in checked or checked[columns.prompt][0] or not checked[columns.chosen][0] \
+            or not checked[columns.rejected][0]:
         return None
     text = checked[columns.prompt][1]
     prompt, chosen, rejected = extract_prompt(checked[columns.chosen][1], checked[columns.rejected][1])
@@ -428,21 +372,13 @@ def _check_field(value, loc: dict, field: str):
     """Return (conversational, value) for a non-empty string or message list, else raise."""
     if isinstance(value, str):
         if not value.strip():
-            raise DpocliError(
-                "is empty (expected non-empty text)"
-                if not value
-                else "is whitespace-only (expected non-empty text)",
-                field=field,
-                **loc,
-            )
+            raise DpocliError("is empty (expected non-empty text)" if not value else
+                              "is whitespace-only (expected non-empty text)", field=field, **loc)
         return False, value
     if isinstance(value, list):
         return True, chat.check_messages(value, loc, field)
-    raise DpocliError(
-        f"must be a string or a list of {{role, content}} messages, got {_type_name(value)}",
-        field=field,
-        **loc,
-    )
+    raise DpocliError(f"must be a string or a list of {{role, content}} messages, got {_type_name(value)}",
+                      field=field, **loc)
 
 
 def _has_text(value) -> bool:
@@ -477,82 +413,57 @@ class _IdAssigner:
             new_id = _require(record, field, "--id-column", loc)
             # bool is an int subclass, but `true` as an id is a data bug, not an id.
             if isinstance(new_id, bool) or not isinstance(new_id, (str, int)) or not str(new_id).strip():
-                raise DpocliError(
-                    f"must be a non-empty string or an int, got {_type_name(new_id)} "
-                    f"{json.dumps(new_id)[:40]}",
-                    field=field,
-                    **loc,
-                )
+                raise DpocliError(f"must be a non-empty string or an int, got {_type_name(new_id)} "
+                                  f"{json.dumps(new_id)[:40]}", field=field, **loc)
             new_id = str(new_id)
         else:
             prompt, chosen, rejected = content
             # Nulls are left out (they depend on other rows, see messages.unify_column), and so are
             # absent tools / template arguments, so rows without them keep the ids they always had.
-            pair = {
-                "prompt": prompt,
-                "chosen": chosen,
-                "rejected": rejected,
-                **{k: v for k, v in extras.items() if v is not None},
-            }
-            canonical = json.dumps(
-                chat.without_nulls(pair), sort_keys=True, ensure_ascii=False, separators=(",", ":")
-            )
+            pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                    **{k: v for k, v in extras.items() if v is not None}}
+            canonical = json.dumps(chat.without_nulls(pair), sort_keys=True, ensure_ascii=False,
+                                   separators=(",", ":"))
             # surrogatepass: JSON may carry lone "\ud800" escapes; they must hash, not crash.
             base = hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:16]
             count = self.hash_counts[base] = self.hash_counts.get(base, 0) + 1
             new_id = base if count == 1 else f"{base}-{count}"
         if new_id in self.first_seen:
             first_file, first_row = self.first_seen[new_id]
-            raise DpocliError(
-                f"duplicate id {new_id!r} (first seen at {first_file}:{first_row})",
-                field=field or "id",
-                **loc,
-            )
+            raise DpocliError(f"duplicate id {new_id!r} (first seen at {first_file}:{first_row})",
+                              field=field or "id", **loc)
         self.first_seen[new_id] = (loc["file"], loc["row"])
         return new_id
 
 
 # --- small helpers ---
 
-
 def _missing_column(name: str, flag: str, available, loc: dict) -> DpocliError:
     available = [str(a) for a in available]
     close = difflib.get_close_matches(name, available, n=1)
     suggestion = f"did you mean '{close[0]}'? pass {flag} {close[0]}" if close else f"pass {flag} NAME"
-    return DpocliError(
-        f"is missing ({suggestion})",
-        field=name,
-        **loc,
-        hint="columns found: " + (", ".join(sorted(available)) or "none"),
-    )
+    return DpocliError(f"is missing ({suggestion})", field=name, **loc,
+                       hint="columns found: " + (", ".join(sorted(available)) or "none"))
 
 
 def _warn_implicit_prompt(path: Path, prompt_column: str, available, warnings: list[str]) -> None:
     # A near-miss column name ("promt") probably is the prompt; without it we would infer one silently.
     close = difflib.get_close_matches(prompt_column, [str(a) for a in available], n=1)
     if close:
-        warnings.append(
-            f"{path}: no '{prompt_column}' column, so prompts are inferred from chosen/rejected; "
-            f"did you mean '{close[0]}'? pass --prompt-column {close[0]}"
-        )
+        warnings.append(f"{path}: no '{prompt_column}' column, so prompts are inferred from chosen/rejected; "
+                        f"did you mean '{close[0]}'? pass --prompt-column {close[0]}")
 
 
 def _too_large(max_row_bytes: int, loc: dict) -> DpocliError:
-    return DpocliError(
-        f"row is larger than max_row_bytes ({max_row_bytes} bytes)",
-        **loc,
-        hint="check that the file is JSON Lines (one object per line); rows this long "
-        "are refused to keep memory bounded",
-    )
+    return DpocliError(f"row is larger than max_row_bytes ({max_row_bytes} bytes)", **loc,
+                       hint="check that the file is JSON Lines (one object per line); rows this long "
+                            "are refused to keep memory bounded")
 
 
 def _unreadable_parquet(path: Path, error: Exception) -> DpocliError:
     detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-    return DpocliError(
-        f"is not a readable Parquet file ({detail})",
-        file=path,
-        hint="the file may be truncated or corrupt; write it again",
-    )
+    return DpocliError(f"is not a readable Parquet file ({detail})", file=path,
+                       hint="the file may be truncated or corrupt; write it again")
 
 
 def _text_bytes(value) -> int:

@@ -89,16 +89,14 @@ def current() -> DistContext:
         return _context
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not tdist.is_initialized():
-        backend = (
-            "nccl" if torch.cuda.is_available() and os.environ.get("DPOCLI_BACKEND") != "gloo" else "gloo"
-        )
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("DPOCLI_BACKEND") != "gloo" \
+            else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         tdist.init_process_group(backend=backend)
     if tdist.is_initialized():
-        _context = DistContext(
-            tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-        )
+        _context = DistContext(tdist.get_rank(), tdist.get_world_size(),
+                               int(os.environ.get("LOCAL_RANK", "0")))
     else:
         _context = DistContext()
     return _context
@@ -116,12 +114,8 @@ def shard_model(model, scorer, mixed_precision: torch.dtype | None = None):
     then the scorer as root, so embeddings / LM head / final norm form the root's group.
     Parameters become DTensors; the forward all-gathers one layer at a time."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    policy = (
-        MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
-        if mixed_precision
-        else MixedPrecisionPolicy()
-    )
+    policy = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32) \
+        if mixed_precision else MixedPrecisionPolicy()
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     if not layers:
@@ -137,17 +131,11 @@ def full_state_dicts(model, optimizer, sharded: bool) -> tuple[dict | None, dict
     (unsharded) tensors on CPU. With FSDP this is a collective: every rank must call it."""
     if not sharded:
         return None, optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (
-        get_model_state_dict(model, options=options),
-        get_optimizer_state_dict(model, optimizer, options=options),
-    )
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options))
 
 
 def load_optimizer_state(model, optimizer, state: dict, sharded: bool) -> None:
@@ -156,22 +144,18 @@ def load_optimizer_state(model, optimizer, state: dict, sharded: bool) -> None:
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(
-        model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
-    )
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
 
 
-def wrap_for_training(
-    scorer, model, device: torch.device, fsdp: bool, mixed_precision: torch.dtype | None = None
-):
+def wrap_for_training(scorer, model, device: torch.device, fsdp: bool,
+                      mixed_precision: torch.dtype | None = None):
     """DDP under torchrun by default, FSDP2 with `fsdp`, the plain scorer in a single process."""
     if fsdp:
         return shard_model(model, scorer, mixed_precision)
     if not current().enabled:
         return scorer
     from torch.nn.parallel import DistributedDataParallel
-
     ids = [device.index] if device.type == "cuda" else None
     # Buffers (rotary tables) are identical on every rank; skip their per-forward broadcast.
     return DistributedDataParallel(scorer, device_ids=ids, broadcast_buffers=False)
@@ -193,7 +177,7 @@ def rank_rows(micro: list[int], dist: DistContext) -> tuple[list[int], bool]:
     """This rank's contiguous share of a global micro-batch. A rank left with nothing (a short last
     batch) scores one row with zero weight, because DDP needs every rank in every backward."""
     per = -(-len(micro) // dist.world_size)
-    rows = micro[dist.rank * per : (dist.rank + 1) * per]
+    rows = micro[dist.rank * per:(dist.rank + 1) * per]
     return (rows, True) if rows else (micro[:1], False)
 
 

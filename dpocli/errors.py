@@ -25,15 +25,8 @@ class DpocliError(Exception):
 
     exit_code = EXIT_USAGE
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        file=None,
-        row: int | None = None,
-        field: str | None = None,
-        hint: str | None = None,
-    ):
+    def __init__(self, message: str, *, file=None, row: int | None = None,
+                 field: str | None = None, hint: str | None = None):
         self.message = message
         self.file = None if file is None else str(file)
         self.row = row
@@ -80,9 +73,8 @@ def check_at_least(values: dict, minimum: float) -> None:
 
 def out_of_memory_types() -> tuple[type, ...]:
     import sys
-
     if "torch" not in sys.modules:  # no torch, no torch OOM; and torch-free commands stay torch-free
         return (MemoryError,)
     import torch
-
-    return tuple({getattr(torch, "OutOfMemoryError", MemoryError), torch.cuda.OutOfMemoryError, MemoryError})
+    return tuple({getattr(torch, "OutOfMemoryError", MemoryError), torch.cuda.OutOfMemoryError,
+                  MemoryError})

@@ -44,14 +44,13 @@ from dpocli.policy import check_model_tokenizer, check_vocab
 from dpocli.scoring import RefLogps, cached_reference, score_cache
 
 
+
 def expand_models(patterns: list[str]) -> list[str]:
     """Models in the given order; a glob pattern expands to its matches sorted by trailing number
     (checkpoint-9 before checkpoint-10)."""
-
     def natural(path: str):
         m = re.search(r"(\d+)/?$", path)
         return (int(m.group(1)) if m else -1, path)
-
     out: list[str] = []
     for pattern in patterns:
         if any(ch in pattern for ch in "*?["):
@@ -64,23 +63,13 @@ def expand_models(patterns: list[str]) -> list[str]:
     return out
 
 
-def evaluate_policy(
-    scorer, data, manifest, spec: LossSpec, pad_id: int, device, *, max_tokens: int | None = None, dist=None
-) -> tuple[dict, dict, RefLogps]:
+def evaluate_policy(scorer, data, manifest, spec: LossSpec, pad_id: int, device, *,
+                    max_tokens: int | None = None, dist=None) -> tuple[dict, dict, RefLogps]:
     """(metrics, per-pair columns, reference values) of the model behind `scorer` on a cache: the
     one evaluation path, used by `dpo eval` and by training's periodic eval (as eval_*)."""
     t0 = time.perf_counter()
-    policy = score_cache(
-        scorer,
-        data,
-        manifest,
-        pad_id,
-        device,
-        max_tokens=max_tokens,
-        dist=dist,
-        token_stats=True,
-        ld_alpha=spec.ld_alpha,
-    )
+    policy = score_cache(scorer, data, manifest, pad_id, device, max_tokens=max_tokens, dist=dist,
+                         token_stats=True, ld_alpha=spec.ld_alpha)
     ref = cached_reference(data, range(data.num_rows), "cpu", spec.ld_alpha)
     metrics, columns = pair_metrics(policy, ref, spec)
     # HF's evaluate() speed metrics (eval_runtime, eval_samples_per_second once renamed); no
@@ -99,19 +88,11 @@ def check_per_example_path(path: Path, reads: list[str]) -> None:
     """--per-example may replace only a file `dpo eval` wrote; its folder is created if missing."""
     for source in reads:
         if Path(source).exists() and Path(source).resolve() in path.resolve().parents:
-            raise DpocliError(
-                f"lies inside {source}, which this command reads",
-                file=path,
-                field="--per-example",
-                hint="write it somewhere else",
-            )
+            raise DpocliError(f"lies inside {source}, which this command reads", file=path,
+                              field="--per-example", hint="write it somewhere else")
     if path.exists() and not _written_by_eval(path):
-        raise DpocliError(
-            "exists and was not written by `dpo eval`; dpocli will not replace it",
-            file=path,
-            field="--per-example",
-            hint="choose another file name",
-        )
+        raise DpocliError("exists and was not written by `dpo eval`; dpocli will not replace it",
+                          file=path, field="--per-example", hint="choose another file name")
     outputs.check_writable_file(path, "--per-example")
 
 
@@ -121,13 +102,10 @@ def _written_by_eval(path: Path) -> bool:
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
-
             schema = pq.read_schema(path)
-            return PER_EXAMPLE_KEY.encode() in (schema.metadata or {}) or PER_EXAMPLE_COLUMNS <= set(
-                schema.names
-            )
+            return PER_EXAMPLE_KEY.encode() in (schema.metadata or {}) or \
+                PER_EXAMPLE_COLUMNS <= set(schema.names)
         import json
-
         with open(path, encoding="utf-8") as f:
             first = f.readline()
         return not first.strip() or PER_EXAMPLE_COLUMNS <= set(json.loads(first))
@@ -135,24 +113,19 @@ def _written_by_eval(path: Path) -> bool:
         return False
 
 
-def numerics_like_cache(
-    manifest: cache.Manifest, dtype: str | None, attn_implementation: str | None
-) -> tuple[str, str | None]:
+def numerics_like_cache(manifest: cache.Manifest, dtype: str | None,
+                        attn_implementation: str | None) -> tuple[str, str | None]:
     """(dtype, attention implementation) to load models with: the cache's unless given. A value
     that differs from the cache's gets a warning, because the reference then no longer scores
     exactly neutral on its own cache (a bfloat16 cache scored in float32: accuracy 0.23, not 0, on
     30 sample pairs)."""
     cached_attn = manifest.spec["attn_implementation"]  # "default" = transformers' choice (None)
-    chosen = {
-        "--dtype": (dtype, manifest.spec["dtype"]),
-        "--attn-implementation": (attn_implementation, cached_attn),
-    }
+    chosen = {"--dtype": (dtype, manifest.spec["dtype"]),
+              "--attn-implementation": (attn_implementation, cached_attn)}
     for flag, (given, cached) in chosen.items():
         if given is not None and given != cached:
-            warn(
-                f"{flag} {given} differs from the cache's {cached}: the reference model will not "
-                "score exactly neutral on this cache (small nonzero margins, not exactly 0)"
-            )
+            warn(f"{flag} {given} differs from the cache's {cached}: the reference model will not "
+                 "score exactly neutral on this cache (small nonzero margins, not exactly 0)")
     dtype = dtype if dtype is not None else manifest.spec["dtype"]
     if attn_implementation is None and cached_attn != "default":
         attn_implementation = cached_attn
@@ -162,16 +135,13 @@ def numerics_like_cache(
 def write_per_example(path: Path, rows: list[dict]) -> None:
     """One row per (model, pair); Parquet or JSONL by suffix, written atomically."""
     import pyarrow as pa
-
     table = pa.Table.from_pylist(rows)
     with atomic_path(path) as tmp:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
-
             pq.write_table(table.replace_schema_metadata({PER_EXAMPLE_KEY: "1"}), tmp)
         elif path.suffix in (".jsonl", ".json"):
             import json
-
             with open(tmp, "w", encoding="utf-8") as f:
                 for row in rows:
                     f.write(json.dumps(row) + "\n")
@@ -200,7 +170,6 @@ def loss_options_from_runs(models: list[str], options: dict, given: frozenset[st
     --rpo-alpha stands for a --loss and --loss-weights: either side given takes nothing of the
     other side from a run, so that the user's choice does not meet a run's conflicting one."""
     import json
-
     if given & {"loss", "loss_weights"}:
         given = given | {"rpo_alpha"}
     if "rpo_alpha" in given:
@@ -217,66 +186,32 @@ def loss_options_from_runs(models: list[str], options: dict, given: frozenset[st
     for path, other in rest:
         for key in sorted(set(first) | set(other)):
             if first.get(key) != other.get(key):
-                raise DpocliError(
-                    f"the models come from runs trained with different loss options ({key}: "
-                    f"{first.get(key)!r} in {first_path}, {other.get(key)!r} in {path})",
-                    field="--model",
-                    hint=f"pass {_flag(key)} (and the other loss options) explicitly to score them alike",
-                )
+                raise DpocliError(f"the models come from runs trained with different loss options ({key}: "
+                                  f"{first.get(key)!r} in {first_path}, {other.get(key)!r} in {path})",
+                                  field="--model", hint=f"pass {_flag(key)} (and the other loss options) "
+                                                        "explicitly to score them alike")
     return {**options, **first}, list(saved)
 
 
-def run_eval(
-    cache_dir: str,
-    models: list[str],
-    *,
-    beta: float = 0.1,
-    loss: str = "sigmoid",
-    loss_weights: str | None = None,
-    label_smoothing: float = 0.0,
-    ipo_length_normalized: bool = True,
-    discopop_tau: float = 0.05,
-    f_divergence: str = "reverse_kl",
-    f_alpha: float = 0.5,
-    rpo_alpha: float | None = None,
-    loss_given: frozenset[str] | None = None,
-    max_tokens: int | None = None,
-    dtype: str | None = None,
-    device: str | None = None,
-    per_example: str | None = None,
-    samples: int = 0,
-    ref_model: str | None = None,
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    kl_samples: int = 4,
-    seed: int = 0,
-    attn_implementation: str | None = None,
-    trust_remote_code: bool = False,
-    model_revision: str | None = None,
-) -> dict:
+def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str = "sigmoid",
+             loss_weights: str | None = None, label_smoothing: float = 0.0,
+             ipo_length_normalized: bool = True, discopop_tau: float = 0.05,
+             f_divergence: str = "reverse_kl", f_alpha: float = 0.5, rpo_alpha: float | None = None,
+             loss_given: frozenset[str] | None = None, max_tokens: int | None = None,
+             dtype: str | None = None, device: str | None = None, per_example: str | None = None,
+             samples: int = 0, ref_model: str | None = None, max_new_tokens: int = 64,
+             temperature: float = 0.0, kl_samples: int = 4, seed: int = 0,
+             attn_implementation: str | None = None, trust_remote_code: bool = False,
+             model_revision: str | None = None) -> dict:
     """Metrics of each model on the cache. `loss_given`: the loss options the user set; the others
     come from the models' training runs (`loss_options_from_runs`). None: use the arguments as they are.
     `model_revision` applies to every model (each must then be a hub id)."""
     t0 = time.perf_counter()
-    check_eval_options(
-        samples=samples,
-        temperature=temperature,
-        kl_samples=kl_samples,
-        max_new_tokens=max_new_tokens,
-        max_tokens=max_tokens,
-        seed=seed,
-    )
-    options = {
-        "loss": loss,
-        "loss_weights": loss_weights,
-        "beta": beta,
-        "label_smoothing": label_smoothing,
-        "ipo_length_normalized": ipo_length_normalized,
-        "discopop_tau": discopop_tau,
-        "f_divergence": f_divergence,
-        "f_alpha": f_alpha,
-        "rpo_alpha": rpo_alpha,
-    }
+    check_eval_options(samples=samples, temperature=temperature, kl_samples=kl_samples,
+                       max_new_tokens=max_new_tokens, max_tokens=max_tokens, seed=seed)
+    options = {"loss": loss, "loss_weights": loss_weights, "beta": beta, "label_smoothing": label_smoothing,
+               "ipo_length_normalized": ipo_length_normalized, "discopop_tau": discopop_tau,
+               "f_divergence": f_divergence, "f_alpha": f_alpha, "rpo_alpha": rpo_alpha}
     if per_example and Path(per_example).suffix not in (".parquet", ".jsonl", ".json"):
         raise DpocliError("must end in .parquet or .jsonl", file=per_example, field="--per-example")
     models = expand_models(models)
@@ -286,10 +221,8 @@ def run_eval(
     if loss_given is not None:
         options, options_from = loss_options_from_runs(models, options, loss_given)
         if options_from:
-            log(
-                f"loss options from {', '.join(options_from)}: "
-                + ", ".join(f"{k}={options[k]!r}" for k in LOSS_OPTIONS if k not in loss_given)
-            )
+            log(f"loss options from {', '.join(options_from)}: " +
+                ", ".join(f"{k}={options[k]!r}" for k in LOSS_OPTIONS if k not in loss_given))
     spec = spec_from_options(**options)
     manifest, data = cache.load_cache(cache_dir)
     if per_example:  # checked before the evaluation, so a bad path does not lose its results
@@ -301,97 +234,48 @@ def run_eval(
     results, per_rows = [], []
     with ProgressBar("eval", len(models)) as bar:
         for path in models:
-            check_model_tokenizer(
-                path, manifest, trust_remote_code=trust_remote_code, revision=model_revision
-            )
-            model = load_causal_lm(
-                path,
-                dtype=dtype,
-                device=dev,
-                attn_implementation=attn_implementation,
-                trust_remote_code=trust_remote_code,
-                revision=model_revision,
-            )
+            check_model_tokenizer(path, manifest, trust_remote_code=trust_remote_code,
+                                  revision=model_revision)
+            model = load_causal_lm(path, dtype=dtype, device=dev, attn_implementation=attn_implementation,
+                                   trust_remote_code=trust_remote_code, revision=model_revision)
             check_vocab(model, data, cache_dir)
-            metrics, columns, ref = evaluate_policy(
-                CompletionScorer(model), data, manifest, spec, pad_id, dev, max_tokens=max_tokens, dist=dist
-            )
+            metrics, columns, ref = evaluate_policy(CompletionScorer(model), data, manifest, spec, pad_id,
+                                                    dev, max_tokens=max_tokens, dist=dist)
             # HF's evaluate() names: eval_runtime, eval_samples_per_second (the rest stay unprefixed)
-            entry = {
-                "model": path,
-                **{
-                    ("eval_" + k if k in ("runtime", "samples_per_second") else k): v
-                    for k, v in metrics.items()
-                },
-            }
+            entry = {"model": path, **{("eval_" + k if k in ("runtime", "samples_per_second") else k): v
+                                       for k, v in metrics.items()}}
             if samples:
                 from dpocli.sampling import sample_report
-
-                entry["samples"] = sample_report(
-                    model,
-                    path,
-                    data,
-                    samples,
-                    ref_model=ref_model,
-                    max_new_tokens=max_new_tokens,
-                    temperature=temperature,
-                    kl_samples=kl_samples,
-                    seed=seed,
-                    device=dev,
-                    dtype=dtype,
-                    tokenizer_dir=Path(cache_dir) / cache.TOKENIZER_DIR,
-                )
+                entry["samples"] = sample_report(model, path, data, samples, ref_model=ref_model,
+                                                 max_new_tokens=max_new_tokens, temperature=temperature,
+                                                 kl_samples=kl_samples, seed=seed, device=dev,
+                                                 dtype=dtype, tokenizer_dir=Path(cache_dir) / cache.TOKENIZER_DIR)
             results.append(entry)
             if per_example:
                 for i in range(data.num_rows):
-                    per_rows.append(
-                        {
-                            "model": path,
-                            "id": data.ids[i],
-                            "source_row": int(data.source_row[i]),
-                            **{
-                                k: (bool(v[i]) if v.dtype == torch.bool else float(v[i]))
-                                for k, v in columns.items()
-                            },
-                            "ref_chosen_logps": float(ref.chosen_logps[i]),
-                            "ref_rejected_logps": float(ref.rejected_logps[i]),
-                            "chosen_len": int(ref.chosen_len[i]),
-                            "rejected_len": int(ref.rejected_len[i]),
-                        }
-                    )
+                    per_rows.append({
+                        "model": path, "id": data.ids[i], "source_row": int(data.source_row[i]),
+                        **{k: (bool(v[i]) if v.dtype == torch.bool else float(v[i]))
+                           for k, v in columns.items()},
+                        "ref_chosen_logps": float(ref.chosen_logps[i]),
+                        "ref_rejected_logps": float(ref.rejected_logps[i]),
+                        "chosen_len": int(ref.chosen_len[i]), "rejected_len": int(ref.rejected_len[i])})
             del model
             bar.update(1)
     if per_example and dist.is_main:
         write_per_example(Path(per_example), per_rows)
         log(f"wrote {len(per_rows)} per-example rows to {per_example}")
-    return {
-        "command": "eval",
-        "dpocli_version": __version__,
-        "cache": str(cache_dir),
-        "spec_fingerprint": manifest.spec_fingerprint,
-        "beta": options["beta"],
-        "loss": options["loss"],
-        "loss_options": options,
-        "loss_options_from": options_from,
-        "pairs": data.num_rows,
-        "models": results,
-        "per_example": per_example,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    return {"command": "eval", "dpocli_version": __version__, "cache": str(cache_dir),
+            "spec_fingerprint": manifest.spec_fingerprint, "beta": options["beta"], "loss": options["loss"],
+            "loss_options": options, "loss_options_from": options_from,
+            "pairs": data.num_rows, "models": results, "per_example": per_example,
+            "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def check_eval_options(
-    *,
-    samples: int,
-    temperature: float,
-    kl_samples: int,
-    max_new_tokens: int,
-    max_tokens: int | None,
-    seed: int,
-) -> None:
+def check_eval_options(*, samples: int, temperature: float, kl_samples: int, max_new_tokens: int,
+                       max_tokens: int | None, seed: int) -> None:
     """0 keeps its documented meaning for --samples (none) and --temperature (greedy)."""
     check_at_least({"--samples": samples, "--temperature": temperature}, 0)
-    check_at_least(
-        {"--kl-samples": kl_samples, "--max-new-tokens": max_new_tokens, "--max-tokens": max_tokens}, 1
-    )
+    check_at_least({"--kl-samples": kl_samples, "--max-new-tokens": max_new_tokens,
+                    "--max-tokens": max_tokens}, 1)
     check_seed(seed)

@@ -27,11 +27,8 @@ FOLDERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlruns"}
 
 def hf_keys(record: dict) -> dict:
     """A record's numbers under HF's dashboard keys: eval_* -> eval/*, the rest -> train/*."""
-    return {
-        (f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"): v
-        for k, v in record.items()
-        if k != "step" and _is_number(v)
-    }
+    return {(f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"): v
+            for k, v in record.items() if k != "step" and _is_number(v)}
 
 
 def _is_number(value) -> bool:
@@ -43,9 +40,8 @@ class TensorBoardSink:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise DpocliError(
-                "needs the tensorboard package", field="--report-to", hint="pip install tensorboard"
-            ) from None
+            raise DpocliError("needs the tensorboard package", field="--report-to",
+                              hint="pip install tensorboard") from None
         self.writer = SummaryWriter(log_dir=str(run_dir / FOLDERS["tensorboard"]))
         self.writer.add_text("config", "\n".join(f"    {k} = {v}" for k, v in config.items()))
 
@@ -63,11 +59,8 @@ class WandbSink:
         try:
             import wandb
         except ImportError:
-            raise DpocliError(
-                "needs the wandb package",
-                field="--report-to",
-                hint="pip install wandb (set WANDB_MODE=offline without network)",
-            ) from None
+            raise DpocliError("needs the wandb package", field="--report-to",
+                              hint="pip install wandb (set WANDB_MODE=offline without network)") from None
         self.wandb = wandb
         self.run = wandb.init(dir=str(run_dir), config=config, name=run_dir.name)
         # HF's WandbCallback: every chart against the optimizer step, not W&B's own log counter.
@@ -86,9 +79,8 @@ class MlflowSink:
         try:
             import mlflow
         except ImportError:
-            raise DpocliError(
-                "needs the mlflow package", field="--report-to", hint="pip install mlflow"
-            ) from None
+            raise DpocliError("needs the mlflow package", field="--report-to",
+                              hint="pip install mlflow") from None
         self.mlflow = mlflow
         if not os.environ.get("MLFLOW_TRACKING_URI"):  # else mlflow would write ./mlruns in the cwd
             mlflow.set_tracking_uri((run_dir / FOLDERS["mlflow"]).resolve().as_uri())
@@ -97,11 +89,8 @@ class MlflowSink:
 
     def write(self, record: dict) -> None:
         # HF's MLflowCallback: numbers only, characters MLflow refuses replaced by "_".
-        metrics = {
-            re.sub(r"[^0-9A-Za-z_\-\.\ :/]", "_", k): v
-            for k, v in record.items()
-            if k != "step" and _is_number(v)
-        }
+        metrics = {re.sub(r"[^0-9A-Za-z_\-\.\ :/]", "_", k): v for k, v in record.items()
+                   if k != "step" and _is_number(v)}
         self.mlflow.log_metrics(metrics, step=record["step"])
 
     def close(self) -> None:
@@ -111,15 +100,13 @@ class MlflowSink:
 def check(report_to: str | None) -> list[str]:
     """The requested sink names, checked (known, package installed) before anything is written."""
     import importlib.util
-
     names = [n.strip() for n in (report_to or "").split(",") if n.strip() and n.strip() != "none"]
     for name in names:
         if name not in KNOWN:
             raise DpocliError(f"'{name}' is not one of {', '.join(KNOWN)}", field="--report-to")
         if importlib.util.find_spec(name) is None:
-            raise DpocliError(
-                f"'{name}' needs the {name} package", field="--report-to", hint=f"pip install {name}"
-            )
+            raise DpocliError(f"'{name}' needs the {name} package", field="--report-to",
+                              hint=f"pip install {name}")
     return names
 
 

@@ -34,15 +34,9 @@ TOKEN_STATS = ("entropy", "mean_logit", "top1", "log_sum_sq_probs")
 def _chunk_stats(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[n, len(TOKEN_STATS)] from one chunk of logits [n, V] (already upcast) and its logsumexp [n]."""
     probs = torch.exp(logits - lse[:, None])
-    return torch.stack(
-        [
-            lse - (probs * logits).sum(-1),
-            logits.mean(-1),
-            (logits.argmax(-1) == labels).to(logits.dtype),
-            torch.logsumexp(2 * logits, dim=-1) - 2 * lse,
-        ],
-        dim=1,
-    )
+    return torch.stack([lse - (probs * logits).sum(-1), logits.mean(-1),
+                        (logits.argmax(-1) == labels).to(logits.dtype),
+                        torch.logsumexp(2 * logits, dim=-1) - 2 * lse], dim=1)
 
 
 @dataclass(frozen=True)
@@ -141,14 +135,8 @@ def _chunked_forward(hidden, weight, labels, chunk_size, with_stats):
     return out, lse, stats
 
 
-def token_logps_from_hidden(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    chunk_size: int = 1024,
-    *,
-    with_stats: bool = False,
-):
+def token_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                            chunk_size: int = 1024, *, with_stats: bool = False):
     """[N] log-probs of `labels` under logits `hidden @ weight.T` (hidden [N, H], weight [V, H]);
     fp32, or fp64 when `hidden` is fp64. With `with_stats`, returns (log-probs, stats [N, 4])."""
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
@@ -164,11 +152,10 @@ def _head_is_plain_linear(model) -> bool:
     model's own forward."""
     head = model.get_output_embeddings()
     config = model.config
-    special = any(
-        getattr(config, name, None) not in (None, 1.0)
-        for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
-    )
-    return isinstance(head, nn.Linear) and head.bias is None and not special and hasattr(model, "get_decoder")
+    special = any(getattr(config, name, None) not in (None, 1.0)
+                  for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"))
+    return (isinstance(head, nn.Linear) and head.bias is None and not special
+            and hasattr(model, "get_decoder"))
 
 
 class CompletionScorer(nn.Module):
@@ -217,30 +204,22 @@ class CompletionScorer(nn.Module):
             model_dtype = next(self.model.parameters()).dtype
             if attention_mask.dtype != model_dtype:
                 blocked = attention_mask != 0
-                attention_mask = torch.zeros(
-                    attention_mask.shape, dtype=model_dtype, device=attention_mask.device
-                )
+                attention_mask = torch.zeros(attention_mask.shape, dtype=model_dtype,
+                                             device=attention_mask.device)
                 attention_mask.masked_fill_(blocked, torch.finfo(model_dtype).min)
         if router_aux:
             extra["output_router_logits"] = True
         if self.chunked:
-            body = self._run_body(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
-            )
+            body = self._run_body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                  **extra)
             hidden = body.last_hidden_state
             hidden = hidden.reshape(rows * width, -1)[score_from]
-            scored = token_logps_from_hidden(
-                hidden,
-                self.model.get_output_embeddings().weight,
-                labels,
-                self.chunk_size,
-                with_stats=token_stats,
-            )
+            scored = token_logps_from_hidden(hidden, self.model.get_output_embeddings().weight, labels,
+                                             self.chunk_size, with_stats=token_stats)
             token_logps, stats = scored if token_stats else (scored, None)
         else:
-            body = self._run_body(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
-            )
+            body = self._run_body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                  **extra)
             logits = body.logits
             picked = logits.reshape(rows * width, -1)[score_from]
             picked = picked.to(_softmax_dtype(picked.dtype))
@@ -259,7 +238,6 @@ def _router_aux_loss(config, router_logits, attention_mask) -> torch.Tensor:
     pad and a prefix-shared batch a 4-D mask, so there every position counts (TRL: the same for its
     padding-free rows)."""
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
     config = config.get_text_config()
     mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
     return load_balancing_loss_func(router_logits, config.num_experts, config.num_experts_per_tok, mask)
@@ -270,29 +248,18 @@ def router_aux_coefficient(model, requested: float | None) -> float:
     none). A model without `output_router_logits` in its config has no router loss to weight: a
     nonzero request is refused (exit 2)."""
     from dpocli.errors import DpocliError
-
     config = model.config.get_text_config()
     if requested and not hasattr(config, "output_router_logits"):
-        raise DpocliError(
-            f"is {requested}, but {type(model).__name__} is not a Mixture-of-Experts model "
-            "that returns router logits",
-            field="--router-aux-loss-coef",
-            hint="drop --router-aux-loss-coef for this model",
-        )
+        raise DpocliError(f"is {requested}, but {type(model).__name__} is not a Mixture-of-Experts model "
+                          "that returns router logits", field="--router-aux-loss-coef",
+                          hint="drop --router-aux-loss-coef for this model")
     if not hasattr(config, "output_router_logits"):
         return 0.0
     return float(getattr(config, "router_aux_loss_coef", 0.0) if requested is None else requested)
 
 
-def sequence_logps(
-    scorer: nn.Module,
-    batch,
-    *,
-    keep_token_logps: bool = False,
-    token_stats: bool = False,
-    ld_alpha: float | None = None,
-    router_aux: bool = False,
-) -> SequenceLogps:
+def sequence_logps(scorer: nn.Module, batch, *, keep_token_logps: bool = False, token_stats: bool = False,
+                   ld_alpha: float | None = None, router_aux: bool = False) -> SequenceLogps:
     """Run `scorer` (a CompletionScorer, possibly wrapped by DDP/FSDP) on `batch` (any layout:
     `Batch`, `SharedPrefixBatch`, `PackedBatch`), split by pair.
 
@@ -316,16 +283,11 @@ def sequence_logps(
         plain = sums[:b]
         sums = _ld_sums(token_logps, inputs.segments, order, lens, ld_alpha)
     return SequenceLogps(
-        chosen_logps=sums[:b],
-        rejected_logps=sums[b:],
-        chosen_len=lens[:b],
-        rejected_len=lens[b:],
+        chosen_logps=sums[:b], rejected_logps=sums[b:], chosen_len=lens[:b], rejected_len=lens[b:],
         chosen_token_logps=per_row[:b] if per_row else None,
         rejected_token_logps=per_row[b:] if per_row else None,
         stats=_segment_stats(token_logps, stats, inputs) if stats is not None else None,
-        chosen_plain_logps=plain,
-        router_aux_loss=aux,
-    )
+        chosen_plain_logps=plain, router_aux_loss=aux)
 
 
 def _ld_sums(token_logps, segments, order, lens, alpha: float) -> torch.Tensor:

@@ -26,14 +26,10 @@ def _peft(folder: str | Path | None = None):
         import peft
     except ImportError:
         if folder is not None:
-            raise DpocliError(
-                "is a LoRA adapter, and loading it needs the peft package",
-                file=folder,
-                hint="pip install 'dpocli[lora]'",
-            ) from None
-        raise DpocliError(
-            "LoRA needs the peft package", field="--lora-r", hint="pip install 'dpocli[lora]'"
-        ) from None
+            raise DpocliError("is a LoRA adapter, and loading it needs the peft package", file=folder,
+                              hint="pip install 'dpocli[lora]'") from None
+        raise DpocliError("LoRA needs the peft package", field="--lora-r",
+                          hint="pip install 'dpocli[lora]'") from None
     return peft
 
 
@@ -46,39 +42,21 @@ def _names(value: str | None) -> list[str] | None:
     return [t.strip() for t in value.split(",") if t.strip()] if value else None
 
 
-def wrap(
-    model,
-    *,
-    r: int,
-    alpha: float,
-    dropout: float,
-    target_modules: str | None,
-    use_dora: bool = False,
-    use_rslora: bool = False,
-    modules_to_save: str | None = None,
-):
+def wrap(model, *, r: int, alpha: float, dropout: float, target_modules: str | None,
+         use_dora: bool = False, use_rslora: bool = False, modules_to_save: str | None = None):
     """Add fresh LoRA adapters. `target_modules` None = peft's default for the architecture
     (q_proj, v_proj for Llama), "all-linear", or a comma-separated list of module names.
     `use_dora`, `use_rslora` and `modules_to_save` are peft's LoraConfig options of those names."""
     peft = _peft()
     targets = "all-linear" if target_modules == "all-linear" else _names(target_modules)
-    config = peft.LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=targets,
-        use_dora=use_dora,
-        use_rslora=use_rslora,
-        modules_to_save=_names(modules_to_save),
-        task_type="CAUSAL_LM",
-    )
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                             use_dora=use_dora, use_rslora=use_rslora,
+                             modules_to_save=_names(modules_to_save), task_type="CAUSAL_LM")
     try:
         return peft.get_peft_model(model, config)
     except ValueError as err:
-        raise DpocliError(
-            f"cannot be applied: {str(err).splitlines()[0]}",
-            field="--lora-target-modules / --lora-modules-to-save",
-        ) from None
+        raise DpocliError(f"cannot be applied: {str(err).splitlines()[0]}",
+                          field="--lora-target-modules / --lora-modules-to-save") from None
 
 
 def resume(model, folder: Path):
@@ -90,9 +68,8 @@ def base_model_path(folder: str | Path) -> str:
     config = json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
     base = config.get("base_model_name_or_path")
     if not base:
-        raise DpocliError(
-            "names no base model", file=Path(folder) / ADAPTER_CONFIG, field="base_model_name_or_path"
-        )
+        raise DpocliError("names no base model", file=Path(folder) / ADAPTER_CONFIG,
+                          field="base_model_name_or_path")
     return base
 
 

@@ -32,8 +32,7 @@ from dpocli.errors import DpocliError
 
 @dataclass(frozen=True)
 class LossInputs:
-    """Per-pair [B] tensors. *_logps are SUMS of completion-token log-probs; *_len are completion
-    token counts."""
+    """Per-pair [B] tensors. *_logps are SUMS of completion-token log-probs; *_len are completion token counts."""
 
     policy_chosen_logps: Tensor
     policy_rejected_logps: Tensor
@@ -55,18 +54,12 @@ class LossInputs:
         cached reference values (a `scoring.RefLogps`), whose completion lengths are used."""
         b = policy.chosen_logps.shape[0]
         wpo = policy.stats.wpo_logps if policy.stats is not None else None
-        return cls(
-            policy.chosen_logps,
-            policy.rejected_logps,
-            ref.chosen_logps,
-            ref.rejected_logps,
-            ref.chosen_len,
-            ref.rejected_len,
-            chosen_wpo_logps=wpo[:b] if wpo is not None else None,
-            rejected_wpo_logps=wpo[b:] if wpo is not None else None,
-            policy_chosen_plain_logps=policy.chosen_plain_logps,
-            router_aux_loss=policy.router_aux_loss,
-        )
+        return cls(policy.chosen_logps, policy.rejected_logps, ref.chosen_logps, ref.rejected_logps,
+                   ref.chosen_len, ref.rejected_len,
+                   chosen_wpo_logps=wpo[:b] if wpo is not None else None,
+                   rejected_wpo_logps=wpo[b:] if wpo is not None else None,
+                   policy_chosen_plain_logps=policy.chosen_plain_logps,
+                   router_aux_loss=policy.router_aux_loss)
 
 
 @dataclass(frozen=True)
@@ -112,7 +105,6 @@ class LossOutput:
 # g(u) = f'(e^u) exactly as TRL writes it, constants included: they cancel in s_w - s_l, but not after
 # the per-token division of `ipo` and `sigmoid_norm`.
 
-
 def _alpha_divergence(u: Tensor, alpha: float) -> Tensor:
     """g(u) = (exp((α-1)·u) - 1)/(α-1), i.e. f'(t) = (t^(α-1) - 1)/(α-1); g(u) = u when |α-1| < 1e-6.
 
@@ -135,9 +127,8 @@ F_DIVERGENCES: dict[str, Callable[[Tensor, float], Tensor]] = {
 
 # Losses TRL 1.16 accepts with an f-divergence other than reverse_kl: the f-DPO reparameterisation
 # leaves a β·log Z(x) term that cancels only in s_w - s_l. `cdpo` is a function of s_w - s_l too.
-F_DIVERGENCE_LOSSES = frozenset(
-    {"sigmoid", "cdpo", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
-)
+F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "cdpo", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust",
+                                 "discopop", "sft"})
 # Losses that read `label_smoothing` (ε); TRL 1.16 ignores ε for every other loss type.
 SMOOTHED_LOSSES = frozenset({"cdpo", "robust", "exo_pair", "aot", "aot_unpaired"})
 
@@ -166,7 +157,6 @@ def _smoothed_logistic(z: Tensor, eps: float) -> Tensor:
 
 
 # ---- the losses: each returns the [B] per-pair loss ----
-
 
 def sigmoid(x: LossInputs, spec: LossSpec) -> Tensor:
     """DPO: -log σ(βδ). arXiv 2305.18290. TRL `sigmoid`.
@@ -213,9 +203,8 @@ def exo_pair(x: LossInputs, spec: LossSpec) -> Tensor:
     """
     s_w, s_l = _scores(x, spec)
     z, eps = spec.beta * (s_w - s_l), spec.label_smoothing
-    return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
-        F.logsigmoid(-z) - math.log(eps)
-    )
+    return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+            + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
 
 
 def nca_pair(x: LossInputs, spec: LossSpec) -> Tensor:
@@ -322,9 +311,8 @@ def wpo_weights(x: LossInputs) -> Tensor:
     distribution, per token. arXiv 2406.11827 Eq. 2. TRL `use_weighting` (no gradient, as TRL).
     """
     if x.chosen_wpo_logps is None or x.rejected_wpo_logps is None:
-        raise ValueError(
-            "use_weighting needs the policy's per-token WPO terms (sequence_logps(..., token_stats=True))"
-        )
+        raise ValueError("use_weighting needs the policy's per-token WPO terms "
+                         "(sequence_logps(..., token_stats=True))")
     len_w, len_l = _lengths(x)
     w_w = torch.exp(x.chosen_wpo_logps.to(len_w) / len_w)
     w_l = torch.exp(x.rejected_wpo_logps.to(len_l) / len_l)
@@ -332,22 +320,10 @@ def wpo_weights(x: LossInputs) -> Tensor:
 
 
 LOSSES: dict[str, Callable[[LossInputs, LossSpec], Tensor]] = {
-    "sigmoid": sigmoid,
-    "cdpo": cdpo,
-    "hinge": hinge,
-    "ipo": ipo,
-    "exo_pair": exo_pair,
-    "nca_pair": nca_pair,
-    "robust": robust,
-    "bco_pair": bco_pair,
-    "sppo_hard": sppo_hard,
-    "aot": aot,
-    "aot_unpaired": aot_unpaired,
-    "apo_zero": apo_zero,
-    "apo_down": apo_down,
-    "discopop": discopop,
-    "sigmoid_norm": sigmoid_norm,
-    "sft": sft,
+    "sigmoid": sigmoid, "cdpo": cdpo, "hinge": hinge, "ipo": ipo, "exo_pair": exo_pair, "nca_pair": nca_pair,
+    "robust": robust, "bco_pair": bco_pair, "sppo_hard": sppo_hard, "aot": aot,
+    "aot_unpaired": aot_unpaired, "apo_zero": apo_zero, "apo_down": apo_down,
+    "discopop": discopop, "sigmoid_norm": sigmoid_norm, "sft": sft,
 }
 
 
@@ -362,37 +338,25 @@ def validate_spec(spec: LossSpec) -> None:
         raise DpocliError("is empty (expected at least one loss type)", field="losses")
     for name in spec.losses:
         if name not in LOSSES:
-            raise DpocliError(
-                f"has unknown loss type '{name}' (known: {', '.join(LOSSES)})",
-                field="losses",
-                hint=_suggest(name, LOSSES),
-            )
+            raise DpocliError(f"has unknown loss type '{name}' (known: {', '.join(LOSSES)})",
+                              field="losses", hint=_suggest(name, LOSSES))
     if len(set(spec.losses)) != len(spec.losses):
         raise DpocliError(f"lists a loss type twice: {','.join(spec.losses)}", field="losses")
     if len(spec.weights) != len(spec.losses):
-        raise DpocliError(
-            f"has {len(spec.weights)} values for {len(spec.losses)} losses "
-            f"({','.join(spec.losses)}); give one weight per loss",
-            field="weights",
-        )
+        raise DpocliError(f"has {len(spec.weights)} values for {len(spec.losses)} losses "
+                          f"({','.join(spec.losses)}); give one weight per loss", field="weights")
     if not all(math.isfinite(w) for w in spec.weights):
         raise DpocliError(f"must be finite numbers, got {spec.weights}", field="weights")
     if not (math.isfinite(spec.beta) and spec.beta > 0):
         raise DpocliError(f"must be > 0, got {spec.beta}", field="beta")
     if spec.f_divergence not in F_DIVERGENCES:
-        raise DpocliError(
-            f"has unknown value '{spec.f_divergence}' (known: {', '.join(F_DIVERGENCES)})",
-            field="f_divergence",
-            hint=_suggest(spec.f_divergence, F_DIVERGENCES),
-        )
+        raise DpocliError(f"has unknown value '{spec.f_divergence}' (known: {', '.join(F_DIVERGENCES)})",
+                          field="f_divergence", hint=_suggest(spec.f_divergence, F_DIVERGENCES))
     unsupported = [name for name in spec.losses if name not in F_DIVERGENCE_LOSSES]
     if spec.f_divergence != "reverse_kl" and unsupported:
-        raise DpocliError(
-            f"'{spec.f_divergence}' does not apply to loss {', '.join(unsupported)} "
-            f"(as in TRL, only {', '.join(sorted(F_DIVERGENCE_LOSSES))} take an f-divergence)",
-            field="f_divergence",
-            hint="use --f-divergence reverse_kl with these losses",
-        )
+        raise DpocliError(f"'{spec.f_divergence}' does not apply to loss {', '.join(unsupported)} "
+                          f"(as in TRL, only {', '.join(sorted(F_DIVERGENCE_LOSSES))} take an f-divergence)",
+                          field="f_divergence", hint="use --f-divergence reverse_kl with these losses")
     _validate_label_smoothing(spec)  # after the f-divergence check, the order of TRL's own checks
     if not math.isfinite(spec.f_alpha):
         raise DpocliError(f"must be a finite number, got {spec.f_alpha}", field="f_alpha")
@@ -400,11 +364,8 @@ def validate_spec(spec: LossSpec) -> None:
         raise DpocliError(f"must be > 0, got {spec.discopop_tau}", field="discopop_tau")
     sorting = sorted({"aot", "aot_unpaired"}.intersection(spec.losses))
     if spec.use_weighting and sorting:  # TRL raises NotImplementedError
-        raise DpocliError(
-            f"does not apply to loss {', '.join(sorting)}: it sorts pairs, so per-pair "
-            "weights would be misaligned (TRL refuses it too)",
-            field="use_weighting",
-        )
+        raise DpocliError(f"does not apply to loss {', '.join(sorting)}: it sorts pairs, so per-pair "
+                          "weights would be misaligned (TRL refuses it too)", field="use_weighting")
 
 
 def _validate_label_smoothing(spec: LossSpec) -> None:
@@ -415,19 +376,13 @@ def _validate_label_smoothing(spec: LossSpec) -> None:
     if not 0.0 <= eps <= 0.5:
         raise DpocliError(f"must be in [0, 0.5], got {eps}", field="label_smoothing")
     if "exo_pair" in spec.losses and eps == 0.0:  # log ε = -inf; TRL raises too
-        raise DpocliError(
-            "must be > 0 for exo_pair",
-            field="label_smoothing",
-            hint="the EXO paper recommends --label-smoothing 1e-3",
-        )
+        raise DpocliError("must be > 0 for exo_pair", field="label_smoothing",
+                          hint="the EXO paper recommends --label-smoothing 1e-3")
     if eps > 0.0 and not SMOOTHED_LOSSES.intersection(spec.losses):
         # TRL 1.16 would train without it; a flag that silently does nothing is refused instead.
-        raise DpocliError(
-            f"{eps} has no effect on loss {','.join(spec.losses)} (TRL 1.16 ignores it; only "
-            f"{', '.join(sorted(SMOOTHED_LOSSES))} use it)",
-            field="label_smoothing",
-            hint="for label-smoothed DPO use --loss cdpo, or drop --label-smoothing",
-        )
+        raise DpocliError(f"{eps} has no effect on loss {','.join(spec.losses)} (TRL 1.16 ignores it; only "
+                          f"{', '.join(sorted(SMOOTHED_LOSSES))} use it)", field="label_smoothing",
+                          hint="for label-smoothed DPO use --loss cdpo, or drop --label-smoothing")
 
 
 def compute_loss(inputs: LossInputs, spec: LossSpec) -> LossOutput:
@@ -447,56 +402,27 @@ def compute_loss(inputs: LossInputs, spec: LossSpec) -> LossOutput:
     if spec.router_aux_loss_coef and inputs.router_aux_loss is not None:  # TRL: loss + coef·aux_loss
         aux = inputs.router_aux_loss
         loss = loss + spec.router_aux_loss_coef * aux.to(loss.dtype)
-    return LossOutput(
-        loss=loss,
-        per_pair_loss=per_pair,
-        chosen_rewards=(spec.beta * dw).detach(),
-        rejected_rewards=(spec.beta * dl).detach(),
-        components=components,
-        aux_loss=aux.detach() if aux is not None else None,
-    )
+    return LossOutput(loss=loss, per_pair_loss=per_pair,
+                      chosen_rewards=(spec.beta * dw).detach(), rejected_rewards=(spec.beta * dl).detach(),
+                      components=components, aux_loss=aux.detach() if aux is not None else None)
 
 
 # The loss options of `dpo train` and `dpo eval`, named as in TrainConfig and a run's run_config.json.
-LOSS_OPTIONS = (
-    "loss",
-    "loss_weights",
-    "beta",
-    "label_smoothing",
-    "ipo_length_normalized",
-    "discopop_tau",
-    "f_divergence",
-    "f_alpha",
-    "rpo_alpha",
-)
+LOSS_OPTIONS = ("loss", "loss_weights", "beta", "label_smoothing", "ipo_length_normalized", "discopop_tau",
+                "f_divergence", "f_alpha", "rpo_alpha")
 
 
-def spec_from_options(
-    *,
-    loss: str = "sigmoid",
-    loss_weights: str | None = None,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-    ipo_length_normalized: bool = True,
-    discopop_tau: float = 0.05,
-    f_divergence: str = "reverse_kl",
-    f_alpha: float = 0.5,
-    rpo_alpha: float | None = None,
-) -> LossSpec:
+def spec_from_options(*, loss: str = "sigmoid", loss_weights: str | None = None, beta: float = 0.1,
+                      label_smoothing: float = 0.0, ipo_length_normalized: bool = True,
+                      discopop_tau: float = 0.05, f_divergence: str = "reverse_kl",
+                      f_alpha: float = 0.5, rpo_alpha: float | None = None) -> LossSpec:
     """The checked `LossSpec` for the `LOSS_OPTIONS` values (train and eval build it here, alike)."""
     names, weights = parse_loss_list(loss, loss_weights)
     if rpo_alpha is not None:
         names, weights = _rpo(names, loss_weights, rpo_alpha)
-    spec = LossSpec(
-        losses=names,
-        weights=weights,
-        beta=beta,
-        label_smoothing=label_smoothing,
-        ipo_length_normalized=ipo_length_normalized,
-        discopop_tau=discopop_tau,
-        f_divergence=f_divergence,
-        f_alpha=f_alpha,
-    )
+    spec = LossSpec(losses=names, weights=weights, beta=beta, label_smoothing=label_smoothing,
+                    ipo_length_normalized=ipo_length_normalized, discopop_tau=discopop_tau,
+                    f_divergence=f_divergence, f_alpha=f_alpha)
     validate_spec(spec)
     return spec
 
@@ -506,18 +432,16 @@ def _rpo(names: tuple[str, ...], loss_weights: str | None, alpha: float) -> tupl
     the DPO loss plus α times the token-mean NLL of the chosen completions, which is `sft` here."""
     if names != ("sigmoid",) or loss_weights is not None:
         given = f"--loss {','.join(names)}" + (f" --loss-weights {loss_weights}" if loss_weights else "")
-        raise DpocliError(
-            f"means --loss sigmoid,sft --loss-weights 1,{alpha:g}; it cannot be combined with {given}",
-            field="--rpo-alpha",
-            hint="drop --rpo-alpha and list sft with its weight in --loss",
-        )
+        raise DpocliError(f"means --loss sigmoid,sft --loss-weights 1,{alpha:g}; it cannot be combined with "
+                          f"{given}", field="--rpo-alpha",
+                          hint="drop --rpo-alpha and list sft with its weight in --loss")
     if not (math.isfinite(alpha) and alpha >= 0):
         raise DpocliError(f"must be a finite number >= 0, got {alpha}", field="--rpo-alpha")
     return ("sigmoid", "sft"), (1.0, float(alpha))
 
 
 def parse_loss_list(losses: str, weights: str | None) -> tuple[tuple[str, ...], tuple[float, ...]]:
-    """ "sigmoid,sft" and "1.0,0.5" -> (("sigmoid", "sft"), (1.0, 0.5)); weights default to all 1.0.
+    """"sigmoid,sft" and "1.0,0.5" -> (("sigmoid", "sft"), (1.0, 0.5)); weights default to all 1.0.
 
     Only parses; names and counts are checked by `validate_spec`.
     """
@@ -529,7 +453,6 @@ def parse_loss_list(losses: str, weights: str | None) -> tuple[tuple[str, ...], 
     try:
         values = tuple(float(part) for part in weights.split(","))
     except ValueError:
-        raise DpocliError(
-            f"'{weights}' is not a comma-separated list of numbers (e.g. '1.0,0.5')", field="weights"
-        ) from None
+        raise DpocliError(f"'{weights}' is not a comma-separated list of numbers (e.g. '1.0,0.5')",
+                          field="weights") from None
     return names, values

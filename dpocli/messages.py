@@ -75,16 +75,12 @@ def check_messages(value: list, loc: dict, field: str) -> list[dict]:
     """A non-empty list of messages, each with a string role and text content, or no content where
     it carries `tool_calls`; the last message must say something (text or a tool call)."""
     if not value:
-        raise DpocliError(
-            "is an empty list (expected at least one {role, content} message)", field=field, **loc
-        )
+        raise DpocliError("is an empty list (expected at least one {role, content} message)",
+                          field=field, **loc)
     messages = [_check_message(m, loc, f"{field}[{i}]") for i, m in enumerate(value)]
     if not has_text(messages):
-        raise DpocliError(
-            "is empty (the last message must have text or tool_calls)",
-            field=f"{field}[{len(messages) - 1}].content",
-            **loc,
-        )
+        raise DpocliError("is empty (the last message must have text or tool_calls)",
+                          field=f"{field}[{len(messages) - 1}].content", **loc)
     return messages
 
 
@@ -95,41 +91,28 @@ def has_text(messages: list[dict]) -> bool:
 
 def _check_message(message, loc: dict, field: str) -> dict:
     if not isinstance(message, dict):
-        raise DpocliError(
-            f"must be a {{role, content}} message, got {type_name(message)}", field=field, **loc
-        )
+        raise DpocliError(f"must be a {{role, content}} message, got {type_name(message)}",
+                          field=field, **loc)
     role = message.get("role")
     if not isinstance(role, str) or not role.strip():
         problem = f"must be a non-empty string, got {type_name(role)}" if role is not None else "is missing"
-        raise DpocliError(
-            problem + " (each message needs a string 'role' and 'content')", field=f"{field}.role", **loc
-        )
+        raise DpocliError(problem + " (each message needs a string 'role' and 'content')",
+                          field=f"{field}.role", **loc)
     tool_calls = message.get("tool_calls")
-    if tool_calls is not None and not (
-        isinstance(tool_calls, list) and all(isinstance(c, dict) for c in tool_calls)
-    ):
-        raise DpocliError(
-            f"must be a list of tool-call objects, got {type_name(tool_calls)}",
-            field=f"{field}.tool_calls",
-            **loc,
-        )
+    if tool_calls is not None and not (isinstance(tool_calls, list)
+                                       and all(isinstance(c, dict) for c in tool_calls)):
+        raise DpocliError(f"must be a list of tool-call objects, got {type_name(tool_calls)}",
+                          field=f"{field}.tool_calls", **loc)
     content = message.get("content")
     if isinstance(content, list):
         kinds = sorted({str(p.get("type")) for p in content if isinstance(p, dict)})
-        raise DpocliError(
-            f"is a list of content parts ({', '.join(kinds) or 'untyped'}); multimodal "
-            "messages are not supported (text-only training would silently ignore the images)",
-            field=f"{field}.content",
-            **loc,
-            hint="write text-only content as one string",
-        )
+        raise DpocliError(f"is a list of content parts ({', '.join(kinds) or 'untyped'}); multimodal "
+                          "messages are not supported (text-only training would silently ignore the images)",
+                          field=f"{field}.content", **loc, hint="write text-only content as one string")
     if not isinstance(content, str) and not (content is None and tool_calls):
         problem = f"must be a string, got {type_name(content)}" if "content" in message else "is missing"
-        raise DpocliError(
-            problem + " (each message needs a string 'content', or 'tool_calls' instead)",
-            field=f"{field}.content",
-            **loc,
-        )
+        raise DpocliError(problem + " (each message needs a string 'content', or 'tool_calls' instead)",
+                          field=f"{field}.content", **loc)
     return message
 
 
@@ -142,15 +125,11 @@ def parse_tools(value, loc: dict, field: str = TOOLS_COLUMN) -> list | None:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise DpocliError(
-                f"is a string but not valid JSON ({e.msg} at character {e.pos + 1})", field=field, **loc
-            ) from None
+            raise DpocliError(f"is a string but not valid JSON ({e.msg} at character {e.pos + 1})",
+                              field=field, **loc) from None
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-        raise DpocliError(
-            f"must be a list of tool objects (or a JSON string of one), got {type_name(value)}",
-            field=field,
-            **loc,
-        )
+        raise DpocliError(f"must be a list of tool objects (or a JSON string of one), got {type_name(value)}",
+                          field=field, **loc)
     return value
 
 
@@ -159,19 +138,12 @@ def parse_template_kwargs(value, loc: dict, field: str = KWARGS_COLUMN) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise DpocliError(
-            f"must be an object of chat template arguments, got {type_name(value)}",
-            field=field,
-            **loc,
-            hint='e.g. {"enable_thinking": false}',
-        )
+        raise DpocliError(f"must be an object of chat template arguments, got {type_name(value)}",
+                          field=field, **loc, hint='e.g. {"enable_thinking": false}')
     reserved = [k for k in _RESERVED_KWARGS if k in value]
     if reserved:
-        raise DpocliError(
-            f"sets '{reserved[0]}', which TRL passes itself (its call would fail)",
-            field=f"{field}.{reserved[0]}",
-            **loc,
-        )
+        raise DpocliError(f"sets '{reserved[0]}', which TRL passes itself (its call would fail)",
+                          field=f"{field}.{reserved[0]}", **loc)
     return value
 
 
@@ -179,13 +151,9 @@ def refuse_images(names, loc: dict) -> None:
     """TRL routes rows with an image column to its vision collator; text-only scores would differ."""
     for name in IMAGE_COLUMNS:
         if name in names:
-            raise DpocliError(
-                "is an image column: vision datasets are not supported yet (training on the "
-                "text alone would silently ignore the images)",
-                field=name,
-                **loc,
-                hint="drop the column for text-only training, or use a text-only dataset",
-            )
+            raise DpocliError("is an image column: vision datasets are not supported yet (training on the "
+                              "text alone would silently ignore the images)", field=name, **loc,
+                              hint="drop the column for text-only training, or use a text-only dataset")
 
 
 def type_name(value) -> str:

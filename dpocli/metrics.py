@@ -36,13 +36,8 @@ from dpocli.atomic import atomic_write_text
 from dpocli.errors import DpocliError
 from dpocli.losses import LossInputs, LossOutput, LossSpec, compute_loss
 
-LENGTH_BUCKETS = [
-    (-(10**9), -9, "<=-9"),
-    (-8, -3, "-8..-3"),
-    (-2, 2, "-2..2"),
-    (3, 8, "3..8"),
-    (9, 10**9, ">=9"),
-]
+LENGTH_BUCKETS = [(-10**9, -9, "<=-9"), (-8, -3, "-8..-3"), (-2, 2, "-2..2"), (3, 8, "3..8"),
+                  (9, 10**9, ">=9")]
 PERCENTILES = (5, 25, 50, 75, 95)
 
 
@@ -55,52 +50,26 @@ class StepMetrics:
         self.token_parts: list[torch.Tensor] = []  # per micro-batch: the sums of TOKEN_METRICS
 
     # name -> (numerator, denominator) positions in a micro-batch's `token_parts` vector
-    TOKEN_METRICS = {
-        "entropy": (0, 1),
-        "logits/chosen": (2, 3),
-        "logits/rejected": (4, 5),
-        "mean_token_accuracy": (6, 3),
-    }
+    TOKEN_METRICS = {"entropy": (0, 1), "logits/chosen": (2, 3), "logits/rejected": (4, 5),
+                     "mean_token_accuracy": (6, 3)}
 
     def add_tokens(self, policy, real: bool = True) -> None:
         """The LM-head sums of one micro-batch (a `SequenceLogps` with `stats`). Every rank adds
         every micro-batch, a rank without real rows as zeros, so the all-reduce lines up."""
         st, b = policy.stats, policy.chosen_len.shape[0]
         c_len, r_len = policy.chosen_len.double().sum(), policy.rejected_len.double().sum()
-        parts = torch.stack(
-            [
-                st.entropy.sum(),
-                c_len + r_len,
-                st.mean_logit[:b].sum(),
-                c_len,
-                st.mean_logit[b:].sum(),
-                r_len,
-                st.top1[:b].sum(),
-            ]
-        ).double()
+        parts = torch.stack([st.entropy.sum(), c_len + r_len, st.mean_logit[:b].sum(), c_len,
+                             st.mean_logit[b:].sum(), r_len, st.top1[:b].sum()]).double()
         self.token_parts.append(parts if real else torch.zeros_like(parts))
 
     def add(self, out: LossOutput, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor) -> None:
         n = out.chosen_rewards.shape[0]
         cr, rr = out.chosen_rewards.double(), out.rejected_rewards.double()
-        names = [
-            "loss",
-            "rewards/chosen",
-            "rewards/rejected",
-            "rewards/accuracies",
-            "rewards/margins",
-            "logps/chosen",
-            "logps/rejected",
-        ]
-        parts = [
-            out.loss.detach().double() * n,
-            cr.sum(),
-            rr.sum(),
-            (cr > rr).double().sum(),
-            (cr - rr).sum(),
-            policy_chosen.detach().double().sum(),
-            policy_rejected.detach().double().sum(),
-        ]
+        names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                 "rewards/margins", "logps/chosen", "logps/rejected"]
+        parts = [out.loss.detach().double() * n, cr.sum(), rr.sum(), (cr > rr).double().sum(),
+                 (cr - rr).sum(), policy_chosen.detach().double().sum(),
+                 policy_rejected.detach().double().sum()]
         if len(out.components) > 1:
             names += [f"loss/{k}" for k in out.components]
             parts += [v.double() * n for v in out.components.values()]
@@ -115,21 +84,14 @@ class StepMetrics:
     def means(self, dist) -> dict[str, float]:
         """Means over all pairs of all ranks (one all-reduce, a sync point)."""
         keys = sorted(self.sums)
-        micro = (
-            torch.stack(self.token_parts).cpu()
-            if self.token_parts
-            else torch.zeros((0, 7), dtype=torch.float64)
-        )
-        packed = torch.cat(
-            [
-                torch.tensor([self.sums[k] for k in keys] + [float(self.pairs)], dtype=torch.float64),
-                micro.flatten(),
-            ]
-        )
+        micro = (torch.stack(self.token_parts).cpu() if self.token_parts
+                 else torch.zeros((0, 7), dtype=torch.float64))
+        packed = torch.cat([torch.tensor([self.sums[k] for k in keys] + [float(self.pairs)],
+                                         dtype=torch.float64), micro.flatten()])
         dist.all_reduce_sum_(packed)
         total = packed[len(keys)].item()
         out = {k: packed[i].item() / total for i, k in enumerate(keys)}
-        micro = packed[len(keys) + 1 :].view(-1, 7)
+        micro = packed[len(keys) + 1:].view(-1, 7)
         for name, (num, den) in self.TOKEN_METRICS.items() if len(micro) else ():
             ratios = [n / d if d > 0 else 0.0 for n, d in zip(micro[:, num].tolist(), micro[:, den].tolist())]
             out[name] = sum(ratios) / len(ratios)
@@ -167,21 +129,15 @@ def pair_metrics(policy, ref, spec: LossSpec) -> tuple[dict, dict]:
         m.update({f"loss/{k}": float(v) for k, v in out.components.items()})
     if policy.stats is not None:
         m.update(token_metrics(policy.stats, clen, rlen))
-    diff = ref.chosen_len - ref.rejected_len
+    diff = (ref.chosen_len - ref.rejected_len)
     for low, high, name in LENGTH_BUCKETS:
         inside = (diff >= low) & (diff <= high)
         n = int(inside.sum())
         m[f"length_bias/{name}/count"] = n
         m[f"length_bias/{name}/accuracy"] = float(correct[inside].mean()) if n else None
-    columns = {
-        "chosen_reward": cr,
-        "rejected_reward": rr,
-        "margin": margin,
-        "preference_prob": prob,
-        "correct": correct.bool(),
-        "policy_chosen_logps": pc,
-        "policy_rejected_logps": pr,
-    }
+    columns = {"chosen_reward": cr, "rejected_reward": rr, "margin": margin,
+               "preference_prob": prob, "correct": correct.bool(), "policy_chosen_logps": pc,
+               "policy_rejected_logps": pr}
     return m, columns
 
 
@@ -192,13 +148,10 @@ def token_metrics(stats, chosen_len: torch.Tensor, rejected_len: torch.Tensor) -
 
     def ratio(total, tokens: float) -> float:
         return float(total) / tokens if tokens > 0 else 0.0
-
-    return {
-        "entropy": ratio(stats.entropy.sum(), c_tokens + r_tokens),
-        "logits/chosen": ratio(stats.mean_logit[:n].sum(), c_tokens),
-        "logits/rejected": ratio(stats.mean_logit[n:].sum(), r_tokens),
-        "mean_token_accuracy": ratio(stats.top1[:n].sum(), c_tokens),
-    }
+    return {"entropy": ratio(stats.entropy.sum(), c_tokens + r_tokens),
+            "logits/chosen": ratio(stats.mean_logit[:n].sum(), c_tokens),
+            "logits/rejected": ratio(stats.mean_logit[n:].sum(), r_tokens),
+            "mean_token_accuracy": ratio(stats.top1[:n].sum(), c_tokens)}
 
 
 def rename_for_eval(metrics: dict) -> dict:
@@ -227,12 +180,8 @@ class MetricsLog:
             except ValueError:
                 if number == len(lines):
                     break  # a write cut by the kill that stopped the run
-                raise DpocliError(
-                    "is not valid JSON",
-                    file=self.path,
-                    row=number,
-                    hint="fix or delete that line, then resume",
-                ) from None
+                raise DpocliError("is not valid JSON", file=self.path, row=number,
+                                  hint="fix or delete that line, then resume") from None
             if isinstance(record, dict) and record.get("step", 0) <= step:
                 kept.append(line)
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
@@ -246,7 +195,6 @@ class MetricsLog:
                 f.flush()
         except OSError as err:
             from dpocli.outputs import write_failure
-
             raise write_failure(self.path, err) from None
         for sink in self.sinks:
             sink.write(record)

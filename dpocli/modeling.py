@@ -20,10 +20,10 @@ from dpocli.errors import DpocliError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+
 def quiet_transformers() -> None:
     """transformers' own progress bars ("Loading weights") would interleave with ours on stderr."""
     from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
@@ -34,42 +34,34 @@ def resolve_device(name: str | None) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise DpocliError(
-            f"'{name}' is not a device torch knows", field="--device", hint="use cpu, cuda or cuda:N"
-        ) from None
+        raise DpocliError(f"'{name}' is not a device torch knows", field="--device",
+                          hint="use cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DpocliError(
-                "CUDA was requested but no GPU is available", field="--device", hint="use --device cpu"
-            )
+            raise DpocliError("CUDA was requested but no GPU is available", field="--device",
+                              hint="use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DpocliError(
-                f"there is no GPU {device.index} (found {torch.cuda.device_count()})", field="--device"
-            )
+            raise DpocliError(f"there is no GPU {device.index} (found {torch.cuda.device_count()})",
+                              field="--device")
     elif device.type != "cpu":
         accel = getattr(torch, device.type, None)
         if accel is None or not getattr(accel, "is_available", lambda: False)():
-            raise DpocliError(
-                f"'{name}' is not available on this machine", field="--device", hint="use --device cpu"
-            )
+            raise DpocliError(f"'{name}' is not available on this machine", field="--device",
+                              hint="use --device cpu")
     return device
 
 
 def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
     """A local folder, or the snapshot folder of a hub id at `revision` (see `hub.resolve_model`)."""
     from dpocli.hub import resolve_model
-
     return resolve_model(name_or_path, revision)[0]
 
 
 def _explain_load_error(path: str, err: Exception) -> DpocliError:
     text = str(err)
     if "trust_remote_code" in text:
-        return DpocliError(
-            "this model needs custom code from its repository",
-            file=path,
-            hint="pass --trust-remote-code if you trust it",
-        )
+        return DpocliError("this model needs custom code from its repository", file=path,
+                           hint="pass --trust-remote-code if you trust it")
     if "Unrecognized configuration class" in text or "does not appear to have" in text:
         return DpocliError("is not a causal language model transformers can load", file=path)
     first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
@@ -78,7 +70,6 @@ def _explain_load_error(path: str, err: Exception) -> DpocliError:
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
-
     folder = resolve_model_dir(name_or_path, revision)
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -89,14 +80,8 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revisi
 # Dropout probabilities held as plain floats: config fields (attention_dropout, hidden_dropout,
 # resid_pdrop, embd_pdrop, layerdrop, ...) and the module attributes copied from them at init.
 DROPOUT_NAME = re.compile(r".*(dropout|pdrop|layerdrop)(_prob|_rate|_p)?$")
-DROPOUT_MODULES = (
-    torch.nn.Dropout,
-    torch.nn.Dropout1d,
-    torch.nn.Dropout2d,
-    torch.nn.Dropout3d,
-    torch.nn.AlphaDropout,
-    torch.nn.FeatureAlphaDropout,
-)
+DROPOUT_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+                   torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
 
 
 def active_dropout(model) -> list[str]:
@@ -138,13 +123,13 @@ def disable_dropout(model) -> list[str]:
 
 def _dropout_fields(obj) -> list[tuple[str, float]]:
     """(name, p) of float attributes named like a dropout probability and > 0 (bools and None skipped)."""
-    return [(k, v) for k, v in vars(obj).items() if type(v) is float and v > 0 and DROPOUT_NAME.fullmatch(k)]
+    return [(k, v) for k, v in vars(obj).items()
+            if type(v) is float and v > 0 and DROPOUT_NAME.fullmatch(k)]
 
 
 def _configs(model) -> list:
     """The model's config and its nested sub-configs (text_config, vision_config, ...)."""
     from transformers import PretrainedConfig
-
     todo, seen = [getattr(model, "config", None)], []
     while todo:
         config = todo.pop()
@@ -154,59 +139,32 @@ def _configs(model) -> list:
     return seen
 
 
-def load_causal_lm(
-    name_or_path: str,
-    *,
-    dtype: str = "float32",
-    device: torch.device | str = "cpu",
-    attn_implementation: str | None = None,
-    trust_remote_code: bool = False,
-    keep_dropout: bool = False,
-    revision: str | None = None,
-):
+def load_causal_lm(name_or_path: str, *, dtype: str = "float32", device: torch.device | str = "cpu",
+                   attn_implementation: str | None = None, trust_remote_code: bool = False,
+                   keep_dropout: bool = False, revision: str | None = None):
     """An `AutoModelForCausalLM` in `dtype` on `device`, in eval mode, safetensors only, with every
     dropout set to 0 unless `keep_dropout` (it matters only once a caller switches to train mode).
     `revision`: the commit, branch or tag of a hub id (refused for a local folder)."""
-    model = _load_causal_lm(
-        name_or_path,
-        dtype=dtype,
-        device=device,
-        revision=revision,
-        attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
-    )
+    model = _load_causal_lm(name_or_path, dtype=dtype, device=device, revision=revision,
+                            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     if not keep_dropout:
         turned_off = disable_dropout(model)
         if turned_off:
             from dpocli.console import log
-
             log(f"dropout set to 0 ({', '.join(turned_off)}); --keep-dropout keeps it in training")
     return model
 
 
-def _load_causal_lm(
-    name_or_path: str,
-    *,
-    dtype: str,
-    device: torch.device | str,
-    attn_implementation: str | None,
-    trust_remote_code: bool,
-    revision: str | None = None,
-):
+def _load_causal_lm(name_or_path: str, *, dtype: str, device: torch.device | str,
+                    attn_implementation: str | None, trust_remote_code: bool, revision: str | None = None):
     from transformers import AutoModelForCausalLM
-
     quiet_transformers()
     folder = resolve_model_dir(name_or_path, revision)
     from dpocli import lora
-
     if lora.is_adapter_folder(folder):  # a LoRA run: base model named in the adapter + adapter
-        base = _load_causal_lm(
-            lora.base_model_path(folder),
-            dtype=dtype,
-            device=device,
-            attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code,
-        )
+        base = _load_causal_lm(lora.base_model_path(folder), dtype=dtype, device=device,
+                               attn_implementation=attn_implementation,
+                               trust_remote_code=trust_remote_code)
         return lora.apply_for_inference(base, folder).eval()
     if not (folder / "config.json").exists():
         raise DpocliError("has no config.json; not a transformers model folder", file=name_or_path)
@@ -233,7 +191,8 @@ def weights_fingerprint(name_or_path: str, revision: str | None = None) -> dict:
     GB, small next to the forward pass, and it makes a stale cache detectable. `revision` is the
     snapshot's commit for a hub id, None for a local folder."""
     folder = resolve_model_dir(name_or_path, revision)
-    files = sorted(p for p in folder.iterdir() if p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES))
+    files = sorted(p for p in folder.iterdir()
+                   if p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES))
     per_file = {p.name: sha256_file(p) for p in files}
     combined = hashlib.sha256("".join(f"{k}:{v};" for k, v in per_file.items()).encode()).hexdigest()
     revision = folder.name if "snapshots" in folder.parts else None

@@ -36,12 +36,9 @@ class Survey:
     def refuse_foreign(self, what: str) -> None:
         if self.foreign:
             shown = ", ".join(repr(n) for n in self.foreign[:3]) + (" ..." if len(self.foreign) > 3 else "")
-            raise DpocliError(
-                f"{what} also holds {shown}, which dpocli did not write; dpocli never "
-                "writes into, clears or deletes such a folder",
-                file=self.folder,
-                hint="move those entries out, or choose another --out",
-            )
+            raise DpocliError(f"{what} also holds {shown}, which dpocli did not write; dpocli never "
+                              "writes into, clears or deletes such a folder", file=self.folder,
+                              hint="move those entries out, or choose another --out")
 
 
 def survey(folder: Path, is_owned, may_write=None) -> Survey:
@@ -90,25 +87,18 @@ def check_output_location(out: Path, reads: dict[str, str | Path | None], flag: 
     target = Path(out).expanduser().resolve()
     cwd = Path.cwd().resolve()
     if target == cwd or target in cwd.parents:
-        raise DpocliError(
-            "is the working directory or one of its parents; dpocli writes its output "
-            "into a folder of its own",
-            file=out,
-            field=flag,
-            hint="choose a new subfolder, e.g. --out ./runs/NAME",
-        )
+        raise DpocliError("is the working directory or one of its parents; dpocli writes its output "
+                          "into a folder of its own", file=out, field=flag,
+                          hint="choose a new subfolder, e.g. --out ./runs/NAME")
     _check_creatable(Path(out), flag)
     for name, path in reads.items():
         if path is None or not Path(path).expanduser().exists():
             continue
         source = Path(path).expanduser().resolve()
         if _overlaps(target, source):
-            raise DpocliError(
-                f"overlaps {name} {path}; an output must not be, hold or lie inside what the command reads",
-                file=out,
-                field=flag,
-                hint="choose an --out folder outside it",
-            )
+            raise DpocliError(f"overlaps {name} {path}; an output must not be, hold or lie inside what "
+                              "the command reads", file=out, field=flag,
+                              hint="choose an --out folder outside it")
 
 
 def _check_creatable(folder: Path, flag: str) -> None:
@@ -161,12 +151,8 @@ def write_failure(path: Path, err: BaseException) -> RunFailure:
     if code in _FULL or "No space left" in text or "StorageFull" in text or _nearly_full(folder):
         why = "no space left on the device"
         hint = "free some space, then rerun the same command: finished work is kept and resumes"
-    elif (
-        code in _DENIED
-        or "Permission denied" in text
-        or "Read-only" in text
-        or (folder.exists() and not os.access(folder, os.W_OK))
-    ):
+    elif code in _DENIED or "Permission denied" in text or "Read-only" in text \
+            or (folder.exists() and not os.access(folder, os.W_OK)):
         why = "the folder is not writable"
         hint = "make it writable (or choose another output), then rerun the same command"
     elif code == errno.ENOENT or not folder.exists():

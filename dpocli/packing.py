@@ -71,31 +71,17 @@ class PackedBatch:
         return self.input_ids.shape[1]
 
     def to(self, device) -> "PackedBatch":
-        moved = (
-            t.to(device, non_blocking=True)
-            for t in (self.input_ids, self.position_ids, self.score_from, self.labels, self.segments)
-        )
+        moved = (t.to(device, non_blocking=True) for t in (
+            self.input_ids, self.position_ids, self.score_from, self.labels, self.segments))
         return PackedBatch(*moved, units=self.units, num_pairs=self.num_pairs)
 
     def model_inputs(self) -> ModelInputs:
-        return ModelInputs(
-            self.input_ids,
-            None,
-            self.position_ids,
-            self.score_from,
-            self.labels,
-            self.segments,
-            num_segments=2 * self.num_pairs,
-            units=self.units,
-        )
+        return ModelInputs(self.input_ids, None, self.position_ids, self.score_from, self.labels,
+                           self.segments, num_segments=2 * self.num_pairs, units=self.units)
 
 
-def collate_packed(
-    prompts: Sequence[Sequence[int]],
-    chosens: Sequence[Sequence[int]],
-    rejecteds: Sequence[Sequence[int]],
-    share_prefix: bool = False,
-) -> PackedBatch:
+def collate_packed(prompts: Sequence[Sequence[int]], chosens: Sequence[Sequence[int]],
+                   rejecteds: Sequence[Sequence[int]], share_prefix: bool = False) -> PackedBatch:
     """Lay the pairs out end to end (see the module docstring for the two layouts)."""
     b = len(prompts)
     ids: list[int] = []
@@ -128,38 +114,26 @@ def collate_packed(
                 ids.extend(list(p) + list(completion))
                 positions.extend(range(n))
                 units.append(PackedUnit(start, n))
-                add_scored(completion, [start + np_ - 1 + j for j in range(len(completion))], segment)
+                add_scored(completion, [start + np_ - 1 + j for j in range(len(completion))],
+                           segment)
     as_row = lambda values: torch.tensor(values, dtype=torch.long)[None]  # noqa: E731
-    return PackedBatch(
-        as_row(ids),
-        as_row(positions),
-        torch.tensor(score_from, dtype=torch.long),
-        torch.tensor(labels, dtype=torch.long),
-        torch.tensor(segments, dtype=torch.long),
-        tuple(units),
-        b,
-    )
+    return PackedBatch(as_row(ids), as_row(positions), torch.tensor(score_from, dtype=torch.long),
+                       torch.tensor(labels, dtype=torch.long),
+                       torch.tensor(segments, dtype=torch.long), tuple(units), b)
 
 
 def check_layout_flags(prefix_sharing: bool, packing: bool, attn_implementation: str | None) -> None:
     """Refuse flag combinations the layouts cannot honour, before any work starts."""
     if packing and attn_implementation not in (None, "sdpa"):
-        raise DpocliError(
-            f"runs its own per-sequence SDPA attention, not '{attn_implementation}'",
-            field="--packing",
-            hint="drop --attn-implementation",
-        )
+        raise DpocliError(f"runs its own per-sequence SDPA attention, not '{attn_implementation}'",
+                          field="--packing", hint="drop --attn-implementation")
     if prefix_sharing and not packing and "flash" in (attn_implementation or ""):
-        raise DpocliError(
-            "needs a custom attention mask, which flash attention does not take",
-            field="--prefix-sharing",
-            hint="add --packing, or use --attn-implementation sdpa",
-        )
+        raise DpocliError("needs a custom attention mask, which flash attention does not take",
+                          field="--prefix-sharing", hint="add --packing, or use --attn-implementation sdpa")
 
 
-def _window_mask(
-    query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None
-) -> torch.Tensor:
+def _window_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
+                 window: int | None) -> torch.Tensor:
     """[q, k] bool: key at or before the query and, with a sliding window, fewer than `window`
     positions back (transformers' `kv_idx > q_idx - sliding_window`)."""
     q, k = query_positions[:, None], key_positions[None, :]
@@ -172,15 +146,13 @@ def _window_mask(
 def _check_supported(kwargs: dict) -> None:
     for name, what in (("softcap", "attention-logit soft-capping"), ("s_aux", "attention sinks")):
         if kwargs.get(name) is not None:
-            raise DpocliError(
-                f"does not support this model's {what}", field="--packing", hint="train without --packing"
-            )
+            raise DpocliError(f"does not support this model's {what}", field="--packing",
+                              hint="train without --packing")
 
 
 @torch.compiler.disable
-def packed_attention(
-    module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs
-):
+def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                     scaling: float | None = None, **kwargs):
     """Attention over a packed row, one SDPA call per unit (two for a prefix-shared unit).
 
     query [1, H, N, D], key/value [1, H_kv, N, D] (transformers' attention-interface layout);
@@ -189,10 +161,8 @@ def packed_attention(
     units = kwargs.pop(LAYOUT_KWARG, None)
     if units is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: each KV head serves `groups` query heads
         key = key.repeat_interleave(groups, dim=1)
@@ -209,38 +179,23 @@ def packed_attention(
     for u in units:
         q, k, v = qs[part], ks[part], vs[part]
         if window is None or u.causal <= window:  # plain causal: SDPA's fast path, no mask
-            pieces.append(
-                F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
-            )
+            pieces.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout,
+                                                         is_causal=True, scale=scaling))
         else:
             positions = torch.arange(u.causal, device=device)
-            pieces.append(
-                F.scaled_dot_product_attention(
-                    q,
-                    k,
-                    v,
-                    dropout_p=dropout,
-                    scale=scaling,
-                    attn_mask=_window_mask(positions, positions, window),
-                )
-            )
+            pieces.append(F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, scale=scaling,
+                attn_mask=_window_mask(positions, positions, window)))
         if u.branch:
             # The branch continues the prefix: its positions are prefix .. prefix+branch-1.
             qb, kb, vb = qs[part + 1], ks[part + 1], vs[part + 1]
-            keys = torch.cat([k[:, :, : u.prefix], kb], dim=2)
-            values = torch.cat([v[:, :, : u.prefix], vb], dim=2)
+            keys = torch.cat([k[:, :, :u.prefix], kb], dim=2)
+            values = torch.cat([v[:, :, :u.prefix], vb], dim=2)
             branch_positions = torch.arange(u.prefix, u.prefix + u.branch, device=device)
             key_positions = torch.cat([torch.arange(u.prefix, device=device), branch_positions])
-            pieces.append(
-                F.scaled_dot_product_attention(
-                    qb,
-                    keys,
-                    values,
-                    dropout_p=dropout,
-                    scale=scaling,
-                    attn_mask=_window_mask(branch_positions, key_positions, window),
-                )
-            )
+            pieces.append(F.scaled_dot_product_attention(
+                qb, keys, values, dropout_p=dropout, scale=scaling,
+                attn_mask=_window_mask(branch_positions, key_positions, window)))
         part += 2 if u.branch else 1
     out = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
     return out.transpose(1, 2).contiguous(), None
@@ -253,7 +208,6 @@ def _packed_mask(*args, attention_mask=None, **kwargs):
     if attention_mask is None:
         return None
     from transformers.masking_utils import sdpa_mask
-
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
@@ -263,7 +217,6 @@ def enable_packed_attention(model) -> None:
     from transformers import AttentionInterface
 
     from dpocli.attention import packed_kernel  # per-sequence SDPA unless $DPOCLI_ATTN_KERNEL
-
     AttentionInterface.register(PACKED_ATTENTION, packed_kernel())
     try:
         from transformers.masking_utils import AttentionMaskInterface

@@ -12,14 +12,8 @@ from dpocli import cache, distributed
 from dpocli.console import log, warn
 from dpocli.errors import DpocliError, RunFailure
 from dpocli.logprobs import CompletionScorer
-from dpocli.modeling import (
-    DTYPES,
-    active_dropout,
-    load_causal_lm,
-    load_tokenizer,
-    resolve_model_dir,
-    weights_fingerprint,
-)
+from dpocli.modeling import (DTYPES, active_dropout, load_causal_lm, load_tokenizer, resolve_model_dir,
+                             weights_fingerprint)
 from dpocli.tokenization import tokenizer_fingerprint
 
 # Tolerance on summed log-probs when checking that a policy reproduces cached reference values.
@@ -29,15 +23,9 @@ STEP0_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.25}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def check_model_tokenizer(
-    model: str,
-    manifest: cache.Manifest,
-    *,
-    trust_remote_code: bool = False,
-    allow_mismatch: bool = False,
-    override_flag: str | None = None,
-    revision: str | None = None,
-):
+def check_model_tokenizer(model: str, manifest: cache.Manifest, *, trust_remote_code: bool = False,
+                          allow_mismatch: bool = False, override_flag: str | None = None,
+                          revision: str | None = None):
     """The model folder's own tokenizer, refused (exit 2) when it differs from the one that made
     the cache; None when the folder has no tokenizer (nothing to compare; `check_vocab` still runs).
 
@@ -49,10 +37,8 @@ def check_model_tokenizer(
         return None
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code, revision=revision)
     if tokenizer_fingerprint(tokenizer) != manifest.spec["tokenizer"]["fingerprint"]:
-        message = (
-            "the model's tokenizer differs from the one that produced the cache, so cached "
-            "token ids would mean different text"
-        )
+        message = ("the model's tokenizer differs from the one that produced the cache, so cached "
+                   "token ids would mean different text")
         if not allow_mismatch:
             hint = "precompute the cache with this model's tokenizer"
             if override_flag:
@@ -65,14 +51,9 @@ def check_model_tokenizer(
 def load_policy_tokenizer(cfg, manifest: cache.Manifest):
     """The tokenizer to ship with checkpoints: the policy's own if it has one (and it must match the
     cache's, unless overridden), else the one stored in the cache."""
-    tokenizer = check_model_tokenizer(
-        cfg.model,
-        manifest,
-        trust_remote_code=cfg.trust_remote_code,
-        allow_mismatch=cfg.allow_tokenizer_mismatch,
-        override_flag="--allow-tokenizer-mismatch",
-        revision=cfg.model_revision,
-    )
+    tokenizer = check_model_tokenizer(cfg.model, manifest, trust_remote_code=cfg.trust_remote_code,
+                                      allow_mismatch=cfg.allow_tokenizer_mismatch,
+                                      override_flag="--allow-tokenizer-mismatch", revision=cfg.model_revision)
     if tokenizer is not None:
         return tokenizer
     log("the policy folder has no tokenizer; using the cache's")
@@ -82,21 +63,12 @@ def load_policy_tokenizer(cfg, manifest: cache.Manifest):
 def check_vocab(model, data: cache.CacheData, cache_path: str) -> None:
     """Every cached id must be a row of the policy's embedding matrix."""
     vocab = model.get_input_embeddings().weight.shape[0]
-    top = max(
-        (
-            int(values.max())
-            for name, (values, _) in data.lists.items()
-            if name in cache.ID_COLUMNS and values.size
-        ),
-        default=-1,
-    )
+    top = max((int(values.max()) for name, (values, _) in data.lists.items()
+               if name in cache.ID_COLUMNS and values.size), default=-1)
     if top >= vocab:
-        raise DpocliError(
-            f"holds token id {top}, but the policy's vocabulary has {vocab} entries",
-            file=cache_path,
-            field="token ids",
-            hint="this cache was made with another tokenizer/model family",
-        )
+        raise DpocliError(f"holds token id {top}, but the policy's vocabulary has {vocab} entries",
+                          file=cache_path, field="token ids",
+                          hint="this cache was made with another tokenizer/model family")
 
 
 def build_policy(cfg, data: cache.CacheData, resume_from, device):
@@ -105,42 +77,25 @@ def build_policy(cfg, data: cache.CacheData, resume_from, device):
     LoRA always starts from the base weights."""
     from_checkpoint = resume_from is not None and cfg.lora_r is None
     weights_path = str(resume_from[1]) if from_checkpoint else cfg.model
-    model = load_causal_lm(
-        weights_path,
-        dtype=cfg.dtype,
-        device=device,
-        revision=None if from_checkpoint else cfg.model_revision,
-        attn_implementation=cfg.attn_implementation,
-        trust_remote_code=cfg.trust_remote_code,
-        keep_dropout=cfg.keep_dropout,
-    )
+    model = load_causal_lm(weights_path, dtype=cfg.dtype, device=device,
+                           revision=None if from_checkpoint else cfg.model_revision,
+                           attn_implementation=cfg.attn_implementation,
+                           trust_remote_code=cfg.trust_remote_code, keep_dropout=cfg.keep_dropout)
     check_vocab(model, data, cfg.cache)
     if cfg.lora_r is not None:
         from dpocli import lora
-
-        model = (
-            lora.resume(model, resume_from[1])
-            if resume_from
-            else lora.wrap(
-                model,
-                r=cfg.lora_r,
-                alpha=cfg.lora_alpha,
-                dropout=cfg.lora_dropout,
-                target_modules=cfg.lora_target_modules,
-                use_dora=cfg.use_dora,
-                use_rslora=cfg.use_rslora,
-                modules_to_save=cfg.lora_modules_to_save,
-            )
-        )
+        model = (lora.resume(model, resume_from[1]) if resume_from else
+                 lora.wrap(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           target_modules=cfg.lora_target_modules, use_dora=cfg.use_dora,
+                           use_rslora=cfg.use_rslora, modules_to_save=cfg.lora_modules_to_save))
         log(lora.trainable_summary(model))
     model.train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     scorer = CompletionScorer(model, chunk_size=cfg.chunk_size, compile=cfg.compile)
     # With FSDP the mixed-precision policy casts parameters (instead of autocast in the loop).
-    scorer = distributed.wrap_for_training(
-        scorer, model, device, cfg.fsdp, DTYPES[cfg.autocast] if cfg.autocast else None
-    )
+    scorer = distributed.wrap_for_training(scorer, model, device, cfg.fsdp,
+                                           DTYPES[cfg.autocast] if cfg.autocast else None)
     return model, scorer
 
 
@@ -153,10 +108,8 @@ def step0_check(cfg, manifest: cache.Manifest, diff: float, model) -> dict:
     precision = cfg.autocast or cfg.dtype
     tolerance = STEP0_TOLERANCE[precision]
     if not same_weights:
-        log(
-            f"step-0: policy weights differ from the cache's reference (max |Δ| = {diff:.3g}); "
-            "rewards start away from 0"
-        )
+        log(f"step-0: policy weights differ from the cache's reference (max |Δ| = {diff:.3g}); "
+            "rewards start away from 0")
     else:
         log(f"step-0 check: max |policy - cached reference| = {diff:.3g} (tolerance {tolerance:g})")
         if diff > tolerance and not cfg.skip_step0_check:
@@ -164,12 +117,8 @@ def step0_check(cfg, manifest: cache.Manifest, diff: float, model) -> dict:
             raise RunFailure(
                 f"step-0 check failed: the policy starts from the reference's weights but its log-probs "
                 f"differ from the cache by up to {diff:.3g} (> {tolerance:g} for {precision})",
-                hint=(
-                    f"--keep-dropout leaves dropout on in training ({', '.join(dropout)}), so the "
-                    "policy's log-probs are noisy; drop --keep-dropout"
-                    if dropout
-                    else "precompute and train with the same --dtype / attention implementation, or pass "
-                    "--skip-step0-check"
-                ),
-            )
+                hint=(f"--keep-dropout leaves dropout on in training ({', '.join(dropout)}), so the "
+                      "policy's log-probs are noisy; drop --keep-dropout" if dropout else
+                      "precompute and train with the same --dtype / attention implementation, or pass "
+                      "--skip-step0-check"))
     return {"step0_max_abs_diff": diff, "step0_policy_is_reference": same_weights}

@@ -83,13 +83,9 @@ class PrecomputeConfig:
             if value is not None and value < 1:
                 raise DpocliError(f"must be at least 1, got {value}", field=flag)
         max_tokens = 16384 if self.batch_size is None and self.max_tokens is None else self.max_tokens
-        return Batching(
-            batch_size=self.batch_size,
-            max_tokens=max_tokens,
-            rows_per_shard=self.rows_per_shard,
-            packing=self.packing,
-            prefix_sharing=self.prefix_sharing,
-        )
+        return Batching(batch_size=self.batch_size, max_tokens=max_tokens,
+                        rows_per_shard=self.rows_per_shard, packing=self.packing,
+                        prefix_sharing=self.prefix_sharing)
 
 
 def _resolved(path: str) -> str:
@@ -106,9 +102,8 @@ def _input_files(read, dataset: Snapshot | None) -> list[dict]:
     return [{**asdict(f), "path": _resolved(f.path)} for f in read.files]
 
 
-def _build_spec(
-    cfg: PrecomputeConfig, read, tokenizer, model_fp: dict, dataset: Snapshot | None = None
-) -> dict:
+def _build_spec(cfg: PrecomputeConfig, read, tokenizer, model_fp: dict,
+                dataset: Snapshot | None = None) -> dict:
     """Everything that changes the cached numbers or how `dpo eval` replays them, except the
     batch budget, which each shard records (so an out-of-memory run can resume with a smaller
     one). The layout is here although it moves values only at the ulp level: a rerun asking for
@@ -117,16 +112,10 @@ def _build_spec(
         "conventions": CONVENTIONS,
         # Local paths are stored resolved: `./data.jsonl` and `/abs/data.jsonl` are the same input
         # on resume, and `cache verify --rescore` finds the model from any working directory.
-        "reference_model": {
-            "path": _resolved(model_fp["path"]),
-            "revision": model_fp["revision"],
-            "sha256": model_fp["sha256"],
-        },
-        "tokenizer": {
-            "fingerprint": tokenizer_fingerprint(tokenizer),
-            "eos_token": tokenizer.eos_token,
-            "pad_token_id": pad_token_id(tokenizer),
-        },
+        "reference_model": {"path": _resolved(model_fp["path"]), "revision": model_fp["revision"],
+                            "sha256": model_fp["sha256"]},
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer),
+                      "eos_token": tokenizer.eos_token, "pad_token_id": pad_token_id(tokenizer)},
         "max_length": cfg.max_length,
         "truncation": "keep_start",
         "dtype": cfg.dtype,
@@ -140,12 +129,8 @@ def _build_spec(
             **({"hub": {"repo_id": dataset.repo_id, "revision": dataset.revision}} if dataset else {}),
             **({"split": read.split} if read.split is not None else {}),
             **({"subset": cfg.subset} if cfg.subset is not None else {}),
-            "columns": {
-                "prompt": cfg.prompt_column,
-                "chosen": cfg.chosen_column,
-                "rejected": cfg.rejected_column,
-                "id": cfg.id_column,
-            },
+            "columns": {"prompt": cfg.prompt_column, "chosen": cfg.chosen_column,
+                        "rejected": cfg.rejected_column, "id": cfg.id_column},
             "drop_identical": cfg.drop_identical,
             "dropped_on_read": dict(read.dropped),
         },
@@ -169,19 +154,14 @@ def _keep_intact_shards(out: Path, manifest: cache.Manifest) -> cache.Manifest:
 
 
 # Entries of a cache folder that only dpocli writes (besides the shards its manifest lists).
-CACHE_NAMES = {
-    cache.MANIFEST_NAME,
-    cache.TOKENIZER_DIR,
-    "config.resolved.toml",
-    "precompute.resolved.toml",
-}  # the last: the name dpocli 0.1 used
+CACHE_NAMES = {cache.MANIFEST_NAME, cache.TOKENIZER_DIR, "config.resolved.toml",
+               "precompute.resolved.toml"}  # the last: the name dpocli 0.1 used
 
 
 def _shard_written_for(path: Path, spec: dict) -> bool:
     """An unlisted shard is ours only if its Parquet metadata carries this cache's spec (a run
     killed between writing the shard and listing it)."""
     import pyarrow.parquet as pq
-
     try:
         meta = pq.read_schema(path).metadata or {}
     except Exception:
@@ -203,7 +183,6 @@ def _survey_cache(out: Path, manifest: cache.Manifest | None) -> outputs.Survey:
 
     def may_write(name: str) -> bool:
         return name in CACHE_NAMES or bool(cache.SHARD_PATTERN.match(name))
-
     return outputs.survey(out, is_owned, may_write)
 
 
@@ -229,13 +208,10 @@ def _inspect_out(out: Path, spec: dict, overwrite: bool) -> OutPlan:
         try:
             manifest = cache.read_manifest(out)
         except DpocliError as err:
-            raise DpocliError(
-                f"holds a manifest.json dpocli cannot read ({err.message}), so it cannot "
-                "prove it wrote this folder; it will not write into or clear it",
-                file=out,
-                hint="choose another --out, or delete the folder yourself "
-                "if it is a cache you no longer need",
-            ) from None
+            raise DpocliError(f"holds a manifest.json dpocli cannot read ({err.message}), so it cannot "
+                              "prove it wrote this folder; it will not write into or clear it",
+                              file=out, hint="choose another --out, or delete the folder yourself "
+                                             "if it is a cache you no longer need") from None
     found = _survey_cache(out, manifest)
     if manifest is None:
         found.refuse_foreign("is not empty and is not a dpocli cache; it")
@@ -250,11 +226,8 @@ def _inspect_out(out: Path, spec: dict, overwrite: bool) -> OutPlan:
         stale = [p for p in found.owned if cache.SHARD_PATTERN.match(p.name) and p.name not in listed]
         return OutPlan(manifest, found.temporaries + stale)
     if not overwrite:
-        raise DpocliError(
-            f"already holds a cache made differently ({differs})",
-            file=out,
-            hint="pass --overwrite to replace it, or choose another --out",
-        )
+        raise DpocliError(f"already holds a cache made differently ({differs})", file=out,
+                          hint="pass --overwrite to replace it, or choose another --out")
     found.refuse_foreign("is a dpocli cache but")
     return OutPlan(None, found.owned + found.temporaries)
 
@@ -280,14 +253,9 @@ def _score_shard(scorer, device, pairs, cfg, pad_id, bar, throughput) -> dict:
     batching = cfg.batching()
     for idxs in plan_reference_batches(lengths, batching):
         sel = [pairs[i][1] for i in idxs]
-        batch = make_batch(
-            [p.prompt_ids for p in sel],
-            [p.chosen_ids for p in sel],
-            [p.rejected_ids for p in sel],
-            pad_id,
-            batching.prefix_sharing,
-            batching.packing,
-        ).to(device)
+        batch = make_batch([p.prompt_ids for p in sel], [p.chosen_ids for p in sel],
+                           [p.rejected_ids for p in sel], pad_id, batching.prefix_sharing,
+                           batching.packing).to(device)
         out = sequence_logps(scorer, batch, keep_token_logps=cfg.token_logps)
         # One copy to the host per batch, not one sync per value.
         batch_chosen, batch_rejected = out.chosen_logps.tolist(), out.rejected_logps.tolist()
@@ -299,35 +267,21 @@ def _score_shard(scorer, device, pairs, cfg, pad_id, bar, throughput) -> dict:
         bar.update(len(idxs), **{"tok/s": f"{throughput(batch.num_tokens):,.0f}"})
     examples = [ex for ex, _ in pairs]
     columns = {
-        "id": [ex.id for ex in examples],
-        "source_row": [ex.source_row for ex in examples],
-        "prompt_ids": [p.prompt_ids for _, p in pairs],
-        "chosen_ids": [p.chosen_ids for _, p in pairs],
+        "id": [ex.id for ex in examples], "source_row": [ex.source_row for ex in examples],
+        "prompt_ids": [p.prompt_ids for _, p in pairs], "chosen_ids": [p.chosen_ids for _, p in pairs],
         "rejected_ids": [p.rejected_ids for _, p in pairs],
         "chosen_len": [len(p.chosen_ids) for _, p in pairs],
         "rejected_len": [len(p.rejected_ids) for _, p in pairs],
-        "ref_chosen_logps": chosen,
-        "ref_rejected_logps": rejected,
-        "ref_chosen_token_logps": chosen_tok,
-        "ref_rejected_token_logps": rejected_tok,
+        "ref_chosen_logps": chosen, "ref_rejected_logps": rejected,
+        "ref_chosen_token_logps": chosen_tok, "ref_rejected_token_logps": rejected_tok,
     }
     return columns
 
 
-def _write_shard(
-    out: Path,
-    index: int,
-    pairs,
-    cfg: PrecomputeConfig,
-    spec: dict,
-    scorer,
-    device,
-    pad_id: int,
-    bar,
-    throughput,
-) -> dict:
+def _write_shard(out: Path, index: int, pairs, cfg: PrecomputeConfig, spec: dict, scorer, device,
+                 pad_id: int, bar, throughput) -> dict:
     """Score and write shard `index`; its manifest entry, plus the completion tokens scored."""
-    rows = pairs[index * cfg.rows_per_shard : (index + 1) * cfg.rows_per_shard]
+    rows = pairs[index * cfg.rows_per_shard:(index + 1) * cfg.rows_per_shard]
     keep = [(ex, tok) for ex, tok in rows if not isinstance(tok, Dropped)]
     dropped: dict[str, int] = {}
     for _, tok in rows:
@@ -337,10 +291,8 @@ def _write_shard(
     try:
         columns = _score_shard(scorer, device, keep, cfg, pad_id, bar, throughput)
     except out_of_memory_types():
-        raise RunFailure(
-            f"out of memory scoring shard {index} (finished shards are kept)",
-            hint="rerun with a smaller --max-tokens or --batch-size; it resumes",
-        ) from None
+        raise RunFailure(f"out of memory scoring shard {index} (finished shards are kept)",
+                         hint="rerun with a smaller --max-tokens or --batch-size; it resumes") from None
     entry = cache.write_shard(out, index, columns, cfg.token_logps, spec)
     entry["dropped"] = dropped
     entry["budget"] = cfg.batching().budget()  # eval replays each shard's own budget
@@ -368,28 +320,17 @@ def _tokenize_rows(cfg: PrecomputeConfig, read, tokenizer) -> list[tuple]:
     for ex in read.examples:
         tok = tokenize_pair(ex, tokenizer, cfg.max_length)
         if isinstance(tok, Dropped) and cfg.strict:
-            raise DpocliError(
-                f"would be dropped ({tok.reason}: the prompt alone has at least "
-                f"--max-length {cfg.max_length} tokens)",
-                file=ex.file,
-                row=ex.row,
-                field=cfg.prompt_column,
-                hint="raise --max-length or drop --strict",
-            )
+            raise DpocliError(f"would be dropped ({tok.reason}: the prompt alone has at least "
+                              f"--max-length {cfg.max_length} tokens)", file=ex.file, row=ex.row,
+                              field=cfg.prompt_column, hint="raise --max-length or drop --strict")
         pairs.append((ex, tok))
     shrunk = sum(1 for _, t in pairs if not isinstance(t, Dropped) and t.prompt_shrunk)
     if shrunk:
-        warn(
-            f"{shrunk} row(s): the tokenized prompt is not a prefix of prompt+completion (BPE merged "
-            "across the boundary); their prompt was shortened to the common prefix, as TRL does"
-        )
+        warn(f"{shrunk} row(s): the tokenized prompt is not a prefix of prompt+completion (BPE merged "
+             "across the boundary); their prompt was shortened to the common prefix, as TRL does")
     if not any(not isinstance(t, Dropped) for _, t in pairs):
-        raise DpocliError(
-            f"no rows left after tokenization: all {len(pairs)} prompts have at least "
-            f"--max-length {cfg.max_length} tokens",
-            file=cfg.input,
-            field="--max-length",
-        )
+        raise DpocliError(f"no rows left after tokenization: all {len(pairs)} prompts have at least "
+                          f"--max-length {cfg.max_length} tokens", file=cfg.input, field="--max-length")
     return pairs
 
 
@@ -406,22 +347,14 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     source, dataset = resolve_dataset(cfg.input, cfg.revision)
     if dataset is not None:
         log(f"dataset {dataset.repo_id} at {dataset.revision[:12]} from {source}")
-    read = read_examples(
-        source,
-        prompt_column=cfg.prompt_column,
-        chosen_column=cfg.chosen_column,
-        rejected_column=cfg.rejected_column,
-        id_column=cfg.id_column,
-        drop_identical=cfg.drop_identical,
-        split=cfg.split,
-        subset=cfg.subset,
-    )
+    read = read_examples(source, prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
+                         rejected_column=cfg.rejected_column, id_column=cfg.id_column,
+                         drop_identical=cfg.drop_identical, split=cfg.split, subset=cfg.subset)
     for line in read.warnings:
         warn(line)
     model_dir = resolve_model_dir(cfg.model, cfg.model_revision)
-    tokenizer = load_tokenizer(
-        cfg.model, trust_remote_code=cfg.trust_remote_code, revision=cfg.model_revision
-    )
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
+                               revision=cfg.model_revision)
     pairs = _tokenize_rows(cfg, read, tokenizer)
     model_fp = weights_fingerprint(cfg.model, cfg.model_revision)
     spec = _build_spec(cfg, read, tokenizer, model_fp, dataset)
@@ -443,28 +376,18 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     # Device and model come before the folder is touched, so a bad --device or model leaves the
     # folder (and any cache in it) exactly as it was.
     device = dist.device_for(resolve_device(cfg.device))
-    model = load_causal_lm(
-        cfg.model,
-        dtype=cfg.dtype,
-        device=device,
-        revision=cfg.model_revision,
-        attn_implementation=cfg.attn_implementation,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, revision=cfg.model_revision,
+                           attn_implementation=cfg.attn_implementation,
+                           trust_remote_code=cfg.trust_remote_code)
     dist.on_main_then_broadcast(lambda: _claim_out(out, plan, manifest))
     if done:
         log(f"resuming: {len(done)} of {planned} shards already done")
     positions = getattr(model.config, "max_position_embeddings", None)
-    longest = max(
-        len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids))
-        for _, t in pairs
-        if not isinstance(t, Dropped)
-    )
+    longest = max(len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids))
+                  for _, t in pairs if not isinstance(t, Dropped))
     if positions and longest > positions:
-        warn(
-            f"the longest sequence has {longest} tokens but the model was configured for "
-            f"{positions} positions; lower --max-length unless the model extrapolates"
-        )
+        warn(f"the longest sequence has {longest} tokens but the model was configured for "
+             f"{positions} positions; lower --max-length unless the model extrapolates")
     scorer = CompletionScorer(model, chunk_size=cfg.chunk_size, compile=cfg.compile)
     pad_id = pad_token_id(tokenizer)
     rows_todo = sum(min(cfg.rows_per_shard, len(pairs) - i * cfg.rows_per_shard) for i in todo)
@@ -473,29 +396,26 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     # so rank 0 can commit the manifest after each round of shards.
     rounds = dist.max_over_ranks(len(todo))
     try:
-        with sigterm_as_interrupt(), ProgressBar("precompute-ref", rows_todo) as bar, torch.inference_mode():
+        with sigterm_as_interrupt(), ProgressBar("precompute-ref", rows_todo) as bar, \
+                torch.inference_mode():
             throughput = _Throughput()
             for round_ in range(rounds):
                 entry = None
                 if round_ < len(todo):
-                    entry = _write_shard(
-                        out, todo[round_], pairs, cfg, spec, scorer, device, pad_id, bar, throughput
-                    )
+                    entry = _write_shard(out, todo[round_], pairs, cfg, spec, scorer, device,
+                                         pad_id, bar, throughput)
                     tokens_scored += entry.pop("tokens")
                 manifest.shards += [e for e in dist.all_gather_object(entry) if e is not None]
                 manifest.shards.sort(key=lambda e: e["index"])
                 if dist.is_main:
                     cache.commit_manifest(out, manifest)
     except KeyboardInterrupt:
-        raise Interrupted(
-            f"interrupted; {len(manifest.shards)} of {planned} shards are saved in {out}",
-            hint="rerun the same command to resume: finished shards are kept",
-        ) from None
+        raise Interrupted(f"interrupted; {len(manifest.shards)} of {planned} shards are saved in {out}",
+                          hint="rerun the same command to resume: finished shards are kept") from None
 
     if dist.is_main:
         if resolved_toml:
             from dpocli.atomic import atomic_write_text
-
             atomic_write_text(out / RESOLVED_TOML, resolved_toml)
         _finalize(out, manifest, tokenizer, model_fp, cfg, pairs)
     dist.barrier()
@@ -503,33 +423,25 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     return _summary(cfg, manifest, "resumed" if done else "complete", elapsed, tokens_scored)
 
 
-def _finalize(
-    out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict, cfg: PrecomputeConfig, pairs: list[tuple]
-) -> None:
+def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict,
+              cfg: PrecomputeConfig, pairs: list[tuple]) -> None:
     """Length statistics, provenance and the tokenizer; then the manifest is marked complete.
     The statistics come from the tokenized rows (every shard holds exactly the kept ones, also
     after a resume: same spec, same tokenization), so no shard is read back."""
     import transformers
-
     kept = [t for _, t in pairs if not isinstance(t, Dropped)]
-    manifest.length_stats = cache.length_stats(
-        [len(t.prompt_ids) for t in kept],
-        [len(t.chosen_ids) for t in kept],
-        [len(t.rejected_ids) for t in kept],
-    )
+    manifest.length_stats = cache.length_stats([len(t.prompt_ids) for t in kept],
+                                               [len(t.chosen_ids) for t in kept],
+                                               [len(t.rejected_ids) for t in kept])
     manifest.created = {
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "dpocli": __version__,
+        "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "dpocli": __version__,
         "reference_model_files": model_fp["files"],
         "attention_kernel": describe_attention(cfg.packing, cfg.attn_implementation),
     }
     tok_dir = out / cache.TOKENIZER_DIR  # replaced whole if present: it is ours (CACHE_NAMES)
     from dpocli.atomic import atomic_dir
-
     with atomic_dir(tok_dir) as tmp:
         tokenizer.save_pretrained(tmp)
     # Hashed after the rename, from the files as they now lie: what train/eval/verify check.
@@ -538,21 +450,14 @@ def _finalize(
     cache.commit_manifest(out, manifest)
 
 
-def _summary(
-    cfg: PrecomputeConfig, manifest: cache.Manifest, status: str, seconds: float, tokens: int
-) -> dict:
+def _summary(cfg: PrecomputeConfig, manifest: cache.Manifest, status: str, seconds: float,
+             tokens: int) -> dict:
     return {
-        "command": "precompute-ref",
-        "dpocli_version": __version__,
-        "status": status,
-        "cache": str(cfg.out),
-        "spec_fingerprint": manifest.spec_fingerprint,
-        "rows_read": manifest.rows_read,
-        "rows_written": manifest.rows_written,
-        "rows_dropped": manifest.dropped,
-        "shards": len(manifest.shards),
-        "completion_tokens_scored": tokens,
-        "seconds": round(seconds, 3),
+        "command": "precompute-ref", "dpocli_version": __version__, "status": status,
+        "cache": str(cfg.out), "spec_fingerprint": manifest.spec_fingerprint,
+        "rows_read": manifest.rows_read, "rows_written": manifest.rows_written,
+        "rows_dropped": manifest.dropped, "shards": len(manifest.shards),
+        "completion_tokens_scored": tokens, "seconds": round(seconds, 3),
         "completion_tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
         "length_stats": manifest.length_stats,
     }

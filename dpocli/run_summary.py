@@ -69,25 +69,14 @@ def train_summary(s, state, final_eval: dict, t_start: float) -> dict:
     from dpocli import __version__
     from dpocli.attention import describe as describe_attention
     from dpocli.metrics import MetricsLog
-
     peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if s.device.type == "cuda":
         peak["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(s.device) / 2**20, 1)
     hf = s.totals.summary(samples_scheduled(s.cfg, s.data.num_rows, s.global_batch), s.total_steps)
     # The dashboard sinks are closed by now: a plain log writes the line.
     MetricsLog(s.metrics_log.path, enabled=s.metrics_log.enabled).write({"step": state.step, **hf})
-    return {
-        "command": "train",
-        "dpocli_version": __version__,
-        "run_dir": str(s.run_dir),
-        "model_dir": str(s.run_dir),
-        "steps": state.step,
-        "total_steps": s.total_steps,
-        "seconds": round(time.perf_counter() - t_start, 3),
-        **state.step0,
-        **hf,
-        "attention_kernel": describe_attention(s.cfg.packing, s.cfg.attn_implementation),
-        "last_train_metrics": s.metrics_log.last_record_with("loss"),
-        "eval": final_eval,
-        **peak,
-    }
+    return {"command": "train", "dpocli_version": __version__, "run_dir": str(s.run_dir),
+            "model_dir": str(s.run_dir), "steps": state.step, "total_steps": s.total_steps,
+            "seconds": round(time.perf_counter() - t_start, 3), **state.step0, **hf,
+            "attention_kernel": describe_attention(s.cfg.packing, s.cfg.attn_implementation),
+            "last_train_metrics": s.metrics_log.last_record_with("loss"), "eval": final_eval, **peak}

@@ -18,16 +18,12 @@ from dpocli.logprobs import CompletionScorer, sequence_logps
 from dpocli.modeling import load_causal_lm, load_tokenizer
 
 
-def _generate(
-    model, prompt_ids: list[int], tokenizer, *, n: int, max_new_tokens: int, temperature: float, device
-) -> list[list[int]]:
+def _generate(model, prompt_ids: list[int], tokenizer, *, n: int, max_new_tokens: int,
+              temperature: float, device) -> list[list[int]]:
     """`n` completions (token ids, cut after EOS) of one prompt."""
     inputs = torch.tensor([prompt_ids] * n, device=device)
-    kwargs = dict(
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
     else:
@@ -35,31 +31,17 @@ def _generate(
     with torch.no_grad():
         out = model.generate(inputs, attention_mask=torch.ones_like(inputs), **kwargs)
     completions = []
-    stops = {
-        tokenizer.eos_token_id,
-        *(tokenizer.convert_tokens_to_ids(t) for t in ("<|end|>",) if t in tokenizer.get_vocab()),
-    }
-    for row in out[:, len(prompt_ids) :].tolist():
+    stops = {tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(t) for t in ("<|end|>",)
+                                       if t in tokenizer.get_vocab())}
+    for row in out[:, len(prompt_ids):].tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
         completions.append(row[:cut])
     return completions
 
 
-def sample_report(
-    model,
-    model_path: str,
-    data,
-    n_prompts: int,
-    *,
-    ref_model: str | None,
-    max_new_tokens: int,
-    temperature: float,
-    kl_samples: int,
-    seed: int,
-    device,
-    dtype: str,
-    tokenizer_dir,
-) -> dict:
+def sample_report(model, model_path: str, data, n_prompts: int, *, ref_model: str | None,
+                  max_new_tokens: int, temperature: float, kl_samples: int, seed: int, device,
+                  dtype: str, tokenizer_dir) -> dict:
     tokenizer = load_tokenizer(str(tokenizer_dir))
     reference = load_causal_lm(ref_model, dtype=dtype, device=device) if ref_model else None
     model.eval()
@@ -71,15 +53,8 @@ def sample_report(
         entry = {"id": data.ids[i], "prompt": tokenizer.decode(prompt, skip_special_tokens=True)}
         for name, m in (("policy", model), ("reference", reference)):
             if m is not None:
-                ids = _generate(
-                    m,
-                    prompt,
-                    tokenizer,
-                    n=1,
-                    max_new_tokens=max_new_tokens,
-                    temperature=temperature,
-                    device=device,
-                )[0]
+                ids = _generate(m, prompt, tokenizer, n=1, max_new_tokens=max_new_tokens,
+                                temperature=temperature, device=device)[0]
                 entry[name] = tokenizer.decode(ids, skip_special_tokens=True)
         report["generations"].append(entry)
     if reference is not None and kl_samples > 0:
@@ -87,19 +62,9 @@ def sample_report(
         values = []
         for i in rows:
             prompt = data.row_list("prompt_ids", i).tolist()
-            comps = [
-                c
-                for c in _generate(
-                    model,
-                    prompt,
-                    tokenizer,
-                    n=kl_samples,
-                    max_new_tokens=max_new_tokens,
-                    temperature=1.0,
-                    device=device,
-                )
-                if c
-            ]
+            comps = [c for c in _generate(model, prompt, tokenizer, n=kl_samples,
+                                          max_new_tokens=max_new_tokens, temperature=1.0,
+                                          device=device) if c]
             if not comps:
                 continue
             # Score the samples as "chosen" rows of a batch; the rejected half repeats them.
@@ -111,10 +76,6 @@ def sample_report(
         if values:
             mean = sum(values) / len(values)
             var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
-            report["kl_policy_ref"] = {
-                "estimate": mean,
-                "stderr": math.sqrt(var / len(values)),
-                "samples": len(values),
-                "prompts": len(rows),
-            }
+            report["kl_policy_ref"] = {"estimate": mean, "stderr": math.sqrt(var / len(values)),
+                                       "samples": len(values), "prompts": len(rows)}
     return report

@@ -19,15 +19,8 @@ import torch
 from dpocli.errors import DpocliError
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor")
-SCHEDULERS = (
-    "linear",
-    "cosine",
-    "cosine_with_min_lr",
-    "constant",
-    "constant_with_warmup",
-    "inverse_sqrt",
-    "warmup_stable_decay",
-)
+SCHEDULERS = ("linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup",
+              "inverse_sqrt", "warmup_stable_decay")
 DECAY_TYPES = ("linear", "cosine", "1-sqrt")  # transformers' get_wsd_schedule decay_type
 ADAM_DEFAULTS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8}  # TrainConfig's defaults
 
@@ -38,11 +31,8 @@ def check(cfg) -> None:
         raise DpocliError(f"'{cfg.optim}' is not one of {', '.join(OPTIMIZERS)}", field="--optim")
     if cfg.optim.endswith("8bit"):
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise DpocliError(
-                f"'{cfg.optim}' needs the bitsandbytes package",
-                field="--optim",
-                hint="pip install 'dpocli[bnb]', or use --optim adamw",
-            )
+            raise DpocliError(f"'{cfg.optim}' needs the bitsandbytes package", field="--optim",
+                              hint="pip install 'dpocli[bnb]', or use --optim adamw")
     if cfg.optim != "adamw" and cfg.fsdp:
         # bitsandbytes' states and Adafactor's row/column factors are per tensor: on FSDP shards
         # they would be computed per shard, not per weight, and the run would not match one process.
@@ -61,23 +51,16 @@ def _check_schedule_flags(cfg) -> None:
     kind = cfg.scheduler
     if kind == "constant" and (cfg.warmup_steps or cfg.warmup_ratio):
         # transformers' "constant" ignores warm-up; refusing beats training without it.
-        raise DpocliError(
-            "has no warm-up (as in transformers)",
-            field="--scheduler constant",
-            hint="use --scheduler constant_with_warmup",
-        )
-    wsd = {
-        "--num-decay-steps": cfg.num_decay_steps,
-        "--decay-ratio": cfg.decay_ratio,
-        "--decay-type": cfg.decay_type,
-    }
+        raise DpocliError("has no warm-up (as in transformers)", field="--scheduler constant",
+                          hint="use --scheduler constant_with_warmup")
+    wsd = {"--num-decay-steps": cfg.num_decay_steps, "--decay-ratio": cfg.decay_ratio,
+           "--decay-type": cfg.decay_type}
     for flag, value in wsd.items():
         if value is not None and kind != "warmup_stable_decay":
             raise DpocliError("only applies to --scheduler warmup_stable_decay", field=flag)
     if cfg.min_lr_rate is not None and kind not in ("cosine_with_min_lr", "warmup_stable_decay"):
-        raise DpocliError(
-            "only applies to --scheduler cosine_with_min_lr or warmup_stable_decay", field="--min-lr-rate"
-        )
+        raise DpocliError("only applies to --scheduler cosine_with_min_lr or warmup_stable_decay",
+                          field="--min-lr-rate")
     if cfg.min_lr_rate is not None and not 0 <= cfg.min_lr_rate <= 1:
         raise DpocliError(f"must be in [0, 1], got {cfg.min_lr_rate}", field="--min-lr-rate")
     if kind == "cosine_with_min_lr" and cfg.min_lr_rate is None:  # transformers raises too
@@ -85,10 +68,8 @@ def _check_schedule_flags(cfg) -> None:
     if kind != "warmup_stable_decay":
         return
     if (cfg.num_decay_steps is None) == (cfg.decay_ratio is None):
-        raise DpocliError(
-            "needs exactly one of --num-decay-steps and --decay-ratio",
-            field="--scheduler warmup_stable_decay",
-        )
+        raise DpocliError("needs exactly one of --num-decay-steps and --decay-ratio",
+                          field="--scheduler warmup_stable_decay")
     if cfg.num_decay_steps is not None and cfg.num_decay_steps < 1:
         raise DpocliError(f"must be >= 1, got {cfg.num_decay_steps}", field="--num-decay-steps")
     if cfg.decay_ratio is not None and not 0 < cfg.decay_ratio <= 1:
@@ -106,17 +87,16 @@ def make_optimizer(model, cfg, device) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optim == "adafactor":
         from transformers.optimization import Adafactor
-
         # HF Trainer's optim="adafactor": an external lr schedule, so no relative step and no
         # parameter-scale multiplier; Adafactor's other defaults (eps, clip 1.0, decay -0.8, no β1).
         return Adafactor(groups, lr=cfg.lr, scale_parameter=False, relative_step=False)
     adam = {"lr": cfg.lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_eps}
     if cfg.optim.endswith("8bit"):
         import bitsandbytes
-
         # HF's adamw_bnb_8bit / paged_adamw_8bit: bitsandbytes' AdamW with 8-bit states.
         return bitsandbytes.optim.AdamW(groups, **adam, optim_bits=8, is_paged=cfg.optim.startswith("paged"))
     # Fused AdamW (TRL's default on GPU) is also ~4x faster than foreach on CPU (0.19 -> 0.04 s per
@@ -170,11 +150,8 @@ class Schedule:
             return 1.0
         if step < w + stable + self.decay:
             p = (step - w - stable) / max(1, self.decay)
-            shape = {
-                "linear": 1.0 - p,
-                "cosine": 0.5 * (1.0 + math.cos(math.pi * p)),
-                "1-sqrt": 1.0 - math.sqrt(p),
-            }[self.decay_type]
+            shape = {"linear": 1.0 - p, "cosine": 0.5 * (1.0 + math.cos(math.pi * p)),
+                     "1-sqrt": 1.0 - math.sqrt(p)}[self.decay_type]
             return max(0.0, self.floor + (1 - self.floor) * shape)
         return self.floor
 
@@ -186,19 +163,11 @@ def schedule_of(cfg, total_steps: int) -> Schedule:
     if cfg.scheduler == "warmup_stable_decay":
         decay = cfg.num_decay_steps or math.ceil(cfg.decay_ratio * total_steps)
         if warmup + decay > total_steps:
-            raise DpocliError(
-                f"warm-up ({warmup}) plus decay ({decay}) exceeds all {total_steps} steps",
-                field="--scheduler warmup_stable_decay",
-                hint="lower --num-decay-steps / --decay-ratio or the warm-up",
-            )
-    return Schedule(
-        cfg.scheduler,
-        warmup,
-        total_steps,
-        floor=cfg.min_lr_rate or 0.0,
-        decay=decay,
-        decay_type=cfg.decay_type or "cosine",
-    )
+            raise DpocliError(f"warm-up ({warmup}) plus decay ({decay}) exceeds all {total_steps} steps",
+                              field="--scheduler warmup_stable_decay",
+                              hint="lower --num-decay-steps / --decay-ratio or the warm-up")
+    return Schedule(cfg.scheduler, warmup, total_steps, floor=cfg.min_lr_rate or 0.0, decay=decay,
+                    decay_type=cfg.decay_type or "cosine")
 
 
 def make_scheduler(optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

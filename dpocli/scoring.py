@@ -19,17 +19,12 @@ from dpocli.logprobs import SequenceLogps, TokenStats, sequence_logps
 from dpocli.packing import PackedBatch
 
 
-def cache_batch(
-    data: CacheData, rows: Sequence[int], pad_id: int, prefix_sharing: bool = False, packing: bool = False
-) -> Batch | SharedPrefixBatch | PackedBatch:
-    return make_batch(
-        [data.row_list("prompt_ids", i) for i in rows],
-        [data.row_list("chosen_ids", i) for i in rows],
-        [data.row_list("rejected_ids", i) for i in rows],
-        pad_id,
-        prefix_sharing,
-        packing,
-    )
+def cache_batch(data: CacheData, rows: Sequence[int], pad_id: int, prefix_sharing: bool = False,
+                packing: bool = False) -> Batch | SharedPrefixBatch | PackedBatch:
+    return make_batch([data.row_list("prompt_ids", i) for i in rows],
+                      [data.row_list("chosen_ids", i) for i in rows],
+                      [data.row_list("rejected_ids", i) for i in rows], pad_id, prefix_sharing,
+                      packing)
 
 
 @dataclass(frozen=True)
@@ -53,33 +48,20 @@ def cached_reference(data: CacheData, rows: Sequence[int], device, ld_alpha: flo
 
     def pick(name: str, dtype: torch.dtype) -> torch.Tensor:
         return torch.as_tensor(data.scalars[name][idx], dtype=dtype, device=device)
-
     chosen, rejected = pick("ref_chosen_logps", torch.float64), pick("ref_rejected_logps", torch.float64)
     if ld_alpha is not None:
-        sums = [
-            _ld_pair(
-                data.row_list("ref_chosen_token_logps", i),
-                data.row_list("ref_rejected_token_logps", i),
-                ld_alpha,
-            )
-            for i in idx
-        ]
+        sums = [_ld_pair(data.row_list("ref_chosen_token_logps", i),
+                         data.row_list("ref_rejected_token_logps", i), ld_alpha) for i in idx]
         chosen = torch.tensor([c for c, _ in sums], dtype=torch.float64, device=device)
         rejected = torch.tensor([r for _, r in sums], dtype=torch.float64, device=device)
-    return RefLogps(
-        chosen_logps=chosen,
-        rejected_logps=rejected,
-        chosen_len=pick("chosen_len", torch.long),
-        rejected_len=pick("rejected_len", torch.long),
-    )
+    return RefLogps(chosen_logps=chosen, rejected_logps=rejected,
+                    chosen_len=pick("chosen_len", torch.long), rejected_len=pick("rejected_len", torch.long))
 
 
 def _ld_pair(chosen, rejected, alpha: float) -> tuple[float, float]:
     shared = min(len(chosen), len(rejected))
-    return tuple(
-        float(np.sum(t[:shared], dtype=np.float64) + alpha * np.sum(t[shared:], dtype=np.float64))
-        for t in (chosen, rejected)
-    )
+    return tuple(float(np.sum(t[:shared], dtype=np.float64) + alpha * np.sum(t[shared:], dtype=np.float64))
+                 for t in (chosen, rejected))
 
 
 def check_token_logps(flag: str, *caches: tuple) -> None:
@@ -87,27 +69,21 @@ def check_token_logps(flag: str, *caches: tuple) -> None:
     (cache folder, CacheData) pairs lacks them."""
     for cache_dir, data in caches:
         if "ref_chosen_token_logps" not in data.lists:
-            raise DpocliError(
-                f"needs per-token reference log-probs, and the cache {cache_dir} has none",
-                field=flag,
-                hint="recreate the cache with `dpo precompute-ref ... --token-logps`",
-            )
+            raise DpocliError(f"needs per-token reference log-probs, and the cache {cache_dir} has none",
+                              field=flag,
+                              hint="recreate the cache with `dpo precompute-ref ... --token-logps`")
 
 
 def shard_batching(manifest: Manifest) -> dict[int, Batching]:
     """Shard index -> the batching precompute scored that shard with (layout from the spec,
     budget from the shard's own entry: a resumed run may have changed it)."""
-    return {
-        entry["index"]: Batching.from_records(
-            manifest.spec.get("batching"), entry.get("budget"), "manifest.json"
-        )
-        for entry in manifest.shards
-    }
+    return {entry["index"]: Batching.from_records(manifest.spec.get("batching"), entry.get("budget"),
+                                                  "manifest.json")
+            for entry in manifest.shards}
 
 
-def plan_like_precompute(
-    data: CacheData, manifest: Manifest, max_tokens: int | None = None
-) -> list[list[int]]:
+def plan_like_precompute(data: CacheData, manifest: Manifest,
+                         max_tokens: int | None = None) -> list[list[int]]:
     """Batches of cache rows grouped exactly as `precompute-ref` grouped them: the same planner
     over the same stored shards in stored order with each shard's recorded batching, so scoring
     the reference model reproduces the cached values bit for bit on the same hardware.
@@ -115,26 +91,16 @@ def plan_like_precompute(
     batching = shard_batching(manifest)
     batches = []
     for shard, rows in sorted(data.shard_rows().items()):
-        plan = plan_reference_batches(
-            [data.pair_lens(i) for i in rows], batching[shard].with_budget(max_tokens)
-        )
+        plan = plan_reference_batches([data.pair_lens(i) for i in rows],
+                                      batching[shard].with_budget(max_tokens))
         batches += [[rows[p] for p in positions] for positions in plan]
     return batches
 
 
 @torch.no_grad()
-def score_cache(
-    scorer,
-    data: CacheData,
-    manifest: Manifest,
-    pad_id: int,
-    device,
-    *,
-    max_tokens: int | None = None,
-    dist=None,
-    token_stats: bool = False,
-    ld_alpha: float | None = None,
-) -> SequenceLogps:
+def score_cache(scorer, data: CacheData, manifest: Manifest, pad_id: int, device, *,
+                max_tokens: int | None = None, dist=None, token_stats: bool = False,
+                ld_alpha: float | None = None) -> SequenceLogps:
     """Policy summed log-probs (float64, CPU) of chosen and rejected for every cache row, in row
     order, with the cached completion lengths; `token_stats` and `ld_alpha` as in `sequence_logps`.
 
@@ -167,14 +133,8 @@ def score_cache(
     stats = None
     if token_stats:  # back to per-segment [2N] vectors: chosen rows, then rejected rows
         stats = TokenStats(*(torch.cat([values[:, 2 + k], values[:, 6 + k]]) for k in range(4)))
-    return SequenceLogps(
-        values[:, 0],
-        values[:, 1],
-        ref.chosen_len,
-        ref.rejected_len,
-        stats=stats,
-        chosen_plain_logps=values[:, -1] if ld_alpha is not None else None,
-    )
+    return SequenceLogps(values[:, 0], values[:, 1], ref.chosen_len, ref.rejected_len, stats=stats,
+                         chosen_plain_logps=values[:, -1] if ld_alpha is not None else None)
 
 
 def _row_values(out: SequenceLogps) -> torch.Tensor:

@@ -35,15 +35,11 @@ ARROW_SUFFIXES = (".arrow",)
 DEFAULT_SPLIT = "train"
 
 # The Hub's split keywords (datasets' `data_files.SPLIT_KEYWORDS`), each alias -> canonical name.
-_SPLIT_ALIASES = {
-    alias: split
-    for split, aliases in {
-        "train": ("train", "training"),
-        "validation": ("validation", "valid", "dev", "val"),
-        "test": ("test", "testing", "eval", "evaluation"),
-    }.items()
-    for alias in aliases
-}
+_SPLIT_ALIASES = {alias: split for split, aliases in {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "dev", "val"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}.items() for alias in aliases}
 _SPLIT_ORDER = ("train", "validation", "test")  # the Hub's precedence when a name has two keywords
 _SEPARATORS = re.compile(r"[-._ 0-9]+")  # what may surround a keyword in a file name (as on the Hub)
 
@@ -78,19 +74,14 @@ def resolve_input(path, split: str = DEFAULT_SPLIT, subset: str | None = None) -
     if configs is not None:
         return _pick(path, configs, wanted, "readme-configs")
     if subset is not None:
-        raise DpocliError(
-            f"has no README.md with configs, so --subset {subset} cannot be honoured",
-            file=path,
-            field="--subset",
-            hint="drop --subset, or pass the folder of that config",
-        )
+        raise DpocliError(f"has no README.md with configs, so --subset {subset} cannot be honoured",
+                          file=path, field="--subset",
+                          hint="drop --subset, or pass the folder of that config")
     if not path.is_dir():
         if not is_data_file(path):
-            raise DpocliError(
-                "is not a JSON Lines (.jsonl) or Parquet (.parquet) file",
-                file=path,
-                hint='convert it to JSON Lines: one {"prompt", "chosen", "rejected"} object per line',
-            )
+            raise DpocliError("is not a JSON Lines (.jsonl) or Parquet (.parquet) file", file=path,
+                              hint="convert it to JSON Lines: one {\"prompt\", \"chosen\", \"rejected\"} "
+                                   "object per line")
         return _unsplit(InputSource([path], None, "file"), split, path)
     if saved:
         return _pick(path, _save_to_disk_splits(path), wanted, "save_to_disk-dict")
@@ -106,24 +97,18 @@ def resolve_input(path, split: str = DEFAULT_SPLIT, subset: str | None = None) -
                 split_dirs.setdefault(_SPLIT_ALIASES[sub.name.lower()], []).extend(_data_files(sub))
         if split_dirs:
             return _pick(path, split_dirs, wanted, "split-folders")
-        raise DpocliError(
-            "folder has no .jsonl, .parquet or .arrow (HF save_to_disk) files",
-            file=path,
-            hint="pass a data file, or the folder that holds them (other subfolders than "
-            "data/ and split-named ones are not searched)",
-        )
+        raise DpocliError("folder has no .jsonl, .parquet or .arrow (HF save_to_disk) files", file=path,
+                          hint="pass a data file, or the folder that holds them (other subfolders than "
+                               "data/ and split-named ones are not searched)")
     named = {f: _split_of(f.name) for f in files}
     if not any(named.values()):
         return _unsplit(InputSource(files, None, "folder"), split, path)
     unnamed = [f.name for f, s in named.items() if s is None]
     if unnamed:
         found = ", ".join(sorted({s for s in named.values() if s}))
-        raise DpocliError(
-            f"folder mixes files named by split ({found}) with files that name none "
-            f"({', '.join(unnamed[:3])}): their split is unknown",
-            file=folder,
-            hint="rename them (e.g. train-extra.jsonl) or move them to another folder",
-        )
+        raise DpocliError(f"folder mixes files named by split ({found}) with files that name none "
+                          f"({', '.join(unnamed[:3])}): their split is unknown", file=folder,
+                          hint="rename them (e.g. train-extra.jsonl) or move them to another folder")
     splits: dict[str, list[Path]] = {}
     for f, s in named.items():
         splits.setdefault(s, []).append(f)
@@ -137,23 +122,18 @@ def list_input_files(path, split: str = DEFAULT_SPLIT, subset: str | None = None
 
 # --- layouts ---
 
-
 def _data_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(
-        (p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and is_data_file(p)),
-        key=lambda p: p.name,
-    )
+    return sorted((p for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and is_data_file(p)), key=lambda p: p.name)
 
 
 def _split_of(name: str) -> str | None:
     """The split a file name announces, as the Hub reads it: a keyword between separators."""
     lower = name.lower()
-    stem = next(
-        (lower[: -len(s)] for s in JSONL_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES if lower.endswith(s)),
-        lower,
-    )
+    stem = next((lower[:-len(s)] for s in JSONL_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES
+                 if lower.endswith(s)), lower)
     words = {_SPLIT_ALIASES.get(w.lower()) for w in _SEPARATORS.split(stem)} - {None}
     return next((s for s in _SPLIT_ORDER if s in words), None)
 
@@ -162,9 +142,8 @@ def _save_to_disk_splits(path: Path) -> dict[str, list[Path]]:
     try:
         names = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DpocliError(
-            f"is not a readable DatasetDict index ({type(e).__name__}: {e})", file=path / "dataset_dict.json"
-        ) from None
+        raise DpocliError(f"is not a readable DatasetDict index ({type(e).__name__}: {e})",
+                          file=path / "dataset_dict.json") from None
     splits = {}
     for name in names:
         folder = path / str(name)
@@ -200,26 +179,22 @@ def _readme_splits(path: Path, subset: str | None = None) -> dict[str, list[Path
     if not match:
         return None
     import yaml  # a dependency of transformers; imported here so plain file inputs never need it
-
     try:
         meta = yaml.safe_load(match.group(1))
     except yaml.YAMLError as e:
-        raise DpocliError(
-            f"has front matter that is not valid YAML ({str(e).splitlines()[0]})", file=readme
-        ) from None
+        raise DpocliError(f"has front matter that is not valid YAML ({str(e).splitlines()[0]})",
+                          file=readme) from None
     configs = meta.get("configs") if isinstance(meta, dict) else None
     if not configs:
         return None
     config = _pick_config(configs, readme, subset)
     data_files = config.get("data_files")
-    if isinstance(data_files, (str, list)) and not (
-        isinstance(data_files, list) and data_files and isinstance(data_files[0], dict)
-    ):
+    if isinstance(data_files, (str, list)) and not (isinstance(data_files, list) and data_files
+                                                   and isinstance(data_files[0], dict)):
         data_files = [{"split": DEFAULT_SPLIT, "path": data_files}]  # the Hub's rule: no split named = train
     if not isinstance(data_files, list) or not all(isinstance(d, dict) and "path" in d for d in data_files):
-        raise DpocliError(
-            "config has no data_files (expected a list of {split, path})", file=readme, field="configs"
-        )
+        raise DpocliError("config has no data_files (expected a list of {split, path})",
+                          file=readme, field="configs")
     splits = {}
     for entry in data_files:
         name = str(entry.get("split", DEFAULT_SPLIT))
@@ -228,17 +203,13 @@ def _readme_splits(path: Path, subset: str | None = None) -> dict[str, list[Path
         for pattern in patterns:
             matched = sorted(p for p in path.glob(str(pattern)) if p.is_file())
             if not matched:
-                raise DpocliError(
-                    f"split '{name}': pattern '{pattern}' matches no file", file=readme, field="configs"
-                )
+                raise DpocliError(f"split '{name}': pattern '{pattern}' matches no file", file=readme,
+                                  field="configs")
             unsupported = [p.name for p in matched if not is_data_file(p)]
             if unsupported:
-                raise DpocliError(
-                    f"split '{name}': {unsupported[0]} is not JSON Lines, Parquet or Arrow",
-                    file=readme,
-                    field="configs",
-                    hint="convert the split to .jsonl or .parquet",
-                )
+                raise DpocliError(f"split '{name}': {unsupported[0]} is not JSON Lines, Parquet or Arrow",
+                                  file=readme, field="configs",
+                                  hint="convert the split to .jsonl or .parquet")
             files += matched
         splits.setdefault(name, []).extend(dict.fromkeys(files))  # dict: a file matched twice is read once
     return splits
@@ -251,45 +222,27 @@ def _pick_config(configs, readme: Path, subset: str | None) -> dict:
     if subset is not None:
         named = [c for c in configs if str(c.get("config_name")) == subset]
         if not named:
-            raise DpocliError(
-                f"lists no config '{subset}' (configs: {names})",
-                file=readme,
-                field="--subset",
-                hint="pass --subset with one of the configs listed",
-            )
+            raise DpocliError(f"lists no config '{subset}' (configs: {names})", file=readme, field="--subset",
+                              hint="pass --subset with one of the configs listed")
         return named[0]
-    chosen = (
-        [c for c in configs if c.get("default") is True]
-        or [c for c in configs if c.get("config_name") == "default"]
-        or (configs if len(configs) == 1 else [])
-    )
+    chosen = ([c for c in configs if c.get("default") is True] or
+              [c for c in configs if c.get("config_name") == "default"] or
+              (configs if len(configs) == 1 else []))
     if len(chosen) != 1:
-        raise DpocliError(
-            f"lists several configs ({names}) and none is the default",
-            file=readme,
-            field="configs",
-            hint="pass --subset with the config you want",
-        )
+        raise DpocliError(f"lists several configs ({names}) and none is the default", file=readme,
+                          field="configs", hint="pass --subset with the config you want")
     return chosen[0]
 
 
 def _pick(path: Path, splits: dict[str, list[Path]], wanted: str, layout: str) -> InputSource:
     if wanted not in splits:
-        raise DpocliError(
-            f"has no split '{wanted}' (splits found: {', '.join(sorted(splits))})",
-            file=path,
-            field="--split",
-            hint="pass --split with one of the splits found",
-        )
+        raise DpocliError(f"has no split '{wanted}' (splits found: {', '.join(sorted(splits))})", file=path,
+                          field="--split", hint="pass --split with one of the splits found")
     return InputSource(list(splits[wanted]), wanted, layout)
 
 
 def _unsplit(source: InputSource, split: str, path: Path) -> InputSource:
     if split != DEFAULT_SPLIT:
-        raise DpocliError(
-            f"has no splits, so --split {split} cannot be honoured",
-            file=path,
-            field="--split",
-            hint="drop --split, or name the files by split (train-*.jsonl, test-*.jsonl)",
-        )
+        raise DpocliError(f"has no splits, so --split {split} cannot be honoured", file=path, field="--split",
+                          hint="drop --split, or name the files by split (train-*.jsonl, test-*.jsonl)")
     return source

@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.table import Table
 
 
+
 def _kv_table(title: str, rows: list[tuple[str, object]]) -> Table:
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("field", style="bold")
@@ -21,55 +22,32 @@ def _dropped(d: dict) -> str:
 
 
 def _lengths(stats: dict) -> list[tuple[str, object]]:
-    return [
-        (f"{part} tokens", f"mean {s['mean']}, p50 {s['p50']:g}, p95 {s['p95']:g}, max {s['max']}")
-        for part, s in stats.items()
-        if s
-    ]
+    return [(f"{part} tokens", f"mean {s['mean']}, p50 {s['p50']:g}, p95 {s['p95']:g}, max {s['max']}")
+            for part, s in stats.items() if s]
 
 
 def precompute_table(s: dict) -> Table:
-    return _kv_table(
-        f"precompute-ref: {s['status']}",
-        [
-            ("cache", s["cache"]),
-            ("rows read", s["rows_read"]),
-            ("rows written", s["rows_written"]),
-            ("rows dropped", _dropped(s["rows_dropped"])),
-            ("shards", s["shards"]),
-            ("completion tokens scored", s["completion_tokens_scored"]),
-            ("tokens/s", s["completion_tokens_per_s"]),
-            ("seconds", s["seconds"]),
-            ("spec fingerprint", s["spec_fingerprint"][:16]),
-            *_lengths(s["length_stats"]),
-        ],
-    )
+    return _kv_table(f"precompute-ref: {s['status']}", [
+        ("cache", s["cache"]), ("rows read", s["rows_read"]), ("rows written", s["rows_written"]),
+        ("rows dropped", _dropped(s["rows_dropped"])), ("shards", s["shards"]),
+        ("completion tokens scored", s["completion_tokens_scored"]),
+        ("tokens/s", s["completion_tokens_per_s"]), ("seconds", s["seconds"]),
+        ("spec fingerprint", s["spec_fingerprint"][:16]), *_lengths(s["length_stats"])])
 
 
 def cache_info_table(s: dict) -> Table:
     model = s["reference_model"]
-    return _kv_table(
-        f"cache {s['cache']}",
-        [
-            ("complete", f"{s['complete']} ({s['shards']}/{s['planned_shards']} shards)"),
-            ("reference model", f"{model['path']} (sha256 {model['sha256'][:12]})"),
-            ("dtype", s["dtype"]),
-            ("attention", s["attn_implementation"]),
-            (
-                "batch layout",
-                ", ".join(f"{k.replace('_', '-')} {v}" for k, v in sorted(s["batching"].items())),
-            ),
-            ("max length", f"{s['max_length']} ({s['truncation']})"),
-            ("conventions", s["conventions"]),
-            ("per-token log-probs", s["token_logps"]),
-            ("input", ", ".join(f["path"] for f in s["input_files"])),
-            ("rows read", s["rows_read"]),
-            ("rows written", s["rows_written"]),
-            ("rows dropped", _dropped(s["rows_dropped"])),
-            ("spec fingerprint", s["spec_fingerprint"][:16]),
-            *_lengths(s["length_stats"]),
-        ],
-    )
+    return _kv_table(f"cache {s['cache']}", [
+        ("complete", f"{s['complete']} ({s['shards']}/{s['planned_shards']} shards)"),
+        ("reference model", f"{model['path']} (sha256 {model['sha256'][:12]})"),
+        ("dtype", s["dtype"]), ("attention", s["attn_implementation"]),
+        ("batch layout", ", ".join(f"{k.replace('_', '-')} {v}" for k, v in sorted(s["batching"].items()))),
+        ("max length", f"{s['max_length']} ({s['truncation']})"),
+        ("conventions", s["conventions"]), ("per-token log-probs", s["token_logps"]),
+        ("input", ", ".join(f["path"] for f in s["input_files"])),
+        ("rows read", s["rows_read"]), ("rows written", s["rows_written"]),
+        ("rows dropped", _dropped(s["rows_dropped"])),
+        ("spec fingerprint", s["spec_fingerprint"][:16]), *_lengths(s["length_stats"])])
 
 
 def _fmt(v) -> str:
@@ -77,12 +55,8 @@ def _fmt(v) -> str:
 
 
 def train_table(s: dict) -> Table:
-    rows = [
-        ("run", s["run_dir"]),
-        ("steps", f"{s['steps']}/{s['total_steps']}"),
-        ("seconds", s["seconds"]),
-        ("peak RSS MB", s.get("peak_rss_mb")),
-    ]
+    rows = [("run", s["run_dir"]), ("steps", f"{s['steps']}/{s['total_steps']}"),
+            ("seconds", s["seconds"]), ("peak RSS MB", s.get("peak_rss_mb"))]
     if "step0_max_abs_diff" in s:
         rows.append(("step-0 max |policy - ref|", f"{s['step0_max_abs_diff']:.3g}"))
     for key in ("train_loss", "train_runtime", "train_samples_per_second"):  # HF's run summary
@@ -96,24 +70,11 @@ def train_table(s: dict) -> Table:
     return _kv_table("train: done", rows)
 
 
-EVAL_ROWS = [
-    "loss",
-    "rewards/accuracies",
-    "rewards/margins",
-    "rewards/margins_std",
-    "rewards/margins_p5",
-    "rewards/margins_p50",
-    "rewards/margins_p95",
-    "rewards/chosen",
-    "rewards/rejected",
-    "logps/chosen",
-    "logps/rejected",
-    "logps/chosen_per_token",
-    "logps/rejected_per_token",
-    "preference_prob/mean",
-    "displacement/chosen_below_ref",
-    "displacement/rejected_below_ref",
-]
+EVAL_ROWS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/margins_std",
+             "rewards/margins_p5", "rewards/margins_p50", "rewards/margins_p95", "rewards/chosen",
+             "rewards/rejected", "logps/chosen", "logps/rejected", "logps/chosen_per_token",
+             "logps/rejected_per_token", "preference_prob/mean", "displacement/chosen_below_ref",
+             "displacement/rejected_below_ref"]
 
 
 def model_labels(paths: list[str]) -> tuple[str, list[str]]:
@@ -137,20 +98,15 @@ def model_labels(paths: list[str]) -> tuple[str, list[str]]:
 
 def eval_table(s: dict):
     from rich.console import Group
-
     folder, labels = model_labels([m["model"] for m in s["models"]])
-    table = Table(
-        title=f"eval on {s['cache']} ({s['pairs']} pairs, β={s['beta']}, loss={s['loss']})"
-        + (f"; models in {folder}/" if folder else ""),
-        title_justify="left",
-    )
+    table = Table(title=f"eval on {s['cache']} ({s['pairs']} pairs, β={s['beta']}, loss={s['loss']})"
+                        + (f"; models in {folder}/" if folder else ""), title_justify="left")
     # Neither metric names nor model labels are ever cut with an ellipsis: too narrow a terminal
     # folds them onto a second line instead, so two columns can never show the same text.
     table.add_column("metric", style="bold", overflow="fold")
     for label in labels:
         table.add_column(label, justify="right", overflow="fold")
     from dpocli.evaluate import LENGTH_BUCKETS  # natural bucket order, shortest chosen first
-
     keys = EVAL_ROWS + [f"length_bias/{name}/accuracy" for _, _, name in LENGTH_BUCKETS]
     for key in keys:
         table.add_row(key, *[("-" if m.get(key) is None else _fmt(m[key])) for m in s["models"]])
@@ -170,26 +126,16 @@ def eval_table(s: dict):
         parts.append(gen)
         if "kl_policy_ref" in samples:
             kl = samples["kl_policy_ref"]
-            parts.append(
-                f"KL(policy‖reference) ≈ {kl['estimate']:.4f} ± {kl['stderr']:.4f} ({kl['samples']} samples)"
-            )
+            parts.append(f"KL(policy‖reference) ≈ {kl['estimate']:.4f} ± {kl['stderr']:.4f} "
+                         f"({kl['samples']} samples)")
     return Group(*parts)
 
 
 def verify_table(s: dict) -> Table:
-    rows = [
-        ("cache", s["cache"]),
-        ("shards checked", s["shards_checked"]),
-        ("rows", s["rows"]),
-        ("checksums", s["checksums"]),
-        ("values finite", s["values_finite"]),
-    ]
+    rows = [("cache", s["cache"]), ("shards checked", s["shards_checked"]), ("rows", s["rows"]),
+            ("checksums", s["checksums"]), ("values finite", s["values_finite"])]
     if "rescored_rows" in s:
-        rows += [
-            ("re-scored rows", s["rescored_rows"]),
-            (
-                "max |cached - recomputed|",
-                f"{s['rescore_max_abs_diff']:.3g} (tolerance {s['rescore_tolerance']:g})",
-            ),
-        ]
+        rows += [("re-scored rows", s["rescored_rows"]),
+                 ("max |cached - recomputed|", f"{s['rescore_max_abs_diff']:.3g} "
+                                               f"(tolerance {s['rescore_tolerance']:g})")]
     return _kv_table("cache verify: ok", rows)

@@ -74,12 +74,8 @@ def _apply(tokenizer, messages, kwargs: dict, example: Example, field: str, **fl
         return tokenizer.apply_chat_template(messages, tokenize=False, **flags, **kwargs)
     except (jinja2.TemplateError, TypeError, ValueError, KeyError) as e:
         detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise DpocliError(
-            f"the model's chat template cannot render it ({type(e).__name__}: {detail})",
-            file=example.file,
-            row=example.row,
-            field=field,
-        ) from None
+        raise DpocliError(f"the model's chat template cannot render it ({type(e).__name__}: {detail})",
+                          file=example.file, row=example.row, field=field) from None
 
 
 def _render_conversation(tokenizer, example: Example, completion, side: str) -> tuple[str, str]:
@@ -102,31 +98,21 @@ def _check_roles(tokenizer, example: Example, completion, side: str, prompt_text
     messages = example.prompt + completion
     odd = [i for i, m in enumerate(messages) if m["role"] not in STANDARD_ROLES]
     if odd:
-        probe = [
-            dict(m, content=f"dpocli-role-probe-{i}-") if i in odd else m for i, m in enumerate(messages)
-        ]
+        probe = [dict(m, content=f"dpocli-role-probe-{i}-") if i in odd else m
+                 for i, m in enumerate(messages)]
         text = _apply(tokenizer, probe, _template_kwargs(example), example, side)
         for i in odd:
             if f"dpocli-role-probe-{i}-" not in text:
                 where = f"prompt[{i}]" if i < len(example.prompt) else f"{side}[{i - len(example.prompt)}]"
-                raise DpocliError(
-                    f"is {messages[i]['role']!r}, a role the model's chat template does not "
-                    "render (the message would be silently left out)",
-                    file=example.file,
-                    row=example.row,
-                    field=f"{where}.role",
-                    hint="use system, user, assistant or tool",
-                )
+                raise DpocliError(f"is {messages[i]['role']!r}, a role the model's chat template does not "
+                                  "render (the message would be silently left out)", file=example.file,
+                                  row=example.row, field=f"{where}.role",
+                                  hint="use system, user, assistant or tool")
     first = completion[0]["role"]
     if first != "assistant" and not full_text.startswith(prompt_text):
-        raise DpocliError(
-            f"is {first!r}, but the generation prompt opens an assistant turn: the {first!r} "
-            "header would be scored as generated text",
-            file=example.file,
-            row=example.row,
-            field=f"{side}[0].role",
-            hint="a completion starts with the assistant's reply",
-        )
+        raise DpocliError(f"is {first!r}, but the generation prompt opens an assistant turn: the {first!r} "
+                          "header would be scored as generated text", file=example.file, row=example.row,
+                          field=f"{side}[0].role", hint="a completion starts with the assistant's reply")
 
 
 def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
@@ -153,15 +139,15 @@ def tokenize_pair(example: Example, tokenizer, max_length: int) -> TokenizedPair
     prompt_ids = _encode(tokenizer, prompt_text, special)
     chosen_full = _encode(tokenizer, chosen_text, special)
     rejected_full = _encode(tokenizer, rejected_text, special)
-    n_prompt = min(_common_prefix_len(prompt_ids, chosen_full), _common_prefix_len(prompt_ids, rejected_full))
+    n_prompt = min(_common_prefix_len(prompt_ids, chosen_full),
+                   _common_prefix_len(prompt_ids, rejected_full))
     shrunk = n_prompt < len(prompt_ids)
     prompt_ids = prompt_ids[:n_prompt]
     if n_prompt >= max_length:
         return Dropped(DROP_PROMPT_TOO_LONG)
     room = max_length - n_prompt
-    return TokenizedPair(
-        prompt_ids, chosen_full[n_prompt:][:room], rejected_full[n_prompt:][:room], prompt_shrunk=shrunk
-    )
+    return TokenizedPair(prompt_ids, chosen_full[n_prompt:][:room], rejected_full[n_prompt:][:room],
+                         prompt_shrunk=shrunk)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -178,15 +164,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
     else:
         vocab = sorted(tokenizer.get_vocab().items())
         parts["vocab"] = hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
-    parts["chat_template"] = (
-        tokenizer.chat_template
-        if isinstance(tokenizer.chat_template, str)
-        else (json.dumps(tokenizer.chat_template, sort_keys=True) if tokenizer.chat_template else None)
-    )
-    parts["special"] = {
-        name: [getattr(tokenizer, name, None), getattr(tokenizer, f"{name}_id", None)]
-        for name in ("bos_token", "eos_token", "pad_token", "unk_token")
-    }
+    parts["chat_template"] = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else (
+        json.dumps(tokenizer.chat_template, sort_keys=True) if tokenizer.chat_template else None)
+    parts["special"] = {name: [getattr(tokenizer, name, None), getattr(tokenizer, f"{name}_id", None)]
+                        for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
     parts["probe"] = _encode(tokenizer, "Hello world, 123!", True)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 

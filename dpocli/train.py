@@ -86,51 +86,27 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
         check_token_logps("--ld-alpha", (cfg.cache, data), *[(cfg.eval_cache, e[1]) for e in [eval_set] if e])
     tokenizer = load_policy_tokenizer(cfg, manifest)
     run_dir = Path(cfg.out)
-    outputs.check_output_location(
-        run_dir, {"--model": cfg.model, "the cache": cfg.cache, "--eval-cache": cfg.eval_cache}
-    )
+    outputs.check_output_location(run_dir, {"--model": cfg.model, "the cache": cfg.cache,
+                                            "--eval-cache": cfg.eval_cache})
     # Look only: every check (folder, device, model) passes before anything is created or deleted.
     # attention_kernel: a record of what ran, not a setting (the kernels agree to rounding)
     config = {**asdict(cfg), "attention_kernel": describe_attention(cfg.packing, cfg.attn_implementation)}
     identity = cache.identity(manifest, data)
-    plan = checkpoint.inspect_run_dir(
-        run_dir,
-        config,
-        identity,
-        resume=cfg.resume,
-        overwrite=cfg.overwrite,
-        defaults={f.name: f.default for f in fields(TrainConfig)},
-    )
+    plan = checkpoint.inspect_run_dir(run_dir, config, identity, resume=cfg.resume, overwrite=cfg.overwrite,
+                                      defaults={f.name: f.default for f in fields(TrainConfig)})
     torch.manual_seed(cfg.seed)
     device = dist.device_for(resolve_device(cfg.device))
     model, scorer = build_policy(cfg, data, plan.resume_from, device)
     spec = replace(spec, router_aux_loss_coef=router_aux_coefficient(model, cfg.router_aux_loss_coef))
     extra_files = tuple(n for n in ("tensorboard", "wandb") if n in (cfg.report_to or ""))
-    run = dist.on_main_then_broadcast(
-        lambda: RunDir.claim(
-            plan, config, identity, resolved_toml, extra_files + (("merged",) if cfg.merge else ())
-        )
-    )
-    s = _session(
-        cfg,
-        spec,
-        dist,
-        manifest,
-        data,
-        eval_set,
-        run if dist.is_main else None,
-        run_dir,
-        model,
-        scorer,
-        tokenizer,
-        device,
-        t_start,
-    )
+    run = dist.on_main_then_broadcast(lambda: RunDir.claim(
+        plan, config, identity, resolved_toml, extra_files + (("merged",) if cfg.merge else ())))
+    s = _session(cfg, spec, dist, manifest, data, eval_set, run if dist.is_main else None, run_dir,
+                 model, scorer, tokenizer, device, t_start)
     state = TrainState()
     if plan.resume_from:
-        state = checkpoint.restore(
-            plan.resume_from, model, s.optimizer, s.scheduler, cfg.fsdp, s.global_batch
-        )
+        state = checkpoint.restore(plan.resume_from, model, s.optimizer, s.scheduler, cfg.fsdp,
+                                   s.global_batch)
         log(f"resuming from {plan.resume_from[1]} (step {state.step} of {s.total_steps})")
     elif cfg.resume:
         log("nothing to resume yet; starting from step 0")
@@ -139,10 +115,8 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
         s.run.prune(cfg.save_total_limit)  # a --save-total-limit lowered on resume applies at once
 
     try:
-        with (
-            sigterm_as_interrupt(),
-            ProgressBar("train", s.total_steps) if dist.is_main else nullcontext() as bar,
-        ):
+        with sigterm_as_interrupt(), (ProgressBar("train", s.total_steps) if dist.is_main
+                                      else nullcontext()) as bar:
             if bar is not None:
                 bar.update(state.step)
             while state.step < s.total_steps:
@@ -169,20 +143,13 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
 def _train_step(s: _Session, state: TrainState, bar) -> None:
     """One optimizer step: grad_accum micro-batches of global_batch pairs, split across ranks."""
     cfg, dist = s.cfg, s.dist
-    batches = plan_epoch(
-        s.data.num_rows,
-        s.global_batch,
-        epoch=state.epoch,
-        seed=cfg.seed,
-        shuffle=cfg.shuffle,
-        seq_lens=s.seq_lens,
-        group_by_length=cfg.group_by_length,
-    )
+    batches = plan_epoch(s.data.num_rows, s.global_batch, epoch=state.epoch, seed=cfg.seed,
+                         shuffle=cfg.shuffle, seq_lens=s.seq_lens, group_by_length=cfg.group_by_length)
     if state.micro_index >= len(batches):
         state.epoch, state.micro_index = state.epoch + 1, 0
         return
     t_step = time.perf_counter()
-    micros = batches[state.micro_index : state.micro_index + cfg.grad_accum]
+    micros = batches[state.micro_index:state.micro_index + cfg.grad_accum]
     step_pairs = sum(len(m) for m in micros)
     step_metrics, step_tokens = StepMetrics(), 0
     for k, micro in enumerate(micros):
@@ -191,25 +158,17 @@ def _train_step(s: _Session, state: TrainState, bar) -> None:
         ref = cached_reference(s.data, rows, s.device, s.spec.ld_alpha)
         last = k == len(micros) - 1  # gradients sync across ranks only on the last micro-batch
         with distributed.grad_sync(s.scorer, last), s.autocast:
-            policy = sequence_logps(
-                s.scorer,
-                batch,
-                token_stats=True,
-                ld_alpha=s.spec.ld_alpha,
-                router_aux=s.spec.router_aux_loss_coef != 0,
-            )
+            policy = sequence_logps(s.scorer, batch, token_stats=True, ld_alpha=s.spec.ld_alpha,
+                                    router_aux=s.spec.router_aux_loss_coef != 0)
         out = compute_loss(LossInputs.from_logps(policy, ref), s.spec)
         weight = (len(rows) / step_pairs * dist.world_size) if real else 0.0
         with distributed.grad_sync(s.scorer, last):
             (out.loss * weight).backward()
         if state.step == 0 and k == 0 and not state.step0:
-            diff = torch.cat(
-                [
-                    (policy.chosen_logps - ref.chosen_logps).abs(),
-                    (policy.rejected_logps - ref.rejected_logps).abs(),
-                ]
-            ).detach()
-            state.step0 = step0_check(cfg, s.manifest, float(dist.max_over_ranks(float(diff.max()))), s.model)
+            diff = torch.cat([(policy.chosen_logps - ref.chosen_logps).abs(),
+                              (policy.rejected_logps - ref.rejected_logps).abs()]).detach()
+            state.step0 = step0_check(cfg, s.manifest, float(dist.max_over_ranks(float(diff.max()))),
+                                      s.model)
         step_metrics.add_tokens(policy, real)
         if real:
             step_metrics.add(out, policy.chosen_logps, policy.rejected_logps)
@@ -227,26 +186,14 @@ def _train_step(s: _Session, state: TrainState, bar) -> None:
     tokens_all = dist.all_gather_object(step_tokens)
     state.num_tokens += sum(tokens_all)
     seconds = time.perf_counter() - t_step
-    s.metrics_log.write(
-        {
-            "step": state.step,
-            **means,
-            "grad_norm": grad_norm,
-            "learning_rate": lr,
-            "epoch": round(state.epoch + state.micro_index / len(batches), 6),
-            "num_tokens": state.num_tokens,
-            "tokens_per_s": round(sum(tokens_all) / seconds, 1),
-            "pairs_per_s": round(step_pairs / seconds, 2),
-            "elapsed_s": round(time.perf_counter() - s.t_start, 3),
-        }
-    )
+    s.metrics_log.write({
+        "step": state.step, **means, "grad_norm": grad_norm, "learning_rate": lr,
+        "epoch": round(state.epoch + state.micro_index / len(batches), 6), "num_tokens": state.num_tokens,
+        "tokens_per_s": round(sum(tokens_all) / seconds, 1), "pairs_per_s": round(step_pairs / seconds, 2),
+        "elapsed_s": round(time.perf_counter() - s.t_start, 3)})
     if bar is not None:
-        bar.update(
-            1,
-            loss=f"{means['loss']:.4f}",
-            acc=f"{means['rewards/accuracies']:.2f}",
-            margin=f"{means['rewards/margins']:.3f}",
-        )
+        bar.update(1, loss=f"{means['loss']:.4f}", acc=f"{means['rewards/accuracies']:.2f}",
+                   margin=f"{means['rewards/margins']:.3f}")
     if s.eval_set is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
         s.last_eval = (state.step, _evaluate(s))
         s.metrics_log.write({"step": state.step, **s.last_eval[1]})
@@ -254,14 +201,12 @@ def _train_step(s: _Session, state: TrainState, bar) -> None:
         _save(s, state)
 
 
-def _session(
-    cfg, spec, dist, manifest, data, eval_set, run, run_dir, model, scorer, tokenizer, device, t_start
-) -> _Session:
+def _session(cfg, spec, dist, manifest, data, eval_set, run, run_dir, model, scorer, tokenizer,
+             device, t_start) -> _Session:
     """Optimizer, schedule, metrics log and batch geometry of a run whose folder is claimed."""
     sinks = [TrainTotals()]  # train_runtime counts from here, the end of set-up (as HF's)
     if dist.is_main and cfg.report_to:
         from dpocli import integrations
-
         run.add(*integrations.folders(cfg.report_to))  # listed before the sinks create them
         sinks += integrations.make_sinks(cfg.report_to, run_dir, asdict(cfg))
     # Global micro-batches hold batch_size pairs per rank; a step is grad_accum of them.
@@ -270,35 +215,16 @@ def _session(
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     optimizer = make_optimizer(model, cfg, device)
     # With FSDP the mixed-precision policy casts parameters instead of autocast.
-    autocast = (
-        torch.autocast(device.type, dtype=DTYPES[cfg.autocast])
-        if cfg.autocast and not cfg.fsdp
-        else nullcontext()
-    )
-    return _Session(
-        cfg=cfg,
-        spec=spec,
-        dist=dist,
-        data=data,
-        manifest=manifest,
-        run=run,
-        run_dir=run_dir,
-        model=model,
-        scorer=scorer,
-        tokenizer=tokenizer,
-        optimizer=optimizer,
-        scheduler=make_scheduler(optimizer, cfg, total_steps),
-        totals=sinks[0],
-        device=device,
-        autocast=autocast,
-        pad_id=int(manifest.spec["tokenizer"]["pad_token_id"]),
-        global_batch=global_batch,
-        total_steps=total_steps,
-        eval_set=eval_set,
-        t_start=t_start,
-        seq_lens=[data.seq_len(i) for i in range(data.num_rows)] if cfg.group_by_length else None,
-        metrics_log=MetricsLog(run_dir / checkpoint.METRICS, enabled=dist.is_main, sinks=sinks),
-    )
+    autocast = (torch.autocast(device.type, dtype=DTYPES[cfg.autocast])
+                if cfg.autocast and not cfg.fsdp else nullcontext())
+    return _Session(cfg=cfg, spec=spec, dist=dist, data=data, manifest=manifest, run=run, run_dir=run_dir,
+                    model=model, scorer=scorer, tokenizer=tokenizer, optimizer=optimizer,
+                    scheduler=make_scheduler(optimizer, cfg, total_steps), totals=sinks[0],
+                    device=device, autocast=autocast,
+                    pad_id=int(manifest.spec["tokenizer"]["pad_token_id"]), global_batch=global_batch,
+                    total_steps=total_steps, eval_set=eval_set, t_start=t_start,
+                    seq_lens=[data.seq_len(i) for i in range(data.num_rows)] if cfg.group_by_length else None,
+                    metrics_log=MetricsLog(run_dir / checkpoint.METRICS, enabled=dist.is_main, sinks=sinks))
 
 
 def _save(s: _Session, state: TrainState) -> None:
@@ -308,15 +234,8 @@ def _save(s: _Session, state: TrainState) -> None:
         return
     model_state, optim_state = distributed.full_state_dicts(s.model, s.optimizer, s.cfg.fsdp)
     if s.run is not None:
-        s.run.save_checkpoint(
-            state.step,
-            s.model,
-            s.tokenizer,
-            optim_state,
-            s.scheduler,
-            state.record(s.global_batch, s.dist.world_size),
-            model_state,
-        )
+        s.run.save_checkpoint(state.step, s.model, s.tokenizer, optim_state, s.scheduler,
+                              state.record(s.global_batch, s.dist.world_size), model_state)
         s.run.prune(s.cfg.save_total_limit)
     state.last_saved = state.step
     s.dist.barrier()
@@ -327,9 +246,8 @@ def _evaluate(s: _Session) -> dict:
     `dpo eval` (so periodic eval and `dpo eval` of the saved checkpoint agree)."""
     eval_manifest, eval_data = s.eval_set
     s.model.eval()
-    metrics, _, _ = evaluate_policy(
-        s.scorer, eval_data, eval_manifest, s.spec, s.pad_id, s.device, dist=s.dist
-    )
+    metrics, _, _ = evaluate_policy(s.scorer, eval_data, eval_manifest, s.spec, s.pad_id, s.device,
+                                    dist=s.dist)
     s.model.train()
     return rename_for_eval(metrics)
 
@@ -355,20 +273,16 @@ def _as_run_failure(s: _Session | None, state: TrainState, err: BaseException) -
     Partial gradients of an unfinished step are discarded: the checkpoint is the last completed
     step, and the run resumes from exactly there."""
     if isinstance(err, out_of_memory_types()):
-        return RunFailure(
-            f"out of memory at step {state.step + 1} (batch of {s.cfg.batch_size} pairs per rank)",
-            hint="lower --batch-size and raise --grad-accum, add "
-            "--gradient-checkpointing, or use --autocast bfloat16",
-        )
+        return RunFailure(f"out of memory at step {state.step + 1} (batch of {s.cfg.batch_size} pairs "
+                          "per rank)", hint="lower --batch-size and raise --grad-accum, add "
+                                            "--gradient-checkpointing, or use --autocast bfloat16")
     if isinstance(err, KeyboardInterrupt):
         s.optimizer.zero_grad(set_to_none=True)
         if state.step > 0:
             _save(s, state)
         where = f"checkpoint-{state.last_saved}" if state.last_saved else "no checkpoint (step 0)"
-        return Interrupted(
-            f"interrupted at step {state.step}; saved {where}",
-            hint=f"resume with the same command plus --resume (out: {s.run_dir})",
-        )
+        return Interrupted(f"interrupted at step {state.step}; saved {where}",
+                           hint=f"resume with the same command plus --resume (out: {s.run_dir})")
     return err
 
 
@@ -378,5 +292,4 @@ def _non_finite(s: _Session, state: TrainState, what: str) -> RunFailure:
         f"non-finite {what} at step {state.step + 1}; the last good checkpoint is "
         f"{good if state.last_saved else 'none'}",
         hint=f"start a new run from {good} with a lower --lr (or --dtype float32): dpo train "
-        f"{s.cfg.cache} --model {good} --out NEW_DIR ... (--resume keeps the original settings)",
-    )
+             f"{s.cfg.cache} --model {good} --out NEW_DIR ... (--resume keeps the original settings)")

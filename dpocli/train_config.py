@@ -86,49 +86,27 @@ class TrainConfig:
         return spec
 
     def check(self) -> None:
-        positive = {
-            "--lr": self.lr,
-            "--batch-size": self.batch_size,
-            "--grad-accum": self.grad_accum,
-            "--epochs": self.epochs,
-        }
+        positive = {"--lr": self.lr, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
+                    "--epochs": self.epochs}
         for flag, value in positive.items():
             if not value > 0:
                 raise DpocliError(f"must be > 0, got {value}", field=flag)
-        check_at_least(
-            {
-                "--max-steps": self.max_steps,
-                "--save-every": self.save_every,
-                "--eval-every": self.eval_every,
-                "--save-total-limit": self.save_total_limit,
-            },
-            1,
-        )
+        check_at_least({"--max-steps": self.max_steps, "--save-every": self.save_every,
+                        "--eval-every": self.eval_every, "--save-total-limit": self.save_total_limit}, 1)
         # 0 has a meaning for these: no warm-up, no weight decay, no clipping (--max-grad-norm 0).
-        check_at_least(
-            {
-                "--warmup-steps": self.warmup_steps,
-                "--weight-decay": self.weight_decay,
-                "--max-grad-norm": self.max_grad_norm,
-            },
-            0,
-        )
+        check_at_least({"--warmup-steps": self.warmup_steps, "--weight-decay": self.weight_decay,
+                        "--max-grad-norm": self.max_grad_norm}, 0)
         check_seed(self.seed)
         from dpocli import schedule
-
         schedule.check(self)
         if not 0 <= self.warmup_ratio < 1:
             raise DpocliError(f"must be in [0, 1), got {self.warmup_ratio}", field="--warmup-ratio")
         if self.autocast not in (None, "bfloat16", "float16"):
             raise DpocliError(f"'{self.autocast}' is not bfloat16 or float16", field="--autocast")
         if self.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-            raise DpocliError(
-                "needs a torchrun launch with 2 or more processes",
-                field="--fsdp",
-                hint="torchrun --nproc-per-node N $(which dpo) train ... --fsdp",
-            )
+            raise DpocliError("needs a torchrun launch with 2 or more processes", field="--fsdp",
+                              hint="torchrun --nproc-per-node N $(which dpo) train ... --fsdp")
         from dpocli.integrations import check as check_report_to
-
         check_report_to(self.report_to)
         check_layout_flags(self.prefix_sharing, self.packing, self.attn_implementation)
         if self.compile and self.fsdp:
@@ -137,16 +115,10 @@ class TrainConfig:
             raise DpocliError("must be >= 1 and cannot be combined with --fsdp", field="--lora-r")
         if self.lora_dropout and not self.keep_dropout:
             # TRL's disable_dropout would zero it silently; a flag that does nothing is refused.
-            raise DpocliError(
-                "has no effect: dropout is off in training unless --keep-dropout is given",
-                field="--lora-dropout",
-                hint="add --keep-dropout, or drop --lora-dropout",
-            )
-        lora_only = {
-            "--use-dora": self.use_dora,
-            "--use-rslora": self.use_rslora,
-            "--lora-modules-to-save": self.lora_modules_to_save,
-        }
+            raise DpocliError("has no effect: dropout is off in training unless --keep-dropout is given",
+                              field="--lora-dropout", hint="add --keep-dropout, or drop --lora-dropout")
+        lora_only = {"--use-dora": self.use_dora, "--use-rslora": self.use_rslora,
+                     "--lora-modules-to-save": self.lora_modules_to_save}
         for flag, value in lora_only.items():
             if value and self.lora_r is None:
                 raise DpocliError("only applies to LoRA runs", field=flag, hint="add --lora-r N")
@@ -155,8 +127,7 @@ class TrainConfig:
         if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
             raise DpocliError(f"must be in [0, 1], got {self.ld_alpha}", field="--ld-alpha")
         if self.router_aux_loss_coef is not None and not self.router_aux_loss_coef >= 0:
-            raise DpocliError(
-                f"must be >= 0, got {self.router_aux_loss_coef}", field="--router-aux-loss-coef"
-            )
+            raise DpocliError(f"must be >= 0, got {self.router_aux_loss_coef}",
+                              field="--router-aux-loss-coef")
         if self.eval_every and not self.eval_cache:
             raise DpocliError("needs --eval-cache", field="--eval-every")

@@ -114,9 +114,8 @@ def _numbers(rng: random.Random, lo: int, hi: int) -> list[int]:
 
 def task_sort(rng):
     nums = _numbers(rng, 2, 20)
-    verb = rng.choice(
-        ["Sort ascending:", "Sort these numbers from smallest to largest:", "Put in increasing order:"]
-    )
+    verb = rng.choice(["Sort ascending:", "Sort these numbers from smallest to largest:",
+                       "Put in increasing order:"])
     asc = sorted(nums)
     # rejected: the right numbers in descending order
     return f"{verb} {' '.join(map(str, nums))}", " ".join(map(str, asc)), " ".join(map(str, asc[::-1]))
@@ -144,9 +143,8 @@ def task_add(rng):
 
 def task_polite(rng):
     t = rng.choice(TOPICS)
-    q = rng.choice(
-        [f"Can you help me with my {t}?", f"Please help me with my {t}.", f"I am stuck on my {t}. Any help?"]
-    )
+    q = rng.choice([f"Can you help me with my {t}?", f"Please help me with my {t}.",
+                    f"I am stuck on my {t}. Any help?"])
     return q, rng.choice(POLITE).format(t=t), rng.choice(RUDE).format(t=t)  # rude lengths overlap polite ones
 
 
@@ -168,13 +166,9 @@ def make_pairs(rng: random.Random, n: int) -> list[dict]:
             if task is not task_polite:  # a lead-in keeps " 42" / " apple" the same tokens as in the prompt
                 lead = rng.choice(["Here you go:", "Sure:", "Result:", "The answer is"])
                 chosen, rejected = f"{lead} {chosen}", f"{lead} {rejected}"
-            rows.append(
-                {
-                    "prompt": [{"role": "user", "content": text}],
-                    "chosen": [{"role": "assistant", "content": chosen}],
-                    "rejected": [{"role": "assistant", "content": rejected}],
-                }
-            )
+            rows.append({"prompt": [{"role": "user", "content": text}],
+                         "chosen": [{"role": "assistant", "content": chosen}],
+                         "rejected": [{"role": "assistant", "content": rejected}]})
         else:  # completions start with a space so "Answer:" + " 42" tokenizes at the word boundary
             rows.append({"prompt": f"{text}\nAnswer:", "chosen": " " + chosen, "rejected": " " + rejected})
     return rows
@@ -204,33 +198,21 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        min_frequency=2,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, min_frequency=2, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(texts, trainer=trainer)
     # Llama-like: exactly one BOS in front, no EOS (TRL appends EOS to completions at string level).
-    bpe.post_processor = processors.Sequence(
-        [
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]),
-        ]
-    )
+    bpe.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                      special_tokens=[("<s>", 1)]),
+    ])
     for i, t in enumerate(SPECIAL_TOKENS):
         assert bpe.token_to_id(t) == i, (t, bpe.token_to_id(t))
     return PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        additional_special_tokens=SPECIAL_TOKENS[3:],
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=512,
-        clean_up_tokenization_spaces=False,
-    )
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        additional_special_tokens=SPECIAL_TOKENS[3:], chat_template=CHAT_TEMPLATE, model_max_length=512,
+        clean_up_tokenization_spaces=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,20 +232,10 @@ def sft_examples(tok, rows: list[dict]) -> list[tuple[list[int], int]]:
 
 def train_lm(tok, examples, steps: int) -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        initializer_range=0.02,
-    )
+        vocab_size=len(tok), hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, initializer_range=0.02)
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(config).float()
     opt = torch.optim.AdamW(model.parameters(), lr=SFT_LR, betas=(0.9, 0.98), weight_decay=0.01)
@@ -275,8 +247,8 @@ def train_lm(tok, examples, steps: int) -> LlamaForCausalLM:
             perm = torch.randperm(len(examples), generator=gen).tolist()
             window = SFT_BATCH * 16
             for w in range(0, len(perm) - SFT_BATCH + 1, window):
-                chunk = sorted(perm[w : w + window], key=lambda i: len(examples[i][0]))
-                batches += [chunk[j : j + SFT_BATCH] for j in range(0, len(chunk) - SFT_BATCH + 1, SFT_BATCH)]
+                chunk = sorted(perm[w: w + window], key=lambda i: len(examples[i][0]))
+                batches += [chunk[j: j + SFT_BATCH] for j in range(0, len(chunk) - SFT_BATCH + 1, SFT_BATCH)]
             batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
         batch = [examples[i] for i in batches.pop()]
         T = max(len(ids) for ids, _ in batch)
@@ -286,7 +258,7 @@ def train_lm(tok, examples, steps: int) -> LlamaForCausalLM:
         for b, (ids, p_len) in enumerate(batch):
             input_ids[b, : len(ids)] = torch.tensor(ids)
             attn[b, : len(ids)] = 1
-            target[b, p_len : len(ids)] = True
+            target[b, p_len: len(ids)] = True
         lr = SFT_LR * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -335,8 +307,8 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     rng = random.Random(SEED)
     rows = make_pairs(rng, N_TRAIN + N_HELDOUT + N_SFT_EXTRA)
-    train, heldout = rows[:N_TRAIN], rows[N_TRAIN : N_TRAIN + N_HELDOUT]
-    sft_rows = train + rows[N_TRAIN + N_HELDOUT :]  # held-out prompts stay unseen
+    train, heldout = rows[:N_TRAIN], rows[N_TRAIN: N_TRAIN + N_HELDOUT]
+    sft_rows = train + rows[N_TRAIN + N_HELDOUT:]  # held-out prompts stay unseen
     write_jsonl(HERE / "train.jsonl", train, "train")
     write_jsonl(HERE / "heldout.jsonl", heldout, "heldout")
     print(f"wrote {len(train)} train / {len(heldout)} heldout pairs")

@@ -29,7 +29,6 @@ def model_dir() -> Path:
 @pytest.fixture(scope="session")
 def tokenizer():
     from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(MODEL)
 
 
@@ -45,7 +44,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def ref_values(cache_dir: Path) -> dict:
     """id -> (ref_chosen_logps, ref_rejected_logps) over every shard of a cache."""
     import pyarrow.parquet as pq
-
     rows = {}
     for shard in cache_dir.glob("part-*.parquet"):
         for r in pq.read_table(shard).to_pylist():
@@ -67,28 +65,14 @@ def small_prefs(tmp_path_factory, sample_rows) -> Path:
 def invoke(args: list[str]):
     """Run the `dpo` CLI in-process; returns click's Result (stdout and stderr kept apart)."""
     from dpocli.cli import app
-
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="session")
 def small_cache(tmp_path_factory, small_prefs) -> Path:
     out = tmp_path_factory.mktemp("caches") / "small"
-    result = invoke(
-        [
-            "precompute-ref",
-            small_prefs,
-            "--model",
-            MODEL,
-            "--out",
-            out,
-            "--rows-per-shard",
-            16,
-            "--batch-size",
-            8,
-            "--quiet",
-        ]
-    )
+    result = invoke(["precompute-ref", small_prefs, "--model", MODEL, "--out", out,
+                     "--rows-per-shard", 16, "--batch-size", 8, "--quiet"])
     assert result.exit_code == 0, result.stderr
     return out
 

@@ -45,7 +45,8 @@ def test_data_and_tokenization_do_not_touch_models():
 
 
 def test_modules_stay_small():
-    too_big = {p.name: n for p in PACKAGE.glob("*.py") if (n := len(p.read_text().splitlines())) > 500}
+    too_big = {p.name: n for p in PACKAGE.glob("*.py")
+               if (n := len(p.read_text().splitlines())) > 500}
     assert not too_big, f"split these modules: {too_big}"
 
 

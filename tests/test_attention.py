@@ -21,11 +21,9 @@ pytest.importorskip("torch.nn.attention.flex_attention")
 # On CPU the eager, unfused FlexAttention is the point (fp64, no compiler): its warning is expected.
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
-PAIRS = (
-    [[1, 50, 60, 70, 80], [1, 44, 45], [1, 9, 10, 11, 12, 13, 14]],
-    [[90, 91, 92], [7, 8, 2], [20, 2]],
-    [[93, 94], [30, 31, 32, 33, 2], [2]],
-)
+PAIRS = ([[1, 50, 60, 70, 80], [1, 44, 45], [1, 9, 10, 11, 12, 13, 14]],
+         [[90, 91, 92], [7, 8, 2], [20, 2]],
+         [[93, 94], [30, 31, 32, 33, 2], [2]])
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +33,6 @@ def sdpa_afterwards(monkeypatch):
     yield
     monkeypatch.delenv(ENV, raising=False)
     from transformers import AttentionInterface
-
     AttentionInterface.register("dpocli_packed", packed_attention)
     attention._FlexState.units, attention._FlexState.masks = None, {}
 
@@ -85,7 +82,6 @@ def _logps(model, batch, kernel, monkeypatch):
 @pytest.fixture(scope="module")
 def llama():
     from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(MODEL).eval()
 
 
@@ -128,20 +124,11 @@ def test_a_mask_that_lets_branches_see_the_chosen_tokens_scores_differently(llam
 
 def test_sliding_window_matches_sdpa_and_the_padded_layout(monkeypatch):
     from transformers import Qwen2Config, Qwen2ForCausalLM
-
     torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        use_sliding_window=True,
-        sliding_window=3,
-        max_window_layers=0,
-        layer_types=["sliding_attention"] * 2,
-    )
+    config = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                         sliding_window=3, max_window_layers=0,
+                         layer_types=["sliding_attention"] * 2)
     model = Qwen2ForCausalLM(config).double().eval()
     for share_prefix in (False, True):
         batch = collate_packed(*PAIRS, share_prefix=share_prefix)
@@ -180,26 +167,13 @@ def test_cpu_training_refuses_flex(llama, monkeypatch):
         sequence_logps(CompletionScorer(llama), collate_packed(*PAIRS))
 
 
-def test_precompute_records_the_kernel_and_agrees_with_sdpa(tmp_path, small_prefs, small_cache, monkeypatch):
+def test_precompute_records_the_kernel_and_agrees_with_sdpa(tmp_path, small_prefs, small_cache,
+                                                           monkeypatch):
     monkeypatch.setenv(ENV, "flex")
     out = tmp_path / "flex"
-    result = invoke(
-        [
-            "precompute-ref",
-            small_prefs,
-            "--model",
-            MODEL,
-            "--out",
-            out,
-            "--rows-per-shard",
-            16,
-            "--batch-size",
-            8,
-            "--packing",
-            "--prefix-sharing",
-            "--quiet",
-        ]
-    )
+    result = invoke(["precompute-ref", small_prefs, "--model", MODEL, "--out", out,
+                     "--rows-per-shard", 16, "--batch-size", 8, "--packing", "--prefix-sharing",
+                     "--quiet"])
     assert result.exit_code == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["created"]["attention_kernel"] == "packed-flex"

@@ -16,10 +16,8 @@ from conftest import MODEL, SAMPLE, invoke, write_jsonl
 
 
 def snapshot(folder: Path) -> dict:
-    return {
-        str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None)
-        for p in sorted(folder.rglob("*"))
-    }
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*"))}
 
 
 def assert_one_error_line(result, code: int, *needles: str) -> None:
@@ -42,15 +40,9 @@ def world(tmp_path_factory, small_cache):
     (root / "surrogate.jsonl").write_text('{"prompt": "a\\ud800", "chosen": "b", "rejected": "c"}\n')
     (root / "broken.jsonl").write_text('{"prompt": "a", "chosen": "b"\n')
     import gzip
-
     (root / "good.jsonl.gz").write_bytes(gzip.compress(good.read_bytes()))
-    chat = [
-        {
-            "prompt": [{"role": "user", "content": "hi"}],
-            "chosen": [{"role": "assistant", "content": "a"}],
-            "rejected": [{"role": "assistant", "content": "b"}],
-        }
-    ]
+    chat = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
+             "rejected": [{"role": "assistant", "content": "b"}]}]
     write_jsonl(root / "chat.jsonl", chat)
     plain_model = root / "no-template-model"
     shutil.copytree(MODEL, plain_model)
@@ -72,17 +64,7 @@ def precompute(w, *extra, data=None):
 
 
 def train(w, *extra, cache=None):
-    return [
-        "train",
-        cache or w["cache"],
-        "--model",
-        MODEL,
-        "--out",
-        w["root"] / "out",
-        "--max-steps",
-        1,
-        *extra,
-    ]
+    return ["train", cache or w["cache"], "--model", MODEL, "--out", w["root"] / "out", "--max-steps", 1, *extra]
 
 
 def evaluate(w, *extra):
@@ -100,30 +82,13 @@ CASES = {
     "missing input": (lambda w: precompute(w, data=w["root"] / "nope.jsonl"), 2, "nope.jsonl"),
     "lone surrogate": (lambda w: precompute(w, data=w["root"] / "surrogate.jsonl"), 2, "surrogate.jsonl:1"),
     "cut JSON line": (lambda w: precompute(w, data=w["root"] / "broken.jsonl"), 2, "broken.jsonl:1"),
-    "chat rows, no chat template": (
-        lambda w: [
-            "precompute-ref",
-            w["root"] / "chat.jsonl",
-            "--model",
-            w["plain_model"],
-            "--out",
-            w["root"] / "out",
-        ],
-        2,
-        "chat template",
-    ),
+    "chat rows, no chat template": (lambda w: ["precompute-ref", w["root"] / "chat.jsonl", "--model",
+                                               w["plain_model"], "--out", w["root"] / "out"], 2, "chat template"),
     "unknown split": (lambda w: precompute(w, "--split", "test"), 2, "split"),
     "config is a folder": (lambda w: precompute(w, "--config", w["root"] / "a-folder"), 2, "a-folder"),
-    "out is the input's folder": (
-        lambda w: ["precompute-ref", w["good"], "--model", MODEL, "--out", w["root"]],
-        2,
-        "--out",
-    ),
-    "out is the model": (
-        lambda w: ["precompute-ref", w["good"], "--model", MODEL, "--out", MODEL],
-        2,
-        "--out",
-    ),
+    "out is the input's folder": (lambda w: ["precompute-ref", w["good"], "--model", MODEL, "--out",
+                                             w["root"]], 2, "--out"),
+    "out is the model": (lambda w: ["precompute-ref", w["good"], "--model", MODEL, "--out", MODEL], 2, "--out"),
     "out under a file": (lambda w: precompute(w)[:-1] + [w["good"] / "cache"], 2, "is a file"),
     # train
     "warmup steps < 0": (lambda w: train(w, "--warmup-steps", -1), 2, "--warmup-steps"),
@@ -149,28 +114,14 @@ CASES = {
     "eval max tokens 0": (lambda w: evaluate(w, "--max-tokens", 0), 2, "--max-tokens"),
     "eval dtype fp8": (lambda w: evaluate(w, "--dtype", "fp8"), 2, "--dtype"),
     "eval 20-digit seed": (lambda w: evaluate(w, "--seed", 10**20), 2, "--seed"),
-    "per-example into the cache": (
-        lambda w: evaluate(w, "--per-example", w["cache"] / "x.jsonl"),
-        2,
-        "--per-example",
-    ),
-    "per-example over a user file": (
-        lambda w: evaluate(w, "--per-example", w["root"] / "user-file.jsonl"),
-        2,
-        "not written by",
-    ),
-    "per-example bad suffix": (
-        lambda w: evaluate(w, "--per-example", w["root"] / "x.csv"),
-        2,
-        "--per-example",
-    ),
+    "per-example into the cache": (lambda w: evaluate(w, "--per-example", w["cache"] / "x.jsonl"), 2,
+                                   "--per-example"),
+    "per-example over a user file": (lambda w: evaluate(w, "--per-example", w["root"] / "user-file.jsonl"), 2,
+                                     "not written by"),
+    "per-example bad suffix": (lambda w: evaluate(w, "--per-example", w["root"] / "x.csv"), 2, "--per-example"),
     # cache, report
     "info on a missing cache": (lambda w: ["cache", "info", w["root"] / "nope"], 2, "nope"),
-    "verify a list manifest": (
-        lambda w: ["cache", "verify", w["root"] / "list-manifest"],
-        2,
-        "manifest.json",
-    ),
+    "verify a list manifest": (lambda w: ["cache", "verify", w["root"] / "list-manifest"], 2, "manifest.json"),
     "verify rescore < 0": (lambda w: ["cache", "verify", w["cache"], "--rescore", -1], 2, "--rescore"),
     "report on a missing run": (lambda w: ["report", w["root"] / "nope"], 2, "nope"),
     "unknown command": (lambda w: ["bogus"], 2, "bogus"),
@@ -200,5 +151,4 @@ def test_gzipped_json_lines_read_like_the_plain_file(world, tmp_path):
         result = invoke(["precompute-ref", data, "--model", MODEL, "--out", out, "--quiet"])
         assert result.exit_code == 0, result.stderr
     from conftest import ref_values
-
     assert ref_values(plain) == ref_values(packed) and len(ref_values(plain)) == 4

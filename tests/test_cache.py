@@ -13,41 +13,22 @@ import pyarrow.parquet as pq
 import pytest
 
 from dpocli import cache
-from dpocli.cache import (
-    Manifest,
-    commit_manifest,
-    explain_mismatch,
-    load_cache,
-    read_manifest,
-    verify_shards,
-    write_shard,
-)
+from dpocli.cache import (Manifest, commit_manifest, explain_mismatch, load_cache, read_manifest,
+                          verify_shards, write_shard)
 from dpocli.errors import DpocliError
 
-SPEC = {
-    "conventions": "trl-1.x",
-    "max_length": 64,
-    "dtype": "float32",
-    "token_logps": False,
-    "reference_model": {"path": "m", "sha256": "ab" * 32},
-    "input": {"files": [{"path": "p.jsonl"}], "dropped_on_read": {"identical_chosen_rejected": 1}},
-}
+SPEC = {"conventions": "trl-1.x", "max_length": 64, "dtype": "float32", "token_logps": False,
+        "reference_model": {"path": "m", "sha256": "ab" * 32},
+        "input": {"files": [{"path": "p.jsonl"}], "dropped_on_read": {"identical_chosen_rejected": 1}}}
 
 
 def make_row(source_row: int) -> dict:
     """A row whose values are simple functions of its position, so any mix-up shows."""
     n = source_row % 3 + 1
-    return {
-        "id": f"row-{source_row}",
-        "source_row": source_row,
-        "prompt_ids": [1, 10 + source_row],
-        "chosen_ids": list(range(100, 100 + n)) + [2],
-        "rejected_ids": [200 + source_row, 2],
-        "chosen_len": n + 1,
-        "rejected_len": 2,
-        "ref_chosen_logps": -1.5 * source_row - 0.25,
-        "ref_rejected_logps": -2.0 * source_row - 0.5,
-    }
+    return {"id": f"row-{source_row}", "source_row": source_row,
+            "prompt_ids": [1, 10 + source_row], "chosen_ids": list(range(100, 100 + n)) + [2],
+            "rejected_ids": [200 + source_row, 2], "chosen_len": n + 1, "rejected_len": 2,
+            "ref_chosen_logps": -1.5 * source_row - 0.25, "ref_rejected_logps": -2.0 * source_row - 0.5}
 
 
 def columns(rows: list[dict]) -> dict:
@@ -98,7 +79,6 @@ def resign(body: dict) -> None:
 
 # --- manifest ---
 
-
 def test_manifest_round_trip(tmp_path):
     out, manifest = build(tmp_path, [[0, 1], [2]])
     again = read_manifest(out)
@@ -122,9 +102,8 @@ def test_spec_fingerprint_ignores_key_order():
     assert cache.fingerprint({**SPEC, "max_length": 65}) != cache.fingerprint(SPEC)
 
 
-@pytest.mark.parametrize(
-    "field,value", [("rows_read", 999), ("complete", False), ("spec", {**SPEC, "max_length": 4096})]
-)
+@pytest.mark.parametrize("field,value", [("rows_read", 999), ("complete", False),
+                                         ("spec", {**SPEC, "max_length": 4096})])
 def test_hand_edited_manifest_is_detected(tmp_path, field, value):
     out, _ = build(tmp_path, [[0, 1]])
     edit_manifest(out, lambda body: body.__setitem__(field, value))
@@ -144,9 +123,8 @@ def test_manifest_with_a_valid_signature_is_accepted_after_edit(tmp_path):
 def test_version_1_cache_is_refused_with_a_hint_to_recreate(tmp_path):
     # Version 1 had no tokenizer hashes and no batching record: it cannot be checked or replayed.
     out, _ = build(tmp_path, [[0]])
-    edit_manifest(
-        out, lambda body: (body.__setitem__("format_version", 1), body.pop("tokenizer_files"), resign(body))
-    )
+    edit_manifest(out, lambda body: (body.__setitem__("format_version", 1), body.pop("tokenizer_files"),
+                                     resign(body)))
     for opener in (read_manifest, load_cache):
         with pytest.raises(DpocliError) as err:
             opener(out)
@@ -175,7 +153,6 @@ def test_not_a_manifest(tmp_path):
 
 
 # --- shards ---
-
 
 def test_load_round_trip_and_order(tmp_path):
     # Shards listed out of source order, rows inside each shard shuffled.
@@ -278,12 +255,12 @@ def test_missing_shard_and_wrong_row_count_are_refused(tmp_path):
 
 # --- tokenizer folder ---
 
-
 @pytest.mark.parametrize("change", ["replaced", "missing", "added"])
 def test_changed_tokenizer_folder_is_refused_naming_the_file(tmp_path, change):
     out, _ = build(tmp_path, [[0, 1]])
     folder = out / cache.TOKENIZER_DIR
-    name = {"replaced": "tokenizer.json", "missing": "tokenizer_config.json", "added": "vocab.json"}[change]
+    name = {"replaced": "tokenizer.json", "missing": "tokenizer_config.json",
+            "added": "vocab.json"}[change]
     if change == "replaced":
         (folder / name).write_text('{"model": "another tokenizer"}')
     elif change == "missing":
@@ -357,7 +334,6 @@ def test_token_logps_columns(tmp_path):
 
 # --- spec comparison ---
 
-
 def test_explain_mismatch_names_the_dotted_field():
     assert explain_mismatch(SPEC, json.loads(json.dumps(SPEC))) is None
     other = json.loads(json.dumps(SPEC))
@@ -367,9 +343,8 @@ def test_explain_mismatch_names_the_dotted_field():
     assert "cache has 'cdcd" in msg and "run expects 'abab" in msg
     other = json.loads(json.dumps(SPEC))
     other["input"]["dropped_on_read"]["identical_chosen_rejected"] = 2
-    assert explain_mismatch(SPEC, other) == (
-        "input.dropped_on_read.identical_chosen_rejected: cache has 2, run expects 1"
-    )
+    assert explain_mismatch(SPEC, other) == ("input.dropped_on_read.identical_chosen_rejected: "
+                                             "cache has 2, run expects 1")
     assert explain_mismatch(SPEC, {**SPEC, "max_length": 128}) == "max_length: cache has 128, run expects 64"
     assert explain_mismatch({**SPEC, "new": 1}, SPEC) == "new: missing"
     assert explain_mismatch(SPEC, {**SPEC, "new": 1}) == "new: unexpected"

@@ -24,16 +24,8 @@ from dpocli.tokenization import TokenizedPair, tokenize_pair, tokenizer_fingerpr
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BIG = 10**6
-GROUPS = [
-    "tools_list",
-    "tools_json",
-    "tool_calls_in_prompt",
-    "tool_turns_in_completion",
-    "template_kwargs",
-    "extra_message_keys",
-    "implicit_with_tools",
-    "rendered_unknown_role",
-]
+GROUPS = ["tools_list", "tools_json", "tool_calls_in_prompt", "tool_turns_in_completion", "template_kwargs",
+          "extra_message_keys", "implicit_with_tools", "rendered_unknown_role"]
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +47,10 @@ def trl_chat(tokenizers):
     assert fixture["trl_version"] == "1.16.0"
     fingerprints = {k: tokenizer_fingerprint(t) for k, t in tokenizers.items()}
     assert fixture["tokenizer_fingerprints"] == fingerprints, (
-        "fixture is stale: rerun tests/fixtures/make_trl_chat_ids.py"
-    )
+        "fixture is stale: rerun tests/fixtures/make_trl_chat_ids.py")
     assert list(fixture["groups"]) == GROUPS
-    return {name: group["rows"] for name, group in fixture["groups"].items()}, {
-        name: group["template"] for name, group in fixture["groups"].items()
-    }
+    return {name: group["rows"] for name, group in fixture["groups"].items()}, \
+        {name: group["template"] for name, group in fixture["groups"].items()}
 
 
 def user(text):
@@ -87,7 +77,6 @@ def one(tmp_path, row, tokenizer):
 
 # --- token ids equal TRL's ---
 
-
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 @pytest.mark.parametrize("group", GROUPS)
 def test_ids_equal_trl(tmp_path, trl_chat, tokenizers, group, fmt):
@@ -107,10 +96,8 @@ def test_trl_fixture_exercises_what_it_claims(trl_chat, chat_tokenizer):
     groups, templates = trl_chat
     assert {g for g, t in templates.items() if t == "bundled"} == {"rendered_unknown_role"}
     decode = chat_tokenizer.decode
-    text = {
-        g: [decode(e["prompt_ids"] + e["chosen_ids"]) + decode(e["rejected_ids"]) for e in groups[g]]
-        for g in GROUPS
-    }
+    text = {g: [decode(e["prompt_ids"] + e["chosen_ids"]) + decode(e["rejected_ids"])
+                for e in groups[g]] for g in GROUPS}
     assert all("<tools>" in t for t in text["tools_list"] + text["tools_json"])
     assert any('"unit": null' in t for t in text["tools_list"])  # Arrow's union, rendered by TRL
     # A completion that is only a tool call, and tool turns inside prompts and completions.
@@ -128,16 +115,14 @@ def test_arrow_union_is_what_makes_the_ids_equal(trl_chat, chat_tokenizer):
     # The rows as written (no null-filled keys) give other ids than TRL's: the union matters.
     entry = groups["tools_list"][0]
     row = entry["row"]
-    raw = Example(
-        "x", 0, row["prompt"], row["chosen"], row["rejected"], True, "t.jsonl", 1, tools=row["tools"]
-    )
+    raw = Example("x", 0, row["prompt"], row["chosen"], row["rejected"], True, "t.jsonl", 1,
+                  tools=row["tools"])
     assert tokenize_pair(raw, chat_tokenizer, BIG).prompt_ids != entry["prompt_ids"]
 
 
 def test_unify_column_follows_arrow(tmp_path):
     def calls(arguments):
         return [{"role": "assistant", "tool_calls": [{"function": {"arguments": arguments}}]}]
-
     values = [[{"role": "user", "content": "a"}], calls({"unit": "C", "city": "X"}), calls({"city": "Y"})]
     expected = pa.Table.from_pylist([{"m": v} for v in values]).column("m").to_pylist()
     assert unify_column(values) == expected
@@ -153,40 +138,28 @@ def test_tools_and_kwargs_are_rendered_not_ignored(tmp_path, chat_tokenizer):
     no_think = one(tmp_path, {**row, "chat_template_kwargs": {"enable_thinking": False}}, chat_tokenizer)
     assert with_tools == as_json != plain
     assert "get_weather" in chat_tokenizer.decode(with_tools.prompt_ids)
-    assert no_think.prompt_ids[: len(plain.prompt_ids)] == plain.prompt_ids
+    assert no_think.prompt_ids[:len(plain.prompt_ids)] == plain.prompt_ids
     assert chat_tokenizer.decode(no_think.prompt_ids).endswith("<think>\n\n</think>\n\n")
 
 
 def test_tool_call_only_completion_is_accepted(tmp_path, chat_tokenizer):
-    call = {
-        "role": "assistant",
-        "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}],
-    }
-    pair = one(
-        tmp_path,
-        {"prompt": [user("Call f.")], "chosen": [call], "rejected": [assistant("No.")]},
-        chat_tokenizer,
-    )
-    assert (
-        chat_tokenizer.decode(pair.chosen_ids)
-        == '\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call><|im_end|>\n'
-    )
+    call = {"role": "assistant", "tool_calls": [{"type": "function",
+                                                 "function": {"name": "f", "arguments": {"x": 1}}}]}
+    pair = one(tmp_path, {"prompt": [user("Call f.")], "chosen": [call], "rejected": [assistant("No.")]},
+               chat_tokenizer)
+    assert chat_tokenizer.decode(pair.chosen_ids) == \
+        '\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call><|im_end|>\n'
 
 
 # --- roles ---
 
-
 def test_unknown_role_the_template_drops_is_refused(tmp_path, chat_tokenizer):
-    row = {
-        "prompt": [user("Hi"), {"role": "robot", "content": "beep"}, user("Go on")],
-        "chosen": [assistant("Yes.")],
-        "rejected": [assistant("No.")],
-    }
+    row = {"prompt": [user("Hi"), {"role": "robot", "content": "beep"}, user("Go on")],
+           "chosen": [assistant("Yes.")], "rejected": [assistant("No.")]}
     with pytest.raises(DpocliError) as err:
         one(tmp_path, row, chat_tokenizer)
-    assert (
-        "rows.jsonl:1: field 'prompt[1].role' is 'robot', a role the model's chat template does not render"
-    ) in str(err.value)
+    assert ("rows.jsonl:1: field 'prompt[1].role' is 'robot', a role the model's chat template does "
+            "not render") in str(err.value)
     # "developer" is not assumed to render either: this (Qwen-style) template skips it.
     row["prompt"][1]["role"] = "developer"
     with pytest.raises(DpocliError, match=r"prompt\[1\]\.role' is 'developer'"):
@@ -195,41 +168,27 @@ def test_unknown_role_the_template_drops_is_refused(tmp_path, chat_tokenizer):
 
 def test_unknown_role_the_template_renders_is_accepted(tmp_path, tokenizer):
     # The bundled template writes any role as <|role|>: the message is rendered, so it is kept.
-    row = {
-        "prompt": [user("Hi"), {"role": "wizard", "content": "Abracadabra."}],
-        "chosen": [assistant("Yes.")],
-        "rejected": [assistant("No.")],
-    }
+    row = {"prompt": [user("Hi"), {"role": "wizard", "content": "Abracadabra."}],
+           "chosen": [assistant("Yes.")], "rejected": [assistant("No.")]}
     pair = one(tmp_path, row, tokenizer)
     assert tokenizer.decode(pair.prompt_ids).endswith("<|wizard|>\nAbracadabra.<|end|>\n<|assistant|>\n")
 
 
 @pytest.mark.parametrize("role", ["robot", "user"])
 def test_completion_under_another_header_is_refused(tmp_path, tokenizer, role):
-    row = {
-        "prompt": [user("Hi")],
-        "chosen": [{"role": role, "content": "beep"}],
-        "rejected": [assistant("No.")],
-    }
+    row = {"prompt": [user("Hi")], "chosen": [{"role": role, "content": "beep"}],
+           "rejected": [assistant("No.")]}
     with pytest.raises(DpocliError) as err:
         one(tmp_path, row, tokenizer)
-    assert f"field 'chosen[0].role' is '{role}', but the generation prompt opens an assistant turn" in str(
-        err.value
-    )
+    assert f"field 'chosen[0].role' is '{role}', but the generation prompt opens an assistant turn" \
+        in str(err.value)
 
 
 def test_template_error_names_the_row(tmp_path, chat_tokenizer):
-    row = {
-        "prompt": [user("Hi")],
-        "chosen": [assistant("Yes.")],
-        "rejected": [assistant("No.")],
-        "chat_template_kwargs": {"continue_final_message": True},
-    }
-    with pytest.raises(
-        DpocliError,
-        match=r"rows.jsonl:1: field 'prompt' the model's chat template "
-        r"cannot render",
-    ):
+    row = {"prompt": [user("Hi")], "chosen": [assistant("Yes.")], "rejected": [assistant("No.")],
+           "chat_template_kwargs": {"continue_final_message": True}}
+    with pytest.raises(DpocliError, match=r"rows.jsonl:1: field 'prompt' the model's chat template "
+                                          r"cannot render"):
         one(tmp_path, row, chat_tokenizer)
 
 
@@ -240,42 +199,20 @@ OK = {"prompt": [user("Hi")], "chosen": [assistant("Yes.")], "rejected": [assist
 BAD_ROWS = [
     ("images", {**OK, "images": ["a.png"]}, "images", "vision datasets are not supported"),
     ("image_null", {**OK, "image": None}, "image", "is an image column"),
-    (
-        "content_parts",
-        {
-            **OK,
-            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}],
-        },
-        "prompt[0].content",
-        "content parts (image, text); multimodal messages are not supported",
-    ),
+    ("content_parts", {**OK, "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                         "text": "What?"}]}]},
+     "prompt[0].content", "content parts (image, text); multimodal messages are not supported"),
     ("no_content", {**OK, "chosen": [{"role": "assistant"}]}, "chosen[0].content", "or 'tool_calls' instead"),
-    (
-        "tool_calls_not_list",
-        {**OK, "chosen": [{"role": "assistant", "tool_calls": "f()"}]},
-        "chosen[0].tool_calls",
-        "must be a list of tool-call objects",
-    ),
-    (
-        "empty_tool_call_list",
-        {**OK, "chosen": [{"role": "assistant", "content": "", "tool_calls": []}]},
-        "chosen[0].content",
-        "last message must have text or tool_calls",
-    ),
+    ("tool_calls_not_list", {**OK, "chosen": [{"role": "assistant", "tool_calls": "f()"}]},
+     "chosen[0].tool_calls", "must be a list of tool-call objects"),
+    ("empty_tool_call_list", {**OK, "chosen": [{"role": "assistant", "content": "", "tool_calls": []}]},
+     "chosen[0].content", "last message must have text or tool_calls"),
     ("tools_bad_json", {**OK, "tools": "[{"}, "tools", "not valid JSON"),
     ("tools_not_list", {**OK, "tools": {"name": "f"}}, "tools", "must be a list of tool objects"),
-    (
-        "kwargs_not_object",
-        {**OK, "chat_template_kwargs": "enable_thinking=False"},
-        "chat_template_kwargs",
-        "must be an object",
-    ),
-    (
-        "kwargs_reserved",
-        {**OK, "chat_template_kwargs": {"add_generation_prompt": False}},
-        "chat_template_kwargs.add_generation_prompt",
-        "TRL passes itself",
-    ),
+    ("kwargs_not_object", {**OK, "chat_template_kwargs": "enable_thinking=False"}, "chat_template_kwargs",
+     "must be an object"),
+    ("kwargs_reserved", {**OK, "chat_template_kwargs": {"add_generation_prompt": False}},
+     "chat_template_kwargs.add_generation_prompt", "TRL passes itself"),
 ]
 
 
@@ -295,9 +232,8 @@ def test_parquet_image_column_is_refused_before_any_row(tmp_path):
 
 
 def test_plain_text_rows_with_tools_warn(tmp_path):
-    path = write_jsonl(
-        tmp_path / "s.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r", "tools": "[]", "score": 1}]
-    )
+    path = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r", "tools": "[]",
+                                               "score": 1}])
     result = read_examples(path)
     assert result.examples[0].tools is None
     assert any("1 plain-text row(s) have 'tools'" in w for w in result.warnings)
@@ -318,19 +254,8 @@ def test_precompute_renders_tools_end_to_end(tmp_path, trl_chat, chat_tokenizer)
     chat_tokenizer.save_pretrained(model)
     rows = [e["row"] for e in groups["tool_turns_in_completion"]]
     out = tmp_path / "cache"
-    result = invoke(
-        [
-            "precompute-ref",
-            write_jsonl(tmp_path / "tools.jsonl", rows),
-            "--model",
-            model,
-            "--out",
-            out,
-            "--quiet",
-            "--json",
-            "--token-logps",
-        ]
-    )
+    result = invoke(["precompute-ref", write_jsonl(tmp_path / "tools.jsonl", rows), "--model", model,
+                     "--out", out, "--quiet", "--json", "--token-logps"])
     assert result.exit_code == 0, result.stderr
     shard = pq.read_table(next(out.glob("part-*.parquet"))).to_pylist()
     expected = {e["row"]["id"]: e for e in groups["tool_turns_in_completion"]}

@@ -43,17 +43,13 @@ def trl_extract_prompt(chosen, rejected):
 
 # --- accepted inputs ---
 
-
 def test_standard_rows_with_blank_lines(tmp_path):
-    path = write_jsonl(
-        tmp_path / "p.jsonl",
-        [
-            {"prompt": "2+2?", "chosen": " 4", "rejected": " 5"},
-            "",
-            "   ",
-            {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
-        ],
-    )
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "2+2?", "chosen": " 4", "rejected": " 5"},
+        "",
+        "   ",
+        {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
+    ])
     result = read_examples(path)
     first, second = result.examples
     assert (first.prompt, first.chosen, first.rejected, first.conversational) == ("2+2?", " 4", " 5", False)
@@ -62,24 +58,17 @@ def test_standard_rows_with_blank_lines(tmp_path):
     canonical = '{"chosen":" 4","prompt":"2+2?","rejected":" 5"}'
     assert first.id == hashlib.sha256(canonical.encode()).hexdigest()[:16]
     assert result.rows_read == 2 and result.dropped == {} and result.warnings == []
-    assert result.files == [
-        data.InputFile(str(path), path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest(), 2)
-    ]
+    assert result.files == [data.InputFile(str(path), path.stat().st_size,
+                                           hashlib.sha256(path.read_bytes()).hexdigest(), 2)]
 
 
 def test_conversational_rows_keep_every_message_key(tmp_path):
     # TRL hands each message dict to the chat template whole, so extra keys are kept, not dropped.
     chosen = [{"role": "assistant", "content": "Paris.", "weight": 1}]
-    path = write_jsonl(
-        tmp_path / "c.jsonl",
-        [
-            {
-                "prompt": msgs(("system", ""), ("user", "Capital of France?")),
-                "chosen": chosen,
-                "rejected": msgs(("assistant", "Lyon.")),
-            },
-        ],
-    )
+    path = write_jsonl(tmp_path / "c.jsonl", [
+        {"prompt": msgs(("system", ""), ("user", "Capital of France?")), "chosen": chosen,
+         "rejected": msgs(("assistant", "Lyon."))},
+    ])
     (ex,) = read_examples(path).examples
     assert ex.conversational
     assert ex.prompt == msgs(("system", ""), ("user", "Capital of France?"))  # empty non-last content is fine
@@ -87,20 +76,14 @@ def test_conversational_rows_keep_every_message_key(tmp_path):
     assert ex.rejected == msgs(("assistant", "Lyon."))  # its own column: no 'weight' key added
 
 
-@pytest.mark.parametrize(
-    "chosen, rejected, expected",
-    [
-        ("Q: hi A: yes", "Q: hi A: no", ("Q: hi A:", " yes", " no")),  # the space stays with the completion
-        ("abcX", "abcY", ("abc", "X", "Y")),
-        ("abc", "abcd", ("ab", "c", "cd")),  # TRL quirk: prefix case
-        ("same", "same", ("sam", "e", "e")),  # TRL quirk: identical
-        (
-            msgs(("user", "u"), ("assistant", "a")),
-            msgs(("user", "u"), ("assistant", "b")),
-            (msgs(("user", "u")), msgs(("assistant", "a")), msgs(("assistant", "b"))),
-        ),
-    ],
-)
+@pytest.mark.parametrize("chosen, rejected, expected", [
+    ("Q: hi A: yes", "Q: hi A: no", ("Q: hi A:", " yes", " no")),  # the space stays with the completion
+    ("abcX", "abcY", ("abc", "X", "Y")),
+    ("abc", "abcd", ("ab", "c", "cd")),                              # TRL quirk: prefix case
+    ("same", "same", ("sam", "e", "e")),                              # TRL quirk: identical
+    (msgs(("user", "u"), ("assistant", "a")), msgs(("user", "u"), ("assistant", "b")),
+     (msgs(("user", "u")), msgs(("assistant", "a")), msgs(("assistant", "b")))),
+])
 def test_extract_prompt_matches_trl(chosen, rejected, expected):
     assert extract_prompt(chosen, rejected) == expected == trl_extract_prompt(chosen, rejected)
 
@@ -111,41 +94,23 @@ def test_extract_prompt_first_element_differs_gives_empty_prompt():
 
 
 def test_implicit_prompt_string_and_messages(tmp_path):
-    path = write_jsonl(
-        tmp_path / "i.jsonl",
-        [
-            {"chosen": "Q: hi A: yes", "rejected": "Q: hi A: no"},
-            {
-                "chosen": msgs(("user", "u"), ("assistant", "a")),
-                "rejected": msgs(("user", "u"), ("assistant", "b")),
-            },
-        ],
-    )
+    path = write_jsonl(tmp_path / "i.jsonl", [
+        {"chosen": "Q: hi A: yes", "rejected": "Q: hi A: no"},
+        {"chosen": msgs(("user", "u"), ("assistant", "a")), "rejected": msgs(("user", "u"), ("assistant", "b"))},
+    ])
     s, m = read_examples(path).examples
     assert (s.prompt, s.chosen, s.rejected) == ("Q: hi A:", " yes", " no")
-    assert (m.prompt, m.chosen, m.rejected) == (
-        msgs(("user", "u")),
-        msgs(("assistant", "a")),
-        msgs(("assistant", "b")),
-    )
+    assert (m.prompt, m.chosen, m.rejected) == (msgs(("user", "u")), msgs(("assistant", "a")),
+                                                msgs(("assistant", "b")))
     # The id hashes the pair after extraction, so the explicit-prompt form gets the same id.
-    explicit = write_jsonl(
-        tmp_path / "e.jsonl", [{"prompt": "Q: hi A:", "chosen": " yes", "rejected": " no"}]
-    )
+    explicit = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "Q: hi A:", "chosen": " yes", "rejected": " no"}])
     assert read_examples(explicit).examples[0].id == s.id
 
 
 def test_parquet_standard_and_conversational_match_jsonl(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_PARQUET_BATCH_ROWS", 2)  # force several record batches
-    rows = [
-        {
-            "prompt": msgs(("user", f"q{i}")),
-            "chosen": msgs(("assistant", f"yes{i}")),
-            "rejected": msgs(("assistant", f"no{i}")),
-            "extra": "x" * 10,
-        }
-        for i in range(5)
-    ]
+    rows = [{"prompt": msgs(("user", f"q{i}")), "chosen": msgs(("assistant", f"yes{i}")),
+             "rejected": msgs(("assistant", f"no{i}")), "extra": "x" * 10} for i in range(5)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "conv.parquet")
     conv = read_examples(tmp_path / "conv.parquet")
     assert [e.row for e in conv.examples] == [1, 2, 3, 4, 5]
@@ -157,25 +122,16 @@ def test_parquet_standard_and_conversational_match_jsonl(tmp_path, monkeypatch):
     table = pa.table({"id": [7, 8], "prompt": ["a", "b"], "chosen": ["c", "d"], "rejected": ["e", "f"]})
     pq.write_table(table, tmp_path / "std.parquet")
     std = read_examples(tmp_path / "std.parquet")
-    assert [(e.id, e.prompt, e.chosen, e.rejected) for e in std.examples] == [
-        ("7", "a", "c", "e"),
-        ("8", "b", "d", "f"),
-    ]
+    assert [(e.id, e.prompt, e.chosen, e.rejected) for e in std.examples] == [("7", "a", "c", "e"),
+                                                                              ("8", "b", "d", "f")]
 
 
 def test_parquet_message_structs_with_null_extra_fields(tmp_path):
     # pyarrow unifies struct fields across rows: messages without "name" come back with name=None,
     # and TRL renders them so; only chosen has the key, so chosen's user turn differs from
     # rejected's and the implicit prompt cannot be split off (TRL gets the same mismatch).
-    rows = [
-        {
-            "chosen": [
-                {"role": "user", "content": "q"},
-                {"role": "assistant", "content": "a", "name": "bot"},
-            ],
-            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}],
-        }
-    ]
+    rows = [{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "name": "bot"}],
+             "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "s.parquet")
     with pytest.raises(DpocliError, match="share no common prefix"):
         read_examples(tmp_path / "s.parquet")
@@ -192,17 +148,14 @@ def test_parquet_message_structs_with_null_extra_fields(tmp_path):
     from_parquet = read_examples(tmp_path / "two.parquet").examples
     from_jsonl = read_examples(write_jsonl(tmp_path / "two.jsonl", two)).examples
     assert from_parquet[1].chosen == [{"role": "assistant", "content": "c", "name": None}]
-    assert [(e.id, e.prompt, e.chosen, e.rejected) for e in from_parquet] == [
-        (e.id, e.prompt, e.chosen, e.rejected) for e in from_jsonl
-    ]
+    assert [(e.id, e.prompt, e.chosen, e.rejected) for e in from_parquet] == \
+        [(e.id, e.prompt, e.chosen, e.rejected) for e in from_jsonl]
 
 
 def test_folder_reads_files_in_name_order_and_continues_source_row(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", [{"prompt": "p3", "chosen": "c", "rejected": "r"}])
-    pq.write_table(
-        pa.Table.from_pylist([{"prompt": f"p{i}", "chosen": "c", "rejected": "r"} for i in (1, 2)]),
-        tmp_path / "a.parquet",
-    )
+    pq.write_table(pa.Table.from_pylist([{"prompt": f"p{i}", "chosen": "c", "rejected": "r"} for i in (1, 2)]),
+                   tmp_path / "a.parquet")
     (tmp_path / "notes.txt").write_text("ignored")
     (tmp_path / "sub").mkdir()
     write_jsonl(tmp_path / "sub" / "x.jsonl", [{"prompt": "no", "chosen": "c", "rejected": "r"}])
@@ -211,12 +164,9 @@ def test_folder_reads_files_in_name_order_and_continues_source_row(tmp_path):
     assert [(e.prompt, e.source_row, e.row, e.file) for e in result.examples] == [
         ("p1", 0, 1, str(tmp_path / "a.parquet")),
         ("p2", 1, 2, str(tmp_path / "a.parquet")),
-        ("p3", 2, 1, str(tmp_path / "b.jsonl")),
-    ]
-    assert [(f.path, f.rows) for f in result.files] == [
-        (str(tmp_path / "a.parquet"), 2),
-        (str(tmp_path / "b.jsonl"), 1),
-    ]
+        ("p3", 2, 1, str(tmp_path / "b.jsonl"))]
+    assert [(f.path, f.rows) for f in result.files] == [(str(tmp_path / "a.parquet"), 2),
+                                                         (str(tmp_path / "b.jsonl"), 1)]
     assert result.rows_read == 3
 
 
@@ -228,18 +178,13 @@ def test_utf8_bom_is_accepted(tmp_path):
 
 
 def test_identical_pairs_kept_with_warning_or_dropped(tmp_path):
-    path = write_jsonl(
-        tmp_path / "d.jsonl",
-        [
-            {"prompt": "p", "chosen": "same", "rejected": "same"},
-            {"prompt": "q", "chosen": "a", "rejected": "b"},
-        ],
-    )
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "p", "chosen": "same", "rejected": "same"},
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+    ])
     kept = read_examples(path)
     assert len(kept.examples) == 2 and kept.dropped == {}
-    assert kept.warnings == [
-        "1 row has chosen identical to rejected (kept; use --drop-identical to drop them)"
-    ]
+    assert kept.warnings == ["1 row has chosen identical to rejected (kept; use --drop-identical to drop them)"]
     dropped = read_examples(path, drop_identical=True)
     assert [e.prompt for e in dropped.examples] == ["q"]
     assert dropped.examples[0].source_row == 1  # dropped rows still count
@@ -254,9 +199,8 @@ def test_duplicate_pairs_get_suffixed_hash_ids(tmp_path):
 
 def test_custom_columns_and_id_column(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [{"q": "p", "good": "a", "bad": "b", "key": 12}])
-    (ex,) = read_examples(
-        path, prompt_column="q", chosen_column="good", rejected_column="bad", id_column="key"
-    ).examples
+    (ex,) = read_examples(path, prompt_column="q", chosen_column="good", rejected_column="bad",
+                          id_column="key").examples
     assert (ex.id, ex.prompt, ex.chosen, ex.rejected) == ("12", "p", "a", "b")
 
 
@@ -270,7 +214,6 @@ def test_near_miss_prompt_column_warns(tmp_path):
 
 
 # --- bad inputs: one line naming file, row and field ---
-
 
 def assert_one_line_error(excinfo, where: str, field: str | None, *fragments: str):
     text = str(excinfo.value)
@@ -290,141 +233,47 @@ JSONL_CASES = [
     ("not_object", [OK, OK, "[1, 2]"], {}, 3, None, ["not an object", "got list"]),
     ("bad_utf8", [OK, b'{"prompt": "\xff", "chosen": "c", "rejected": "r"}'], {}, 2, None, ["UTF-8", "0xff"]),
     ("bom_not_at_start", [OK, b"\xef\xbb\xbf" + json.dumps(OK).encode()], {}, 2, None, ["not valid JSON"]),
-    (
-        "missing_close",
-        [{"prompt": "p", "choosen": "c", "rejected": "r"}],
-        {},
-        1,
-        "chosen",
-        ["is missing (did you mean 'choosen'? pass --chosen-column choosen)"],
-    ),
+    ("missing_close", [{"prompt": "p", "choosen": "c", "rejected": "r"}], {}, 1, "chosen",
+     ["is missing (did you mean 'choosen'? pass --chosen-column choosen)"]),
     ("missing_far", [{"prompt": "p", "chosen": "c"}], {}, 1, "rejected", ["pass --rejected-column NAME"]),
     ("missing_id_column", [OK], {"id_column": "uid"}, 1, "uid", ["--id-column"]),
-    (
-        "wrong_type",
-        [{**OK, "chosen": 5}],
-        {},
-        1,
-        "chosen",
-        ["must be a string or a list of {role, content} messages, got int"],
-    ),
+    ("wrong_type", [{**OK, "chosen": 5}], {}, 1, "chosen",
+     ["must be a string or a list of {role, content} messages, got int"]),
     ("null_prompt", [{**OK, "prompt": None}], {}, 1, "prompt", ["got null"]),
-    (
-        "message_not_object",
-        [{**OK, "prompt": ["hi"], "chosen": msgs(("a", "c")), "rejected": msgs(("a", "r"))}],
-        {},
-        1,
-        "prompt[0]",
-        ["got string"],
-    ),
-    (
-        "message_no_role",
-        [{**OK, "prompt": [{"content": "x"}], "chosen": msgs(("a", "c")), "rejected": msgs(("a", "r"))}],
-        {},
-        1,
-        "prompt[0].role",
-        ["is missing"],
-    ),
-    (
-        "content_not_string",
-        [
-            {
-                **OK,
-                "prompt": msgs(("u", "x")),
-                "chosen": [{"role": "a", "content": 5}],
-                "rejected": msgs(("a", "r")),
-            }
-        ],
-        {},
-        1,
-        "chosen[0].content",
-        ["got int"],
-    ),
+    ("message_not_object", [{**OK, "prompt": ["hi"], "chosen": msgs(("a", "c")), "rejected": msgs(("a", "r"))}],
+     {}, 1, "prompt[0]", ["got string"]),
+    ("message_no_role", [{**OK, "prompt": [{"content": "x"}], "chosen": msgs(("a", "c")),
+                          "rejected": msgs(("a", "r"))}], {}, 1, "prompt[0].role", ["is missing"]),
+    ("content_not_string", [{**OK, "prompt": msgs(("u", "x")), "chosen": [{"role": "a", "content": 5}],
+                             "rejected": msgs(("a", "r"))}], {}, 1, "chosen[0].content", ["got int"]),
     ("empty_prompt", [OK, {**OK, "prompt": ""}], {}, 2, "prompt", ["is empty"]),
     ("blank_chosen", [{**OK, "chosen": " \n\t"}], {}, 1, "chosen", ["whitespace-only"]),
-    (
-        "empty_list",
-        [{"prompt": msgs(("u", "x")), "chosen": msgs(("a", "c")), "rejected": []}],
-        {},
-        1,
-        "rejected",
-        ["empty list"],
-    ),
-    (
-        "empty_last_content",
-        [{"prompt": msgs(("u", "x")), "chosen": msgs(("a", "c"), ("a", " ")), "rejected": msgs(("a", "r"))}],
-        {},
-        1,
-        "chosen[1].content",
-        ["is empty"],
-    ),
-    (
-        "mixed_rejected",
-        [{**OK, "rejected": msgs(("a", "r"))}],
-        {},
-        1,
-        "rejected",
-        ["is a message list but 'chosen' is a string"],
-    ),
-    (
-        "mixed_prompt",
-        [{"prompt": "p", "chosen": msgs(("a", "c")), "rejected": msgs(("a", "r"))}],
-        {},
-        1,
-        "prompt",
-        ["is a string but 'chosen' is a message list"],
-    ),
-    (
-        "implicit_no_prefix",
-        [{"chosen": "yes", "rejected": "no"}],
-        {},
-        1,
-        "prompt",
-        ["share no common prefix"],
-    ),
-    (
-        "implicit_blank_completion",
-        [{"chosen": "Q: a ", "rejected": "Q: a b"}],
-        {},
-        1,
-        "chosen",
-        ["empty after splitting off the implicit prompt"],
-    ),
-    (
-        "implicit_messages_no_prefix",
-        [{"chosen": msgs(("a", "c")), "rejected": msgs(("a", "r"))}],
-        {},
-        1,
-        "prompt",
-        ["share no common prefix"],
-    ),
-    (
-        "too_large",
-        [OK, {**OK, "chosen": "x" * 200}],
-        {"max_row_bytes": 100},
-        2,
-        None,
-        ["larger than max_row_bytes (100 bytes)"],
-    ),
+    ("empty_list", [{"prompt": msgs(("u", "x")), "chosen": msgs(("a", "c")), "rejected": []}], {}, 1,
+     "rejected", ["empty list"]),
+    ("empty_last_content", [{"prompt": msgs(("u", "x")), "chosen": msgs(("a", "c"), ("a", " ")),
+                             "rejected": msgs(("a", "r"))}], {}, 1, "chosen[1].content", ["is empty"]),
+    ("mixed_rejected", [{**OK, "rejected": msgs(("a", "r"))}], {}, 1, "rejected",
+     ["is a message list but 'chosen' is a string"]),
+    ("mixed_prompt", [{"prompt": "p", "chosen": msgs(("a", "c")), "rejected": msgs(("a", "r"))}], {}, 1,
+     "prompt", ["is a string but 'chosen' is a message list"]),
+    ("implicit_no_prefix", [{"chosen": "yes", "rejected": "no"}], {}, 1, "prompt",
+     ["share no common prefix"]),
+    ("implicit_blank_completion", [{"chosen": "Q: a ", "rejected": "Q: a b"}], {}, 1, "chosen",
+     ["empty after splitting off the implicit prompt"]),
+    ("implicit_messages_no_prefix", [{"chosen": msgs(("a", "c")), "rejected": msgs(("a", "r"))}], {}, 1,
+     "prompt", ["share no common prefix"]),
+    ("too_large", [OK, {**OK, "chosen": "x" * 200}], {"max_row_bytes": 100}, 2, None,
+     ["larger than max_row_bytes (100 bytes)"]),
     ("bad_id_type", [{**OK, "id": 1.5}], {}, 1, "id", ["non-empty string or an int, got float"]),
     ("bool_id", [{**OK, "id": True}], {}, 1, "id", ["got bool"]),
     ("empty_id", [{**OK, "id": " "}], {}, 1, "id", ['got string " "']),
-    (
-        "duplicate_id",
-        [{**OK, "id": "a"}, {**OK, "id": "b"}, {**OK, "id": "a"}],
-        {},
-        3,
-        "id",
-        ["duplicate id 'a'", "bad.jsonl:1)"],
-    ),
+    ("duplicate_id", [{**OK, "id": "a"}, {**OK, "id": "b"}, {**OK, "id": "a"}], {}, 3, "id",
+     ["duplicate id 'a'", "bad.jsonl:1)"]),
 ]
 
 
-@pytest.mark.parametrize(
-    "lines, kwargs, row, field, fragments",
-    [case[1:] for case in JSONL_CASES],
-    ids=[case[0] for case in JSONL_CASES],
-)
+@pytest.mark.parametrize("lines, kwargs, row, field, fragments",
+                         [case[1:] for case in JSONL_CASES], ids=[case[0] for case in JSONL_CASES])
 def test_jsonl_errors_name_file_row_field(tmp_path, lines, kwargs, row, field, fragments):
     path = write_jsonl(tmp_path / "bad.jsonl", lines)
     with pytest.raises(DpocliError) as excinfo:
@@ -455,9 +304,7 @@ def test_parquet_missing_column_suggests_flag(tmp_path):
     pq.write_table(pa.table({"prompt": ["p"], "chosen": ["c"], "rejectd": ["r"]}), path)
     with pytest.raises(DpocliError) as excinfo:
         read_examples(path)
-    assert_one_line_error(
-        excinfo, str(path), "rejected", "did you mean 'rejectd'? pass --rejected-column rejectd"
-    )
+    assert_one_line_error(excinfo, str(path), "rejected", "did you mean 'rejectd'? pass --rejected-column rejectd")
     with pytest.raises(DpocliError) as excinfo:
         read_examples(path, rejected_column="rejectd", id_column="uid")
     assert_one_line_error(excinfo, str(path), "uid", "--id-column")
@@ -465,25 +312,14 @@ def test_parquet_missing_column_suggests_flag(tmp_path):
 
 def test_parquet_row_errors_name_the_row(tmp_path):
     path = tmp_path / "t.parquet"
-    pq.write_table(
-        pa.table({"prompt": ["p", "q", "r"], "chosen": ["c", "", "e"], "rejected": ["x", "y", "z"]}), path
-    )
+    pq.write_table(pa.table({"prompt": ["p", "q", "r"], "chosen": ["c", "", "e"], "rejected": ["x", "y", "z"]}),
+                   path)
     with pytest.raises(DpocliError) as excinfo:
         read_examples(path)
     assert_one_line_error(excinfo, f"{path}:2", "chosen", "is empty")
     msg_path = tmp_path / "msg.parquet"
-    pq.write_table(
-        pa.Table.from_pylist(
-            [
-                {
-                    "prompt": msgs(("u", "p")),
-                    "chosen": msgs(("a", "c")),
-                    "rejected": [{"role": "a", "content": None}],
-                }
-            ]
-        ),
-        msg_path,
-    )
+    pq.write_table(pa.Table.from_pylist([{"prompt": msgs(("u", "p")), "chosen": msgs(("a", "c")),
+                                          "rejected": [{"role": "a", "content": None}]}]), msg_path)
     with pytest.raises(DpocliError) as excinfo:
         read_examples(msg_path)
     assert_one_line_error(excinfo, f"{msg_path}:1", "rejected[0].content", "got null")

@@ -25,20 +25,9 @@ def _free_port() -> int:
 
 def torchrun(args: list, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
-        "-m",
-        "dpocli",
-        *[str(a) for a in args],
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "dpocli",
+           *[str(a) for a in args]]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -46,33 +35,14 @@ def cache_values(cache_dir: Path) -> dict:
     rows = {}
     for shard in sorted(cache_dir.glob("part-*.parquet")):
         for r in pq.read_table(shard).to_pylist():
-            rows[r["id"]] = (
-                r["chosen_ids"],
-                r["rejected_ids"],
-                r["ref_chosen_logps"],
-                r["ref_rejected_logps"],
-            )
+            rows[r["id"]] = (r["chosen_ids"], r["rejected_ids"], r["ref_chosen_logps"], r["ref_rejected_logps"])
     return rows
 
 
 def test_two_rank_precompute_equals_one_rank(small_prefs, small_cache, tmp_path):
     out = tmp_path / "cache2"
-    done = torchrun(
-        [
-            "precompute-ref",
-            small_prefs,
-            "--model",
-            MODEL,
-            "--out",
-            out,
-            "--rows-per-shard",
-            16,
-            "--batch-size",
-            8,
-            "--quiet",
-            "--json",
-        ]
-    )
+    done = torchrun(["precompute-ref", small_prefs, "--model", MODEL, "--out", out,
+                     "--rows-per-shard", 16, "--batch-size", 8, "--quiet", "--json"])
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("\n") == 1  # one JSON result for the job, from rank 0
     one, two = cache_values(small_cache), cache_values(out)
@@ -87,16 +57,10 @@ def test_two_rank_precompute_equals_one_rank(small_prefs, small_cache, tmp_path)
 def test_two_rank_ddp_follows_one_rank_and_resumes(small_cache, tmp_path):
     common = ["--max-steps", 4, "--no-shuffle", "--lr", "1e-3", "--quiet"]
     single = tmp_path / "single"
-    assert (
-        invoke(
-            ["train", small_cache, "--model", MODEL, "--out", single, "--batch-size", 8, *common]
-        ).exit_code
-        == 0
-    )
+    assert invoke(["train", small_cache, "--model", MODEL, "--out", single, "--batch-size", 8, *common]).exit_code == 0
     ddp = tmp_path / "ddp"
-    done = torchrun(
-        ["train", small_cache, "--model", MODEL, "--out", ddp, "--batch-size", 4, "--save-every", 2, *common]
-    )
+    done = torchrun(["train", small_cache, "--model", MODEL, "--out", ddp, "--batch-size", 4,
+                     "--save-every", 2, *common])
     assert done.returncode == 0, done.stderr
     a = [r["loss"] for r in read_jsonl(single / "metrics.jsonl") if "loss" in r]
     b = [r["loss"] for r in read_jsonl(ddp / "metrics.jsonl") if "loss" in r]
@@ -107,24 +71,9 @@ def test_two_rank_ddp_follows_one_rank_and_resumes(small_cache, tmp_path):
     # Resume the 2-rank run from its step-2 checkpoint on ONE rank with the same global batch.
     for step in (4,):
         import shutil
-
         shutil.rmtree(ddp / f"checkpoint-{step}")
-    resumed = invoke(
-        [
-            "train",
-            small_cache,
-            "--model",
-            MODEL,
-            "--out",
-            ddp,
-            "--batch-size",
-            8,
-            "--save-every",
-            2,
-            "--resume",
-            *common,
-        ]
-    )
+    resumed = invoke(["train", small_cache, "--model", MODEL, "--out", ddp, "--batch-size", 8,
+                      "--save-every", 2, "--resume", *common])
     assert resumed.exit_code == 0, resumed.stderr
     c = [r["loss"] for r in read_jsonl(ddp / "metrics.jsonl") if "loss" in r]
     assert c == pytest.approx(a, abs=1e-5)
@@ -133,18 +82,8 @@ def test_two_rank_ddp_follows_one_rank_and_resumes(small_cache, tmp_path):
 
 
 def test_fsdp2_matches_ddp_and_saves_a_normal_hf_model(small_cache, tmp_path):
-    common = [
-        "--max-steps",
-        3,
-        "--no-shuffle",
-        "--lr",
-        "1e-3",
-        "--batch-size",
-        4,
-        "--quiet",
-        "--save-every",
-        2,
-    ]
+    common = ["--max-steps", 3, "--no-shuffle", "--lr", "1e-3", "--batch-size", 4, "--quiet",
+              "--save-every", 2]
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     assert torchrun(["train", small_cache, "--model", MODEL, "--out", ddp, *common]).returncode == 0
     done = torchrun(["train", small_cache, "--model", MODEL, "--out", fsdp, "--fsdp", *common])
@@ -157,26 +96,13 @@ def test_fsdp2_matches_ddp_and_saves_a_normal_hf_model(small_cache, tmp_path):
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
     # Packed, prefix-shared batches go through the sharded layers' hooks unchanged.
     packed = tmp_path / "fsdp-packed"
-    done = torchrun(
-        [
-            "train",
-            small_cache,
-            "--model",
-            MODEL,
-            "--out",
-            packed,
-            "--fsdp",
-            "--packing",
-            "--prefix-sharing",
-            *common,
-        ]
-    )
+    done = torchrun(["train", small_cache, "--model", MODEL, "--out", packed, "--fsdp", "--packing",
+                     "--prefix-sharing", *common])
     assert done.returncode == 0, done.stderr
     packed_losses = [r["loss"] for r in read_jsonl(packed / "metrics.jsonl") if "loss" in r]
     assert packed_losses == pytest.approx(a, abs=1e-5)
     # The FSDP checkpoint holds full (unsharded) weights and optimizer state: resume on 2 ranks.
     import shutil
-
     shutil.rmtree(fsdp / "checkpoint-3")
     done = torchrun(["train", small_cache, "--model", MODEL, "--out", fsdp, "--fsdp", "--resume", *common])
     assert done.returncode == 0, done.stderr
@@ -190,20 +116,8 @@ def test_fsdp_without_torchrun_is_a_usage_error(small_cache, tmp_path):
 
 
 def test_two_rank_precompute_resumes_missing_shards(small_prefs, small_cache, tmp_path):
-    args = [
-        "precompute-ref",
-        small_prefs,
-        "--model",
-        MODEL,
-        "--out",
-        tmp_path / "c",
-        "--rows-per-shard",
-        16,
-        "--batch-size",
-        8,
-        "--quiet",
-        "--json",
-    ]
+    args = ["precompute-ref", small_prefs, "--model", MODEL, "--out", tmp_path / "c",
+            "--rows-per-shard", 16, "--batch-size", 8, "--quiet", "--json"]
     assert torchrun(args).returncode == 0
     (tmp_path / "c" / "part-00002.parquet").unlink()  # as if the rank writing it had died
     again = torchrun(args)
@@ -215,23 +129,10 @@ def test_two_rank_precompute_resumes_missing_shards(small_prefs, small_cache, tm
 
 def test_two_rank_eval_equals_one_rank(small_cache, tmp_path):
     one = invoke(["eval", small_cache, "--model", MODEL, "--max-tokens", 512, "--json", "--quiet"])
-    two = torchrun(
-        [
-            "eval",
-            small_cache,
-            "--model",
-            MODEL,
-            "--max-tokens",
-            512,
-            "--json",
-            "--quiet",
-            "--per-example",
-            tmp_path / "per.jsonl",
-        ]
-    )
+    two = torchrun(["eval", small_cache, "--model", MODEL, "--max-tokens", 512, "--json", "--quiet",
+                    "--per-example", tmp_path / "per.jsonl"])
     assert two.returncode == 0, two.stderr
     import json
-
     a, b = json.loads(one.stdout)["models"][0], json.loads(two.stdout)["models"][0]
     for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
         assert b[key] == pytest.approx(a[key], abs=1e-6), key

@@ -36,9 +36,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 SAMPLE_ROWS = {"train.jsonl": 160, "heldout.jsonl": 48}
-BLOCK_RE = re.compile(
-    r"(?:<!-- docs-test: (?P<marker>[^>]*?) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)\n```", re.S
-)
+BLOCK_RE = re.compile(r"(?:<!-- docs-test: (?P<marker>[^>]*?) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)\n```",
+                      re.S)
 
 
 def section(title: str) -> str:
@@ -78,13 +77,11 @@ def test_exit_codes_are_documented():
 
 # ---- every flag of every command ----
 
-
 def cli_flags() -> dict[str, list[str]]:
     """command name ("cache verify") -> its options, from the CLI itself."""
     import typer
 
     from dpocli.cli import app
-
     found: dict[str, list[str]] = {}
 
     def walk(command, path):
@@ -93,10 +90,8 @@ def cli_flags() -> dict[str, list[str]]:
             for name, sub in subcommands.items():
                 walk(sub, [*path, name])
         elif path:
-            found[" ".join(path)] = [
-                opt for p in command.params for opt in (*p.opts, *p.secondary_opts) if opt.startswith("--")
-            ]
-
+            found[" ".join(path)] = [opt for p in command.params for opt in (*p.opts, *p.secondary_opts)
+                                     if opt.startswith("--")]
     walk(typer.main.get_command(app), [])
     return found
 
@@ -115,16 +110,12 @@ def test_every_flag_of_every_command_is_documented_in_its_section():
     missing = []
     for command, flags in cli_flags().items():
         text = command_section(command) + common
-        missing += [
-            f"dpo {command} {flag}"
-            for flag in flags
-            if flag != "--help" and not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text)
-        ]
+        missing += [f"dpo {command} {flag}" for flag in flags if flag != "--help"
+                    and not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text)]
     assert not missing, "undocumented flags: " + ", ".join(missing)
 
 
 # ---- the loss table ----
-
 
 def readme_loss_start_values() -> dict[str, str]:
     table = README.split("<!-- loss-start-values -->", 1)[1].split("\n\n", 1)[0]
@@ -138,7 +129,6 @@ def test_loss_start_value_table_equals_the_code():
     import torch
 
     from dpocli.losses import LOSSES, LossInputs, LossSpec
-
     table = readme_loss_start_values()
     assert set(table) == set(LOSSES)
     zero = torch.zeros(3, dtype=torch.float64)
@@ -157,14 +147,12 @@ def test_loss_start_value_table_equals_the_code():
 def test_first_warmup_step_has_learning_rate_zero():
     """The README says so; the schedule must agree."""
     from dpocli.schedule import Schedule
-
     linear = Schedule("linear", warmup=5, total=100)
     assert linear.factor(0) == 0.0 and linear.factor(1) == 0.2
     assert "first warm-up step's learning rate is 0" in README
 
 
 # ---- the README's code blocks, run ----
-
 
 def test_every_example_block_is_marked_run_or_skip():
     for marker, lang, body in blocks():
@@ -199,21 +187,12 @@ def sandbox(tmp_path_factory):
     shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests/docs/dpo_client.py"}" "$@"\n')
     shim.chmod(0o755)
     socket_path = bin_dir / "dpo.sock"
-    env = {
-        **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(ROOT),
-        "HF_HUB_OFFLINE": "1",
-        "COLUMNS": "200",
-        "NO_COLOR": "1",
-        "DPO_DOCS_SOCKET": str(socket_path),
-    }
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "NO_COLOR": "1",
+           "DPO_DOCS_SOCKET": str(socket_path)}
     env.pop("DPOCLI_DEBUG", None)
-    server = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests/docs/dpo_server.py"), str(socket_path)],
-        env=env,
-        stdin=subprocess.DEVNULL,
-    )
+    server = subprocess.Popen([sys.executable, str(ROOT / "tests/docs/dpo_server.py"), str(socket_path)],
+                              env=env, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while not socket_path.exists():
@@ -232,17 +211,10 @@ def test_readme_blocks_run(sandbox):
     ran = 0
     for marker, lang, body in blocks():
         if marker == "run":
-            result = subprocess.run(
-                ["bash", "-e", "-o", "pipefail", "-c", body],
-                cwd=work,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            assert result.returncode == 0, (
-                f"README block failed ({result.returncode}):\n{body}\nstderr:\n{result.stderr[-3000:]}"
-            )
+            result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", body], cwd=work, env=env,
+                                    capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, f"README block failed ({result.returncode}):\n{body}\n" \
+                                           f"stderr:\n{result.stderr[-3000:]}"
             last_stdout, ran = result.stdout, ran + 1
         elif marker == "output":
             assert last_stdout is not None, body
@@ -257,12 +229,9 @@ def test_readme_blocks_run(sandbox):
 
 # (value the Guide's table shows for the trained policy, tolerance): thread counts and hardware
 # change the last bits of a 75-step trajectory, so the check is loose, the README rounded.
-SAMPLE_EVAL_FIGURES = {
-    "loss": ("0.1551", 0.01),
-    "rewards/accuracies": ("0.9833", 0.0125),
-    "preference_prob/mean": ("0.8778", 0.01),
-    "displacement/chosen_below_ref": ("0.8333", 0.03),
-}
+SAMPLE_EVAL_FIGURES = {"loss": ("0.1551", 0.01), "rewards/accuracies": ("0.9833", 0.0125),
+                       "preference_prob/mean": ("0.8778", 0.01),
+                       "displacement/chosen_below_ref": ("0.8333", 0.03)}
 
 
 @pytest.mark.slow
@@ -272,7 +241,6 @@ def test_guide_quotes_what_the_sample_run_gives(trained_run, heldout_cache):
     import json
 
     from conftest import invoke
-
     guide = section("Guide")
     result = invoke(["eval", heldout_cache, "--model", trained_run, "--json", "--quiet"])
     assert result.exit_code == 0, result.stderr

@@ -21,42 +21,26 @@ from dpocli.modeling import active_dropout, disable_dropout, load_causal_lm
 
 TRL = json.loads((Path(__file__).parent / "fixtures" / "trl_dropout.json").read_text())
 SETTINGS = TRL["settings"]
-TRAIN_ARGS = [
-    "--no-shuffle",
-    "--max-steps",
-    5,
-    "--batch-size",
-    SETTINGS["batch_size"],
-    "--lr",
-    SETTINGS["lr"],
-    "--beta",
-    SETTINGS["beta"],
-    "--seed",
-    SETTINGS["seed"],
-    "--quiet",
-]
+TRAIN_ARGS = ["--no-shuffle", "--max-steps", 5, "--batch-size", SETTINGS["batch_size"],
+              "--lr", SETTINGS["lr"], "--beta", SETTINGS["beta"], "--seed", SETTINGS["seed"], "--quiet"]
 
 
 # ---------------------------------------------------------------- disable_dropout on three families
 
-
 def _tiny(family: str):
     """A randomly initialised 1-layer model of `family` with every dropout its config has at 0.3."""
     import transformers as tf
-
     common = dict(vocab_size=64, num_hidden_layers=1, num_attention_heads=2, hidden_size=16)
     if family == "llama":  # attention dropout: a float in the attention module (copied from config)
         config = tf.LlamaConfig(**common, intermediate_size=32, num_key_value_heads=2, attention_dropout=0.3)
         model = tf.LlamaForCausalLM(config)
     elif family == "gpt2":  # nn.Dropout modules built from resid_pdrop, embd_pdrop, attn_pdrop
-        config = tf.GPT2Config(
-            vocab_size=64, n_layer=1, n_head=2, n_embd=16, resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3
-        )
+        config = tf.GPT2Config(vocab_size=64, n_layer=1, n_head=2, n_embd=16, resid_pdrop=0.3,
+                               embd_pdrop=0.3, attn_pdrop=0.3)
         model = tf.GPT2LMHeadModel(config)
     else:  # falcon reads config.attention_dropout / hidden_dropout at every forward
-        config = tf.FalconConfig(
-            **common, attention_dropout=0.3, hidden_dropout=0.3, new_decoder_architecture=False
-        )
+        config = tf.FalconConfig(**common, attention_dropout=0.3, hidden_dropout=0.3,
+                                 new_decoder_architecture=False)
         model = tf.FalconForCausalLM(config)
     return model.train()
 
@@ -86,7 +70,6 @@ def test_active_dropout_names_the_config_field():
 
 # ---------------------------------------------------------------- end to end with the CLI
 
-
 @pytest.fixture(scope="module")
 def dropout_model(tmp_path_factory) -> Path:
     """sample_data/tiny-llama with `attention_dropout: 0.3` in its config (same weights)."""
@@ -102,45 +85,29 @@ def dropout_model(tmp_path_factory) -> Path:
 def rows_file(tmp_path_factory) -> Path:
     """The rows of the TRL fixture: the first standard rows of sample_data/train.jsonl."""
     rows = [r for r in read_jsonl(SAMPLE / "train.jsonl") if "prompt" in r and isinstance(r["chosen"], str)]
-    rows = rows[: SETTINGS["rows"]]
+    rows = rows[:SETTINGS["rows"]]
     assert [r["id"] for r in rows] == TRL["row_ids"]
     return write_jsonl(tmp_path_factory.mktemp("data") / "standard.jsonl", rows)
 
 
 def _precompute(tmp_path_factory, rows_file, model) -> Path:
     out = tmp_path_factory.mktemp("caches") / "c"
-    result = invoke(
-        [
-            "precompute-ref",
-            rows_file,
-            "--model",
-            model,
-            "--out",
-            out,
-            "--quiet",
-            "--max-length",
-            SETTINGS["max_length"],
-        ]
-    )
+    result = invoke(["precompute-ref", rows_file, "--model", model, "--out", out, "--quiet",
+                     "--max-length", SETTINGS["max_length"]])
     assert result.exit_code == 0, result.stderr
     return out
 
 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory, rows_file, dropout_model) -> dict[str, Path]:
-    return {
-        "dropout": _precompute(tmp_path_factory, rows_file, dropout_model),
-        "plain": _precompute(tmp_path_factory, rows_file, MODEL),
-    }
+    return {"dropout": _precompute(tmp_path_factory, rows_file, dropout_model),
+            "plain": _precompute(tmp_path_factory, rows_file, MODEL)}
 
 
 def _train(out: Path, cache: Path, model: Path, *extra) -> tuple:
     result = invoke(["train", cache, "--model", model, "--out", out, "--json", *TRAIN_ARGS, *extra])
-    steps = (
-        [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        if (out / "metrics.jsonl").exists()
-        else []
-    )
+    steps = ([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+             if (out / "metrics.jsonl").exists() else [])
     return result, [s for s in steps if "loss" in s]
 
 
@@ -199,20 +166,8 @@ def test_keep_dropout_fails_the_step0_check_naming_dropout(tmp_path, caches, dro
 
 
 def test_lora_dropout_without_keep_dropout_is_refused(tmp_path, small_cache):
-    result = invoke(
-        [
-            "train",
-            small_cache,
-            "--model",
-            MODEL,
-            "--out",
-            tmp_path / "r",
-            "--lora-r",
-            4,
-            "--lora-dropout",
-            0.1,
-        ]
-    )
+    result = invoke(["train", small_cache, "--model", MODEL, "--out", tmp_path / "r", "--lora-r", 4,
+                     "--lora-dropout", 0.1])
     assert result.exit_code == 2
     error = result.stderr.strip().splitlines()[0]
     assert error.startswith("error:") and "--lora-dropout" in error

@@ -23,12 +23,9 @@ def test_every_metric_against_hand_computation():
     #   Δw = [1, -1, 1, 0],  Δl = [-1, 1, -3, -0.5]  ->  h = [2, -2, 4, 0.5];  β = 0.5
     pc = torch.tensor([-10.0, -20.0, -5.0, -8.0], dtype=torch.float64)
     pr = torch.tensor([-12.0, -18.0, -9.0, -8.0], dtype=torch.float64)
-    ref = RefLogps(
-        chosen_logps=torch.tensor([-11.0, -19.0, -6.0, -8.0], dtype=torch.float64),
-        rejected_logps=torch.tensor([-11.0, -19.0, -6.0, -7.5], dtype=torch.float64),
-        chosen_len=torch.tensor([4, 10, 2, 3]),
-        rejected_len=torch.tensor([5, 2, 12, 3]),
-    )
+    ref = RefLogps(chosen_logps=torch.tensor([-11.0, -19.0, -6.0, -8.0], dtype=torch.float64),
+                   rejected_logps=torch.tensor([-11.0, -19.0, -6.0, -7.5], dtype=torch.float64),
+                   chosen_len=torch.tensor([4, 10, 2, 3]), rejected_len=torch.tensor([5, 2, 12, 3]))
     policy = SequenceLogps(pc, pr, ref.chosen_len, ref.rejected_len)
     m, cols = pair_metrics(policy, ref, LossSpec(beta=0.5))
     margins = [1.0, -1.0, 2.0, 0.25]  # β·h
@@ -73,9 +70,7 @@ def test_reference_scored_on_its_own_cache_is_exactly_neutral(small_cache):
 @pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
 def test_per_example_rows_aggregate_to_the_summary(trained_run, heldout_cache, tmp_path, suffix):
     out = tmp_path / f"per{suffix}"
-    result = invoke(
-        ["eval", heldout_cache, "--model", trained_run, "--per-example", out, "--json", "--quiet"]
-    )
+    result = invoke(["eval", heldout_cache, "--model", trained_run, "--per-example", out, "--json", "--quiet"])
     assert result.exit_code == 0, result.stderr
     m = json.loads(result.stdout)["models"][0]
     rows = pq.read_table(out).to_pylist() if suffix == ".parquet" else read_jsonl(out)
@@ -108,24 +103,8 @@ def test_globbed_checkpoints_come_in_step_order(tmp_path):
 
 
 def test_samples_and_kl_of_the_reference_against_itself(small_cache):
-    result = invoke(
-        [
-            "eval",
-            small_cache,
-            "--model",
-            MODEL,
-            "--samples",
-            2,
-            "--ref-model",
-            MODEL,
-            "--kl-samples",
-            2,
-            "--max-new-tokens",
-            8,
-            "--json",
-            "--quiet",
-        ]
-    )
+    result = invoke(["eval", small_cache, "--model", MODEL, "--samples", 2, "--ref-model", MODEL,
+                     "--kl-samples", 2, "--max-new-tokens", 8, "--json", "--quiet"])
     assert result.exit_code == 0, result.stderr
     samples = json.loads(result.stdout)["models"][0]["samples"]
     assert len(samples["generations"]) == 2
@@ -136,29 +115,9 @@ def test_samples_and_kl_of_the_reference_against_itself(small_cache):
 def test_periodic_eval_during_training_equals_dpo_eval_of_the_checkpoint(small_cache, tmp_path):
     """One metrics path: the eval_* line a run logs at step 2 is `dpo eval` of checkpoint-2."""
     run = tmp_path / "run"
-    result = invoke(
-        [
-            "train",
-            small_cache,
-            "--model",
-            MODEL,
-            "--out",
-            run,
-            "--max-steps",
-            2,
-            "--batch-size",
-            4,
-            "--lr",
-            "5e-4",
-            "--eval-cache",
-            small_cache,
-            "--eval-every",
-            2,
-            "--save-every",
-            2,
-            "--quiet",
-        ]
-    )
+    result = invoke(["train", small_cache, "--model", MODEL, "--out", run, "--max-steps", 2,
+                     "--batch-size", 4, "--lr", "5e-4", "--eval-cache", small_cache, "--eval-every", 2,
+                     "--save-every", 2, "--quiet"])
     assert result.exit_code == 0, result.stderr
     logged = next(r for r in read_jsonl(run / "metrics.jsonl") if r["step"] == 2 and "eval_loss" in r)
     result = invoke(["eval", small_cache, "--model", run / "checkpoint-2", "--json", "--quiet"])

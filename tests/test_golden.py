@@ -15,32 +15,10 @@ import pytest
 from conftest import MODEL, invoke, read_jsonl
 
 FIXTURE = Path(__file__).parent / "fixtures" / "golden_trajectory.json"
-GOLDEN_ARGS = [
-    "--max-steps",
-    "10",
-    "--batch-size",
-    "8",
-    "--lr",
-    "5e-4",
-    "--warmup-steps",
-    "2",
-    "--save-every",
-    "5",
-    "--quiet",
-]
-PINNED = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "grad_norm",
-    "learning_rate",
-    "num_tokens",
-    "epoch",
-)
+GOLDEN_ARGS = ["--max-steps", "10", "--batch-size", "8", "--lr", "5e-4", "--warmup-steps", "2",
+               "--save-every", "5", "--quiet"]
+PINNED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+          "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "num_tokens", "epoch")
 
 
 def golden_run(cache: Path, out: Path) -> list[dict]:

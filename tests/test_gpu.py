@@ -15,10 +15,8 @@ import torch
 
 from conftest import MODEL, invoke, read_jsonl
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 CUDA_BF16 = ["--device", "cuda", "--dtype", "bfloat16"]
 
@@ -26,20 +24,8 @@ CUDA_BF16 = ["--device", "cuda", "--dtype", "bfloat16"]
 @pytest.fixture(scope="module")
 def bf16_cache(tmp_path_factory, small_prefs):
     out = tmp_path_factory.mktemp("gpu") / "bf16"
-    result = invoke(
-        [
-            "precompute-ref",
-            small_prefs,
-            "--model",
-            MODEL,
-            "--out",
-            out,
-            "--batch-size",
-            8,
-            "--quiet",
-            *CUDA_BF16,
-        ]
-    )
+    result = invoke(["precompute-ref", small_prefs, "--model", MODEL, "--out", out, "--batch-size", 8,
+                     "--quiet", *CUDA_BF16])
     assert result.exit_code == 0, result.stderr
     return out
 
@@ -47,23 +33,8 @@ def bf16_cache(tmp_path_factory, small_prefs):
 def test_step0_check_passes_with_a_bf16_precompute(bf16_cache, tmp_path):
     """Training batches are padded differently from the precompute's, so bf16 sums can differ;
     dpocli's bf16 step-0 tolerance (0.5 on a summed log-prob) must hold, or the run stops."""
-    result = invoke(
-        [
-            "train",
-            bf16_cache,
-            "--model",
-            MODEL,
-            "--out",
-            tmp_path / "run",
-            "--max-steps",
-            1,
-            "--batch-size",
-            8,
-            "--json",
-            "--quiet",
-            *CUDA_BF16,
-        ]
-    )
+    result = invoke(["train", bf16_cache, "--model", MODEL, "--out", tmp_path / "run", "--max-steps",
+                     1, "--batch-size", 8, "--json", "--quiet", *CUDA_BF16])
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["step0_policy_is_reference"]
@@ -90,19 +61,8 @@ def test_packed_bf16_training_follows_the_padded_trajectory(bf16_cache, tmp_path
     completion tokens with random signs that is ~0.15 per summed log-prob, β = 0.1 turns it into
     ~0.015 in the DPO logit, and |d loss / d logit| ≤ 1. Three steps at lr 1e-4 move the weights
     too little to amplify it."""
-    args = [
-        "--model",
-        MODEL,
-        "--max-steps",
-        3,
-        "--batch-size",
-        8,
-        "--lr",
-        "1e-4",
-        "--no-shuffle",
-        "--quiet",
-        *CUDA_BF16,
-    ]
+    args = ["--model", MODEL, "--max-steps", 3, "--batch-size", 8, "--lr", "1e-4", "--no-shuffle",
+            "--quiet", *CUDA_BF16]
     assert invoke(["train", bf16_cache, "--out", tmp_path / "pad", *args]).exit_code == 0
     assert invoke(["train", bf16_cache, "--out", tmp_path / "pk", *args, *extra]).exit_code == 0
     padded = [r["loss"] for r in read_jsonl(tmp_path / "pad" / "metrics.jsonl") if "loss" in r]
@@ -116,12 +76,12 @@ def test_flex_kernel_on_cuda_matches_per_sequence_sdpa(monkeypatch):
     FlexAttention's forward AND backward against the per-sequence SDPA kernel, fp32 with TF32
     off, packed and prefix-shared, on a GQA model. 1e-4 allows for the two kernels' different
     softmax blocking in fp32."""
-    from test_attention import PAIRS
-    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AttentionInterface
 
     from dpocli.attention import ENV
     from dpocli.logprobs import CompletionScorer, sequence_logps
     from dpocli.packing import collate_packed, enable_packed_attention, packed_attention
+    from test_attention import PAIRS
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
@@ -136,10 +96,8 @@ def test_flex_kernel_on_cuda_matches_per_sequence_sdpa(monkeypatch):
                 model.zero_grad()
                 out = sequence_logps(CompletionScorer(model), batch)
                 (out.chosen_logps.sum() - 0.5 * out.rejected_logps.sum()).backward()
-                runs[kernel] = (
-                    torch.cat([out.chosen_logps, out.rejected_logps]).detach(),
-                    {n: p.grad.clone() for n, p in model.named_parameters()},
-                )
+                runs[kernel] = (torch.cat([out.chosen_logps, out.rejected_logps]).detach(),
+                                {n: p.grad.clone() for n, p in model.named_parameters()})
             (a, ga), (b, gb) = runs["sdpa"], runs["flex"]
             torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
             for name in ga:

@@ -16,28 +16,9 @@ def _fake_installed(monkeypatch, name: str, module: types.ModuleType) -> None:
 
 
 def _train(small_cache, run, report_to, *extra):
-    result = invoke(
-        [
-            "train",
-            small_cache,
-            "--model",
-            MODEL,
-            "--out",
-            run,
-            "--max-steps",
-            2,
-            "--batch-size",
-            8,
-            "--eval-cache",
-            small_cache,
-            "--eval-every",
-            1,
-            "--report-to",
-            report_to,
-            "--quiet",
-            *extra,
-        ]
-    )
+    result = invoke(["train", small_cache, "--model", MODEL, "--out", run, "--max-steps", 2,
+                     "--batch-size", 8, "--eval-cache", small_cache, "--eval-every", 1,
+                     "--report-to", report_to, "--quiet", *extra])
     assert result.exit_code == 0, result.stderr
     return read_jsonl(run / "metrics.jsonl")
 
@@ -79,7 +60,6 @@ def test_tensorboard_gets_hf_tags_at_the_step(small_cache, tmp_path, monkeypatch
 
         def close(self):
             pass
-
     fake = types.ModuleType("torch.utils.tensorboard")
     fake.SummaryWriter = SummaryWriter
     _fake_installed(monkeypatch, "torch.utils.tensorboard", fake)
@@ -119,8 +99,7 @@ def test_unknown_or_missing_sink_is_refused_before_writing(small_cache, tmp_path
     assert result.exit_code == 2 and "comet" in result.stderr and not (tmp_path / "a").exists()
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     for sink in ("tensorboard", "mlflow"):
-        result = invoke(
-            ["train", small_cache, "--model", MODEL, "--out", tmp_path / "b", "--report-to", sink]
-        )
+        result = invoke(["train", small_cache, "--model", MODEL, "--out", tmp_path / "b",
+                         "--report-to", sink])
         assert result.exit_code == 2 and f"pip install {sink}" in result.stderr
         assert not (tmp_path / "b").exists()

@@ -16,13 +16,8 @@ import torch
 
 from dpocli.batching import collate
 from dpocli.data import Example
-from dpocli.logprobs import (
-    CompletionScorer,
-    _ChunkedTokenLogps,
-    _head_is_plain_linear,
-    sequence_logps,
-    token_logps_from_hidden,
-)
+from dpocli.logprobs import (CompletionScorer, _ChunkedTokenLogps, _head_is_plain_linear,
+                             sequence_logps, token_logps_from_hidden)
 from dpocli.tokenization import TokenizedPair, tokenize_pair
 
 TOL = 1e-5
@@ -34,7 +29,6 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def model(model_dir):
     from transformers import AutoModelForCausalLM
-
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
@@ -44,16 +38,8 @@ def pairs(sample_rows, tokenizer) -> list[TokenizedPair]:
     """12 pairs of mixed lengths, standard and conversational."""
     out = []
     for i, row in enumerate(sample_rows[:12]):
-        ex = Example(
-            row["id"],
-            i,
-            row["prompt"],
-            row["chosen"],
-            row["rejected"],
-            isinstance(row["chosen"], list),
-            "train.jsonl",
-            i + 1,
-        )
+        ex = Example(row["id"], i, row["prompt"], row["chosen"], row["rejected"],
+                     isinstance(row["chosen"], list), "train.jsonl", i + 1)
         pair = tokenize_pair(ex, tokenizer, 1024)
         assert isinstance(pair, TokenizedPair)
         out.append(pair)
@@ -62,13 +48,8 @@ def pairs(sample_rows, tokenizer) -> list[TokenizedPair]:
 
 
 def batch_of(pairs, pad_id=0, pad_to_multiple_of=1):
-    return collate(
-        [p.prompt_ids for p in pairs],
-        [p.chosen_ids for p in pairs],
-        [p.rejected_ids for p in pairs],
-        pad_id,
-        pad_to_multiple_of,
-    )
+    return collate([p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs],
+                   [p.rejected_ids for p in pairs], pad_id, pad_to_multiple_of)
 
 
 def naive_sum(model, prompt_ids, completion_ids) -> float:
@@ -84,10 +65,8 @@ def naive_sum(model, prompt_ids, completion_ids) -> float:
 
 @pytest.fixture(scope="module")
 def naive(model, pairs):
-    return (
-        [naive_sum(model, p.prompt_ids, p.chosen_ids) for p in pairs],
-        [naive_sum(model, p.prompt_ids, p.rejected_ids) for p in pairs],
-    )
+    return ([naive_sum(model, p.prompt_ids, p.chosen_ids) for p in pairs],
+            [naive_sum(model, p.prompt_ids, p.rejected_ids) for p in pairs])
 
 
 def test_head_is_chunked_for_tiny_llama(model):
@@ -137,9 +116,7 @@ def test_padding_does_not_change_values(model, pairs, naive):
         assert abs(float(single.rejected_logps[0]) - naive[1][i]) < TOL
     for out in (padded, other_pad):
         assert torch.allclose(out.chosen_logps, torch.tensor(naive[0], dtype=torch.float64), rtol=0, atol=TOL)
-        assert torch.allclose(
-            out.rejected_logps, torch.tensor(naive[1], dtype=torch.float64), rtol=0, atol=TOL
-        )
+        assert torch.allclose(out.rejected_logps, torch.tensor(naive[1], dtype=torch.float64), rtol=0, atol=TOL)
 
 
 def test_chunked_head_equals_unchunked(model, pairs):
@@ -184,7 +161,6 @@ def test_chunked_head_gradients_equal_unchunked(model, pairs):
 
 # --- the custom autograd function on its own, float64 ---
 
-
 def small_problem(n=13, h=6, v=11, seed=0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, dtype=torch.float64, generator=g)
@@ -202,9 +178,8 @@ def test_forward_equals_plain_log_softmax(chunk):
     hidden, weight, labels = small_problem()
     expected = plain_token_logps(hidden, weight, labels)
     with torch.no_grad():
-        assert torch.allclose(
-            token_logps_from_hidden(hidden, weight, labels, chunk), expected, rtol=0, atol=1e-12
-        )
+        assert torch.allclose(token_logps_from_hidden(hidden, weight, labels, chunk), expected,
+                              rtol=0, atol=1e-12)
     got, _ = _ChunkedTokenLogps.apply(hidden.requires_grad_(), weight, labels, chunk)
     assert got.dtype == torch.float64 and torch.allclose(got, expected, rtol=0, atol=1e-12)
 
@@ -251,7 +226,4 @@ def test_gradcheck():
     hidden, weight, labels = small_problem(n=5, h=4, v=7, seed=3)
     assert torch.autograd.gradcheck(
         lambda h, w: _ChunkedTokenLogps.apply(h, w, labels, 2)[0],
-        (hidden.requires_grad_(), weight.requires_grad_()),
-        eps=1e-6,
-        atol=1e-8,
-    )
+        (hidden.requires_grad_(), weight.requires_grad_()), eps=1e-6, atol=1e-8)

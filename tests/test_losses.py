@@ -25,22 +25,8 @@ from dpocli.losses import (
 )
 
 ALL_LOSSES = [
-    "sigmoid",
-    "cdpo",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sigmoid_norm",
-    "sft",
+    "sigmoid", "cdpo", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft",
 ]
 
 # Hand-picked batch (B = 4) with differing lengths and no ties in any sorted quantity:
@@ -55,7 +41,6 @@ RL = [7, 14, 3, 20]
 
 
 # ---------------------------------------------------------------- independent reference (plain math)
-
 
 def lsig(x: float) -> float:
     """log σ(x), stable for either sign."""
@@ -97,21 +82,8 @@ def trl_accepts(names: tuple[str, ...], fdiv: str, eps: float) -> str | None:
     return None
 
 
-def expected(
-    name,
-    pc=PC,
-    pr=PR,
-    rc=RC,
-    rr=RR,
-    cl=CL,
-    rl=RL,
-    beta=0.1,
-    eps=0.0,
-    fdiv="reverse_kl",
-    alpha=1.0,
-    tau=0.05,
-    ipo_norm=True,
-) -> list[float]:
+def expected(name, pc=PC, pr=PR, rc=RC, rr=RR, cl=CL, rl=RL, beta=0.1, eps=0.0,
+             fdiv="reverse_kl", alpha=1.0, tau=0.05, ipo_norm=True) -> list[float]:
     """Per-pair loss list for loss `name`, straight from the formula tables."""
     b = beta
     dw = [c - r for c, r in zip(pc, rc)]
@@ -168,17 +140,10 @@ def expected(
 
 # ---------------------------------------------------------------- helpers
 
-
 def make_inputs(pc=PC, pr=PR, rc=RC, rr=RR, cl=CL, rl=RL, dtype=torch.float64, grad=False) -> LossInputs:
     t = lambda v: torch.tensor(v, dtype=dtype, requires_grad=grad)  # noqa: E731
-    return LossInputs(
-        t(pc),
-        t(pr),
-        torch.tensor(rc, dtype=dtype),
-        torch.tensor(rr, dtype=dtype),
-        torch.tensor(cl, dtype=torch.long),
-        torch.tensor(rl, dtype=torch.long),
-    )
+    return LossInputs(t(pc), t(pr), torch.tensor(rc, dtype=dtype), torch.tensor(rr, dtype=dtype),
+                      torch.tensor(cl, dtype=torch.long), torch.tensor(rl, dtype=torch.long))
 
 
 def assert_close(got: torch.Tensor, want: list[float], rel=1e-10, abs_=1e-10):
@@ -197,15 +162,8 @@ def test_registry_lists_every_loss_type():
 # (beta, eps): the default, a mid value with smoothing, and the small / large beta edges.
 SETTINGS = [(0.1, 0.0), (0.5, 0.2), (1e-3, 0.1), (10.0, 0.3)]
 # (f_divergence, α): α = 0.5 is the default; 1.0 is the reverse_kl fallback; α < 0 flips the sign.
-F_DIVS = [
-    ("reverse_kl", 0.5),
-    ("forward_kl", 0.5),
-    ("js_divergence", 0.5),
-    ("alpha_divergence", 0.5),
-    ("alpha_divergence", 1.5),
-    ("alpha_divergence", 1.0),
-    ("alpha_divergence", -0.5),
-]
+F_DIVS = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.5),
+          ("alpha_divergence", 1.5), ("alpha_divergence", 1.0), ("alpha_divergence", -0.5)]
 
 
 @pytest.mark.parametrize("beta,eps", SETTINGS)
@@ -230,11 +188,9 @@ def test_f_divergence_constants_survive_ipo_length_normalisation():
       js_divergence, u = ln 3: s = ln 2 + ln σ(ln 3) = ln(3/2)    -> (2/3·ln 1.5 - 1)²
       alpha_divergence α = 0.5, u = -2 ln 2: s = (2 - 1)/(-1/2) = -2 -> (-4/3 - 1)² = 49/9
     """
-    cases = [
-        ("forward_kl", 0.5, math.log(2), 4 / 9),
-        ("js_divergence", 0.5, math.log(3), (2 / 3 * math.log(1.5) - 1) ** 2),
-        ("alpha_divergence", 0.5, -2 * math.log(2), 49 / 9),
-    ]
+    cases = [("forward_kl", 0.5, math.log(2), 4 / 9),
+             ("js_divergence", 0.5, math.log(3), (2 / 3 * math.log(1.5) - 1) ** 2),
+             ("alpha_divergence", 0.5, -2 * math.log(2), 49 / 9)]
     for fdiv, alpha, u, want in cases:
         x = make_inputs(pc=[u], pr=[u], rc=[0.0], rr=[0.0], cl=[1], rl=[3])
         got = LOSSES["ipo"](x, LossSpec(losses=("ipo",), beta=0.5, f_divergence=fdiv, f_alpha=alpha))
@@ -291,9 +247,8 @@ def test_label_smoothing_that_no_loss_uses_is_refused(losses):
     err = _error(losses=losses, weights=(1.0,) * len(losses), label_smoothing=0.1)
     assert err.field == "label_smoothing" and "no effect" in str(err) and "cdpo" in err.hint
     # ...but accepted where one listed loss uses it, as TRL applies it there only.
-    validate_spec(
-        LossSpec(losses=(*losses, "robust"), weights=(1.0,) * (len(losses) + 1), label_smoothing=0.1)
-    )
+    validate_spec(LossSpec(losses=(*losses, "robust"), weights=(1.0,) * (len(losses) + 1),
+                           label_smoothing=0.1))
 
 
 def test_exo_pair_refuses_eps_zero():
@@ -302,9 +257,8 @@ def test_exo_pair_refuses_eps_zero():
     validate_spec(LossSpec(losses=("exo_pair",), label_smoothing=1e-3))
 
 
-@pytest.mark.parametrize(
-    "name", ["nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down"]
-)
+@pytest.mark.parametrize("name", ["nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
+                                  "apo_down"])
 def test_f_divergence_refused_where_trl_refuses_it(name):
     err = _error(losses=(name,), f_divergence="js_divergence")
     assert err.field == "f_divergence" and name in str(err)
@@ -326,21 +280,18 @@ def test_sft_is_token_mean_over_batch():
 
 
 def test_float32_in_float32_out():
-    out = compute_loss(
-        make_inputs(dtype=torch.float32), LossSpec(losses=("sigmoid", "ipo", "sft"), weights=(1.0, 1.0, 1.0))
-    )
+    out = compute_loss(make_inputs(dtype=torch.float32), LossSpec(losses=("sigmoid", "ipo", "sft"),
+                                                                  weights=(1.0, 1.0, 1.0)))
     assert out.loss.dtype == torch.float32 and out.per_pair_loss.dtype == torch.float32
     assert out.chosen_rewards.dtype == torch.float32
 
 
 # ---------------------------------------------------------------- large margins, small / large beta
 
-
 def _extreme(sign: float, dtype):
     """δ = sign·1e4 (Δw = sign·5e3, Δl = -sign·5e3), lengths 1; PC - PR = sign·1e4, reference 0."""
-    return make_inputs(
-        pc=[sign * 5e3], pr=[-sign * 5e3], rc=[0.0], rr=[0.0], cl=[1], rl=[1], dtype=dtype, grad=True
-    )
+    return make_inputs(pc=[sign * 5e3], pr=[-sign * 5e3], rc=[0.0], rr=[0.0], cl=[1], rl=[1],
+                       dtype=dtype, grad=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -358,17 +309,17 @@ def test_large_margin_is_finite_with_finite_gradients(name, sign, dtype):
 # β = 0.1, |δ| = 1e4 -> z = ±1000. Asymptotes derived by hand (ε = 0.2 where used):
 ASYMPTOTES = {
     # name: (value at z = +1000, value at z = -1000)
-    "sigmoid_eps0": (0.0, 1000.0),  # -log σ(z): 0 and |z| = β·|δ|
-    "hinge": (0.0, 1001.0),  # max(0, 1 - z)
-    "cdpo": (0.2 * 1000, 0.8 * 1000),  # -(1-ε)·log σ(z) - ε·log σ(-z)
+    "sigmoid_eps0": (0.0, 1000.0),                 # -log σ(z): 0 and |z| = β·|δ|
+    "hinge": (0.0, 1001.0),                        # max(0, 1 - z)
+    "cdpo": (0.2 * 1000, 0.8 * 1000),              # -(1-ε)·log σ(z) - ε·log σ(-z)
     "robust": (-0.2 * 1000 / 0.6, 0.8 * 1000 / 0.6),
     "exo_pair": (-math.log(0.8), -math.log(0.2)),
     "discopop": (0.0, 1000.0),
-    "nca_pair": (0.0 + 250.0, 500.0 + 250.0),  # β·s_w = ±500, β·s_l = ∓500
+    "nca_pair": (0.0 + 250.0, 500.0 + 250.0),      # β·s_w = ±500, β·s_l = ∓500
     "bco_pair": (0.0, 1000.0),
     "apo_zero": (0.0, 2.0),
     "apo_down": (1.0, 1.0),
-    "sigmoid_norm": (0.0, 1000.0),  # lengths 1
+    "sigmoid_norm": (0.0, 1000.0),                 # lengths 1
 }
 
 
@@ -389,10 +340,7 @@ def test_discopop_does_not_nan_where_the_literal_formula_would():
 
 # ---------------------------------------------------------------- gradients
 
-
-@pytest.mark.parametrize(
-    "fdiv,alpha", [("reverse_kl", 1.0), ("js_divergence", 1.0), ("alpha_divergence", 0.5)]
-)
+@pytest.mark.parametrize("fdiv,alpha", [("reverse_kl", 1.0), ("js_divergence", 1.0), ("alpha_divergence", 0.5)])
 @pytest.mark.parametrize("name", ALL_LOSSES)
 def test_gradcheck(name, fdiv, alpha):
     # Inputs have no ties (aot sorts stay differentiable) and no hinge kink (1 - βδ ≠ 0).
@@ -400,9 +348,7 @@ def test_gradcheck(name, fdiv, alpha):
     base = make_inputs()
 
     def fn(pc, pr):
-        x = LossInputs(
-            pc, pr, base.ref_chosen_logps, base.ref_rejected_logps, base.chosen_len, base.rejected_len
-        )
+        x = LossInputs(pc, pr, base.ref_chosen_logps, base.ref_rejected_logps, base.chosen_len, base.rejected_len)
         return LOSSES[name](x, spec)
 
     pc = base.policy_chosen_logps.clone().requires_grad_(True)
@@ -415,9 +361,7 @@ def test_gradcheck_compute_loss_combination():
     base = make_inputs()
 
     def fn(pc, pr):
-        x = LossInputs(
-            pc, pr, base.ref_chosen_logps, base.ref_rejected_logps, base.chosen_len, base.rejected_len
-        )
+        x = LossInputs(pc, pr, base.ref_chosen_logps, base.ref_rejected_logps, base.chosen_len, base.rejected_len)
         return compute_loss(x, spec).loss
 
     pc = base.policy_chosen_logps.clone().requires_grad_(True)
@@ -436,7 +380,6 @@ def test_sigmoid_gradient_closed_form():
 
 # ---------------------------------------------------------------- policy == reference
 
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-7)])
 def test_policy_equals_reference_gives_ln2_and_zero_rewards(dtype, tol):
     x = make_inputs(pc=PC, pr=PR, rc=PC, rr=PR, dtype=dtype)
@@ -452,7 +395,6 @@ def test_policy_equals_reference_gives_ln2_and_zero_rewards(dtype, tol):
 
 
 # ---------------------------------------------------------------- combination and output record
-
 
 def test_sigmoid_plus_sft_combination():
     names, weights = parse_loss_list("sigmoid,sft", "1,0.5")
@@ -481,7 +423,6 @@ def test_rewards_use_plain_log_ratios_under_f_divergence():
 
 # ---------------------------------------------------------------- validation and parsing
 
-
 def _error(**kw) -> DpocliError:
     with pytest.raises(DpocliError) as info:
         validate_spec(LossSpec(**kw))
@@ -502,17 +443,10 @@ def test_weights_mismatch():
     assert err.field == "weights"
 
 
-@pytest.mark.parametrize(
-    "losses,eps,ok",
-    [
-        (("cdpo",), 0.5, True),
-        (("sigmoid",), 0.0, True),
-        (("cdpo",), 0.51, False),
-        (("cdpo",), -0.1, False),
-        (("robust",), 0.49, True),
-        (("robust",), 0.5, False),
-    ],
-)
+@pytest.mark.parametrize("losses,eps,ok", [
+    (("cdpo",), 0.5, True), (("sigmoid",), 0.0, True), (("cdpo",), 0.51, False),
+    (("cdpo",), -0.1, False), (("robust",), 0.49, True), (("robust",), 0.5, False),
+])
 def test_label_smoothing_range(losses, eps, ok):
     spec = LossSpec(losses=losses, label_smoothing=eps)
     if ok:
@@ -521,18 +455,11 @@ def test_label_smoothing_range(losses, eps, ok):
         assert _error(losses=losses, label_smoothing=eps).field == "label_smoothing"
 
 
-@pytest.mark.parametrize(
-    "kw,field",
-    [
-        ({"beta": 0.0}, "beta"),
-        ({"beta": -1.0}, "beta"),
-        ({"beta": float("nan")}, "beta"),
-        ({"f_divergence": "reverse_kll"}, "f_divergence"),
-        ({"discopop_tau": 0.0}, "discopop_tau"),
-        ({"losses": ()}, "losses"),
-        ({"losses": ("sigmoid", "sigmoid"), "weights": (1.0, 1.0)}, "losses"),
-    ],
-)
+@pytest.mark.parametrize("kw,field", [
+    ({"beta": 0.0}, "beta"), ({"beta": -1.0}, "beta"), ({"beta": float("nan")}, "beta"),
+    ({"f_divergence": "reverse_kll"}, "f_divergence"), ({"discopop_tau": 0.0}, "discopop_tau"),
+    ({"losses": ()}, "losses"), ({"losses": ("sigmoid", "sigmoid"), "weights": (1.0, 1.0)}, "losses"),
+])
 def test_other_spec_errors(kw, field):
     assert _error(**kw).field == field
 
@@ -554,27 +481,17 @@ def test_parse_loss_list():
 
 # ---- WPO (use_weighting) and LD-DPO's plain sums for sft ----
 
-
 def _wpo_inputs(**extra) -> LossInputs:
     t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    return LossInputs(
-        t(-10.0, -4.0),
-        t(-12.0, -3.0),
-        t(-11.0, -4.0),
-        t(-11.0, -3.5),
-        torch.tensor([4, 2]),
-        torch.tensor([3, 5]),
-        **extra,
-    )
+    return LossInputs(t(-10.0, -4.0), t(-12.0, -3.0), t(-11.0, -4.0), t(-11.0, -3.5),
+                      torch.tensor([4, 2]), torch.tensor([3, 5]), **extra)
 
 
 def test_wpo_multiplies_every_loss_by_the_pair_weights():
     """Pair 0: w_w = exp(-2/4), w_l = exp(-3/3), so the weight is exp(-1.5); pair 1: exp(-1/2)·exp(-5/5).
     h_0 = (−10+11) − (−12+11) = 2 and h_1 = 0 − 0.5 = −0.5; sigmoid loss −log σ(0.1·h)."""
-    x = _wpo_inputs(
-        chosen_wpo_logps=torch.tensor([-2.0, -1.0], dtype=torch.float64),
-        rejected_wpo_logps=torch.tensor([-3.0, -5.0], dtype=torch.float64),
-    )
+    x = _wpo_inputs(chosen_wpo_logps=torch.tensor([-2.0, -1.0], dtype=torch.float64),
+                    rejected_wpo_logps=torch.tensor([-3.0, -5.0], dtype=torch.float64))
     spec = LossSpec(losses=("sigmoid", "sft"), weights=(1.0, 0.5), use_weighting=True)
     out = compute_loss(x, spec)
     w = [math.exp(-1.5), math.exp(-1.5)]

@@ -29,68 +29,35 @@ def _id(r: dict) -> str:
 
 
 def _spec(r: dict) -> LossSpec:
-    return LossSpec(
-        losses=(r["loss"],),
-        beta=r["beta"],
-        label_smoothing=r["label_smoothing"],
-        f_divergence=r["f_divergence"],
-        f_alpha=r.get("f_alpha", 0.5),
-        discopop_tau=FIXTURE["discopop_tau"],
-    )
+    return LossSpec(losses=(r["loss"],), beta=r["beta"], label_smoothing=r["label_smoothing"],
+                    f_divergence=r["f_divergence"], f_alpha=r.get("f_alpha", 0.5),
+                    discopop_tau=FIXTURE["discopop_tau"])
 
 
 def _inputs(batch: dict) -> LossInputs:
     """The batch in float32, with policy sums rounded as TRL's saw them: the generator spreads each
     sum evenly over its completion tokens and TRL sums them back over a padded row."""
-
     def trl_sum(totals, lens):
-        width = max(
-            FIXTURE["batches"]["hand"]["chosen_len"]
-            + FIXTURE["batches"]["hand"]["rejected_len"]
-            + batch["chosen_len"]
-            + batch["rejected_len"]
-        )
+        width = max(FIXTURE["batches"]["hand"]["chosen_len"] + FIXTURE["batches"]["hand"]["rejected_len"]
+                    + batch["chosen_len"] + batch["rejected_len"])
         rows = torch.zeros(len(totals), width, dtype=torch.float32)
         for i, (total, n) in enumerate(zip(totals, lens)):
             rows[i, :n] = total / n
         return rows.sum(dim=1)
-
     f32 = lambda key: torch.tensor(batch[key], dtype=torch.float32)  # noqa: E731
-    return LossInputs(
-        trl_sum(batch["policy_chosen_logps"], batch["chosen_len"]),
-        trl_sum(batch["policy_rejected_logps"], batch["rejected_len"]),
-        f32("ref_chosen_logps"),
-        f32("ref_rejected_logps"),
-        torch.tensor(batch["chosen_len"]),
-        torch.tensor(batch["rejected_len"]),
-    )
+    return LossInputs(trl_sum(batch["policy_chosen_logps"], batch["chosen_len"]),
+                      trl_sum(batch["policy_rejected_logps"], batch["rejected_len"]),
+                      f32("ref_chosen_logps"), f32("ref_rejected_logps"),
+                      torch.tensor(batch["chosen_len"]), torch.tensor(batch["rejected_len"]))
 
 
 def test_fixture_covers_every_trl_loss_and_f_divergence():
     assert FIXTURE["trl_version"] == "1.16.0"
     assert {r["loss"] for r in RECORDS} == {
-        "sigmoid",
-        "hinge",
-        "ipo",
-        "exo_pair",
-        "nca_pair",
-        "robust",
-        "bco_pair",
-        "sppo_hard",
-        "aot",
-        "aot_unpaired",
-        "apo_zero",
-        "apo_down",
-        "discopop",
-        "sft",
-        "sigmoid_norm",
-    }
-    assert {r["f_divergence"] for r in RECORDS} == {
-        "reverse_kl",
-        "forward_kl",
-        "js_divergence",
-        "alpha_divergence",
-    }
+        "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+        "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"}
+    assert {r["f_divergence"] for r in RECORDS} == {"reverse_kl", "forward_kl", "js_divergence",
+                                                    "alpha_divergence"}
     assert any("refused" in r for r in RECORDS) and any("loss_by_batch" in r for r in RECORDS)
 
 
@@ -113,14 +80,9 @@ def test_eps_that_trl_ignores_is_refused(record):
         validate_spec(_spec(record))
     assert info.value.field == "label_smoothing"
     # The fact behind the refusal: TRL's value with ε is its value without ε.
-    plain = next(
-        r
-        for r in RECORDS
-        if "loss_by_batch" in r
-        and r["label_smoothing"] == 0.0
-        and all(r[k] == record[k] for k in ("loss", "f_divergence", "beta"))
-        and r.get("f_alpha") == record.get("f_alpha")
-    )
+    plain = next(r for r in RECORDS if "loss_by_batch" in r and r["label_smoothing"] == 0.0
+                 and all(r[k] == record[k] for k in ("loss", "f_divergence", "beta"))
+                 and r.get("f_alpha") == record.get("f_alpha"))
     assert plain["loss_by_batch"] == record["loss_by_batch"]
 
 
@@ -130,9 +92,8 @@ def test_eps_that_trl_ignores_is_refused(record):
 REL_TOL = 2e-6
 
 
-@pytest.mark.parametrize(
-    "record", [r for r in RECORDS if "loss_by_batch" in r and not _ignored_eps(r)], ids=_id
-)
+@pytest.mark.parametrize("record", [r for r in RECORDS if "loss_by_batch" in r and not _ignored_eps(r)],
+                         ids=_id)
 def test_value_equals_trl(record):
     spec = _spec(record)
     for name, batch in FIXTURE["batches"].items():

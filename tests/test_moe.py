@@ -21,24 +21,13 @@ def build_tiny_mixtral(out: Path) -> float:
     """Save the tiny Mixtral to `out`; returns the sum of its weights (to check a rebuild)."""
     import torch
     import transformers as tf
-
     base = tf.AutoConfig.from_pretrained(MODEL)
     torch.manual_seed(0)
-    config = tf.MixtralConfig(
-        vocab_size=base.vocab_size,
-        hidden_size=32,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        router_aux_loss_coef=0.02,
-        bos_token_id=base.bos_token_id,
-        eos_token_id=base.eos_token_id,
-        pad_token_id=base.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    config = tf.MixtralConfig(vocab_size=base.vocab_size, hidden_size=32, intermediate_size=32,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02,
+                              bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id,
+                              pad_token_id=base.pad_token_id, tie_word_embeddings=False)
     model = tf.MixtralForCausalLM(config)
     model.save_pretrained(out)
     tf.AutoTokenizer.from_pretrained(MODEL).save_pretrained(out)
@@ -58,17 +47,8 @@ def moe(tmp_path_factory) -> dict:
     assert weight_sum == pytest.approx(trl["weight_sum"], abs=1e-6)  # the fixture's model, rebuilt
     rows = standard_rows(trl["settings"]["rows"])
     assert [r["id"] for r in rows] == trl["row_ids"]
-    result = invoke(
-        [
-            "precompute-ref",
-            write_jsonl(root / "rows.jsonl", rows),
-            "--model",
-            root / "model",
-            "--out",
-            root / "cache",
-            "--quiet",
-        ]
-    )
+    result = invoke(["precompute-ref", write_jsonl(root / "rows.jsonl", rows), "--model", root / "model",
+                     "--out", root / "cache", "--quiet"])
     assert result.exit_code == 0, result.stderr
     return {"trl": trl, "model": root / "model", "cache": root / "cache"}
 
@@ -78,25 +58,9 @@ def moe(tmp_path_factory) -> dict:
 def test_trajectory_with_router_aux_loss_equals_trl(run, moe, tmp_path):
     s = moe["trl"]["settings"]
     extra = ["--router-aux-loss-coef", 0.1] if run == "coef_0.1" else []
-    result = invoke(
-        [
-            "train",
-            moe["cache"],
-            "--model",
-            moe["model"],
-            "--out",
-            tmp_path / "r",
-            "--no-shuffle",
-            "--max-steps",
-            s["steps"],
-            "--batch-size",
-            s["batch_size"],
-            "--lr",
-            s["lr"],
-            "--quiet",
-            *extra,
-        ]
-    )
+    result = invoke(["train", moe["cache"], "--model", moe["model"], "--out", tmp_path / "r", "--no-shuffle",
+                     "--max-steps", s["steps"], "--batch-size", s["batch_size"], "--lr", s["lr"], "--quiet",
+                     *extra])
     assert result.exit_code == 0, result.stderr
     got = [r for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "loss" in r]
     want = moe["trl"]["runs"][run]
@@ -108,30 +72,16 @@ def test_trajectory_with_router_aux_loss_equals_trl(run, moe, tmp_path):
 
 
 def test_zero_coefficient_turns_it_off(moe, tmp_path):
-    result = invoke(
-        [
-            "train",
-            moe["cache"],
-            "--model",
-            moe["model"],
-            "--out",
-            tmp_path / "r",
-            "--max-steps",
-            1,
-            "--router-aux-loss-coef",
-            0,
-            "--quiet",
-        ]
-    )
+    result = invoke(["train", moe["cache"], "--model", moe["model"], "--out", tmp_path / "r",
+                     "--max-steps", 1, "--router-aux-loss-coef", 0, "--quiet"])
     assert result.exit_code == 0, result.stderr
     first = read_jsonl(tmp_path / "r" / "metrics.jsonl")[0]
     assert "aux_loss" not in first and first["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
 
 
 def test_refused_for_a_model_without_router_logits(small_cache, tmp_path):
-    result = invoke(
-        ["train", small_cache, "--model", MODEL, "--out", tmp_path / "r", "--router-aux-loss-coef", 0.01]
-    )
+    result = invoke(["train", small_cache, "--model", MODEL, "--out", tmp_path / "r",
+                     "--router-aux-loss-coef", 0.01])
     assert result.exit_code == 2
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "--router-aux-loss-coef" in lines[0] and "Mixture-of-Experts" in lines[0]

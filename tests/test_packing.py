@@ -14,11 +14,9 @@ from dpocli.batching import collate
 from dpocli.logprobs import CompletionScorer, sequence_logps
 from dpocli.packing import PACKED_ATTENTION, PackedBatch, PackedUnit, collate_packed
 
-PAIRS = (
-    [[1, 50, 60, 70, 80], [1, 44, 45], [1, 9, 10, 11, 12, 13, 14]],
-    [[90, 91, 92], [7, 8, 2], [20, 2]],
-    [[93, 94], [30, 31, 32, 33, 2], [2]],
-)
+PAIRS = ([[1, 50, 60, 70, 80], [1, 44, 45], [1, 9, 10, 11, 12, 13, 14]],
+         [[90, 91, 92], [7, 8, 2], [20, 2]],
+         [[93, 94], [30, 31, 32, 33, 2], [2]])
 
 
 def test_layouts_by_hand():
@@ -44,7 +42,6 @@ def test_layouts_by_hand():
 @pytest.fixture(scope="module")
 def model64():
     from transformers import AutoModelForCausalLM
-
     # fp64, so that "equal" can mean equal to ~1e-12 rather than to fp32 noise
     return AutoModelForCausalLM.from_pretrained(MODEL).double()
 
@@ -66,9 +63,8 @@ def test_packed_scores_and_gradients_equal_the_padded_layout(model64, share_pref
     torch.testing.assert_close(b.rejected_logps, a.rejected_logps, atol=1e-12, rtol=0)
     assert b.chosen_len.tolist() == a.chosen_len.tolist() == [3, 3, 2]
     assert b.rejected_len.tolist() == a.rejected_len.tolist() == [2, 5, 1]
-    for x, y in zip(
-        a.chosen_token_logps + a.rejected_token_logps, b.chosen_token_logps + b.rejected_token_logps
-    ):
+    for x, y in zip(a.chosen_token_logps + a.rejected_token_logps,
+                    b.chosen_token_logps + b.rejected_token_logps):
         torch.testing.assert_close(y, x, atol=1e-6, rtol=0)  # token values are kept as fp32
     # Llama's RMSNorm computes in fp32 even in an fp64 model, so a shared prompt's gradient (one
     # fp32 sum of the chosen and rejected terms, instead of two rows) agrees to fp32 precision.
@@ -80,15 +76,8 @@ def test_packed_scores_and_gradients_equal_the_padded_layout(model64, share_pref
 def test_a_layout_that_lets_sequences_see_each_other_scores_differently(model64):
     """The control for the test above: the units are what keeps sequences apart."""
     good = collate_packed(*PAIRS)
-    leaky = PackedBatch(
-        good.input_ids,
-        good.position_ids,
-        good.score_from,
-        good.labels,
-        good.segments,
-        (PackedUnit(0, good.num_tokens),),
-        good.num_pairs,
-    )
+    leaky = PackedBatch(good.input_ids, good.position_ids, good.score_from, good.labels,
+                        good.segments, (PackedUnit(0, good.num_tokens),), good.num_pairs)
     scorer = CompletionScorer(model64)
     with torch.no_grad():
         a, b = sequence_logps(scorer, good), sequence_logps(scorer, leaky)
@@ -98,7 +87,6 @@ def test_a_layout_that_lets_sequences_see_each_other_scores_differently(model64)
 
 def test_a_packed_model_still_scores_padded_batches_and_generates():
     from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(MODEL)
     scorer = CompletionScorer(model)
     prompt = torch.tensor([[1, 50, 60, 70]])
@@ -127,26 +115,9 @@ def test_packed_gradient_checkpointing_equals_the_plain_path(model64):
 
 def test_packed_precompute_equals_padded_and_eval_replays_it_exactly(small_prefs, small_cache, tmp_path):
     packed = tmp_path / "packed"
-    assert (
-        invoke(
-            [
-                "precompute-ref",
-                small_prefs,
-                "--model",
-                MODEL,
-                "--out",
-                packed,
-                "--packing",
-                "--prefix-sharing",
-                "--rows-per-shard",
-                16,
-                "--batch-size",
-                8,
-                "--quiet",
-            ]
-        ).exit_code
-        == 0
-    )
+    assert invoke(["precompute-ref", small_prefs, "--model", MODEL, "--out", packed, "--packing",
+                   "--prefix-sharing", "--rows-per-shard", 16, "--batch-size", 8,
+                   "--quiet"]).exit_code == 0
     manifest = json.loads((packed / "manifest.json").read_text())
     layout = manifest["spec"]["batching"]
     assert layout["packing"] is True and layout["prefix_sharing"] is True
@@ -159,7 +130,8 @@ def test_packed_precompute_equals_padded_and_eval_replays_it_exactly(small_prefs
 
 @pytest.mark.parametrize("extra", [["--packing"], ["--packing", "--prefix-sharing"]])
 def test_packed_training_follows_the_padded_trajectory(small_cache, tmp_path, extra):
-    args = ["--model", MODEL, "--max-steps", 3, "--batch-size", 8, "--lr", "1e-3", "--no-shuffle", "--quiet"]
+    args = ["--model", MODEL, "--max-steps", 3, "--batch-size", 8, "--lr", "1e-3", "--no-shuffle",
+            "--quiet"]
     assert invoke(["train", small_cache, "--out", tmp_path / "pad", *args]).exit_code == 0
     assert invoke(["train", small_cache, "--out", tmp_path / "pk", *args, *extra]).exit_code == 0
     padded = [r["loss"] for r in read_jsonl(tmp_path / "pad" / "metrics.jsonl") if "loss" in r]
@@ -171,19 +143,8 @@ def test_packed_training_follows_the_padded_trajectory(small_cache, tmp_path, ex
 
 
 def test_packing_with_another_attention_implementation_is_refused(small_cache, tmp_path):
-    result = invoke(
-        [
-            "train",
-            small_cache,
-            "--model",
-            MODEL,
-            "--out",
-            tmp_path / "r",
-            "--packing",
-            "--attn-implementation",
-            "eager",
-        ]
-    )
+    result = invoke(["train", small_cache, "--model", MODEL, "--out", tmp_path / "r", "--packing",
+                     "--attn-implementation", "eager"])
     assert result.exit_code == 2 and "--packing" in result.stderr
     assert not (tmp_path / "r").exists()
 
@@ -193,18 +154,10 @@ def test_packed_attention_keeps_a_models_sliding_window(share_prefix):
     """A Mistral with a 4-token window: transformers' own windowed mask on the padded layout is
     the independent reference (sequences here are up to 9 tokens, so the window bites)."""
     from transformers import MistralConfig, MistralForCausalLM
-
     torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=4,
-        attn_implementation="sdpa",
-    )
+    config = MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
+                           attn_implementation="sdpa")
     model = MistralForCausalLM(config).double().eval()
     scorer = CompletionScorer(model)
     with torch.no_grad():
@@ -220,9 +173,7 @@ def test_packed_attention_keeps_a_models_sliding_window(share_prefix):
 def test_packed_attention_refuses_attention_it_cannot_reproduce():
     from dpocli.errors import DpocliError
     from dpocli.packing import LAYOUT_KWARG, packed_attention
-
     q = torch.zeros(1, 2, 3, 4)
     with pytest.raises(DpocliError, match="soft-capping"):
-        packed_attention(
-            torch.nn.Module(), q, q, q, None, softcap=50.0, **{LAYOUT_KWARG: (PackedUnit(0, 3),)}
-        )
+        packed_attention(torch.nn.Module(), q, q, q, None, softcap=50.0,
+                         **{LAYOUT_KWARG: (PackedUnit(0, 3),)})

@@ -14,11 +14,12 @@ import shutil
 import pytest
 import torch
 
-from conftest import MODEL, invoke, read_jsonl, write_jsonl
 from dpocli import cache
 from dpocli.cache import load_cache, read_manifest
 from dpocli.data import Example
 from dpocli.tokenization import tokenize_pair
+
+from conftest import MODEL, invoke, read_jsonl, write_jsonl
 
 TOL = 1e-5
 
@@ -28,7 +29,6 @@ TOL = 1e-5
 
 # --- helpers and local fixtures ---
 
-
 def precompute(inp, out, *extra):
     return invoke(["precompute-ref", inp, "--model", MODEL, "--out", out, *extra])
 
@@ -37,11 +37,9 @@ def by_id(cache_dir) -> dict[str, dict]:
     _, data = load_cache(cache_dir)
     rows = {}
     for i, row_id in enumerate(data.ids):
-        rows[row_id] = {
-            "chosen": float(data.scalars["ref_chosen_logps"][i]),
-            "rejected": float(data.scalars["ref_rejected_logps"][i]),
-            "ids": [data.row_list(n, i).tolist() for n in cache.ID_COLUMNS],
-        }
+        rows[row_id] = {"chosen": float(data.scalars["ref_chosen_logps"][i]),
+                        "rejected": float(data.scalars["ref_rejected_logps"][i]),
+                        "ids": [data.row_list(n, i).tolist() for n in cache.ID_COLUMNS]}
     return rows
 
 
@@ -67,7 +65,6 @@ def error_line(result) -> str:
 @pytest.fixture(scope="module")
 def model(model_dir):
     from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
@@ -75,9 +72,8 @@ def model(model_dir):
 def tiny_prefs(tmp_path_factory, sample_rows):
     """16 rows (12 standard, 4 conversational, not in small_prefs) for runs that need several caches."""
     rest = sample_rows[48:]
-    rows = [r for r in rest if isinstance(r["chosen"], str)][:12] + [
-        r for r in rest if isinstance(r["chosen"], list)
-    ][:4]
+    rows = ([r for r in rest if isinstance(r["chosen"], str)][:12]
+            + [r for r in rest if isinstance(r["chosen"], list)][:4])
     random.Random(1).shuffle(rows)
     assert len(rows) == 16
     return write_jsonl(tmp_path_factory.mktemp("tiny") / "tiny.jsonl", rows)
@@ -102,7 +98,6 @@ def naive_sum(model, prompt_ids, completion_ids) -> float:
 
 # --- values ---
 
-
 def test_cached_values_equal_token_by_token_recomputation(small_cache, sample_rows, model, tokenizer):
     manifest, data = load_cache(small_cache)
     assert manifest.complete and data.num_rows == 48 and len(manifest.shards) == 3
@@ -112,20 +107,8 @@ def test_cached_values_equal_token_by_token_recomputation(small_cache, sample_ro
     for i, row_id in list(enumerate(data.ids))[::2]:  # every other row: 24 pairs, both formats
         prompt, chosen, rejected = (data.row_list(n, i).tolist() for n in cache.ID_COLUMNS)
         row = rows[row_id]
-        pair = tokenize_pair(
-            Example(
-                row_id,
-                i,
-                row["prompt"],
-                row["chosen"],
-                row["rejected"],
-                isinstance(row["chosen"], list),
-                "f",
-                i + 1,
-            ),
-            tokenizer,
-            1024,
-        )
+        pair = tokenize_pair(Example(row_id, i, row["prompt"], row["chosen"], row["rejected"],
+                                     isinstance(row["chosen"], list), "f", i + 1), tokenizer, 1024)
         assert (prompt, chosen, rejected) == (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids)
         assert data.scalars["chosen_len"][i] == len(chosen)
         assert data.scalars["rejected_len"][i] == len(rejected)
@@ -169,27 +152,17 @@ def test_token_logps_sum_to_the_summed_columns(tmp_path, tiny_prefs, tiny_cache)
             tokens = data.row_list(f"ref_{side}_token_logps", i)
             assert tokens.shape == (int(data.scalars[f"{side}_len"][i]),)
             assert (tokens < 0).all()
-            assert (
-                abs(float(tokens.astype("float64").sum()) - float(data.scalars[f"ref_{side}_logps"][i]))
-                < 1e-9
-            )
+            assert abs(float(tokens.astype("float64").sum()) - float(data.scalars[f"ref_{side}_logps"][i])) < 1e-9
     assert_same_values(by_id(out), by_id(tiny_cache))
 
 
 # --- resume and idempotence ---
 
-
-@pytest.mark.parametrize(
-    "target,error,k",
-    [
-        ("write_shard", KeyboardInterrupt, 1),
-        ("write_shard", RuntimeError, 2),
-        ("commit_manifest", KeyboardInterrupt, 1),
-    ],
-)
-def test_interrupted_run_resumes_to_identical_cache(
-    tmp_path, monkeypatch, tiny_prefs, tiny_cache, target, error, k
-):
+@pytest.mark.parametrize("target,error,k", [("write_shard", KeyboardInterrupt, 1),
+                                            ("write_shard", RuntimeError, 2),
+                                            ("commit_manifest", KeyboardInterrupt, 1)])
+def test_interrupted_run_resumes_to_identical_cache(tmp_path, monkeypatch, tiny_prefs, tiny_cache,
+                                                    target, error, k):
     """Fail on the (k+1)-th call of `target`, rerun the same command: the shards are byte-identical
     to an uninterrupted run's, and only the shards not listed in the manifest are scored.
 
@@ -204,7 +177,6 @@ def test_interrupted_run_resumes_to_identical_cache(
             if len(failing) == k + 1 + (target == "commit_manifest"):
                 raise error("simulated crash")
             return real(*args, **kwargs)
-
         return wrapper
 
     out = tmp_path / "cache"
@@ -261,14 +233,9 @@ def test_rerun_of_complete_cache_is_a_no_op(small_prefs, small_cache):
     assert files_of(small_cache) == before
 
 
-@pytest.mark.parametrize(
-    "extra,field",
-    [
-        (["--max-length", "512"], "max_length"),
-        (["--token-logps"], "token_logps"),
-        (["--rows-per-shard", "5"], "rows_per_shard"),
-    ],
-)
+@pytest.mark.parametrize("extra,field", [(["--max-length", "512"], "max_length"),
+                                         (["--token-logps"], "token_logps"),
+                                         (["--rows-per-shard", "5"], "rows_per_shard")])
 def test_different_arguments_are_refused_unless_overwrite(tmp_path, tiny_prefs, tiny_cache, extra, field):
     out = tmp_path / "cache"
     shutil.copytree(tiny_cache, out)
@@ -300,10 +267,8 @@ def test_foreign_folder_is_refused(tmp_path, tiny_prefs):
 
 # --- output streams ---
 
-
 def test_json_stdout_is_one_object_and_logs_go_to_stderr(tmp_path, monkeypatch, tiny_prefs):
     import dpocli.precompute as precompute_module
-
     real = precompute_module.weights_fingerprint
 
     def noisy(*args, **kwargs):
@@ -312,9 +277,7 @@ def test_json_stdout_is_one_object_and_logs_go_to_stderr(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(precompute_module, "weights_fingerprint", noisy)
     # A pair with chosen == rejected is kept with a warning: a log line that must go to stderr.
-    rows = read_jsonl(tiny_prefs)[:6] + [
-        {"id": "same", "prompt": "Q?\nAnswer:", "chosen": " A", "rejected": " A"}
-    ]
+    rows = read_jsonl(tiny_prefs)[:6] + [{"id": "same", "prompt": "Q?\nAnswer:", "chosen": " A", "rejected": " A"}]
     inp = write_jsonl(tmp_path / "p.jsonl", rows)
     result = precompute(inp, tmp_path / "cache", "--json")
     assert result.exit_code == 0, result.stderr
@@ -325,9 +288,7 @@ def test_json_stdout_is_one_object_and_logs_go_to_stderr(tmp_path, monkeypatch, 
 
     table = precompute(inp, tmp_path / "cache")  # human summary: stdout, no JSON
     assert table.exit_code == 0 and "already_complete" in table.stdout
-    assert "already complete" in table.stderr and "already complete" not in table.stdout.replace(
-        "already_complete", ""
-    )
+    assert "already complete" in table.stderr and "already complete" not in table.stdout.replace("already_complete", "")
 
 
 def test_cache_info_json(small_cache):
@@ -349,39 +310,20 @@ GOOD = {"prompt": "What is 2+2?\nAnswer:", "chosen": " 4", "rejected": " 5"}
 
 def bad_file(tmp_path, bad_line: str):
     path = tmp_path / "prefs.jsonl"
-    path.write_text(
-        json.dumps(GOOD) + "\n" + json.dumps(dict(GOOD, prompt="Hi\nAnswer:")) + "\n" + bad_line + "\n"
-    )
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(dict(GOOD, prompt="Hi\nAnswer:")) + "\n"
+                    + bad_line + "\n")
     return path
 
 
-@pytest.mark.parametrize(
-    "case,bad_line,field,extra",
-    [
-        ("invalid_json", '{"prompt": "a", "chosen": "b", ', None, []),
-        ("missing_column", json.dumps({"prompt": "a", "chosen": " b"}), "rejected", []),
-        ("wrong_type", json.dumps({"prompt": "a", "chosen": 5, "rejected": " c"}), "chosen", []),
-        (
-            "wrong_message",
-            json.dumps(
-                {
-                    "prompt": [{"role": "user"}],
-                    "chosen": [{"role": "assistant", "content": "x"}],
-                    "rejected": [{"role": "assistant", "content": "y"}],
-                }
-            ),
-            "prompt[0].content",
-            [],
-        ),
-        ("empty_completion", json.dumps({"prompt": "a", "chosen": " b", "rejected": ""}), "rejected", []),
-        (
-            "prompt_too_long",
-            json.dumps(dict(GOOD, prompt=LONG_PROMPT)),
-            "prompt",
-            ["--strict", "--max-length", "64"],
-        ),
-    ],
-)
+@pytest.mark.parametrize("case,bad_line,field,extra", [
+    ("invalid_json", '{"prompt": "a", "chosen": "b", ', None, []),
+    ("missing_column", json.dumps({"prompt": "a", "chosen": " b"}), "rejected", []),
+    ("wrong_type", json.dumps({"prompt": "a", "chosen": 5, "rejected": " c"}), "chosen", []),
+    ("wrong_message", json.dumps({"prompt": [{"role": "user"}], "chosen": [{"role": "assistant", "content": "x"}],
+                                  "rejected": [{"role": "assistant", "content": "y"}]}), "prompt[0].content", []),
+    ("empty_completion", json.dumps({"prompt": "a", "chosen": " b", "rejected": ""}), "rejected", []),
+    ("prompt_too_long", json.dumps(dict(GOOD, prompt=LONG_PROMPT)), "prompt", ["--strict", "--max-length", "64"]),
+])
 @pytest.mark.parametrize("out_exists", [False, True])
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, case, bad_line, field, extra, out_exists):
     path = bad_file(tmp_path, bad_line)

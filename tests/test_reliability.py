@@ -21,13 +21,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def spawn(args: list) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "dpocli", *[str(a) for a in args]],
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return subprocess.Popen([sys.executable, "-m", "dpocli", *[str(a) for a in args]], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -71,19 +66,8 @@ def test_sigkill_during_precompute_then_rerun_equals_uninterrupted(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_during_train_then_resume_equals_uninterrupted(train_cache, tmp_path):
-    args = [
-        "--model",
-        MODEL,
-        "--max-steps",
-        30,
-        "--batch-size",
-        16,
-        "--lr",
-        "5e-4",
-        "--save-every",
-        5,
-        "--quiet",
-    ]
+    args = ["--model", MODEL, "--max-steps", 30, "--batch-size", 16, "--lr", "5e-4",
+            "--save-every", 5, "--quiet"]
     full = tmp_path / "full"
     assert invoke(["train", train_cache, "--out", full, *args]).exit_code == 0
     part = tmp_path / "part"
@@ -106,22 +90,8 @@ def test_sigkill_during_train_then_resume_equals_uninterrupted(train_cache, tmp_
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_during_train_saves_and_exits_130(train_cache, tmp_path, signum):
     run = tmp_path / "run"
-    proc = spawn(
-        [
-            "train",
-            train_cache,
-            "--model",
-            MODEL,
-            "--out",
-            run,
-            "--max-steps",
-            200,
-            "--batch-size",
-            16,
-            "--lr",
-            "5e-4",
-        ]
-    )
+    proc = spawn(["train", train_cache, "--model", MODEL, "--out", run, "--max-steps", 200,
+                  "--batch-size", 16, "--lr", "5e-4"])
     wait_for(lambda: (run / "metrics.jsonl").exists() and len(read_jsonl(run / "metrics.jsonl")) >= 3, proc)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
@@ -133,49 +103,13 @@ def test_ctrl_c_or_sigterm_during_train_saves_and_exits_130(train_cache, tmp_pat
 
 def test_same_seed_gives_identical_caches_and_weights(small_prefs, small_cache, tmp_path):
     again = tmp_path / "again"
-    assert (
-        invoke(
-            [
-                "precompute-ref",
-                small_prefs,
-                "--model",
-                MODEL,
-                "--out",
-                again,
-                "--rows-per-shard",
-                16,
-                "--batch-size",
-                8,
-                "--quiet",
-            ]
-        ).exit_code
-        == 0
-    )
+    assert invoke(["precompute-ref", small_prefs, "--model", MODEL, "--out", again,
+                   "--rows-per-shard", 16, "--batch-size", 8, "--quiet"]).exit_code == 0
     assert shard_bytes(again) == shard_bytes(small_cache)
     runs = [tmp_path / "a", tmp_path / "b"]
     for run in runs:
-        assert (
-            invoke(
-                [
-                    "train",
-                    small_cache,
-                    "--model",
-                    MODEL,
-                    "--out",
-                    run,
-                    "--max-steps",
-                    3,
-                    "--batch-size",
-                    4,
-                    "--lr",
-                    "1e-3",
-                    "--seed",
-                    7,
-                    "--quiet",
-                ]
-            ).exit_code
-            == 0
-        )
+        assert invoke(["train", small_cache, "--model", MODEL, "--out", run, "--max-steps", 3,
+                       "--batch-size", 4, "--lr", "1e-3", "--seed", 7, "--quiet"]).exit_code == 0
     assert (runs[0] / "model.safetensors").read_bytes() == (runs[1] / "model.safetensors").read_bytes()
 
 
@@ -189,7 +123,6 @@ def test_cache_verify_checks_checksums_and_rescored_values(small_cache, tmp_path
     shutil.copytree(MODEL, other)
     import torch
     from safetensors.torch import load_file, save_file
-
     weights = load_file(other / "model.safetensors")
     first = sorted(weights)[0]
     weights[first] = weights[first] + 0.01
@@ -208,12 +141,8 @@ def test_cache_verify_checks_checksums_and_rescored_values(small_cache, tmp_path
 
 def test_stale_cache_values_are_caught_by_rescoring(small_prefs, tmp_path):
     from test_train import _rewrite_ref_values
-
     cache_dir = tmp_path / "cache"
-    assert (
-        invoke(["precompute-ref", small_prefs, "--model", MODEL, "--out", cache_dir, "--quiet"]).exit_code
-        == 0
-    )
+    assert invoke(["precompute-ref", small_prefs, "--model", MODEL, "--out", cache_dir, "--quiet"]).exit_code == 0
     _rewrite_ref_values(cache_dir, 0.25)  # consistent checksums, wrong numbers
     assert invoke(["cache", "verify", cache_dir]).exit_code == 0  # integrity alone cannot tell
     result = invoke(["cache", "verify", cache_dir, "--rescore", 4])
@@ -227,42 +156,23 @@ def _model_folder(tmp_path: Path, name: str, config: dict) -> Path:
     return folder
 
 
-@pytest.mark.parametrize(
-    "case,expected",
-    [
-        ("missing", "no such model folder"),
-        ("not_causal", "not a causal language model"),
-        ("remote_code", "--trust-remote-code"),
-    ],
-)
+@pytest.mark.parametrize("case,expected", [
+    ("missing", "no such model folder"),
+    ("not_causal", "not a causal language model"),
+    ("remote_code", "--trust-remote-code"),
+])
 def test_bad_model_paths_are_one_line_errors(small_prefs, tmp_path, case, expected):
     if case == "missing":
         model = tmp_path / "does-not-exist"
     elif case == "not_causal":
-        model = _model_folder(
-            tmp_path,
-            "t5",
-            {
-                "model_type": "t5",
-                "d_model": 8,
-                "num_layers": 1,
-                "num_heads": 1,
-                "d_kv": 8,
-                "d_ff": 8,
-                "vocab_size": 16,
-            },
-        )
+        model = _model_folder(tmp_path, "t5", {"model_type": "t5", "d_model": 8, "num_layers": 1,
+                                               "num_heads": 1, "d_kv": 8, "d_ff": 8, "vocab_size": 16})
         shutil.copy(MODEL / "tokenizer.json", model)
         shutil.copy(MODEL / "tokenizer_config.json", model)
     else:
-        model = _model_folder(
-            tmp_path,
-            "custom",
-            {
-                "model_type": "my-custom-lm",
-                "auto_map": {"AutoConfig": "conf.MyConfig", "AutoModelForCausalLM": "modeling.MyLM"},
-            },
-        )
+        model = _model_folder(tmp_path, "custom", {
+            "model_type": "my-custom-lm", "auto_map": {"AutoConfig": "conf.MyConfig",
+                                                       "AutoModelForCausalLM": "modeling.MyLM"}})
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(MODEL / name, model)
     out = tmp_path / "cache"
@@ -283,12 +193,10 @@ def test_unwritable_output_path_is_refused(small_prefs, tmp_path):
 
 def test_out_of_memory_is_exit_1_with_what_to_change(small_cache, tmp_path, monkeypatch):
     import torch
-
     import dpocli.train as train_mod
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
     monkeypatch.setattr(train_mod, "sequence_logps", oom)
     result = invoke(["train", small_cache, "--model", MODEL, "--out", tmp_path / "r", "--max-steps", 2])
     assert result.exit_code == 1
@@ -296,18 +204,8 @@ def test_out_of_memory_is_exit_1_with_what_to_change(small_cache, tmp_path, monk
 
 
 def test_rerun_of_a_finished_cache_with_a_damaged_shard_recomputes_it(small_prefs, tmp_path):
-    args = [
-        "precompute-ref",
-        small_prefs,
-        "--model",
-        MODEL,
-        "--out",
-        tmp_path / "c",
-        "--rows-per-shard",
-        16,
-        "--quiet",
-        "--json",
-    ]
+    args = ["precompute-ref", small_prefs, "--model", MODEL, "--out", tmp_path / "c",
+            "--rows-per-shard", 16, "--quiet", "--json"]
     assert invoke(args).exit_code == 0
     clean = shard_bytes(tmp_path / "c")
     (tmp_path / "c" / "part-00001.parquet").unlink()

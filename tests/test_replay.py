@@ -55,16 +55,13 @@ def assert_exactly_neutral(m: dict, rows: list[dict]) -> None:
     assert m["loss"] == float(torch.full((n,), math.log(2), dtype=torch.float64).mean())
 
 
-LAYOUTS = {
-    "padded": [],
-    "prefix-sharing": ["--prefix-sharing"],
-    "packing": ["--packing"],
-    "packing+prefix-sharing": ["--packing", "--prefix-sharing"],
-}
+LAYOUTS = {"padded": [], "prefix-sharing": ["--prefix-sharing"], "packing": ["--packing"],
+           "packing+prefix-sharing": ["--packing", "--prefix-sharing"]}
 BUDGETS = {"batch-size": ["--batch-size", "3"], "max-tokens": ["--max-tokens", "400"]}
 
 
-@pytest.mark.parametrize("drop,layout,budget", list(itertools.product([False, True], LAYOUTS, BUDGETS)))
+@pytest.mark.parametrize("drop,layout,budget", list(itertools.product(
+    [False, True], LAYOUTS, BUDGETS)))
 def test_reference_on_its_own_cache_is_exactly_neutral(twin_prefs, tmp_path, drop, layout, budget):
     out = tmp_path / "cache"
     args = ["--rows-per-shard", "8", *LAYOUTS[layout], *BUDGETS[budget]] + ["--drop-identical"] * drop
@@ -92,12 +89,10 @@ def test_resume_with_another_batch_size_replays_each_shard_exactly(twin_prefs, t
     assert budgets == {0: 3, 1: 2, 2: 3, 3: 3}
 
 
-@pytest.mark.parametrize(
-    "flag,field", [("--packing", "batching.packing"), ("--prefix-sharing", "batching.prefix_sharing")]
-)
+@pytest.mark.parametrize("flag,field", [("--packing", "batching.packing"),
+                                        ("--prefix-sharing", "batching.prefix_sharing")])
 def test_layout_flag_on_a_finished_cache_is_refused_then_applied_with_overwrite(
-    twin_prefs, tmp_path, flag, field
-):
+        twin_prefs, tmp_path, flag, field):
     out = tmp_path / "cache"
     assert precompute(twin_prefs, out, "--rows-per-shard", "8").exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
@@ -113,22 +108,11 @@ def test_layout_flag_on_a_finished_cache_is_refused_then_applied_with_overwrite(
 
 # --- numerics: eval runs in the cache's dtype and attention implementation by default ---
 
-
 @pytest.fixture(scope="module")
 def bf16_cache(twin_prefs, tmp_path_factory):
     out = tmp_path_factory.mktemp("bf16") / "cache"
-    result = precompute(
-        twin_prefs,
-        out,
-        "--dtype",
-        "bfloat16",
-        "--attn-implementation",
-        "eager",
-        "--rows-per-shard",
-        "8",
-        "--batch-size",
-        "4",
-    )
+    result = precompute(twin_prefs, out, "--dtype", "bfloat16", "--attn-implementation", "eager",
+                        "--rows-per-shard", "8", "--batch-size", "4")
     assert result.exit_code == 0, result.stderr
     return out
 
@@ -151,14 +135,12 @@ def test_eval_in_other_numerics_warns_that_neutrality_is_not_expected(bf16_cache
 
 # --- wrong pairings ---
 
-
 def _model_with_another_tokenizer(tmp_path):
     """The sample model with a different chat template: same vocabulary, another tokenizer."""
     other = tmp_path / "other-model"
     shutil.copytree(MODEL, other)
     (other / "chat_template.jinja").write_text(
-        "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}"
-    )
+        "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}")
     return other
 
 
@@ -180,11 +162,9 @@ def test_replaced_cache_tokenizer_is_refused_by_verify_eval_and_train(small_cach
     config = json.loads(replaced.read_text())
     config["chat_template"] = "{% for m in messages %}{{ m.content }}{% endfor %}"
     replaced.write_text(json.dumps(config))
-    for args in (
-        ["cache", "verify", cache_dir],
-        ["eval", cache_dir, "--model", MODEL],
-        ["train", cache_dir, "--model", MODEL, "--out", tmp_path / "run", "--max-steps", 1],
-    ):
+    for args in (["cache", "verify", cache_dir],
+                 ["eval", cache_dir, "--model", MODEL],
+                 ["train", cache_dir, "--model", MODEL, "--out", tmp_path / "run", "--max-steps", 1]):
         result = invoke(args)
         assert result.exit_code == 2, args
         line = result.stderr.splitlines()[0]
@@ -194,31 +174,14 @@ def test_replaced_cache_tokenizer_is_refused_by_verify_eval_and_train(small_cach
 
 # --- two ranks: each writes its own shards, and eval splits the replayed batches between ranks ---
 
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "layout,budget", [("padded", "batch-size"), ("packing+prefix-sharing", "max-tokens")]
-)
+@pytest.mark.parametrize("layout,budget", [("padded", "batch-size"),
+                                           ("packing+prefix-sharing", "max-tokens")])
 def test_two_rank_reference_on_its_own_cache_is_exactly_neutral(twin_prefs, tmp_path, layout, budget):
     from test_distributed import torchrun
-
     out, per = tmp_path / "cache", tmp_path / "per.jsonl"
-    made = torchrun(
-        [
-            "precompute-ref",
-            twin_prefs,
-            "--model",
-            MODEL,
-            "--out",
-            out,
-            "--rows-per-shard",
-            "8",
-            "--drop-identical",
-            *LAYOUTS[layout],
-            *BUDGETS[budget],
-            "--quiet",
-        ]
-    )
+    made = torchrun(["precompute-ref", twin_prefs, "--model", MODEL, "--out", out, "--rows-per-shard", "8",
+                     "--drop-identical", *LAYOUTS[layout], *BUDGETS[budget], "--quiet"])
     assert made.returncode == 0, made.stderr
     scored = torchrun(["eval", out, "--model", MODEL, "--per-example", per, "--json", "--quiet"])
     assert scored.returncode == 0, scored.stderr

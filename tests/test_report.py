@@ -40,9 +40,8 @@ def run_dir(tmp_path):
     run.mkdir()
     # json.dumps writes NaN as the bare token NaN, as the trainer's MetricsLog does
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in LINES))
-    (run / "run_config.json").write_text(
-        json.dumps({"loss": "sigmoid", "beta": 0.1, "lr": 1e-3, "max_grad_norm": 1.0, "seed": 42})
-    )
+    (run / "run_config.json").write_text(json.dumps({"loss": "sigmoid", "beta": 0.1, "lr": 1e-3,
+                                                     "max_grad_norm": 1.0, "seed": 42}))
     return run
 
 
@@ -64,33 +63,22 @@ def test_summary_numbers(run_dir):
     assert (g["min"], g["max"], g["spark"]) == (1.0, 3.0, "▁▃ █")
     assert s["metrics"]["rewards/accuracies"]["spark"] == "▁▃▆█"  # levels 0, 7/3, 14/3, 7, rounded
     assert s["metrics"]["learning_rate"]["spark"] == "▄▄▄▄"  # flat: mid height
-    assert s["metrics"]["eval_loss"] == {
-        "first": 0.65,
-        "last": 0.3,
-        "min": 0.3,
-        "max": 0.65,
-        "min_step": 4,
-        "max_step": 2,
-        "points": 2,
-        "spark": "█▁",
-    }
+    assert s["metrics"]["eval_loss"] == {"first": 0.65, "last": 0.3, "min": 0.3, "max": 0.65,
+                                         "min_step": 4, "max_step": 2, "points": 2, "spark": "█▁"}
     assert s["final_eval"] == {"eval_loss": 0.3, "eval_rewards/accuracies": 1.0}
     assert (s["train_steps"], s["last_step"], s["eval_steps"]) == (4, 4, [2, 4])
     assert s["config"] == {"loss": "sigmoid", "beta": 0.1, "lr": 1e-3, "max_grad_norm": 1.0}
     assert s["report"] is None
 
 
-@pytest.mark.parametrize(
-    "values, width, expected",
-    [
-        ([0, 1, 2, 3, 4, 5, 6, 7], 14, "▁▂▃▄▅▆▇█"),
-        ([7, 0, 7], 14, "█▁█"),
-        ([5, 5], 14, "▄▄"),
-        ([NAN, NAN], 14, "  "),
-        # 28 points into 14 buckets of 2: means 0.5, 2.5, ..., 26.5 -> level round(i * 7/13)
-        (list(range(28)), 14, "▁▂▂▃▃▄▄▅▅▆▆▇▇█"),
-    ],
-)
+@pytest.mark.parametrize("values, width, expected", [
+    ([0, 1, 2, 3, 4, 5, 6, 7], 14, "▁▂▃▄▅▆▇█"),
+    ([7, 0, 7], 14, "█▁█"),
+    ([5, 5], 14, "▄▄"),
+    ([NAN, NAN], 14, "  "),
+    # 28 points into 14 buckets of 2: means 0.5, 2.5, ..., 26.5 -> level round(i * 7/13)
+    (list(range(28)), 14, "▁▂▂▃▃▄▄▅▅▆▆▇▇█"),
+])
 def test_sparkline(values, width, expected):
     assert sparkline(values, width) == expected
 

@@ -39,16 +39,8 @@ def test_alias_gives_the_explicit_loss_and_trl_rpo():
     assert float(alias.loss) == pytest.approx(float(-F.logsigmoid(0.1 * h).mean() + 0.7 * nll), rel=1e-12)
 
 
-@pytest.mark.parametrize(
-    "kw",
-    [
-        dict(loss="ipo"),
-        dict(loss="sigmoid,sft"),
-        dict(loss_weights="2"),
-        dict(rpo_alpha=-1.0),
-        dict(rpo_alpha=math.inf),
-    ],
-)
+@pytest.mark.parametrize("kw", [dict(loss="ipo"), dict(loss="sigmoid,sft"), dict(loss_weights="2"),
+                                dict(rpo_alpha=-1.0), dict(rpo_alpha=math.inf)])
 def test_conflicts_and_bad_values_are_refused(kw):
     with pytest.raises(DpocliError) as err:
         spec_from_options(**{"rpo_alpha": 0.5, **kw})
@@ -58,10 +50,8 @@ def test_conflicts_and_bad_values_are_refused(kw):
 def test_training_with_the_alias_follows_the_explicit_form(small_cache, tmp_path):
     common = ["--max-steps", 2, "--batch-size", 4, "--lr", "1e-3", "--quiet"]
     runs = {}
-    for name, flags in (
-        ("alias", ["--rpo-alpha", 0.5]),
-        ("explicit", ["--loss", "sigmoid,sft", "--loss-weights", "1,0.5"]),
-    ):
+    for name, flags in (("alias", ["--rpo-alpha", 0.5]), ("explicit", ["--loss", "sigmoid,sft",
+                                                                       "--loss-weights", "1,0.5"])):
         out = tmp_path / name
         result = invoke(["train", small_cache, "--model", MODEL, "--out", out, *common, *flags])
         assert result.exit_code == 0, result.stderr

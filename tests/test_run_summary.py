@@ -45,7 +45,6 @@ def test_epoch_runs_count_the_cache_pairs(small_cache, tmp_path):
 def test_resumed_run_averages_only_its_own_steps(small_cache, tmp_path, monkeypatch):
     """As HF: train_loss of a resumed train() covers the steps after the checkpoint."""
     import dpocli.train as train_mod
-
     real, calls = train_mod.compute_loss, {"n": 0}
 
     def interrupt_in_step_3(*args, **kwargs):
@@ -53,7 +52,6 @@ def test_resumed_run_averages_only_its_own_steps(small_cache, tmp_path, monkeypa
         if calls["n"] > 2:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
-
     run = tmp_path / "run"
     args = ("--max-steps", 5, "--batch-size", 4, "--lr", "1e-3")
     with monkeypatch.context() as m:
@@ -78,9 +76,8 @@ def test_totals_ignore_eval_records_and_a_run_with_nothing_left():
 
 def test_eval_runtime_in_periodic_and_standalone_eval(small_cache, tmp_path):
     run = tmp_path / "run"
-    _train(
-        small_cache, run, "--max-steps", 2, "--batch-size", 8, "--eval-cache", small_cache, "--eval-every", 1
-    )
+    _train(small_cache, run, "--max-steps", 2, "--batch-size", 8, "--eval-cache", small_cache,
+           "--eval-every", 1)
     evals = [r for r in read_jsonl(run / "metrics.jsonl") if "eval_loss" in r]
     assert [r["step"] for r in evals] == [1, 2]
     for r in evals:  # HF's evaluate() names; 48 pairs scored

@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_bad_inputs import snapshot
 
 from conftest import MODEL, invoke, read_jsonl, write_jsonl
+from test_bad_inputs import snapshot
 
 
 def user_folder(root: Path, name: str = "mine") -> Path:
@@ -31,28 +31,13 @@ def user_folder(root: Path, name: str = "mine") -> Path:
 
 
 def precompute(data, out, *extra):
-    return invoke(
-        ["precompute-ref", data, "--model", MODEL, "--out", out, "--rows-per-shard", 8, "--quiet", *extra]
-    )
+    return invoke(["precompute-ref", data, "--model", MODEL, "--out", out, "--rows-per-shard", 8, "--quiet",
+                   *extra])
 
 
 def train(cache, out, *extra, model=MODEL):
-    return invoke(
-        [
-            "train",
-            cache,
-            "--model",
-            model,
-            "--out",
-            out,
-            "--max-steps",
-            2,
-            "--batch-size",
-            4,
-            "--quiet",
-            *extra,
-        ]
-    )
+    return invoke(["train", cache, "--model", model, "--out", out, "--max-steps", 2, "--batch-size", 4,
+                   "--quiet", *extra])
 
 
 @pytest.fixture()
@@ -106,7 +91,6 @@ def test_precompute_overwrite_keeps_a_cache_that_holds_foreign_files(tmp_path, p
 
 def test_precompute_resume_cleans_its_own_temporaries(tmp_path, prefs, monkeypatch):
     from dpocli import cache
-
     out = tmp_path / "cache"
     real, calls = cache.write_shard, []
 
@@ -115,7 +99,6 @@ def test_precompute_resume_cleans_its_own_temporaries(tmp_path, prefs, monkeypat
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
-
     monkeypatch.setattr(cache, "write_shard", crash_on_second)
     result = precompute(prefs, out)
     assert result.exit_code == 130 and "rerun the same command" in result.stderr
@@ -124,13 +107,8 @@ def test_precompute_resume_cleans_its_own_temporaries(tmp_path, prefs, monkeypat
     (out / "tokenizer.tmp-abcd1234").mkdir()
     assert precompute(prefs, out).exit_code == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == [
-        "config.resolved.toml",
-        "manifest.json",
-        "part-00000.parquet",
-        "part-00001.parquet",
-        "tokenizer",
-    ]
+    assert names == ["config.resolved.toml", "manifest.json", "part-00000.parquet", "part-00001.parquet",
+                     "tokenizer"]
 
 
 def sft_model(root: Path) -> Path:
@@ -151,8 +129,7 @@ def test_train_never_writes_into_a_folder_it_did_not_write(small_cache, tmp_path
 
 @pytest.mark.parametrize("target", ["cache", "model", "cwd", "parent"])
 def test_train_overwrite_refuses_what_the_command_reads_and_the_working_directory(
-    small_cache, tmp_path, monkeypatch, target
-):
+        small_cache, tmp_path, monkeypatch, target):
     work = tmp_path / "work"
     (work / "project").mkdir(parents=True)
     (work / "project" / "keep.txt").write_text("keep")
@@ -185,7 +162,6 @@ def test_a_failed_start_leaves_nothing_behind(small_cache, tmp_path, monkeypatch
 
     def failing_check(*args, **kwargs):
         raise RunFailure("step-0 check failed (simulated)")
-
     monkeypatch.setattr(train_module, "step0_check", failing_check)
     run = tmp_path / "new" / "run"
     result = train(small_cache, run)
@@ -204,10 +180,7 @@ def test_resume_cleans_temporaries_and_tolerates_a_cut_metrics_line(small_cache,
         f.write('{"step": 2, "lo')  # a write cut by a kill
     result = train(small_cache, run, "--save-every", 1, "--max-steps", 1, "--resume")
     assert result.exit_code == 0, result.stderr
-    assert (
-        not (run / "checkpoint-2.tmp-abcd1234").exists()
-        and not (run / ".metrics.jsonl.abcd1234.tmp").exists()
-    )
+    assert not (run / "checkpoint-2.tmp-abcd1234").exists() and not (run / ".metrics.jsonl.abcd1234.tmp").exists()
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] == [1]
 
 
@@ -234,15 +207,11 @@ def enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-@pytest.mark.parametrize(
-    "code,says",
-    [(errno.ENOSPC, "no space left"), (errno.EROFS, "not writable"), (errno.EACCES, "not writable")],
-)
-def test_full_or_read_only_disk_during_precompute_is_one_line_and_resumes(
-    tmp_path, prefs, monkeypatch, code, says
-):
+@pytest.mark.parametrize("code,says", [(errno.ENOSPC, "no space left"), (errno.EROFS, "not writable"),
+                                       (errno.EACCES, "not writable")])
+def test_full_or_read_only_disk_during_precompute_is_one_line_and_resumes(tmp_path, prefs, monkeypatch,
+                                                                          code, says):
     from dpocli import cache
-
     out = tmp_path / "cache"
     real, calls = cache.pq.write_table, []
 
@@ -251,7 +220,6 @@ def test_full_or_read_only_disk_during_precompute_is_one_line_and_resumes(
         if len(calls) == 2:
             raise OSError(code, os.strerror(code))
         return real(*args, **kwargs)
-
     monkeypatch.setattr(cache.pq, "write_table", fail_on_second)
     result = precompute(prefs, out)
     lines = result.stderr.strip().splitlines()
@@ -267,7 +235,6 @@ def test_full_or_read_only_disk_during_precompute_is_one_line_and_resumes(
 def test_full_disk_while_saving_is_one_line_and_resumes(small_cache, tmp_path, monkeypatch, where):
     import torch
     from transformers import PreTrainedModel
-
     run = tmp_path / "run"
     if where == "checkpoint":
         monkeypatch.setattr(torch, "save", enospc)
@@ -281,7 +248,6 @@ def test_full_disk_while_saving_is_one_line_and_resumes(small_cache, tmp_path, m
                 (Path(folder) / "config.json").unlink(missing_ok=True)
                 enospc()
             return real(self, folder, *args, **kwargs)
-
         monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_on_final)
     result = train(small_cache, run, "--save-every", 1)
     assert result.exit_code == 1, result.stderr
@@ -297,24 +263,19 @@ def test_full_disk_while_saving_is_one_line_and_resumes(small_cache, tmp_path, m
 
 def test_per_example_path_is_checked_first_and_its_folders_created(small_cache, tmp_path, monkeypatch):
     from dpocli import evaluate
-
     target = tmp_path / "new" / "deeper" / "rows.jsonl"
     result = invoke(["eval", small_cache, "--model", MODEL, "--per-example", target, "--quiet"])
     assert result.exit_code == 0, result.stderr
     assert len(read_jsonl(target)) > 0
     # Rewriting our own file is fine; a full disk at the end is one line, exit 1.
-    monkeypatch.setattr(
-        evaluate,
-        "atomic_path",
-        lambda path: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))),
-    )
+    monkeypatch.setattr(evaluate, "atomic_path", lambda path: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))))
     result = invoke(["eval", small_cache, "--model", MODEL, "--per-example", target, "--quiet"])
     assert result.exit_code == 1 and result.stderr.startswith("error:") and "Traceback" not in result.stderr
 
 
 def test_relative_and_absolute_paths_name_the_same_input(tmp_path, prefs, monkeypatch):
     from dpocli import cache
-
     monkeypatch.chdir(tmp_path)
     real, calls = cache.write_shard, []
 
@@ -323,7 +284,6 @@ def test_relative_and_absolute_paths_name_the_same_input(tmp_path, prefs, monkey
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
-
     monkeypatch.setattr(cache, "write_shard", crash_on_second)
     assert precompute(Path("prefs.jsonl"), Path("cache")).exit_code == 130
     monkeypatch.setattr(cache, "write_shard", real)

@@ -34,9 +34,8 @@ def hf_rates(name: str, warmup: int, total: int, lr: float, kwargs: dict) -> lis
     """The same from transformers' get_scheduler (HF Trainer's create_scheduler), or a closed form."""
     transformers_opt = pytest.importorskip("transformers.optimization")
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    sched = transformers_opt.get_scheduler(
-        name, opt, num_warmup_steps=warmup, num_training_steps=total, scheduler_specific_kwargs=kwargs
-    )
+    sched = transformers_opt.get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total,
+                                           scheduler_specific_kwargs=kwargs)
     rates = []
     for _ in range(total):
         rates.append(sched.get_last_lr()[0])
@@ -52,32 +51,15 @@ CASES = [  # (our options, transformers' name, its scheduler_specific_kwargs)
     (dict(scheduler="constant_with_warmup", warmup_steps=4), "constant_with_warmup", {}),
     (dict(scheduler="inverse_sqrt", warmup_steps=4), "inverse_sqrt", {}),
     (dict(scheduler="inverse_sqrt"), "inverse_sqrt", {}),  # no warm-up: timescale 10 000
-    (
-        dict(scheduler="cosine_with_min_lr", warmup_steps=2, min_lr_rate=0.1),
-        "cosine_with_min_lr",
-        {"min_lr_rate": 0.1},
-    ),
-    (
-        dict(scheduler="warmup_stable_decay", warmup_steps=3, num_decay_steps=5),
-        "warmup_stable_decay",
-        {"num_decay_steps": 5},
-    ),
-    (
-        dict(
-            scheduler="warmup_stable_decay",
-            warmup_steps=2,
-            decay_ratio=0.3,
-            min_lr_rate=0.2,
-            decay_type="linear",
-        ),
-        "warmup_stable_decay",
-        {"num_decay_steps": 6, "min_lr_ratio": 0.2, "decay_type": "linear"},
-    ),
-    (
-        dict(scheduler="warmup_stable_decay", decay_ratio=0.5, decay_type="1-sqrt"),
-        "warmup_stable_decay",
-        {"num_decay_steps": 10, "decay_type": "1-sqrt"},
-    ),
+    (dict(scheduler="cosine_with_min_lr", warmup_steps=2, min_lr_rate=0.1), "cosine_with_min_lr",
+     {"min_lr_rate": 0.1}),
+    (dict(scheduler="warmup_stable_decay", warmup_steps=3, num_decay_steps=5), "warmup_stable_decay",
+     {"num_decay_steps": 5}),
+    (dict(scheduler="warmup_stable_decay", warmup_steps=2, decay_ratio=0.3, min_lr_rate=0.2,
+          decay_type="linear"), "warmup_stable_decay",
+     {"num_decay_steps": 6, "min_lr_ratio": 0.2, "decay_type": "linear"}),
+    (dict(scheduler="warmup_stable_decay", decay_ratio=0.5, decay_type="1-sqrt"), "warmup_stable_decay",
+     {"num_decay_steps": 10, "decay_type": "1-sqrt"}),
 ]
 
 
@@ -93,57 +75,39 @@ def test_every_schedule_equals_transformers_over_a_run(ours, name, kwargs):
 
 def test_schedules_by_hand():
     """Closed forms, independent of transformers: warm-up 2 of 6 steps, then the decay's shape."""
-
     def f(step, **kw):
         return schedule.schedule_of(cfg(**kw), 6).factor(step)
-
     assert [f(s, scheduler="linear", warmup_steps=2) for s in range(6)] == pytest.approx(
-        [0, 0.5, 1, 0.75, 0.5, 0.25]
-    )
+        [0, 0.5, 1, 0.75, 0.5, 0.25])
     assert [f(s, scheduler="constant") for s in range(3)] == [1, 1, 1]  # no warm-up, as transformers
     # cosine to a floor of 0.2: 0.2 + 0.8 * (1 + cos(pi * 1/4)) / 2 at the 2nd decay step
     assert f(3, scheduler="cosine_with_min_lr", warmup_steps=2, min_lr_rate=0.2) == pytest.approx(
-        0.2 + 0.8 * (1 + math.cos(math.pi / 4)) / 2
-    )
+        0.2 + 0.8 * (1 + math.cos(math.pi / 4)) / 2)
     # WSD, 1 warm-up + 3 stable + 2 linear-decay steps to 0.5: warm-up starts at the floor
-    wsd = [
-        f(
-            s,
-            scheduler="warmup_stable_decay",
-            warmup_steps=1,
-            num_decay_steps=2,
-            min_lr_rate=0.5,
-            decay_type="linear",
-        )
-        for s in range(6)
-    ]
+    wsd = [f(s, scheduler="warmup_stable_decay", warmup_steps=1, num_decay_steps=2, min_lr_rate=0.5,
+             decay_type="linear") for s in range(6)]
     assert wsd == pytest.approx([0.5, 1, 1, 1, 1, 0.75])
     # inverse sqrt, warm-up 4: 1/sqrt(step/4) afterwards
     assert f(5, scheduler="inverse_sqrt", warmup_steps=4) == pytest.approx(1 / math.sqrt(5 / 4))
 
 
-@pytest.mark.parametrize(
-    "kw,flag",
-    [
-        (dict(scheduler="linear", min_lr_rate=0.1), "--min-lr-rate"),
-        (dict(scheduler="cosine_with_min_lr"), "--scheduler"),
-        (dict(scheduler="cosine_with_min_lr", min_lr_rate=1.5), "--min-lr-rate"),
-        (dict(scheduler="constant", warmup_steps=3), "--scheduler constant"),
-        (dict(scheduler="constant", warmup_ratio=0.1), "--scheduler constant"),
-        (dict(scheduler="cosine", num_decay_steps=3), "--num-decay-steps"),
-        (dict(scheduler="linear", decay_type="cosine"), "--decay-type"),
-        (dict(scheduler="warmup_stable_decay"), "--scheduler warmup_stable_decay"),
-        (
-            dict(scheduler="warmup_stable_decay", num_decay_steps=2, decay_ratio=0.1),
-            "--scheduler warmup_stable_decay",
-        ),
-        (dict(scheduler="warmup_stable_decay", decay_ratio=0.1, decay_type="exp"), "--decay-type"),
-        (dict(scheduler="cosine_restarts"), "--scheduler"),
-        (dict(optim="sgd"), "--optim"),
-        (dict(optim="adafactor", adam_beta2=0.95), "--adam-beta2"),
-        (dict(optim="adafactor", adam_eps=1e-6), "--adam-epsilon"),
-    ],
-)
+@pytest.mark.parametrize("kw,flag", [
+    (dict(scheduler="linear", min_lr_rate=0.1), "--min-lr-rate"),
+    (dict(scheduler="cosine_with_min_lr"), "--scheduler"),
+    (dict(scheduler="cosine_with_min_lr", min_lr_rate=1.5), "--min-lr-rate"),
+    (dict(scheduler="constant", warmup_steps=3), "--scheduler constant"),
+    (dict(scheduler="constant", warmup_ratio=0.1), "--scheduler constant"),
+    (dict(scheduler="cosine", num_decay_steps=3), "--num-decay-steps"),
+    (dict(scheduler="linear", decay_type="cosine"), "--decay-type"),
+    (dict(scheduler="warmup_stable_decay"), "--scheduler warmup_stable_decay"),
+    (dict(scheduler="warmup_stable_decay", num_decay_steps=2, decay_ratio=0.1),
+     "--scheduler warmup_stable_decay"),
+    (dict(scheduler="warmup_stable_decay", decay_ratio=0.1, decay_type="exp"), "--decay-type"),
+    (dict(scheduler="cosine_restarts"), "--scheduler"),
+    (dict(optim="sgd"), "--optim"),
+    (dict(optim="adafactor", adam_beta2=0.95), "--adam-beta2"),
+    (dict(optim="adafactor", adam_eps=1e-6), "--adam-epsilon"),
+])
 def test_flags_the_choice_ignores_are_refused(kw, flag):
     with pytest.raises(DpocliError) as err:
         cfg(**kw).check()
@@ -157,9 +121,8 @@ def test_wsd_longer_than_the_run_is_refused():
 
 def test_refusal_happens_before_anything_is_written(small_cache, tmp_path):
     out = tmp_path / "run"
-    result = invoke(
-        ["train", small_cache, "--model", MODEL, "--out", out, "--scheduler", "linear", "--min-lr-rate", 0.1]
-    )
+    result = invoke(["train", small_cache, "--model", MODEL, "--out", out, "--scheduler", "linear",
+                     "--min-lr-rate", 0.1])
     assert result.exit_code == 2 and "--min-lr-rate" in result.stderr and not out.exists()
 
 
@@ -181,13 +144,11 @@ def _steps(model, opt, n=3):
 def test_adafactor_steps_like_hf_trainers(tmp_path):
     """dpocli's --optim adafactor against the optimizer HF Trainer builds for optim="adafactor"."""
     from transformers import Trainer, TrainingArguments
-
     config = cfg(optim="adafactor", lr=1e-2, weight_decay=0.1)
     ours = _model()
     ours_after = _steps(ours, schedule.make_optimizer(ours, config, torch.device("cpu")))
-    args = TrainingArguments(
-        output_dir=str(tmp_path), optim="adafactor", learning_rate=1e-2, weight_decay=0.1, report_to=[]
-    )
+    args = TrainingArguments(output_dir=str(tmp_path), optim="adafactor", learning_rate=1e-2,
+                             weight_decay=0.1, report_to=[])
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     theirs = _model()
     decay = [p for p in theirs.parameters() if p.ndim >= 2]  # HF: no decay on biases and norms
@@ -203,7 +164,6 @@ def test_8bit_optimizers_pass_hf_settings_to_bitsandbytes(monkeypatch):
     module stands in for bitsandbytes, which needs a GPU build."""
     import sys
     import types
-
     made = []
     fake = types.ModuleType("bitsandbytes")
     fake.optim = types.SimpleNamespace(AdamW=lambda groups, **kw: made.append((groups, kw)) or "bnb")
@@ -218,9 +178,8 @@ def test_8bit_optimizers_pass_hf_settings_to_bitsandbytes(monkeypatch):
 
 def test_8bit_without_bitsandbytes_is_a_usage_error(small_cache, tmp_path, monkeypatch):
     real = __import__("importlib").util.find_spec
-    monkeypatch.setattr(
-        "importlib.util.find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
-    )
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "bitsandbytes"
+                        else real(name, *a))
     out = tmp_path / "run"
     result = invoke(["train", small_cache, "--model", MODEL, "--out", out, "--optim", "paged_adamw_8bit"])
     assert result.exit_code == 2 and "bitsandbytes" in result.stderr and "dpocli[bnb]" in result.stderr
@@ -229,22 +188,11 @@ def test_8bit_without_bitsandbytes_is_a_usage_error(small_cache, tmp_path, monke
 
 def test_optimizer_is_recorded_and_resume_refuses_another(small_cache, tmp_path):
     import json
-
     run = tmp_path / "run"
-    base = [
-        "train",
-        small_cache,
-        "--model",
-        MODEL,
-        "--out",
-        run,
-        "--max-steps",
-        1,
-        "--batch-size",
-        4,
-        "--quiet",
-    ]
+    base = ["train", small_cache, "--model", MODEL, "--out", run, "--max-steps", 1, "--batch-size", 4,
+            "--quiet"]
     assert invoke(base + ["--optim", "adafactor"]).exit_code == 0
     assert json.loads((run / "run_config.json").read_text())["optim"] == "adafactor"
     result = invoke(base + ["--resume"])  # default --optim adamw
     assert result.exit_code == 2 and "optim" in result.stderr
+

@@ -34,15 +34,12 @@ def test_ultrafeedback_rows_use_the_repeated_prompt_turn():
 
 
 def test_ultrafeedback_row_whose_messages_do_not_repeat_the_prompt_is_refused(tmp_path):
-    row = {
-        "prompt": "Something else",
-        "chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}],
-        "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "No"}],
-    }
+    row = {"prompt": "Something else", "chosen": [{"role": "user", "content": "Hi"},
+                                                  {"role": "assistant", "content": "Yes"}],
+           "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "No"}]}
     path = tmp_path / "uf.jsonl"
     path.write_text(json.dumps(row) + "\n")
     from dpocli.errors import DpocliError
-
     with pytest.raises(DpocliError, match="uf.jsonl:1"):
         read_examples(path)
 
@@ -54,9 +51,7 @@ def _save_to_disk_like(folder: Path, rows: list[dict]) -> None:
     with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink:
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table, max_chunksize=3)
-    (folder / "state.json").write_text(
-        json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]})
-    )
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
     (folder / "dataset_info.json").write_text("{}")
 
 
@@ -78,8 +73,7 @@ def test_real_datasets_save_to_disk_when_installed(tmp_path, sample_rows):
 def test_shapes_run_through_precompute(tmp_path):
     for name in ("anthropic_hh", "ultrafeedback_binarized"):
         out = tmp_path / name
-        result = invoke(
-            ["precompute-ref", SHAPES / f"{name}.jsonl", "--model", MODEL, "--out", out, "--quiet", "--json"]
-        )
+        result = invoke(["precompute-ref", SHAPES / f"{name}.jsonl", "--model", MODEL, "--out", out,
+                         "--quiet", "--json"])
         assert result.exit_code == 0, result.stderr
         assert json.loads(result.stdout)["rows_written"] == 2

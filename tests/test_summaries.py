@@ -25,25 +25,19 @@ def test_labels_are_relative_to_the_common_folder():
 
 
 def test_a_run_and_its_checkpoints_keep_the_run_folder_name():
-    assert model_labels(["runs/sample/run", "runs/sample/run/checkpoint-25"]) == (
-        "runs/sample",
-        ["run", "run/checkpoint-25"],
-    )
+    assert model_labels(["runs/sample/run", "runs/sample/run/checkpoint-25"]) == \
+        ("runs/sample", ["run", "run/checkpoint-25"])
 
 
 def test_unrelated_paths_and_a_single_model_are_shown_as_given():
-    assert model_labels(["sample_data/tiny-llama", "runs/sample/run"]) == (
-        "",
-        ["sample_data/tiny-llama", "runs/sample/run"],
-    )
+    assert model_labels(["sample_data/tiny-llama", "runs/sample/run"]) == \
+        ("", ["sample_data/tiny-llama", "runs/sample/run"])
     assert model_labels([f"{LONG}/checkpoint-25"]) == ("", [f"{LONG}/checkpoint-25"])
 
 
 def test_the_same_model_twice_keeps_full_names():
-    assert model_labels(["run/checkpoint-5", "run/checkpoint-5"]) == (
-        "",
-        ["run/checkpoint-5", "run/checkpoint-5"],
-    )
+    assert model_labels(["run/checkpoint-5", "run/checkpoint-5"]) == \
+        ("", ["run/checkpoint-5", "run/checkpoint-5"])
 
 
 def cells(text: str, bar: str) -> list[str]:
@@ -71,13 +65,8 @@ def test_cache_info_shows_the_layout_and_attention_it_was_made_with(small_cache)
     """Both belong to the cache's identity (a rerun with another value is refused), so info shows them."""
     from dpocli.cache import info as cache_info_dict
     from dpocli.summaries import cache_info_table
-
     info = cache_info_dict(small_cache)
-    assert info["batching"] == {
-        "packing": False,
-        "prefix_sharing": False,
-        "rows_per_shard": 16,
-    }  # conftest.small_cache
+    assert info["batching"] == {"packing": False, "prefix_sharing": False, "rows_per_shard": 16}  # conftest.small_cache
     buf = StringIO()
     Console(file=buf, width=120).print(cache_info_table(info))
     assert "packing False, prefix-sharing False, rows-per-shard 16" in buf.getvalue()

@@ -18,32 +18,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
 from dpocli.data import Example, extract_prompt, read_examples
-from dpocli.tokenization import (
-    DROP_PROMPT_TOO_LONG,
-    Dropped,
-    TokenizedPair,
-    pad_token_id,
-    tokenize_pair,
-    tokenizer_fingerprint,
-)
+from dpocli.tokenization import (DROP_PROMPT_TOO_LONG, Dropped, TokenizedPair, pad_token_id,
+                                 tokenize_pair, tokenizer_fingerprint)
+
+from conftest import write_jsonl
 
 FIXTURE = Path(__file__).parent / "fixtures" / "trl_ids.json"
 BIG = 10**6  # a max_length nothing reaches
 
 
 def example(prompt, chosen, rejected, id="x") -> Example:
-    return Example(
-        id=id,
-        source_row=0,
-        prompt=prompt,
-        chosen=chosen,
-        rejected=rejected,
-        conversational=isinstance(chosen, list),
-        file="test.jsonl",
-        row=1,
-    )
+    return Example(id=id, source_row=0, prompt=prompt, chosen=chosen, rejected=rejected,
+                   conversational=isinstance(chosen, list), file="test.jsonl", row=1)
 
 
 def row_example(row: dict) -> Example:
@@ -74,13 +61,11 @@ def conversational_rows(sample_rows):
 
 # --- ids built by hand ---
 
-
 def test_the_chat_template_is_the_documented_one(tokenizer, conversational_rows):
     # Guards the hand rendering used below: if the template changes, these tests must change too.
     for row in conversational_rows[:3]:
-        assert tokenizer.apply_chat_template(
-            row["prompt"], tokenize=False, add_generation_prompt=True
-        ) == hand_render(row["prompt"], True)
+        assert tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True) \
+            == hand_render(row["prompt"], True)
 
 
 def test_standard_ids_by_hand(tokenizer, standard_rows):
@@ -99,9 +84,7 @@ def test_standard_matches_the_anchor_example(tokenizer):
     pair = tokenize_pair(example("Sort ascending: 42 643\nAnswer:", " 42 643", " 643 42"), tokenizer, BIG)
     assert pair.prompt_ids[0] == tokenizer.bos_token_id
     assert pair.chosen_ids[-1] == pair.rejected_ids[-1] == tokenizer.eos_token_id
-    assert pair.prompt_ids + pair.chosen_ids == ids(
-        tokenizer, "Sort ascending: 42 643\nAnswer: 42 643</s>", True
-    )
+    assert pair.prompt_ids + pair.chosen_ids == ids(tokenizer, "Sort ascending: 42 643\nAnswer: 42 643</s>", True)
 
 
 def test_conversational_ids_by_hand(tokenizer, conversational_rows):
@@ -130,9 +113,8 @@ def test_eos_appended_once_and_not_doubled(tokenizer, standard_rows):
     eos, eos_text = tokenizer.eos_token_id, tokenizer.eos_token
     row = standard_rows[0]
     plain = tokenize_pair(row_example(row), tokenizer, BIG)
-    with_eos = tokenize_pair(
-        example(row["prompt"], row["chosen"] + eos_text, row["rejected"] + eos_text), tokenizer, BIG
-    )
+    with_eos = tokenize_pair(example(row["prompt"], row["chosen"] + eos_text, row["rejected"] + eos_text),
+                             tokenizer, BIG)
     assert with_eos == plain
     for completion in (plain.chosen_ids, plain.rejected_ids):
         assert completion[-1] == eos and completion.count(eos) == 1
@@ -147,7 +129,6 @@ def test_prompt_gets_no_eos(tokenizer):
 
 
 # --- truncation and drops ---
-
 
 def test_keep_start_truncation_cuts_the_completion_end(tokenizer, standard_rows):
     row = max(standard_rows, key=lambda r: len(r["chosen"]))
@@ -171,14 +152,13 @@ def test_conversational_truncation(tokenizer, conversational_rows):
     prompt = ids(tokenizer, hand_render(row["prompt"], True), False)
     full = ids(tokenizer, hand_render(row["prompt"] + row["chosen"], False), False)
     pair = tokenize_pair(row_example(row), tokenizer, len(prompt) + 2)
-    assert pair.prompt_ids == prompt and pair.chosen_ids == full[len(prompt) : len(prompt) + 2]
+    assert pair.prompt_ids == prompt and pair.chosen_ids == full[len(prompt):len(prompt) + 2]
 
 
 def test_prompt_too_long_is_dropped(tokenizer, standard_rows, conversational_rows):
-    for row, prompt in (
-        (standard_rows[0], ids(tokenizer, standard_rows[0]["prompt"], True)),
-        (conversational_rows[0], ids(tokenizer, hand_render(conversational_rows[0]["prompt"], True), False)),
-    ):
+    for row, prompt in ((standard_rows[0], ids(tokenizer, standard_rows[0]["prompt"], True)),
+                        (conversational_rows[0],
+                         ids(tokenizer, hand_render(conversational_rows[0]["prompt"], True), False))):
         for max_length in (len(prompt) - 5, len(prompt) - 1, len(prompt)):
             assert tokenize_pair(row_example(row), tokenizer, max_length) == Dropped(DROP_PROMPT_TOO_LONG)
         kept = tokenize_pair(row_example(row), tokenizer, len(prompt) + 1)
@@ -187,23 +167,15 @@ def test_prompt_too_long_is_dropped(tokenizer, standard_rows, conversational_row
 
 # --- implicit prompts ---
 
-
 def test_implicit_prompt_rows(tmp_path, tokenizer, standard_rows, conversational_rows):
     """A row without a prompt column gives the same ids as the explicit row, when the completions
     differ from their first word on (so the common prefix is exactly the prompt)."""
-    std = [
-        r
-        for r in standard_rows
-        if r["chosen"][:2] != r["rejected"][:2]
-        and r["chosen"].startswith(" ")
-        and r["rejected"].startswith(" ")
-    ][:5]
+    std = [r for r in standard_rows if r["chosen"][:2] != r["rejected"][:2]
+           and r["chosen"].startswith(" ") and r["rejected"].startswith(" ")][:5]
     conv = [r for r in conversational_rows if r["chosen"] != r["rejected"]][:5]
     assert std and conv
-    implicit = [
-        {"id": r["id"], "chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}
-        for r in std + conv
-    ]
+    implicit = [{"id": r["id"], "chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}
+                for r in std + conv]
     examples = read_examples(write_jsonl(tmp_path / "implicit.jsonl", implicit)).examples
     got = {ex.id: tokenize_pair(ex, tokenizer, BIG) for ex in examples}
     for row in std + conv:
@@ -212,13 +184,11 @@ def test_implicit_prompt_rows(tmp_path, tokenizer, standard_rows, conversational
 
 # --- TRL fixture ---
 
-
 @pytest.fixture(scope="module")
 def trl_fixture(tokenizer):
     fixture = json.loads(FIXTURE.read_text())
     assert fixture["tokenizer_fingerprint"] == tokenizer_fingerprint(tokenizer), (
-        "fixture is stale: rerun tests/fixtures/make_trl_ids.py (sample_data/tiny-llama's tokenizer changed)"
-    )
+        "fixture is stale: rerun tests/fixtures/make_trl_ids.py (sample_data/tiny-llama's tokenizer changed)")
     return fixture
 
 
@@ -232,14 +202,8 @@ def fixture_example(row: dict) -> Example:
 def test_trl_fixture_covers_every_case(trl_fixture):
     groups = trl_fixture["groups"]
     assert trl_fixture["trl_version"] == "1.16.0"
-    assert set(groups) == {
-        "standard",
-        "conversational",
-        "standard_eos",
-        "standard_implicit",
-        "conversational_implicit",
-        "conversational_assistant_last",
-    }
+    assert set(groups) == {"standard", "conversational", "standard_eos", "standard_implicit",
+                           "conversational_implicit", "conversational_assistant_last"}
     assert sum(len(g) for g in groups.values()) >= 20 and all(groups.values())
     rows = [r for g in groups.values() for r in g]
     for length in trl_fixture["max_lengths"]:
@@ -247,24 +211,12 @@ def test_trl_fixture_covers_every_case(trl_fixture):
         assert any(t is None for t in results) and any(t is not None for t in results)
     # Some completion is cut at the first max_length: truncation is exercised, not just drops.
     first = str(trl_fixture["max_lengths"][0])
-    assert any(
-        r["truncated"][first]
-        and len(r["truncated"][first]["chosen"]["input_ids"]) < len(r["prompt_ids"]) + len(r["chosen_ids"])
-        for r in rows
-    )
+    assert any(r["truncated"][first] and len(r["truncated"][first]["chosen"]["input_ids"])
+               < len(r["prompt_ids"]) + len(r["chosen_ids"]) for r in rows)
 
 
-@pytest.mark.parametrize(
-    "group",
-    [
-        "standard",
-        "conversational",
-        "standard_eos",
-        "standard_implicit",
-        "conversational_implicit",
-        "conversational_assistant_last",
-    ],
-)
+@pytest.mark.parametrize("group", ["standard", "conversational", "standard_eos", "standard_implicit",
+                                   "conversational_implicit", "conversational_assistant_last"])
 def test_ids_equal_trl(trl_fixture, tokenizer, group):
     for entry in trl_fixture["groups"][group]:
         pair = tokenize_pair(fixture_example(entry["row"]), tokenizer, BIG)
@@ -286,20 +238,15 @@ def test_truncation_and_drops_equal_trl(trl_fixture, tokenizer):
                     continue
                 assert isinstance(pair, TokenizedPair), where
                 assert pair.prompt_ids == trl["prompt_ids"], where
-                for completion, seq in (
-                    (pair.chosen_ids, trl["chosen"]),
-                    (pair.rejected_ids, trl["rejected"]),
-                ):
+                for completion, seq in ((pair.chosen_ids, trl["chosen"]), (pair.rejected_ids, trl["rejected"])):
                     assert pair.prompt_ids + completion == seq["input_ids"], where
                     assert [0] * len(pair.prompt_ids) + [1] * len(completion) == seq["completion_mask"], where
 
 
 # --- fingerprint and padding ---
 
-
 def test_fingerprint_is_stable_and_sensitive(tokenizer, model_dir):
     from transformers import AutoTokenizer
-
     base = tokenizer_fingerprint(tokenizer)
     assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(model_dir)) == base  # reload: same
 

@@ -35,31 +35,15 @@ def bs1_cache(tmp_path_factory, sample_rows):
     """A cache precomputed one pair per forward, so batch-size-1 training sees identical shapes."""
     data = write_jsonl(tmp_path_factory.mktemp("d") / "p.jsonl", sample_rows[:16])
     out = tmp_path_factory.mktemp("c") / "bs1"
-    assert (
-        invoke(
-            ["precompute-ref", data, "--model", MODEL, "--out", out, "--batch-size", 1, "--quiet"]
-        ).exit_code
-        == 0
-    )
+    assert invoke(["precompute-ref", data, "--model", MODEL, "--out", out, "--batch-size", 1,
+                   "--quiet"]).exit_code == 0
     return out
 
 
 def test_policy_equal_to_reference_gives_ln2_and_zero_rewards(bs1_cache, tmp_path):
     """DPO at π = π_ref: h = 0, so loss = -log σ(0) = ln 2, rewards 0, strict accuracy 0."""
-    result = invoke(
-        train_args(
-            bs1_cache,
-            tmp_path / "run",
-            "--batch-size",
-            1,
-            "--grad-accum",
-            8,
-            "--max-steps",
-            1,
-            "--no-shuffle",
-            "--json",
-        )
-    )
+    result = invoke(train_args(bs1_cache, tmp_path / "run", "--batch-size", 1, "--grad-accum", 8,
+                               "--max-steps", 1, "--no-shuffle", "--json"))
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     first = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
@@ -73,26 +57,13 @@ def test_metrics_log_has_trl_names_and_config_is_saved(small_cache, tmp_path):
     run = tmp_path / "run"
     assert invoke(train_args(small_cache, run, "--max-steps", 2, "--batch-size", 4)).exit_code == 0
     rec = read_jsonl(run / "metrics.jsonl")[0]
-    for key in (
-        "loss",
-        "rewards/chosen",
-        "rewards/rejected",
-        "rewards/accuracies",
-        "rewards/margins",
-        "logps/chosen",
-        "logps/rejected",
-        "grad_norm",
-        "learning_rate",
-        "epoch",
-        "tokens_per_s",
-        "elapsed_s",
-        "step",
-    ):
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "epoch",
+                "tokens_per_s", "elapsed_s", "step"):
         assert key in rec, key
     config = json.loads((run / "run_config.json").read_text())
     assert config["batch_size"] == 4 and config["max_steps"] == 2 and config["beta"] == 0.1
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     AutoModelForCausalLM.from_pretrained(run)  # final model at the top of RUN_DIR
     AutoTokenizer.from_pretrained(run)
     assert (run / "checkpoint-2" / "trainer_state.json").exists()
@@ -112,16 +83,13 @@ def test_grad_accum_equals_larger_batch(small_cache, tmp_path):
 def test_gradient_checkpointing_changes_memory_not_math(small_cache, tmp_path):
     common = ["--max-steps", 3, "--no-shuffle", "--lr", "1e-3", "--batch-size", 8]
     assert invoke(train_args(small_cache, tmp_path / "plain", *common)).exit_code == 0
-    assert (
-        invoke(train_args(small_cache, tmp_path / "ckpt", *common, "--gradient-checkpointing")).exit_code == 0
-    )
+    assert invoke(train_args(small_cache, tmp_path / "ckpt", *common, "--gradient-checkpointing")).exit_code == 0
     assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), abs=1e-6)
 
 
 def _interrupt_after(monkeypatch, calls: int):
     """Make the (calls+1)-th loss computation raise KeyboardInterrupt, as Ctrl-C would."""
     import dpocli.train as train_mod
-
     real = train_mod.compute_loss
     count = {"n": 0}
 
@@ -130,7 +98,6 @@ def _interrupt_after(monkeypatch, calls: int):
         if count["n"] > calls:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
-
     monkeypatch.setattr(train_mod, "compute_loss", flaky)
 
 
@@ -138,10 +105,8 @@ def _interrupt_after(monkeypatch, calls: int):
 # the same weights (or adapter) and the same loss trajectory as the uninterrupted one.
 RESUME_CASES = {
     "full": ([], "model.safetensors"),
-    "lora": (
-        ["--lora-r", 16, "--lora-alpha", 32, "--lora-target-modules", "all-linear"],
-        "adapter_model.safetensors",
-    ),
+    "lora": (["--lora-r", 16, "--lora-alpha", 32, "--lora-target-modules", "all-linear"],
+             "adapter_model.safetensors"),
     "packed, shared prompt": (["--packing", "--prefix-sharing"], "model.safetensors"),
 }
 
@@ -149,21 +114,8 @@ RESUME_CASES = {
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_interrupt_then_resume_is_bitwise_equal(small_cache, tmp_path, monkeypatch, case):
     extra, weights_file = RESUME_CASES[case]
-    args = [
-        "--max-steps",
-        8,
-        "--batch-size",
-        4,
-        "--lr",
-        "1e-3",
-        "--save-every",
-        3,
-        "--warmup-steps",
-        2,
-        "--scheduler",
-        "cosine",
-        *extra,
-    ]
+    args = ["--max-steps", 8, "--batch-size", 4, "--lr", "1e-3", "--save-every", 3,
+            "--warmup-steps", 2, "--scheduler", "cosine", *extra]
     full, part = tmp_path / "full", tmp_path / "part"
     assert invoke(train_args(small_cache, full, *args)).exit_code == 0
 
@@ -183,9 +135,7 @@ def test_interrupt_then_resume_is_bitwise_equal(small_cache, tmp_path, monkeypat
 def test_resume_with_changed_arguments_is_refused(small_cache, tmp_path):
     run = tmp_path / "run"
     assert invoke(train_args(small_cache, run, "--max-steps", 1, "--batch-size", 4)).exit_code == 0
-    result = invoke(
-        train_args(small_cache, run, "--max-steps", 1, "--batch-size", 4, "--beta", 0.2, "--resume")
-    )
+    result = invoke(train_args(small_cache, run, "--max-steps", 1, "--batch-size", 4, "--beta", 0.2, "--resume"))
     assert result.exit_code == 2 and "beta" in result.stderr
     # The global batch (batch size x ranks) must stay the same; the per-rank batch may change.
     result = invoke(train_args(small_cache, run, "--max-steps", 1, "--batch-size", 8, "--resume"))
@@ -202,18 +152,14 @@ def test_existing_run_dir_is_not_overwritten(small_cache, tmp_path):
 
 def test_nan_loss_stops_with_exit_1_and_keeps_last_checkpoint(small_cache, tmp_path, monkeypatch):
     import dpocli.train as train_mod
-
     real = train_mod.compute_loss
     count = {"n": 0}
 
     def poisoned(inputs, spec):
         count["n"] += 1
         if count["n"] == 3:
-            inputs = dataclasses.replace(
-                inputs, policy_chosen_logps=inputs.policy_chosen_logps * float("nan")
-            )
+            inputs = dataclasses.replace(inputs, policy_chosen_logps=inputs.policy_chosen_logps * float("nan"))
         return real(inputs, spec)
-
     monkeypatch.setattr(train_mod, "compute_loss", poisoned)
     run = tmp_path / "run"
     result = invoke(train_args(small_cache, run, "--max-steps", 5, "--batch-size", 4, "--save-every", 2))
@@ -225,7 +171,6 @@ def test_nan_loss_stops_with_exit_1_and_keeps_last_checkpoint(small_cache, tmp_p
 def _rewrite_ref_values(cache_dir: Path, delta: float) -> None:
     """Shift every cached reference value, keeping the cache internally consistent (checksums)."""
     import pyarrow.parquet as pq
-
     manifest = cache.read_manifest(cache_dir)
     for entry in manifest.shards:
         table = pq.read_table(cache_dir / entry["file"])
@@ -238,10 +183,7 @@ def _rewrite_ref_values(cache_dir: Path, delta: float) -> None:
 
 def test_step0_check_catches_a_cache_that_does_not_match_the_policy(small_prefs, tmp_path):
     cache_dir = tmp_path / "cache"
-    assert (
-        invoke(["precompute-ref", small_prefs, "--model", MODEL, "--out", cache_dir, "--quiet"]).exit_code
-        == 0
-    )
+    assert invoke(["precompute-ref", small_prefs, "--model", MODEL, "--out", cache_dir, "--quiet"]).exit_code == 0
     _rewrite_ref_values(cache_dir, 0.5)
     result = invoke(train_args(cache_dir, tmp_path / "run", "--max-steps", 1))
     assert result.exit_code == 1 and "step-0 check failed" in result.stderr
@@ -255,28 +197,14 @@ def test_policy_with_another_tokenizer_is_refused(small_cache, tmp_path):
     config = json.loads((other / "tokenizer_config.json").read_text())
     template = other / "chat_template.jinja"
     if template.exists():
-        template.write_text(
-            "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}"
-        )
+        template.write_text("{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}")
     else:
         config["chat_template"] = "{% for m in messages %}{{ m.content }}{% endfor %}"
         (other / "tokenizer_config.json").write_text(json.dumps(config))
     result = invoke(["train", small_cache, "--model", other, "--out", tmp_path / "run", "--max-steps", 1])
     assert result.exit_code == 2 and "tokenizer" in result.stderr
-    ok = invoke(
-        [
-            "train",
-            small_cache,
-            "--model",
-            other,
-            "--out",
-            tmp_path / "run",
-            "--max-steps",
-            1,
-            "--allow-tokenizer-mismatch",
-            "--quiet",
-        ]
-    )
+    ok = invoke(["train", small_cache, "--model", other, "--out", tmp_path / "run", "--max-steps", 1,
+                 "--allow-tokenizer-mismatch", "--quiet"])
     assert ok.exit_code == 0
 
 

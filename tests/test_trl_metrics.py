@@ -17,64 +17,24 @@ from conftest import MODEL, SAMPLE, invoke, read_jsonl, write_jsonl
 
 TRL = json.loads((Path(__file__).parent / "fixtures" / "trl_metrics.json").read_text())
 SETTINGS = TRL["settings"]
-TRAIN_ARGS = [
-    "--no-shuffle",
-    "--max-steps",
-    SETTINGS["steps"],
-    "--batch-size",
-    SETTINGS["batch_size"],
-    "--lr",
-    SETTINGS["lr"],
-    "--beta",
-    SETTINGS["beta"],
-    "--seed",
-    SETTINGS["seed"],
-    "--quiet",
-]
-FLAGS = {
-    "plain": [],
-    "use_weighting": ["--use-weighting"],
-    "ld_alpha_0.5": ["--ld-alpha", 0.5],
-    "grad_accum_2": ["--batch-size", 4, "--grad-accum", 2],
-}  # the later --batch-size wins
-COMPARED = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-    "entropy",
-    "logits/chosen",
-    "logits/rejected",
-    "mean_token_accuracy",
-    "num_tokens",
-    "grad_norm",
-)
+TRAIN_ARGS = ["--no-shuffle", "--max-steps", SETTINGS["steps"], "--batch-size", SETTINGS["batch_size"],
+              "--lr", SETTINGS["lr"], "--beta", SETTINGS["beta"], "--seed", SETTINGS["seed"], "--quiet"]
+FLAGS = {"plain": [], "use_weighting": ["--use-weighting"], "ld_alpha_0.5": ["--ld-alpha", 0.5],
+         "grad_accum_2": ["--batch-size", 4, "--grad-accum", 2]}  # the later --batch-size wins
+COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+            "logps/chosen", "logps/rejected", "entropy", "logits/chosen", "logits/rejected",
+            "mean_token_accuracy", "num_tokens", "grad_norm")
 
 
 @pytest.fixture(scope="module")
 def token_cache(tmp_path_factory) -> Path:
     rows = [r for r in read_jsonl(SAMPLE / "train.jsonl") if "prompt" in r and isinstance(r["chosen"], str)]
-    rows = rows[: SETTINGS["rows"]]
+    rows = rows[:SETTINGS["rows"]]
     assert [r["id"] for r in rows] == TRL["row_ids"]
     root = tmp_path_factory.mktemp("trl-metrics")
     out = root / "cache"
-    result = invoke(
-        [
-            "precompute-ref",
-            write_jsonl(root / "rows.jsonl", rows),
-            "--model",
-            MODEL,
-            "--out",
-            out,
-            "--max-length",
-            SETTINGS["max_length"],
-            "--token-logps",
-            "--quiet",
-        ]
-    )
+    result = invoke(["precompute-ref", write_jsonl(root / "rows.jsonl", rows), "--model", MODEL, "--out", out,
+                     "--max-length", SETTINGS["max_length"], "--token-logps", "--quiet"])
     assert result.exit_code == 0, result.stderr
     return out
 
