@@ -50,8 +50,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import assets  # noqa: E402
-from bench_vs_trl import (dpocli_precompute, dpocli_train, fmt, machine_info, steady,  # noqa: E402
-                          trl_run)
+from bench_vs_trl import dpocli_precompute, dpocli_train, fmt, machine_info, steady, trl_run  # noqa: E402
 
 BENCH = assets.BENCH
 PROFILES = {

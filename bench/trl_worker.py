@@ -66,12 +66,11 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+    import trl
+    import trl.trainer.dpo_trainer as dpo_mod
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
     from transformers import AutoTokenizer, TrainerCallback
-
-    import trl
-    import trl.trainer.dpo_trainer as dpo_mod
     from trl import DPOConfig, DPOTrainer
 
     timings = {"precompute_s": 0.0, "hash_s": 0.0}

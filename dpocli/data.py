@@ -32,8 +32,13 @@ from dpocli import messages as chat
 from dpocli.atomic import sha256_file
 from dpocli.errors import DpocliError
 from dpocli.messages import type_name as _type_name
-from dpocli.sources import ARROW_SUFFIXES, DEFAULT_SPLIT, JSONL_SUFFIXES, resolve_input
-from dpocli.sources import list_input_files  # noqa: F401 (its old home: callers import it from here)
+from dpocli.sources import (
+    ARROW_SUFFIXES,
+    DEFAULT_SPLIT,
+    JSONL_SUFFIXES,
+    list_input_files,  # noqa: F401 (its old home: callers import it from here)
+    resolve_input,
+)
 
 Message = dict  # {"role": str, "content": str | None, ...}: every key is kept (see messages.py)
 

@@ -131,8 +131,11 @@ def full_state_dicts(model, optimizer, sharded: bool) -> tuple[dict | None, dict
     (unsharded) tensors on CPU. With FSDP this is a collective: every rank must call it."""
     if not sharded:
         return None, optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return (get_model_state_dict(model, options=options),
             get_optimizer_state_dict(model, optimizer, options=options))

@@ -44,7 +44,6 @@ from dpocli.policy import check_model_tokenizer, check_vocab
 from dpocli.scoring import RefLogps, cached_reference, score_cache
 
 
-
 def expand_models(patterns: list[str]) -> list[str]:
     """Models in the given order; a glob pattern expands to its matches sorted by trailing number
     (checkpoint-9 before checkpoint-10)."""
@@ -249,7 +248,8 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
                 entry["samples"] = sample_report(model, path, data, samples, ref_model=ref_model,
                                                  max_new_tokens=max_new_tokens, temperature=temperature,
                                                  kl_samples=kl_samples, seed=seed, device=dev,
-                                                 dtype=dtype, tokenizer_dir=Path(cache_dir) / cache.TOKENIZER_DIR)
+                                                 dtype=dtype,
+                                                 tokenizer_dir=Path(cache_dir) / cache.TOKENIZER_DIR)
             results.append(entry)
             if per_example:
                 for i in range(data.num_rows):

@@ -32,7 +32,8 @@ from dpocli.errors import DpocliError
 
 @dataclass(frozen=True)
 class LossInputs:
-    """Per-pair [B] tensors. *_logps are SUMS of completion-token log-probs; *_len are completion token counts."""
+    """Per-pair [B] tensors. *_logps are SUMS of completion-token log-probs; *_len are completion
+    token counts."""
 
     policy_chosen_logps: Tensor
     policy_rejected_logps: Tensor

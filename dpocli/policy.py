@@ -12,8 +12,14 @@ from dpocli import cache, distributed
 from dpocli.console import log, warn
 from dpocli.errors import DpocliError, RunFailure
 from dpocli.logprobs import CompletionScorer
-from dpocli.modeling import (DTYPES, active_dropout, load_causal_lm, load_tokenizer, resolve_model_dir,
-                             weights_fingerprint)
+from dpocli.modeling import (
+    DTYPES,
+    active_dropout,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_dir,
+    weights_fingerprint,
+)
 from dpocli.tokenization import tokenizer_fingerprint
 
 # Tolerance on summed log-probs when checking that a policy reproduces cached reference values.

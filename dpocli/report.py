@@ -291,7 +291,8 @@ def _html_page(summary: dict, png: bytes) -> str:
     config = "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>"
                      for k, v in summary["config"].items())
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><meta name="generator" content="{REPORT_MARK}"><title>dpo report {esc(summary['run_dir'])}</title>
+<html><head><meta charset="utf-8"><meta name="generator" content="{REPORT_MARK}">
+<title>dpo report {esc(summary['run_dir'])}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em}} img{{max-width:100%}}
 table{{border-collapse:collapse;margin:1em 0}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
 td:first-child{{text-align:left}} td.s{{font-family:monospace;text-align:left}}</style></head><body>

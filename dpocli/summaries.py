@@ -7,7 +7,6 @@ from pathlib import Path
 from rich.table import Table
 
 
-
 def _kv_table(title: str, rows: list[tuple[str, object]]) -> Table:
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("field", style="bold")

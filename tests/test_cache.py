@@ -13,8 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from dpocli import cache
-from dpocli.cache import (Manifest, commit_manifest, explain_mismatch, load_cache, read_manifest,
-                          verify_shards, write_shard)
+from dpocli.cache import (
+    Manifest,
+    commit_manifest,
+    explain_mismatch,
+    load_cache,
+    read_manifest,
+    verify_shards,
+    write_shard,
+)
 from dpocli.errors import DpocliError
 
 SPEC = {"conventions": "trl-1.x", "max_length": 64, "dtype": "float32", "token_logps": False,

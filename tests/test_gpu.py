@@ -76,12 +76,12 @@ def test_flex_kernel_on_cuda_matches_per_sequence_sdpa(monkeypatch):
     FlexAttention's forward AND backward against the per-sequence SDPA kernel, fp32 with TF32
     off, packed and prefix-shared, on a GQA model. 1e-4 allows for the two kernels' different
     softmax blocking in fp32."""
-    from transformers import AutoModelForCausalLM, AttentionInterface
+    from test_attention import PAIRS
+    from transformers import AttentionInterface, AutoModelForCausalLM
 
     from dpocli.attention import ENV
     from dpocli.logprobs import CompletionScorer, sequence_logps
     from dpocli.packing import collate_packed, enable_packed_attention, packed_attention
-    from test_attention import PAIRS
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)

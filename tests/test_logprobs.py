@@ -16,8 +16,13 @@ import torch
 
 from dpocli.batching import collate
 from dpocli.data import Example
-from dpocli.logprobs import (CompletionScorer, _ChunkedTokenLogps, _head_is_plain_linear,
-                             sequence_logps, token_logps_from_hidden)
+from dpocli.logprobs import (
+    CompletionScorer,
+    _ChunkedTokenLogps,
+    _head_is_plain_linear,
+    sequence_logps,
+    token_logps_from_hidden,
+)
 from dpocli.tokenization import TokenizedPair, tokenize_pair
 
 TOL = 1e-5

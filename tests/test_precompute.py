@@ -14,12 +14,11 @@ import shutil
 import pytest
 import torch
 
+from conftest import MODEL, invoke, read_jsonl, write_jsonl
 from dpocli import cache
 from dpocli.cache import load_cache, read_manifest
 from dpocli.data import Example
 from dpocli.tokenization import tokenize_pair
-
-from conftest import MODEL, invoke, read_jsonl, write_jsonl
 
 TOL = 1e-5
 

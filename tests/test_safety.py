@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_bad_inputs import snapshot
 
 from conftest import MODEL, invoke, read_jsonl, write_jsonl
-from test_bad_inputs import snapshot
 
 
 def user_folder(root: Path, name: str = "mine") -> Path:

@@ -18,11 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from dpocli.data import Example, extract_prompt, read_examples
-from dpocli.tokenization import (DROP_PROMPT_TOO_LONG, Dropped, TokenizedPair, pad_token_id,
-                                 tokenize_pair, tokenizer_fingerprint)
-
 from conftest import write_jsonl
+from dpocli.data import Example, extract_prompt, read_examples
+from dpocli.tokenization import (
+    DROP_PROMPT_TOO_LONG,
+    Dropped,
+    TokenizedPair,
+    pad_token_id,
+    tokenize_pair,
+    tokenizer_fingerprint,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "trl_ids.json"
 BIG = 10**6  # a max_length nothing reaches
