@@ -40,6 +40,20 @@ def train(cache, out, *extra, model=MODEL):
                    "--quiet", *extra])
 
 
+def interrupt_second_shard(monkeypatch):
+    """Ctrl-C while precompute writes its second shard; returns the real writer."""
+    from dpocli import cache
+    real, calls = cache.write_shard, []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(cache, "write_shard", crash_on_second)
+    return real
+
+
 @pytest.fixture()
 def prefs(tmp_path, sample_rows):
     return write_jsonl(tmp_path / "prefs.jsonl", sample_rows[:16])
@@ -90,16 +104,8 @@ def test_precompute_overwrite_keeps_a_cache_that_holds_foreign_files(tmp_path, p
 
 
 def test_precompute_resume_cleans_its_own_temporaries(tmp_path, prefs, monkeypatch):
-    from dpocli import cache
     out = tmp_path / "cache"
-    real, calls = cache.write_shard, []
-
-    def crash_on_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-    monkeypatch.setattr(cache, "write_shard", crash_on_second)
+    interrupt_second_shard(monkeypatch)
     result = precompute(prefs, out)
     assert result.exit_code == 130 and "rerun the same command" in result.stderr
     monkeypatch.undo()
@@ -277,14 +283,7 @@ def test_per_example_path_is_checked_first_and_its_folders_created(small_cache, 
 def test_relative_and_absolute_paths_name_the_same_input(tmp_path, prefs, monkeypatch):
     from dpocli import cache
     monkeypatch.chdir(tmp_path)
-    real, calls = cache.write_shard, []
-
-    def crash_on_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-    monkeypatch.setattr(cache, "write_shard", crash_on_second)
+    real = interrupt_second_shard(monkeypatch)
     assert precompute(Path("prefs.jsonl"), Path("cache")).exit_code == 130
     monkeypatch.setattr(cache, "write_shard", real)
     result = precompute(prefs.resolve(), (tmp_path / "cache").resolve(), "--json")
