@@ -226,6 +226,8 @@ def precompute_ref(
     prefix_sharing: Annotated[bool, typer.Option("--prefix-sharing", help="Run each pair's prompt once: prompt+chosen+rejected with a prefix-sharing attention pattern (faster with long prompts; without --packing it builds a dense mask and cannot use flash attention).")] = False,
     packing: Annotated[bool, typer.Option("--packing", help="Padding-free batches: all sequences of a batch end to end in one row, attention run per sequence (no compute on pad tokens).")] = False,
     token_logps: Annotated[bool, typer.Option("--token-logps", help="Also store per-token reference log-probs.")] = False,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="Under torchrun, shard the reference over the ranks with FSDP2 (forward-only), for a model too large for one device.")] = False,
+    weights_fingerprint: Annotated[str, typer.Option(help="How the reference weights are hashed into the cache: full (every byte), sampled (safetensors headers, sizes and 64 blocks per file; for very large models), auto (full up to 16 GiB of weights).")] = "auto",
     rows_per_shard: Annotated[int, typer.Option(help="Input rows per Parquet shard (the unit of resume).")] = 4096,
     drop_identical: Annotated[bool, typer.Option("--drop-identical", help="Drop rows whose chosen equals rejected (default: keep and warn).")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Fail (exit 2) instead of dropping a row whose prompt does not fit --max-length.")] = False,
@@ -247,7 +249,7 @@ def precompute_ref(
         rejected_column=rejected_column, token_logps=token_logps, rows_per_shard=rows_per_shard,
         drop_identical=drop_identical, strict=strict, overwrite=overwrite,
         trust_remote_code=trust_remote_code, prefix_sharing=prefix_sharing, packing=packing,
-        compile=compile, split=split)
+        compile=compile, split=split, fsdp=fsdp, weights_fingerprint=weights_fingerprint)
     _check_dtype(dtype)
     summary = _run(lambda: run_precompute(cfg, resolved_toml=_resolved(ctx)), quiet=quiet)
     _emit(summary, as_json, precompute_table)

@@ -12,8 +12,8 @@ from dpocli import cache, distributed
 from dpocli.console import log, warn
 from dpocli.errors import DpocliError, RunFailure
 from dpocli.logprobs import CompletionScorer
-from dpocli.modeling import (DTYPES, active_dropout, load_causal_lm, load_tokenizer, resolve_model_dir,
-                             weights_fingerprint)
+from dpocli.modeling import (DTYPES, active_dropout, load_causal_lm, load_causal_lm_sharded,
+                             load_tokenizer, resolve_model_dir, weights_fingerprint)
 from dpocli.tokenization import tokenizer_fingerprint
 
 # Tolerance on summed log-probs when checking that a policy reproduces cached reference values.
@@ -75,6 +75,8 @@ def build_policy(cfg, data: cache.CacheData, resume_from, device):
     scorer, wrapped for DDP or FSDP under torchrun). LoRA checkpoints hold only the adapter, so
     LoRA always starts from the base weights."""
     weights_path = str(resume_from[1]) if resume_from and cfg.lora_r is None else cfg.model
+    if cfg.fsdp:
+        return _build_sharded_policy(cfg, data, weights_path, device)
     model = load_causal_lm(weights_path, dtype=cfg.dtype, device=device,
                            attn_implementation=cfg.attn_implementation,
                            trust_remote_code=cfg.trust_remote_code, keep_dropout=cfg.keep_dropout)
@@ -95,11 +97,32 @@ def build_policy(cfg, data: cache.CacheData, resume_from, device):
     return model, scorer
 
 
+def _build_sharded_policy(cfg, data: cache.CacheData, weights_path: str, device):
+    """FSDP2: built on meta, sharded per decoder layer, then each rank loads only its part
+    (modeling.load_causal_lm_sharded). A sharded checkpoint's weights are loaded again with its
+    optimizer state by checkpoint.restore; loading them here too keeps one path."""
+    def wrap(model):
+        check_vocab(model, data, cfg.cache)  # shapes only: before any weight is read
+        model.train()
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        scorer = CompletionScorer(model, chunk_size=cfg.chunk_size, compile=cfg.compile)
+        return distributed.shard_model(model, scorer,
+                                       DTYPES[cfg.autocast] if cfg.autocast else None)
+    model, scorer = load_causal_lm_sharded(weights_path, wrap, dtype=cfg.dtype, device=device,
+                                           attn_implementation=cfg.attn_implementation,
+                                           trust_remote_code=cfg.trust_remote_code,
+                                           keep_dropout=cfg.keep_dropout)
+    model.train()
+    return model, scorer
+
+
 def step0_check(cfg, manifest: cache.Manifest, diff: float, model) -> dict:
     """Policy == reference at step 0 must reproduce the cached values (catches tokenization,
     precision and parallelism drift). Enforced only when the policy has the reference's weights;
     `diff` is the max |policy − cached reference| over the first micro-batch of every rank."""
-    same_weights = weights_fingerprint(cfg.model)["sha256"] == manifest.spec["reference_model"]["sha256"]
+    ref = manifest.spec["reference_model"]  # hashed the way the cache was (full unless recorded)
+    same_weights = weights_fingerprint(cfg.model, ref.get("fingerprint", "full"))["sha256"] == ref["sha256"]
     precision = cfg.autocast or cfg.dtype
     tolerance = STEP0_TOLERANCE[precision]
     if not same_weights:

@@ -17,7 +17,9 @@ Assumptions:
 from __future__ import annotations
 
 import math
+import os
 import platform
+import resource
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -32,7 +34,8 @@ from dpocli.console import ProgressBar, log, sigterm_as_interrupt, warn
 from dpocli.data import read_examples
 from dpocli.errors import DpocliError, Interrupted, RunFailure, out_of_memory_types
 from dpocli.logprobs import CompletionScorer, sequence_logps
-from dpocli.modeling import (load_causal_lm, load_tokenizer, resolve_device, weights_fingerprint)
+from dpocli.modeling import (load_causal_lm, load_causal_lm_sharded, load_tokenizer, resolve_device,
+                             weights_fingerprint)
 from dpocli.packing import check_layout_flags
 from dpocli.tokenization import Dropped, pad_token_id, tokenize_pair, tokenizer_fingerprint
 
@@ -65,6 +68,8 @@ class PrecomputeConfig:
     prefix_sharing: bool = False  # run each pair's prompt once (prompt + chosen + rejected rows)
     packing: bool = False  # padding-free: all sequences of a batch in one row
     split: str = "train"  # the split to read from a Hub-style dataset folder (see sources.py)
+    fsdp: bool = False  # shard the reference over the ranks (a model too large for one device)
+    weights_fingerprint: str = "auto"  # full | sampled | auto (modeling.weights_fingerprint)
 
     def batching(self) -> Batching:
         if self.batch_size is not None and self.max_tokens is not None:
@@ -93,7 +98,8 @@ def _build_spec(cfg: PrecomputeConfig, read, tokenizer, model_fp: dict) -> dict:
         # Local paths are stored resolved: `./data.jsonl` and `/abs/data.jsonl` are the same input
         # on resume, and `cache verify --rescore` finds the model from any working directory.
         "reference_model": {"path": _resolved(model_fp["path"]), "revision": model_fp["revision"],
-                            "sha256": model_fp["sha256"]},
+                            "sha256": model_fp["sha256"],
+                            **({"fingerprint": "sampled"} if model_fp["mode"] == "sampled" else {})},
         "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer),
                       "eos_token": tokenizer.eos_token, "pad_token_id": pad_token_id(tokenizer)},
         "max_length": cfg.max_length,
@@ -277,6 +283,44 @@ def _write_shard(out: Path, index: int, pairs, cfg: PrecomputeConfig, spec: dict
     return entry
 
 
+def _load_reference(cfg: PrecomputeConfig, device):
+    """(model, scorer). With --fsdp the reference is built on meta, sharded per decoder layer and
+    each rank loads only its part (forward-only FSDP2), so no rank holds the whole model."""
+    if not cfg.fsdp:
+        model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device,
+                               attn_implementation=cfg.attn_implementation,
+                               trust_remote_code=cfg.trust_remote_code)
+        return model, CompletionScorer(model, chunk_size=cfg.chunk_size, compile=cfg.compile)
+    return load_causal_lm_sharded(
+        cfg.model, lambda m: distributed.shard_model(
+            m, CompletionScorer(m, chunk_size=cfg.chunk_size, compile=cfg.compile)),
+        dtype=cfg.dtype, device=device, attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code)
+
+
+def _num_forwards(pairs, index: int | None, cfg: PrecomputeConfig) -> int:
+    """How many reference forwards shard `index` takes (the plan `_score_shard` follows)."""
+    if index is None:
+        return 0
+    rows = pairs[index * cfg.rows_per_shard:(index + 1) * cfg.rows_per_shard]
+    lengths = [(len(t.prompt_ids), len(t.chosen_ids), len(t.rejected_ids))
+               for _, t in rows if not isinstance(t, Dropped)]
+    return len(plan_reference_batches(lengths, cfg.batching()))
+
+
+def _idle_forwards(scorer, device, pad_id: int, cfg: PrecomputeConfig, count: int) -> None:
+    """Under FSDP every forward is a collective (each layer is all-gathered), so every rank runs
+    as many forwards per round as the busiest one: a rank whose shard took fewer (or that had
+    none this round) runs `count` one-token forwards whose results are dropped."""
+    if count <= 0:
+        return
+    batching = cfg.batching()
+    idle = make_batch([[pad_id]], [[pad_id]], [[pad_id]], pad_id, batching.prefix_sharing,
+                      batching.packing).to(device)
+    for _ in range(count):
+        sequence_logps(scorer, idle)
+
+
 class _Throughput:
     """Tokens/s over the run, shown in the progress bar."""
 
@@ -321,6 +365,9 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     if cfg.rows_per_shard < 1:
         raise DpocliError("must be at least 1", field="--rows-per-shard")
     cfg.batching()
+    if cfg.fsdp and "RANK" not in os.environ:
+        raise DpocliError("needs a torchrun launch", field="--fsdp",
+                          hint="torchrun --nproc-per-node N $(which dpo) precompute-ref ... --fsdp")
     read = read_examples(cfg.input, prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
                          rejected_column=cfg.rejected_column, id_column=cfg.id_column,
                          drop_identical=cfg.drop_identical, split=cfg.split)
@@ -328,7 +375,7 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
         warn(line)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     pairs = _tokenize_rows(cfg, read, tokenizer)
-    model_fp = weights_fingerprint(cfg.model)
+    model_fp = weights_fingerprint(cfg.model, cfg.weights_fingerprint)
     spec = _build_spec(cfg, read, tokenizer, model_fp)
     out = Path(cfg.out)
     outputs.check_output_location(out, {"the input": cfg.input, "--model": cfg.model})
@@ -348,9 +395,7 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     # Device and model come before the folder is touched, so a bad --device or model leaves the
     # folder (and any cache in it) exactly as it was.
     device = dist.device_for(resolve_device(cfg.device))
-    model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device,
-                           attn_implementation=cfg.attn_implementation,
-                           trust_remote_code=cfg.trust_remote_code)
+    model, scorer = _load_reference(cfg, device)
     dist.on_main_then_broadcast(lambda: _claim_out(out, plan, manifest))
     if done:
         log(f"resuming: {len(done)} of {planned} shards already done")
@@ -360,7 +405,6 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     if positions and longest > positions:
         warn(f"the longest sequence has {longest} tokens but the model was configured for "
              f"{positions} positions; lower --max-length unless the model extrapolates")
-    scorer = CompletionScorer(model, chunk_size=cfg.chunk_size, compile=cfg.compile)
     pad_id = pad_token_id(tokenizer)
     rows_todo = sum(min(cfg.rows_per_shard, len(pairs) - i * cfg.rows_per_shard) for i in todo)
     tokens_scored = 0
@@ -373,10 +417,15 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
             throughput = _Throughput()
             for round_ in range(rounds):
                 entry = None
-                if round_ < len(todo):
-                    entry = _write_shard(out, todo[round_], pairs, cfg, spec, scorer, device,
+                mine = todo[round_] if round_ < len(todo) else None
+                # Under FSDP every forward is a collective: agree on this round's count first.
+                forwards = _num_forwards(pairs, mine, cfg)
+                busiest = dist.max_over_ranks(forwards) if cfg.fsdp else forwards
+                if mine is not None:
+                    entry = _write_shard(out, mine, pairs, cfg, spec, scorer, device,
                                          pad_id, bar, throughput)
                     tokens_scored += entry.pop("tokens")
+                _idle_forwards(scorer, device, pad_id, cfg, busiest - forwards)
                 manifest.shards += [e for e in dist.all_gather_object(entry) if e is not None]
                 manifest.shards.sort(key=lambda e: e["index"])
                 if dist.is_main:
@@ -392,7 +441,10 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
         _finalize(out, manifest, tokenizer, model_fp, cfg, pairs)
     dist.barrier()
     elapsed = time.perf_counter() - t0
-    return _summary(cfg, manifest, "resumed" if done else "complete", elapsed, tokens_scored)
+    summary = _summary(cfg, manifest, "resumed" if done else "complete", elapsed, tokens_scored)
+    # The largest per-rank peak (a collective): with --fsdp it is what sharding saves.
+    rss_kb = dist.max_over_ranks(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return {**summary, "peak_rss_mb": round(rss_kb / 1024, 1)}
 
 
 def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict,

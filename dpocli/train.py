@@ -126,11 +126,9 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     final_eval = _final_eval(s, state.step)
     _save(s, state)
     s.metrics_log.close()
-    model_state, _ = distributed.full_state_dicts(model, s.optimizer, cfg.fsdp)
-    if dist.is_main:
-        run.save_final(model, tokenizer, model_state)
-        if cfg.merge:
-            run.save_merged(model.merge_and_unload(), tokenizer)
+    checkpoint.save_final_model(s.run, dist, model, tokenizer, cfg.fsdp)
+    if dist.is_main and cfg.merge:
+        run.save_merged(model.merge_and_unload(), tokenizer)
     dist.barrier()
     return _summary(s, state, final_eval, t_start)
 
@@ -221,17 +219,14 @@ def _session(cfg, spec, dist, manifest, data, eval_set, run, run_dir, model, sco
 
 
 def _save(s: _Session, state: TrainState) -> None:
-    """Checkpoint the state (once per step). Gathering full weights is a collective under FSDP:
-    every rank takes part, rank 0 writes."""
+    """Checkpoint the state (once per step). Under FSDP every rank writes its own shards (DCP);
+    otherwise rank 0 writes the whole model."""
     if state.last_saved == state.step:
         return
-    model_state, optim_state = distributed.full_state_dicts(s.model, s.optimizer, s.cfg.fsdp)
-    if s.run is not None:
-        s.run.save_checkpoint(state.step, s.model, s.tokenizer, optim_state, s.scheduler,
-                              state.record(s.global_batch, s.dist.world_size), model_state)
-        s.run.prune(s.cfg.save_total_limit)
+    checkpoint.save_step(s.run, s.dist, state.step, s.model, s.tokenizer, s.optimizer, s.scheduler,
+                         state.record(s.global_batch, s.dist.world_size), s.cfg.fsdp,
+                         s.cfg.save_total_limit)
     state.last_saved = state.step
-    s.dist.barrier()
 
 
 def _evaluate(s: _Session) -> dict:
@@ -285,7 +280,9 @@ def _non_finite(s: _Session, state: TrainState, what: str) -> RunFailure:
 
 
 def _summary(s: _Session, state: TrainState, final_eval: dict, t_start: float) -> dict:
-    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    # The largest per-rank peak: what each host must provide per process (a collective).
+    rss_kb = s.dist.max_over_ranks(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    peak = {"peak_rss_mb": round(rss_kb / 1024, 1)}
     if s.device.type == "cuda":
         peak["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(s.device) / 2**20, 1)
     return {"command": "train", "dpocli_version": __version__, "run_dir": str(s.run_dir),

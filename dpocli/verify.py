@@ -40,7 +40,7 @@ def run_verify(cache_dir: str, *, rescore: int = 0, model: str | None = None, se
         ref = manifest.spec["reference_model"]
         path = model or ref["path"]
         try:
-            found = weights_fingerprint(path)["sha256"]
+            found = weights_fingerprint(path, ref.get("fingerprint", "full"))["sha256"]
         except DpocliError as err:
             if model:
                 raise
