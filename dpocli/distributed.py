@@ -95,11 +95,28 @@ class DistContext:
 
 _context: DistContext | None = None
 
+# glibc raises its mmap threshold each time a large block is freed, after which buffers of a
+# few MB (FSDP's per-layer all-gathers and gradient reduce-scatters, optimizer temporaries) come
+# from the heap and stay resident after they are freed: measured +40% peak RSS per rank on a
+# 160M model. A fixed threshold returns every block above it to the system when freed.
+MMAP_THRESHOLD = 1 << 20
+
+
+def _release_freed_memory() -> None:
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD (fixed, no dynamic growth)
+    except (OSError, AttributeError):
+        pass  # not glibc (macOS, musl): their allocators return large blocks already
+
 
 def current() -> DistContext:
     global _context
     if _context is not None:
         return _context
+    _release_freed_memory()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # A 1-process torchrun launch also gets a process group: FSDP2 and sharded checkpoints need
     # one, and `torchrun --nproc-per-node 1 ... --fsdp` is how a sharded run resumes on one device.

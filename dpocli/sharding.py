@@ -21,6 +21,7 @@ Assumptions:
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from contextlib import contextmanager
@@ -87,25 +88,58 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
+def read_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data section, {name: {"dtype", "shape", "data_offsets"}}) of a safetensors file."""
+    with open(path, "rb") as f:
+        length = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return 8 + length, header
+
+
+def _read_rows(path: Path, data_start: int, entry: dict, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) along dim 0 of one stored tensor, read with plain reads (not a memory
+    map, whose touched pages would count in this process's resident memory)."""
+    dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}[entry["dtype"]]
+    shape = entry["shape"] or [1]
+    row_bytes = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+    out = torch.empty((max(stop - start, 0), *shape[1:]), dtype=dtype)
+    if out.numel():
+        with open(path, "rb") as f:
+            f.seek(data_start + entry["data_offsets"][0] + start * row_bytes)
+            f.readinto(out.view(-1).view(torch.uint8).numpy())
+    return out if entry["shape"] else out.reshape(())
+
+
+def _local_part(path: Path, data_start: int, entry: dict, target, device: torch.device):
+    """This rank's part of one stored tensor, as the DTensor (or plain tensor) `target` expects.
+    FSDP2 shards dim 0 as torch.chunk does: rank r holds rows [r*c, (r+1)*c), c = ceil(n / ranks)."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    rows = entry["shape"][0] if entry["shape"] else 1
+    if not isinstance(target, DTensor):
+        return _read_rows(path, data_start, entry, 0, rows).to(device=device, dtype=target.dtype)
+    mesh = target.device_mesh
+    if mesh.ndim == 1 and tuple(target.placements) == (Shard(0),) and entry["shape"]:
+        chunk = -(-rows // mesh.size())
+        start = min(mesh.get_local_rank() * chunk, rows)
+        local = _read_rows(path, data_start, entry, start, min(start + chunk, rows))
+        return DTensor.from_local(local.to(device=device, dtype=target.dtype), mesh, target.placements,
+                                  run_check=False, shape=target.shape, stride=target.stride())
+    full = _read_rows(path, data_start, entry, 0, rows).to(device=device, dtype=target.dtype)
+    return distribute_tensor(full, mesh, target.placements, src_data_rank=None)
+
+
 def load_sharded_weights(model, folder: Path, device: torch.device) -> None:
-    """Fill an FSDP2-sharded meta model from `folder`'s safetensors, one parameter at a time:
-    each is read whole (memory-mapped), cut to this rank's shard with `distribute_tensor` (no
-    communication: every rank reads the same file) and freed before the next."""
-    from safetensors import safe_open
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    """Fill an FSDP2-sharded meta model from `folder`'s safetensors: each rank reads only its own
+    rows of each parameter (no communication, no memory map), so it never holds more than its
+    shard plus one parameter's part."""
     targets = model.state_dict()  # DTensors on meta: shapes and placements, no data
     loaded = {}
     for path in weight_files(folder):
-        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name not in targets:
-                    continue  # e.g. a stored rotary inv_freq: computed, not a parameter
-                target = targets[name]
-                full = f.get_tensor(name).to(device=device, dtype=target.dtype)
-                if isinstance(target, DTensor):
-                    full = distribute_tensor(full, target.device_mesh, target.placements,
-                                             src_data_rank=None)
-                loaded[name] = full
+        data_start, header = read_header(path)
+        for name, entry in header.items():
+            if name in targets:  # skips e.g. a stored rotary inv_freq: computed, not a parameter
+                loaded[name] = _local_part(path, data_start, entry, targets[name], device)
     missing = sorted(set(k for k, v in targets.items() if v.device.type == "meta") - set(loaded))
     if missing:
         raise RuntimeError(f"{folder} holds no weights for {missing[:3]}")

@@ -14,6 +14,9 @@ Assumptions:
   loss is weighted by its share of the step's pairs, times world size because DDP averages.
 * Global batch = batch_size x ranks x grad_accum pairs; a 2-rank run with batch_size b follows a
   1-rank run with batch_size 2b (up to fp rounding and batch-level losses such as aot).
+* With --fsdp no rank holds the whole model or optimizer: the policy is loaded shard by shard,
+  checkpoints are DCP (resumable on another number of ranks with the same global batch, also on
+  one process via `torchrun --nproc-per-node 1`), the final folder is streamed (sharding.py).
 * learning_rate in metrics.jsonl is the rate applied at that step (HF logs the next step's).
 """
 
