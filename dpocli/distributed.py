@@ -98,7 +98,8 @@ _context: DistContext | None = None
 # glibc raises its mmap threshold each time a large block is freed, after which buffers of a
 # few MB (FSDP's per-layer all-gathers and gradient reduce-scatters, optimizer temporaries) come
 # from the heap and stay resident after they are freed: measured +40% peak RSS per rank on a
-# 160M model. A fixed threshold returns every block above it to the system when freed.
+# 160M model. A fixed threshold returns every block above it to the system when freed, at the
+# cost of a page fault per large allocation, so it is set only under torchrun.
 MMAP_THRESHOLD = 1 << 20
 
 
@@ -116,11 +117,12 @@ def current() -> DistContext:
     global _context
     if _context is not None:
         return _context
-    _release_freed_memory()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # A 1-process torchrun launch also gets a process group: FSDP2 and sharded checkpoints need
     # one, and `torchrun --nproc-per-node 1 ... --fsdp` is how a sharded run resumes on one device.
     launched = world > 1 or ("RANK" in os.environ and "MASTER_ADDR" in os.environ)
+    if launched:
+        _release_freed_memory()  # only under torchrun: a plain process keeps glibc's faster default
     if launched and not tdist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("DPOCLI_BACKEND") != "gloo" \
             else "gloo"

@@ -48,6 +48,7 @@ def test_sharded_checkpoints_resume_across_world_sizes(small_cache, tmp_path):
     train(small_cache, one, 1)
     train(small_cache, two, 2)
     w_one, w_two = weights(one), weights(two)
+    print(f"2 ranks vs 1 process: max |weight diff| {max_diff(w_one, w_two):.3g}")
     assert max_diff(w_one, w_two) < 1e-5  # 2 ranks follow 1 rank
 
     # A sharded checkpoint: each rank's shards through DCP, no whole-model files, no optimizer.pt.
@@ -76,7 +77,9 @@ def test_sharded_checkpoints_resume_across_world_sizes(small_cache, tmp_path):
         done = train(small_cache, run, nproc, "--resume")
         assert "resuming from" in done.stderr and "checkpoint-2" in done.stderr
         assert len(read_jsonl(run / "metrics.jsonl")) == 4
-        assert max_diff(weights(run), reference) <= tolerance, (run.name, nproc)
+        diff = max_diff(weights(run), reference)
+        print(f"resume of {run.name}'s checkpoint-2 on {nproc} rank(s): max |weight diff| {diff:.3g}")
+        assert diff <= tolerance, (run.name, nproc)
 
 
 def test_streamed_final_model_splits_into_indexed_shards(tmp_path):
@@ -111,10 +114,10 @@ def test_fsdp_precompute_equals_one_process(small_prefs, small_cache, tmp_path):
     assert done.returncode == 0, done.stderr
     one, two = cache_values(small_cache), cache_values(out)
     assert one.keys() == two.keys()
-    for key in one:
-        assert one[key][:2] == two[key][:2]
-        assert one[key][2] == pytest.approx(two[key][2], abs=1e-4)
-        assert one[key][3] == pytest.approx(two[key][3], abs=1e-4)
+    assert all(one[key][:2] == two[key][:2] for key in one)
+    diff = max(abs(one[k][i] - two[k][i]) for k in one for i in (2, 3))
+    print(f"precompute --fsdp vs 1 process: max |ref logps diff| {diff:.3g}")
+    assert diff <= 1e-4
     a = json.loads((small_cache / "manifest.json").read_text())
     b = json.loads((out / "manifest.json").read_text())
     assert a["spec"] == b["spec"]
