@@ -119,13 +119,22 @@ def atomic_dir(path: str | os.PathLike):
     `*.tmp-*` folder that readers ignore and later writers clean up.
     """
     path = Path(path)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
-        os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes 0700; honour the umask like mkdir would
-    except OSError as err:
-        raise as_write_failure(path, err) from None
+    tmp = make_temporary_dir(path)
     try:
         yield tmp
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        failure = as_write_failure(path, err)
+        if failure is err:
+            raise
+        raise failure from None
+    commit_dir(tmp, path)
+
+
+def commit_dir(tmp: Path, path: Path) -> None:
+    """Rename the finished temporary folder `tmp` (made by `atomic_dir`'s naming rule) to `path`;
+    split out so a folder that several processes fill (a sharded checkpoint) is committed by one."""
+    try:
         fsync_dir(tmp)
         if path.exists():
             old = path.with_name(f"{path.name}.old-{os.getpid()}")
@@ -141,3 +150,13 @@ def atomic_dir(path: str | os.PathLike):
             raise
         raise failure from None
     fsync_dir(path.parent)
+
+
+def make_temporary_dir(path: Path) -> Path:
+    """An empty `<path>.tmp-<random>` folder next to `path` (the name `atomic_dir` uses)."""
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
+        os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes 0700; honour the umask like mkdir would
+    except OSError as err:
+        raise as_write_failure(path, err) from None
+    return tmp

@@ -5,12 +5,17 @@ every top-level entry the run created (written to the record *before* the entry 
 so `--overwrite`, pruning and cleanup delete only what the record proves dpocli wrote
 (outputs.py states the rule).
 
-
-A checkpoint is `RUN_DIR/checkpoint-<step>/` holding config.json + model.safetensors + tokenizer
-files (loadable with `from_pretrained`), `trainer_state.json` (step, data position, RNG seeds) and
-`optimizer.pt` (optimizer, scheduler and RNG states). It is written as a temporary folder and
-renamed, so a checkpoint folder either exists complete or not at all; leftovers of a crash
-(`checkpoint-N.tmp-*`) are ignored and removed by the next save.
+A checkpoint is `RUN_DIR/checkpoint-<step>/`, in one of two formats chosen by the run's mode:
+* DDP and one process: config.json + model.safetensors + tokenizer files (loadable with
+  `from_pretrained`), `trainer_state.json` (step, data position) and `optimizer.pt` (optimizer,
+  scheduler and RNG states).
+* `--fsdp`: config.json + tokenizer files, `trainer_state.json`, `dcp/` (model and optimizer
+  state written by every rank through torch.distributed.checkpoint, reshardable to another world
+  size) and `trainer_state.pt` (scheduler and RNG states). No rank ever holds the whole optimizer.
+  `dpo eval` and `from_pretrained`-style loading in dpocli read it (modeling.py); for other tools
+  the final model (RUN_DIR itself) is the plain HF folder.
+It is written as a temporary folder and renamed, so a checkpoint folder either exists complete or
+not at all; leftovers of a crash (`checkpoint-N.tmp-*`) are ignored and removed by the next save.
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ from pathlib import Path
 
 import torch
 
-from dpocli import __version__, outputs
-from dpocli.atomic import as_write_failure, atomic_dir, atomic_write_json
+from dpocli import __version__, outputs, sharding
+from dpocli.atomic import as_write_failure, atomic_dir, atomic_write_json, commit_dir, make_temporary_dir
 from dpocli.errors import DpocliError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_JSON = "trainer_state.json"
 STATE_PT = "optimizer.pt"
+SHARDED_STATE_PT = "trainer_state.pt"  # a sharded checkpoint's scheduler and RNG (optimizer: dcp/)
 RUN_RECORD = "run_record.json"
 RUN_CONFIG = "run_config.json"
 RESOLVED_TOML = "config.resolved.toml"
@@ -69,7 +75,10 @@ def restore(resume_from: tuple[int, Path], model, optimizer, scheduler, sharded:
     from dpocli.distributed import load_optimizer_state
     step, folder = resume_from
     state, tensors = load_trainer_state(folder)
-    load_optimizer_state(model, optimizer, tensors["optimizer"], sharded)
+    if is_sharded_checkpoint(folder):  # DCP reshards: saved by any number of ranks
+        sharding.load_dcp(folder / sharding.DCP_DIR, model, optimizer)
+    else:
+        load_optimizer_state(model, optimizer, tensors["optimizer"], sharded)
     scheduler.load_state_dict(tensors["scheduler"])
     set_rng_state(tensors["rng"])
     if state.get("global_batch", global_batch) != global_batch:
@@ -224,10 +233,10 @@ class RunDir:
             outputs.remove_folder_if_empty(self.path)
 
     def save_checkpoint(self, step: int, model, tokenizer, optimizer_state: dict, scheduler,
-                        trainer_state: dict, model_state: dict | None = None) -> Path:
+                        trainer_state: dict) -> Path:
         self.add(f"checkpoint-{step}")
         return save_checkpoint(self.path, step, model, tokenizer, optimizer_state, scheduler,
-                               trainer_state, model_state)
+                               trainer_state)
 
     def prune(self, keep: int | None) -> None:
         """Delete the oldest of this run's checkpoints beyond `keep` (None keeps all)."""
@@ -238,16 +247,16 @@ class RunDir:
             outputs.remove_owned([path])
             self.discard(path.name)
 
-    def save_final(self, model, tokenizer, state_dict: dict | None = None) -> None:
-        """The final model, as a plain HF folder = RUN_DIR itself. Written in a staging folder
-        first; its files are recorded, then moved up with config.json last, so a failure never
-        leaves a config.json that looks like a finished model without its weights."""
+    def save_final(self, write) -> None:
+        """The final model, as a plain HF folder = RUN_DIR itself, written by `write(folder)` in a
+        staging folder first; its files are recorded, then moved up with config.json last, so a
+        failure never leaves a config.json that looks like a finished model without its weights."""
         try:
             staging = Path(tempfile.mkdtemp(prefix=f"{FINAL_STAGING}.tmp-", dir=self.path))
         except OSError as err:
             raise outputs.write_failure(self.path, err) from None
         try:
-            save_model_folder(staging, model, tokenizer, state_dict)
+            write(staging)
             names = sorted(os.listdir(staging), key=lambda n: n == "config.json")
             for name in names:
                 target = self.path / name
@@ -271,14 +280,88 @@ class RunDir:
             save_model_folder(tmp, model, tokenizer)
 
 
-def save_model_folder(folder: Path, model, tokenizer, state_dict: dict | None = None) -> None:
-    """HF format, safetensors, tokenizer included. `state_dict` overrides the module's own
-    (used with FSDP, where rank 0 saves the gathered full weights)."""
+def save_model_folder(folder: Path, model, tokenizer) -> None:
+    """HF format, safetensors, tokenizer included (a model whole in this process)."""
     from dpocli.modeling import quiet_transformers
     quiet_transformers()
-    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+    model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+def save_config_files(folder: Path, model, tokenizer) -> None:
+    """config.json, generation_config.json and the tokenizer: everything of an HF folder but the
+    weights (small; written by rank 0 alone)."""
+    from dpocli.modeling import quiet_transformers
+    quiet_transformers()
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def save_final_model(run: RunDir | None, dist, model, tokenizer, sharded: bool) -> None:
+    """The final HF folder. Under FSDP every rank takes part (one all-gather per parameter, see
+    sharding.stream_weights) and rank 0 writes; a write failure reaches every rank."""
+    if not sharded:
+        if run is not None:
+            run.save_final(lambda folder: save_model_folder(folder, model, tokenizer))
+        return
+
+    def write(folder: Path) -> None:
+        sharding.stream_weights(folder, model)
+        save_config_files(folder, model, tokenizer)
+    dist.collective_then_raise(lambda: run.save_final(write) if run is not None
+                               else sharding.stream_weights(None, model))
+
+
+def save_step(run: RunDir | None, dist, step: int, model, tokenizer, optimizer, scheduler,
+              trainer_state: dict, sharded: bool, keep: int | None) -> None:
+    """Checkpoint `step` (every rank calls; rank 0 alone holds `run`), then prune to `keep`."""
+    if sharded:
+        _save_sharded(run, dist, step, model, tokenizer, optimizer, scheduler, trainer_state)
+    elif run is not None:
+        run.save_checkpoint(step, model, tokenizer, optimizer.state_dict(), scheduler, trainer_state)
+    if run is not None:
+        run.prune(keep)
+    dist.barrier()
+
+
+def _save_sharded(run: RunDir | None, dist, step: int, model, tokenizer, optimizer, scheduler,
+                  trainer_state: dict) -> None:
+    """A DCP checkpoint: rank 0 records the name and makes the temporary folder, every rank writes
+    its shards into it, rank 0 adds the small files and renames it (atomic as `atomic_dir`)."""
+    final = (run.path if run is not None else Path()) / f"checkpoint-{step}"
+
+    def start() -> str:
+        run.add(final.name)  # in the record before it exists
+        for stale in run.path.glob(f"checkpoint-{step}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        return str(make_temporary_dir(final))
+    tmp = Path(dist.on_main_then_broadcast(start))
+
+    def write_shards() -> None:
+        try:
+            sharding.save_dcp(tmp / sharding.DCP_DIR, model, optimizer)
+        except Exception as err:
+            raise as_write_failure(final, err) from None
+    dist.collective_then_raise(write_shards)
+
+    def finish() -> None:
+        try:
+            save_config_files(tmp, model, tokenizer)
+            torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / SHARDED_STATE_PT)
+            atomic_write_json(tmp / STATE_JSON, trainer_state)
+        except Exception as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise as_write_failure(final, err) from None
+        commit_dir(tmp, final)
+    dist.on_main_then_broadcast(finish)
+
+
+def is_sharded_checkpoint(folder: Path) -> bool:
+    return (folder / sharding.DCP_DIR / ".metadata").is_file()
 
 
 def rng_state() -> dict:
@@ -296,13 +379,13 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer_state: dict, scheduler,
-                    trainer_state: dict, model_state: dict | None = None) -> Path:
-    """Write checkpoint-<step> atomically; returns its path."""
+                    trainer_state: dict) -> Path:
+    """Write checkpoint-<step> (the whole-model format) atomically; returns its path."""
     final = run_dir / f"checkpoint-{step}"
     for stale in run_dir.glob(f"checkpoint-{step}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     with atomic_dir(final) as tmp:
-        save_model_folder(tmp, model, tokenizer, model_state)
+        save_model_folder(tmp, model, tokenizer)
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "rng": rng_state()}, tmp / STATE_PT)
         atomic_write_json(tmp / STATE_JSON, trainer_state)
@@ -316,7 +399,8 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for p in run_dir.iterdir():
         m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir() and (p / STATE_JSON).exists() and (p / STATE_PT).exists():
+        if m and p.is_dir() and (p / STATE_JSON).exists() and (
+                (p / STATE_PT).exists() or ((p / SHARDED_STATE_PT).exists() and is_sharded_checkpoint(p))):
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -326,7 +410,8 @@ def load_trainer_state(folder: Path) -> tuple[dict, dict]:
     try:
         state = json.loads((folder / STATE_JSON).read_text())
         # weights_only=True: a checkpoint is data, never code. RNG states are plain tensors/tuples.
-        tensors = torch.load(folder / STATE_PT, map_location="cpu", weights_only=True)
+        pt = folder / (SHARDED_STATE_PT if is_sharded_checkpoint(folder) else STATE_PT)
+        tensors = torch.load(pt, map_location="cpu", weights_only=True)
     except Exception as err:
         raise DpocliError(f"is not a readable checkpoint ({type(err).__name__}: {err})",
                           file=folder, hint="delete it to resume from the one before") from None

@@ -16,6 +16,7 @@ import torch
 
 from dpocli.atomic import sha256_file
 from dpocli.errors import DpocliError
+from dpocli.options import WEIGHTS_FINGERPRINT_MODES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -168,6 +169,12 @@ def _load_causal_lm(name_or_path: str, *, dtype: str, device: torch.device | str
         return lora.apply_for_inference(base, folder).eval()
     if not (folder / "config.json").exists():
         raise DpocliError("has no config.json; not a transformers model folder", file=name_or_path)
+    from dpocli import sharding
+    if sharding.is_dcp_folder(folder):  # a checkpoint of an --fsdp run: gathered into this process
+        model = sharding.build_on_meta(folder.resolve(), DTYPES[dtype], attn_implementation,
+                                       trust_remote_code)
+        sharding.load_weights(model, folder, torch.device(device))
+        return model.eval()
     # An absolute path, so a LoRA adapter trained on top records where its base model lives.
     folder = folder.resolve()
     kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=None)
@@ -183,17 +190,85 @@ def _load_causal_lm(name_or_path: str, *, dtype: str, device: torch.device | str
     return model.to(device).eval()
 
 
+def load_causal_lm_sharded(name_or_path: str, wrap, *, dtype: str = "float32",
+                           device: torch.device | str = "cpu", attn_implementation: str | None = None,
+                           trust_remote_code: bool = False, keep_dropout: bool = False,
+                           revision: str | None = None):
+    """(model, root) for FSDP2 without a whole model in any process: the model is built with
+    meta parameters, `wrap(model)` shards it and returns the root module, then each rank loads
+    its own part (sharding.py). A model with tied embeddings is loaded whole and then wrapped
+    (sharding.py, "Assumptions")."""
+    from dpocli import sharding
+    from dpocli.console import log
+    folder = resolve_model_dir(name_or_path, revision)
+    from dpocli import lora
+    if lora.is_adapter_folder(folder):
+        raise DpocliError("is a LoRA adapter; --fsdp loads full models only", file=name_or_path,
+                          hint="merge the adapter first (dpo train --merge), or drop --fsdp")
+    if not (folder / "config.json").exists():
+        raise DpocliError("has no config.json; not a transformers model folder", file=name_or_path)
+    try:
+        model = sharding.build_on_meta(folder.resolve(), DTYPES[dtype], attn_implementation,
+                                       trust_remote_code)
+    except Exception as err:
+        raise _explain_load_error(name_or_path, err) from None
+    if sharding.has_tied_embeddings(model):
+        log("tied input/output embeddings: the model is loaded whole, then sharded")
+        model = load_causal_lm(name_or_path, dtype=dtype, device=device,
+                               attn_implementation=attn_implementation,
+                               trust_remote_code=trust_remote_code, keep_dropout=keep_dropout,
+                               revision=revision)
+        return model, wrap(model)
+    if not keep_dropout:
+        disable_dropout(model)
+    root = wrap(model)
+    sharding.load_weights(model, folder, torch.device(device))
+    return model.eval(), root
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# "auto" hashes every byte up to this many bytes of weights (about 8B parameters in bf16: ~15 s
+# at 1 GB/s, small next to scoring them), and samples above it (minutes for 70B otherwise).
+FULL_HASH_LIMIT = 16 * 2**30
+SAMPLES, SAMPLE_BYTES = 64, 1 << 16  # per weight file in "sampled" mode: 64 blocks of 64 KiB
 
 
-def weights_fingerprint(name_or_path: str, revision: str | None = None) -> dict:
-    """sha256 of every weight file and of config.json. Read once per precompute: a few seconds per
-    GB, small next to the forward pass, and it makes a stale cache detectable. `revision` is the
-    snapshot's commit for a hub id, None for a local folder."""
+def sampled_sha256(path: Path) -> str:
+    """sha256 of a weight file's size, its safetensors header (every tensor's name, dtype, shape
+    and offsets) and SAMPLES blocks of SAMPLE_BYTES at evenly spaced offsets (first and last
+    included): reads ~4 MB per file whatever its size. It catches a different, re-saved or
+    truncated file and any retrained tensor of more than a few blocks; it can miss an edit confined
+    to bytes between the samples, which `full` (the default below FULL_HASH_LIMIT) cannot."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(f"size:{size};".encode())
+    with open(path, "rb") as f:
+        if path.suffix == ".safetensors" and size >= 8:
+            header_len = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(min(header_len, size - 8)))
+        last = max(size - SAMPLE_BYTES, 0)
+        for k in range(SAMPLES):
+            f.seek(last * k // (SAMPLES - 1))
+            digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def weights_fingerprint(name_or_path: str, revision: str | None = None, *, mode: str = "auto") -> dict:
+    """sha256 of every weight file and of config.json (mode "full"), or of their sizes, headers
+    and sampled bytes ("sampled"); "auto" is full up to FULL_HASH_LIMIT bytes of weights.
+    Read once per precompute, it makes a stale cache detectable. The mode used is returned, and a
+    cache records it (only when sampled, so caches made before the mode existed stay valid).
+    `revision` is the snapshot's commit for a hub id, None for a local folder."""
+    if mode not in WEIGHTS_FINGERPRINT_MODES:
+        raise DpocliError(f"'{mode}' is not one of {', '.join(WEIGHTS_FINGERPRINT_MODES)}",
+                          field="--weights-fingerprint")
     folder = resolve_model_dir(name_or_path, revision)
     files = sorted(p for p in folder.iterdir()
                    if p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES))
-    per_file = {p.name: sha256_file(p) for p in files}
+    if mode == "auto":
+        mode = "full" if sum(p.stat().st_size for p in files) <= FULL_HASH_LIMIT else "sampled"
+    hash_file = sha256_file if mode == "full" else sampled_sha256
+    per_file = {p.name: hash_file(p) for p in files}
     combined = hashlib.sha256("".join(f"{k}:{v};" for k, v in per_file.items()).encode()).hexdigest()
     revision = folder.name if "snapshots" in folder.parts else None
-    return {"path": os.fspath(name_or_path), "revision": revision, "sha256": combined, "files": per_file}
+    return {"path": os.fspath(name_or_path), "revision": revision, "sha256": combined, "files": per_file,
+            "mode": mode}

@@ -43,6 +43,9 @@ def opt(default: Any, help: str, *, flags: tuple[str, ...] = (), negate: bool = 
     return field(default=default, metadata={"help": help, "flags": flags, "negate": negate})
 
 
+WEIGHTS_FINGERPRINT_MODES = ("auto", "full", "sampled")  # modeling.weights_fingerprint
+
+
 def _check_dtype(dtype: str | None) -> None:
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise DpocliError(f"'{dtype}' is not one of {', '.join(DTYPE_NAMES)}", field="--dtype")
@@ -196,6 +199,23 @@ class PrecomputeOpts:
     strict: bool = opt(
         False, "Fail (exit 2) instead of dropping a row whose prompt does not fit --max-length."
     )
+    fsdp: bool = opt(
+        False,
+        "Under torchrun, shard the reference over the ranks with FSDP2 (forward-only), for a model too "
+        "large for one device.",
+    )
+    weights_fingerprint: str = opt(
+        "auto",
+        "How the reference weights are hashed into the cache: full (every byte), sampled (safetensors "
+        "headers, sizes and 64 blocks per file; for very large models), auto (full up to 16 GiB of weights).",
+    )
+
+    def __post_init__(self):
+        if self.weights_fingerprint not in WEIGHTS_FINGERPRINT_MODES:
+            raise DpocliError(
+                f"'{self.weights_fingerprint}' is not one of {', '.join(WEIGHTS_FINGERPRINT_MODES)}",
+                field="--weights-fingerprint",
+            )
 
 
 @dataclass(frozen=True)
@@ -377,6 +397,7 @@ PER_COMMAND = {
     "--seed",
     "--dtype",
     "--attn-implementation",
+    "--fsdp",  # shards the reference (precompute-ref) or the policy (train)
 }
 
 

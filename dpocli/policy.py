@@ -16,6 +16,7 @@ from dpocli.modeling import (
     DTYPES,
     active_dropout,
     load_causal_lm,
+    load_causal_lm_sharded,
     load_tokenizer,
     resolve_model_dir,
     weights_fingerprint,
@@ -83,6 +84,9 @@ def build_policy(cfg, data: cache.CacheData, resume_from, device):
     LoRA always starts from the base weights."""
     from_checkpoint = resume_from is not None and cfg.lora_r is None
     weights_path = str(resume_from[1]) if from_checkpoint else cfg.model
+    if cfg.fsdp:
+        return _build_sharded_policy(cfg, data, weights_path, None if from_checkpoint else cfg.model_revision,
+                                     device)
     model = load_causal_lm(weights_path, dtype=cfg.dtype, device=device,
                            revision=None if from_checkpoint else cfg.model_revision,
                            attn_implementation=cfg.attn_implementation,
@@ -97,7 +101,7 @@ def build_policy(cfg, data: cache.CacheData, resume_from, device):
         log(lora.trainable_summary(model))
     model.train()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     scorer = CompletionScorer(model, chunk_size=cfg.chunk_size, compile=cfg.compile)
     # With FSDP the mixed-precision policy casts parameters (instead of autocast in the loop).
     scorer = distributed.wrap_for_training(scorer, model, device, cfg.fsdp,
@@ -105,12 +109,42 @@ def build_policy(cfg, data: cache.CacheData, resume_from, device):
     return model, scorer
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing (TRL's default). transformers 5.2x renamed
+    gradient_checkpointing_enable and warns on the old name; earlier 5.x has only the old one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _build_sharded_policy(cfg, data: cache.CacheData, weights_path: str, revision: str | None, device):
+    """FSDP2: built on meta, sharded per decoder layer, then each rank loads only its part
+    (modeling.load_causal_lm_sharded). A sharded checkpoint's weights are loaded again with its
+    optimizer state by checkpoint.restore; loading them here too keeps one path."""
+    def wrap(model):
+        check_vocab(model, data, cfg.cache)  # shapes only: before any weight is read
+        model.train()
+        if cfg.gradient_checkpointing:
+            enable_activation_checkpointing(model)
+        scorer = CompletionScorer(model, chunk_size=cfg.chunk_size, compile=cfg.compile)
+        return distributed.shard_model(model, scorer,
+                                       DTYPES[cfg.autocast] if cfg.autocast else None)
+    model, scorer = load_causal_lm_sharded(weights_path, wrap, dtype=cfg.dtype, device=device,
+                                           attn_implementation=cfg.attn_implementation,
+                                           trust_remote_code=cfg.trust_remote_code,
+                                           keep_dropout=cfg.keep_dropout, revision=revision)
+    model.train()
+    return model, scorer
+
+
 def step0_check(cfg, manifest: cache.Manifest, diff: float, model) -> dict:
     """Policy == reference at step 0 must reproduce the cached values (catches tokenization,
     precision and parallelism drift). Enforced only when the policy has the reference's weights;
     `diff` is the max |policy − cached reference| over the first micro-batch of every rank."""
-    policy_sha256 = weights_fingerprint(cfg.model, cfg.model_revision)["sha256"]
-    same_weights = policy_sha256 == manifest.spec["reference_model"]["sha256"]
+    ref = manifest.spec["reference_model"]  # hashed the way the cache was (full unless recorded)
+    mode = ref.get("fingerprint", "full")
+    same_weights = weights_fingerprint(cfg.model, cfg.model_revision, mode=mode)["sha256"] == ref["sha256"]
     precision = cfg.autocast or cfg.dtype
     tolerance = STEP0_TOLERANCE[precision]
     if not same_weights:

@@ -17,7 +17,9 @@ Assumptions:
 from __future__ import annotations
 
 import math
+import os
 import platform
+import resource
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from dpocli import __version__, cache, distributed, outputs
+from dpocli import __version__, cache, cache_folder, distributed, outputs
 from dpocli.attention import describe as describe_attention
 from dpocli.batching import Batching, make_batch, plan_reference_batches
 from dpocli.console import ProgressBar, log, sigterm_as_interrupt, warn
@@ -35,6 +37,7 @@ from dpocli.hub import Snapshot, resolve_dataset
 from dpocli.logprobs import CompletionScorer, sequence_logps
 from dpocli.modeling import (
     load_causal_lm,
+    load_causal_lm_sharded,
     load_tokenizer,
     resolve_device,
     resolve_model_dir,
@@ -75,6 +78,8 @@ class PrecomputeConfig:
     revision: str | None = None  # of a Hub dataset id given as `input` (see hub.py)
     subset: str | None = None  # a README.md config by name
     model_revision: str | None = None  # of a Hub model id given as `model`
+    fsdp: bool = False  # shard the reference over the ranks (a model too large for one device)
+    weights_fingerprint: str = "auto"  # full | sampled | auto (modeling.weights_fingerprint)
 
     def batching(self) -> Batching:
         if self.batch_size is not None and self.max_tokens is not None:
@@ -113,7 +118,8 @@ def _build_spec(cfg: PrecomputeConfig, read, tokenizer, model_fp: dict,
         # Local paths are stored resolved: `./data.jsonl` and `/abs/data.jsonl` are the same input
         # on resume, and `cache verify --rescore` finds the model from any working directory.
         "reference_model": {"path": _resolved(model_fp["path"]), "revision": model_fp["revision"],
-                            "sha256": model_fp["sha256"]},
+                            "sha256": model_fp["sha256"],
+                            **({"fingerprint": "sampled"} if model_fp["mode"] == "sampled" else {})},
         "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer),
                       "eos_token": tokenizer.eos_token, "pad_token_id": pad_token_id(tokenizer)},
         "max_length": cfg.max_length,
@@ -135,114 +141,6 @@ def _build_spec(cfg: PrecomputeConfig, read, tokenizer, model_fp: dict,
             "dropped_on_read": dict(read.dropped),
         },
     }
-
-
-def _keep_intact_shards(out: Path, manifest: cache.Manifest) -> cache.Manifest:
-    """Drop listed shards that are missing or fail their checksum, so a resume redoes them rather
-    than trusting a damaged cache (a finished one becomes unfinished again)."""
-    intact = []
-    for entry in manifest.shards:
-        try:
-            cache.verify_shards(out, cache.Manifest(manifest.spec, 0, 0, [entry]))
-            intact.append(entry)
-        except DpocliError as err:
-            warn(f"{err.one_line()}; it will be recomputed")
-    if len(intact) != len(manifest.shards):
-        manifest.shards = intact
-        manifest.complete = False
-    return manifest
-
-
-# Entries of a cache folder that only dpocli writes (besides the shards its manifest lists).
-CACHE_NAMES = {cache.MANIFEST_NAME, cache.TOKENIZER_DIR, "config.resolved.toml",
-               "precompute.resolved.toml"}  # the last: the name dpocli 0.1 used
-
-
-def _shard_written_for(path: Path, spec: dict) -> bool:
-    """An unlisted shard is ours only if its Parquet metadata carries this cache's spec (a run
-    killed between writing the shard and listing it)."""
-    import pyarrow.parquet as pq
-    try:
-        meta = pq.read_schema(path).metadata or {}
-    except Exception:
-        return False
-    return meta.get(b"dpocli.spec") == cache.canonical_json(spec).encode()
-
-
-def _survey_cache(out: Path, manifest: cache.Manifest | None) -> outputs.Survey:
-    """Without a manifest nothing is provably ours except the temporaries of a first manifest
-    write that was killed; with one, the fixed names, listed shards and shards made for it."""
-    if manifest is None:
-        return outputs.survey(out, lambda name: False, lambda name: name == cache.MANIFEST_NAME)
-    listed = {e["file"] for e in manifest.shards}
-
-    def is_owned(name: str) -> bool:
-        if name in CACHE_NAMES or name in listed:
-            return True
-        return bool(cache.SHARD_PATTERN.match(name)) and _shard_written_for(out / name, manifest.spec)
-
-    def may_write(name: str) -> bool:
-        return name in CACHE_NAMES or bool(cache.SHARD_PATTERN.match(name))
-    return outputs.survey(out, is_owned, may_write)
-
-
-@dataclass
-class OutPlan:
-    """What `--out` needs, decided by looking only: `resume` is None for a fresh cache."""
-
-    resume: cache.Manifest | None
-    remove: list[Path]
-    complete: bool = False
-
-
-def _inspect_out(out: Path, spec: dict, overwrite: bool) -> OutPlan:
-    """Decide how to use `out` without touching it. Refuses (exit 2) a folder dpocli did not
-    write, a cache made differently (unless --overwrite), and any folder holding foreign files
-    that would have to be written into or cleared."""
-    if out.exists() and not out.is_dir():
-        raise DpocliError("exists and is not a folder", file=out)
-    if not out.exists() or not any(out.iterdir()):
-        return OutPlan(None, [])
-    manifest = None
-    if (out / cache.MANIFEST_NAME).exists():
-        try:
-            manifest = cache.read_manifest(out)
-        except DpocliError as err:
-            raise DpocliError(f"holds a manifest.json dpocli cannot read ({err.message}), so it cannot "
-                              "prove it wrote this folder; it will not write into or clear it",
-                              file=out, hint="choose another --out, or delete the folder yourself "
-                                             "if it is a cache you no longer need") from None
-    found = _survey_cache(out, manifest)
-    if manifest is None:
-        found.refuse_foreign("is not empty and is not a dpocli cache; it")
-        return OutPlan(None, found.temporaries)
-    differs = cache.explain_mismatch(spec, manifest.spec)
-    if differs is None:
-        manifest = _keep_intact_shards(out, manifest)
-        if manifest.complete:  # nothing to write, so extra entries do no harm
-            return OutPlan(manifest, [], complete=True)
-        found.refuse_foreign("is an unfinished dpocli cache but")
-        listed = {e["file"] for e in manifest.shards}
-        stale = [p for p in found.owned if cache.SHARD_PATTERN.match(p.name) and p.name not in listed]
-        return OutPlan(manifest, found.temporaries + stale)
-    if not overwrite:
-        raise DpocliError(f"already holds a cache made differently ({differs})", file=out,
-                          hint="pass --overwrite to replace it, or choose another --out")
-    found.refuse_foreign("is a dpocli cache but")
-    return OutPlan(None, found.owned + found.temporaries)
-
-
-def _claim_out(out: Path, plan: OutPlan, manifest: cache.Manifest) -> None:
-    """Clear what the plan proved to be ours, then commit the manifest first: from here on the
-    folder is provably a dpocli cache, so a killed run can be resumed or replaced safely."""
-    outputs.remove_owned(plan.remove)
-    created = outputs.ensure_folder(out)
-    try:
-        cache.commit_manifest(out, manifest)
-    except DpocliError:
-        if created:
-            outputs.remove_folder_if_empty(out)
-        raise
 
 
 def _score_shard(scorer, device, pairs, cfg, pad_id, bar, throughput) -> dict:
@@ -300,6 +198,44 @@ def _write_shard(out: Path, index: int, pairs, cfg: PrecomputeConfig, spec: dict
     return entry
 
 
+def _load_reference(cfg: PrecomputeConfig, device):
+    """(model, scorer). With --fsdp the reference is built on meta, sharded per decoder layer and
+    each rank loads only its part (forward-only FSDP2), so no rank holds the whole model."""
+    if not cfg.fsdp:
+        model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, revision=cfg.model_revision,
+                               attn_implementation=cfg.attn_implementation,
+                               trust_remote_code=cfg.trust_remote_code)
+        return model, CompletionScorer(model, chunk_size=cfg.chunk_size, compile=cfg.compile)
+    return load_causal_lm_sharded(
+        cfg.model, lambda m: distributed.shard_model(
+            m, CompletionScorer(m, chunk_size=cfg.chunk_size, compile=cfg.compile)),
+        dtype=cfg.dtype, device=device, attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code, revision=cfg.model_revision)
+
+
+def _num_forwards(pairs, index: int | None, cfg: PrecomputeConfig) -> int:
+    """How many reference forwards shard `index` takes (the plan `_score_shard` follows)."""
+    if index is None:
+        return 0
+    rows = pairs[index * cfg.rows_per_shard:(index + 1) * cfg.rows_per_shard]
+    lengths = [(len(t.prompt_ids), len(t.chosen_ids), len(t.rejected_ids))
+               for _, t in rows if not isinstance(t, Dropped)]
+    return len(plan_reference_batches(lengths, cfg.batching()))
+
+
+def _idle_forwards(scorer, device, pad_id: int, cfg: PrecomputeConfig, count: int) -> None:
+    """Under FSDP every forward is a collective (each layer is all-gathered), so every rank runs
+    as many forwards per round as the busiest one: a rank whose shard took fewer (or that had
+    none this round) runs `count` one-token forwards whose results are dropped."""
+    if count <= 0:
+        return
+    batching = cfg.batching()
+    idle = make_batch([[pad_id]], [[pad_id]], [[pad_id]], pad_id, batching.prefix_sharing,
+                      batching.packing).to(device)
+    for _ in range(count):
+        sequence_logps(scorer, idle)
+
+
 class _Throughput:
     """Tokens/s over the run, shown in the progress bar."""
 
@@ -344,6 +280,9 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     if cfg.rows_per_shard < 1:
         raise DpocliError("must be at least 1", field="--rows-per-shard")
     cfg.batching()
+    if cfg.fsdp and "RANK" not in os.environ:
+        raise DpocliError("needs a torchrun launch", field="--fsdp",
+                          hint="torchrun --nproc-per-node N $(which dpo) precompute-ref ... --fsdp")
     source, dataset = resolve_dataset(cfg.input, cfg.revision)
     if dataset is not None:
         log(f"dataset {dataset.repo_id} at {dataset.revision[:12]} from {source}")
@@ -356,14 +295,14 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
                                revision=cfg.model_revision)
     pairs = _tokenize_rows(cfg, read, tokenizer)
-    model_fp = weights_fingerprint(cfg.model, cfg.model_revision)
+    model_fp = weights_fingerprint(cfg.model, cfg.model_revision, mode=cfg.weights_fingerprint)
     spec = _build_spec(cfg, read, tokenizer, model_fp, dataset)
     out = Path(cfg.out)
     outputs.check_output_location(out, {"the input": source, "--model": model_dir})
 
     # Rank 0 alone inspects the folder; the others get its verdict (or its error, so that no
     # rank is left waiting in a collective when rank 0 refuses). Nothing is written yet.
-    plan = dist.on_main_then_broadcast(lambda: _inspect_out(out, spec, cfg.overwrite))
+    plan = dist.on_main_then_broadcast(lambda: cache_folder.inspect_out(out, spec, cfg.overwrite))
     if plan.complete:
         log(f"[green]already complete[/green]: {out} matches these arguments; nothing to do")
         return _summary(cfg, plan.resume, "already_complete", time.perf_counter() - t0, 0)
@@ -376,10 +315,8 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     # Device and model come before the folder is touched, so a bad --device or model leaves the
     # folder (and any cache in it) exactly as it was.
     device = dist.device_for(resolve_device(cfg.device))
-    model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, revision=cfg.model_revision,
-                           attn_implementation=cfg.attn_implementation,
-                           trust_remote_code=cfg.trust_remote_code)
-    dist.on_main_then_broadcast(lambda: _claim_out(out, plan, manifest))
+    model, scorer = _load_reference(cfg, device)
+    dist.on_main_then_broadcast(lambda: cache_folder.claim_out(out, plan, manifest))
     if done:
         log(f"resuming: {len(done)} of {planned} shards already done")
     positions = getattr(model.config, "max_position_embeddings", None)
@@ -388,7 +325,6 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     if positions and longest > positions:
         warn(f"the longest sequence has {longest} tokens but the model was configured for "
              f"{positions} positions; lower --max-length unless the model extrapolates")
-    scorer = CompletionScorer(model, chunk_size=cfg.chunk_size, compile=cfg.compile)
     pad_id = pad_token_id(tokenizer)
     rows_todo = sum(min(cfg.rows_per_shard, len(pairs) - i * cfg.rows_per_shard) for i in todo)
     tokens_scored = 0
@@ -401,10 +337,15 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
             throughput = _Throughput()
             for round_ in range(rounds):
                 entry = None
-                if round_ < len(todo):
-                    entry = _write_shard(out, todo[round_], pairs, cfg, spec, scorer, device,
+                mine = todo[round_] if round_ < len(todo) else None
+                # Under FSDP every forward is a collective: agree on this round's count first.
+                forwards = _num_forwards(pairs, mine, cfg)
+                busiest = dist.max_over_ranks(forwards) if cfg.fsdp else forwards
+                if mine is not None:
+                    entry = _write_shard(out, mine, pairs, cfg, spec, scorer, device,
                                          pad_id, bar, throughput)
                     tokens_scored += entry.pop("tokens")
+                _idle_forwards(scorer, device, pad_id, cfg, busiest - forwards)
                 manifest.shards += [e for e in dist.all_gather_object(entry) if e is not None]
                 manifest.shards.sort(key=lambda e: e["index"])
                 if dist.is_main:
@@ -420,7 +361,10 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
         _finalize(out, manifest, tokenizer, model_fp, cfg, pairs)
     dist.barrier()
     elapsed = time.perf_counter() - t0
-    return _summary(cfg, manifest, "resumed" if done else "complete", elapsed, tokens_scored)
+    summary = _summary(cfg, manifest, "resumed" if done else "complete", elapsed, tokens_scored)
+    # The largest per-rank peak (a collective): with --fsdp it is what sharding saves.
+    rss_kb = dist.max_over_ranks(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return {**summary, "peak_rss_mb": round(rss_kb / 1024, 1)}
 
 
 def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict,
@@ -440,7 +384,7 @@ def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict,
         "reference_model_files": model_fp["files"],
         "attention_kernel": describe_attention(cfg.packing, cfg.attn_implementation),
     }
-    tok_dir = out / cache.TOKENIZER_DIR  # replaced whole if present: it is ours (CACHE_NAMES)
+    tok_dir = out / cache.TOKENIZER_DIR  # replaced whole if present: it is ours (cache_folder.CACHE_NAMES)
     from dpocli.atomic import atomic_dir
     with atomic_dir(tok_dir) as tmp:
         tokenizer.save_pretrained(tmp)

@@ -69,7 +69,9 @@ def train_summary(s, state, final_eval: dict, t_start: float) -> dict:
     from dpocli import __version__
     from dpocli.attention import describe as describe_attention
     from dpocli.metrics import MetricsLog
-    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    # The largest per-rank peak: what each host must provide per process (a collective).
+    rss_kb = s.dist.max_over_ranks(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    peak = {"peak_rss_mb": round(rss_kb / 1024, 1)}
     if s.device.type == "cuda":
         peak["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(s.device) / 2**20, 1)
     hf = s.totals.summary(samples_scheduled(s.cfg, s.data.num_rows, s.global_batch), s.total_steps)

@@ -100,8 +100,10 @@ def make_optimizer(model, cfg, device) -> torch.optim.Optimizer:
         # HF's adamw_bnb_8bit / paged_adamw_8bit: bitsandbytes' AdamW with 8-bit states.
         return bitsandbytes.optim.AdamW(groups, **adam, optim_bits=8, is_paged=cfg.optim.startswith("paged"))
     # Fused AdamW (TRL's default on GPU) is also ~4x faster than foreach on CPU (0.19 -> 0.04 s per
-    # step for a 31M model, bench/profile_dpocli_step.py). FSDP's DTensor parameters keep foreach.
-    fused = device.type in ("cuda", "cpu") and not getattr(cfg, "fsdp", False)
+    # step for a 31M model, bench/profile_dpocli_step.py). It takes FSDP's DTensor parameters too
+    # (torchtune's FSDP2 configs use it), and it matters there: foreach's `sqrt` of the second
+    # moments is a temporary as large as this rank's whole shard.
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, **adam, fused=fused or None)
 
 

@@ -13,6 +13,9 @@ Assumptions:
   loss is weighted by its share of the step's pairs, times world size because DDP averages.
 * Global batch = batch_size x ranks x grad_accum pairs; a 2-rank run with batch_size b follows a
   1-rank run with batch_size 2b (up to fp rounding and batch-level losses such as aot).
+* With --fsdp no rank holds the whole model or optimizer: the policy is loaded shard by shard,
+  checkpoints are DCP (resumable on another number of ranks with the same global batch, also on
+  one process via `torchrun --nproc-per-node 1`), the final folder is streamed (sharding.py).
 * learning_rate in metrics.jsonl is the rate applied at that step (HF logs the next step's).
 """
 
@@ -131,11 +134,9 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     final_eval = _final_eval(s, state.step)
     _save(s, state)
     s.metrics_log.close()
-    model_state, _ = distributed.full_state_dicts(model, s.optimizer, cfg.fsdp)
-    if dist.is_main:
-        run.save_final(model, tokenizer, model_state)
-        if cfg.merge:
-            run.save_merged(model.merge_and_unload(), tokenizer)
+    checkpoint.save_final_model(s.run, dist, model, tokenizer, cfg.fsdp)
+    if dist.is_main and cfg.merge:
+        run.save_merged(model.merge_and_unload(), tokenizer)
     dist.barrier()
     return train_summary(s, state, final_eval, t_start)
 
@@ -228,17 +229,14 @@ def _session(cfg, spec, dist, manifest, data, eval_set, run, run_dir, model, sco
 
 
 def _save(s: _Session, state: TrainState) -> None:
-    """Checkpoint the state (once per step). Gathering full weights is a collective under FSDP:
-    every rank takes part, rank 0 writes."""
+    """Checkpoint the state (once per step). Under FSDP every rank writes its own shards (DCP);
+    otherwise rank 0 writes the whole model."""
     if state.last_saved == state.step:
         return
-    model_state, optim_state = distributed.full_state_dicts(s.model, s.optimizer, s.cfg.fsdp)
-    if s.run is not None:
-        s.run.save_checkpoint(state.step, s.model, s.tokenizer, optim_state, s.scheduler,
-                              state.record(s.global_batch, s.dist.world_size), model_state)
-        s.run.prune(s.cfg.save_total_limit)
+    checkpoint.save_step(s.run, s.dist, state.step, s.model, s.tokenizer, s.optimizer, s.scheduler,
+                         state.record(s.global_batch, s.dist.world_size), s.cfg.fsdp,
+                         s.cfg.save_total_limit)
     state.last_saved = state.step
-    s.dist.barrier()
 
 
 def _evaluate(s: _Session) -> dict:

@@ -103,8 +103,9 @@ class TrainConfig:
             raise DpocliError(f"must be in [0, 1), got {self.warmup_ratio}", field="--warmup-ratio")
         if self.autocast not in (None, "bfloat16", "float16"):
             raise DpocliError(f"'{self.autocast}' is not bfloat16 or float16", field="--autocast")
-        if self.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-            raise DpocliError("needs a torchrun launch with 2 or more processes", field="--fsdp",
+        if self.fsdp and "RANK" not in os.environ:
+            raise DpocliError("needs a torchrun launch (1 process is fine: that is how a sharded run "
+                              "resumes on one device)", field="--fsdp",
                               hint="torchrun --nproc-per-node N $(which dpo) train ... --fsdp")
         from dpocli.integrations import check as check_report_to
         check_report_to(self.report_to)

@@ -90,7 +90,7 @@ def _rescore(
     ref = manifest.spec["reference_model"]
     path, revision = _reference(manifest, model, model_revision)
     try:
-        found = weights_fingerprint(path, revision)["sha256"]
+        found = weights_fingerprint(path, revision, mode=ref.get("fingerprint", "full"))["sha256"]
     except DpocliError as err:
         if model:
             raise

@@ -101,7 +101,7 @@ def test_fsdp2_matches_ddp_and_saves_a_normal_hf_model(small_cache, tmp_path):
     assert done.returncode == 0, done.stderr
     packed_losses = [r["loss"] for r in read_jsonl(packed / "metrics.jsonl") if "loss" in r]
     assert packed_losses == pytest.approx(a, abs=1e-5)
-    # The FSDP checkpoint holds full (unsharded) weights and optimizer state: resume on 2 ranks.
+    # The FSDP checkpoint is sharded (DCP, tests/test_sharded.py): resume on 2 ranks.
     import shutil
     shutil.rmtree(fsdp / "checkpoint-3")
     done = torchrun(["train", small_cache, "--model", MODEL, "--out", fsdp, "--fsdp", "--resume", *common])
