@@ -26,6 +26,7 @@ A model whose folder holds a tokenizer must have the cache's (as in train).
 from __future__ import annotations
 
 import glob
+import os
 import re
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ from dpocli.errors import DpocliError, check_at_least, check_seed
 from dpocli.logprobs import CompletionScorer
 from dpocli.losses import LOSS_OPTIONS, LossSpec, spec_from_options
 from dpocli.metrics import LENGTH_BUCKETS, pair_metrics  # noqa: F401 (LENGTH_BUCKETS: for summaries)
-from dpocli.modeling import load_causal_lm, resolve_device
+from dpocli.modeling import load_causal_lm, load_causal_lm_sharded, resolve_device
 from dpocli.policy import check_model_tokenizer, check_vocab
 from dpocli.scoring import RefLogps, cached_reference, score_cache
 
@@ -201,11 +202,14 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
              samples: int = 0, ref_model: str | None = None, max_new_tokens: int = 64,
              temperature: float = 0.0, kl_samples: int = 4, seed: int = 0,
              attn_implementation: str | None = None, trust_remote_code: bool = False,
-             model_revision: str | None = None) -> dict:
+             model_revision: str | None = None, fsdp: bool = False) -> dict:
     """Metrics of each model on the cache. `loss_given`: the loss options the user set; the others
     come from the models' training runs (`loss_options_from_runs`). None: use the arguments as they are.
     `model_revision` applies to every model (each must then be a hub id)."""
     t0 = time.perf_counter()
+    if fsdp and "RANK" not in os.environ:
+        raise DpocliError("needs a torchrun launch", field="--fsdp",
+                          hint="torchrun --nproc-per-node N $(which dpo) eval ... --fsdp")
     check_eval_options(samples=samples, temperature=temperature, kl_samples=kl_samples,
                        max_new_tokens=max_new_tokens, max_tokens=max_tokens, seed=seed)
     options = {"loss": loss, "loss_weights": loss_weights, "beta": beta, "label_smoothing": label_smoothing,
@@ -235,10 +239,10 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
         for path in models:
             check_model_tokenizer(path, manifest, trust_remote_code=trust_remote_code,
                                   revision=model_revision)
-            model = load_causal_lm(path, dtype=dtype, device=dev, attn_implementation=attn_implementation,
-                                   trust_remote_code=trust_remote_code, revision=model_revision)
-            check_vocab(model, data, cache_dir)
-            metrics, columns, ref = evaluate_policy(CompletionScorer(model), data, manifest, spec, pad_id,
+            model, scorer = _load_scorer(path, fsdp, lambda m: check_vocab(m, data, cache_dir), dtype=dtype,
+                                         device=dev, attn_implementation=attn_implementation,
+                                         trust_remote_code=trust_remote_code, revision=model_revision)
+            metrics, columns, ref = evaluate_policy(scorer, data, manifest, spec, pad_id,
                                                     dev, max_tokens=max_tokens, dist=dist)
             # HF's evaluate() names: eval_runtime, eval_samples_per_second (the rest stay unprefixed)
             entry = {"model": path, **{("eval_" + k if k in ("runtime", "samples_per_second") else k): v
@@ -270,6 +274,21 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
             "loss_options": options, "loss_options_from": options_from,
             "pairs": data.num_rows, "models": results, "per_example": per_example,
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _load_scorer(path: str, fsdp: bool, check, **load):
+    """(model, scorer) to evaluate. With `fsdp` the model is built on meta, sharded per decoder
+    layer and each rank loads only its part (forward-only FSDP2, as precompute-ref --fsdp);
+    score_cache keeps the ranks in step. `check(model)` runs before any weight is read when it can."""
+    if not fsdp:
+        model = load_causal_lm(path, **load)
+        check(model)
+        return model, CompletionScorer(model)
+
+    def shard(model):
+        check(model)  # shapes only
+        return distributed.shard_model(model, CompletionScorer(model))
+    return load_causal_lm_sharded(path, shard, **load)
 
 
 def check_eval_options(*, samples: int, temperature: float, kl_samples: int, max_new_tokens: int,

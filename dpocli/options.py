@@ -361,9 +361,17 @@ class EvalOpts:
     temperature: float = opt(0.0, "0 = greedy samples; KL always samples at 1.")
     kl_samples: int = opt(4, "Policy samples per prompt for the KL estimate.")
     seed: int = opt(0, "Seed for sampling.")
+    fsdp: bool = opt(
+        False,
+        "Under torchrun, shard each model over the ranks with FSDP2 (forward-only; each rank loads only "
+        "its part), for a model too large for one device.",
+    )
 
     def __post_init__(self):
         _check_dtype(self.dtype)
+        if self.fsdp and self.samples:
+            raise DpocliError("cannot be combined with --fsdp (generation runs on one device)",
+                              field="--samples")
 
 
 @dataclass(frozen=True)
@@ -397,7 +405,7 @@ PER_COMMAND = {
     "--seed",
     "--dtype",
     "--attn-implementation",
-    "--fsdp",  # shards the reference (precompute-ref) or the policy (train)
+    "--fsdp",  # shards the reference (precompute-ref), the policy (train) or the scored models (eval)
 }
 
 
