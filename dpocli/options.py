@@ -111,7 +111,9 @@ class OutputOpts:
 
 @dataclass(frozen=True)
 class LossOpts:
-    """The loss (train, eval). Field names are `losses.LOSS_OPTIONS`; names and defaults are TRL 1.16's."""
+    """The loss (train, eval). Field names are `losses.LOSS_OPTIONS`; names and defaults are TRL 1.16's.
+    eval computes its loss as training did (TRL evaluates with the training loss config), so WPO,
+    LD-DPO and the MoE router loss are loss options too."""
 
     beta: float = opt(0.1, "β: strength of the pull towards the reference; scales rewards and loss.")
     loss: str = opt(
@@ -143,6 +145,21 @@ class LossOpts:
         None,
         "RPO (TRL's rpo_alpha): the same as --loss sigmoid,sft --loss-weights 1,A, i.e. DPO plus A "
         "times the token-mean NLL of the chosen completions.",
+    )
+    use_weighting: bool = opt(
+        False,
+        "WPO: weight each pair's loss by the policy's per-token-normalised probability of chosen times "
+        "rejected (TRL's use_weighting; not with aot, aot_unpaired).",
+    )
+    ld_alpha: float | None = opt(
+        None,
+        "LD-DPO α in [0, 1]: completion tokens past the shorter completion of the pair count α times, for "
+        "policy and reference (TRL's ld_alpha); needs a cache made with --token-logps.",
+    )
+    router_aux_loss_coef: float | None = opt(
+        None,
+        "MoE models: weight of the router load-balancing loss added to the loss and logged as aux_loss "
+        "(default: the model config's router_aux_loss_coef, as TRL; 0 disables; refused for other models).",
     )
 
 
@@ -263,21 +280,6 @@ class TrainOpts:
         None,
         "Also log to tensorboard, wandb and/or mlflow (comma-separated; the package must be installed), "
         "under HF Trainer's keys (train/loss, eval/loss, ...).",
-    )
-    use_weighting: bool = opt(
-        False,
-        "WPO: weight each pair's loss by the policy's per-token-normalised probability of chosen times "
-        "rejected (TRL's use_weighting; not with aot, aot_unpaired).",
-    )
-    ld_alpha: float | None = opt(
-        None,
-        "LD-DPO α in [0, 1]: completion tokens past the shorter completion of the pair count α times, for "
-        "policy and reference (TRL's ld_alpha); needs a cache made with --token-logps.",
-    )
-    router_aux_loss_coef: float | None = opt(
-        None,
-        "MoE models: weight of the router load-balancing loss added to the loss and logged as aux_loss "
-        "(default: the model config's router_aux_loss_coef, as TRL; 0 disables; refused for other models).",
     )
     skip_step0_check: bool = opt(False, "Do not stop when policy = reference fails to reproduce the cache.")
     allow_tokenizer_mismatch: bool = opt(

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from dpocli.errors import DpocliError, check_at_least, check_seed
-from dpocli.losses import LOSS_OPTIONS, LossSpec, spec_from_options, validate_spec
+from dpocli.losses import LOSS_OPTIONS, LossSpec, spec_from_options
 from dpocli.packing import check_layout_flags
 
 
@@ -80,10 +80,7 @@ class TrainConfig:
     chunk_size: int = 1024
 
     def loss_spec(self) -> LossSpec:
-        spec = spec_from_options(**{name: getattr(self, name) for name in LOSS_OPTIONS})
-        spec = replace(spec, use_weighting=self.use_weighting, ld_alpha=self.ld_alpha)
-        validate_spec(spec)
-        return spec
+        return spec_from_options(**{name: getattr(self, name) for name in LOSS_OPTIONS})
 
     def check(self) -> None:
         positive = {"--lr": self.lr, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
@@ -124,10 +121,5 @@ class TrainConfig:
                 raise DpocliError("only applies to LoRA runs", field=flag, hint="add --lora-r N")
         if self.merge and self.lora_r is None:
             raise DpocliError("only applies to LoRA runs", field="--merge", hint="add --lora-r N")
-        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
-            raise DpocliError(f"must be in [0, 1], got {self.ld_alpha}", field="--ld-alpha")
-        if self.router_aux_loss_coef is not None and not self.router_aux_loss_coef >= 0:
-            raise DpocliError(f"must be >= 0, got {self.router_aux_loss_coef}",
-                              field="--router-aux-loss-coef")
         if self.eval_every and not self.eval_cache:
             raise DpocliError("needs --eval-cache", field="--eval-every")
