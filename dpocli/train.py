@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dpocli import cache, checkpoint, distributed, outputs
+from dpocli import cache, checkpoint, distributed, outputs, run_summary
 from dpocli.attention import describe as describe_attention
 from dpocli.batching import plan_epoch
 from dpocli.checkpoint import RunDir, TrainState
@@ -38,7 +38,7 @@ from dpocli.losses import LossInputs, LossSpec, compute_loss
 from dpocli.metrics import MetricsLog, StepMetrics, rename_for_eval
 from dpocli.modeling import DTYPES, resolve_device
 from dpocli.policy import build_policy, load_policy_tokenizer, step0_check
-from dpocli.run_summary import TrainTotals, train_summary
+from dpocli.run_summary import TrainTotals
 from dpocli.schedule import make_optimizer, make_scheduler
 from dpocli.scoring import cache_batch, cached_reference, check_token_logps
 from dpocli.train_config import TrainConfig
@@ -130,14 +130,14 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
 
     final_eval = _final_eval(s, state.step)
     _save(s, state)
-    s.metrics_log.close()
+    hf = run_summary.log_and_close(s, state)  # as HF's train(): logged before the final model is saved
     model_state, _ = distributed.full_state_dicts(model, s.optimizer, cfg.fsdp)
     if dist.is_main:
         run.save_final(model, tokenizer, model_state)
         if cfg.merge:
             run.save_merged(model.merge_and_unload(), tokenizer)
     dist.barrier()
-    return train_summary(s, state, final_eval, t_start)
+    return run_summary.train_summary(s, state, final_eval, t_start, hf)
 
 
 def _train_step(s: _Session, state: TrainState, bar) -> None:
