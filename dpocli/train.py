@@ -81,6 +81,7 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     spec = cfg.loss_spec()
     dist = distributed.current()
     manifest, data = cache.load_cache(cfg.cache)
+    cfg.check_steps(data.num_rows, dist.world_size)
     eval_set = cache.load_matching_cache(cfg.eval_cache, manifest) if cfg.eval_cache else None
     if cfg.ld_alpha is not None:  # LD-DPO needs per-token reference values: checked before any write
         check_token_logps("--ld-alpha", (cfg.cache, data), *[(cfg.eval_cache, e[1]) for e in [eval_set] if e])
@@ -211,8 +212,7 @@ def _session(cfg, spec, dist, manifest, data, eval_set, run, run_dir, model, sco
         sinks += integrations.make_sinks(cfg.report_to, run_dir, asdict(cfg))
     # Global micro-batches hold batch_size pairs per rank; a step is grad_accum of them.
     global_batch = cfg.batch_size * dist.world_size
-    steps_per_epoch = math.ceil(math.ceil(data.num_rows / global_batch) / cfg.grad_accum)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    total_steps = cfg.total_steps(data.num_rows, dist.world_size)
     optimizer = make_optimizer(model, cfg, device)
     # With FSDP the mixed-precision policy casts parameters instead of autocast.
     autocast = (torch.autocast(device.type, dtype=DTYPES[cfg.autocast])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -82,6 +83,19 @@ class TrainConfig:
     def loss_spec(self) -> LossSpec:
         return spec_from_options(**{name: getattr(self, name) for name in LOSS_OPTIONS})
 
+    def total_steps(self, num_rows: int, world_size: int = 1) -> int:
+        """Optimizer steps of the run: --max-steps, else --epochs passes over `num_rows` pairs in
+        micro-batches of batch_size x world_size pairs, grad_accum of them a step (a short last one
+        included)."""
+        micro_batches = math.ceil(num_rows / (self.batch_size * world_size))
+        return self.max_steps or self.epochs * math.ceil(micro_batches / self.grad_accum)
+
+    def check_steps(self, num_rows: int, world_size: int = 1) -> None:
+        """The checks that need the run's length: called once the cache's row count is known, before
+        the model is loaded or the run folder created."""
+        from dpocli import schedule
+        schedule.schedule_of(self, self.total_steps(num_rows, world_size))  # refuses a WSD that does not fit
+
     def check(self) -> None:
         positive = {"--lr": self.lr, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
                     "--epochs": self.epochs}
@@ -96,6 +110,8 @@ class TrainConfig:
         check_seed(self.seed)
         from dpocli import schedule
         schedule.check(self)
+        if self.max_steps:  # the run's length is known without the cache
+            self.check_steps(0)
         if not 0 <= self.warmup_ratio < 1:
             raise DpocliError(f"must be in [0, 1), got {self.warmup_ratio}", field="--warmup-ratio")
         if self.autocast not in (None, "bfloat16", "float16"):
