@@ -17,6 +17,7 @@ import typer
 from dpocli import __version__
 from dpocli.console import emit_json, emit_table, err_console, set_quiet
 from dpocli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DpocliError, RunFailure, out_of_memory_types
+from dpocli.option_params import config_kwargs, given, with_options
 from dpocli.options import (
     CheckpointOpts,
     EvalOpts,
@@ -32,9 +33,6 @@ from dpocli.options import (
     ReportOpts,
     TrainOpts,
     VerifyOpts,
-    config_kwargs,
-    given,
-    with_options,
 )
 
 EPILOG = (

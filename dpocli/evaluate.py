@@ -4,7 +4,10 @@ Per model, every metric below is computed from four [N] vectors: policy and cach
 summed log-probs of chosen and rejected, plus completion lengths. Definitions (N pairs, β, and
 h_i = Δw_i − Δl_i with Δ = policy − reference sums):
 
-    loss                       the chosen loss type(s) at β over all N pairs (as in training)
+    loss                       the chosen loss type(s) at β over all N pairs (as in training, with
+                               WPO weights and LD-DPO sums when asked), + coef·aux_loss for MoE
+    aux_loss                   MoE only: the router load-balancing loss of each forward batch,
+                               averaged weighted by the batch's pairs (TRL's eval_aux_loss)
     rewards/accuracies         mean 1[β·Δw > β·Δl] (strict: ties count as wrong)
     rewards/margins            mean β·h, with std and p5/p25/p50/p75/p95 under rewards/margins_*
     rewards/chosen|rejected    mean β·Δw, mean β·Δl
@@ -29,6 +32,7 @@ import glob
 import os
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,12 +41,12 @@ from dpocli import __version__, cache, distributed, outputs
 from dpocli.atomic import atomic_path
 from dpocli.console import ProgressBar, log, warn
 from dpocli.errors import DpocliError, check_at_least, check_seed
-from dpocli.logprobs import CompletionScorer
+from dpocli.logprobs import CompletionScorer, router_aux_coefficient
 from dpocli.losses import LOSS_OPTIONS, LossSpec, spec_from_options
 from dpocli.metrics import LENGTH_BUCKETS, pair_metrics  # noqa: F401 (LENGTH_BUCKETS: for summaries)
 from dpocli.modeling import load_causal_lm, load_causal_lm_sharded, resolve_device
 from dpocli.policy import check_model_tokenizer, check_vocab
-from dpocli.scoring import RefLogps, cached_reference, score_cache
+from dpocli.scoring import RefLogps, cached_reference, check_token_logps, score_cache
 
 
 def expand_models(patterns: list[str]) -> list[str]:
@@ -68,8 +72,10 @@ def evaluate_policy(scorer, data, manifest, spec: LossSpec, pad_id: int, device,
     """(metrics, per-pair columns, reference values) of the model behind `scorer` on a cache: the
     one evaluation path, used by `dpo eval` and by training's periodic eval (as eval_*)."""
     t0 = time.perf_counter()
+    # MoE: as TRL's prediction_step, the eval loss adds coef x the router loss (`spec` resolved
+    # against the model by `logprobs.router_aux_coefficient`), which metrics log as aux_loss.
     policy = score_cache(scorer, data, manifest, pad_id, device, max_tokens=max_tokens, dist=dist,
-                         token_stats=True, ld_alpha=spec.ld_alpha)
+                         token_stats=True, ld_alpha=spec.ld_alpha, router_aux=bool(spec.router_aux_loss_coef))
     ref = cached_reference(data, range(data.num_rows), "cpu", spec.ld_alpha)
     metrics, columns = pair_metrics(policy, ref, spec)
     # HF's evaluate() speed metrics (eval_runtime, eval_samples_per_second once renamed); no
@@ -197,7 +203,9 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
              loss_weights: str | None = None, label_smoothing: float = 0.0,
              ipo_length_normalized: bool = True, discopop_tau: float = 0.05,
              f_divergence: str = "reverse_kl", f_alpha: float = 0.5, rpo_alpha: float | None = None,
-             loss_given: frozenset[str] | None = None, max_tokens: int | None = None,
+             use_weighting: bool = False, ld_alpha: float | None = None,
+             router_aux_loss_coef: float | None = None, loss_given: frozenset[str] | None = None,
+             max_tokens: int | None = None,
              dtype: str | None = None, device: str | None = None, per_example: str | None = None,
              samples: int = 0, ref_model: str | None = None, max_new_tokens: int = 64,
              temperature: float = 0.0, kl_samples: int = 4, seed: int = 0,
@@ -214,7 +222,9 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
                        max_new_tokens=max_new_tokens, max_tokens=max_tokens, seed=seed)
     options = {"loss": loss, "loss_weights": loss_weights, "beta": beta, "label_smoothing": label_smoothing,
                "ipo_length_normalized": ipo_length_normalized, "discopop_tau": discopop_tau,
-               "f_divergence": f_divergence, "f_alpha": f_alpha, "rpo_alpha": rpo_alpha}
+               "f_divergence": f_divergence, "f_alpha": f_alpha, "rpo_alpha": rpo_alpha,
+               "use_weighting": use_weighting, "ld_alpha": ld_alpha,
+               "router_aux_loss_coef": router_aux_loss_coef}
     if per_example and Path(per_example).suffix not in (".parquet", ".jsonl", ".json"):
         raise DpocliError("must end in .parquet or .jsonl", file=per_example, field="--per-example")
     models = expand_models(models)
@@ -228,6 +238,8 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
                 ", ".join(f"{k}={options[k]!r}" for k in LOSS_OPTIONS if k not in loss_given))
     spec = spec_from_options(**options)
     manifest, data = cache.load_cache(cache_dir)
+    if spec.ld_alpha is not None:  # LD-DPO needs per-token reference values (as train)
+        check_token_logps("--ld-alpha", (cache_dir, data))
     if per_example:  # checked before the evaluation, so a bad path does not lose its results
         check_per_example_path(Path(per_example), [cache_dir, *models])
     dtype, attn_implementation = numerics_like_cache(manifest, dtype, attn_implementation)
@@ -242,8 +254,11 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
             model, scorer = _load_scorer(path, fsdp, lambda m: check_vocab(m, data, cache_dir), dtype=dtype,
                                          device=dev, attn_implementation=attn_implementation,
                                          trust_remote_code=trust_remote_code, revision=model_revision)
-            metrics, columns, ref = evaluate_policy(scorer, data, manifest, spec, pad_id,
-                                                    dev, max_tokens=max_tokens, dist=dist)
+            # TRL's router_aux_loss_coef: the one asked for (or the run's), else this model's config's
+            coef = router_aux_coefficient(model, spec.router_aux_loss_coef)
+            metrics, columns, ref = evaluate_policy(scorer, data, manifest,
+                                                    replace(spec, router_aux_loss_coef=coef), pad_id, dev,
+                                                    max_tokens=max_tokens, dist=dist)
             # HF's evaluate() names: eval_runtime, eval_samples_per_second (the rest stay unprefixed)
             entry = {"model": path, **{("eval_" + k if k in ("runtime", "samples_per_second") else k): v
                                        for k, v in metrics.items()}}

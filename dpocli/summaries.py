@@ -107,6 +107,8 @@ def eval_table(s: dict):
         table.add_column(label, justify="right", overflow="fold")
     from dpocli.evaluate import LENGTH_BUCKETS  # natural bucket order, shortest chosen first
     keys = EVAL_ROWS + [f"length_bias/{name}/accuracy" for _, _, name in LENGTH_BUCKETS]
+    if any("aux_loss" in m for m in s["models"]):  # MoE models: the router loss inside `loss`
+        keys.insert(1, "aux_loss")
     for key in keys:
         table.add_row(key, *[("-" if m.get(key) is None else _fmt(m[key])) for m in s["models"]])
     parts = [table]
