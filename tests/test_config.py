@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 
 from conftest import MODEL, invoke, read_jsonl
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the tomli backport, a dependency there
+    import tomli as tomllib
 
 
 def test_print_config_is_valid_toml_with_the_defaults():

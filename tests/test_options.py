@@ -7,7 +7,6 @@ import ast
 import dataclasses
 import inspect
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,11 @@ from dpocli.losses import LOSS_OPTIONS, spec_from_options
 from dpocli.precompute import PrecomputeConfig
 from dpocli.train import TrainConfig
 from dpocli.verify import run_verify
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the tomli backport, a dependency there
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 EAGER = {"--config", "--print-config", "--help"}
