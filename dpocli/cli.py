@@ -135,7 +135,7 @@ def _config_callback(ctx: typer.Context, param, value):
         from dpocli.config import config_defaults
 
         try:
-            mapped = config_defaults(ctx.command, ctx.info_name, Path(value))
+            mapped = config_defaults(ctx.command, ctx.info_name, Path(value), shown=_command_name(ctx))
         except DpocliError as err:
             _print_error(err)
             raise typer.Exit(err.exit_code) from None
@@ -148,9 +148,18 @@ def _print_config_callback(ctx: typer.Context, param, value):
     """Eager: print this command's options (with --config values applied) as TOML and exit."""
     if value:
         values = {p.name: (ctx.default_map or {}).get(p.name, p.default) for p in ctx.command.params}
-        sys.stdout.write(_options_toml(ctx, values, f"dpo {ctx.info_name} options; use with --config"))
+        sys.stdout.write(_options_toml(ctx, values, f"dpo {_command_name(ctx)} options; use with --config"))
         raise typer.Exit(0)
     return value
+
+
+def _command_name(ctx: typer.Context) -> str:
+    """The command as typed after `dpo`: `cache info`, where click's `ctx.info_name` is `info`."""
+    names = []
+    while ctx.parent is not None:  # the root context is `dpo` itself (or `python -m dpocli`)
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return " ".join(reversed(names))
 
 
 def _options_toml(ctx: typer.Context, values: dict, title: str) -> str:
@@ -225,7 +234,7 @@ def _resolved(ctx: typer.Context) -> str:
     return _options_toml(
         ctx,
         ctx.params,
-        f"dpo {ctx.info_name}, as resolved for this run (dpocli {__version__}); replay with --config",
+        f"dpo {_command_name(ctx)}, as resolved for this run (dpocli {__version__}); replay with --config",
     )
 
 
@@ -373,7 +382,7 @@ def cache_info(
     print_config: PrintConfigOpt = False,
 ):
     """Manifest summary: what produced the cache, row counts, dropped rows by reason, lengths."""
-    from dpocli.cache import info as cache_info_dict
+    from dpocli.manifest import info as cache_info_dict
     from dpocli.summaries import cache_info_table
 
     info = _run(lambda: cache_info_dict(cache), quiet=fmt.quiet, uses_torch=False)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rich.table import Table
+if TYPE_CHECKING:  # rich is imported when a table is made: `--json` output needs none
+    from rich.table import Table
 
 
 def _kv_table(title: str, rows: list[tuple[str, object]]) -> Table:
+    from rich.table import Table
+
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value")
@@ -97,6 +101,7 @@ def model_labels(paths: list[str]) -> tuple[str, list[str]]:
 
 def eval_table(s: dict):
     from rich.console import Group
+    from rich.table import Table
     folder, labels = model_labels([m["model"] for m in s["models"]])
     table = Table(title=f"eval on {s['cache']} ({s['pairs']} pairs, β={s['beta']}, loss={s['loss']})"
                         + (f"; models in {folder}/" if folder else ""), title_justify="left")
