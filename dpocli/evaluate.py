@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from dpocli import __version__, cache, distributed, outputs
+from dpocli import __version__, cache, distributed, outputs, quantization
 from dpocli.atomic import atomic_path
 from dpocli.console import ProgressBar, log, warn
 from dpocli.errors import DpocliError, check_at_least, check_seed
@@ -201,13 +201,19 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
              samples: int = 0, ref_model: str | None = None, max_new_tokens: int = 64,
              temperature: float = 0.0, kl_samples: int = 4, seed: int = 0,
              attn_implementation: str | None = None, trust_remote_code: bool = False,
-             model_revision: str | None = None) -> dict:
+             model_revision: str | None = None, load_in_4bit: bool = False, load_in_8bit: bool = False,
+             bnb_4bit_quant_type: str = "nf4", use_bnb_nested_quant: bool = False) -> dict:
     """Metrics of each model on the cache. `loss_given`: the loss options the user set; the others
     come from the models' training runs (`loss_options_from_runs`). None: use the arguments as they are.
-    `model_revision` applies to every model (each must then be a hub id)."""
+    `model_revision` applies to every model (each must then be a hub id). `load_in_4bit` ...: score
+    each model (an adapter folder: its base) quantized, as `dpo train` trained a QLoRA adapter."""
     t0 = time.perf_counter()
     check_eval_options(samples=samples, temperature=temperature, kl_samples=kl_samples,
                        max_new_tokens=max_new_tokens, max_tokens=max_tokens, seed=seed)
+    quant = quantization.from_options(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
+                                      bnb_4bit_quant_type=bnb_4bit_quant_type,
+                                      use_bnb_nested_quant=use_bnb_nested_quant)
+    quantization.check_installed(quant, device)
     options = {"loss": loss, "loss_weights": loss_weights, "beta": beta, "label_smoothing": label_smoothing,
                "ipo_length_normalized": ipo_length_normalized, "discopop_tau": discopop_tau,
                "f_divergence": f_divergence, "f_alpha": f_alpha, "rpo_alpha": rpo_alpha}
@@ -227,6 +233,9 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
     if per_example:  # checked before the evaluation, so a bad path does not lose its results
         check_per_example_path(Path(per_example), [cache_dir, *models])
     dtype, attn_implementation = numerics_like_cache(manifest, dtype, attn_implementation)
+    if quant is not None:
+        log(f"scoring with the weights in {quant.describe()}; the cache holds the unquantized reference, "
+            "so even the reference scores away from 0")
     dist = distributed.current()
     dev = dist.device_for(resolve_device(device))
     pad_id = int(manifest.spec["tokenizer"]["pad_token_id"])
@@ -236,7 +245,8 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
             check_model_tokenizer(path, manifest, trust_remote_code=trust_remote_code,
                                   revision=model_revision)
             model = load_causal_lm(path, dtype=dtype, device=dev, attn_implementation=attn_implementation,
-                                   trust_remote_code=trust_remote_code, revision=model_revision)
+                                   trust_remote_code=trust_remote_code, revision=model_revision,
+                                   quantization=quant)
             check_vocab(model, data, cache_dir)
             metrics, columns, ref = evaluate_policy(CompletionScorer(model), data, manifest, spec, pad_id,
                                                     dev, max_tokens=max_tokens, dist=dist)

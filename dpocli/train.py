@@ -37,7 +37,7 @@ from dpocli.logprobs import router_aux_coefficient, sequence_logps
 from dpocli.losses import LossInputs, LossSpec, compute_loss
 from dpocli.metrics import MetricsLog, StepMetrics, rename_for_eval
 from dpocli.modeling import DTYPES, resolve_device
-from dpocli.policy import build_policy, load_policy_tokenizer, step0_check
+from dpocli.policy import build_policy, load_policy_tokenizer, merged_policy, step0_check
 from dpocli.run_summary import TrainTotals, train_summary
 from dpocli.schedule import make_optimizer, make_scheduler
 from dpocli.scoring import cache_batch, cached_reference, check_token_logps
@@ -135,7 +135,7 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     if dist.is_main:
         run.save_final(model, tokenizer, model_state)
         if cfg.merge:
-            run.save_merged(model.merge_and_unload(), tokenizer)
+            run.save_merged(merged_policy(cfg, model, run_dir), tokenizer)
     dist.barrier()
     return train_summary(s, state, final_eval, t_start)
 
