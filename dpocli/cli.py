@@ -30,6 +30,7 @@ from dpocli.options import (
     OutputFormat,
     OutputOpts,
     PrecomputeOpts,
+    QuantOpts,
     ReportOpts,
     TrainOpts,
     VerifyOpts,
@@ -301,6 +302,7 @@ def train(
     layout: LayoutOpts,
     load: LoadOpts,
     lora: LoraOpts,
+    quant: QuantOpts,
     checkpoints: CheckpointOpts,
     output: OutputOpts,
     fmt: OutputFormat,
@@ -311,9 +313,8 @@ def train(
     from dpocli.summaries import train_table
     from dpocli.train import TrainConfig, run_train
 
-    cfg = TrainConfig(
-        cache=str(cache), **config_kwargs(run, loss, optim, model, layout, load, lora, checkpoints, output)
-    )
+    groups = (run, loss, optim, model, layout, load, lora, quant, checkpoints, output)
+    cfg = TrainConfig(cache=str(cache), **config_kwargs(*groups))
     summary = _run(lambda: run_train(cfg, resolved_toml=_resolved(ctx)), quiet=fmt.quiet)
     _emit(summary, fmt.json, train_table)
 
@@ -336,6 +337,7 @@ def eval_(
     run: EvalOpts,
     loss: LossOpts,
     load: LoadOpts,
+    quant: QuantOpts,
     fmt: OutputFormat,
     config: ConfigOpt = None,
     print_config: PrintConfigOpt = False,
@@ -347,7 +349,7 @@ def eval_(
     from dpocli.evaluate import run_eval
     from dpocli.summaries import eval_table
 
-    kwargs = config_kwargs(run, loss, load)
+    kwargs = config_kwargs(run, loss, load, quant)
     models = list(kwargs.pop("model") or []) + list(more_models or [])
     summary = _run(
         lambda: run_eval(str(cache), models, loss_given=given(ctx, LossOpts), **kwargs), quiet=fmt.quiet

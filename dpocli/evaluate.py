@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from dpocli import __version__, cache, distributed, outputs
+from dpocli import __version__, cache, distributed, outputs, quantization
 from dpocli.atomic import atomic_path
 from dpocli.console import ProgressBar, log, warn
 from dpocli.errors import DpocliError, check_at_least, check_seed
@@ -210,16 +210,26 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
              samples: int = 0, ref_model: str | None = None, max_new_tokens: int = 64,
              temperature: float = 0.0, kl_samples: int = 4, seed: int = 0,
              attn_implementation: str | None = None, trust_remote_code: bool = False,
-             model_revision: str | None = None, fsdp: bool = False) -> dict:
+             model_revision: str | None = None, fsdp: bool = False, load_in_4bit: bool = False,
+             load_in_8bit: bool = False, bnb_4bit_quant_type: str = "nf4",
+             use_bnb_nested_quant: bool = False) -> dict:
     """Metrics of each model on the cache. `loss_given`: the loss options the user set; the others
     come from the models' training runs (`loss_options_from_runs`). None: use the arguments as they are.
-    `model_revision` applies to every model (each must then be a hub id)."""
+    `model_revision` applies to every model (each must then be a hub id). `load_in_4bit` ...: score
+    each model (an adapter folder: its base) quantized, as `dpo train` trained a QLoRA adapter."""
     t0 = time.perf_counter()
     if fsdp and "RANK" not in os.environ:
         raise DpocliError("needs a torchrun launch", field="--fsdp",
                           hint="torchrun --nproc-per-node N $(which dpo) eval ... --fsdp")
     check_eval_options(samples=samples, temperature=temperature, kl_samples=kl_samples,
                        max_new_tokens=max_new_tokens, max_tokens=max_tokens, seed=seed)
+    quant = quantization.from_options(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
+                                      bnb_4bit_quant_type=bnb_4bit_quant_type,
+                                      use_bnb_nested_quant=use_bnb_nested_quant)
+    quantization.check_installed(quant, device)
+    if fsdp and quant is not None:
+        raise DpocliError("cannot be combined with --fsdp (FSDP2 shards plain weights)",
+                          field="--load-in-4bit" if load_in_4bit else "--load-in-8bit")
     options = {"loss": loss, "loss_weights": loss_weights, "beta": beta, "label_smoothing": label_smoothing,
                "ipo_length_normalized": ipo_length_normalized, "discopop_tau": discopop_tau,
                "f_divergence": f_divergence, "f_alpha": f_alpha, "rpo_alpha": rpo_alpha,
@@ -243,6 +253,9 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
     if per_example:  # checked before the evaluation, so a bad path does not lose its results
         check_per_example_path(Path(per_example), [cache_dir, *models])
     dtype, attn_implementation = numerics_like_cache(manifest, dtype, attn_implementation)
+    if quant is not None:
+        log(f"scoring with the weights in {quant.describe()}; the cache holds the unquantized reference, "
+            "so even the reference scores away from 0")
     dist = distributed.current()
     dev = dist.device_for(resolve_device(device))
     pad_id = int(manifest.spec["tokenizer"]["pad_token_id"])
@@ -253,7 +266,8 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
                                   revision=model_revision)
             model, scorer = _load_scorer(path, fsdp, lambda m: check_vocab(m, data, cache_dir), dtype=dtype,
                                          device=dev, attn_implementation=attn_implementation,
-                                         trust_remote_code=trust_remote_code, revision=model_revision)
+                                         trust_remote_code=trust_remote_code, revision=model_revision,
+                                         quantization=quant)
             # TRL's router_aux_loss_coef: the one asked for (or the run's), else this model's config's
             coef = router_aux_coefficient(model, spec.router_aux_loss_coef)
             metrics, columns, ref = evaluate_policy(scorer, data, manifest,
@@ -271,14 +285,7 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
                                                  tokenizer_dir=Path(cache_dir) / cache.TOKENIZER_DIR)
             results.append(entry)
             if per_example:
-                for i in range(data.num_rows):
-                    per_rows.append({
-                        "model": path, "id": data.ids[i], "source_row": int(data.source_row[i]),
-                        **{k: (bool(v[i]) if v.dtype == torch.bool else float(v[i]))
-                           for k, v in columns.items()},
-                        "ref_chosen_logps": float(ref.chosen_logps[i]),
-                        "ref_rejected_logps": float(ref.rejected_logps[i]),
-                        "chosen_len": int(ref.chosen_len[i]), "rejected_len": int(ref.rejected_len[i])})
+                per_rows += per_example_rows(path, data, columns, ref)
             del model
             bar.update(1)
     if per_example and dist.is_main:
@@ -289,6 +296,16 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
             "loss_options": options, "loss_options_from": options_from,
             "pairs": data.num_rows, "models": results, "per_example": per_example,
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def per_example_rows(model: str, data, columns: dict, ref: RefLogps) -> list[dict]:
+    """One `--per-example` row per pair: the model's per-pair metric columns and the cached values."""
+    return [{"model": model, "id": data.ids[i], "source_row": int(data.source_row[i]),
+             **{k: (bool(v[i]) if v.dtype == torch.bool else float(v[i])) for k, v in columns.items()},
+             "ref_chosen_logps": float(ref.chosen_logps[i]),
+             "ref_rejected_logps": float(ref.rejected_logps[i]),
+             "chosen_len": int(ref.chosen_len[i]), "rejected_len": int(ref.rejected_len[i])}
+            for i in range(data.num_rows)]
 
 
 def _load_scorer(path: str, fsdp: bool, check, **load):
@@ -303,6 +320,7 @@ def _load_scorer(path: str, fsdp: bool, check, **load):
     def shard(model):
         check(model)  # shapes only
         return distributed.shard_model(model, CompletionScorer(model))
+    load.pop("quantization")  # None: refused with fsdp by run_eval
     return load_causal_lm_sharded(path, shard, **load)
 
 

@@ -334,6 +334,26 @@ class LoraOpts:
 
 
 @dataclass(frozen=True)
+class QuantOpts:
+    """Quantized base weights through bitsandbytes (train: QLoRA, with --lora-r; eval). TRL's
+    ModelConfig names and defaults."""
+
+    load_in_4bit: bool = opt(
+        False,
+        "Load the base model's linear layers in 4 bits (QLoRA; train needs --lora-r; needs bitsandbytes: "
+        "pip install 'dpocli\\[qlora]').",
+    )
+    load_in_8bit: bool = opt(
+        False, "Load the base model's linear layers in 8 bits (LLM.int8; otherwise as --load-in-4bit)."
+    )
+    bnb_4bit_quant_type: str = opt("nf4", "4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.")
+    use_bnb_nested_quant: bool = opt(
+        False,
+        "4-bit: also quantize the per-block scales (bitsandbytes' double quant; ~0.37 bit per weight less).",
+    )
+
+
+@dataclass(frozen=True)
 class EvalOpts:
     model: list[str] | None = opt(
         None, "Model folder to score (repeatable; quoted globs like 'run/checkpoint-*' expand in step order)."

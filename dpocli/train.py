@@ -40,7 +40,7 @@ from dpocli.logprobs import router_aux_coefficient, sequence_logps
 from dpocli.losses import LossInputs, LossSpec, compute_loss
 from dpocli.metrics import MetricsLog, StepMetrics, rename_for_eval
 from dpocli.modeling import DTYPES, resolve_device
-from dpocli.policy import build_policy, load_policy_tokenizer, step0_check
+from dpocli.policy import build_policy, load_policy_tokenizer, merged_policy, step0_check
 from dpocli.run_summary import TrainTotals
 from dpocli.schedule import make_optimizer, make_scheduler
 from dpocli.scoring import cache_batch, cached_reference, check_token_logps
@@ -137,7 +137,7 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     hf = run_summary.log_and_close(s, state)  # as HF's train(): logged before the final model is saved
     checkpoint.save_final_model(s.run, dist, model, tokenizer, cfg.fsdp)
     if dist.is_main and cfg.merge:
-        run.save_merged(model.merge_and_unload(), tokenizer)
+        run.save_merged(merged_policy(cfg, model, run_dir), tokenizer)
     dist.barrier()
     return run_summary.train_summary(s, state, final_eval, t_start, hf)
 

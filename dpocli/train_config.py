@@ -61,6 +61,10 @@ class TrainConfig:
     use_rslora: bool = False
     lora_modules_to_save: str | None = None
     merge: bool = False  # with LoRA: also save base+adapter merged to RUN_DIR/merged
+    load_in_4bit: bool = False  # QLoRA: base in 4 bits (bitsandbytes), needs lora_r
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"  # TRL's ModelConfig default
+    use_bnb_nested_quant: bool = False  # TRL's ModelConfig default
     compile: bool = False  # torch.compile the transformer body
     prefix_sharing: bool = False  # one row per pair: prompt + chosen + rejected, prompt run once
     packing: bool = False  # padding-free: all sequences of a micro-batch in one row
@@ -123,6 +127,8 @@ class TrainConfig:
         from dpocli.integrations import check as check_report_to
         check_report_to(self.report_to)
         check_layout_flags(self.prefix_sharing, self.packing, self.attn_implementation)
+        from dpocli.quantization import check_train as check_quantization
+        check_quantization(self)
         if self.compile and self.fsdp:
             raise DpocliError("is not supported together with --fsdp", field="--compile")
         if self.lora_r is not None and (self.lora_r < 1 or self.fsdp):
