@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from dpocli import __version__, cache, distributed, outputs
+from dpocli import __version__, cache, distributed, outputs, shared_cache
 from dpocli.atomic import atomic_path
 from dpocli.console import ProgressBar, log, warn
 from dpocli.errors import DpocliError, check_at_least, check_seed
@@ -223,11 +223,11 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
             log(f"loss options from {', '.join(options_from)}: " +
                 ", ".join(f"{k}={options[k]!r}" for k in LOSS_OPTIONS if k not in loss_given))
     spec = spec_from_options(**options)
-    manifest, data = cache.load_cache(cache_dir)
+    dist = distributed.current()
+    manifest, data = shared_cache.load_cache(cache_dir, dist=dist)  # one copy per node under torchrun
     if per_example:  # checked before the evaluation, so a bad path does not lose its results
         check_per_example_path(Path(per_example), [cache_dir, *models])
     dtype, attn_implementation = numerics_like_cache(manifest, dtype, attn_implementation)
-    dist = distributed.current()
     dev = dist.device_for(resolve_device(device))
     pad_id = int(manifest.spec["tokenizer"]["pad_token_id"])
     results, per_rows = [], []
