@@ -28,7 +28,12 @@ Pure pyarrow + stdlib: no torch, no transformers.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
+import os
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +63,8 @@ from dpocli.manifest import (  # noqa: F401
     verify_shards,
     verify_tokenizer_files,
 )
+
+SPILL_PREFIX = "dpocli-cache-"  # the memory-mapped copy of a loaded cache (see `spill_cache`)
 
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
@@ -102,10 +109,16 @@ class CacheData:
     `shard` and `shard_position` say where each row is stored: the reference batches were planned
     per stored shard, in stored order, so that is what a replay must group by (not arithmetic on
     `source_row`, which skips rows dropped while reading).
+    The arrays are read-only views of `table`'s buffers: of private memory after `load_cache`, of
+    a memory-mapped file after `map_cache` (then only `ids`, Python strings, is private).
     """
 
     def __init__(self, table: pa.Table):
-        table = table.sort_by("source_row")
+        if not _non_decreasing(table.column("source_row").to_numpy()):
+            table = table.sort_by("source_row")  # stable: a sorted table stays as it is
+        # One chunk per column (free when it already is: a sorted or memory-mapped table), so the
+        # numpy arrays below are views of the table's buffers, and `table` can be spilled as is.
+        self.table = table = table.combine_chunks()
         self.num_rows = table.num_rows
         self.ids = table.column("id").to_pylist()
         self.source_row = table.column("source_row").to_numpy()
@@ -116,7 +129,8 @@ class CacheData:
         self.lists = {}
         for name in ID_COLUMNS + ("ref_chosen_token_logps", "ref_rejected_token_logps"):
             if name in table.column_names:
-                arr = table.column(name).combine_chunks()
+                column = table.column(name)
+                arr = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
                 self.lists[name] = (arr.values.to_numpy(), arr.offsets.to_numpy())
 
     def row_list(self, name: str, i: int) -> np.ndarray:
@@ -141,15 +155,34 @@ class CacheData:
         return grouped
 
 
-def load_cache(cache_dir: str | Path, *, checksums: bool = True) -> tuple[Manifest, CacheData]:
-    """Open a complete cache, checking manifest, shard row counts, checksums and values."""
-    manifest = read_manifest(cache_dir)
-    if not manifest.complete:
-        raise DpocliError(f"is incomplete ({len(manifest.shards)} of {manifest.planned_shards} "
-                          "shards); the precompute run was interrupted", file=cache_dir,
-                          hint="rerun the same `dpo precompute-ref` command to finish it")
-    verify_shards(cache_dir, manifest, checksums=checksums)
-    verify_tokenizer_files(cache_dir, manifest, checksums=checksums)
+def _non_decreasing(values: np.ndarray) -> bool:
+    return bool(np.all(values[1:] >= values[:-1]))
+
+
+def spill_cache(data: CacheData, folder: str | Path | None = None) -> Path:
+    """Write `data`'s rows to an uncompressed Arrow IPC file that `map_cache` maps without copying.
+
+    The file goes to `folder` (default: TMPDIR, through `tempfile`), named `dpocli-cache-<pid>-*.arrow`
+    so that it is recognisably dpocli's; the caller removes it once it is mapped. A failed write
+    removes it at once."""
+    fd, name = tempfile.mkstemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", suffix=".arrow", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as sink, pa.ipc.new_file(sink, data.table.schema) as writer:
+            writer.write_table(data.table)  # one record batch: the table has one chunk per column
+    except BaseException:
+        os.unlink(name)
+        raise
+    return Path(name)
+
+
+def map_cache(path: str | Path) -> CacheData:
+    """The rows of a `spill_cache` file, memory-mapped: the arrays are views of the file's pages,
+    which the page cache holds once for every process that maps it (and may evict: they are clean)."""
+    return CacheData(pa.ipc.open_file(pa.memory_map(str(path))).read_all())
+
+
+def _read_rows(cache_dir: str | Path, manifest: Manifest) -> pa.Table:
+    """Every listed shard's rows, with the columns `shard` and `shard_position` added."""
     tables = []
     for entry in sorted(manifest.shards, key=lambda e: e["index"]):
         path = Path(cache_dir) / entry["file"]
@@ -171,7 +204,44 @@ def load_cache(cache_dir: str | Path, *, checksums: bool = True) -> tuple[Manife
     missing = expected - set(table.column_names)
     if missing:
         raise DpocliError(f"lacks columns {sorted(missing)}", file=cache_dir, field=sorted(missing)[0])
-    data = CacheData(table)
+    return table
+
+
+@contextmanager
+def _system_allocator():
+    """Arrow's default pool (mimalloc) keeps much of what it frees: loading a cache through it left
+    a few bytes per token resident besides the 4 the arrays need (bench/RESULTS.md, "The cache in
+    memory"). Through malloc, a freed block goes back to the system: at once when it is large (under
+    torchrun, see `distributed.MMAP_THRESHOLD`), else by `release_freed_memory`."""
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)
+        release_freed_memory()  # the decoded shards and the copies made while sorting
+
+
+def release_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's `malloc_trim`; a no-op elsewhere).
+    Without it, a load's freed intermediates stay resident: measured 1-6 bytes per token."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def load_cache(cache_dir: str | Path, *, checksums: bool = True) -> tuple[Manifest, CacheData]:
+    """Open a complete cache, checking manifest, shard row counts, checksums and values."""
+    manifest = read_manifest(cache_dir)
+    if not manifest.complete:
+        raise DpocliError(f"is incomplete ({len(manifest.shards)} of {manifest.planned_shards} "
+                          "shards); the precompute run was interrupted", file=cache_dir,
+                          hint="rerun the same `dpo precompute-ref` command to finish it")
+    verify_shards(cache_dir, manifest, checksums=checksums)
+    verify_tokenizer_files(cache_dir, manifest, checksums=checksums)
+    with _system_allocator():
+        data = CacheData(_read_rows(cache_dir, manifest))
     for name in ("ref_chosen_logps", "ref_rejected_logps"):
         bad = np.flatnonzero(~np.isfinite(data.scalars[name]))
         if bad.size:
@@ -200,9 +270,11 @@ def length_stats(prompt_lens, chosen_lens, rejected_lens) -> dict:
             "rejected": describe(rejected_lens)}
 
 
-def load_matching_cache(cache_dir: str | Path, reference: Manifest) -> tuple[Manifest, CacheData]:
-    """A second cache (e.g. --eval-cache) that must share the first one's tokenization."""
-    manifest, data = load_cache(cache_dir)
+def load_matching_cache(cache_dir: str | Path, reference: Manifest,
+                        loader=load_cache) -> tuple[Manifest, CacheData]:
+    """A second cache (e.g. --eval-cache) that must share the first one's tokenization;
+    `loader(cache_dir)` opens it (`shared_cache.load_cache` under torchrun)."""
+    manifest, data = loader(cache_dir)
     for key in ("conventions", "tokenizer"):
         differs = explain_mismatch(reference.spec[key], manifest.spec[key], key)
         if differs:

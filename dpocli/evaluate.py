@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from dpocli import __version__, cache, distributed, outputs, quantization
+from dpocli import __version__, cache, distributed, outputs, quantization, shared_cache
 from dpocli.atomic import atomic_path
 from dpocli.console import ProgressBar, log, warn
 from dpocli.errors import DpocliError, check_at_least, check_seed
@@ -247,7 +247,8 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
             log(f"loss options from {', '.join(options_from)}: " +
                 ", ".join(f"{k}={options[k]!r}" for k in LOSS_OPTIONS if k not in loss_given))
     spec = spec_from_options(**options)
-    manifest, data = cache.load_cache(cache_dir)
+    dist = distributed.current()
+    manifest, data = shared_cache.load_cache(cache_dir, dist=dist)  # one copy per node under torchrun
     if spec.ld_alpha is not None:  # LD-DPO needs per-token reference values (as train)
         check_token_logps("--ld-alpha", (cache_dir, data))
     if per_example:  # checked before the evaluation, so a bad path does not lose its results
@@ -256,7 +257,6 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
     if quant is not None:
         log(f"scoring with the weights in {quant.describe()}; the cache holds the unquantized reference, "
             "so even the reference scores away from 0")
-    dist = distributed.current()
     dev = dist.device_for(resolve_device(device))
     pad_id = int(manifest.spec["tokenizer"]["pad_token_id"])
     results, per_rows = [], []

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from dpocli import cache, checkpoint, distributed, outputs, run_summary
+from dpocli import cache, checkpoint, distributed, outputs, run_summary, shared_cache
 from dpocli.attention import describe as describe_attention
 from dpocli.batching import plan_epoch
 from dpocli.checkpoint import RunDir, TrainState
@@ -83,9 +83,10 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     cfg.check()
     spec = cfg.loss_spec()
     dist = distributed.current()
-    manifest, data = cache.load_cache(cfg.cache)
+    manifest, data = shared_cache.load_cache(cfg.cache)  # one copy per node under torchrun
     cfg.check_steps(data.num_rows, dist.world_size)
-    eval_set = cache.load_matching_cache(cfg.eval_cache, manifest) if cfg.eval_cache else None
+    eval_set = cache.load_matching_cache(cfg.eval_cache, manifest, loader=shared_cache.load_cache) \
+        if cfg.eval_cache else None
     if cfg.ld_alpha is not None:  # LD-DPO needs per-token reference values: checked before any write
         check_token_logps("--ld-alpha", (cfg.cache, data), *[(cfg.eval_cache, e[1]) for e in [eval_set] if e])
     tokenizer = load_policy_tokenizer(cfg, manifest)
