@@ -81,10 +81,15 @@ def check_vocab(model, data: cache.CacheData, cache_path: str) -> None:
 def build_policy(cfg, data: cache.CacheData, resume_from, device):
     """(model, scorer): the policy in train mode, and the module the loop calls (the completion
     scorer, wrapped for DDP or FSDP under torchrun). LoRA checkpoints hold only the adapter, so
-    LoRA always starts from the base weights."""
+    LoRA always starts from the base weights.
+
+    LoRA with --fsdp takes the path of one process: every rank loads the whole base model and
+    adds the adapter exactly as one process does (same seed, same A matrices, B = 0), then
+    `fully_shard` shards frozen and trainable parameters alike. The peak per rank is the whole
+    base model during set-up (as with DDP); after sharding it holds its shard of it."""
     from_checkpoint = resume_from is not None and cfg.lora_r is None
     weights_path = str(resume_from[1]) if from_checkpoint else cfg.model
-    if cfg.fsdp:
+    if cfg.fsdp and cfg.lora_r is None:
         return _build_sharded_policy(cfg, data, weights_path, None if from_checkpoint else cfg.model_revision,
                                      device)
     model = load_causal_lm(weights_path, dtype=cfg.dtype, device=device,
@@ -107,6 +112,16 @@ def build_policy(cfg, data: cache.CacheData, resume_from, device):
     scorer = distributed.wrap_for_training(scorer, model, device, cfg.fsdp,
                                            DTYPES[cfg.autocast] if cfg.autocast else None)
     return model, scorer
+
+
+def merged_policy(cfg, model, adapter_dir: Path):
+    """Base + adapter as one plain model, for --merge. Under --fsdp the adapter is sharded, so
+    the process that writes reloads the base and applies the adapter just saved in `adapter_dir`
+    (saved in the training dtype, so the merged weights are the same numbers)."""
+    if not cfg.fsdp:
+        return model.merge_and_unload()
+    return load_causal_lm(str(adapter_dir), dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                          trust_remote_code=cfg.trust_remote_code, keep_dropout=cfg.keep_dropout)
 
 
 def enable_activation_checkpointing(model) -> None:

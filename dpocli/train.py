@@ -16,6 +16,7 @@ Assumptions:
 * With --fsdp no rank holds the whole model or optimizer: the policy is loaded shard by shard,
   checkpoints are DCP (resumable on another number of ranks with the same global batch, also on
   one process via `torchrun --nproc-per-node 1`), the final folder is streamed (sharding.py).
+  LoRA with --fsdp loads the base whole on each rank before sharding it (policy.py).
 * learning_rate in metrics.jsonl is the rate applied at that step (HF logs the next step's).
 """
 
@@ -40,7 +41,7 @@ from dpocli.logprobs import router_aux_coefficient, sequence_logps
 from dpocli.losses import LossInputs, LossSpec, compute_loss
 from dpocli.metrics import MetricsLog, StepMetrics, rename_for_eval
 from dpocli.modeling import DTYPES, resolve_device
-from dpocli.policy import build_policy, load_policy_tokenizer, step0_check
+from dpocli.policy import build_policy, load_policy_tokenizer, merged_policy, step0_check
 from dpocli.run_summary import TrainTotals, train_summary
 from dpocli.schedule import make_optimizer, make_scheduler
 from dpocli.scoring import cache_batch, cached_reference, check_token_logps
@@ -136,7 +137,7 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     s.metrics_log.close()
     checkpoint.save_final_model(s.run, dist, model, tokenizer, cfg.fsdp)
     if dist.is_main and cfg.merge:
-        run.save_merged(model.merge_and_unload(), tokenizer)
+        run.save_merged(merged_policy(cfg, model, run_dir), tokenizer)
     dist.barrier()
     return train_summary(s, state, final_eval, t_start)
 
