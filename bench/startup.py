@@ -1,11 +1,13 @@
 """Start-up time of the commands used in shell pipelines: `dpo cache info`, `dpo cache verify`
-(without --rescore) and `dpo report`, each run as its own process, as a shell runs it.
+(without --rescore), `dpo report` and `dpo --help`, each run as its own process, as a shell runs it.
 
     python bench/startup.py CACHE RUN [--runs 10] [--json]
 
 CACHE: a cache written by precompute-ref; RUN: a run folder (or metrics.jsonl) written by train.
 Prints, per command, the median / min / max wall time and the median CPU time over --runs
-processes, and whether torch or transformers was imported (one extra run, see `imported_heavy`).
+processes, and which of torch, transformers and pyarrow it imported (one extra run, see
+`imported_heavy`). Two floors frame the figures: the bare interpreter (`python -c pass`) and
+`python -c "import torch"`, what every command paid before issue 16.
 `python -m dpocli` is what is timed (the `dpo` console script adds only its own wrapper's start).
 """
 
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAVY = ("torch", "transformers")
+HEAVY = ("torch", "transformers", "pyarrow")
 
 # Runs one command inside a fresh interpreter and reports which heavy modules it imported.
 _PROBE = """
@@ -81,8 +83,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     ns = parser.parse_args()
-    # Floors: the interpreter alone, then interpreter + dpocli.cli (typer, rich) doing nothing.
-    runs = {"python -c pass": (["-c", "pass"], False), "dpo --version": (["--version"], True)}
+    # Floors: the interpreter alone, importing torch, and dpocli.cli (typer, options) doing nothing.
+    runs = {
+        "python -c pass": (["-c", "pass"], False),
+        "import torch": (["-c", "import torch"], False),
+        "dpo --version": (["--version"], True),
+        "dpo --help": (["--help"], True),
+    }
     runs.update({name: (args, True) for name, args in commands(ns.cache, ns.run).items()})
     summary = {}
     for name, (args, module) in runs.items():
@@ -100,13 +107,14 @@ def main() -> None:
     if ns.json:
         print(json.dumps(summary, indent=2))
         return
-    print(f"{'command':<14} {'wall median':>11} {'min':>6} {'max':>6} {'CPU median':>10}  torch/transformers")
-    for name, r in summary.items():
-        if isinstance(r, dict):
-            print(
-                f"{name:<14} {r['wall_median_s']:>11.3f} {r['wall_min_s']:>6.3f} {r['wall_max_s']:>6.3f} "
-                f"{r['cpu_median_s']:>10.3f}  {', '.join(r['imports']) or 'not imported'}"
-            )
+    print(f"{'command':<14} {'wall median':>11} {'min':>6} {'max':>6} {'CPU median':>10}  imports of {HEAVY}")
+    for name, (_, module) in runs.items():
+        r = summary[name]
+        imports = (", ".join(r["imports"]) or "none") if module else "-"
+        print(
+            f"{name:<14} {r['wall_median_s']:>11.3f} {r['wall_min_s']:>6.3f} {r['wall_max_s']:>6.3f} "
+            f"{r['cpu_median_s']:>10.3f}  {imports}"
+        )
     print(
         f"seconds; {ns.runs} runs each; load average {summary['load_average_1min']:.1f} on "
         f"{summary['cpus']} CPUs"

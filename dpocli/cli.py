@@ -17,6 +17,7 @@ import typer
 from dpocli import __version__
 from dpocli.console import emit_json, emit_table, err_console, set_quiet
 from dpocli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DpocliError, RunFailure, out_of_memory_types
+from dpocli.option_params import config_kwargs, given, with_options
 from dpocli.options import (
     CheckpointOpts,
     EvalOpts,
@@ -29,12 +30,10 @@ from dpocli.options import (
     OutputFormat,
     OutputOpts,
     PrecomputeOpts,
+    QuantOpts,
     ReportOpts,
     TrainOpts,
     VerifyOpts,
-    config_kwargs,
-    given,
-    with_options,
 )
 
 EPILOG = (
@@ -137,7 +136,7 @@ def _config_callback(ctx: typer.Context, param, value):
         from dpocli.config import config_defaults
 
         try:
-            mapped = config_defaults(ctx.command, ctx.info_name, Path(value))
+            mapped = config_defaults(ctx.command, ctx.info_name, Path(value), shown=_command_name(ctx))
         except DpocliError as err:
             _print_error(err)
             raise typer.Exit(err.exit_code) from None
@@ -150,9 +149,18 @@ def _print_config_callback(ctx: typer.Context, param, value):
     """Eager: print this command's options (with --config values applied) as TOML and exit."""
     if value:
         values = {p.name: (ctx.default_map or {}).get(p.name, p.default) for p in ctx.command.params}
-        sys.stdout.write(_options_toml(ctx, values, f"dpo {ctx.info_name} options; use with --config"))
+        sys.stdout.write(_options_toml(ctx, values, f"dpo {_command_name(ctx)} options; use with --config"))
         raise typer.Exit(0)
     return value
+
+
+def _command_name(ctx: typer.Context) -> str:
+    """The command as typed after `dpo`: `cache info`, where click's `ctx.info_name` is `info`."""
+    names = []
+    while ctx.parent is not None:  # the root context is `dpo` itself (or `python -m dpocli`)
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return " ".join(reversed(names))
 
 
 def _options_toml(ctx: typer.Context, values: dict, title: str) -> str:
@@ -227,7 +235,7 @@ def _resolved(ctx: typer.Context) -> str:
     return _options_toml(
         ctx,
         ctx.params,
-        f"dpo {ctx.info_name}, as resolved for this run (dpocli {__version__}); replay with --config",
+        f"dpo {_command_name(ctx)}, as resolved for this run (dpocli {__version__}); replay with --config",
     )
 
 
@@ -294,6 +302,7 @@ def train(
     layout: LayoutOpts,
     load: LoadOpts,
     lora: LoraOpts,
+    quant: QuantOpts,
     checkpoints: CheckpointOpts,
     output: OutputOpts,
     fmt: OutputFormat,
@@ -304,9 +313,8 @@ def train(
     from dpocli.summaries import train_table
     from dpocli.train import TrainConfig, run_train
 
-    cfg = TrainConfig(
-        cache=str(cache), **config_kwargs(run, loss, optim, model, layout, load, lora, checkpoints, output)
-    )
+    groups = (run, loss, optim, model, layout, load, lora, quant, checkpoints, output)
+    cfg = TrainConfig(cache=str(cache), **config_kwargs(*groups))
     summary = _run(lambda: run_train(cfg, resolved_toml=_resolved(ctx)), quiet=fmt.quiet)
     _emit(summary, fmt.json, train_table)
 
@@ -329,6 +337,7 @@ def eval_(
     run: EvalOpts,
     loss: LossOpts,
     load: LoadOpts,
+    quant: QuantOpts,
     fmt: OutputFormat,
     config: ConfigOpt = None,
     print_config: PrintConfigOpt = False,
@@ -340,7 +349,7 @@ def eval_(
     from dpocli.evaluate import run_eval
     from dpocli.summaries import eval_table
 
-    kwargs = config_kwargs(run, loss, load)
+    kwargs = config_kwargs(run, loss, load, quant)
     models = list(kwargs.pop("model") or []) + list(more_models or [])
     summary = _run(
         lambda: run_eval(str(cache), models, loss_given=given(ctx, LossOpts), **kwargs), quiet=fmt.quiet
@@ -375,7 +384,7 @@ def cache_info(
     print_config: PrintConfigOpt = False,
 ):
     """Manifest summary: what produced the cache, row counts, dropped rows by reason, lengths."""
-    from dpocli.cache import info as cache_info_dict
+    from dpocli.manifest import info as cache_info_dict
     from dpocli.summaries import cache_info_table
 
     info = _run(lambda: cache_info_dict(cache), quiet=fmt.quiet, uses_torch=False)

@@ -13,10 +13,12 @@ import difflib
 import json
 import sys
 from pathlib import Path
-
-import click
+from typing import TYPE_CHECKING
 
 from dpocli.errors import DpocliError
+
+if TYPE_CHECKING:  # typer >= 0.29 vendors click (typer._click) and no longer installs it
+    import click
 
 SKIP = {"help", "config", "print_config"}
 
@@ -57,8 +59,12 @@ def _flag_names(command: click.Command) -> dict[str, str]:
     return names
 
 
-def config_defaults(command: click.Command, command_name: str, path: Path) -> dict:
-    """Map a TOML file to click's `default_map` for `command`."""
+def config_defaults(
+    command: click.Command, command_name: str, path: Path, *, shown: str | None = None
+) -> dict:
+    """Map a TOML file to click's `default_map` for `command`. `command_name` is the table the
+    command reads (`[train]`, `[info]`); `shown` names the command in messages (`cache info`)."""
+    shown = shown or command_name
     data = _toml_load(path)
     table = data.get(command_name, {})
     if not isinstance(table, dict):
@@ -75,9 +81,9 @@ def config_defaults(command: click.Command, command_name: str, path: Path) -> di
     for key, value in section.items():
         if key not in names:
             close = difflib.get_close_matches(key, list(names), n=1)
-            raise DpocliError(f"is not an option of `dpo {command_name}`", file=path, field=key,
+            raise DpocliError(f"is not an option of `dpo {shown}`", file=path, field=key,
                               hint=f"did you mean '{close[0]}'?" if close else
-                              f"see `dpo {command_name} --help`")
+                              f"see `dpo {shown} --help`")
         mapped[names[key]] = value
     return mapped
 
@@ -100,7 +106,7 @@ def to_toml(command: click.Command, values: dict, title: str) -> str:
         if param.name in SKIP or param.name not in values:
             continue
         key = next((o[2:] for o in getattr(param, "opts", []) if o.startswith("--")), param.name)
-        if isinstance(param, click.Argument):
+        if param.param_type_name == "argument":  # not isinstance: typer's click may be its own copy
             key = param.name
         value = values[param.name]
         if value is None or value == [] or value == ():

@@ -4,7 +4,10 @@ Per model, every metric below is computed from four [N] vectors: policy and cach
 summed log-probs of chosen and rejected, plus completion lengths. Definitions (N pairs, β, and
 h_i = Δw_i − Δl_i with Δ = policy − reference sums):
 
-    loss                       the chosen loss type(s) at β over all N pairs (as in training)
+    loss                       the chosen loss type(s) at β over all N pairs (as in training, with
+                               WPO weights and LD-DPO sums when asked), + coef·aux_loss for MoE
+    aux_loss                   MoE only: the router load-balancing loss of each forward batch,
+                               averaged weighted by the batch's pairs (TRL's eval_aux_loss)
     rewards/accuracies         mean 1[β·Δw > β·Δl] (strict: ties count as wrong)
     rewards/margins            mean β·h, with std and p5/p25/p50/p75/p95 under rewards/margins_*
     rewards/chosen|rejected    mean β·Δw, mean β·Δl
@@ -26,22 +29,24 @@ A model whose folder holds a tokenizer must have the cache's (as in train).
 from __future__ import annotations
 
 import glob
+import os
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from dpocli import __version__, cache, distributed, outputs
+from dpocli import __version__, cache, distributed, outputs, quantization
 from dpocli.atomic import atomic_path
 from dpocli.console import ProgressBar, log, warn
 from dpocli.errors import DpocliError, check_at_least, check_seed
-from dpocli.logprobs import CompletionScorer
+from dpocli.logprobs import CompletionScorer, router_aux_coefficient
 from dpocli.losses import LOSS_OPTIONS, LossSpec, spec_from_options
 from dpocli.metrics import LENGTH_BUCKETS, pair_metrics  # noqa: F401 (LENGTH_BUCKETS: for summaries)
-from dpocli.modeling import load_causal_lm, resolve_device
+from dpocli.modeling import load_causal_lm, load_causal_lm_sharded, resolve_device
 from dpocli.policy import check_model_tokenizer, check_vocab
-from dpocli.scoring import RefLogps, cached_reference, score_cache
+from dpocli.scoring import RefLogps, cached_reference, check_token_logps, score_cache
 
 
 def expand_models(patterns: list[str]) -> list[str]:
@@ -67,8 +72,10 @@ def evaluate_policy(scorer, data, manifest, spec: LossSpec, pad_id: int, device,
     """(metrics, per-pair columns, reference values) of the model behind `scorer` on a cache: the
     one evaluation path, used by `dpo eval` and by training's periodic eval (as eval_*)."""
     t0 = time.perf_counter()
+    # MoE: as TRL's prediction_step, the eval loss adds coef x the router loss (`spec` resolved
+    # against the model by `logprobs.router_aux_coefficient`), which metrics log as aux_loss.
     policy = score_cache(scorer, data, manifest, pad_id, device, max_tokens=max_tokens, dist=dist,
-                         token_stats=True, ld_alpha=spec.ld_alpha)
+                         token_stats=True, ld_alpha=spec.ld_alpha, router_aux=bool(spec.router_aux_loss_coef))
     ref = cached_reference(data, range(data.num_rows), "cpu", spec.ld_alpha)
     metrics, columns = pair_metrics(policy, ref, spec)
     # HF's evaluate() speed metrics (eval_runtime, eval_samples_per_second once renamed); no
@@ -196,21 +203,38 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
              loss_weights: str | None = None, label_smoothing: float = 0.0,
              ipo_length_normalized: bool = True, discopop_tau: float = 0.05,
              f_divergence: str = "reverse_kl", f_alpha: float = 0.5, rpo_alpha: float | None = None,
-             loss_given: frozenset[str] | None = None, max_tokens: int | None = None,
+             use_weighting: bool = False, ld_alpha: float | None = None,
+             router_aux_loss_coef: float | None = None, loss_given: frozenset[str] | None = None,
+             max_tokens: int | None = None,
              dtype: str | None = None, device: str | None = None, per_example: str | None = None,
              samples: int = 0, ref_model: str | None = None, max_new_tokens: int = 64,
              temperature: float = 0.0, kl_samples: int = 4, seed: int = 0,
              attn_implementation: str | None = None, trust_remote_code: bool = False,
-             model_revision: str | None = None) -> dict:
+             model_revision: str | None = None, fsdp: bool = False, load_in_4bit: bool = False,
+             load_in_8bit: bool = False, bnb_4bit_quant_type: str = "nf4",
+             use_bnb_nested_quant: bool = False) -> dict:
     """Metrics of each model on the cache. `loss_given`: the loss options the user set; the others
     come from the models' training runs (`loss_options_from_runs`). None: use the arguments as they are.
-    `model_revision` applies to every model (each must then be a hub id)."""
+    `model_revision` applies to every model (each must then be a hub id). `load_in_4bit` ...: score
+    each model (an adapter folder: its base) quantized, as `dpo train` trained a QLoRA adapter."""
     t0 = time.perf_counter()
+    if fsdp and "RANK" not in os.environ:
+        raise DpocliError("needs a torchrun launch", field="--fsdp",
+                          hint="torchrun --nproc-per-node N $(which dpo) eval ... --fsdp")
     check_eval_options(samples=samples, temperature=temperature, kl_samples=kl_samples,
                        max_new_tokens=max_new_tokens, max_tokens=max_tokens, seed=seed)
+    quant = quantization.from_options(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
+                                      bnb_4bit_quant_type=bnb_4bit_quant_type,
+                                      use_bnb_nested_quant=use_bnb_nested_quant)
+    quantization.check_installed(quant, device)
+    if fsdp and quant is not None:
+        raise DpocliError("cannot be combined with --fsdp (FSDP2 shards plain weights)",
+                          field="--load-in-4bit" if load_in_4bit else "--load-in-8bit")
     options = {"loss": loss, "loss_weights": loss_weights, "beta": beta, "label_smoothing": label_smoothing,
                "ipo_length_normalized": ipo_length_normalized, "discopop_tau": discopop_tau,
-               "f_divergence": f_divergence, "f_alpha": f_alpha, "rpo_alpha": rpo_alpha}
+               "f_divergence": f_divergence, "f_alpha": f_alpha, "rpo_alpha": rpo_alpha,
+               "use_weighting": use_weighting, "ld_alpha": ld_alpha,
+               "router_aux_loss_coef": router_aux_loss_coef}
     if per_example and Path(per_example).suffix not in (".parquet", ".jsonl", ".json"):
         raise DpocliError("must end in .parquet or .jsonl", file=per_example, field="--per-example")
     models = expand_models(models)
@@ -224,9 +248,14 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
                 ", ".join(f"{k}={options[k]!r}" for k in LOSS_OPTIONS if k not in loss_given))
     spec = spec_from_options(**options)
     manifest, data = cache.load_cache(cache_dir)
+    if spec.ld_alpha is not None:  # LD-DPO needs per-token reference values (as train)
+        check_token_logps("--ld-alpha", (cache_dir, data))
     if per_example:  # checked before the evaluation, so a bad path does not lose its results
         check_per_example_path(Path(per_example), [cache_dir, *models])
     dtype, attn_implementation = numerics_like_cache(manifest, dtype, attn_implementation)
+    if quant is not None:
+        log(f"scoring with the weights in {quant.describe()}; the cache holds the unquantized reference, "
+            "so even the reference scores away from 0")
     dist = distributed.current()
     dev = dist.device_for(resolve_device(device))
     pad_id = int(manifest.spec["tokenizer"]["pad_token_id"])
@@ -235,11 +264,15 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
         for path in models:
             check_model_tokenizer(path, manifest, trust_remote_code=trust_remote_code,
                                   revision=model_revision)
-            model = load_causal_lm(path, dtype=dtype, device=dev, attn_implementation=attn_implementation,
-                                   trust_remote_code=trust_remote_code, revision=model_revision)
-            check_vocab(model, data, cache_dir)
-            metrics, columns, ref = evaluate_policy(CompletionScorer(model), data, manifest, spec, pad_id,
-                                                    dev, max_tokens=max_tokens, dist=dist)
+            model, scorer = _load_scorer(path, fsdp, lambda m: check_vocab(m, data, cache_dir), dtype=dtype,
+                                         device=dev, attn_implementation=attn_implementation,
+                                         trust_remote_code=trust_remote_code, revision=model_revision,
+                                         quantization=quant)
+            # TRL's router_aux_loss_coef: the one asked for (or the run's), else this model's config's
+            coef = router_aux_coefficient(model, spec.router_aux_loss_coef)
+            metrics, columns, ref = evaluate_policy(scorer, data, manifest,
+                                                    replace(spec, router_aux_loss_coef=coef), pad_id, dev,
+                                                    max_tokens=max_tokens, dist=dist)
             # HF's evaluate() names: eval_runtime, eval_samples_per_second (the rest stay unprefixed)
             entry = {"model": path, **{("eval_" + k if k in ("runtime", "samples_per_second") else k): v
                                        for k, v in metrics.items()}}
@@ -252,14 +285,7 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
                                                  tokenizer_dir=Path(cache_dir) / cache.TOKENIZER_DIR)
             results.append(entry)
             if per_example:
-                for i in range(data.num_rows):
-                    per_rows.append({
-                        "model": path, "id": data.ids[i], "source_row": int(data.source_row[i]),
-                        **{k: (bool(v[i]) if v.dtype == torch.bool else float(v[i]))
-                           for k, v in columns.items()},
-                        "ref_chosen_logps": float(ref.chosen_logps[i]),
-                        "ref_rejected_logps": float(ref.rejected_logps[i]),
-                        "chosen_len": int(ref.chosen_len[i]), "rejected_len": int(ref.rejected_len[i])})
+                per_rows += per_example_rows(path, data, columns, ref)
             del model
             bar.update(1)
     if per_example and dist.is_main:
@@ -270,6 +296,32 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
             "loss_options": options, "loss_options_from": options_from,
             "pairs": data.num_rows, "models": results, "per_example": per_example,
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def per_example_rows(model: str, data, columns: dict, ref: RefLogps) -> list[dict]:
+    """One `--per-example` row per pair: the model's per-pair metric columns and the cached values."""
+    return [{"model": model, "id": data.ids[i], "source_row": int(data.source_row[i]),
+             **{k: (bool(v[i]) if v.dtype == torch.bool else float(v[i])) for k, v in columns.items()},
+             "ref_chosen_logps": float(ref.chosen_logps[i]),
+             "ref_rejected_logps": float(ref.rejected_logps[i]),
+             "chosen_len": int(ref.chosen_len[i]), "rejected_len": int(ref.rejected_len[i])}
+            for i in range(data.num_rows)]
+
+
+def _load_scorer(path: str, fsdp: bool, check, **load):
+    """(model, scorer) to evaluate. With `fsdp` the model is built on meta, sharded per decoder
+    layer and each rank loads only its part (forward-only FSDP2, as precompute-ref --fsdp);
+    score_cache keeps the ranks in step. `check(model)` runs before any weight is read when it can."""
+    if not fsdp:
+        model = load_causal_lm(path, **load)
+        check(model)
+        return model, CompletionScorer(model)
+
+    def shard(model):
+        check(model)  # shapes only
+        return distributed.shard_model(model, CompletionScorer(model))
+    load.pop("quantization")  # None: refused with fsdp by run_eval
+    return load_causal_lm_sharded(path, shard, **load)
 
 
 def check_eval_options(*, samples: int, temperature: float, kl_samples: int, max_new_tokens: int,

@@ -7,7 +7,8 @@ Keys follow HF Trainer's callbacks, so dashboards line up with TRL runs: TensorB
 `train/<key>` and `eval/<key>` (HF's `rewrite_logs`: `eval_loss` -> `eval/loss`, `loss` ->
 `train/loss`), against the optimizer step (W&B: `train/global_step` as the x-axis, as HF defines it);
 MLflow gets the keys as logged (HF's MLflowCallback does not rewrite them). metrics.jsonl keeps
-dpocli's names.
+dpocli's names. The end-of-run summary (train_runtime, ...) reaches every sink like any record,
+except that W&B keeps it in the run's summary, as HF's WandbCallback does.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ KNOWN = ("tensorboard", "wandb", "mlflow")
 # replace it); W&B and TensorBoard name theirs, MLflow's file store is put there unless
 # MLFLOW_TRACKING_URI points elsewhere.
 FOLDERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlruns"}
+# HF's WandbCallback `single_value_scalars` (run_summary.py's; total_flos dpocli does not compute).
+RUN_SUMMARY_KEYS = frozenset({"train_runtime", "train_samples_per_second", "train_steps_per_second",
+                              "train_loss", "total_flos"})
 
 
 def hf_keys(record: dict) -> dict:
@@ -68,7 +72,12 @@ class WandbSink:
         wandb.define_metric("*", step_metric="train/global_step", step_sync=True)
 
     def write(self, record: dict) -> None:
-        self.wandb.log({**hf_keys(record), "train/global_step": record["step"]})
+        # HF's WandbCallback: the end-of-run totals go to the run's summary, not to a chart.
+        for key in RUN_SUMMARY_KEYS.intersection(record):
+            if _is_number(record[key]):
+                self.run.summary[key] = record[key]
+        rest = {k: v for k, v in record.items() if k not in RUN_SUMMARY_KEYS}
+        self.wandb.log({**hf_keys(rest), "train/global_step": record["step"]})
 
     def close(self) -> None:
         self.run.finish()

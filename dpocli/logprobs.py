@@ -148,14 +148,15 @@ def token_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: 
 
 def _head_is_plain_linear(model) -> bool:
     """True when logits = lm_head(last hidden state) with no bias, scaling or soft-capping, so the
-    chunked head is exact. Other models (Gemma-2 soft-capping, Cohere logit_scale, ...) use the
-    model's own forward."""
+    chunked head is exact. Other models (Gemma-2 soft-capping, Cohere logit_scale, ...), and a
+    head bitsandbytes quantized (a Linear subclass holding packed integers), use the model's own
+    forward."""
     head = model.get_output_embeddings()
     config = model.config
     special = any(getattr(config, name, None) not in (None, 1.0)
                   for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"))
-    return (isinstance(head, nn.Linear) and head.bias is None and not special
-            and hasattr(model, "get_decoder"))
+    return (isinstance(head, nn.Linear) and head.bias is None and head.weight.is_floating_point()
+            and not special and hasattr(model, "get_decoder"))
 
 
 class CompletionScorer(nn.Module):

@@ -78,13 +78,21 @@ def base_model_path(folder: str | Path) -> str:
     return base
 
 
-def apply_for_inference(base_model, folder: str | Path):
-    """Base model with the adapter merged in (plain module, fast forward)."""
+def apply_for_inference(base_model, folder: str | Path, merge: bool = True):
+    """Base model with the adapter merged in (plain module, fast forward), or beside it."""
     model = _peft(folder).PeftModel.from_pretrained(base_model, folder)
-    return model.merge_and_unload()
+    return model.merge_and_unload() if merge else model
 
 
 def trainable_summary(model) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(_weights_in(p) for p in model.parameters())
     return f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
+
+
+def _weights_in(param) -> int:
+    """Weights a parameter holds: bitsandbytes packs two 4-bit weights per byte of its storage
+    (as peft's `get_nb_trainable_parameters` counts them)."""
+    if type(param).__name__ == "Params4bit":
+        return param.numel() * 2 * getattr(getattr(param, "quant_storage", None), "itemsize", 1)
+    return param.numel()

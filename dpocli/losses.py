@@ -79,8 +79,9 @@ class LossSpec:
     # LD-DPO α (TRL `ld_alpha`). Not used by the loss itself: it says how the policy's and the
     # reference's sums are formed (logprobs.sequence_logps, scoring.cached_reference).
     ld_alpha: float | None = None
-    # TRL `router_aux_loss_coef`, resolved against the model (logprobs.router_aux_coefficient); 0 = off.
-    router_aux_loss_coef: float = 0.0
+    # TRL `router_aux_loss_coef`: 0 = off; None = the model config's, until `logprobs.router_aux_coefficient`
+    # resolves it when the model is loaded (an unresolved None adds nothing).
+    router_aux_loss_coef: float | None = None
 
 
 @dataclass(frozen=True)
@@ -410,20 +411,27 @@ def compute_loss(inputs: LossInputs, spec: LossSpec) -> LossOutput:
 
 # The loss options of `dpo train` and `dpo eval`, named as in TrainConfig and a run's run_config.json.
 LOSS_OPTIONS = ("loss", "loss_weights", "beta", "label_smoothing", "ipo_length_normalized", "discopop_tau",
-                "f_divergence", "f_alpha", "rpo_alpha")
+                "f_divergence", "f_alpha", "rpo_alpha", "use_weighting", "ld_alpha", "router_aux_loss_coef")
 
 
 def spec_from_options(*, loss: str = "sigmoid", loss_weights: str | None = None, beta: float = 0.1,
                       label_smoothing: float = 0.0, ipo_length_normalized: bool = True,
                       discopop_tau: float = 0.05, f_divergence: str = "reverse_kl",
-                      f_alpha: float = 0.5, rpo_alpha: float | None = None) -> LossSpec:
-    """The checked `LossSpec` for the `LOSS_OPTIONS` values (train and eval build it here, alike)."""
+                      f_alpha: float = 0.5, rpo_alpha: float | None = None, use_weighting: bool = False,
+                      ld_alpha: float | None = None, router_aux_loss_coef: float | None = None) -> LossSpec:
+    """The checked `LossSpec` for the `LOSS_OPTIONS` values (train and eval build it here, alike).
+    `router_aux_loss_coef` None stays None: the model's config decides once it is loaded."""
     names, weights = parse_loss_list(loss, loss_weights)
     if rpo_alpha is not None:
         names, weights = _rpo(names, loss_weights, rpo_alpha)
+    if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
+        raise DpocliError(f"must be in [0, 1], got {ld_alpha}", field="--ld-alpha")
+    if router_aux_loss_coef is not None and not router_aux_loss_coef >= 0:
+        raise DpocliError(f"must be >= 0, got {router_aux_loss_coef}", field="--router-aux-loss-coef")
     spec = LossSpec(losses=names, weights=weights, beta=beta, label_smoothing=label_smoothing,
                     ipo_length_normalized=ipo_length_normalized, discopop_tau=discopop_tau,
-                    f_divergence=f_divergence, f_alpha=f_alpha)
+                    f_divergence=f_divergence, f_alpha=f_alpha, use_weighting=use_weighting,
+                    ld_alpha=ld_alpha, router_aux_loss_coef=router_aux_loss_coef)
     validate_spec(spec)
     return spec
 

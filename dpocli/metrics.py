@@ -127,6 +127,8 @@ def pair_metrics(policy, ref, spec: LossSpec) -> tuple[dict, dict]:
     }
     if len(out.components) > 1:
         m.update({f"loss/{k}": float(v) for k, v in out.components.items()})
+    if out.aux_loss is not None:  # MoE: `loss` holds coef x this (TRL logs eval_aux_loss)
+        m["aux_loss"] = float(out.aux_loss)
     if policy.stats is not None:
         m.update(token_metrics(policy.stats, clen, rlen))
     diff = (ref.chosen_len - ref.rejected_len)

@@ -142,12 +142,15 @@ def _configs(model) -> list:
 
 def load_causal_lm(name_or_path: str, *, dtype: str = "float32", device: torch.device | str = "cpu",
                    attn_implementation: str | None = None, trust_remote_code: bool = False,
-                   keep_dropout: bool = False, revision: str | None = None):
+                   keep_dropout: bool = False, revision: str | None = None, quantization=None):
     """An `AutoModelForCausalLM` in `dtype` on `device`, in eval mode, safetensors only, with every
     dropout set to 0 unless `keep_dropout` (it matters only once a caller switches to train mode).
-    `revision`: the commit, branch or tag of a hub id (refused for a local folder)."""
+    `revision`: the commit, branch or tag of a hub id (refused for a local folder).
+    `quantization` (a `quantization.Quantization`): the linear layers in 4 or 8 bits through
+    bitsandbytes, computing in `dtype`; an adapter folder's adapter then stays unmerged."""
     model = _load_causal_lm(name_or_path, dtype=dtype, device=device, revision=revision,
-                            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+                            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                            quantization=quantization)
     if not keep_dropout:
         turned_off = disable_dropout(model)
         if turned_off:
@@ -157,7 +160,8 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "float32", device: torch.d
 
 
 def _load_causal_lm(name_or_path: str, *, dtype: str, device: torch.device | str,
-                    attn_implementation: str | None, trust_remote_code: bool, revision: str | None = None):
+                    attn_implementation: str | None, trust_remote_code: bool, revision: str | None = None,
+                    quantization=None):
     from transformers import AutoModelForCausalLM
     quiet_transformers()
     folder = resolve_model_dir(name_or_path, revision)
@@ -165,8 +169,9 @@ def _load_causal_lm(name_or_path: str, *, dtype: str, device: torch.device | str
     if lora.is_adapter_folder(folder):  # a LoRA run: base model named in the adapter + adapter
         base = _load_causal_lm(lora.base_model_path(folder), dtype=dtype, device=device,
                                attn_implementation=attn_implementation,
-                               trust_remote_code=trust_remote_code)
-        return lora.apply_for_inference(base, folder).eval()
+                               trust_remote_code=trust_remote_code, quantization=quantization)
+        # Merging into 4/8-bit weights would round the adapter's update into the quantization grid.
+        return lora.apply_for_inference(base, folder, merge=quantization is None).eval()
     if not (folder / "config.json").exists():
         raise DpocliError("has no config.json; not a transformers model folder", file=name_or_path)
     from dpocli import sharding
@@ -180,6 +185,10 @@ def _load_causal_lm(name_or_path: str, *, dtype: str, device: torch.device | str
     kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=None)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization is not None:
+        from dpocli.quantization import bnb_config
+        # bitsandbytes quantizes while placing the weights; a quantized model cannot be moved after.
+        kwargs.update(quantization_config=bnb_config(quantization, DTYPES[dtype]), device_map={"": device})
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except TypeError:  # transformers < 4.56 names the argument torch_dtype
@@ -187,7 +196,7 @@ def _load_causal_lm(name_or_path: str, *, dtype: str, device: torch.device | str
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except Exception as err:
         raise _explain_load_error(name_or_path, err) from None
-    return model.to(device).eval()
+    return (model if quantization is not None else model.to(device)).eval()
 
 
 def load_causal_lm_sharded(name_or_path: str, wrap, *, dtype: str = "float32",

@@ -20,14 +20,9 @@ This module imports no torch, so `dpo --help` stays fast.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable
-
-import typer
+from typing import Any
 
 from dpocli.errors import DpocliError
 
@@ -114,7 +109,9 @@ class OutputOpts:
 
 @dataclass(frozen=True)
 class LossOpts:
-    """The loss (train, eval). Field names are `losses.LOSS_OPTIONS`; names and defaults are TRL 1.16's."""
+    """The loss (train, eval). Field names are `losses.LOSS_OPTIONS`; names and defaults are TRL 1.16's.
+    eval computes its loss as training did (TRL evaluates with the training loss config), so WPO,
+    LD-DPO and the MoE router loss are loss options too."""
 
     beta: float = opt(0.1, "β: strength of the pull towards the reference; scales rewards and loss.")
     loss: str = opt(
@@ -146,6 +143,21 @@ class LossOpts:
         None,
         "RPO (TRL's rpo_alpha): the same as --loss sigmoid,sft --loss-weights 1,A, i.e. DPO plus A "
         "times the token-mean NLL of the chosen completions.",
+    )
+    use_weighting: bool = opt(
+        False,
+        "WPO: weight each pair's loss by the policy's per-token-normalised probability of chosen times "
+        "rejected (TRL's use_weighting; not with aot, aot_unpaired).",
+    )
+    ld_alpha: float | None = opt(
+        None,
+        "LD-DPO α in [0, 1]: completion tokens past the shorter completion of the pair count α times, for "
+        "policy and reference (TRL's ld_alpha); needs a cache made with --token-logps.",
+    )
+    router_aux_loss_coef: float | None = opt(
+        None,
+        "MoE models: weight of the router load-balancing loss added to the loss and logged as aux_loss "
+        "(default: the model config's router_aux_loss_coef, as TRL; 0 disables; refused for other models).",
     )
 
 
@@ -284,21 +296,6 @@ class TrainOpts:
         "Also log to tensorboard, wandb and/or mlflow (comma-separated; the package must be installed), "
         "under HF Trainer's keys (train/loss, eval/loss, ...).",
     )
-    use_weighting: bool = opt(
-        False,
-        "WPO: weight each pair's loss by the policy's per-token-normalised probability of chosen times "
-        "rejected (TRL's use_weighting; not with aot, aot_unpaired).",
-    )
-    ld_alpha: float | None = opt(
-        None,
-        "LD-DPO α in [0, 1]: completion tokens past the shorter completion of the pair count α times, for "
-        "policy and reference (TRL's ld_alpha); needs a cache made with --token-logps.",
-    )
-    router_aux_loss_coef: float | None = opt(
-        None,
-        "MoE models: weight of the router load-balancing loss added to the loss and logged as aux_loss "
-        "(default: the model config's router_aux_loss_coef, as TRL; 0 disables; refused for other models).",
-    )
     skip_step0_check: bool = opt(False, "Do not stop when policy = reference fails to reproduce the cache.")
     allow_tokenizer_mismatch: bool = opt(
         False, "Train although the policy's tokenizer differs from the cache's."
@@ -337,6 +334,26 @@ class LoraOpts:
 
 
 @dataclass(frozen=True)
+class QuantOpts:
+    """Quantized base weights through bitsandbytes (train: QLoRA, with --lora-r; eval). TRL's
+    ModelConfig names and defaults."""
+
+    load_in_4bit: bool = opt(
+        False,
+        "Load the base model's linear layers in 4 bits (QLoRA; train needs --lora-r; needs bitsandbytes: "
+        "pip install 'dpocli\\[qlora]').",
+    )
+    load_in_8bit: bool = opt(
+        False, "Load the base model's linear layers in 8 bits (LLM.int8; otherwise as --load-in-4bit)."
+    )
+    bnb_4bit_quant_type: str = opt("nf4", "4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.")
+    use_bnb_nested_quant: bool = opt(
+        False,
+        "4-bit: also quantize the per-block scales (bitsandbytes' double quant; ~0.37 bit per weight less).",
+    )
+
+
+@dataclass(frozen=True)
 class EvalOpts:
     model: list[str] | None = opt(
         None, "Model folder to score (repeatable; quoted globs like 'run/checkpoint-*' expand in step order)."
@@ -361,9 +378,17 @@ class EvalOpts:
     temperature: float = opt(0.0, "0 = greedy samples; KL always samples at 1.")
     kl_samples: int = opt(4, "Policy samples per prompt for the KL estimate.")
     seed: int = opt(0, "Seed for sampling.")
+    fsdp: bool = opt(
+        False,
+        "Under torchrun, shard each model over the ranks with FSDP2 (forward-only; each rank loads only "
+        "its part), for a model too large for one device.",
+    )
 
     def __post_init__(self):
         _check_dtype(self.dtype)
+        if self.fsdp and self.samples:
+            raise DpocliError("cannot be combined with --fsdp (generation runs on one device)",
+                              field="--samples")
 
 
 @dataclass(frozen=True)
@@ -397,101 +422,5 @@ PER_COMMAND = {
     "--seed",
     "--dtype",
     "--attn-implementation",
-    "--fsdp",  # shards the reference (precompute-ref) or the policy (train)
+    "--fsdp",  # shards the reference (precompute-ref), the policy (train) or the scored models (eval)
 }
-
-
-# ---------------------------------------------------------------- groups -> typer parameters
-
-
-def flags_of(f: dataclasses.Field) -> tuple[str, ...]:
-    return f.metadata["flags"] or ("--" + f.name.replace("_", "-"),)
-
-
-def param_name(f: dataclasses.Field) -> str:
-    """The click parameter name: the field's, or its first long flag's when spelled otherwise
-    (`--ipo-sum` -> ipo_sum), so `--config` files and `--print-config` use the flag's name."""
-    return flags_of(f)[0][2:].replace("-", "_") if f.metadata["flags"] else f.name
-
-
-def _typer_parameter(f: dataclasses.Field, hint: Any) -> inspect.Parameter:
-    negate = f.metadata["negate"]
-    default = f.default
-    if negate:
-        default = not default
-    annotated = Annotated[bool if negate else hint, typer.Option(*flags_of(f), help=f.metadata["help"])]
-    return inspect.Parameter(
-        param_name(f),
-        inspect.Parameter.KEYWORD_ONLY,
-        annotation=annotated,
-        default=inspect.Parameter.empty if default is dataclasses.MISSING else default,
-    )
-
-
-def is_group(annotation: Any) -> bool:
-    return dataclasses.is_dataclass(annotation) and annotation.__module__ == __name__
-
-
-def with_options(fn: Callable) -> Callable:
-    """Let a typer command take option groups: each parameter of `fn` annotated with a group class
-    becomes that group's flags in the signature typer reads, and `fn` receives one instance per
-    group. Other parameters (the context, positional arguments, the eager options) pass through."""
-    hints = typing.get_type_hints(fn, include_extras=True)
-    params, groups = [], {}
-    for p in inspect.signature(fn).parameters.values():
-        annotation = hints.get(p.name, p.annotation)
-        if not is_group(annotation):
-            # After a group's flags (keyword-only) every parameter must be keyword-only too; the
-            # wrapper passes everything by name anyway.
-            kind = inspect.Parameter.KEYWORD_ONLY if groups else p.kind
-            params.append(p.replace(annotation=annotation, kind=kind))
-            continue
-        field_hints = typing.get_type_hints(annotation)
-        groups[p.name] = annotation
-        params += [_typer_parameter(f, field_hints[f.name]) for f in dataclasses.fields(annotation)]
-    names = [p.name for p in params]
-    duplicates = {n for n in names if names.count(n) > 1}
-    if duplicates:  # two groups of one command declaring the same flag: a bug in this module
-        raise TypeError(f"{fn.__name__}: flags declared twice: {sorted(duplicates)}")
-
-    @functools.wraps(fn)
-    def command(**kwargs):
-        for arg, cls in groups.items():
-            kwargs[arg] = make_group(cls, kwargs)
-        return fn(**kwargs)
-
-    # typer reads inspect.signature (which honours __signature__) and get_type_hints (which reads
-    # __annotations__): both must describe the flags, not fn's own parameters.
-    command.__signature__ = inspect.Signature(params)
-    command.__annotations__ = {p.name: p.annotation for p in params}
-    command.option_groups = dict(groups)
-    return command
-
-
-def make_group(cls: type, values: dict) -> Any:
-    """The group `cls` from click's parameter values (popped from `values`)."""
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        value = values.pop(param_name(f))
-        kwargs[f.name] = (not value) if f.metadata["negate"] else value
-    return cls(**kwargs)
-
-
-def config_kwargs(*groups: Any) -> dict:
-    """The groups' fields as one flat dict of config arguments (paths as strings, as configs keep them)."""
-    out = {}
-    for group in groups:
-        for f in dataclasses.fields(group):
-            value = getattr(group, f.name)
-            out[f.name] = str(value) if isinstance(value, Path) else value
-    return out
-
-
-def given(ctx: typer.Context, cls: type) -> frozenset[str]:
-    """Fields of group `cls` set on the command line or in --config (not left at their default)."""
-    # By name: typer may bring its own copy of click's ParameterSource enum.
-    return frozenset(
-        f.name
-        for f in dataclasses.fields(cls)
-        if getattr(ctx.get_parameter_source(param_name(f)), "name", "DEFAULT") != "DEFAULT"
-    )

@@ -1,14 +1,16 @@
-"""The policy: loaded, checked against the cache, adapted (LoRA), wrapped for the ranks.
+"""The policy: loaded (optionally quantized), checked against the cache, adapted (LoRA), wrapped
+for the ranks.
 
 Checks that a policy fits a cache: same tokenizer (the ids mean the same words), ids in its
-vocabulary, and at step 0 the step-0 check (policy = reference reproduces the cached values).
+vocabulary, and at step 0 the step-0 check (policy = reference reproduces the cached values; a
+quantized policy cannot, so there the difference is reported, not enforced).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from dpocli import cache, distributed
+from dpocli import cache, distributed, quantization
 from dpocli.console import log, warn
 from dpocli.errors import DpocliError, RunFailure
 from dpocli.logprobs import CompletionScorer
@@ -89,14 +91,22 @@ def build_policy(cfg, data: cache.CacheData, resume_from, device):
     base model during set-up (as with DDP); after sharding it holds its shard of it."""
     from_checkpoint = resume_from is not None and cfg.lora_r is None
     weights_path = str(resume_from[1]) if from_checkpoint else cfg.model
+    quant = quantization.of_config(cfg)  # checked by cfg.check: only with LoRA, never with --fsdp
     if cfg.fsdp and cfg.lora_r is None:
         return _build_sharded_policy(cfg, data, weights_path, None if from_checkpoint else cfg.model_revision,
                                      device)
     model = load_causal_lm(weights_path, dtype=cfg.dtype, device=device,
                            revision=None if from_checkpoint else cfg.model_revision,
-                           attn_implementation=cfg.attn_implementation,
+                           attn_implementation=cfg.attn_implementation, quantization=quant,
                            trust_remote_code=cfg.trust_remote_code, keep_dropout=cfg.keep_dropout)
     check_vocab(model, data, cfg.cache)
+    if quant is not None:
+        # No peft.prepare_model_for_kbit_training, as TRL 1.16's DPOTrainer: its fp32 copies of the
+        # norms, embeddings and LM head cost memory (GBs with large vocabularies) while the chunked
+        # head already computes in fp32, and `dpo eval --load-in-4bit` then scores the same numerics.
+        # peft freezes the base; checkpointing is switched on below, non-reentrant, as for any run.
+        layers = quantization.quantized_modules(model)
+        log(f"base weights in {quant.describe()}: " + ", ".join(f"{n} {k}" for k, n in layers.items()))
     if cfg.lora_r is not None:
         from dpocli import lora
         model = (lora.resume(model, resume_from[1]) if resume_from else
@@ -112,16 +122,6 @@ def build_policy(cfg, data: cache.CacheData, resume_from, device):
     scorer = distributed.wrap_for_training(scorer, model, device, cfg.fsdp,
                                            DTYPES[cfg.autocast] if cfg.autocast else None)
     return model, scorer
-
-
-def merged_policy(cfg, model, adapter_dir: Path):
-    """Base + adapter as one plain model, for --merge. Under --fsdp the adapter is sharded, so
-    the process that writes reloads the base and applies the adapter just saved in `adapter_dir`
-    (saved in the training dtype, so the merged weights are the same numbers)."""
-    if not cfg.fsdp:
-        return model.merge_and_unload()
-    return load_causal_lm(str(adapter_dir), dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                          trust_remote_code=cfg.trust_remote_code, keep_dropout=cfg.keep_dropout)
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -153,16 +153,43 @@ def _build_sharded_policy(cfg, data: cache.CacheData, weights_path: str, revisio
     return model, scorer
 
 
+def merged_policy(cfg, model, run_dir: Path):
+    """The LoRA policy with its adapter merged, as a plain model for RUN_DIR/merged. A quantized
+    base is not merged into (that would round the update into 4/8 bits and save a bitsandbytes
+    model): the base is loaded again unquantized in --dtype, on the CPU, and the adapter just saved
+    in `run_dir` merged into it. Under --fsdp the adapter is sharded, so rank 0 does the same
+    (the adapter is saved in the training dtype: the merged weights are the same numbers)."""
+    quant = quantization.of_config(cfg)
+    if quant is None and not cfg.fsdp:
+        return model.merge_and_unload()
+    log(f"merging the saved adapter into the base loaded again ({cfg.dtype}, on the CPU)")
+    return load_causal_lm(str(run_dir), dtype=cfg.dtype, device="cpu",
+                          attn_implementation=cfg.attn_implementation,
+                          trust_remote_code=cfg.trust_remote_code, keep_dropout=cfg.keep_dropout)
+
+
 def step0_check(cfg, manifest: cache.Manifest, diff: float, model) -> dict:
     """Policy == reference at step 0 must reproduce the cached values (catches tokenization,
     precision and parallelism drift). Enforced only when the policy has the reference's weights;
-    `diff` is the max |policy − cached reference| over the first micro-batch of every rank."""
+    `diff` is the max |policy − cached reference| over the first micro-batch of every rank.
+
+    A quantized policy has not: its base is the reference rounded to 4 or 8 bits, while the cache
+    holds the unquantized reference's values (TRL 1.16's reference would be the quantized base
+    with the adapter disabled, so its step-0 loss is ln 2 and ours is not). How far the rounding
+    moves a summed log-prob depends on the model and the length, so no tolerance can separate it
+    from real drift: the difference is logged as the quantization error and not enforced."""
     ref = manifest.spec["reference_model"]  # hashed the way the cache was (full unless recorded)
     mode = ref.get("fingerprint", "full")
     same_weights = weights_fingerprint(cfg.model, cfg.model_revision, mode=mode)["sha256"] == ref["sha256"]
     precision = cfg.autocast or cfg.dtype
     tolerance = STEP0_TOLERANCE[precision]
-    if not same_weights:
+    quant = quantization.of_config(cfg)
+    if same_weights and quant is not None:
+        log(f"step-0: the policy is the reference in {quant.describe()}, the cache holds the unquantized "
+            f"reference: max |Δ| = {diff:.3g} is the quantization error (not checked); rewards start "
+            "away from 0 and the loss away from ln 2")
+        same_weights = False
+    elif not same_weights:
         log(f"step-0: policy weights differ from the cache's reference (max |Δ| = {diff:.3g}); "
             "rewards start away from 0")
     else:

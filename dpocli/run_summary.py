@@ -60,23 +60,29 @@ def samples_scheduled(cfg, num_rows: int, global_batch: int) -> int:
     return cfg.max_steps * global_batch * cfg.grad_accum if cfg.max_steps else num_rows * cfg.epochs
 
 
-def train_summary(s, state, final_eval: dict, t_start: float) -> dict:
-    """`dpo train --json`: what ran, HF's end-of-run metrics (also logged as metrics.jsonl's last
-    line, as HF's train() logs them), the step-0 check, the final eval and peak memory.
+def log_and_close(s, state) -> dict:
+    """HF's end-of-run metrics, logged as HF's train() logs them before it returns: as metrics.jsonl's
+    last line and to every dashboard sink (TensorBoard `train/train_runtime`, ..., at the last step;
+    W&B its run summary; MLflow the names as they are), which are then closed. Returns them.
     `s` is train's session, `state` its TrainState."""
+    hf = s.totals.summary(samples_scheduled(s.cfg, s.data.num_rows, s.global_batch), s.total_steps)
+    s.metrics_log.write({"step": state.step, **hf})
+    s.metrics_log.close()
+    return hf
+
+
+def train_summary(s, state, final_eval: dict, t_start: float, hf: dict) -> dict:
+    """`dpo train --json`: what ran, HF's end-of-run metrics `hf` (`log_and_close`), the step-0
+    check, the final eval and peak memory."""
     import torch
 
     from dpocli import __version__
     from dpocli.attention import describe as describe_attention
-    from dpocli.metrics import MetricsLog
     # The largest per-rank peak: what each host must provide per process (a collective).
     rss_kb = s.dist.max_over_ranks(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     peak = {"peak_rss_mb": round(rss_kb / 1024, 1)}
     if s.device.type == "cuda":
         peak["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(s.device) / 2**20, 1)
-    hf = s.totals.summary(samples_scheduled(s.cfg, s.data.num_rows, s.global_batch), s.total_steps)
-    # The dashboard sinks are closed by now: a plain log writes the line.
-    MetricsLog(s.metrics_log.path, enabled=s.metrics_log.enabled).write({"step": state.step, **hf})
     return {"command": "train", "dpocli_version": __version__, "run_dir": str(s.run_dir),
             "model_dir": str(s.run_dir), "steps": state.step, "total_steps": s.total_steps,
             "seconds": round(time.perf_counter() - t_start, 3), **state.step0, **hf,

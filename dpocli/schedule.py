@@ -159,15 +159,28 @@ class Schedule:
 
 
 def schedule_of(cfg, total_steps: int) -> Schedule:
-    """The run's schedule; ratios round up to whole steps, as HF's get_warmup_steps does."""
+    """The run's schedule; ratios round up to whole steps, as HF's get_warmup_steps does.
+
+    warmup_stable_decay needs warm-up + decay <= total steps (a stable phase of >= 0 steps), else
+    exit 2. transformers' get_wsd_schedule accepts a negative stable phase silently: the warm-up
+    runs in full, then the rate drops to the middle of the decay curve (its first warm-up + decay -
+    total steps are skipped), or there is no decay at all when the warm-up fills the run."""
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
     decay = 0
     if cfg.scheduler == "warmup_stable_decay":
         decay = cfg.num_decay_steps or math.ceil(cfg.decay_ratio * total_steps)
         if warmup + decay > total_steps:
-            raise DpocliError(f"warm-up ({warmup}) plus decay ({decay}) exceeds all {total_steps} steps",
+            warmup_flag = "--warmup-steps" if cfg.warmup_steps else "--warmup-ratio"
+            decay_flag = "--num-decay-steps" if cfg.num_decay_steps else "--decay-ratio"
+            steps_flag = "--max-steps" if cfg.max_steps else f"--epochs {cfg.epochs} over the cache"
+            what = f"decay ({decay} steps, {decay_flag}) takes"
+            if warmup:
+                what = f"warm-up ({warmup} steps, {warmup_flag}) plus {what[:-1]}"
+            raise DpocliError(f"{what} more than the run's {total_steps} steps ({steps_flag}); "
+                              "transformers would skip the start of the decay",
                               field="--scheduler warmup_stable_decay",
-                              hint="lower --num-decay-steps / --decay-ratio or the warm-up")
+                              hint=f"lower {decay_flag}{' or ' + warmup_flag if warmup else ''}, "
+                                   "or train for more steps")
     return Schedule(cfg.scheduler, warmup, total_steps, floor=cfg.min_lr_rate or 0.0, decay=decay,
                     decay_type=cfg.decay_type or "cosine")
 

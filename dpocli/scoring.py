@@ -100,9 +100,12 @@ def plan_like_precompute(data: CacheData, manifest: Manifest,
 @torch.no_grad()
 def score_cache(scorer, data: CacheData, manifest: Manifest, pad_id: int, device, *,
                 max_tokens: int | None = None, dist=None, token_stats: bool = False,
-                ld_alpha: float | None = None) -> SequenceLogps:
+                ld_alpha: float | None = None, router_aux: bool = False) -> SequenceLogps:
     """Policy summed log-probs (float64, CPU) of chosen and rejected for every cache row, in row
     order, with the cached completion lengths; `token_stats` and `ld_alpha` as in `sequence_logps`.
+    router_aux: also the MoE router load-balancing loss, computed per forward batch (it is a
+    statistic of a batch's tokens, not of a pair) and averaged over the batches weighted by their
+    pairs, as HF's evaluation loop weights each batch's loss (`router_aux_loss`, a float64 scalar).
 
     With `dist`, ranks take every world_size-th batch and results are gathered on every rank.
     """
@@ -122,19 +125,25 @@ def score_cache(scorer, data: CacheData, manifest: Manifest, pad_id: int, device
     for b in range(rounds):
         rows = mine_batches[b] if b < len(mine_batches) else batches[0]
         batch = cache_batch(data, rows, pad_id, layout["prefix_sharing"], layout["packing"])
-        out = sequence_logps(scorer, batch.to(device), token_stats=token_stats, ld_alpha=ld_alpha)
+        out = sequence_logps(scorer, batch.to(device), token_stats=token_stats, ld_alpha=ld_alpha,
+                             router_aux=router_aux)
         if b < len(mine_batches):
-            mine.append((rows, _row_values(out).cpu()))
+            aux = float(out.router_aux_loss) if router_aux else None
+            mine.append((rows, _row_values(out).cpu(), aux))
     parts = dist.all_gather_object(mine) if dist is not None and dist.enabled else [mine]
+    aux_sum = 0.0
     for part in parts:
-        for rows, row_values in part:
+        for rows, row_values, aux in part:
             values[rows] = row_values
+            aux_sum += aux * len(rows) if router_aux else 0.0
     ref = cached_reference(data, range(data.num_rows), "cpu")
     stats = None
     if token_stats:  # back to per-segment [2N] vectors: chosen rows, then rejected rows
         stats = TokenStats(*(torch.cat([values[:, 2 + k], values[:, 6 + k]]) for k in range(4)))
+    aux_mean = torch.tensor(aux_sum / max(data.num_rows, 1), dtype=torch.float64) if router_aux else None
     return SequenceLogps(values[:, 0], values[:, 1], ref.chosen_len, ref.rejected_len, stats=stats,
-                         chosen_plain_logps=values[:, -1] if ld_alpha is not None else None)
+                         chosen_plain_logps=values[:, -1] if ld_alpha is not None else None,
+                         router_aux_loss=aux_mean)
 
 
 def _row_values(out: SequenceLogps) -> torch.Tensor:

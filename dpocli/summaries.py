@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rich.table import Table
+if TYPE_CHECKING:  # rich is imported when a table is made: `--json` output needs none
+    from rich.table import Table
 
 
 def _kv_table(title: str, rows: list[tuple[str, object]]) -> Table:
+    from rich.table import Table
+
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value")
@@ -97,6 +101,7 @@ def model_labels(paths: list[str]) -> tuple[str, list[str]]:
 
 def eval_table(s: dict):
     from rich.console import Group
+    from rich.table import Table
     folder, labels = model_labels([m["model"] for m in s["models"]])
     table = Table(title=f"eval on {s['cache']} ({s['pairs']} pairs, β={s['beta']}, loss={s['loss']})"
                         + (f"; models in {folder}/" if folder else ""), title_justify="left")
@@ -107,6 +112,8 @@ def eval_table(s: dict):
         table.add_column(label, justify="right", overflow="fold")
     from dpocli.evaluate import LENGTH_BUCKETS  # natural bucket order, shortest chosen first
     keys = EVAL_ROWS + [f"length_bias/{name}/accuracy" for _, _, name in LENGTH_BUCKETS]
+    if any("aux_loss" in m for m in s["models"]):  # MoE models: the router loss inside `loss`
+        keys.insert(1, "aux_loss")
     for key in keys:
         table.add_row(key, *[("-" if m.get(key) is None else _fmt(m[key])) for m in s["models"]])
     parts = [table]

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from dpocli import cache, checkpoint, distributed, outputs
+from dpocli import cache, checkpoint, distributed, outputs, run_summary
 from dpocli.attention import describe as describe_attention
 from dpocli.batching import plan_epoch
 from dpocli.checkpoint import RunDir, TrainState
@@ -42,7 +42,7 @@ from dpocli.losses import LossInputs, LossSpec, compute_loss
 from dpocli.metrics import MetricsLog, StepMetrics, rename_for_eval
 from dpocli.modeling import DTYPES, resolve_device
 from dpocli.policy import build_policy, load_policy_tokenizer, merged_policy, step0_check
-from dpocli.run_summary import TrainTotals, train_summary
+from dpocli.run_summary import TrainTotals
 from dpocli.schedule import make_optimizer, make_scheduler
 from dpocli.scoring import cache_batch, cached_reference, check_token_logps
 from dpocli.train_config import TrainConfig
@@ -85,6 +85,7 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     spec = cfg.loss_spec()
     dist = distributed.current()
     manifest, data = cache.load_cache(cfg.cache)
+    cfg.check_steps(data.num_rows, dist.world_size)
     eval_set = cache.load_matching_cache(cfg.eval_cache, manifest) if cfg.eval_cache else None
     if cfg.ld_alpha is not None:  # LD-DPO needs per-token reference values: checked before any write
         check_token_logps("--ld-alpha", (cfg.cache, data), *[(cfg.eval_cache, e[1]) for e in [eval_set] if e])
@@ -134,12 +135,12 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
 
     final_eval = _final_eval(s, state.step)
     _save(s, state)
-    s.metrics_log.close()
+    hf = run_summary.log_and_close(s, state)  # as HF's train(): logged before the final model is saved
     checkpoint.save_final_model(s.run, dist, model, tokenizer, cfg.fsdp)
     if dist.is_main and cfg.merge:
         run.save_merged(merged_policy(cfg, model, run_dir), tokenizer)
     dist.barrier()
-    return train_summary(s, state, final_eval, t_start)
+    return run_summary.train_summary(s, state, final_eval, t_start, hf)
 
 
 def _train_step(s: _Session, state: TrainState, bar) -> None:
@@ -213,8 +214,7 @@ def _session(cfg, spec, dist, manifest, data, eval_set, run, run_dir, model, sco
         sinks += integrations.make_sinks(cfg.report_to, run_dir, asdict(cfg))
     # Global micro-batches hold batch_size pairs per rank; a step is grad_accum of them.
     global_batch = cfg.batch_size * dist.world_size
-    steps_per_epoch = math.ceil(math.ceil(data.num_rows / global_batch) / cfg.grad_accum)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    total_steps = cfg.total_steps(data.num_rows, dist.world_size)
     optimizer = make_optimizer(model, cfg, device)
     # With FSDP the mixed-precision policy casts parameters instead of autocast.
     autocast = (torch.autocast(device.type, dtype=DTYPES[cfg.autocast])

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from dpocli.errors import DpocliError, check_at_least, check_seed
-from dpocli.losses import LOSS_OPTIONS, LossSpec, spec_from_options, validate_spec
+from dpocli.losses import LOSS_OPTIONS, LossSpec, spec_from_options
 from dpocli.packing import check_layout_flags
 
 
@@ -60,6 +61,10 @@ class TrainConfig:
     use_rslora: bool = False
     lora_modules_to_save: str | None = None
     merge: bool = False  # with LoRA: also save base+adapter merged to RUN_DIR/merged
+    load_in_4bit: bool = False  # QLoRA: base in 4 bits (bitsandbytes), needs lora_r
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"  # TRL's ModelConfig default
+    use_bnb_nested_quant: bool = False  # TRL's ModelConfig default
     compile: bool = False  # torch.compile the transformer body
     prefix_sharing: bool = False  # one row per pair: prompt + chosen + rejected, prompt run once
     packing: bool = False  # padding-free: all sequences of a micro-batch in one row
@@ -80,10 +85,20 @@ class TrainConfig:
     chunk_size: int = 1024
 
     def loss_spec(self) -> LossSpec:
-        spec = spec_from_options(**{name: getattr(self, name) for name in LOSS_OPTIONS})
-        spec = replace(spec, use_weighting=self.use_weighting, ld_alpha=self.ld_alpha)
-        validate_spec(spec)
-        return spec
+        return spec_from_options(**{name: getattr(self, name) for name in LOSS_OPTIONS})
+
+    def total_steps(self, num_rows: int, world_size: int = 1) -> int:
+        """Optimizer steps of the run: --max-steps, else --epochs passes over `num_rows` pairs in
+        micro-batches of batch_size x world_size pairs, grad_accum of them a step (a short last one
+        included)."""
+        micro_batches = math.ceil(num_rows / (self.batch_size * world_size))
+        return self.max_steps or self.epochs * math.ceil(micro_batches / self.grad_accum)
+
+    def check_steps(self, num_rows: int, world_size: int = 1) -> None:
+        """The checks that need the run's length: called once the cache's row count is known, before
+        the model is loaded or the run folder created."""
+        from dpocli import schedule
+        schedule.schedule_of(self, self.total_steps(num_rows, world_size))  # refuses a WSD that does not fit
 
     def check(self) -> None:
         positive = {"--lr": self.lr, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
@@ -99,6 +114,8 @@ class TrainConfig:
         check_seed(self.seed)
         from dpocli import schedule
         schedule.check(self)
+        if self.max_steps:  # the run's length is known without the cache
+            self.check_steps(0)
         if not 0 <= self.warmup_ratio < 1:
             raise DpocliError(f"must be in [0, 1), got {self.warmup_ratio}", field="--warmup-ratio")
         if self.autocast not in (None, "bfloat16", "float16"):
@@ -110,6 +127,8 @@ class TrainConfig:
         from dpocli.integrations import check as check_report_to
         check_report_to(self.report_to)
         check_layout_flags(self.prefix_sharing, self.packing, self.attn_implementation)
+        from dpocli.quantization import check_train as check_quantization
+        check_quantization(self)
         if self.compile and self.fsdp:
             raise DpocliError("is not supported together with --fsdp", field="--compile")
         if self.lora_r is not None and self.lora_r < 1:
@@ -125,10 +144,5 @@ class TrainConfig:
                 raise DpocliError("only applies to LoRA runs", field=flag, hint="add --lora-r N")
         if self.merge and self.lora_r is None:
             raise DpocliError("only applies to LoRA runs", field="--merge", hint="add --lora-r N")
-        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
-            raise DpocliError(f"must be in [0, 1], got {self.ld_alpha}", field="--ld-alpha")
-        if self.router_aux_loss_coef is not None and not self.router_aux_loss_coef >= 0:
-            raise DpocliError(f"must be >= 0, got {self.router_aux_loss_coef}",
-                              field="--router-aux-loss-coef")
         if self.eval_every and not self.eval_cache:
             raise DpocliError("needs --eval-cache", field="--eval-every")

@@ -105,3 +105,19 @@ def trained_run(tmp_path_factory, train_cache) -> Path:
     result = invoke(["train", train_cache, "--model", MODEL, "--out", out, "--quiet", *SAMPLE_TRAIN_ARGS])
     assert result.exit_code == 0, result.stderr
     return out
+
+
+def qlora_unavailable() -> str | None:
+    """Why a quantized (QLoRA) run cannot happen on this machine's CPU, or None when it can:
+    bitsandbytes has CPU kernels from 0.46, and the adapter needs peft. CI installs `.[dev]`,
+    without bitsandbytes, so there these runs are skipped (the refusals are tested everywhere)."""
+    import importlib.util
+    if importlib.util.find_spec("peft") is None:
+        return "needs peft"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "needs bitsandbytes (pip install 'dpocli[qlora]')"
+    from dpocli import quantization
+    version = quantization.bitsandbytes_version()
+    if quantization._release(version) < quantization.CPU_SINCE:
+        return f"bitsandbytes {version} has no CPU kernels"
+    return None

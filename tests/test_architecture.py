@@ -32,6 +32,15 @@ def test_cache_is_pure_pyarrow():
     assert not {m.split(".")[0] for m in imports_of("cache")} & banned
 
 
+def test_manifest_needs_no_parquet_library():
+    """`dpo cache info` reads only the manifest and the shards' footers (issue 16)."""
+    mods = imports_of("manifest")
+    assert not {m.split(".")[0] for m in mods} & {"torch", "transformers", "pyarrow", "numpy"}
+    allowed = {"dpocli", "dpocli.__version__", "dpocli.atomic", "dpocli.errors"}
+    assert {m for m in mods if m.startswith("dpocli")} <= allowed
+    assert not {m.split(".")[0] for m in imports_of("atomic") | imports_of("errors")} & {"pyarrow", "numpy"}
+
+
 def test_losses_are_pure_math():
     allowed_dpocli = {"dpocli.errors"}
     mods = imports_of("losses")

@@ -106,6 +106,12 @@ CASES = {
     "train out is the cache": (lambda w: train(w)[:5] + [w["cache"], "--max-steps", 1], 2, "--out"),
     "train out is the model": (lambda w: train(w)[:5] + [MODEL, "--max-steps", 1], 2, "--out"),
     "eval every without eval cache": (lambda w: train(w, "--eval-every", 1), 2, "--eval-every"),
+    "wsd decay past max steps": (lambda w: train(w, "--scheduler", "warmup_stable_decay", "--num-decay-steps", 2),
+                                 2, "--scheduler warmup_stable_decay", "--num-decay-steps", "--max-steps"),
+    "wsd past the epoch": (lambda w: ["train", w["cache"], "--model", MODEL, "--out", w["root"] / "out",
+                                      "--batch-size", 8, "--scheduler", "warmup_stable_decay",
+                                      "--warmup-steps", 3, "--num-decay-steps", 4], 2, "--warmup-steps",
+                           "--num-decay-steps", "the run's 6 steps"),
     # eval
     "kl samples 0": (lambda w: evaluate(w, "--kl-samples", 0), 2, "--kl-samples"),
     "temperature < 0": (lambda w: evaluate(w, "--temperature", -1), 2, "--temperature"),

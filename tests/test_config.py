@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 
 from conftest import MODEL, invoke, read_jsonl
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the tomli backport, a dependency there
+    import tomli as tomllib
 
 
 def test_print_config_is_valid_toml_with_the_defaults():
@@ -94,3 +98,20 @@ def test_print_config_and_resolved_config_list_the_same_keys(small_cache, tmp_pa
         assert printed == written, command
         assert {"json", "quiet", "seed" if command == "train" else "max-length"} <= set(printed)
         assert {"config", "print-config", "help"}.isdisjoint(printed)
+
+
+def test_print_config_title_names_the_command_as_typed(tmp_path):
+    """The cache subcommands' titles once read `dpo info` / `dpo verify` (click's info_name)."""
+    for command in (["cache", "info"], ["cache", "verify"], ["train"], ["report"]):
+        result = invoke([*command, "--print-config"])
+        assert result.exit_code == 0, result.stderr
+        assert result.stdout.splitlines()[0] == f"# dpo {' '.join(command)} options; use with --config"
+
+
+def test_unknown_config_key_names_the_command_as_typed(small_cache, tmp_path):
+    cfg = tmp_path / "info.toml"
+    cfg.write_text("bogus = 1\n")
+    result = invoke(["cache", "info", small_cache, "--config", cfg])
+    assert result.exit_code == 2
+    assert "field 'bogus' is not an option of `dpo cache info`" in result.stderr
+    assert "see `dpo cache info --help`" in result.stderr

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file
 
-from conftest import MODEL, invoke, read_jsonl
+from conftest import MODEL, invoke, qlora_unavailable, read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -79,6 +79,22 @@ def test_two_rank_ddp_follows_one_rank_and_resumes(small_cache, tmp_path):
     assert c == pytest.approx(a, abs=1e-5)
     wc = load_file(ddp / "model.safetensors")
     assert max(float((wa[k] - wc[k]).abs().max()) for k in wa) < 1e-4
+
+
+@pytest.mark.skipif(qlora_unavailable() is not None, reason=qlora_unavailable() or "")
+def test_two_rank_qlora_follows_one_rank(small_cache, tmp_path):
+    """DDP over a 4-bit base: every rank quantizes the same weights the same way, only the adapter
+    is synchronised, and 2 ranks x 4 pairs follow 1 rank x 8 pairs."""
+    common = ["--max-steps", 3, "--no-shuffle", "--lr", "5e-3", "--lora-r", 8, "--load-in-4bit", "--quiet"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert invoke(["train", small_cache, "--model", MODEL, "--out", single, "--batch-size", 8, *common]).exit_code == 0
+    done = torchrun(["train", small_cache, "--model", MODEL, "--out", ddp, "--batch-size", 4, *common])
+    assert done.returncode == 0, done.stderr
+    a = [r["loss"] for r in read_jsonl(single / "metrics.jsonl") if "loss" in r]
+    b = [r["loss"] for r in read_jsonl(ddp / "metrics.jsonl") if "loss" in r]
+    assert len(b) == 3 and b == pytest.approx(a, abs=1e-5)
+    wa, wb = load_file(single / "adapter_model.safetensors"), load_file(ddp / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
 
 
 def test_fsdp2_matches_ddp_and_saves_a_normal_hf_model(small_cache, tmp_path):

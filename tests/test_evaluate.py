@@ -128,3 +128,81 @@ def test_periodic_eval_during_training_equals_dpo_eval_of_the_checkpoint(small_c
         if key in ("model", "samples", "eval_runtime", "eval_samples_per_second"):
             continue  # timings differ from run to run; both carry them (test_run_summary.py)
         assert logged[f"eval_{key}"] == value, key  # same code, same batches: bit for bit
+
+
+# ---------------------------------------------------------------- WPO and LD-DPO in eval (TRL evaluates
+# with the training loss config)
+
+@pytest.fixture(scope="module")
+def wpo_ld_run(tmp_path_factory, small_prefs) -> dict:
+    """A --token-logps cache and a 2-step run trained on it with --use-weighting --ld-alpha 0.3."""
+    root = tmp_path_factory.mktemp("wpo-ld")
+    result = invoke(["precompute-ref", small_prefs, "--model", MODEL, "--out", root / "cache", "--token-logps",
+                     "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    result = invoke(["train", root / "cache", "--model", MODEL, "--out", root / "run", "--max-steps", 2,
+                     "--batch-size", 8, "--lr", "5e-4", "--use-weighting", "--ld-alpha", 0.3, "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    return {"cache": root / "cache", "run": root / "run"}
+
+
+def _recomputed_loss(model_dir, cache_dir, beta: float, alpha: float | None, weighting: bool) -> float:
+    """The sigmoid loss over a cache from first principles: one unpadded forward per completion,
+    full-vocabulary log-softmax, LD-DPO sums Σ_{t<ℓ} + α·Σ_{t>=ℓ} (ℓ = the shorter completion of the
+    pair) for policy and cached reference token log-probs, and WPO weights
+    exp(mean_t(log p_t − log Σ_v p_v²)) of chosen times rejected (arXiv 2409.06411, 2406.11827)."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows = [r for shard in sorted(cache_dir.glob("part-*.parquet")) for r in pq.read_table(shard).to_pylist()]
+
+    def token_terms(prompt, completion):
+        ids = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)[len(prompt) - 1:]
+        picked = logp.gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+        return picked, picked - torch.logsumexp(2 * logp, -1)  # log p_t, log p_t − log Σ_v p_v²
+
+    def ld(tokens, shared):
+        tokens = torch.as_tensor(tokens, dtype=torch.float64)
+        return float(tokens.sum() if alpha is None else tokens[:shared].sum() + alpha * tokens[shared:].sum())
+    losses = []
+    for r in rows:
+        pc, wc = token_terms(r["prompt_ids"], r["chosen_ids"])
+        pr, wr = token_terms(r["prompt_ids"], r["rejected_ids"])
+        shared = min(len(pc), len(pr))
+        h = (ld(pc, shared) - ld(r["ref_chosen_token_logps"], shared)) - \
+            (ld(pr, shared) - ld(r["ref_rejected_token_logps"], shared))
+        weight = math.exp(float(wc.mean()) + float(wr.mean())) if weighting else 1.0
+        losses.append(math.log1p(math.exp(-beta * h)) * weight)
+    return sum(losses) / len(losses)
+
+
+def test_eval_loss_with_wpo_and_ld_alpha_equals_a_recomputation(wpo_ld_run):
+    result = invoke(["eval", wpo_ld_run["cache"], "--model", wpo_ld_run["run"], "--use-weighting",
+                     "--ld-alpha", 0.3, "--json", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    got = json.loads(result.stdout)["models"][0]["loss"]
+    want = _recomputed_loss(wpo_ld_run["run"], wpo_ld_run["cache"], 0.1, 0.3, True)
+    assert got == pytest.approx(want, abs=1e-7)  # 0.60206644 both, 7e-10 apart (fp32 forwards)
+    # Each option alone moves the loss by ~6e-5 or more: the check would see either one missing.
+    for alpha, weighting in ((None, True), (0.3, False)):
+        other = _recomputed_loss(wpo_ld_run["run"], wpo_ld_run["cache"], 0.1, alpha, weighting)
+        assert abs(other - want) > 1e-5, (alpha, weighting)
+
+
+def test_eval_of_a_wpo_ld_run_takes_its_options(wpo_ld_run):
+    from_run = json.loads(invoke(["eval", wpo_ld_run["cache"], "--model", wpo_ld_run["run"], "--json",
+                                  "--quiet"]).stdout)
+    explicit = json.loads(invoke(["eval", wpo_ld_run["cache"], "--model", wpo_ld_run["run"], "--use-weighting",
+                                  "--ld-alpha", 0.3, "--json", "--quiet"]).stdout)
+    assert from_run["loss_options"]["use_weighting"] is True and from_run["loss_options"]["ld_alpha"] == 0.3
+    assert from_run["loss_options_from"] == [str(wpo_ld_run["run"] / "run_config.json")]
+    assert from_run["models"][0]["loss"] == explicit["models"][0]["loss"]
+
+
+def test_eval_ld_alpha_needs_a_token_logps_cache(small_cache, wpo_ld_run):
+    for args in (["--model", MODEL, "--ld-alpha", 0.5], ["--model", wpo_ld_run["run"]]):  # given; the run's
+        result = invoke(["eval", small_cache, *args])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.exit_code == 2 and len(errors) == 1, result.stderr
+        assert "--ld-alpha" in errors[0] and "per-token" in errors[0]

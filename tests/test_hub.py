@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -316,7 +317,7 @@ def test_train_and_eval_resolve_the_model_revision(hf_cache, tmp_path, small_cac
     ],
 )
 def test_hub_flags_are_in_help_and_print_config(command, flags, tmp_path):
-    import tomllib
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
 
     help_text = " ".join(invoke([*command, "--help"]).stdout.split())
     printed = invoke([*command, "--print-config"]).stdout

@@ -8,6 +8,7 @@ tests/fixtures/make_trl_moe.py, which builds the same model with `build_tiny_mix
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -53,22 +54,59 @@ def moe(tmp_path_factory) -> dict:
     return {"trl": trl, "model": root / "model", "cache": root / "cache"}
 
 
+def _eval(cache, *args) -> dict:
+    result = invoke(["eval", cache, *args, "--json", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_eval_batches_are_trls_one_eval_batch(moe):
+    """The router loss is a statistic of a forward's tokens: dpocli's eval equals TRL's only over the
+    same batches. The fixture's TRL eval ran all rows as one batch; so does the replay of this cache."""
+    from dpocli.cache import load_cache
+    from dpocli.scoring import plan_like_precompute
+    manifest, data = load_cache(moe["cache"])
+    assert [len(b) for b in plan_like_precompute(data, manifest)] == [moe["trl"]["settings"]["rows"]]
+
+
+@pytest.mark.parametrize("run", ["config_default", "coef_0.1"])
+def test_eval_loss_adds_the_router_loss_as_trl(run, moe):
+    """`dpo eval` of the untrained model: TRL's eval_loss (ln 2 + coef x aux_loss here) and eval_aux_loss."""
+    coef = {"config_default": 0.02, "coef_0.1": 0.1}[run]
+    extra = ["--router-aux-loss-coef", 0.1] if run == "coef_0.1" else []
+    m = _eval(moe["cache"], "--model", moe["model"], *extra)["models"][0]
+    want = moe["trl"]["evals"][run]["before"]
+    assert m["aux_loss"] == pytest.approx(want["eval_aux_loss"], abs=1e-5)
+    assert m["loss"] == pytest.approx(want["eval_loss"], abs=1e-5)
+    assert m["loss"] == pytest.approx(math.log(2) + coef * m["aux_loss"], abs=1e-12)  # margins exactly 0
+    off = _eval(moe["cache"], "--model", moe["model"], "--router-aux-loss-coef", 0)["models"][0]
+    assert "aux_loss" not in off and off["loss"] == math.log(2)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("run", ["config_default", "coef_0.1"])
 def test_trajectory_with_router_aux_loss_equals_trl(run, moe, tmp_path):
+    """TRL's 3 steps, then its eval of the trained model: as periodic eval at step 3 and as `dpo eval`
+    of the run (which takes the run's --router-aux-loss-coef)."""
     s = moe["trl"]["settings"]
     extra = ["--router-aux-loss-coef", 0.1] if run == "coef_0.1" else []
     result = invoke(["train", moe["cache"], "--model", moe["model"], "--out", tmp_path / "r", "--no-shuffle",
                      "--max-steps", s["steps"], "--batch-size", s["batch_size"], "--lr", s["lr"], "--quiet",
-                     *extra])
+                     "--eval-cache", moe["cache"], "--eval-every", s["steps"], *extra])
     assert result.exit_code == 0, result.stderr
-    got = [r for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "loss" in r]
+    records = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    got = [r for r in records if "loss" in r]
     want = moe["trl"]["runs"][run]
     assert len(got) == len(want) == s["steps"]
     for g, t in zip(got, want):
         assert g["aux_loss"] > 0
         for key in ("loss", "aux_loss", "rewards/margins", "logps/chosen", "entropy", "grad_norm"):
             assert abs(g[key] - t[key]) <= 1e-4, (run, g["step"], key, g[key], t[key])
+    periodic = next(r for r in records if "eval_loss" in r)
+    direct = _eval(moe["cache"], "--model", tmp_path / "r")["models"][0]
+    for key, value in moe["trl"]["evals"][run]["after"].items():
+        assert abs(periodic[key] - value) <= 1e-5, (run, key, periodic[key], value)  # seen: <= 2e-6
+        assert direct[key[5:]] == periodic[key], key  # one eval path: bit for bit
 
 
 def test_zero_coefficient_turns_it_off(moe, tmp_path):

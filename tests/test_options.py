@@ -7,14 +7,13 @@ import ast
 import dataclasses
 import inspect
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
 import typer
 
 from conftest import MODEL, invoke
-from dpocli import options
+from dpocli import option_params, options
 from dpocli.cli import app, cache_app
 from dpocli.evaluate import run_eval
 from dpocli.losses import LOSS_OPTIONS, spec_from_options
@@ -22,9 +21,14 @@ from dpocli.precompute import PrecomputeConfig
 from dpocli.train import TrainConfig
 from dpocli.verify import run_verify
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the tomli backport, a dependency there
+    import tomli as tomllib
+
 ROOT = Path(__file__).resolve().parent.parent
 EAGER = {"--config", "--print-config", "--help"}
-GROUPS = [cls for cls in vars(options).values() if isinstance(cls, type) and options.is_group(cls)]
+GROUPS = [cls for cls in vars(options).values() if isinstance(cls, type) and option_params.is_group(cls)]
 
 
 def commands() -> dict[str, tuple]:
@@ -64,8 +68,8 @@ def test_every_group_field_is_a_flag_of_the_command(name):
     params = {p.name: p for p in click_command.params}
     for group in callback.option_groups.values():
         for f in dataclasses.fields(group):
-            param = params[options.param_name(f)]
-            assert tuple(param.opts + param.secondary_opts) == options.flags_of(f), f.name
+            param = params[option_params.param_name(f)]
+            assert tuple(param.opts + param.secondary_opts) == option_params.flags_of(f), f.name
             assert param.help == f.metadata["help"], f.name
             default = None if f.default is dataclasses.MISSING else f.default
             assert param.default == ((not default) if f.metadata["negate"] else default), f.name
@@ -100,7 +104,7 @@ def test_each_flag_is_declared_once():
     declared: dict[str, list[str]] = {}
     for cls in GROUPS:
         for f in dataclasses.fields(cls):
-            for flag in options.flags_of(f):
+            for flag in option_params.flags_of(f):
                 declared.setdefault(flag, []).append(f"{cls.__name__}.{f.name}")
     twice = {flag for flag, where in declared.items() if len(where) > 1}
     # The flags whose meaning is each command's own are exactly those declared more than once, and

@@ -115,8 +115,38 @@ def test_flags_the_choice_ignores_are_refused(kw, flag):
 
 
 def test_wsd_longer_than_the_run_is_refused():
-    with pytest.raises(DpocliError, match="exceeds"):
-        schedule.schedule_of(cfg(scheduler="warmup_stable_decay", warmup_steps=4, num_decay_steps=5), 8)
+    """The rule: warm-up + decay <= total steps. transformers' get_wsd_schedule takes a longer one
+    silently (its stable phase goes negative): with 3 warm-up and 5 decay steps in a 6-step run the
+    rate never reaches --lr, and the decay begins 2/5 of the way in."""
+    hf = hf_rates("warmup_stable_decay", 3, 6, 1.0, {"num_decay_steps": 5})
+    assert hf[:3] == pytest.approx([0, 1 / 3, 2 / 3]) and max(hf) < 1.0
+    assert hf[3] == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 5)))
+    wsd = dict(scheduler="warmup_stable_decay", warmup_steps=3, num_decay_steps=5)
+    with pytest.raises(DpocliError, match="take more than the run's 6 steps") as err:
+        schedule.schedule_of(cfg(**wsd), 6)
+    assert err.value.field == "--scheduler warmup_stable_decay"
+    schedule.schedule_of(cfg(scheduler="warmup_stable_decay", warmup_steps=3, num_decay_steps=3), 6)  # fits
+    with pytest.raises(DpocliError, match="--max-steps"):  # the run's length known: refused by check()
+        cfg(**wsd, max_steps=6).check()
+    config = cfg(**wsd, batch_size=8)
+    config.check()  # the length needs the cache: 48 pairs / 8 = 6 steps, 2 ranks 3 steps
+    assert config.total_steps(48) == 6 and config.total_steps(48, world_size=2) == 3
+    with pytest.raises(DpocliError, match=r"--epochs 1"):
+        config.check_steps(48)
+    cfg(**wsd, batch_size=4).check_steps(48)  # 12 steps
+
+
+def test_wsd_that_does_not_fit_is_refused_before_the_model_loads(small_cache, tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr("dpocli.train.build_policy", never)
+    out = tmp_path / "run"
+    result = invoke(["train", small_cache, "--model", MODEL, "--out", out, "--batch-size", 8,
+                     "--scheduler", "warmup_stable_decay", "--warmup-ratio", 0.5, "--decay-ratio", 0.6])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and not out.exists(), result.stderr
+    assert "warm-up (3 steps, --warmup-ratio) plus decay (4 steps, --decay-ratio)" in errors[0]
+    assert "6 steps (--epochs 1 over the cache)" in errors[0]
 
 
 def test_refusal_happens_before_anything_is_written(small_cache, tmp_path):

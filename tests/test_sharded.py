@@ -121,3 +121,28 @@ def test_fsdp_precompute_equals_one_process(small_prefs, small_cache, tmp_path):
     a = json.loads((small_cache / "manifest.json").read_text())
     b = json.loads((out / "manifest.json").read_text())
     assert a["spec"] == b["spec"]
+
+
+def test_fsdp_eval_equals_one_process(small_cache, tmp_path):
+    """`dpo eval --fsdp` on 2 ranks (each loads only its part of each weight) gives the metrics
+    of a one-process eval, for a model that differs from the reference."""
+    from transformers import AutoModelForCausalLM
+    perturbed = tmp_path / "perturbed"
+    model = AutoModelForCausalLM.from_pretrained(MODEL)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=generator))
+    model.save_pretrained(perturbed)
+    for f in MODEL.iterdir():
+        if "token" in f.name or f.name == "special_tokens_map.json":
+            shutil.copy(f, perturbed / f.name)
+    one = invoke(["eval", small_cache, "--model", perturbed, "--json", "--quiet"])
+    assert one.exit_code == 0, one.stderr
+    two = torchrun(["eval", small_cache, "--model", perturbed, "--json", "--quiet", "--fsdp"])
+    assert two.returncode == 0, two.stderr
+    a, b = json.loads(one.stdout)["models"][0], json.loads(two.stdout)["models"][0]
+    assert a["rewards/accuracies"] == b["rewards/accuracies"] and 0 < a["rewards/accuracies"] < 1
+    for key in ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "entropy"):
+        assert b[key] == pytest.approx(a[key], abs=1e-5), key
+    print(f"eval --fsdp vs 1 process: loss {a['loss']:.6f} vs {b['loss']:.6f}")

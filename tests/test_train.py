@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MODEL, invoke, read_jsonl, write_jsonl
+from conftest import MODEL, invoke, qlora_unavailable, read_jsonl, write_jsonl
 from dpocli import cache
 
 
@@ -108,12 +108,16 @@ RESUME_CASES = {
     "lora": (["--lora-r", 16, "--lora-alpha", 32, "--lora-target-modules", "all-linear"],
              "adapter_model.safetensors"),
     "packed, shared prompt": (["--packing", "--prefix-sharing"], "model.safetensors"),
+    "qlora": (["--lora-r", 8, "--lora-target-modules", "all-linear", "--load-in-4bit"],
+              "adapter_model.safetensors"),
 }
 
 
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_interrupt_then_resume_is_bitwise_equal(small_cache, tmp_path, monkeypatch, case):
     extra, weights_file = RESUME_CASES[case]
+    if "--load-in-4bit" in extra and qlora_unavailable():
+        pytest.skip(qlora_unavailable())
     args = ["--max-steps", 8, "--batch-size", 4, "--lr", "1e-3", "--save-every", 3,
             "--warmup-steps", 2, "--scheduler", "cosine", *extra]
     full, part = tmp_path / "full", tmp_path / "part"
