@@ -14,6 +14,10 @@ A checkpoint is `RUN_DIR/checkpoint-<step>/`, in one of two formats chosen by th
   size) and `trainer_state.pt` (scheduler and RNG states). No rank ever holds the whole optimizer.
   `dpo eval` and `from_pretrained`-style loading in dpocli read it (modeling.py); for other tools
   the final model (RUN_DIR itself) is the plain HF folder.
+A LoRA checkpoint holds the adapter (adapter_config.json + adapter_model.safetensors, as peft
+writes it) instead of the model, in both formats: with `--fsdp` the adapter is gathered to rank 0
+for those files, and `dcp/` holds only the adapter's weights and optimizer state (the frozen base
+is the base model's, loaded from `--model`).
 It is written as a temporary folder and renamed, so a checkpoint folder either exists complete or
 not at all; leftovers of a crash (`checkpoint-N.tmp-*`) are ignored and removed by the next save.
 """
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from dpocli import __version__, outputs, sharding
+from dpocli import __version__, lora, outputs, sharding
 from dpocli.atomic import as_write_failure, atomic_dir, atomic_write_json, commit_dir, make_temporary_dir
 from dpocli.errors import DpocliError
 
@@ -76,7 +80,8 @@ def restore(resume_from: tuple[int, Path], model, optimizer, scheduler, sharded:
     step, folder = resume_from
     state, tensors = load_trainer_state(folder)
     if is_sharded_checkpoint(folder):  # DCP reshards: saved by any number of ranks
-        sharding.load_dcp(folder / sharding.DCP_DIR, model, optimizer)
+        sharding.load_dcp(folder / sharding.DCP_DIR, model, optimizer,
+                          trainable_only=lora.is_adapter_model(model))
     else:
         load_optimizer_state(model, optimizer, tensors["optimizer"], sharded)
     scheduler.load_state_dict(tensors["scheduler"])
@@ -280,11 +285,13 @@ class RunDir:
             save_model_folder(tmp, model, tokenizer)
 
 
-def save_model_folder(folder: Path, model, tokenizer) -> None:
-    """HF format, safetensors, tokenizer included (a model whole in this process)."""
+def save_model_folder(folder: Path, model, tokenizer, state_dict: dict | None = None) -> None:
+    """HF format, safetensors, tokenizer included (a model whole in this process, or a sharded
+    LoRA model whose adapter `state_dict` was gathered: peft then writes the adapter from it)."""
     from dpocli.modeling import quiet_transformers
     quiet_transformers()
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True,
+                          **({"state_dict": state_dict} if state_dict is not None else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
@@ -307,6 +314,11 @@ def save_final_model(run: RunDir | None, dist, model, tokenizer, sharded: bool) 
     if not sharded:
         if run is not None:
             run.save_final(lambda folder: save_model_folder(folder, model, tokenizer))
+        return
+    if lora.is_adapter_model(model):  # the adapter alone, as one process writes it
+        adapter = sharding.gather_trainable(model)
+        dist.collective_then_raise(lambda: run.save_final(
+            lambda folder: save_model_folder(folder, model, tokenizer, adapter)) if run is not None else None)
         return
 
     def write(folder: Path) -> None:
@@ -341,16 +353,22 @@ def _save_sharded(run: RunDir | None, dist, step: int, model, tokenizer, optimiz
         return str(make_temporary_dir(final))
     tmp = Path(dist.on_main_then_broadcast(start))
 
+    adapter_only = lora.is_adapter_model(model)
+
     def write_shards() -> None:
         try:
-            sharding.save_dcp(tmp / sharding.DCP_DIR, model, optimizer)
+            sharding.save_dcp(tmp / sharding.DCP_DIR, model, optimizer, trainable_only=adapter_only)
         except Exception as err:
             raise as_write_failure(final, err) from None
     dist.collective_then_raise(write_shards)
+    adapter = sharding.gather_trainable(model) if adapter_only else None  # every rank: a collective
 
     def finish() -> None:
         try:
-            save_config_files(tmp, model, tokenizer)
+            if adapter_only:  # the adapter files a LoRA checkpoint has in one process too
+                save_model_folder(tmp, model, tokenizer, adapter)
+            else:
+                save_config_files(tmp, model, tokenizer)
             torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / SHARDED_STATE_PT)
             atomic_write_json(tmp / STATE_JSON, trainer_state)
         except Exception as err:

@@ -38,6 +38,11 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (path / ADAPTER_CONFIG).exists() and not (path / "config.json").exists()
 
 
+def is_adapter_model(model) -> bool:
+    """A model wrapped by peft (its checkpoints and final folder are the adapter alone)."""
+    return getattr(model, "peft_config", None) is not None
+
+
 def _names(value: str | None) -> list[str] | None:
     return [t.strip() for t in value.split(",") if t.strip()] if value else None
 

@@ -83,11 +83,16 @@ def check_vocab(model, data: cache.CacheData, cache_path: str) -> None:
 def build_policy(cfg, data: cache.CacheData, resume_from, device):
     """(model, scorer): the policy in train mode, and the module the loop calls (the completion
     scorer, wrapped for DDP or FSDP under torchrun). LoRA checkpoints hold only the adapter, so
-    LoRA always starts from the base weights."""
+    LoRA always starts from the base weights.
+
+    LoRA with --fsdp takes the path of one process: every rank loads the whole base model and
+    adds the adapter exactly as one process does (same seed, same A matrices, B = 0), then
+    `fully_shard` shards frozen and trainable parameters alike. The peak per rank is the whole
+    base model during set-up (as with DDP); after sharding it holds its shard of it."""
     from_checkpoint = resume_from is not None and cfg.lora_r is None
     weights_path = str(resume_from[1]) if from_checkpoint else cfg.model
-    quant = quantization.of_config(cfg)  # checked by cfg.check: only with LoRA
-    if cfg.fsdp:
+    quant = quantization.of_config(cfg)  # checked by cfg.check: only with LoRA, never with --fsdp
+    if cfg.fsdp and cfg.lora_r is None:
         return _build_sharded_policy(cfg, data, weights_path, None if from_checkpoint else cfg.model_revision,
                                      device)
     model = load_causal_lm(weights_path, dtype=cfg.dtype, device=device,
@@ -152,13 +157,15 @@ def merged_policy(cfg, model, run_dir: Path):
     """The LoRA policy with its adapter merged, as a plain model for RUN_DIR/merged. A quantized
     base is not merged into (that would round the update into 4/8 bits and save a bitsandbytes
     model): the base is loaded again unquantized in --dtype, on the CPU, and the adapter just saved
-    in `run_dir` merged into it."""
-    if quantization.of_config(cfg) is None:
+    in `run_dir` merged into it. Under --fsdp the adapter is sharded, so rank 0 does the same
+    (the adapter is saved in the training dtype: the merged weights are the same numbers)."""
+    quant = quantization.of_config(cfg)
+    if quant is None and not cfg.fsdp:
         return model.merge_and_unload()
-    log(f"merging the adapter into the unquantized base ({cfg.dtype}, on the CPU)")
+    log(f"merging the saved adapter into the base loaded again ({cfg.dtype}, on the CPU)")
     return load_causal_lm(str(run_dir), dtype=cfg.dtype, device="cpu",
                           attn_implementation=cfg.attn_implementation,
-                          trust_remote_code=cfg.trust_remote_code)
+                          trust_remote_code=cfg.trust_remote_code, keep_dropout=cfg.keep_dropout)
 
 
 def step0_check(cfg, manifest: cache.Manifest, diff: float, model) -> dict:

@@ -172,17 +172,26 @@ def load_weights(model, folder: Path, device: torch.device) -> None:
         load_sharded_weights(model, folder, device)
 
 
-def save_dcp(folder: Path, model, optimizer) -> None:
-    """Model and optimizer state, each rank writing its own shards (a collective)."""
+def _options(trainable_only: bool):
+    # Loading trainable parameters only cannot be strict (the frozen ones are "missing"); DCP's
+    # own load still fails on any requested key that the checkpoint lacks.
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+
+
+def save_dcp(folder: Path, model, optimizer, trainable_only: bool = False) -> None:
+    """Model and optimizer state, each rank writing its own shards (a collective). With
+    `trainable_only` (a LoRA run) the frozen base weights are left out: they are the base model's."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options(trainable_only))
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=os.fspath(folder))
 
 
-def load_dcp(folder: Path, model, optimizer=None) -> None:
+def load_dcp(folder: Path, model, optimizer=None, trainable_only: bool = False) -> None:
     """Load a DCP checkpoint written by any number of ranks into this run's layout (DCP reads
-    each rank's part of every tensor). With `optimizer` None only the model is loaded."""
+    each rank's part of every tensor). With `optimizer` None only the model is loaded; with
+    `trainable_only` only the trainable parameters (as `save_dcp` wrote them)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -190,16 +199,25 @@ def load_dcp(folder: Path, model, optimizer=None) -> None:
         set_model_state_dict,
         set_state_dict,
     )
+    options = _options(trainable_only)
     if optimizer is None:
-        state = {"model": get_model_state_dict(model)}
+        state = {"model": get_model_state_dict(model, options=options)}
         _quiet_dcp_load(dcp, state, folder)
-        set_model_state_dict(model, state["model"])
+        set_model_state_dict(model, state["model"], options=options)
         return
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
     state = {"model": model_state, "optimizer": optim_state}
     _quiet_dcp_load(dcp, state, folder)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"])
+                   optim_state_dict=state["optimizer"], options=options)
+
+
+def gather_trainable(model) -> dict:
+    """The trainable parameters (a LoRA adapter: small) as whole CPU tensors on rank 0, an empty
+    dict on the other ranks; every rank must call it (one all-gather per parameter)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
 
 
 def _quiet_dcp_load(dcp, state: dict, folder: Path) -> None:

@@ -16,6 +16,7 @@ Assumptions:
 * With --fsdp no rank holds the whole model or optimizer: the policy is loaded shard by shard,
   checkpoints are DCP (resumable on another number of ranks with the same global batch, also on
   one process via `torchrun --nproc-per-node 1`), the final folder is streamed (sharding.py).
+  LoRA with --fsdp loads the base whole on each rank before sharding it (policy.py).
 * learning_rate in metrics.jsonl is the rate applied at that step (HF logs the next step's).
 """
 

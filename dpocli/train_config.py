@@ -131,8 +131,8 @@ class TrainConfig:
         check_quantization(self)
         if self.compile and self.fsdp:
             raise DpocliError("is not supported together with --fsdp", field="--compile")
-        if self.lora_r is not None and (self.lora_r < 1 or self.fsdp):
-            raise DpocliError("must be >= 1 and cannot be combined with --fsdp", field="--lora-r")
+        if self.lora_r is not None and self.lora_r < 1:
+            raise DpocliError(f"must be >= 1, got {self.lora_r}", field="--lora-r")
         if self.lora_dropout and not self.keep_dropout:
             # TRL's disable_dropout would zero it silently; a flag that does nothing is refused.
             raise DpocliError("has no effect: dropout is off in training unless --keep-dropout is given",
