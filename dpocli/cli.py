@@ -216,10 +216,13 @@ def _run(fn, *, quiet: bool = False, uses_torch: bool = True):
     else:
         is_main = os.environ.get("RANK", "0") == "0"  # torchrun's rank, read without torch
     set_quiet(quiet or not is_main)  # one voice per job: rank 0 logs, others stay quiet
+    finished = False
     try:
         # A stray print() in a dependency must not corrupt `--json` output on stdout.
         with contextlib.redirect_stdout(sys.stderr):
-            return fn()
+            result = fn()
+        finished = True
+        return result
     except KeyboardInterrupt:
         err_console.print("interrupted")
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -227,7 +230,7 @@ def _run(fn, *, quiet: bool = False, uses_torch: bool = True):
         raise typer.Exit(_report(err)) from None
     finally:
         if shutdown is not None:
-            shutdown()
+            shutdown(finished)
 
 
 def _resolved(ctx: typer.Context) -> str:

@@ -137,9 +137,18 @@ def current() -> DistContext:
     return _context
 
 
-def shutdown() -> None:
+def shutdown(finished: bool = False) -> None:
+    """Tear down the process group. `finished`: every rank completed the command, so they meet at
+    a barrier first, and no rank destroys its group while a peer still has work in flight on it
+    (gloo can abort a process whose group goes away under it). After an error there is no barrier:
+    the other ranks may never arrive."""
     global _context
     if tdist.is_initialized():
+        if finished and tdist.get_world_size() > 1:
+            try:
+                tdist.barrier()
+            except Exception:  # a peer already gone: there is nothing left to wait for
+                pass
         tdist.destroy_process_group()
     _context = None
 

@@ -24,7 +24,8 @@ def _free_port() -> int:
 
 
 def torchrun(args: list, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # faulthandler: a rank that dies in native code (SIGABRT, SIGSEGV) prints its Python stack.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "dpocli",
            *[str(a) for a in args]]
