@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 # The names our temporaries take: `.NAME.<8 random>.tmp` (files), `NAME.tmp-<8 random>` (folders)
 # and `NAME.old-<pid>` (a replaced folder on its way out). `temporary_base` recognises them, so a
@@ -123,12 +124,18 @@ def atomic_dir(path: str | os.PathLike):
     try:
         yield tmp
     except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        failure = as_write_failure(path, err)
-        if failure is err:
-            raise
-        raise failure from None
+        _discard(tmp, path, err)
     commit_dir(tmp, path)
+
+
+def _discard(tmp: Path, path: Path, err: BaseException) -> NoReturn:
+    """Remove the unfinished temporary folder and raise `err`, as a one-line write failure when
+    it is one (disk full, read-only); called from an `except` block."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    failure = as_write_failure(path, err)
+    if failure is err:
+        raise err
+    raise failure from None
 
 
 def commit_dir(tmp: Path, path: Path) -> None:
@@ -144,11 +151,7 @@ def commit_dir(tmp: Path, path: Path) -> None:
         else:
             os.replace(tmp, path)
     except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        failure = as_write_failure(path, err)
-        if failure is err:
-            raise
-        raise failure from None
+        _discard(tmp, path, err)
     fsync_dir(path.parent)
 
 

@@ -71,6 +71,16 @@ def check_at_least(values: dict, minimum: float) -> None:
             raise DpocliError(f"must be >= {minimum}, got {value}", field=flag)
 
 
+def check_torchrun_launch(fsdp: bool, command: str) -> None:
+    """--fsdp needs torch.distributed, which only a torchrun launch sets up (RANK in the
+    environment); one process under torchrun is fine, which is how a sharded run resumes on one device."""
+    import os
+    if fsdp and "RANK" not in os.environ:
+        raise DpocliError("needs a torchrun launch (1 process is fine: that is how a sharded run "
+                          "resumes on one device)", field="--fsdp",
+                          hint=f"torchrun --nproc-per-node N $(which dpo) {command} ... --fsdp")
+
+
 def out_of_memory_types() -> tuple[type, ...]:
     import sys
     if "torch" not in sys.modules:  # no torch, no torch OOM; and torch-free commands stay torch-free

@@ -29,7 +29,6 @@ A model whose folder holds a tokenizer must have the cache's (as in train).
 from __future__ import annotations
 
 import glob
-import os
 import re
 import time
 from dataclasses import replace
@@ -40,7 +39,7 @@ import torch
 from dpocli import __version__, cache, distributed, outputs, quantization, shared_cache
 from dpocli.atomic import atomic_path
 from dpocli.console import ProgressBar, log, warn
-from dpocli.errors import DpocliError, check_at_least, check_seed
+from dpocli.errors import DpocliError, check_at_least, check_seed, check_torchrun_launch
 from dpocli.logprobs import CompletionScorer, router_aux_coefficient
 from dpocli.losses import LOSS_OPTIONS, LossSpec, spec_from_options
 from dpocli.metrics import LENGTH_BUCKETS, pair_metrics  # noqa: F401 (LENGTH_BUCKETS: for summaries)
@@ -218,9 +217,7 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
     `model_revision` applies to every model (each must then be a hub id). `load_in_4bit` ...: score
     each model (an adapter folder: its base) quantized, as `dpo train` trained a QLoRA adapter."""
     t0 = time.perf_counter()
-    if fsdp and "RANK" not in os.environ:
-        raise DpocliError("needs a torchrun launch", field="--fsdp",
-                          hint="torchrun --nproc-per-node N $(which dpo) eval ... --fsdp")
+    check_torchrun_launch(fsdp, "eval")
     check_eval_options(samples=samples, temperature=temperature, kl_samples=kl_samples,
                        max_new_tokens=max_new_tokens, max_tokens=max_tokens, seed=seed)
     quant = quantization.from_options(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,

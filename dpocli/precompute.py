@@ -17,7 +17,6 @@ Assumptions:
 from __future__ import annotations
 
 import math
-import os
 import platform
 import resource
 import time
@@ -32,7 +31,7 @@ from dpocli.attention import describe as describe_attention
 from dpocli.batching import Batching, make_batch, plan_reference_batches
 from dpocli.console import ProgressBar, log, sigterm_as_interrupt, warn
 from dpocli.data import read_examples
-from dpocli.errors import DpocliError, Interrupted, RunFailure, out_of_memory_types
+from dpocli.errors import DpocliError, Interrupted, RunFailure, check_torchrun_launch, out_of_memory_types
 from dpocli.hub import Snapshot, resolve_dataset
 from dpocli.logprobs import CompletionScorer, sequence_logps
 from dpocli.modeling import (
@@ -280,9 +279,7 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     if cfg.rows_per_shard < 1:
         raise DpocliError("must be at least 1", field="--rows-per-shard")
     cfg.batching()
-    if cfg.fsdp and "RANK" not in os.environ:
-        raise DpocliError("needs a torchrun launch", field="--fsdp",
-                          hint="torchrun --nproc-per-node N $(which dpo) precompute-ref ... --fsdp")
+    check_torchrun_launch(cfg.fsdp, "precompute-ref")
     source, dataset = resolve_dataset(cfg.input, cfg.revision)
     if dataset is not None:
         log(f"dataset {dataset.repo_id} at {dataset.revision[:12]} from {source}")

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
-from dpocli.errors import DpocliError, check_at_least, check_seed
+from dpocli.errors import DpocliError, check_at_least, check_seed, check_torchrun_launch
 from dpocli.losses import LOSS_OPTIONS, LossSpec, spec_from_options
 from dpocli.packing import check_layout_flags
 
@@ -120,10 +119,7 @@ class TrainConfig:
             raise DpocliError(f"must be in [0, 1), got {self.warmup_ratio}", field="--warmup-ratio")
         if self.autocast not in (None, "bfloat16", "float16"):
             raise DpocliError(f"'{self.autocast}' is not bfloat16 or float16", field="--autocast")
-        if self.fsdp and "RANK" not in os.environ:
-            raise DpocliError("needs a torchrun launch (1 process is fine: that is how a sharded run "
-                              "resumes on one device)", field="--fsdp",
-                              hint="torchrun --nproc-per-node N $(which dpo) train ... --fsdp")
+        check_torchrun_launch(self.fsdp, "train")
         from dpocli.integrations import check as check_report_to
         check_report_to(self.report_to)
         check_layout_flags(self.prefix_sharing, self.packing, self.attn_implementation)
