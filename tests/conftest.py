@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -121,3 +122,39 @@ def qlora_unavailable() -> str | None:
     if quantization._release(version) < quantization.CPU_SINCE:
         return f"bitsandbytes {version} has no CPU kernels"
     return None
+
+
+# ---------------------------------------------------------------- pinned values: signal, not noise
+
+# Metrics that are discontinuous in values at rounding level: the strict-> accuracy flips when a
+# margin of ~0 changes sign. Compared only at steps where every margin is clear of the tie.
+TIE_SENSITIVE = ("rewards/accuracies",)
+
+
+@contextlib.contextmanager
+def smallest_margin_per_step():
+    """Record, for every optimizer step of an in-process run, the smallest |margin| of its pairs (a
+    new `StepMetrics` starts each step; every micro-batch's rewards pass through `add`)."""
+    from dpocli.metrics import StepMetrics
+    steps: list[float] = []
+    init, add = StepMetrics.__init__, StepMetrics.add
+
+    def recording_init(self):
+        init(self)
+        steps.append(float("inf"))
+
+    def recording_add(self, out, policy_chosen, policy_rejected):
+        margin = (out.chosen_rewards.double() - out.rejected_rewards.double()).abs()
+        steps[-1] = min(steps[-1], float(margin.min()))
+        add(self, out, policy_chosen, policy_rejected)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StepMetrics, "__init__", recording_init)
+        patch.setattr(StepMetrics, "add", recording_add)
+        yield steps
+
+
+def compared_keys(keys, smallest_margin: float, tie: float) -> list[str]:
+    """The keys to compare at one step: a tie-sensitive metric only where no pair's margin lies
+    within `tie` of 0 (there its sign is rounding noise and the other side may see it flip)."""
+    return [k for k in keys if k not in TIE_SENSITIVE or smallest_margin > tie]

@@ -3,6 +3,12 @@
 The fixture was written by `tests/fixtures/make_golden_trajectory.py` before the training loop was
 restructured (issue 14), so any change of behaviour in a refactor shows up here. Regenerate it only
 for a deliberate change of numbers, and say so in the commit.
+
+`rewards/accuracies` counts pairs with a strictly positive margin, a discontinuous function of the
+margins. While the policy still equals the reference (steps 1-2) every margin is rounding noise around
+0, and which side of 0 each falls on changes with the release of a dependency (transformers 5.23 ->
+5.25 swapped 0.375 and 0.125). So the accuracy is pinned only at steps where every pair's margin is
+clear of the tie by more than the noise; the continuous margins are pinned at every step.
 """
 
 from __future__ import annotations
@@ -12,13 +18,26 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODEL, invoke, read_jsonl
+from conftest import MODEL, compared_keys, invoke, read_jsonl, smallest_margin_per_step
 
 FIXTURE = Path(__file__).parent / "fixtures" / "golden_trajectory.json"
 GOLDEN_ARGS = ["--max-steps", "10", "--batch-size", "8", "--lr", "5e-4", "--warmup-steps", "2",
                "--save-every", "5", "--quiet"]
 PINNED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
           "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "num_tokens", "epoch")
+
+BETA = 0.1  # the default --beta of the golden run
+# The rounding noise of a reward: β times a few fp32 ulps of the summed log-probs it is a difference
+# of (|logps| ~ 16 here, ulp ~ 2e-6). Rewards within this of the pinned value agree; a margin within
+# this of 0 is a tie, not a signal. Releases of transformers moved the rewards by ~1e-7.
+EPS32 = 2.0 ** -23
+
+
+def reward_noise(record: dict) -> float:
+    return BETA * 8 * EPS32 * (abs(record["logps/chosen"]) + abs(record["logps/rejected"]))
+
+
+REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins")
 
 
 def golden_run(cache: Path, out: Path) -> list[dict]:
@@ -30,8 +49,20 @@ def golden_run(cache: Path, out: Path) -> list[dict]:
 @pytest.mark.slow
 def test_ten_steps_on_the_sample_equal_the_golden_trajectory(train_cache, tmp_path):
     expected = json.loads(FIXTURE.read_text())
-    got = golden_run(train_cache, tmp_path / "run")
+    with smallest_margin_per_step() as smallest_margin:
+        got = golden_run(train_cache, tmp_path / "run")
+    assert len(smallest_margin) >= len(got)  # a step that logged without recording would be unchecked
     assert [r["epoch"] for r in got] == [r["epoch"] for r in expected]
+    clear_steps = 0
     for step, (g, e) in enumerate(zip(got, expected, strict=True), start=1):
-        for key in PINNED:
-            assert g[key] == pytest.approx(e[key], rel=1e-6, abs=1e-7), (step, key)
+        # A pair's |logps| can exceed the batch mean: 10x the mean's noise is clear of any tie.
+        keys = compared_keys(PINNED, smallest_margin[step - 1], tie=10 * reward_noise(e))
+        clear_steps += keys == list(PINNED)
+        for key in keys:
+            floor = reward_noise(e) if key in REWARD_KEYS else 1e-7
+            drift = abs(g[key] - e[key])
+            assert g[key] == pytest.approx(e[key], rel=1e-6, abs=floor), (
+                f"step {step}, {key}: {g[key]!r} vs golden {e[key]!r}: numerical drift {drift:.3g} "
+                f"(relative {drift / max(abs(e[key]), 1e-30):.3g}; tolerance rel 1e-6, abs {floor:.3g})")
+    # The rule must leave the accuracy pinned where training has moved the policy.
+    assert clear_steps >= 5, smallest_margin

@@ -20,9 +20,18 @@ from conftest import MODEL, SAMPLE, invoke, read_jsonl
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
+def default_signal_handlers() -> None:
+    """In the child: SIGINT and SIGTERM as a terminal would deliver them. A suite started in the
+    background of a non-interactive shell inherits SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler, so the test would measure the parent's shell, not dpocli."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def spawn(args: list) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "dpocli", *[str(a) for a in args]], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_signal_handlers)
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODEL, SAMPLE, invoke, read_jsonl, write_jsonl
+from conftest import MODEL, SAMPLE, compared_keys, invoke, read_jsonl, smallest_margin_per_step, write_jsonl
 
 TRL = json.loads((Path(__file__).parent / "fixtures" / "trl_metrics.json").read_text())
 SETTINGS = TRL["settings"]
@@ -43,11 +43,13 @@ def token_cache(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("run", list(FLAGS))
 def test_trajectory_and_lm_head_metrics_equal_trl(run, token_cache, tmp_path):
     out = tmp_path / "r"
-    result = invoke(["train", token_cache, "--model", MODEL, "--out", out, *TRAIN_ARGS, *FLAGS[run]])
+    with smallest_margin_per_step() as smallest_margin:
+        result = invoke(["train", token_cache, "--model", MODEL, "--out", out, *TRAIN_ARGS, *FLAGS[run]])
     assert result.exit_code == 0, result.stderr
     got = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     want = TRL["runs"][run]
     assert len(got) == len(want) == SETTINGS["steps"]
-    for g, t in zip(got, want):
-        for key in COMPARED:
+    for g, t, margin in zip(got, want, smallest_margin):
+        # A margin within the parity tolerance of 0 may fall on the other side in TRL.
+        for key in compared_keys(COMPARED, margin, tie=1e-4):
             assert abs(g[key] - t[key]) <= 1e-4, (run, g["step"], key, g[key], t[key])
