@@ -16,8 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (MODEL, SAMPLE, compared_keys, invoke, read_jsonl, ref_values, smallest_margin_per_step,
-                      write_jsonl)
+from conftest import (
+    MODEL,
+    SAMPLE,
+    compared_keys,
+    invoke,
+    read_jsonl,
+    ref_values,
+    smallest_margin_per_step,
+    write_jsonl,
+)
 from dpocli.modeling import active_dropout, disable_dropout, load_causal_lm
 
 TRL = json.loads((Path(__file__).parent / "fixtures" / "trl_dropout.json").read_text())
