@@ -7,7 +7,7 @@ and loss inputs from the cache the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 import torch
@@ -100,7 +100,8 @@ def plan_like_precompute(data: CacheData, manifest: Manifest,
 @torch.no_grad()
 def score_cache(scorer, data: CacheData, manifest: Manifest, pad_id: int, device, *,
                 max_tokens: int | None = None, dist=None, token_stats: bool = False,
-                ld_alpha: float | None = None, router_aux: bool = False) -> SequenceLogps:
+                ld_alpha: float | None = None, router_aux: bool = False,
+                only_rows: Collection[int] | None = None) -> SequenceLogps:
     """Policy summed log-probs (float64, CPU) of chosen and rejected for every cache row, in row
     order, with the cached completion lengths; `token_stats` and `ld_alpha` as in `sequence_logps`.
     router_aux: also the MoE router load-balancing loss, computed per forward batch (it is a
@@ -108,6 +109,8 @@ def score_cache(scorer, data: CacheData, manifest: Manifest, pad_id: int, device
     pairs, as HF's evaluation loop weights each batch's loss (`router_aux_loss`, a float64 scalar).
 
     With `dist`, ranks take every world_size-th batch and results are gathered on every rank.
+    `only_rows`: score only precompute's batches that hold one of these rows, whole (so they
+    replay exactly); the other rows' values stay 0 (`cache verify --rescore` samples this way).
     """
     # Per row: chosen, rejected sums, then (with token_stats) the chosen and rejected TokenStats
     # sums, then (with ld_alpha) the plain chosen sum.
@@ -117,6 +120,9 @@ def score_cache(scorer, data: CacheData, manifest: Manifest, pad_id: int, device
     layout = manifest.spec["batching"]
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     batches = plan_like_precompute(data, manifest, max_tokens)
+    if only_rows is not None:
+        wanted = set(only_rows)
+        batches = [rows for rows in batches if wanted.intersection(rows)]
     mine_batches = batches[rank::world]
     # A sharded (FSDP) or DDP-wrapped model runs collectives in every forward, so all ranks
     # must run the same number of forwards: a rank short of work repeats a batch and drops it.

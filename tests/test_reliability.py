@@ -126,7 +126,9 @@ def test_cache_verify_checks_checksums_and_rescored_values(small_cache, tmp_path
     ok = invoke(["cache", "verify", small_cache, "--rescore", 6, "--json"])
     assert ok.exit_code == 0, ok.stderr
     result = json.loads(ok.stdout)
-    assert result["rescored_rows"] == 6 and result["rescore_max_abs_diff"] < 1e-4
+    # One scoring path: the sampled rows' batches replayed as precompute ran them, bit for bit.
+    assert result["rescored_rows"] == 6 and result["rescore_max_abs_diff"] == 0.0
+    assert result["rescore_exact"] is True
 
     other = tmp_path / "other-model"
     shutil.copytree(MODEL, other)
@@ -146,6 +148,16 @@ def test_cache_verify_checks_checksums_and_rescored_values(small_cache, tmp_path
     bad = invoke(["cache", "verify", copy])
     assert bad.exit_code == 2 and shard.name in bad.stderr
     del torch
+
+
+@pytest.mark.parametrize("layout", [["--packing"], ["--packing", "--prefix-sharing"], ["--prefix-sharing"]])
+def test_rescoring_replays_every_layout_exactly(small_prefs, tmp_path, layout):
+    cache_dir = tmp_path / "cache"
+    made = invoke(["precompute-ref", small_prefs, "--model", MODEL, "--out", cache_dir, "--quiet", *layout])
+    assert made.exit_code == 0, made.stderr
+    result = invoke(["cache", "verify", cache_dir, "--rescore", 12, "--json", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["rescore_max_abs_diff"] == 0.0
 
 
 def test_stale_cache_values_are_caught_by_rescoring(small_prefs, tmp_path):
