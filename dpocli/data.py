@@ -1,10 +1,11 @@
 """Read preference pairs from JSON Lines, Parquet or Arrow files and validate them into `Example`s.
 
 Invariants:
-- Every returned `Example` has a non-empty prompt, chosen and rejected of one kind: three strings
-  (standard) or three lists of messages (conversational). Messages keep every key, with the shape
-  TRL's Arrow-backed rows give them (`messages.unify_column`), plus the row's `tools` and
-  `chat_template_kwargs`: everything TRL hands to the chat template.
+- Every returned `Example` has a non-blank prompt, and chosen and rejected of the same kind: three
+  strings (standard) or three non-empty lists of messages (conversational). A completion may be
+  empty or blank (TRL scores its EOS / end of turn alone); a reply may be all reasoning. Messages
+  keep every key, with the shape TRL's Arrow-backed rows give them (`messages.unify_column`), plus
+  the row's `tools` and `chat_template_kwargs`: everything TRL hands to the chat template.
 - Only the files of one split are read (`sources.resolve_input`); columns that TRL does not read
   either are named in a warning, never dropped silently; image columns are refused.
 - `Example.id` is unique within one `read_examples` call. `source_row` is the row's 0-based position
@@ -330,7 +331,8 @@ def _parse_row(record: dict, columns: _Columns, loc: dict):
     _require(record, columns.chosen, "--chosen-column", loc)
     _require(record, columns.rejected, "--rejected-column", loc)
     present = [name for name in (columns.chosen, columns.rejected, columns.prompt) if name in record]
-    checked = {name: _check_field(record[name], loc, name) for name in present}
+    # A completion may be empty or blank (TRL appends EOS and scores it); a prompt may not.
+    checked = {name: _check_field(record[name], loc, name, name != columns.prompt) for name in present}
     conversational = checked[columns.chosen][0]
     repeated = _prompt_repeated_in_messages(checked, columns)
     if repeated is not None:
@@ -345,15 +347,12 @@ def _parse_row(record: dict, columns: _Columns, loc: dict):
         return conversational, checked[columns.prompt][1], chosen, rejected
 
     prompt, chosen, rejected = extract_prompt(chosen, rejected)
-    pair = f"'{columns.chosen}' and '{columns.rejected}'"
-    if not _has_text(prompt):
+    # An empty or blank completion is kept (HH-RLHF has empty replies; TRL scores the EOS alone).
+    if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+        pair = f"'{columns.chosen}' and '{columns.rejected}'"
         raise DpocliError(f"is absent and {pair} share no common prefix to infer it from",
                           field=columns.prompt, **loc,
                           hint="add a prompt column, or pass --prompt-column NAME if it has another name")
-    for name, part in ((columns.chosen, chosen), (columns.rejected, rejected)):
-        if not _has_text(part):
-            raise DpocliError("is empty after splitting off the implicit prompt (the common prefix of "
-                              f"{pair})", field=name, **loc)
     return conversational, prompt, chosen, rejected
 
 
@@ -373,10 +372,11 @@ def _prompt_repeated_in_messages(checked: dict, columns: _Columns):
     return prompt, chosen, rejected
 
 
-def _check_field(value, loc: dict, field: str):
-    """Return (conversational, value) for a non-empty string or message list, else raise."""
+def _check_field(value, loc: dict, field: str, may_be_empty: bool):
+    """Return (conversational, value) for a string (non-blank unless `may_be_empty`: a completion)
+    or a message list, else raise."""
     if isinstance(value, str):
-        if not value.strip():
+        if not value.strip() and not may_be_empty:
             raise DpocliError("is empty (expected non-empty text)" if not value else
                               "is whitespace-only (expected non-empty text)", field=field, **loc)
         return False, value
@@ -384,12 +384,6 @@ def _check_field(value, loc: dict, field: str):
         return True, chat.check_messages(value, loc, field)
     raise DpocliError(f"must be a string or a list of {{role, content}} messages, got {_type_name(value)}",
                       field=field, **loc)
-
-
-def _has_text(value) -> bool:
-    if isinstance(value, str):
-        return bool(value.strip())
-    return chat.has_text(value)
 
 
 def _require(record: dict, name: str, flag: str, loc: dict):
