@@ -31,7 +31,8 @@ def first_missing(messages: list[dict], rendered: str) -> tuple[int, str, str] |
     for i, message in enumerate(messages):
         for key, piece in _pieces(message):
             if not any(form in rendered for form in _spellings(piece)):
-                shown = piece if len(piece) <= 40 else piece[:37] + "..."
+                text = piece.strip()
+                shown = text if len(text) <= 40 else text[:37] + "..."
                 return i, key, f"{shown!r}"
     return None
 
