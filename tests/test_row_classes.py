@@ -221,3 +221,23 @@ def test_hh_rlhf_empty_reply_does_not_stop_the_run(tmp_path, tokenizer):
     _, data = load_cache(out)
     i = list(data.source_row).index(1)
     assert data.row_list("chosen_ids", i).tolist() == tokenizer(" </s>", add_special_tokens=False)["input_ids"]
+
+
+# --- accepted where TRL refuses (README, TRL parity): each row gets the ids it has on its own ---
+
+@pytest.mark.parametrize("rows", [
+    [{"id": "s", "prompt": "Q: hi\nA:", "chosen": " yes", "rejected": " no"},
+     {"id": "c", "prompt": [user("Hi")], "chosen": [assistant("Yes.")], "rejected": [assistant("No.")]}],
+    [{"id": "k", "prompt": [user("2 + 2?")], "chosen": [assistant("4")], "rejected": [assistant("5")],
+      "chat_template_kwargs": {"enable_thinking": False}},
+     {"id": "n", "prompt": [user("3 + 3?")], "chosen": [assistant("6")], "rejected": [assistant("9")]}],
+], ids=["mixed_kinds", "kwargs_on_some_rows"])
+def test_rows_trl_cannot_mix_get_their_own_ids(tmp_path, tokenizers, rows):
+    tok = tokenizers["tool"]
+    together = tokenize_rows(tmp_path, rows, tok)
+    for row in rows:
+        (alone,) = tokenize_rows(tmp_path, [row], tok).values()
+        assert isinstance(alone, TokenizedPair) and together[row["id"]] == alone, row["id"]
+    if "k" in together:
+        assert tok.decode(together["k"].prompt_ids).endswith("<think>\n\n</think>\n\n")
+        assert "<think>" not in tok.decode(together["n"].prompt_ids)
