@@ -88,6 +88,18 @@ def test_empty_reply_scores_the_end_of_turn_alone(tmp_path, tokenizers, trl_grou
     assert got["es-1"].chosen_ids == [tok.eos_token_id]
 
 
+def test_null_content_a_template_cannot_print_is_a_template_error(tmp_path, tokenizers):
+    # The Qwen-style template concatenates the system content: null fails there (TRL stops the
+    # whole dataset); dpocli skips the row by reason, the Llama-3-like template renders it.
+    row = {"prompt": [{"role": "system", "content": None}, user("Hi")], "chosen": [assistant("Hello.")],
+           "rejected": [assistant("Go.")]}
+    (got,) = tokenize_rows(tmp_path, [row], tokenizers["tool"]).values()
+    assert isinstance(got, Dropped) and got.reason == "template_error", got
+    assert "field 'prompt' the model's chat template cannot render it" in str(got.error)
+    (kept,) = tokenize_rows(tmp_path, [row], tokenizers["llama3_like"]).values()
+    assert isinstance(kept, TokenizedPair)
+
+
 def test_arrow_float_coercion_is_a_deliberate_difference(tmp_path, tokenizers, trl_groups):
     """TRL's Arrow table makes the 5 of one row 5.0, because another row has 2.5 under the key;
     dpocli renders what the row says (README, TRL parity)."""
