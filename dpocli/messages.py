@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 
-from dpocli.errors import DpocliError
+from dpocli.errors import DpocliError, UnusableRow
 
+EMPTY_MESSAGE_LIST = "empty_message_list"  # an UnusableRow reason (skipped and counted by precompute)
 IMAGE_COLUMNS = ("image", "images")  # TRL treats a row with either key as a vision example
 TOOLS_COLUMN = "tools"
 KWARGS_COLUMN = "chat_template_kwargs"
@@ -83,8 +84,8 @@ def check_messages(value: list, loc: dict, field: str) -> list[dict]:
     content. Emptiness is not refused here: TRL trains on an empty reply (its end of turn) and on a
     reply that is all `reasoning_content`, and so does dpocli."""
     if not value:
-        raise DpocliError("is an empty list (expected at least one {role, content} message)",
-                          field=field, **loc)
+        raise UnusableRow(EMPTY_MESSAGE_LIST, "is an empty list (expected at least one {role, content} "
+                          "message)", field=field, **loc)
     return [_check_message(m, loc, f"{field}[{i}]") for i, m in enumerate(value)]
 
 

@@ -307,7 +307,8 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
         log(f"dataset {dataset.repo_id} at {dataset.revision[:12]} from {source}")
     read = read_examples(source, prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
                          rejected_column=cfg.rejected_column, id_column=cfg.id_column,
-                         drop_identical=cfg.drop_identical, split=cfg.split, subset=cfg.subset)
+                         drop_identical=cfg.drop_identical, split=cfg.split, subset=cfg.subset,
+                         strict=cfg.strict)
     for line in read.warnings:
         warn(line)
     model_dir = resolve_model_dir(cfg.model, cfg.model_revision)

@@ -32,7 +32,7 @@ import jinja2
 
 from dpocli import rendered_content
 from dpocli.data import Example
-from dpocli.errors import DpocliError
+from dpocli.errors import DpocliError, UnusableRow
 
 DROP_PROMPT_TOO_LONG = "prompt_too_long"
 DROP_ROLE_NOT_RENDERED = "role_not_rendered"
@@ -65,14 +65,6 @@ class Dropped:
     error: DpocliError | None = field(default=None, compare=False)
 
 
-class _Unusable(DpocliError):
-    """A row dpocli cannot score as the data means it; tokenize_pair turns it into `Dropped`."""
-
-    def __init__(self, reason: str, message: str, **where):
-        super().__init__(message, **where)
-        self.reason = reason
-
-
 def _common_prefix_len(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -93,11 +85,16 @@ def _template_kwargs(example: Example) -> dict:
 
 
 def _apply(tokenizer, messages, kwargs: dict, example: Example, field: str, **flags) -> str:
+    if not tokenizer.chat_template:
+        # The model's, not the row's: every conversational row would fail, so it is an error.
+        raise DpocliError("is a message list, but the model's tokenizer has no chat template to render "
+                          "it", file=example.file, row=example.row, field=field,
+                          hint="use a model whose tokenizer has a chat template, or standard rows")
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **flags, **kwargs)
     except (jinja2.TemplateError, TypeError, ValueError, KeyError) as e:
         detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise _Unusable(DROP_TEMPLATE_ERROR,
+        raise UnusableRow(DROP_TEMPLATE_ERROR,
                         f"the model's chat template cannot render it ({type(e).__name__}: {detail})",
                         file=example.file, row=example.row, field=field) from None
 
@@ -128,14 +125,14 @@ def _check_roles(tokenizer, example: Example, completion, side: str, prompt_text
         for i in odd:
             if f"dpocli-role-probe-{i}-" not in text:
                 where = f"prompt[{i}]" if i < len(example.prompt) else f"{side}[{i - len(example.prompt)}]"
-                raise _Unusable(DROP_ROLE_NOT_RENDERED,
+                raise UnusableRow(DROP_ROLE_NOT_RENDERED,
                                 f"is {messages[i]['role']!r}, a role the model's chat template does not "
                                 "render (the message would be silently left out)", file=example.file,
                                 row=example.row, field=f"{where}.role",
                                 hint="use system, user, assistant or tool")
     first = completion[0]["role"]
     if first != "assistant" and not full_text.startswith(prompt_text):
-        raise _Unusable(DROP_COMPLETION_NOT_ASSISTANT,
+        raise UnusableRow(DROP_COMPLETION_NOT_ASSISTANT,
                         f"is {first!r}, but the generation prompt opens an assistant turn: the {first!r} "
                         "header would be scored as generated text", file=example.file, row=example.row,
                         field=f"{side}[0].role", hint="a completion starts with the assistant's reply")
@@ -150,7 +147,7 @@ def _check_rendered(example: Example, completion, side: str, prompt_text: str, f
     missing = rendered_content.first_missing(completion, full_text[n:])
     if missing is not None:
         index, key, shown = missing
-        raise _Unusable(DROP_TEMPLATE_DROPS_CONTENT,
+        raise UnusableRow(DROP_TEMPLATE_DROPS_CONTENT,
                         f"gives {shown}, which the model's chat template leaves out of the rendered "
                         "completion (training on the rest would silently lose it)", file=example.file,
                         row=example.row, field=f"{side}[{index}].{key}",
@@ -165,7 +162,7 @@ def tokenize_pair(example: Example, tokenizer, max_length: int) -> TokenizedPair
     """Token ids of `example` under TRL's conventions (see module docstring), or why it was dropped."""
     try:
         return _tokenize_pair(example, tokenizer, max_length)
-    except _Unusable as e:
+    except UnusableRow as e:
         return Dropped(e.reason, e)
 
 
@@ -196,7 +193,7 @@ def _tokenize_pair(example: Example, tokenizer, max_length: int) -> TokenizedPai
     prompt_ids = prompt_ids[:n_prompt]
     for side, full in (("chosen", chosen_full), ("rejected", rejected_full)):
         if len(full) == n_prompt:  # only a template that renders nothing for the reply gets here
-            raise _Unusable(DROP_EMPTY_COMPLETION, "renders to no tokens after the prompt (nothing "
+            raise UnusableRow(DROP_EMPTY_COMPLETION, "renders to no tokens after the prompt (nothing "
                             "would be scored)", file=example.file, row=example.row, field=side)
     if n_prompt >= max_length:
         return Dropped(DROP_PROMPT_TOO_LONG)

@@ -218,6 +218,26 @@ def test_precompute_skips_and_counts_unusable_rows(tmp_path, gemma_like_model):
                       "would silently lose it)"], strict.stderr
 
 
+def test_rows_unusable_on_reading_are_skipped_and_counted(tmp_path):
+    good = {"prompt": "Q: 2+2?\nA:", "chosen": " 4", "rejected": " 5"}
+    rows = [good, {**good, "prompt": "  "}, {"chosen": "yes", "rejected": "no"}, good,
+            {"prompt": [user("Hi")], "chosen": [assistant("Yes.")], "rejected": []}]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "cache"
+    result = invoke(["precompute-ref", path, "--model", MODEL, "--out", out, "--json"])
+    assert result.exit_code == 0, result.stderr
+    expected = {"empty_prompt": 1, "no_common_prefix": 1, "empty_message_list": 1}
+    summary = json.loads(result.stdout)
+    assert (summary["rows_read"], summary["rows_written"], summary["rows_dropped"]) == (5, 2, expected)
+    manifest, data = load_cache(out)
+    assert manifest.dropped == expected and data.source_row.tolist() == [0, 3]
+    logs = " ".join(result.stderr.split())
+    assert f"skipped 1 row(s), empty_prompt (first: {path}:2: field 'prompt' is whitespace-only" in logs
+    strict = invoke(["precompute-ref", path, "--model", MODEL, "--out", tmp_path / "strict", "--strict"])
+    assert strict.exit_code == 2 and not (tmp_path / "strict").exists()
+    assert f"error: {path}:2: field 'prompt' is whitespace-only" in strict.stderr
+
+
 def test_hh_rlhf_empty_reply_does_not_stop_the_run(tmp_path, tokenizer):
     """HH-RLHF harmless-base test stopped at row 87 (a reply that is empty after 'Assistant:')."""
     rows = [{"chosen": f"\n\nHuman: Question {i}?\n\nAssistant: Answer {i}.",
