@@ -95,8 +95,8 @@ def _apply(tokenizer, messages, kwargs: dict, example: Example, field: str, **fl
     except (jinja2.TemplateError, TypeError, ValueError, KeyError) as e:
         detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UnusableRow(DROP_TEMPLATE_ERROR,
-                        f"the model's chat template cannot render it ({type(e).__name__}: {detail})",
-                        file=example.file, row=example.row, field=field) from None
+                          f"the model's chat template cannot render it ({type(e).__name__}: {detail})",
+                          file=example.file, row=example.row, field=field) from None
 
 
 def _render_conversation(tokenizer, example: Example, completion, side: str) -> tuple[str, str]:
@@ -126,16 +126,16 @@ def _check_roles(tokenizer, example: Example, completion, side: str, prompt_text
             if f"dpocli-role-probe-{i}-" not in text:
                 where = f"prompt[{i}]" if i < len(example.prompt) else f"{side}[{i - len(example.prompt)}]"
                 raise UnusableRow(DROP_ROLE_NOT_RENDERED,
-                                f"is {messages[i]['role']!r}, a role the model's chat template does not "
-                                "render (the message would be silently left out)", file=example.file,
-                                row=example.row, field=f"{where}.role",
-                                hint="use system, user, assistant or tool")
+                                  f"is {messages[i]['role']!r}, a role the model's chat template does not "
+                                  "render (the message would be silently left out)", file=example.file,
+                                  row=example.row, field=f"{where}.role",
+                                  hint="use system, user, assistant or tool")
     first = completion[0]["role"]
     if first != "assistant" and not full_text.startswith(prompt_text):
         raise UnusableRow(DROP_COMPLETION_NOT_ASSISTANT,
-                        f"is {first!r}, but the generation prompt opens an assistant turn: the {first!r} "
-                        "header would be scored as generated text", file=example.file, row=example.row,
-                        field=f"{side}[0].role", hint="a completion starts with the assistant's reply")
+                          f"is {first!r}, but the generation prompt opens an assistant turn: the {first!r} "
+                          "header would be scored as generated text", file=example.file, row=example.row,
+                          field=f"{side}[0].role", hint="a completion starts with the assistant's reply")
 
 
 def _check_rendered(example: Example, completion, side: str, prompt_text: str, full_text: str) -> None:
@@ -148,10 +148,10 @@ def _check_rendered(example: Example, completion, side: str, prompt_text: str, f
     if missing is not None:
         index, key, shown = missing
         raise UnusableRow(DROP_TEMPLATE_DROPS_CONTENT,
-                        f"gives {shown}, which the model's chat template leaves out of the rendered "
-                        "completion (training on the rest would silently lose it)", file=example.file,
-                        row=example.row, field=f"{side}[{index}].{key}",
-                        hint="use a chat template that renders it, or leave it out of the row")
+                          f"gives {shown}, which the model's chat template leaves out of the rendered "
+                          "completion (training on the rest would silently lose it)", file=example.file,
+                          row=example.row, field=f"{side}[{index}].{key}",
+                          hint="use a chat template that renders it, or leave it out of the row")
 
 
 def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
@@ -194,7 +194,7 @@ def _tokenize_pair(example: Example, tokenizer, max_length: int) -> TokenizedPai
     for side, full in (("chosen", chosen_full), ("rejected", rejected_full)):
         if len(full) == n_prompt:  # only a template that renders nothing for the reply gets here
             raise UnusableRow(DROP_EMPTY_COMPLETION, "renders to no tokens after the prompt (nothing "
-                            "would be scored)", file=example.file, row=example.row, field=side)
+                              "would be scored)", file=example.file, row=example.row, field=side)
     if n_prompt >= max_length:
         return Dropped(DROP_PROMPT_TOO_LONG)
     room = max_length - n_prompt
