@@ -1,17 +1,19 @@
 """Read preference pairs from JSON Lines, Parquet or Arrow files and validate them into `Example`s.
 
 Invariants:
-- Every returned `Example` has a non-empty prompt, chosen and rejected of one kind: three strings
-  (standard) or three lists of messages (conversational). Messages keep every key, with the shape
-  TRL's Arrow-backed rows give them (`messages.unify_column`), plus the row's `tools` and
-  `chat_template_kwargs`: everything TRL hands to the chat template.
+- Every returned `Example` has a non-blank prompt, and chosen and rejected of the same kind: three
+  strings (standard) or three non-empty lists of messages (conversational). A completion may be
+  empty or blank (TRL scores its EOS / end of turn alone); a reply may be all reasoning. Messages
+  keep every key, with the shape TRL's Arrow-backed rows give them (`messages.unify_column`), plus
+  the row's `tools` and `chat_template_kwargs`: everything TRL hands to the chat template.
 - Only the files of one split are read (`sources.resolve_input`); columns that TRL does not read
   either are named in a warning, never dropped silently; image columns are refused.
 - `Example.id` is unique within one `read_examples` call. `source_row` is the row's 0-based position
   in the whole input (files in name order, rows in order), dropped rows included, so later stages
   can restore input order after sorting by length.
 - The first problem stops reading with one `DpocliError` whose single line names file, 1-based row
-  and field. Nothing is written anywhere, so a failed read has no side effects.
+  and field. Nothing is written anywhere, so a failed read has no side effects. A well-formed row
+  that cannot be used (`UnusableRow`) is skipped and counted instead when `strict` is off.
 - No torch / transformers import: reading and validating data stays cheap and model-free.
 """
 
@@ -30,7 +32,7 @@ import pyarrow.parquet as pq
 
 from dpocli import messages as chat
 from dpocli.atomic import sha256_file
-from dpocli.errors import DpocliError
+from dpocli.errors import DpocliError, UnusableRow
 from dpocli.messages import type_name as _type_name
 from dpocli.sources import (
     ARROW_SUFFIXES,
@@ -42,6 +44,8 @@ from dpocli.sources import (
 
 Message = dict  # {"role": str, "content": str | None, ...}: every key is kept (see messages.py)
 
+EMPTY_PROMPT = "empty_prompt"  # UnusableRow reasons found while reading (see messages.py for one more)
+NO_COMMON_PREFIX = "no_common_prefix"
 _BOM = b"\xef\xbb\xbf"
 _PARQUET_BATCH_ROWS = 1024  # rows hold long texts; a batch bounds memory, not the file size
 
@@ -117,13 +121,16 @@ def extract_prompt(chosen, rejected):
 def read_examples(path, *, prompt_column="prompt", chosen_column="chosen", rejected_column="rejected",
                   id_column: str | None = None, drop_identical: bool = False,
                   max_row_bytes: int = 16 * 2**20, split: str = DEFAULT_SPLIT,
-                  subset: str | None = None) -> ReadResult:
+                  subset: str | None = None, strict: bool = True) -> ReadResult:
     """Read and validate every row of `split` (of README config `subset`) under `path` (see
     `sources.resolve_input`).
 
     The prompt is implicit (TRL's `extract_prompt`) for rows without `prompt_column`. Ids come from
     `id_column`, else an "id" column when present, else a content hash (see `_IdAssigner`).
     Rows whose chosen equals rejected are kept with a warning, or dropped with `drop_identical`.
+    A row that is well-formed but unusable (an `UnusableRow`: a blank prompt, no common prefix to
+    infer one from, an empty message list) is the error when `strict`, else skipped and counted by
+    reason in `dropped`, with one warning per reason naming the first such row.
 
     All rows are read before any is validated: like TRL's Arrow table, a message's keys depend on
     the whole column (`messages.unify_column`).
@@ -157,8 +164,15 @@ def read_examples(path, *, prompt_column="prompt", chosen_column="chosen", rejec
     ids = _IdAssigner()
     examples: list[Example] = []
     identical = extras_ignored = 0
+    skipped: dict[str, list] = {}  # reason -> [count, first error]
     for source_row, (loc, record) in enumerate(records):
-        conversational, prompt, chosen, rejected = _parse_row(record, columns, loc)
+        try:
+            conversational, prompt, chosen, rejected = _parse_row(record, columns, loc)
+        except UnusableRow as e:
+            if strict:
+                raise
+            skipped.setdefault(e.reason, [0, e])[0] += 1
+            continue
         tools = chat.parse_tools(record.get(chat.TOOLS_COLUMN), loc)
         kwargs = chat.parse_template_kwargs(record.get(chat.KWARGS_COLUMN), loc)
         if not conversational:
@@ -183,9 +197,14 @@ def read_examples(path, *, prompt_column="prompt", chosen_column="chosen", rejec
     elif identical:
         rows_have = "1 row has" if identical == 1 else f"{identical} rows have"
         warnings.append(f"{rows_have} chosen identical to rejected (kept; use --drop-identical to drop them)")
-    if not examples:
-        raise DpocliError(f"all {len(records)} rows were dropped (chosen identical to rejected)", file=path)
+    for reason, (n, first) in skipped.items():
+        warnings.append(f"skipped {n} row(s), {reason} (first: {first}); they are counted in the "
+                        "manifest, and --strict makes them errors")
     dropped = {"identical_chosen_rejected": identical} if drop_identical and identical else {}
+    dropped.update((reason, n) for reason, (n, _) in skipped.items())
+    if not examples:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in dropped.items())
+        raise DpocliError(f"all {len(records)} rows were dropped ({reasons})", file=path)
     return ReadResult(examples, files, len(records), dropped, warnings, source.split)
 
 
@@ -330,7 +349,8 @@ def _parse_row(record: dict, columns: _Columns, loc: dict):
     _require(record, columns.chosen, "--chosen-column", loc)
     _require(record, columns.rejected, "--rejected-column", loc)
     present = [name for name in (columns.chosen, columns.rejected, columns.prompt) if name in record]
-    checked = {name: _check_field(record[name], loc, name) for name in present}
+    # A completion may be empty or blank (TRL appends EOS and scores it); a prompt may not.
+    checked = {name: _check_field(record[name], loc, name, name != columns.prompt) for name in present}
     conversational = checked[columns.chosen][0]
     repeated = _prompt_repeated_in_messages(checked, columns)
     if repeated is not None:
@@ -345,15 +365,12 @@ def _parse_row(record: dict, columns: _Columns, loc: dict):
         return conversational, checked[columns.prompt][1], chosen, rejected
 
     prompt, chosen, rejected = extract_prompt(chosen, rejected)
-    pair = f"'{columns.chosen}' and '{columns.rejected}'"
-    if not _has_text(prompt):
-        raise DpocliError(f"is absent and {pair} share no common prefix to infer it from",
+    # An empty or blank completion is kept (HH-RLHF has empty replies; TRL scores the EOS alone).
+    if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+        pair = f"'{columns.chosen}' and '{columns.rejected}'"
+        raise UnusableRow(NO_COMMON_PREFIX, f"is absent and {pair} share no common prefix to infer it from",
                           field=columns.prompt, **loc,
                           hint="add a prompt column, or pass --prompt-column NAME if it has another name")
-    for name, part in ((columns.chosen, chosen), (columns.rejected, rejected)):
-        if not _has_text(part):
-            raise DpocliError("is empty after splitting off the implicit prompt (the common prefix of "
-                              f"{pair})", field=name, **loc)
     return conversational, prompt, chosen, rejected
 
 
@@ -373,23 +390,18 @@ def _prompt_repeated_in_messages(checked: dict, columns: _Columns):
     return prompt, chosen, rejected
 
 
-def _check_field(value, loc: dict, field: str):
-    """Return (conversational, value) for a non-empty string or message list, else raise."""
+def _check_field(value, loc: dict, field: str, may_be_empty: bool):
+    """Return (conversational, value) for a string (non-blank unless `may_be_empty`: a completion)
+    or a message list, else raise."""
     if isinstance(value, str):
-        if not value.strip():
-            raise DpocliError("is empty (expected non-empty text)" if not value else
+        if not value.strip() and not may_be_empty:
+            raise UnusableRow(EMPTY_PROMPT, "is empty (expected non-empty text)" if not value else
                               "is whitespace-only (expected non-empty text)", field=field, **loc)
         return False, value
     if isinstance(value, list):
         return True, chat.check_messages(value, loc, field)
     raise DpocliError(f"must be a string or a list of {{role, content}} messages, got {_type_name(value)}",
                       field=field, **loc)
-
-
-def _has_text(value) -> bool:
-    if isinstance(value, str):
-        return bool(value.strip())
-    return chat.has_text(value)
 
 
 def _require(record: dict, name: str, flag: str, loc: dict):

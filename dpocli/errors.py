@@ -44,6 +44,16 @@ class DpocliError(Exception):
         return (where + what + self.message).replace("\n", " ")
 
 
+class UnusableRow(DpocliError):
+    """A row dpocli cannot score as its data means (an empty prompt, a message the chat template
+    leaves out, ...). `reason` names the class; precompute skips and counts such rows by reason,
+    or with --strict reports this error."""
+
+    def __init__(self, reason: str, message: str, **where):
+        super().__init__(message, **where)
+        self.reason = reason
+
+
 class RunFailure(DpocliError):
     """A failure at run time (NaN/inf loss, out of memory); the message says what to change."""
 

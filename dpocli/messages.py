@@ -11,22 +11,30 @@ What TRL passes, and so what dpocli keeps:
   for JSON Lines input, so a template sees `{"city": "Paris", "unit": null}` exactly as under TRL.
 
 Refused (exit 2): images and multimodal content parts (no text-only training on image rows), a
-message without a role, content that is neither text nor (for a tool call) absent, and keyword
-arguments that TRL itself would crash on. No torch / transformers import.
+message without a role, content that is neither text nor null, an empty message list, and keyword
+arguments that TRL itself would crash on. Empty or null content is kept, as TRL keeps it: an empty
+reply is a reply (the template's end of turn is scored), a reply may be all reasoning
+(`reasoning_content`), and whether a null content renders is the template's business (tokenization
+refuses or skips a row whose template fails on it, or leaves out what the row gave). No torch /
+transformers import.
 """
 
 from __future__ import annotations
 
 import json
 
-from dpocli.errors import DpocliError
+from dpocli.errors import DpocliError, UnusableRow
 
+EMPTY_MESSAGE_LIST = "empty_message_list"  # an UnusableRow reason (skipped and counted by precompute)
 IMAGE_COLUMNS = ("image", "images")  # TRL treats a row with either key as a vision example
 TOOLS_COLUMN = "tools"
 KWARGS_COLUMN = "chat_template_kwargs"
 # apply_chat_template arguments TRL sets itself: the same key in chat_template_kwargs makes TRL's
 # call fail ("got multiple values for keyword argument"), so such a row has no TRL ids to match.
 _RESERVED_KWARGS = ("conversation", "tokenize", "return_dict", "add_generation_prompt")
+# Message keys that carry a reply's reasoning in thinking-model data (Qwen3 and DeepSeek-R1 use the
+# first; gpt-oss style data the last): text the row gave, which the template must render.
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 
 
 def unify_column(values: list) -> list:
@@ -72,21 +80,13 @@ def without_nulls(value):
 
 
 def check_messages(value: list, loc: dict, field: str) -> list[dict]:
-    """A non-empty list of messages, each with a string role and text content, or no content where
-    it carries `tool_calls`; the last message must say something (text or a tool call)."""
+    """A non-empty list of messages, each with a string role and text (possibly empty) or null
+    content. Emptiness is not refused here: TRL trains on an empty reply (its end of turn) and on a
+    reply that is all `reasoning_content`, and so does dpocli."""
     if not value:
-        raise DpocliError("is an empty list (expected at least one {role, content} message)",
-                          field=field, **loc)
-    messages = [_check_message(m, loc, f"{field}[{i}]") for i, m in enumerate(value)]
-    if not has_text(messages):
-        raise DpocliError("is empty (the last message must have text or tool_calls)",
-                          field=f"{field}[{len(messages) - 1}].content", **loc)
-    return messages
-
-
-def has_text(messages: list[dict]) -> bool:
-    last = messages[-1] if messages else {}
-    return bool((last.get("content") or "").strip()) or bool(last.get("tool_calls"))
+        raise UnusableRow(EMPTY_MESSAGE_LIST, "is an empty list (expected at least one {role, content} "
+                          "message)", field=field, **loc)
+    return [_check_message(m, loc, f"{field}[{i}]") for i, m in enumerate(value)]
 
 
 def _check_message(message, loc: dict, field: str) -> dict:
@@ -109,9 +109,13 @@ def _check_message(message, loc: dict, field: str) -> dict:
         raise DpocliError(f"is a list of content parts ({', '.join(kinds) or 'untyped'}); multimodal "
                           "messages are not supported (text-only training would silently ignore the images)",
                           field=f"{field}.content", **loc, hint="write text-only content as one string")
-    if not isinstance(content, str) and not (content is None and tool_calls):
-        problem = f"must be a string, got {type_name(content)}" if "content" in message else "is missing"
-        raise DpocliError(problem + " (each message needs a string 'content', or 'tool_calls' instead)",
+    if content is not None and not isinstance(content, str):
+        raise DpocliError(f"must be a string or null, got {type_name(content)} (each message needs a "
+                          "string 'content', or 'tool_calls' instead)", field=f"{field}.content", **loc)
+    if "content" not in message and not tool_calls and not any(message.get(k) for k in REASONING_KEYS):
+        # No message of the column has the key (else it would be null here, as in TRL's Arrow rows):
+        # the text is under another name, and every turn would render empty.
+        raise DpocliError("is missing (each message needs a string 'content', or 'tool_calls' instead)",
                           field=f"{field}.content", **loc)
     return message
 

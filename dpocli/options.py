@@ -209,7 +209,8 @@ class PrecomputeOpts:
     rows_per_shard: int = opt(4096, "Input rows per Parquet shard (the unit of resume).")
     drop_identical: bool = opt(False, "Drop rows whose chosen equals rejected (default: keep and warn).")
     strict: bool = opt(
-        False, "Fail (exit 2) instead of dropping a row whose prompt does not fit --max-length."
+        False, "Fail (exit 2) instead of skipping a row: a prompt that fills --max-length, or a row "
+        "the chat template cannot render as the data means (README, Chat data).",
     )
     fsdp: bool = opt(
         False,

@@ -8,7 +8,9 @@ Assumptions:
 * Shards are fixed slices of the input (rows_per_shard rows each) decided before any scoring, so a
   rerun with the same arguments finds the same shards and skips the ones already listed.
 * Bad input (including, with --strict, any row that would be dropped) is reported before the
-  output folder is touched.
+  output folder is touched. Without --strict, a row dpocli cannot score as its data means (see
+  tokenization.py) is skipped and counted by reason, per shard, like a prompt that fills
+  --max-length; the manifest and the summary report the counts.
 * Values do not depend on batch size or row order beyond fp32 rounding (~1e-6 per token). Still,
   `dpo eval` replays the batching to reproduce the cache exactly, so it is recorded exactly: the
   layout (shards, packing, prefix sharing) in the spec, the budget per shard (see `Batching`).
@@ -20,6 +22,7 @@ import math
 import platform
 import resource
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,7 +46,13 @@ from dpocli.modeling import (
     weights_fingerprint,
 )
 from dpocli.packing import check_layout_flags
-from dpocli.tokenization import Dropped, pad_token_id, tokenize_pair, tokenizer_fingerprint
+from dpocli.tokenization import (
+    DROP_PROMPT_TOO_LONG,
+    Dropped,
+    pad_token_id,
+    tokenize_pair,
+    tokenizer_fingerprint,
+)
 
 CONVENTIONS = "trl-1.x"  # tokenization + log-prob conventions; see tokenization.py
 
@@ -250,22 +259,35 @@ RESOLVED_TOML = "config.resolved.toml"
 
 
 def _tokenize_rows(cfg: PrecomputeConfig, read, tokenizer) -> list[tuple]:
-    """(example, TokenizedPair | Dropped) for every row read; refuses with --strict or when nothing fits."""
-    pairs = []
+    """(example, TokenizedPair | Dropped) for every row read. A dropped row is counted by reason
+    (one warning per reason, naming the first row); with --strict it is the error instead. Refuses
+    when no row is left."""
+    pairs, first_error = [], {}
     for ex in read.examples:
         tok = tokenize_pair(ex, tokenizer, cfg.max_length)
-        if isinstance(tok, Dropped) and cfg.strict:
-            raise DpocliError(f"would be dropped ({tok.reason}: the prompt alone has at least "
-                              f"--max-length {cfg.max_length} tokens)", file=ex.file, row=ex.row,
-                              field=cfg.prompt_column, hint="raise --max-length or drop --strict")
+        if isinstance(tok, Dropped):
+            error = tok.error or DpocliError(
+                f"would be dropped ({tok.reason}: the prompt alone has at least --max-length "
+                f"{cfg.max_length} tokens)", file=ex.file, row=ex.row, field=cfg.prompt_column,
+                hint="raise --max-length or drop --strict")
+            if cfg.strict:
+                raise error
+            first_error.setdefault(tok.reason, error)
         pairs.append((ex, tok))
+    counts = Counter(t.reason for _, t in pairs if isinstance(t, Dropped))
+    for reason, n in counts.items():
+        warn(f"skipped {n} row(s), {reason} (first: {first_error[reason]}); they are counted in the "
+             "manifest, and --strict makes them errors")
     shrunk = sum(1 for _, t in pairs if not isinstance(t, Dropped) and t.prompt_shrunk)
     if shrunk:
         warn(f"{shrunk} row(s): the tokenized prompt is not a prefix of prompt+completion (BPE merged "
              "across the boundary); their prompt was shortened to the common prefix, as TRL does")
     if not any(not isinstance(t, Dropped) for _, t in pairs):
-        raise DpocliError(f"no rows left after tokenization: all {len(pairs)} prompts have at least "
-                          f"--max-length {cfg.max_length} tokens", file=cfg.input, field="--max-length")
+        reasons = ", ".join(f"{reason} {n}" for reason, n in counts.items())
+        first = next(iter(first_error.values()))
+        raise DpocliError(f"no rows left after tokenization: all {len(pairs)} rows were dropped ({reasons})",
+                          file=cfg.input, field="--max-length" if DROP_PROMPT_TOO_LONG in counts else None,
+                          hint=f"the first: {first}")
     return pairs
 
 
@@ -285,7 +307,8 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
         log(f"dataset {dataset.repo_id} at {dataset.revision[:12]} from {source}")
     read = read_examples(source, prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
                          rejected_column=cfg.rejected_column, id_column=cfg.id_column,
-                         drop_identical=cfg.drop_identical, split=cfg.split, subset=cfg.subset)
+                         drop_identical=cfg.drop_identical, split=cfg.split, subset=cfg.subset,
+                         strict=cfg.strict)
     for line in read.warnings:
         warn(line)
     model_dir = resolve_model_dir(cfg.model, cfg.model_revision)

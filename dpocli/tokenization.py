@@ -9,8 +9,13 @@ ids; stage 2 reads ids from the cache and cannot disagree. The conventions, matc
 * Conversational rows: the chat template renders the prompt (with the generation prompt) and
   prompt + completion, given the row's `tools` and `chat_template_kwargs` and every message key,
   as TRL passes them; the rendered text is tokenized without extra special tokens (the template
-  carries BOS and end-of-turn); no EOS is appended. A message the template would leave out, a
-  completion under another role's header, or a template error is refused (exit 2) naming the row.
+  carries BOS and end-of-turn); no EOS is appended. An empty reply scores the end of turn alone.
+* Rows that would give a number TRL's row does not mean are `Dropped` with a reason (precompute
+  counts them, or with --strict reports the row's error): a message of a role the template leaves
+  out (`role_not_rendered`), a completion under another role's header (`completion_not_assistant`),
+  a completion whose content, reasoning or tool calls the template leaves out
+  (`template_drops_content`, see rendered_content.py), a template error (`template_error`), and a
+  completion with no tokens at all (`empty_completion`).
 * `prompt_ids` is the longest common prefix of the tokenized prompt and both joint tokenizations;
   the completions are the rest. (If BPE merges across the boundary the prompt shrinks, as in TRL.)
 * Truncation `keep_start`: prompt + completion is cut to `max_length` from the end, so a long
@@ -21,14 +26,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jinja2
 
+from dpocli import rendered_content
 from dpocli.data import Example
-from dpocli.errors import DpocliError
+from dpocli.errors import DpocliError, UnusableRow
 
 DROP_PROMPT_TOO_LONG = "prompt_too_long"
+DROP_ROLE_NOT_RENDERED = "role_not_rendered"
+DROP_COMPLETION_NOT_ASSISTANT = "completion_not_assistant"
+DROP_TEMPLATE_DROPS_CONTENT = "template_drops_content"
+DROP_TEMPLATE_ERROR = "template_error"
+DROP_EMPTY_COMPLETION = "empty_completion"
 
 
 @dataclass(frozen=True)
@@ -47,7 +58,11 @@ class TokenizedPair:
 
 @dataclass(frozen=True)
 class Dropped:
+    """A row left out, and why. `error` is the one-line error --strict reports (None for a prompt
+    that fills --max-length: precompute words that one, it knows the flag)."""
+
     reason: str
+    error: DpocliError | None = field(default=None, compare=False)
 
 
 def _common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -70,11 +85,17 @@ def _template_kwargs(example: Example) -> dict:
 
 
 def _apply(tokenizer, messages, kwargs: dict, example: Example, field: str, **flags) -> str:
+    if not tokenizer.chat_template:
+        # The model's, not the row's: every conversational row would fail, so it is an error.
+        raise DpocliError("is a message list, but the model's tokenizer has no chat template to render "
+                          "it", file=example.file, row=example.row, field=field,
+                          hint="use a model whose tokenizer has a chat template, or standard rows")
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **flags, **kwargs)
     except (jinja2.TemplateError, TypeError, ValueError, KeyError) as e:
         detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise DpocliError(f"the model's chat template cannot render it ({type(e).__name__}: {detail})",
+        raise UnusableRow(DROP_TEMPLATE_ERROR,
+                          f"the model's chat template cannot render it ({type(e).__name__}: {detail})",
                           file=example.file, row=example.row, field=field) from None
 
 
@@ -104,15 +125,33 @@ def _check_roles(tokenizer, example: Example, completion, side: str, prompt_text
         for i in odd:
             if f"dpocli-role-probe-{i}-" not in text:
                 where = f"prompt[{i}]" if i < len(example.prompt) else f"{side}[{i - len(example.prompt)}]"
-                raise DpocliError(f"is {messages[i]['role']!r}, a role the model's chat template does not "
+                raise UnusableRow(DROP_ROLE_NOT_RENDERED,
+                                  f"is {messages[i]['role']!r}, a role the model's chat template does not "
                                   "render (the message would be silently left out)", file=example.file,
                                   row=example.row, field=f"{where}.role",
                                   hint="use system, user, assistant or tool")
     first = completion[0]["role"]
     if first != "assistant" and not full_text.startswith(prompt_text):
-        raise DpocliError(f"is {first!r}, but the generation prompt opens an assistant turn: the {first!r} "
+        raise UnusableRow(DROP_COMPLETION_NOT_ASSISTANT,
+                          f"is {first!r}, but the generation prompt opens an assistant turn: the {first!r} "
                           "header would be scored as generated text", file=example.file, row=example.row,
                           field=f"{side}[0].role", hint="a completion starts with the assistant's reply")
+
+
+def _check_rendered(example: Example, completion, side: str, prompt_text: str, full_text: str) -> None:
+    """Refuse a completion whose content, reasoning or tool calls the template left out of the
+    scored text (rendered_content.py): training on what is left would be silent loss."""
+    n = 0
+    while n < min(len(prompt_text), len(full_text)) and prompt_text[n] == full_text[n]:
+        n += 1
+    missing = rendered_content.first_missing(completion, full_text[n:])
+    if missing is not None:
+        index, key, shown = missing
+        raise UnusableRow(DROP_TEMPLATE_DROPS_CONTENT,
+                          f"gives {shown}, which the model's chat template leaves out of the rendered "
+                          "completion (training on the rest would silently lose it)", file=example.file,
+                          row=example.row, field=f"{side}[{index}].{key}",
+                          hint="use a chat template that renders it, or leave it out of the row")
 
 
 def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
@@ -121,11 +160,20 @@ def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
 
 def tokenize_pair(example: Example, tokenizer, max_length: int) -> TokenizedPair | Dropped:
     """Token ids of `example` under TRL's conventions (see module docstring), or why it was dropped."""
+    try:
+        return _tokenize_pair(example, tokenizer, max_length)
+    except UnusableRow as e:
+        return Dropped(e.reason, e)
+
+
+def _tokenize_pair(example: Example, tokenizer, max_length: int) -> TokenizedPair | Dropped:
     if example.conversational:
         prompt_text, chosen_text = _render_conversation(tokenizer, example, example.chosen, "chosen")
         _, rejected_text = _render_conversation(tokenizer, example, example.rejected, "rejected")
-        _check_roles(tokenizer, example, example.chosen, "chosen", prompt_text, chosen_text)
-        _check_roles(tokenizer, example, example.rejected, "rejected", prompt_text, rejected_text)
+        for side, completion, text in (("chosen", example.chosen, chosen_text),
+                                       ("rejected", example.rejected, rejected_text)):
+            _check_roles(tokenizer, example, completion, side, prompt_text, text)
+            _check_rendered(example, completion, side, prompt_text, text)
         special = False  # the template already carries BOS
     else:
         eos = tokenizer.eos_token or ""
@@ -143,6 +191,10 @@ def tokenize_pair(example: Example, tokenizer, max_length: int) -> TokenizedPair
                    _common_prefix_len(prompt_ids, rejected_full))
     shrunk = n_prompt < len(prompt_ids)
     prompt_ids = prompt_ids[:n_prompt]
+    for side, full in (("chosen", chosen_full), ("rejected", rejected_full)):
+        if len(full) == n_prompt:  # only a template that renders nothing for the reply gets here
+            raise UnusableRow(DROP_EMPTY_COMPLETION, "renders to no tokens after the prompt (nothing "
+                              "would be scored)", file=example.file, row=example.row, field=side)
     if n_prompt >= max_length:
         return Dropped(DROP_PROMPT_TOO_LONG)
     room = max_length - n_prompt

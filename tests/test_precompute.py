@@ -320,7 +320,7 @@ def bad_file(tmp_path, bad_line: str):
     ("wrong_type", json.dumps({"prompt": "a", "chosen": 5, "rejected": " c"}), "chosen", []),
     ("wrong_message", json.dumps({"prompt": [{"role": "user"}], "chosen": [{"role": "assistant", "content": "x"}],
                                   "rejected": [{"role": "assistant", "content": "y"}]}), "prompt[0].content", []),
-    ("empty_completion", json.dumps({"prompt": "a", "chosen": " b", "rejected": ""}), "rejected", []),
+    ("empty_prompt", json.dumps({"prompt": " ", "chosen": " b", "rejected": ""}), "prompt", ["--strict"]),
     ("prompt_too_long", json.dumps(dict(GOOD, prompt=LONG_PROMPT)), "prompt", ["--strict", "--max-length", "64"]),
 ])
 @pytest.mark.parametrize("out_exists", [False, True])
