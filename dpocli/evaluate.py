@@ -44,6 +44,7 @@ from dpocli.logprobs import CompletionScorer, router_aux_coefficient
 from dpocli.losses import LOSS_OPTIONS, LossSpec, spec_from_options
 from dpocli.metrics import LENGTH_BUCKETS, pair_metrics  # noqa: F401 (LENGTH_BUCKETS: for summaries)
 from dpocli.modeling import load_causal_lm, load_causal_lm_sharded, resolve_device
+from dpocli.options import LossOpts
 from dpocli.policy import check_model_tokenizer, check_vocab
 from dpocli.scoring import RefLogps, cached_reference, check_token_logps, score_cache
 
@@ -243,7 +244,7 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
         if options_from:
             log(f"loss options from {', '.join(options_from)}: " +
                 ", ".join(f"{k}={options[k]!r}" for k in LOSS_OPTIONS if k not in loss_given))
-    spec = spec_from_options(**options)
+    spec = spec_from_options(LossOpts(**options))
     dist = distributed.current()
     manifest, data = shared_cache.load_cache(cache_dir, dist=dist)  # one copy per node under torchrun
     if spec.ld_alpha is not None:  # LD-DPO needs per-token reference values (as train)

@@ -18,6 +18,7 @@ s = g(Δ) the f-divergence score (`_scores`); δ = s_w - s_l; β = `beta`; ε = 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dpocli.errors import DpocliError
+from dpocli.options import LossOpts, composed_fields
 
 
 @dataclass(frozen=True)
@@ -63,25 +65,23 @@ class LossInputs:
                    router_aux_loss=policy.router_aux_loss)
 
 
-@dataclass(frozen=True)
-class LossSpec:
-    """Which losses to combine and their hyper-parameters; check it once with `validate_spec`."""
+# The loss options that `spec_from_options` turns into the spec's loss list and weights; every
+# other loss option is a field of the spec as given (its meaning is in `options.LossOpts`):
+# beta, label_smoothing, ipo_length_normalized (True: TRL's per-token IPO), discopop_tau,
+# f_divergence, f_alpha, use_weighting (WPO: every per-pair loss times the pair's `wpo_weights`),
+# ld_alpha (how the policy's and the reference's sums are formed, logprobs.sequence_logps and
+# scoring.cached_reference; not used by the loss itself) and router_aux_loss_coef (None: the
+# model config's, until `logprobs.router_aux_coefficient` resolves it; unresolved, it adds nothing).
+SPEC_FROM = ("loss", "loss_weights", "rpo_alpha")
 
-    losses: tuple[str, ...] = ("sigmoid",)
-    weights: tuple[float, ...] = (1.0,)
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    ipo_length_normalized: bool = True  # TRL's form; False = paper / OpenRLHF / original repo (summed)
-    discopop_tau: float = 0.05  # TRL default
-    f_divergence: str = "reverse_kl"  # reverse_kl | forward_kl | js_divergence | alpha_divergence
-    f_alpha: float = 0.5  # TRL's `f_alpha_divergence_coef` default
-    use_weighting: bool = False  # WPO: every per-pair loss times the pair's weight (`wpo_weights`)
-    # LD-DPO α (TRL `ld_alpha`). Not used by the loss itself: it says how the policy's and the
-    # reference's sums are formed (logprobs.sequence_logps, scoring.cached_reference).
-    ld_alpha: float | None = None
-    # TRL `router_aux_loss_coef`: 0 = off; None = the model config's, until `logprobs.router_aux_coefficient`
-    # resolves it when the model is loaded (an unresolved None adds nothing).
-    router_aux_loss_coef: float | None = None
+LossSpec = dataclasses.make_dataclass(
+    "LossSpec",
+    [("losses", tuple, dataclasses.field(default=("sigmoid",))),
+     ("weights", tuple, dataclasses.field(default=(1.0,))),
+     *composed_fields(LossOpts, without=SPEC_FROM)],
+    frozen=True)
+LossSpec.__module__ = __name__
+LossSpec.__doc__ = "Which losses to combine and their hyper-parameters; check it once with `validate_spec`."
 
 
 @dataclass(frozen=True)
@@ -409,29 +409,22 @@ def compute_loss(inputs: LossInputs, spec: LossSpec) -> LossOutput:
                       components=components, aux_loss=aux.detach() if aux is not None else None)
 
 
-# The loss options of `dpo train` and `dpo eval`, named as in TrainConfig and a run's run_config.json.
-LOSS_OPTIONS = ("loss", "loss_weights", "beta", "label_smoothing", "ipo_length_normalized", "discopop_tau",
-                "f_divergence", "f_alpha", "rpo_alpha", "use_weighting", "ld_alpha", "router_aux_loss_coef")
+# The loss options' names, as a run's run_config.json keys them (derived from the group).
+LOSS_OPTIONS = tuple(f.name for f in dataclasses.fields(LossOpts))
 
 
-def spec_from_options(*, loss: str = "sigmoid", loss_weights: str | None = None, beta: float = 0.1,
-                      label_smoothing: float = 0.0, ipo_length_normalized: bool = True,
-                      discopop_tau: float = 0.05, f_divergence: str = "reverse_kl",
-                      f_alpha: float = 0.5, rpo_alpha: float | None = None, use_weighting: bool = False,
-                      ld_alpha: float | None = None, router_aux_loss_coef: float | None = None) -> LossSpec:
-    """The checked `LossSpec` for the `LOSS_OPTIONS` values (train and eval build it here, alike).
+def spec_from_options(opts: LossOpts) -> LossSpec:
+    """The checked `LossSpec` for the loss options as given (train and eval build it here, alike).
     `router_aux_loss_coef` None stays None: the model's config decides once it is loaded."""
-    names, weights = parse_loss_list(loss, loss_weights)
-    if rpo_alpha is not None:
-        names, weights = _rpo(names, loss_weights, rpo_alpha)
-    if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
-        raise DpocliError(f"must be in [0, 1], got {ld_alpha}", field="--ld-alpha")
-    if router_aux_loss_coef is not None and not router_aux_loss_coef >= 0:
-        raise DpocliError(f"must be >= 0, got {router_aux_loss_coef}", field="--router-aux-loss-coef")
-    spec = LossSpec(losses=names, weights=weights, beta=beta, label_smoothing=label_smoothing,
-                    ipo_length_normalized=ipo_length_normalized, discopop_tau=discopop_tau,
-                    f_divergence=f_divergence, f_alpha=f_alpha, use_weighting=use_weighting,
-                    ld_alpha=ld_alpha, router_aux_loss_coef=router_aux_loss_coef)
+    names, weights = parse_loss_list(opts.loss, opts.loss_weights)
+    if opts.rpo_alpha is not None:
+        names, weights = _rpo(names, opts.loss_weights, opts.rpo_alpha)
+    if opts.ld_alpha is not None and not 0.0 <= opts.ld_alpha <= 1.0:
+        raise DpocliError(f"must be in [0, 1], got {opts.ld_alpha}", field="--ld-alpha")
+    if opts.router_aux_loss_coef is not None and not opts.router_aux_loss_coef >= 0:
+        raise DpocliError(f"must be >= 0, got {opts.router_aux_loss_coef}", field="--router-aux-loss-coef")
+    kept = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts) if f.name not in SPEC_FROM}
+    spec = LossSpec(losses=names, weights=weights, **kept)
     validate_spec(spec)
     return spec
 

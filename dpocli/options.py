@@ -31,6 +31,25 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 REQUIRED = dataclasses.MISSING  # a flag without a default must be given
 
 
+def composed_fields(*groups: type, without: tuple[str, ...] = ()) -> list[tuple]:
+    """Every field of the groups as `dataclasses.make_dataclass` takes them, with each group's own
+    type and default, so a config built from them declares no option a second time. Fields without
+    a default (a flag that must be given) come first, as a dataclass needs."""
+    fields = [(f.name, f.type, field(default=f.default)) for g in groups for f in dataclasses.fields(g)
+              if f.name not in without]
+    names = [f[0] for f in fields]
+    duplicates = {n for n in names if names.count(n) > 1}
+    assert not duplicates, f"an option is in two groups of one config: {sorted(duplicates)}"
+    required = [(n, t) for n, t, f in fields if f.default is REQUIRED]
+    return required + [f for f in fields if f[2].default is not REQUIRED]
+
+
+def group_of(config: Any, cls: type) -> Any:
+    """The option group `cls` of a config composed from it (`make_optimizer(model, group_of(cfg,
+    OptimOpts))`): a helper takes the group it needs, not the whole config."""
+    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+
 def opt(default: Any, help: str, *, flags: tuple[str, ...] = (), negate: bool = False) -> Any:
     """A group field: its default, then its help. `flags`: the spellings when they differ from
     `--field-name`. `negate`: the flag turns the field off (`--no-shuffle` sets `shuffle` to
@@ -109,7 +128,8 @@ class OutputOpts:
 
 @dataclass(frozen=True)
 class LossOpts:
-    """The loss (train, eval). Field names are `losses.LOSS_OPTIONS`; names and defaults are TRL 1.16's.
+    """The loss (train, eval); names and defaults are TRL 1.16's. `losses.LossSpec` is built from
+    these fields, and a run's run_config.json keeps one key per field.
     eval computes its loss as training did (TRL evaluates with the training loss config), so WPO,
     LD-DPO and the MoE router loss are loss options too."""
 

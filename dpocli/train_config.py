@@ -2,89 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
 
 from dpocli.errors import DpocliError, check_at_least, check_seed, check_torchrun_launch
-from dpocli.losses import LOSS_OPTIONS, LossSpec, spec_from_options
+from dpocli.losses import LossSpec, spec_from_options
+from dpocli.options import (
+    CheckpointOpts,
+    LayoutOpts,
+    LoadOpts,
+    LoraOpts,
+    LossOpts,
+    ModelOpts,
+    OptimOpts,
+    OutputOpts,
+    QuantOpts,
+    TrainOpts,
+    composed_fields,
+    group_of,
+)
 from dpocli.packing import check_layout_flags
 
+# `dpo train`'s option groups, in the order the command declares them.
+TRAIN_GROUPS = (TrainOpts, LossOpts, OptimOpts, ModelOpts, LayoutOpts, LoadOpts, LoraOpts, QuantOpts,
+                CheckpointOpts, OutputOpts)
 
-@dataclass(frozen=True)
-class TrainConfig:
-    cache: str
-    model: str
-    out: str
-    beta: float = 0.1
-    loss: str = "sigmoid"
-    loss_weights: str | None = None
-    label_smoothing: float = 0.0
-    ipo_length_normalized: bool = True
-    discopop_tau: float = 0.05
-    f_divergence: str = "reverse_kl"
-    f_alpha: float = 0.5  # TRL's f_alpha_divergence_coef default
-    rpo_alpha: float | None = None  # alias: --loss sigmoid,sft --loss-weights 1,A
-    use_weighting: bool = False  # WPO (TRL's use_weighting)
-    ld_alpha: float | None = None  # LD-DPO (TRL's ld_alpha); needs a --token-logps cache
-    router_aux_loss_coef: float | None = None  # MoE; None = the model config's value (as TRL)
-    lr: float = 1e-6  # TRL's default
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    scheduler: str = "linear"
-    min_lr_rate: float | None = None  # cosine_with_min_lr / warmup_stable_decay floor
-    num_decay_steps: int | None = None  # warmup_stable_decay
-    decay_ratio: float | None = None  # warmup_stable_decay
-    decay_type: str | None = None  # warmup_stable_decay; None = transformers' cosine
-    optim: str = "adamw"
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    dtype: str = "float32"
-    autocast: str | None = None  # bfloat16 / float16 mixed precision over fp32 weights
-    device: str | None = None
-    attn_implementation: str | None = None
-    gradient_checkpointing: bool = False
-    fsdp: bool = False  # FSDP2 sharding under torchrun (default there: DDP)
-    lora_r: int | None = None  # LoRA rank; None = full fine-tuning
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_target_modules: str | None = None  # None = peft's default for the architecture
-    use_dora: bool = False
-    use_rslora: bool = False
-    lora_modules_to_save: str | None = None
-    merge: bool = False  # with LoRA: also save base+adapter merged to RUN_DIR/merged
-    load_in_4bit: bool = False  # QLoRA: base in 4 bits (bitsandbytes), needs lora_r
-    load_in_8bit: bool = False
-    bnb_4bit_quant_type: str = "nf4"  # TRL's ModelConfig default
-    use_bnb_nested_quant: bool = False  # TRL's ModelConfig default
-    compile: bool = False  # torch.compile the transformer body
-    prefix_sharing: bool = False  # one row per pair: prompt + chosen + rejected, prompt run once
-    packing: bool = False  # padding-free: all sequences of a micro-batch in one row
-    report_to: str | None = None  # tensorboard, wandb, mlflow (comma-separated), beside metrics.jsonl
-    shuffle: bool = True
-    group_by_length: bool = False
-    save_every: int | None = None
-    save_total_limit: int | None = None
-    eval_cache: str | None = None
-    eval_every: int | None = None
-    resume: bool = False
-    overwrite: bool = False
-    skip_step0_check: bool = False
-    keep_dropout: bool = False  # TRL's disable_dropout=True is the default
-    allow_tokenizer_mismatch: bool = False
-    trust_remote_code: bool = False
-    model_revision: str | None = None  # of a Hub model id given as `model` (see hub.py)
-    chunk_size: int = 1024
+
+class _TrainChecks:
+    """The methods of `TrainConfig` (its fields come from the option groups, below)."""
 
     def loss_spec(self) -> LossSpec:
-        return spec_from_options(**{name: getattr(self, name) for name in LOSS_OPTIONS})
+        return spec_from_options(group_of(self, LossOpts))
 
     def total_steps(self, num_rows: int, world_size: int = 1) -> int:
         """Optimizer steps of the run: --max-steps, else --epochs passes over `num_rows` pairs in
@@ -142,3 +90,13 @@ class TrainConfig:
             raise DpocliError("only applies to LoRA runs", field="--merge", hint="add --lora-r N")
         if self.eval_every and not self.eval_cache:
             raise DpocliError("needs --eval-cache", field="--eval-every")
+
+
+# What `dpo train` takes: the cache, then one field per flag of its option groups, flat (a run's
+# run_config.json keeps one key per flag, so old runs still resume), each declared once, in its
+# group (dpocli/options.py). `chunk_size` is the LM head's vocabulary chunk (no flag).
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig",
+    [("cache", str), *composed_fields(*TRAIN_GROUPS), ("chunk_size", int, dataclasses.field(default=1024))],
+    bases=(_TrainChecks,), frozen=True)
+TrainConfig.__module__ = __name__

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from conftest import MODEL, invoke, read_jsonl
 from dpocli.errors import DpocliError
 from dpocli.losses import LossInputs, compute_loss, spec_from_options
+from dpocli.options import LossOpts
 
 
 def _inputs(seed=0):
@@ -30,8 +31,8 @@ def _inputs(seed=0):
 
 def test_alias_gives_the_explicit_loss_and_trl_rpo():
     x, tok_w, mask_w = _inputs()
-    alias = compute_loss(x, spec_from_options(rpo_alpha=0.7))
-    explicit = compute_loss(x, spec_from_options(loss="sigmoid,sft", loss_weights="1,0.7"))
+    alias = compute_loss(x, spec_from_options(LossOpts(rpo_alpha=0.7)))
+    explicit = compute_loss(x, spec_from_options(LossOpts(loss="sigmoid,sft", loss_weights="1,0.7")))
     assert torch.equal(alias.loss, explicit.loss) and alias.components.keys() == {"sigmoid", "sft"}
     # RPO as TRL defines it: DPO's batch mean plus α times the token-mean NLL of the chosen tokens.
     h = (x.policy_chosen_logps - x.ref_chosen_logps) - (x.policy_rejected_logps - x.ref_rejected_logps)
@@ -43,7 +44,7 @@ def test_alias_gives_the_explicit_loss_and_trl_rpo():
                                 dict(rpo_alpha=-1.0), dict(rpo_alpha=math.inf)])
 def test_conflicts_and_bad_values_are_refused(kw):
     with pytest.raises(DpocliError) as err:
-        spec_from_options(**{"rpo_alpha": 0.5, **kw})
+        spec_from_options(LossOpts(**{"rpo_alpha": 0.5, **kw}))
     assert err.value.field == "--rpo-alpha"
 
 
