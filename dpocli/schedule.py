@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from dpocli.errors import DpocliError
+from dpocli.options import OptimOpts
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor")
 SCHEDULERS = ("linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup",
@@ -25,7 +26,7 @@ DECAY_TYPES = ("linear", "cosine", "1-sqrt")  # transformers' get_wsd_schedule d
 ADAM_DEFAULTS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8}  # TrainConfig's defaults
 
 
-def check(cfg) -> None:
+def check(cfg: OptimOpts) -> None:
     """Refuse unknown names, missing packages and flags the chosen optimizer or schedule ignores."""
     if cfg.optim not in OPTIMIZERS:
         raise DpocliError(f"'{cfg.optim}' is not one of {', '.join(OPTIMIZERS)}", field="--optim")
@@ -33,10 +34,6 @@ def check(cfg) -> None:
         if importlib.util.find_spec("bitsandbytes") is None:
             raise DpocliError(f"'{cfg.optim}' needs the bitsandbytes package", field="--optim",
                               hint="pip install 'dpocli[bnb]', or use --optim adamw")
-    if cfg.optim != "adamw" and cfg.fsdp:
-        # bitsandbytes' states and Adafactor's row/column factors are per tensor: on FSDP shards
-        # they would be computed per shard, not per weight, and the run would not match one process.
-        raise DpocliError(f"'{cfg.optim}' is not supported together with --fsdp", field="--optim")
     if cfg.optim == "adafactor":
         changed = [k for k, v in ADAM_DEFAULTS.items() if getattr(cfg, k) != v]
         if changed:  # HF's adafactor takes only lr and weight decay
@@ -47,7 +44,7 @@ def check(cfg) -> None:
     _check_schedule_flags(cfg)
 
 
-def _check_schedule_flags(cfg) -> None:
+def _check_schedule_flags(cfg: OptimOpts) -> None:
     kind = cfg.scheduler
     if kind == "constant" and (cfg.warmup_steps or cfg.warmup_ratio):
         # transformers' "constant" ignores warm-up; refusing beats training without it.
@@ -81,7 +78,7 @@ def _check_schedule_flags(cfg) -> None:
 # ---------------------------------------------------------------- optimizers
 
 
-def make_optimizer(model, cfg, device) -> torch.optim.Optimizer:
+def make_optimizer(model, cfg: OptimOpts, device) -> torch.optim.Optimizer:
     """HF Trainer's optimizer for `cfg.optim`; like HF, no weight decay on biases and norm weights
     (1-D parameters)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -158,7 +155,7 @@ class Schedule:
         return self.floor
 
 
-def schedule_of(cfg, total_steps: int) -> Schedule:
+def schedule_of(cfg: OptimOpts, total_steps: int) -> Schedule:
     """The run's schedule; ratios round up to whole steps, as HF's get_warmup_steps does.
 
     warmup_stable_decay needs warm-up + decay <= total steps (a stable phase of >= 0 steps), else
@@ -185,7 +182,7 @@ def schedule_of(cfg, total_steps: int) -> Schedule:
                     decay_type=cfg.decay_type or "cosine")
 
 
-def make_scheduler(optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(optimizer, cfg: OptimOpts, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     schedule = schedule_of(cfg, total_steps)
     # A lambda, not the bound method: LambdaLR's state_dict skips plain functions and lambdas.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.factor(step))

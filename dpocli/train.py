@@ -41,6 +41,7 @@ from dpocli.logprobs import router_aux_coefficient, sequence_logps
 from dpocli.losses import LossInputs, LossSpec, compute_loss
 from dpocli.metrics import MetricsLog, StepMetrics, rename_for_eval
 from dpocli.modeling import DTYPES, resolve_device
+from dpocli.options import OptimOpts, group_of
 from dpocli.policy import build_policy, load_policy_tokenizer, merged_policy, step0_check
 from dpocli.run_summary import TrainTotals
 from dpocli.schedule import make_optimizer, make_scheduler
@@ -216,13 +217,14 @@ def _session(cfg, spec, dist, manifest, data, eval_set, run, run_dir, model, sco
     # Global micro-batches hold batch_size pairs per rank; a step is grad_accum of them.
     global_batch = cfg.batch_size * dist.world_size
     total_steps = cfg.total_steps(data.num_rows, dist.world_size)
-    optimizer = make_optimizer(model, cfg, device)
+    optim = group_of(cfg, OptimOpts)
+    optimizer = make_optimizer(model, optim, device)
     # With FSDP the mixed-precision policy casts parameters instead of autocast.
     autocast = (torch.autocast(device.type, dtype=DTYPES[cfg.autocast])
                 if cfg.autocast and not cfg.fsdp else nullcontext())
     return _Session(cfg=cfg, spec=spec, dist=dist, data=data, manifest=manifest, run=run, run_dir=run_dir,
                     model=model, scorer=scorer, tokenizer=tokenizer, optimizer=optimizer,
-                    scheduler=make_scheduler(optimizer, cfg, total_steps), totals=sinks[0],
+                    scheduler=make_scheduler(optimizer, optim, total_steps), totals=sinks[0],
                     device=device, autocast=autocast,
                     pad_id=int(manifest.spec["tokenizer"]["pad_token_id"]), global_batch=global_batch,
                     total_steps=total_steps, eval_set=eval_set, t_start=t_start,

@@ -45,7 +45,8 @@ class _TrainChecks:
         """The checks that need the run's length: called once the cache's row count is known, before
         the model is loaded or the run folder created."""
         from dpocli import schedule
-        schedule.schedule_of(self, self.total_steps(num_rows, world_size))  # refuses a WSD that does not fit
+        # refuses a warmup_stable_decay that does not fit the run
+        schedule.schedule_of(group_of(self, OptimOpts), self.total_steps(num_rows, world_size))
 
     def check(self) -> None:
         positive = {"--lr": self.lr, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
@@ -60,7 +61,11 @@ class _TrainChecks:
                         "--max-grad-norm": self.max_grad_norm}, 0)
         check_seed(self.seed)
         from dpocli import schedule
-        schedule.check(self)
+        schedule.check(group_of(self, OptimOpts))
+        if self.optim != "adamw" and self.fsdp:
+            # bitsandbytes' states and Adafactor's row/column factors are per tensor: on FSDP shards
+            # they would be computed per shard, not per weight, and the run would not match one process.
+            raise DpocliError(f"'{self.optim}' is not supported together with --fsdp", field="--optim")
         if self.max_steps:  # the run's length is known without the cache
             self.check_steps(0)
         if not 0 <= self.warmup_ratio < 1:
