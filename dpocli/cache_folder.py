@@ -77,7 +77,7 @@ def inspect_out(out: Path, spec: dict, overwrite: bool) -> OutPlan:
     that would have to be written into or cleared."""
     if out.exists() and not out.is_dir():
         raise DpocliError("exists and is not a folder", file=out)
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not outputs.entries(out):
         return OutPlan(None, [])
     manifest = None
     if (out / cache.MANIFEST_NAME).exists():
