@@ -141,9 +141,11 @@ def inspect_run_dir(path: Path, config: dict, cache_identity: dict, *, resume: b
 
 def plan_run(dist, lock: FolderLock, cfg, config: dict, cache_identity: dict, num_rows: int) -> RunPlan:
     """`inspect_run_dir` for a TrainConfig `cfg` (every rank), with the folder locked first by
-    rank 0 when it exists (a fresh folder is locked at the claim)."""
+    rank 0 when it is a dpocli run; any other folder (fresh, empty, or refused as foreign) gets no
+    lock file before the claim, which locks it (`RunDir.claim`)."""
     run_dir = Path(cfg.out)
-    dist.on_main_then_broadcast(lambda: lock.acquire() if run_dir.is_dir() else None)
+    ours = (run_dir / RUN_RECORD).is_file() or (run_dir / RUN_CONFIG).is_file()
+    dist.on_main_then_broadcast(lambda: lock.acquire() if ours else None)
     return inspect_run_dir(run_dir, config, cache_identity, resume=cfg.resume, overwrite=cfg.overwrite,
                            defaults={f.name: f.default for f in dataclasses.fields(cfg)},
                            total_steps=cfg.total_steps(num_rows, dist.world_size),

@@ -412,9 +412,10 @@ def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict,
 
 
 def _inspect_locked(out: Path, spec: dict, overwrite: bool, lock: FolderLock) -> cache_folder.OutPlan:
-    """`inspect_out` under the folder's lock when the folder can hold one (exists and is writable);
-    a finished cache needs no lock, nor write access. A fresh folder is locked at the claim."""
-    if out.is_dir() and os.access(out, os.W_OK | os.X_OK):
+    """`inspect_out` under the folder's lock when it is a dpocli cache that can hold one (writable):
+    a finished cache needs no lock, nor write access. Any other folder gets no lock file before
+    the claim, which locks it (`cache_folder.claim_out`)."""
+    if (out / cache.MANIFEST_NAME).is_file() and os.access(out, os.W_OK | os.X_OK):
         lock.acquire()
     return cache_folder.inspect_out(out, spec, overwrite)
 
