@@ -8,9 +8,9 @@ files are moved up), so a folder that counts as complete always has its record.
 `verify(folder)` runs before dpocli reads a model folder (train --model / --resume, eval, precompute
 --model): a missing file, a changed size or a changed byte is refused (exit 2, naming the file).
 It reads every listed file once per folder and process (sha256: 0.2 to 2 GB/s on one core
-depending on the CPU; the load that follows finds the bytes in the page cache). A dpocli folder without a record (written
-by an older dpocli) is loaded with one warning that it is unverified; a folder dpocli did not
-write (an HF model the user brings) has no record and is loaded as before.
+depending on the CPU; the load that follows finds the bytes in the page cache). A dpocli folder
+without a record (written by an older dpocli) is loaded with one warning that it is unverified; a
+folder dpocli did not write (an HF model the user brings) has no record and is loaded as before.
 """
 
 from __future__ import annotations

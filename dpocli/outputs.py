@@ -99,8 +99,7 @@ def check_output_location(out: Path, reads: dict[str, str | Path | None], flag: 
         raise DpocliError("is the working directory or one of its parents; dpocli writes its output "
                           "into a folder of its own", file=out, field=flag,
                           hint="choose a new subfolder, e.g. --out ./runs/NAME")
-    if writable:
-        check_creatable(Path(out), flag)
+    check_creatable(Path(out), flag, access=writable)
     for name, path in reads.items():
         if path is None or not Path(path).expanduser().exists():
             continue
@@ -111,14 +110,15 @@ def check_output_location(out: Path, reads: dict[str, str | Path | None], flag: 
                               hint="choose an --out folder outside it")
 
 
-def check_creatable(folder: Path, flag: str = "--out") -> None:
-    """The folder exists and is writable, or its nearest existing parent is a writable folder."""
+def check_creatable(folder: Path, flag: str = "--out", access: bool = True) -> None:
+    """The folder exists and is writable, or its nearest existing parent is a writable folder
+    (`access=False`: only that it is, or can become, a folder)."""
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if probe != folder and not probe.is_dir():
         raise DpocliError(f"cannot be written: {probe} is a file, not a folder", file=folder, field=flag)
-    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
+    if access and probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
         raise DpocliError(f"cannot be written: {probe} is not writable", file=folder, field=flag)
 
 
