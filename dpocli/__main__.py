@@ -1,3 +1,3 @@
-from dpocli.cli import main
+from dpocli.entry import main
 
 main()

@@ -11,6 +11,7 @@ from pathlib import Path
 from dpocli import cache, outputs
 from dpocli.console import warn
 from dpocli.errors import DpocliError
+from dpocli.folder_lock import FolderLock
 
 
 def _keep_intact_shards(out: Path, manifest: cache.Manifest) -> cache.Manifest:
@@ -77,7 +78,7 @@ def inspect_out(out: Path, spec: dict, overwrite: bool) -> OutPlan:
     that would have to be written into or cleared."""
     if out.exists() and not out.is_dir():
         raise DpocliError("exists and is not a folder", file=out)
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not outputs.entries(out):
         return OutPlan(None, [])
     manifest = None
     if (out / cache.MANIFEST_NAME).exists():
@@ -108,11 +109,14 @@ def inspect_out(out: Path, spec: dict, overwrite: bool) -> OutPlan:
     return OutPlan(None, found.owned + found.temporaries)
 
 
-def claim_out(out: Path, plan: OutPlan, manifest: cache.Manifest) -> None:
+def claim_out(out: Path, plan: OutPlan, manifest: cache.Manifest, lock: FolderLock | None = None) -> None:
     """Clear what the plan proved to be ours, then commit the manifest first: from here on the
-    folder is provably a dpocli cache, so a killed run can be resumed or replaced safely."""
+    folder is provably a dpocli cache, so a killed run can be resumed or replaced safely. `lock`
+    (taken before the inspection when the folder existed) is taken here otherwise."""
     outputs.remove_owned(plan.remove)
     created = outputs.ensure_folder(out)
+    if lock is not None:
+        lock.acquire_at_claim()
     try:
         cache.commit_manifest(out, manifest)
     except DpocliError:

@@ -20,13 +20,16 @@ for those files, and `dcp/` holds only the adapter's weights and optimizer state
 is the base model's, loaded from `--model`).
 It is written as a temporary folder and renamed, so a checkpoint folder either exists complete or
 not at all; leftovers of a crash (`checkpoint-N.tmp-*`) are ignored and removed by the next save.
+Every checkpoint, the final model and `merged/` hold `checksums.json` (folder_checksums.py), written
+before the folder counts as complete; `--resume` verifies the newest checkpoint and checks its
+state (checkpoint_state.py) before anything is written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import random
 import re
 import shutil
 import tempfile
@@ -35,14 +38,21 @@ from pathlib import Path
 
 import torch
 
-from dpocli import __version__, lora, outputs, sharding
+from dpocli import __version__, folder_checksums, lora, outputs, sharding
 from dpocli.atomic import as_write_failure, atomic_dir, atomic_write_json, commit_dir, make_temporary_dir
+from dpocli.checkpoint_state import (
+    SHARDED_STATE_PT,
+    STATE_JSON,
+    STATE_PT,
+    CheckpointState,
+    read_checkpoint,
+    rng_state,
+)
 from dpocli.errors import DpocliError
+from dpocli.folder_lock import FolderLock
+from dpocli.state_files import StateFile
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-STATE_JSON = "trainer_state.json"
-STATE_PT = "optimizer.pt"
-SHARDED_STATE_PT = "trainer_state.pt"  # a sharded checkpoint's scheduler and RNG (optimizer: dcp/)
 RUN_RECORD = "run_record.json"
 RUN_CONFIG = "run_config.json"
 RESOLVED_TOML = "config.resolved.toml"
@@ -56,46 +66,6 @@ RESUME_FREE = {"resume", "overwrite", "save_every", "save_total_limit", "eval_ev
 
 
 @dataclass
-class TrainState:
-    """Where a run stands: all a resume needs, since the batch order is a function of (seed, epoch)."""
-
-    step: int = 0
-    epoch: int = 0
-    micro_index: int = 0  # global micro-batches of `epoch` already done
-    num_tokens: int = 0
-    step0: dict = field(default_factory=dict)  # the step-0 check's findings, kept for the summary
-    last_saved: int | None = None  # the step of the newest checkpoint
-
-    def record(self, global_batch: int, world_size: int) -> dict:
-        """trainer_state.json of a checkpoint at this state."""
-        return {"step": self.step, "epoch": self.epoch, "micro_index": self.micro_index,
-                "global_batch": global_batch, "world_size": world_size, "num_tokens": self.num_tokens,
-                "step0": self.step0, "dpocli_version": __version__}
-
-
-def restore(resume_from: tuple[int, Path], model, optimizer, scheduler, sharded: bool,
-            global_batch: int) -> TrainState:
-    """Load optimizer, scheduler and RNG states of a checkpoint; return its TrainState."""
-    from dpocli.distributed import load_optimizer_state
-    step, folder = resume_from
-    state, tensors = load_trainer_state(folder)
-    if is_sharded_checkpoint(folder):  # DCP reshards: saved by any number of ranks
-        sharding.load_dcp(folder / sharding.DCP_DIR, model, optimizer,
-                          trainable_only=lora.is_adapter_model(model))
-    else:
-        load_optimizer_state(model, optimizer, tensors["optimizer"], sharded)
-    scheduler.load_state_dict(tensors["scheduler"])
-    set_rng_state(tensors["rng"])
-    if state.get("global_batch", global_batch) != global_batch:
-        raise DpocliError(
-            f"was saved with a global batch of {state['global_batch']} pairs (batch size x ranks); "
-            f"this run has {global_batch}", file=folder, field="global_batch",
-            hint=f"choose --batch-size so that batch size x ranks = {state['global_batch']}")
-    return TrainState(step=state["step"], epoch=state["epoch"], micro_index=state["micro_index"],
-                      num_tokens=state["num_tokens"], step0=state.get("step0", {}), last_saved=step)
-
-
-@dataclass
 class RunPlan:
     """How `--out` will be used, decided by looking only (`inspect_run_dir`)."""
 
@@ -103,6 +73,7 @@ class RunPlan:
     resume_from: tuple[int, Path] | None = None  # (step, checkpoint folder)
     record: dict | None = None  # the existing record when resuming
     remove: list[Path] = field(default_factory=list)  # ours: cleared before the run starts
+    resume_state: CheckpointState | None = None  # the newest checkpoint's state, read and checked
 
 
 def _read_record(path: Path) -> dict | None:
@@ -138,16 +109,17 @@ def _survey_run(path: Path, record: dict) -> outputs.Survey:
 
 
 def inspect_run_dir(path: Path, config: dict, cache_identity: dict, *, resume: bool,
-                    overwrite: bool, defaults: dict | None = None) -> RunPlan:
+                    overwrite: bool, defaults: dict | None = None, total_steps: int = 0,
+                    global_batch: int = 0) -> RunPlan:
     """Decide how to use RUN_DIR without touching it; refuse what would clobber anything that is
     not this run's. Every rank may call it (it only reads)."""
     if path.exists() and not path.is_dir():
         raise DpocliError("exists and is not a folder", file=path)
-    if not path.exists() or not any(path.iterdir()):
+    if not path.exists() or not outputs.entries(path):
         return RunPlan(path)
     record = _read_record(path)
     if record is None:
-        first = sorted(p.name for p in path.iterdir())[0]
+        first = outputs.entries(path)[0].name
         raise DpocliError(f"is not empty (holds {first!r}) and is not a dpocli run; dpocli never "
                           "writes into, clears or deletes such a folder", file=path,
                           hint="choose a new --out folder")
@@ -156,7 +128,9 @@ def inspect_run_dir(path: Path, config: dict, cache_identity: dict, *, resume: b
         found.refuse_foreign("is a dpocli run but")
         _check_resumable(path, config, cache_identity, record, defaults or {})
         found_ckpts = list_checkpoints(path)
-        return RunPlan(path, found_ckpts[-1] if found_ckpts else None, record, found.temporaries)
+        newest = found_ckpts[-1] if found_ckpts else None
+        saved = read_checkpoint(*newest, total_steps, global_batch) if newest else None
+        return RunPlan(path, newest, record, found.temporaries, saved)
     if not overwrite:
         raise DpocliError("already holds a dpocli run", file=path,
                           hint="pass --resume to continue it, --overwrite to start over, or choose "
@@ -165,15 +139,24 @@ def inspect_run_dir(path: Path, config: dict, cache_identity: dict, *, resume: b
     return RunPlan(path, remove=found.owned + found.temporaries)
 
 
+def plan_run(dist, lock: FolderLock, cfg, config: dict, cache_identity: dict, num_rows: int) -> RunPlan:
+    """`inspect_run_dir` for a TrainConfig `cfg` (every rank), with the folder locked first by
+    rank 0 when it is a dpocli run; any other folder (fresh, empty, or refused as foreign) gets no
+    lock file before the claim, which locks it (`RunDir.claim`)."""
+    run_dir = Path(cfg.out)
+    ours = (run_dir / RUN_RECORD).is_file() or (run_dir / RUN_CONFIG).is_file()
+    dist.on_main_then_broadcast(lambda: lock.acquire() if ours else None)
+    return inspect_run_dir(run_dir, config, cache_identity, resume=cfg.resume, overwrite=cfg.overwrite,
+                           defaults={f.name: f.default for f in dataclasses.fields(cfg)},
+                           total_steps=cfg.total_steps(num_rows, dist.world_size),
+                           global_batch=cfg.batch_size * dist.world_size)
+
+
 def _check_resumable(path: Path, config: dict, cache_identity: dict, record: dict,
                      defaults: dict) -> None:
     saved_path = path / RUN_CONFIG
-    try:
-        saved = json.loads(saved_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise DpocliError(f"cannot be read ({err})", file=saved_path) from None
-    if not isinstance(saved, dict):
-        raise DpocliError("is not a JSON object", file=saved_path)
+    saved = StateFile.read_json(saved_path, hint="the run's settings are damaged; start a new run "
+                                                 "from a checkpoint: --model RUN_DIR/checkpoint-N").data
     # An option added after the run started has its default in that run.
     saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     for key in sorted(set(saved) | set(config)):
@@ -192,24 +175,28 @@ def _check_resumable(path: Path, config: dict, cache_identity: dict, record: dic
 class RunDir:
     """A claimed run folder. Only rank 0 makes one; it adds each entry to the record first."""
 
-    def __init__(self, path: Path, record: dict, created_folder: bool):
+    def __init__(self, path: Path, record: dict, created_folder: bool, lock: FolderLock | None = None):
         self.path = path
         self.record = record
         self.created_folder = created_folder
+        self.lock = lock
 
     @classmethod
     def claim(cls, plan: RunPlan, config: dict, cache_identity: dict, resolved_toml: str | None,
-              extra_files: tuple[str, ...] = ()) -> "RunDir":
+              extra_files: tuple[str, ...] = (), lock: FolderLock | None = None) -> "RunDir":
         """Clear what the plan proved to be ours, then write the record, run_config.json and the
-        resolved TOML. Called only after every check and the model load succeeded."""
+        resolved TOML. Called only after every check and the model load succeeded. `lock` (taken
+        before the inspection when the folder existed) is taken here otherwise."""
         outputs.remove_owned(plan.remove)
         created = outputs.ensure_folder(plan.path)
+        if lock is not None:
+            lock.acquire_at_claim()
         if plan.record is not None and not plan.record.get("legacy"):
             record = plan.record
         else:
             record = {"format": RECORD_FORMAT, "dpocli_version": __version__,
                       "files": list((plan.record or {}).get("files", [])), "cache": cache_identity}
-        run = cls(plan.path, record, created)
+        run = cls(plan.path, record, created, lock)
         run.add(RUN_CONFIG, RESOLVED_TOML, METRICS, *extra_files)
         if plan.record is None:
             atomic_write_json(plan.path / RUN_CONFIG, config)
@@ -234,6 +221,8 @@ class RunDir:
         must not find a half-started run in its way."""
         outputs.remove_owned([self.path / n for n in self.record["files"] + [RUN_RECORD]
                               if (self.path / n).exists()])
+        if self.lock is not None:
+            self.lock.release()  # its file would keep the folder from being removed
         if self.created_folder:
             outputs.remove_folder_if_empty(self.path)
 
@@ -262,6 +251,7 @@ class RunDir:
             raise outputs.write_failure(self.path, err) from None
         try:
             write(staging)
+            folder_checksums.write(staging)  # moved up before config.json (below)
             names = sorted(os.listdir(staging), key=lambda n: n == "config.json")
             for name in names:
                 target = self.path / name
@@ -283,6 +273,7 @@ class RunDir:
         self.add("merged")
         with atomic_dir(self.path / "merged") as tmp:
             save_model_folder(tmp, model, tokenizer)
+            folder_checksums.write(tmp)
 
 
 def save_model_folder(folder: Path, model, tokenizer, state_dict: dict | None = None) -> None:
@@ -371,29 +362,12 @@ def _save_sharded(run: RunDir | None, dist, step: int, model, tokenizer, optimiz
                 save_config_files(tmp, model, tokenizer)
             torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / SHARDED_STATE_PT)
             atomic_write_json(tmp / STATE_JSON, trainer_state)
+            folder_checksums.write(tmp)  # every rank's dcp/ shards included: before the commit
         except Exception as err:
             shutil.rmtree(tmp, ignore_errors=True)
             raise as_write_failure(final, err) from None
         commit_dir(tmp, final)
     dist.on_main_then_broadcast(finish)
-
-
-def is_sharded_checkpoint(folder: Path) -> bool:
-    return (folder / sharding.DCP_DIR / ".metadata").is_file()
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer_state: dict, scheduler,
@@ -407,30 +381,19 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer_state:
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "rng": rng_state()}, tmp / STATE_PT)
         atomic_write_json(tmp / STATE_JSON, trainer_state)
+        folder_checksums.write(tmp)  # before the rename: a complete checkpoint has its record
     return final
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first (temporary folders of interrupted saves are skipped)."""
+    """Checkpoints, oldest first. Temporary folders of interrupted saves are skipped; a
+    `checkpoint-N` folder is complete by construction (renamed into place), so one with a file
+    missing is damaged and refused when read (`read_checkpoint`), never silently passed over."""
     if not run_dir.is_dir():
         return []
     found = []
     for p in run_dir.iterdir():
         m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir() and (p / STATE_JSON).exists() and (
-                (p / STATE_PT).exists() or ((p / SHARDED_STATE_PT).exists() and is_sharded_checkpoint(p))):
+        if m and p.is_dir():
             found.append((int(m.group(1)), p))
     return sorted(found)
-
-
-def load_trainer_state(folder: Path) -> tuple[dict, dict]:
-    """(trainer_state.json contents, optimizer/scheduler/RNG states) of a checkpoint."""
-    try:
-        state = json.loads((folder / STATE_JSON).read_text())
-        # weights_only=True: a checkpoint is data, never code. RNG states are plain tensors/tuples.
-        pt = folder / (SHARDED_STATE_PT if is_sharded_checkpoint(folder) else STATE_PT)
-        tensors = torch.load(pt, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise DpocliError(f"is not a readable checkpoint ({type(err).__name__}: {err})",
-                          file=folder, hint="delete it to resume from the one before") from None
-    return state, tensors

@@ -1,7 +1,8 @@
 """The `dpo` command: parse flags, call a driver, print the result. No logic of its own.
 
 stdout carries results only (a table, or one JSON object with --json); progress, logs and
-errors go to stderr. Exit codes: 0 ok, 1 runtime failure, 2 bad usage or input, 130 interrupted.
+errors go to stderr. Exit codes: 0 ok, 1 runtime failure, 2 bad usage or input, 130 interrupted
+(Ctrl-C or SIGTERM, any command), 141 the reader of stdout went away (`| head`), quietly.
 """
 
 from __future__ import annotations
@@ -15,8 +16,15 @@ from typing import Annotated, Optional
 import typer
 
 from dpocli import __version__
-from dpocli.console import emit_json, emit_table, err_console, set_quiet
-from dpocli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DpocliError, RunFailure, out_of_memory_types
+from dpocli.console import emit_json, emit_table, err_console, interrupt_on_sigterm, set_quiet
+from dpocli.errors import (
+    EXIT_BROKEN_PIPE,
+    EXIT_INTERRUPTED,
+    EXIT_RUNTIME,
+    DpocliError,
+    RunFailure,
+    is_out_of_memory,
+)
 from dpocli.option_params import config_kwargs, given, with_options
 from dpocli.options import (
     CheckpointOpts,
@@ -60,10 +68,21 @@ class _OneLineErrors(typer.core.TyperGroup):
             code = _report(err)
         sys.exit(code if isinstance(code, int) else 0)
 
+    def invoke(self, ctx):
+        """Ctrl-C / SIGTERM outside `_run` (a command's own imports): typer would exit 130 silently."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
 
 def _report(err: BaseException) -> int:
     """Print `err` as one line (plus a hint) on stderr; return the exit code."""
     debug = bool(os.environ.get("DPOCLI_DEBUG"))
+    if isinstance(err, BrokenPipeError):  # `dpo ... | head`: the reader has all it wanted
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
     if _is_click_error(err, "NoArgsIsHelpError"):
         sys.stdout.write(err.format_message() + "\n")  # the help text itself
         return 0
@@ -87,7 +106,7 @@ def _report(err: BaseException) -> int:
         if debug:
             _print_traceback(err)
         return err.exit_code
-    if isinstance(err, out_of_memory_types()):
+    if is_out_of_memory(err):
         _print_error(
             RunFailure("out of memory", hint="lower --batch-size / --max-tokens, or use a smaller --dtype")
         )
@@ -106,6 +125,14 @@ def _report(err: BaseException) -> int:
     if debug:
         _print_traceback(err)
     return EXIT_RUNTIME
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what is still buffered
+    does not fail again on the closed pipe (Python's documented recipe for SIGPIPE)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def _print_traceback(err: BaseException) -> None:
@@ -208,6 +235,10 @@ def _run(fn, *, quiet: bool = False, uses_torch: bool = True):
     `uses_torch=False` (cache info, cache verify, report): skip torch.distributed, whose import alone
     takes seconds, far more than these commands' own work (bench/startup.py measures it)."""
     shutdown = None
+    if sys.stdout is None:  # started with stdout closed (`>&-`): the result could go nowhere
+        raise typer.Exit(_report(DpocliError(
+            "stdout is closed, so the result cannot be written", field="stdout",
+            hint="redirect it instead (> result.json, or > /dev/null to discard it)")))
     if uses_torch:
         from dpocli import distributed
 
@@ -245,10 +276,13 @@ def _resolved(ctx: typer.Context) -> str:
 def _emit(summary: dict, as_json: bool, table_fn) -> None:
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun only rank 0 prints the result
-    if as_json:
-        emit_json(summary)
-    else:
-        emit_table(table_fn(summary))
+    try:
+        if as_json:
+            emit_json(summary)
+        else:
+            emit_table(table_fn(summary))
+    except BrokenPipeError:  # the reader went away (`| head`): quietly, with the shell's status
+        raise typer.Exit(_report(BrokenPipeError())) from None
 
 
 @app.callback(invoke_without_command=True)
@@ -414,5 +448,6 @@ def cache_verify(
 
 
 def main() -> None:
+    interrupt_on_sigterm()  # already done by dpocli.entry; here for callers of dpocli.cli:main
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

@@ -79,7 +79,14 @@ def emit_table(table) -> None:
     """A human-readable result (rich renderable) on stdout."""
     from rich.console import Console
 
-    Console(file=sys.stdout, highlight=False).print(table)
+    console = Console(file=sys.stdout, highlight=False)
+    console.on_broken_pipe = _broken_pipe  # rich's own would exit 1; the CLI maps it (141)
+    console.print(table)
+    sys.stdout.flush()  # a closed pipe fails here, where the CLI maps it, not at interpreter exit
+
+
+def _broken_pipe():
+    raise BrokenPipeError
 
 
 class ProgressBar:
@@ -136,16 +143,24 @@ class ProgressBar:
             err_console.print(f"{self.description}: {self.done}{total}  {info}")
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm() -> None:
+    """For the whole process (the CLI entry): SIGTERM takes Ctrl-C's path, KeyboardInterrupt."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """SIGTERM (a scheduler's pre-emption, `kill`) takes Ctrl-C's path inside the block: the
     driver saves what it has and exits 130 with a resume hint, instead of dying mid-write."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread
         return
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield
     finally:

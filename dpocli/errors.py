@@ -10,6 +10,7 @@ from __future__ import annotations
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2  # click's own code for usage errors, so typer's errors and ours agree
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 
 
 class DpocliError(Exception):
@@ -98,3 +99,17 @@ def out_of_memory_types() -> tuple[type, ...]:
     import torch
     return tuple({getattr(torch, "OutOfMemoryError", MemoryError), torch.cuda.OutOfMemoryError,
                   MemoryError})
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Out of memory in any of its shapes: MemoryError and torch's OOM, and an address-space limit
+    (`ulimit -v`) hit in the OS (ENOMEM) or while loading a shared library (ImportError "failed to
+    map segment from shared object")."""
+    import errno
+    if isinstance(err, out_of_memory_types()):
+        return True
+    if isinstance(err, OSError) and err.errno == errno.ENOMEM:
+        return True
+    text = str(err)
+    return isinstance(err, (ImportError, OSError)) and (
+        "failed to map segment" in text or "Cannot allocate memory" in text)

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from dpocli import __version__, cache, distributed, outputs, quantization, shared_cache
-from dpocli.atomic import atomic_path
+from dpocli.atomic import atomic_path, temporary_base
 from dpocli.console import ProgressBar, log, warn
 from dpocli.errors import DpocliError, check_at_least, check_seed, check_torchrun_launch
 from dpocli.logprobs import CompletionScorer, router_aux_coefficient
@@ -47,18 +47,21 @@ from dpocli.modeling import load_causal_lm, load_causal_lm_sharded, resolve_devi
 from dpocli.options import LossOpts
 from dpocli.policy import check_model_tokenizer, check_vocab
 from dpocli.scoring import RefLogps, cached_reference, check_token_logps, score_cache
+from dpocli.state_files import StateFile
 
 
 def expand_models(patterns: list[str]) -> list[str]:
     """Models in the given order; a glob pattern expands to its matches sorted by trailing number
-    (checkpoint-9 before checkpoint-10)."""
+    (checkpoint-9 before checkpoint-10), skipping dpocli's temporaries (`checkpoint-6.tmp-*`)."""
     def natural(path: str):
         m = re.search(r"(\d+)/?$", path)
         return (int(m.group(1)) if m else -1, path)
     out: list[str] = []
     for pattern in patterns:
         if any(ch in pattern for ch in "*?["):
-            matches = sorted(glob.glob(pattern), key=natural)
+            # dpocli's own temporaries (a checkpoint being written, a crash's leftover) are no models
+            matches = sorted((m for m in glob.glob(pattern) if temporary_base(Path(m).name) is None),
+                             key=natural)
             if not matches:
                 raise DpocliError("matches no model folder", file=pattern, field="--model")
             out += matches
@@ -175,7 +178,6 @@ def loss_options_from_runs(models: list[str], options: dict, given: frozenset[st
     runs that disagree on an option not given are refused (the loss would be ambiguous).
     --rpo-alpha stands for a --loss and --loss-weights: either side given takes nothing of the
     other side from a run, so that the user's choice does not meet a run's conflicting one."""
-    import json
     if given & {"loss", "loss_weights"}:
         given = given | {"rpo_alpha"}
     if "rpo_alpha" in given:
@@ -184,7 +186,8 @@ def loss_options_from_runs(models: list[str], options: dict, given: frozenset[st
     for model in models:
         path = run_config_of(model)
         if path is not None:
-            config = json.loads(path.read_text())
+            config = StateFile.read_json(path, hint="the run's settings are damaged; pass the loss "
+                                                    "options explicitly").data
             saved[str(path)] = {k: config[k] for k in LOSS_OPTIONS if k in config and k not in given}
     if not saved:
         return options, []

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from dpocli import folder_checksums
 from dpocli.atomic import sha256_file
 from dpocli.errors import DpocliError
 from dpocli.options import WEIGHTS_FINGERPRINT_MODES
@@ -165,6 +166,7 @@ def _load_causal_lm(name_or_path: str, *, dtype: str, device: torch.device | str
     from transformers import AutoModelForCausalLM
     quiet_transformers()
     folder = resolve_model_dir(name_or_path, revision)
+    folder_checksums.verify(folder)  # a dpocli checkpoint or run: refused if changed since written
     from dpocli import lora
     if lora.is_adapter_folder(folder):  # a LoRA run: base model named in the adapter + adapter
         base = _load_causal_lm(lora.base_model_path(folder), dtype=dtype, device=device,
@@ -189,13 +191,15 @@ def _load_causal_lm(name_or_path: str, *, dtype: str, device: torch.device | str
         from dpocli.quantization import bnb_config
         # bitsandbytes quantizes while placing the weights; a quantized model cannot be moved after.
         kwargs.update(quantization_config=bnb_config(quantization, DTYPES[dtype]), device_map={"": device})
+    kwargs["output_loading_info"] = True
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except TypeError:  # transformers < 4.56 names the argument torch_dtype
         kwargs["torch_dtype"] = kwargs.pop("dtype")
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except Exception as err:
         raise _explain_load_error(name_or_path, err) from None
+    refuse_missing_weights(name_or_path, info.get("missing_keys") or [])
     return (model if quantization is not None else model.to(device)).eval()
 
 
@@ -210,6 +214,7 @@ def load_causal_lm_sharded(name_or_path: str, wrap, *, dtype: str = "float32",
     from dpocli import sharding
     from dpocli.console import log
     folder = resolve_model_dir(name_or_path, revision)
+    folder_checksums.verify(folder)
     from dpocli import lora
     if lora.is_adapter_folder(folder):
         raise DpocliError("is a LoRA adapter; --fsdp loads full models only", file=name_or_path,
@@ -233,6 +238,18 @@ def load_causal_lm_sharded(name_or_path: str, wrap, *, dtype: str = "float32",
     root = wrap(model)
     sharding.load_weights(model, folder, torch.device(device))
     return model.eval(), root
+
+
+def refuse_missing_weights(name_or_path, missing) -> None:
+    """transformers initialises weights a folder lacks at random (and only logs it): for dpocli
+    that is an error, never a silently re-initialised model."""
+    missing = sorted(missing)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DpocliError(f"holds no weights for {missing[0]!r}{more}; transformers would initialise "
+                          "them at random", file=name_or_path, field="weights",
+                          hint="the weight files are incomplete or belong to another model: copy the "
+                               "folder again")
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

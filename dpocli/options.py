@@ -232,6 +232,11 @@ class PrecomputeOpts:
         False, "Fail (exit 2) instead of skipping a row: a prompt that fills --max-length, or a row "
         "the chat template cannot render as the data means (README, Chat data).",
     )
+    max_field_bytes: int = opt(
+        4 * 2**20,
+        "Largest prompt/chosen/rejected field in bytes of UTF-8 text; a larger one is refused (exit 2, "
+        "naming file:row) before it reaches the tokenizer, whose memory grows with the text.",
+    )
     fsdp: bool = opt(
         False,
         "Under torchrun, shard the reference over the ranks with FSDP2 (forward-only), for a model too "

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dpocli.atomic import temporary_base
 from dpocli.errors import DpocliError, RunFailure
+from dpocli.folder_lock import is_lock_file
 
 
 @dataclass
@@ -46,7 +47,7 @@ def survey(folder: Path, is_owned, may_write=None) -> Survey:
     meant to become a name we write (`may_write(name)`, by default `is_owned`)."""
     may_write = may_write or is_owned
     found = Survey(folder)
-    for entry in sorted(folder.iterdir()):
+    for entry in entries(folder):
         base = temporary_base(entry.name)
         if is_owned(entry.name):
             found.owned.append(entry)
@@ -55,6 +56,12 @@ def survey(folder: Path, is_owned, may_write=None) -> Survey:
         else:
             found.foreign.append(entry.name)
     return found
+
+
+def entries(folder: Path) -> list[Path]:
+    """A folder's entries, sorted, without dpocli's own lock file (folder_lock.py): the lock of
+    the command looking, or a leftover of a killed one; neither is output."""
+    return [e for e in sorted(folder.iterdir()) if not is_lock_file(e)]
 
 
 def remove_owned(paths: list[Path]) -> None:
@@ -80,17 +87,19 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def check_output_location(out: Path, reads: dict[str, str | Path | None], flag: str = "--out") -> None:
+def check_output_location(out: Path, reads: dict[str, str | Path | None], flag: str = "--out",
+                          writable: bool = True) -> None:
     """Refuse an output folder that is, holds or lies inside something the command reads, or that is
     the working directory or a parent of it. `reads` maps a flag name to a path (non-paths, such as
-    hub ids that are not local folders, are skipped)."""
+    hub ids that are not local folders, are skipped). `writable=False` leaves the write-access
+    check to the caller (`check_creatable`), for an output that may turn out to be finished."""
     target = Path(out).expanduser().resolve()
     cwd = Path.cwd().resolve()
     if target == cwd or target in cwd.parents:
         raise DpocliError("is the working directory or one of its parents; dpocli writes its output "
                           "into a folder of its own", file=out, field=flag,
                           hint="choose a new subfolder, e.g. --out ./runs/NAME")
-    _check_creatable(Path(out), flag)
+    check_creatable(Path(out), flag, access=writable)
     for name, path in reads.items():
         if path is None or not Path(path).expanduser().exists():
             continue
@@ -101,14 +110,15 @@ def check_output_location(out: Path, reads: dict[str, str | Path | None], flag: 
                               hint="choose an --out folder outside it")
 
 
-def _check_creatable(folder: Path, flag: str) -> None:
-    """The folder exists and is writable, or its nearest existing parent is a writable folder."""
+def check_creatable(folder: Path, flag: str = "--out", access: bool = True) -> None:
+    """The folder exists and is writable, or its nearest existing parent is a writable folder
+    (`access=False`: only that it is, or can become, a folder)."""
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if probe != folder and not probe.is_dir():
         raise DpocliError(f"cannot be written: {probe} is a file, not a folder", file=folder, field=flag)
-    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
+    if access and probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
         raise DpocliError(f"cannot be written: {probe} is not writable", file=folder, field=flag)
 
 
@@ -119,6 +129,8 @@ def ensure_folder(folder: Path) -> bool:
     try:
         folder.mkdir(parents=True)
     except FileExistsError:
+        if folder.is_dir():  # made by another command meanwhile; its lock decides (folder_lock.py)
+            return False
         raise DpocliError("exists and is not a folder", file=folder) from None
     except OSError as err:
         raise write_failure(folder, err) from None

@@ -136,7 +136,7 @@ def enable_activation_checkpointing(model) -> None:
 def _build_sharded_policy(cfg, data: cache.CacheData, weights_path: str, revision: str | None, device):
     """FSDP2: built on meta, sharded per decoder layer, then each rank loads only its part
     (modeling.load_causal_lm_sharded). A sharded checkpoint's weights are loaded again with its
-    optimizer state by checkpoint.restore; loading them here too keeps one path."""
+    optimizer state by checkpoint_state.restore; loading them here too keeps one path."""
     def wrap(model):
         check_vocab(model, data, cfg.cache)  # shapes only: before any weight is read
         model.train()

@@ -19,6 +19,7 @@ Assumptions:
 from __future__ import annotations
 
 import math
+import os
 import platform
 import resource
 import time
@@ -35,6 +36,7 @@ from dpocli.batching import Batching, make_batch, plan_reference_batches
 from dpocli.console import ProgressBar, log, sigterm_as_interrupt, warn
 from dpocli.data import read_examples
 from dpocli.errors import DpocliError, Interrupted, RunFailure, check_torchrun_launch, out_of_memory_types
+from dpocli.folder_lock import FolderLock
 from dpocli.hub import Snapshot, resolve_dataset
 from dpocli.logprobs import CompletionScorer, sequence_logps
 from dpocli.modeling import (
@@ -49,6 +51,7 @@ from dpocli.packing import check_layout_flags
 from dpocli.tokenization import (
     DROP_PROMPT_TOO_LONG,
     Dropped,
+    check_field_sizes,
     pad_token_id,
     tokenize_pair,
     tokenizer_fingerprint,
@@ -76,6 +79,7 @@ class PrecomputeConfig:
     rows_per_shard: int = 4096
     drop_identical: bool = False
     strict: bool = False
+    max_field_bytes: int = 4 * 2**20  # per prompt/chosen/rejected, checked before tokenizing
     overwrite: bool = False
     trust_remote_code: bool = False
     chunk_size: int = 1024
@@ -263,7 +267,9 @@ def _tokenize_rows(cfg: PrecomputeConfig, read, tokenizer) -> list[tuple]:
     (one warning per reason, naming the first row); with --strict it is the error instead. Refuses
     when no row is left."""
     pairs, first_error = [], {}
+    columns = {"prompt": cfg.prompt_column, "chosen": cfg.chosen_column, "rejected": cfg.rejected_column}
     for ex in read.examples:
+        check_field_sizes(ex, cfg.max_field_bytes, columns)
         tok = tokenize_pair(ex, tokenizer, cfg.max_length)
         if isinstance(tok, Dropped):
             error = tok.error or DpocliError(
@@ -293,13 +299,19 @@ def _tokenize_rows(cfg: PrecomputeConfig, read, tokenizer) -> list[tuple]:
 
 def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> dict:
     """Build (or resume, or confirm) the cache described by `cfg`; return the summary."""
+    with FolderLock(cfg.out, "precompute-ref") as lock:  # one writer per cache: rank 0 holds it
+        return _run_precompute(cfg, resolved_toml, lock)
+
+
+def _run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None, lock: FolderLock) -> dict:
     t0 = time.perf_counter()
     dist = distributed.current()
     if cfg.max_length < 2:
         raise DpocliError("must be at least 2", field="--max-length")
     check_layout_flags(cfg.prefix_sharing, cfg.packing, cfg.attn_implementation)
-    if cfg.rows_per_shard < 1:
-        raise DpocliError("must be at least 1", field="--rows-per-shard")
+    if cfg.rows_per_shard < 1 or cfg.max_field_bytes < 1:
+        raise DpocliError("must be at least 1", field="--rows-per-shard" if cfg.rows_per_shard < 1
+                          else "--max-field-bytes")
     cfg.batching()
     check_torchrun_launch(cfg.fsdp, "precompute-ref")
     source, dataset = resolve_dataset(cfg.input, cfg.revision)
@@ -318,14 +330,17 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     model_fp = weights_fingerprint(cfg.model, cfg.model_revision, mode=cfg.weights_fingerprint)
     spec = _build_spec(cfg, read, tokenizer, model_fp, dataset)
     out = Path(cfg.out)
-    outputs.check_output_location(out, {"the input": source, "--model": model_dir})
+    # Write access is checked only once the cache turns out not to be finished: a finished one
+    # on a read-only disk is a no-op, and takes no lock (it cannot hold a lock file).
+    outputs.check_output_location(out, {"the input": source, "--model": model_dir}, writable=False)
 
     # Rank 0 alone inspects the folder; the others get its verdict (or its error, so that no
     # rank is left waiting in a collective when rank 0 refuses). Nothing is written yet.
-    plan = dist.on_main_then_broadcast(lambda: cache_folder.inspect_out(out, spec, cfg.overwrite))
+    plan = dist.on_main_then_broadcast(lambda: _inspect_locked(out, spec, cfg.overwrite, lock))
     if plan.complete:
         log(f"[green]already complete[/green]: {out} matches these arguments; nothing to do")
         return _summary(cfg, plan.resume, "already_complete", time.perf_counter() - t0, 0)
+    outputs.check_creatable(out)
 
     planned = math.ceil(len(pairs) / cfg.rows_per_shard)
     manifest = plan.resume or cache.Manifest(spec=spec, planned_shards=planned, rows_read=read.rows_read)
@@ -336,7 +351,7 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     # folder (and any cache in it) exactly as it was.
     device = dist.device_for(resolve_device(cfg.device))
     model, scorer = _load_reference(cfg, device)
-    dist.on_main_then_broadcast(lambda: cache_folder.claim_out(out, plan, manifest))
+    dist.on_main_then_broadcast(lambda: cache_folder.claim_out(out, plan, manifest, lock))
     if done:
         log(f"resuming: {len(done)} of {planned} shards already done")
     positions = getattr(model.config, "max_position_embeddings", None)
@@ -412,6 +427,15 @@ def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict,
     manifest.tokenizer_files = cache.tokenizer_file_hashes(tok_dir)
     manifest.complete = True
     cache.commit_manifest(out, manifest)
+
+
+def _inspect_locked(out: Path, spec: dict, overwrite: bool, lock: FolderLock) -> cache_folder.OutPlan:
+    """`inspect_out` under the folder's lock when it is a dpocli cache that can hold one (writable):
+    a finished cache needs no lock, nor write access. Any other folder gets no lock file before
+    the claim, which locks it (`cache_folder.claim_out`)."""
+    if (out / cache.MANIFEST_NAME).is_file() and os.access(out, os.W_OK | os.X_OK):
+        lock.acquire()
+    return cache_folder.inspect_out(out, spec, overwrite)
 
 
 def _summary(cfg: PrecomputeConfig, manifest: cache.Manifest, status: str, seconds: float,

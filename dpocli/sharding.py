@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from dpocli.errors import DpocliError
+
 DCP_DIR = "dcp"  # inside a checkpoint folder: DCP's .metadata plus one or more __R_0.distcp files
 MAX_SHARD_BYTES = 5 * 2**30  # per safetensors file of the final model (HF's historical default)
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
@@ -143,7 +145,9 @@ def load_sharded_weights(model, folder: Path, device: torch.device) -> None:
                 loaded[name] = _local_part(path, data_start, entry, targets[name], device)
     missing = sorted(set(k for k, v in targets.items() if v.device.type == "meta") - set(loaded))
     if missing:
-        raise RuntimeError(f"{folder} holds no weights for {missing[:3]}")
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DpocliError(f"holds no weights for {missing[0]!r}{more}", file=folder, field="weights",
+                          hint="the weight files are incomplete or belong to another model")
     model.load_state_dict(loaded, strict=False, assign=True)
 
 

@@ -25,18 +25,20 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from dpocli import cache, checkpoint, distributed, outputs, run_summary, shared_cache
+from dpocli import cache, checkpoint, checkpoint_state, distributed, outputs, run_summary, shared_cache
 from dpocli.attention import describe as describe_attention
 from dpocli.batching import plan_epoch
-from dpocli.checkpoint import RunDir, TrainState
+from dpocli.checkpoint import RunDir
+from dpocli.checkpoint_state import TrainState
 from dpocli.console import ProgressBar, log, sigterm_as_interrupt
 from dpocli.errors import Interrupted, RunFailure, out_of_memory_types
 from dpocli.evaluate import evaluate_policy
+from dpocli.folder_lock import FolderLock
 from dpocli.logprobs import router_aux_coefficient, sequence_logps
 from dpocli.losses import LossInputs, LossSpec, compute_loss
 from dpocli.metrics import MetricsLog, StepMetrics, rename_for_eval
@@ -81,6 +83,11 @@ class _Session:
 
 
 def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
+    with FolderLock(cfg.out, "train") as lock:  # one writer per run folder: rank 0 holds it
+        return _run_train(cfg, resolved_toml, lock)
+
+
+def _run_train(cfg: TrainConfig, resolved_toml: str | None, lock: FolderLock) -> dict:
     t_start = time.perf_counter()
     cfg.check()
     spec = cfg.loss_spec()
@@ -99,21 +106,19 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     # attention_kernel: a record of what ran, not a setting (the kernels agree to rounding)
     config = {**asdict(cfg), "attention_kernel": describe_attention(cfg.packing, cfg.attn_implementation)}
     identity = cache.identity(manifest, data)
-    plan = checkpoint.inspect_run_dir(run_dir, config, identity, resume=cfg.resume, overwrite=cfg.overwrite,
-                                      defaults={f.name: f.default for f in fields(TrainConfig)})
+    plan = checkpoint.plan_run(dist, lock, cfg, config, identity, data.num_rows)
     torch.manual_seed(cfg.seed)
     device = dist.device_for(resolve_device(cfg.device))
     model, scorer = build_policy(cfg, data, plan.resume_from, device)
     spec = replace(spec, router_aux_loss_coef=router_aux_coefficient(model, cfg.router_aux_loss_coef))
     extra_files = tuple(n for n in ("tensorboard", "wandb") if n in (cfg.report_to or ""))
     run = dist.on_main_then_broadcast(lambda: RunDir.claim(
-        plan, config, identity, resolved_toml, extra_files + (("merged",) if cfg.merge else ())))
+        plan, config, identity, resolved_toml, extra_files + (("merged",) if cfg.merge else ()), lock))
     s = _session(cfg, spec, dist, manifest, data, eval_set, run if dist.is_main else None, run_dir,
                  model, scorer, tokenizer, device, t_start)
     state = TrainState()
     if plan.resume_from:
-        state = checkpoint.restore(plan.resume_from, model, s.optimizer, s.scheduler, cfg.fsdp,
-                                   s.global_batch)
+        state = checkpoint_state.restore(plan.resume_state, model, s.optimizer, s.scheduler, cfg.fsdp)
         log(f"resuming from {plan.resume_from[1]} (step {state.step} of {s.total_steps})")
     elif cfg.resume:
         log("nothing to resume yet; starting from step 0")

@@ -56,6 +56,11 @@ def test_sharded_checkpoints_resume_across_world_sizes(small_cache, tmp_path):
     assert (ckpt / "dcp" / ".metadata").is_file() and len(list((ckpt / "dcp").glob("*.distcp"))) == 2
     assert not (ckpt / "optimizer.pt").exists() and not list(ckpt.glob("*.safetensors"))
     assert (ckpt / "config.json").is_file()
+    # Its checksum record, written by rank 0 before the rename, covers every rank's shards.
+    checksums = json.loads((ckpt / "checksums.json").read_text())["files"]
+    assert {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()} - set(checksums) \
+        == {"checksums.json"}
+    assert len([n for n in checksums if n.startswith("dcp/") and n.endswith(".distcp")]) == 2
     record = json.loads((two / "run_record.json").read_text())
     assert {"checkpoint-2", "checkpoint-4", "model.safetensors", "config.json"} <= set(record["files"])
 
