@@ -132,9 +132,14 @@ class CacheData:
                 column = table.column(name)
                 arr = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
                 self.lists[name] = (arr.values.to_numpy(), arr.offsets.to_numpy())
+        # Replay-only rows of a derived cache (see `read_replay`): shard -> first ghost number, and
+        # the ghosts' id lists; a batch plan names ghost g of the store as the member -(g + 1).
+        self.ghost_base: dict[int, int] = {}
+        self.ghost_lists: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def row_list(self, name: str, i: int) -> np.ndarray:
-        values, offsets = self.lists[name]
+        values, offsets = self.ghost_lists[name] if i < 0 else self.lists[name]
+        i = -i - 1 if i < 0 else i
         return values[offsets[i]:offsets[i + 1]]
 
     def seq_len(self, i: int) -> int:
@@ -173,6 +178,38 @@ def spill_cache(data: CacheData, folder: str | Path | None = None) -> Path:
         os.unlink(name)
         raise
     return Path(name)
+
+
+REPLAY_COLUMNS = ID_COLUMNS  # what a replay-only row keeps: the tokens of a forward it took part in
+
+
+def replay_name(index: int) -> str:
+    return f"replay-{index:05d}.parquet"
+
+
+def read_replay(cache_dir: str | Path, manifest: Manifest, data: CacheData) -> CacheData:
+    """Attach a derived cache's replay-only rows to `data`: the pairs that were dropped from a
+    shard (filter, split, merge) but shared a reference forward with a kept row. `dpo eval` runs
+    them again, in their recorded batches, so the kept rows see the very forwards precompute ran
+    (and the reference scores them bit for bit); their results are discarded."""
+    tables = []
+    for entry in sorted(manifest.shards, key=lambda e: e["index"]):
+        replay = entry.get("replay") or {}
+        if replay.get("file"):
+            data.ghost_base[entry["index"]] = sum(t.num_rows for t in tables)
+            path = Path(cache_dir) / replay["file"]
+            try:
+                with pq.ParquetFile(path) as f:
+                    tables.append(f.read(columns=list(REPLAY_COLUMNS)))
+            except Exception:
+                raise DpocliError("is not a readable Parquet file (truncated or corrupt)",
+                                  file=path) from None
+    if tables:
+        table = pa.concat_tables(tables).combine_chunks()
+        for name in REPLAY_COLUMNS:
+            arr = table.column(name).chunk(0) if table.num_rows else pa.array([], pa.list_(pa.int32()))
+            data.ghost_lists[name] = (arr.values.to_numpy(), arr.offsets.to_numpy())
+    return data
 
 
 def map_cache(path: str | Path) -> CacheData:
@@ -241,7 +278,7 @@ def load_cache(cache_dir: str | Path, *, checksums: bool = True) -> tuple[Manife
     verify_shards(cache_dir, manifest, checksums=checksums)
     verify_tokenizer_files(cache_dir, manifest, checksums=checksums)
     with _system_allocator():
-        data = CacheData(_read_rows(cache_dir, manifest))
+        data = read_replay(cache_dir, manifest, CacheData(_read_rows(cache_dir, manifest)))
     for name in ("ref_chosen_logps", "ref_rejected_logps"):
         bad = np.flatnonzero(~np.isfinite(data.scalars[name]))
         if bad.size:

@@ -19,12 +19,15 @@ from dpocli.console import emit_json, emit_table, err_console, set_quiet
 from dpocli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DpocliError, RunFailure, out_of_memory_types
 from dpocli.option_params import config_kwargs, given, with_options
 from dpocli.options import (
+    AuditOpts,
     CheckpointOpts,
     EvalOpts,
+    FilterOpts,
     LayoutOpts,
     LoadOpts,
     LoraOpts,
     LossOpts,
+    MergeOpts,
     ModelOpts,
     OptimOpts,
     OutputFormat,
@@ -32,6 +35,7 @@ from dpocli.options import (
     PrecomputeOpts,
     QuantOpts,
     ReportOpts,
+    SplitOpts,
     TrainOpts,
     VerifyOpts,
 )
@@ -411,6 +415,67 @@ def cache_verify(
     result = _run(lambda: run_verify(str(cache), **config_kwargs(run, load)), quiet=fmt.quiet,
                   uses_torch=run.rescore > 0)
     _emit(result, fmt.json, verify_table)
+
+
+# ---- the cache as a dataset (issue 26): no torch; dpocli/cache_audit.py and cache_ops.py do the work
+
+CacheArg = Annotated[Path, typer.Argument(help="A cache folder (written by precompute-ref or derived).")]
+
+
+@cache_app.command("audit", epilog=EPILOG + "  Example: dpo cache audit ./ref-cache --out audit.html")
+@with_options
+def cache_audit(cache: CacheArg, run: AuditOpts, fmt: OutputFormat, config: ConfigOpt = None,
+                print_config: PrintConfigOpt = False):
+    """Lengths, truncation, identical/duplicate/conflicting pairs and the reference's own margins."""
+    from dpocli.cache_audit import run_audit
+    from dpocli.summaries import audit_table
+
+    kwargs = config_kwargs(run)
+    summary = _run(lambda: run_audit(str(cache), **kwargs), quiet=fmt.quiet, uses_torch=False)
+    _emit(summary, fmt.json, audit_table)
+
+
+@cache_app.command("filter", epilog=EPILOG + "  Example: dpo cache filter ./ref-cache --out ./clean --dedupe")
+@with_options
+def cache_filter(cache: CacheArg, run: FilterOpts, output: OutputOpts, fmt: OutputFormat,
+                 config: ConfigOpt = None, print_config: PrintConfigOpt = False):
+    """Write a new cache holding the rows that pass every option given."""
+    from dpocli.cache_ops import run_filter
+    from dpocli.cache_select import FilterRule
+    from dpocli.summaries import derived_table
+
+    kwargs = config_kwargs(run)
+    out = kwargs.pop("out")
+    summary = _run(lambda: run_filter(str(cache), out, FilterRule(**kwargs), overwrite=output.overwrite),
+                   quiet=fmt.quiet, uses_torch=False)
+    _emit(summary, fmt.json, derived_table)
+
+
+@cache_app.command("split", epilog=EPILOG + "  Example: dpo cache split ./c --out-train ./tr --out-test ./te")
+@with_options
+def cache_split(cache: CacheArg, run: SplitOpts, output: OutputOpts, fmt: OutputFormat,
+                config: ConfigOpt = None, print_config: PrintConfigOpt = False):
+    """Split a cache in two by a stable hash of the row id (a held-out cache without a new precompute)."""
+    from dpocli.cache_ops import run_split
+    from dpocli.summaries import split_table
+
+    kwargs = config_kwargs(run, output)
+    summary = _run(lambda: run_split(str(cache), **kwargs), quiet=fmt.quiet, uses_torch=False)
+    _emit(summary, fmt.json, split_table)
+
+
+@cache_app.command("merge", epilog=EPILOG + "  Example: dpo cache merge ./cache-a ./cache-b --out ./both")
+@with_options
+def cache_merge(caches: Annotated[list[Path], typer.Argument(help="Two or more caches of one reference.")],
+                run: MergeOpts, output: OutputOpts, fmt: OutputFormat, config: ConfigOpt = None,
+                print_config: PrintConfigOpt = False):
+    """Merge caches made by the same reference, tokenizer and settings; each id is kept once."""
+    from dpocli.cache_ops import run_merge
+    from dpocli.summaries import derived_table
+
+    summary = _run(lambda: run_merge([str(c) for c in caches], str(run.out), overwrite=output.overwrite),
+                   quiet=fmt.quiet, uses_torch=False)
+    _emit(summary, fmt.json, derived_table)
 
 
 def main() -> None:
