@@ -102,15 +102,17 @@ class FilterRule:
             )
 
     def any(self) -> bool:
-        return any(v not in (None, False) for k, v in asdict(self).items() if k not in ("seed", "per_token"))
+        return any((v is not None and v is not False) for k, v in asdict(self).items() if k not in ("seed", "per_token"))
 
     def record(self) -> dict:
         """The rule as the derived cache's spec keeps it: id files by content, not by path."""
         out = {
             k: v
             for k, v in asdict(self).items()
-            if v not in (None, False) and k not in ("ids", "exclude_ids")
+            if (v is not None and v is not False) and k not in ("ids", "exclude_ids")
         }
+        if self.sample is None:
+            out.pop("seed")  # only --sample draws
         for name in ("ids", "exclude_ids"):
             path = getattr(self, name)
             if path is not None:
