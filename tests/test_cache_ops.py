@@ -301,9 +301,10 @@ def test_reference_on_derived_caches_is_exactly_neutral(crafted, tmp_path):
 def test_train_runs_on_a_derived_cache_and_resume_refuses_another(crafted, tmp_path):
     out, run = tmp_path / "f", tmp_path / "run"
     run_json("filter", crafted, "--out", out, "--drop-truncated")
-    train = ["train", out, "--model", MODEL, "--out", run, "--batch-size", 4, "--save-every", 1, "--quiet"]
-    result = invoke([*train, "--max-steps", 1])
+    train = ["train", out, "--model", MODEL, "--out", run, "--batch-size", 4, "--save-every", 1, "--quiet",
+             "--max-steps", 1]
+    result = invoke(train)
     assert result.exit_code == 0, result.stderr
     run_json("filter", crafted, "--out", out, "--dedupe", "--overwrite")  # another cache, same folder
-    resumed = invoke([*train, "--max-steps", 2, "--resume"])
+    resumed = invoke([*train, "--resume"])
     assert resumed.exit_code == 2 and "rebuilt" in resumed.stderr
