@@ -102,7 +102,8 @@ class FilterRule:
             )
 
     def any(self) -> bool:
-        return any((v is not None and v is not False) for k, v in asdict(self).items() if k not in ("seed", "per_token"))
+        given = [v for k, v in asdict(self).items() if k not in ("seed", "per_token")]
+        return any(v is not None and v is not False for v in given)
 
     def record(self) -> dict:
         """The rule as the derived cache's spec keeps it: id files by content, not by path."""
