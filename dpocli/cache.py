@@ -132,8 +132,9 @@ class CacheData:
                 column = table.column(name)
                 arr = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
                 self.lists[name] = (arr.values.to_numpy(), arr.offsets.to_numpy())
-        # Replay-only rows of a derived cache (see `read_replay`): shard -> first ghost number, and
-        # the ghosts' id lists; a batch plan names ghost g of the store as the member -(g + 1).
+        # A derived cache's replay records (see `read_replay`): shard -> its forwards, shard -> its
+        # first ghost number, and the ghosts' id lists; a forward names ghost g as member -(g + 1).
+        self.replay_plans: dict[int, list[list[int]]] = {}
         self.ghost_base: dict[int, int] = {}
         self.ghost_lists: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -187,23 +188,40 @@ def replay_name(index: int) -> str:
     return f"replay-{index:05d}.parquet"
 
 
+def replay_schema() -> pa.Schema:
+    """A derived shard's replay file: one row per member of each reference forward to rerun, in
+    order. `member` >= 0 is a row of the shard (by stored position, lists empty); `member` = -(g + 1)
+    is replay-only row g, whose token ids the row carries (each appears once, g = 0, 1, ... in order)."""
+    return pa.schema([pa.field("batch", pa.int32()), pa.field("member", pa.int32())]
+                     + [pa.field(name, pa.list_(pa.int32())) for name in REPLAY_COLUMNS])
+
+
+def read_replay_file(path: Path) -> tuple[list[list[int]], pa.Table]:
+    """(the forwards as lists of members, the replay-only rows' id columns in ghost order)."""
+    try:
+        with pq.ParquetFile(path) as f:
+            table = f.read()
+    except Exception:
+        raise DpocliError("is not a readable Parquet file (truncated or corrupt)", file=path) from None
+    batch, member = table.column("batch").to_numpy(), table.column("member").to_numpy()
+    bounds = np.flatnonzero(np.diff(batch)) + 1
+    plan = [part.tolist() for part in np.split(member, bounds)] if member.size else []
+    ghosts = table.filter(pa.array(member < 0)).select(list(REPLAY_COLUMNS))
+    return plan, ghosts
+
+
 def read_replay(cache_dir: str | Path, manifest: Manifest, data: CacheData) -> CacheData:
-    """Attach a derived cache's replay-only rows to `data`: the pairs that were dropped from a
-    shard (filter, split, merge) but shared a reference forward with a kept row. `dpo eval` runs
-    them again, in their recorded batches, so the kept rows see the very forwards precompute ran
-    (and the reference scores them bit for bit); their results are discarded."""
+    """Attach a derived cache's replay records to `data`: per shard the reference forwards that
+    precompute ran, and the pairs that were dropped from them (filter, split, merge) but shared a
+    forward with a kept row. `dpo eval` runs those forwards again, so the kept rows are scored
+    exactly as precompute scored them; the replay-only rows' results are discarded."""
     tables = []
     for entry in sorted(manifest.shards, key=lambda e: e["index"]):
-        replay = entry.get("replay") or {}
-        if replay.get("file"):
+        if entry.get("replay"):
+            plan, ghosts = read_replay_file(Path(cache_dir) / entry["replay"]["file"])
+            data.replay_plans[entry["index"]] = plan
             data.ghost_base[entry["index"]] = sum(t.num_rows for t in tables)
-            path = Path(cache_dir) / replay["file"]
-            try:
-                with pq.ParquetFile(path) as f:
-                    tables.append(f.read(columns=list(REPLAY_COLUMNS)))
-            except Exception:
-                raise DpocliError("is not a readable Parquet file (truncated or corrupt)",
-                                  file=path) from None
+            tables.append(ghosts)
     if tables:
         table = pa.concat_tables(tables).combine_chunks()
         for name in REPLAY_COLUMNS:

@@ -43,7 +43,7 @@ def _owned_names(manifest: cache.Manifest) -> set[str]:
     names = set(cache_folder.CACHE_NAMES)
     for entry in manifest.shards:
         names.add(entry["file"])
-        if (entry.get("replay") or {}).get("file"):
+        if entry.get("replay"):
             names.add(entry["replay"]["file"])
     return names
 
@@ -91,16 +91,19 @@ def derived_spec(base: dict, operation: dict, parents: list[tuple[str, cache.Man
     return {**base, "derived": {**operation, "parents": [parent_record(d, m) for d, m in parents]}}
 
 
-def _parent_plan(spec: dict, entry: dict, table: pa.Table) -> list[list[int]]:
-    """The parent shard's reference batches (positions; negative: its own replay rows)."""
+def _parent_plan(
+    cache_dir: str, spec: dict, entry: dict, table: pa.Table
+) -> tuple[list[list[int]], pa.Table | None]:
+    """The parent shard's reference batches (positions; negative: its own replay rows), and its
+    replay rows (None for a shard written by precompute-ref)."""
     if entry.get("replay"):
-        return entry["replay"]["plan"]
+        return cache.read_replay_file(Path(cache_dir) / entry["replay"]["file"])
     prompt = np.diff(table.column("prompt_ids").combine_chunks().offsets.to_numpy())
     lengths = list(
         zip(prompt.tolist(), table.column("chosen_len").to_pylist(), table.column("rejected_len").to_pylist())
     )
     batching = Batching.from_records(spec.get("batching"), entry.get("budget"), "manifest.json")
-    return plan_reference_batches(lengths, batching)
+    return plan_reference_batches(lengths, batching), None
 
 
 def _replan(plan: list[list[int]], keep: np.ndarray) -> tuple[list[list[int]], list[int]]:
@@ -131,6 +134,19 @@ def _ghost_table(sources: list[int], table: pa.Table, parent_ghosts: pa.Table | 
         pool = pa.concat_tables([pool, parent_ghosts.select(list(cache.REPLAY_COLUMNS))])
     index = [s if s >= 0 else table.num_rows - s - 1 for s in sources]
     return pool.take(pa.array(index, pa.int64())).combine_chunks()
+
+
+def _replay_table(plan: list[list[int]], ghosts: pa.Table) -> pa.Table:
+    """The replay file of a shard (cache.replay_schema): every member of every forward, in order."""
+    sizes = [len(b) for b in plan]
+    member = np.fromiter((m for b in plan for m in b), dtype=np.int32, count=sum(sizes))
+    batch = np.repeat(np.arange(len(plan), dtype=np.int32), sizes)
+    empty = pa.table({n: pa.array([[]], pa.list_(pa.int32())) for n in cache.REPLAY_COLUMNS})
+    pool = pa.concat_tables([ghosts.select(list(cache.REPLAY_COLUMNS)), empty])
+    lists = pool.take(pa.array(np.where(member < 0, -member.astype(np.int64) - 1, ghosts.num_rows)))
+    columns = {"batch": pa.array(batch), "member": pa.array(member)}
+    columns.update({n: lists.column(n).combine_chunks() for n in cache.REPLAY_COLUMNS})
+    return pa.Table.from_pydict(columns, schema=cache.replay_schema())
 
 
 def _write_parquet(path: Path, table: pa.Table) -> str:
@@ -193,7 +209,8 @@ class DerivedWriter:
             for reason, n in dropped.items():
                 self.carry[reason] = self.carry.get(reason, 0) + n
             return
-        plan, sources = _replan(_parent_plan(spec, entry, table), keep)
+        parent_plan, parent_ghosts = _parent_plan(cache_dir, spec, entry, table)
+        plan, sources = _replan(parent_plan, keep)
         kept = table.filter(pa.array(keep))
         if source_offset:
             kept = kept.set_column(
@@ -209,13 +226,15 @@ class DerivedWriter:
             bool(self.spec["token_logps"]),
             self.spec,
         )
-        replay = {"plan": plan, "file": None, "rows": len(sources), "sha256": None}
-        if sources:
-            parent_ghosts = self._parent_ghosts(cache_dir, entry)
-            ghosts = _ghost_table(sources, table, parent_ghosts)
-            replay["file"] = cache.replay_name(index)
-            replay["sha256"] = _write_parquet(self.folder / replay["file"], ghosts)
-            self.replay_rows += len(sources)
+        name = cache.replay_name(index)
+        replay_table = _replay_table(plan, _ghost_table(sources, table, parent_ghosts))
+        replay = {
+            "file": name,
+            "sha256": _write_parquet(self.folder / name, replay_table),
+            "rows": len(sources),
+            "batches": len(plan),
+        }
+        self.replay_rows += len(sources)
         for reason, n in self.carry.items():
             dropped[reason] = dropped.get(reason, 0) + n
         self.carry = {}
@@ -230,14 +249,6 @@ class DerivedWriter:
         self.lengths.add("prompt", np.diff(kept.column("prompt_ids").combine_chunks().offsets.to_numpy()))
         self.lengths.add("chosen", chosen.astype(np.int64))
         self.lengths.add("rejected", rejected.astype(np.int64))
-
-    @staticmethod
-    def _parent_ghosts(cache_dir: str, entry: dict) -> pa.Table | None:
-        name = (entry.get("replay") or {}).get("file")
-        if not name:
-            return None
-        with pq.ParquetFile(Path(cache_dir) / name) as f:
-            return f.read(columns=list(cache.REPLAY_COLUMNS))
 
     def manifest(self, rows_read: int, tokenizer_files: dict, created: dict) -> cache.Manifest:
         if self.carry:  # the last shards were left empty: their drops go to the last written one

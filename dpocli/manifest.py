@@ -156,8 +156,8 @@ def verify_shards(cache_dir: str | Path, manifest: Manifest, *, checksums: bool 
         if checksums and sha256_file(path) != entry["sha256"]:
             raise DpocliError("does not match its checksum in the manifest (modified or corrupt)",
                               file=path, field="sha256", hint="recreate the cache")
-        replay = entry.get("replay") or {}
-        if replay.get("file"):  # a derived cache's replay-only rows (cache.read_replay)
+        replay = entry.get("replay")
+        if replay:  # a derived cache's reference forwards (cache.read_replay)
             path = Path(cache_dir) / replay["file"]
             if not path.is_file():
                 raise DpocliError("is listed in the manifest but missing", file=path)

@@ -93,7 +93,7 @@ def plan_like_precompute(data: CacheData, manifest: Manifest,
     dropped (`data.row_list` reads them). `max_tokens` plans the kept rows afresh.
     """
     batching = shard_batching(manifest)
-    recorded = {e["index"]: e["replay"]["plan"] for e in manifest.shards if e.get("replay")}
+    recorded = data.replay_plans
     batches = []
     for shard, rows in sorted(data.shard_rows().items()):
         if shard in recorded and max_tokens is None:
