@@ -119,14 +119,13 @@ class _Margins:
 class Audit:
     """The accumulators of one audit; `add` a `cache_scan.Rows`, then `result()`."""
 
-    def __init__(self, max_length: int, tail_tokens: int, top: int):
+    def __init__(self, max_length: int, tail_tokens: int, top: int, rows: int):
         self.max_length, self.tail_tokens, self.top = max_length, tail_tokens, top
         self.rows = 0
         self.lengths = {part: _Histogram() for part in ("prompt", "chosen", "rejected", "total")}
         self.at_max = {"chosen": 0, "rejected": 0, "either": 0}
         self.identical = self.near_identical = 0
-        self.keys: list[np.ndarray] = []
-        self.identical_flags: list[np.ndarray] = []
+        self.keys = np.zeros(rows, dtype=np.uint64)  # filled in row order, sorted in `result`
         self.margin, self.margin_per_token = _Margins(), _Margins()
         self.bias = np.zeros(5)  # Σx, Σy, Σxx, Σyy, Σxy with x = length difference, y = margin
         self.by_sign = {s: [0, 0, 0.0] for s in ("chosen_shorter", "equal", "chosen_longer")}
@@ -145,8 +144,7 @@ class Audit:
         self.identical += int(identical.sum())
         near = (prefix >= np.maximum(c, r) - self.tail_tokens) & (prefix >= self.tail_tokens)
         self.near_identical += int((~identical & near).sum())
-        self.keys.append(rows.pair_keys())
-        self.identical_flags.append(identical)
+        self.keys[self.rows : self.rows + rows.batch.num_rows] = rows.pair_keys()
         margin, per_token = rows.margins()
         self.margin.add(margin)
         self.margin_per_token.add(per_token)
@@ -196,9 +194,8 @@ class Audit:
         }
 
     def result(self) -> dict:
-        keys = np.concatenate(self.keys) if self.keys else np.zeros(0, np.uint64)
-        identical = np.concatenate(self.identical_flags) if self.keys else np.zeros(0, bool)
-        duplicate, conflicting = cache_scan.duplicate_and_conflict(keys, identical)
+        self.keys.sort()  # in place: no second copy of 8 bytes a row
+        duplicates, conflicting = cache_scan.count_duplicates_and_conflicts(self.keys)
         strongest = sorted(self.reversed, reverse=True)
         return {
             "rows": self.rows,
@@ -206,8 +203,8 @@ class Audit:
             "at_max_length": {**self.at_max, "max_length": self.max_length},
             "identical": self.identical,
             "near_identical": {"pairs": self.near_identical, "tail_tokens": self.tail_tokens},
-            "duplicates": int(duplicate.sum()),
-            "conflicting": int(conflicting.sum()),
+            "duplicates": duplicates,
+            "conflicting": conflicting,
             "reference": {
                 "accuracy": self.margin.correct / self.rows if self.rows else None,
                 "margin": self.margin.summary(),
@@ -227,7 +224,7 @@ def run_audit(cache_dir: str, *, tail_tokens: int = 4, top: int = 10, out: str |
     if out is not None:
         audit_picture.check_out(Path(out))
     manifest = cache_scan.open_cache(cache_dir, checksums=False)
-    audit = Audit(int(manifest.spec["max_length"]), tail_tokens, top)
+    audit = Audit(int(manifest.spec["max_length"]), tail_tokens, top, manifest.rows_written)
     for _, batch in cache_scan.iter_shards(cache_dir, manifest, cache_scan.AUDIT_COLUMNS):
         audit.add(cache_scan.Rows(batch))
     summary = {

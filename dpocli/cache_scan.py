@@ -145,20 +145,39 @@ AUDIT_COLUMNS = [
 ]
 
 
-def duplicate_and_conflict(keys: np.ndarray, identical: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(duplicate, conflicting) flags per row from all rows' `pair_keys` in row order: a duplicate
-    repeats an earlier row exactly (the first occurrence is not flagged); a conflicting row has its
-    swap (same prompt, chosen and rejected exchanged) elsewhere in the cache. A pair whose two
-    completions are identical conflicts with nothing."""
-    order = np.argsort(keys, kind="stable")
+CHUNK = 1 << 20  # keys looked up at a time: the lookups' temporaries stay a few MB
+
+
+def _found(sorted_keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    pos = np.searchsorted(sorted_keys, values)
+    return (pos < sorted_keys.size) & (sorted_keys[np.minimum(pos, max(sorted_keys.size - 1, 0))] == values)
+
+
+def count_duplicates_and_conflicts(sorted_keys: np.ndarray) -> tuple[int, int]:
+    """(rows that repeat an earlier row, rows whose swap is in the cache) from every row's
+    `pair_keys`, sorted. A pair with identical completions has orientation bit 0 and no row can
+    have its key with bit 1, so it conflicts with nothing."""
+    duplicates = conflicting = 0
+    for a in range(0, sorted_keys.size, CHUNK):
+        x = sorted_keys[max(a - 1, 0) : a + CHUNK]
+        duplicates += int((x[1:] == x[:-1]).sum())
+        conflicting += int(_found(sorted_keys, sorted_keys[a : a + CHUNK] ^ np.uint64(1)).sum())
+    return duplicates, conflicting
+
+
+def lookup(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(repeated, conflicting) per row of `keys`: its key occurs more than once in the cache; its
+    swap occurs in the cache."""
+    left = np.searchsorted(sorted_keys, keys, side="left")
+    right = np.searchsorted(sorted_keys, keys, side="right")
+    return right - left > 1, _found(sorted_keys, keys ^ np.uint64(1))
+
+
+def later_duplicates(indices: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Of the rows `indices` (in row order) whose keys repeat, those that are not the first of their
+    key (the rows `--dedupe` drops)."""
+    order = np.lexsort((indices, keys))
     ordered = keys[order]
-    duplicate = np.zeros(keys.size, dtype=bool)
-    duplicate[order[1:]] = ordered[1:] == ordered[:-1]
-    swapped = keys ^ np.uint64(1)
-    pos = np.searchsorted(ordered, swapped)
-    found = (
-        (pos < ordered.size) & (ordered[np.minimum(pos, max(ordered.size - 1, 0))] == swapped)
-        if ordered.size
-        else np.zeros(0, dtype=bool)
-    )
-    return duplicate, found & ~identical
+    later = np.zeros(indices.size, dtype=bool)
+    later[order[1:]] = ordered[1:] == ordered[:-1]
+    return indices[later]

@@ -164,6 +164,30 @@ def _batch_codes(rows: cache_scan.Rows, rule: FilterRule, max_length: int, id_se
     return codes
 
 
+PENDING = 255  # conflicting, unless the row turns out to be a later duplicate (the earlier reason)
+
+
+def _keyed_codes(
+    cache_dir: str, manifest: cache.Manifest, rule: FilterRule, sorted_keys: np.ndarray, codes: np.ndarray
+) -> None:
+    """--dedupe and --drop-conflicting, from all rows' keys (sorted) and a second pass that looks
+    each row's key up: memory stays at 8 bytes a row plus the few rows whose key repeats."""
+    start, repeated_rows, repeated_keys = 0, [], []
+    for _, batch in cache_scan.iter_shards(cache_dir, manifest, list(cache.ID_COLUMNS)):
+        keys = cache_scan.Rows(batch).pair_keys()
+        repeated, conflicting = cache_scan.lookup(sorted_keys, keys)
+        if rule.drop_conflicting:
+            part = codes[start : start + keys.size]  # a view: written in place
+            part[conflicting & (part == 0)] = PENDING
+        repeated_rows.append(np.flatnonzero(repeated) + start)
+        repeated_keys.append(keys[repeated])
+        start += keys.size
+    if rule.dedupe:
+        later = cache_scan.later_duplicates(np.concatenate(repeated_rows), np.concatenate(repeated_keys))
+        codes[later[(codes[later] == 0) | (codes[later] == PENDING)]] = CODE["filter_duplicate"]
+    codes[codes == PENDING] = CODE["filter_conflicting"]
+
+
 def filter_codes(cache_dir: str, manifest: cache.Manifest, rule: FilterRule) -> np.ndarray:
     """The filter's decision for every row of `cache_dir` (module docstring)."""
     id_sets = {
@@ -172,23 +196,18 @@ def filter_codes(cache_dir: str, manifest: cache.Manifest, rule: FilterRule) -> 
         if getattr(rule, name) is not None
     }
     keyed = rule.dedupe or rule.drop_conflicting
-    parts, keys, identical = [], [], []
-    max_length = int(manifest.spec["max_length"])
+    codes = np.zeros(manifest.rows_written, dtype=np.uint8)
+    keys = np.zeros(manifest.rows_written if keyed else 0, dtype=np.uint64)
+    max_length, start = int(manifest.spec["max_length"]), 0
     for _, batch in cache_scan.iter_shards(cache_dir, manifest, cache_scan.AUDIT_COLUMNS):
         rows = cache_scan.Rows(batch)
-        parts.append(_batch_codes(rows, rule, max_length, id_sets))
+        codes[start : start + batch.num_rows] = _batch_codes(rows, rule, max_length, id_sets)
         if keyed:
-            keys.append(rows.pair_keys())
-            identical.append(rows.identical())
-    codes = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+            keys[start : start + batch.num_rows] = rows.pair_keys()
+        start += batch.num_rows
     if keyed and codes.size:
-        duplicate, conflicting = cache_scan.duplicate_and_conflict(
-            np.concatenate(keys), np.concatenate(identical)
-        )
-        if rule.dedupe:
-            _first(codes, duplicate, "filter_duplicate")
-        if rule.drop_conflicting:
-            _first(codes, conflicting, "filter_conflicting")
+        keys.sort()  # in place; the row-order keys are computed again below, a batch at a time
+        _keyed_codes(cache_dir, manifest, rule, keys, codes)
     if rule.sample is not None:
         survivors = np.flatnonzero(codes == 0)
         if rule.sample < survivors.size:
