@@ -196,13 +196,17 @@ def replay_schema() -> pa.Schema:
                      + [pa.field(name, pa.list_(pa.int32())) for name in REPLAY_COLUMNS])
 
 
-def read_replay_file(path: Path) -> tuple[list[list[int]], pa.Table]:
-    """(the forwards as lists of members, the replay-only rows' id columns in ghost order)."""
+def read_replay_table(path: Path) -> pa.Table:
     try:
         with pq.ParquetFile(path) as f:
-            table = f.read()
+            return f.read()
     except Exception:
         raise DpocliError("is not a readable Parquet file (truncated or corrupt)", file=path) from None
+
+
+def read_replay_file(path: Path) -> tuple[list[list[int]], pa.Table]:
+    """(the forwards as lists of members, the replay-only rows' id columns in ghost order)."""
+    table = read_replay_table(path)
     batch, member = table.column("batch").to_numpy(), table.column("member").to_numpy()
     bounds = np.flatnonzero(np.diff(batch)) + 1
     plan = [part.tolist() for part in np.split(member, bounds)] if member.size else []

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from dpocli import __version__, cache, cache_folder, cache_scan, outputs
 from dpocli.atomic import atomic_dir, atomic_path, sha256_file
-from dpocli.batch_plan import Batching, plan_reference_batches
+from dpocli.batch_plan import Batching
 from dpocli.cache_audit import percentile_from_counts
 from dpocli.cache_select import REASONS
 from dpocli.errors import DpocliError
@@ -91,60 +91,71 @@ def derived_spec(base: dict, operation: dict, parents: list[tuple[str, cache.Man
     return {**base, "derived": {**operation, "parents": [parent_record(d, m) for d, m in parents]}}
 
 
+def plan_members(lengths: np.ndarray, batching: Batching) -> tuple[np.ndarray, np.ndarray]:
+    """`batch_plan.plan_reference_batches` as (batch number, member) arrays, without a Python loop
+    over rows (tests/test_cache_ops.py checks it equals the planner): rows sorted by descending
+    prompt + longer completion (ties by position); a batch takes batch_size rows, or as many as
+    fit 2 * rows * (its first row's length) <= max_tokens, at least one."""
+    seq = lengths[:, 0] + np.maximum(lengths[:, 1], lengths[:, 2])
+    order = np.lexsort((np.arange(seq.size), -seq))
+    sizes, start = [], 0
+    while start < order.size:
+        take = batching.batch_size or max(1, batching.max_tokens // (2 * int(seq[order[start]])))
+        sizes.append(min(take, order.size - start))
+        start += sizes[-1]
+    return np.repeat(np.arange(len(sizes), dtype=np.int64), sizes), order.astype(np.int64)
+
+
 def _parent_plan(
     cache_dir: str, spec: dict, entry: dict, table: pa.Table
-) -> tuple[list[list[int]], pa.Table | None]:
-    """The parent shard's reference batches (positions; negative: its own replay rows), and its
-    replay rows (None for a shard written by precompute-ref)."""
+) -> tuple[np.ndarray, np.ndarray, pa.Table | None]:
+    """The parent shard's reference forwards as (batch, member) arrays (member: a position, or
+    -(h + 1) for its replay row h), and its replay rows (None for a shard from precompute-ref)."""
     if entry.get("replay"):
-        return cache.read_replay_file(Path(cache_dir) / entry["replay"]["file"])
+        replay = cache.read_replay_table(Path(cache_dir) / entry["replay"]["file"])
+        member = replay.column("member").to_numpy().astype(np.int64)
+        ghosts = replay.filter(pa.array(member < 0)).select(list(cache.REPLAY_COLUMNS))
+        return replay.column("batch").to_numpy().astype(np.int64), member, ghosts
     prompt = np.diff(table.column("prompt_ids").combine_chunks().offsets.to_numpy())
-    lengths = list(
-        zip(prompt.tolist(), table.column("chosen_len").to_pylist(), table.column("rejected_len").to_pylist())
+    lengths = np.stack(
+        [prompt, table.column("chosen_len").to_numpy(), table.column("rejected_len").to_numpy()], 1
     )
     batching = Batching.from_records(spec.get("batching"), entry.get("budget"), "manifest.json")
-    return plan_reference_batches(lengths, batching), None
+    return (*plan_members(lengths.astype(np.int64), batching), None)
 
 
-def _replan(plan: list[list[int]], keep: np.ndarray) -> tuple[list[list[int]], list[int]]:
-    """(new plan, ghost sources): kept positions renumbered, every other member of a batch that
-    keeps a row becomes replay row g (-(g + 1)); a source is a parent position, or -(h + 1) for
-    the parent's replay row h."""
-    new_position = np.cumsum(keep) - 1
-    new_plan, sources, ghost_of = [], [], {}
-    for batch in plan:
-        if not any(m >= 0 and keep[m] for m in batch):
-            continue
-        members = []
-        for m in batch:
-            if m >= 0 and keep[m]:
-                members.append(int(new_position[m]))
-                continue
-            if m not in ghost_of:
-                ghost_of[m] = len(sources)
-                sources.append(int(m))
-            members.append(-(ghost_of[m] + 1))
-        new_plan.append(members)
-    return new_plan, sources
+def _replan(
+    batch: np.ndarray, member: np.ndarray, keep: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(batch, member, ghost sources) of the new shard: forwards without a kept row are left out,
+    kept positions renumbered, every other member becomes replay row g (-(g + 1)) in order of
+    appearance; a source is a parent position, or -(h + 1) for the parent's replay row h."""
+    kept = np.zeros(member.size, dtype=bool)
+    own = member >= 0
+    kept[own] = keep[member[own]]
+    used = np.bincount(batch, weights=kept, minlength=int(batch.max()) + 1 if batch.size else 0) > 0
+    chosen = used[batch]
+    batch, member, kept = batch[chosen], member[chosen], kept[chosen]
+    renumbered = np.unique(batch, return_inverse=True)[1].astype(np.int32)
+    ghost = ~kept
+    new_member = np.where(kept, (np.cumsum(keep) - 1)[np.maximum(member, 0)], -np.cumsum(ghost))
+    return renumbered, new_member.astype(np.int32), member[ghost]
 
 
-def _ghost_table(sources: list[int], table: pa.Table, parent_ghosts: pa.Table | None) -> pa.Table:
+def _ghost_table(sources: np.ndarray, table: pa.Table, parent_ghosts: pa.Table | None) -> pa.Table:
     pool = table.select(list(cache.REPLAY_COLUMNS))
     if parent_ghosts is not None:
         pool = pa.concat_tables([pool, parent_ghosts.select(list(cache.REPLAY_COLUMNS))])
-    index = [s if s >= 0 else table.num_rows - s - 1 for s in sources]
+    index = np.where(sources >= 0, sources, table.num_rows - sources - 1)
     return pool.take(pa.array(index, pa.int64())).combine_chunks()
 
 
-def _replay_table(plan: list[list[int]], ghosts: pa.Table) -> pa.Table:
+def _replay_table(batch: np.ndarray, member: np.ndarray, ghosts: pa.Table) -> pa.Table:
     """The replay file of a shard (cache.replay_schema): every member of every forward, in order."""
-    sizes = [len(b) for b in plan]
-    member = np.fromiter((m for b in plan for m in b), dtype=np.int32, count=sum(sizes))
-    batch = np.repeat(np.arange(len(plan), dtype=np.int32), sizes)
     empty = pa.table({n: pa.array([[]], pa.list_(pa.int32())) for n in cache.REPLAY_COLUMNS})
     pool = pa.concat_tables([ghosts.select(list(cache.REPLAY_COLUMNS)), empty])
     lists = pool.take(pa.array(np.where(member < 0, -member.astype(np.int64) - 1, ghosts.num_rows)))
-    columns = {"batch": pa.array(batch), "member": pa.array(member)}
+    columns = {"batch": pa.array(batch, pa.int32()), "member": pa.array(member, pa.int32())}
     columns.update({n: lists.column(n).combine_chunks() for n in cache.REPLAY_COLUMNS})
     return pa.Table.from_pydict(columns, schema=cache.replay_schema())
 
@@ -209,8 +220,8 @@ class DerivedWriter:
             for reason, n in dropped.items():
                 self.carry[reason] = self.carry.get(reason, 0) + n
             return
-        parent_plan, parent_ghosts = _parent_plan(cache_dir, spec, entry, table)
-        plan, sources = _replan(parent_plan, keep)
+        parent_batch, parent_member, parent_ghosts = _parent_plan(cache_dir, spec, entry, table)
+        batch, member, sources = _replan(parent_batch, parent_member, keep)
         kept = table.filter(pa.array(keep))
         if source_offset:
             kept = kept.set_column(
@@ -227,14 +238,14 @@ class DerivedWriter:
             self.spec,
         )
         name = cache.replay_name(index)
-        replay_table = _replay_table(plan, _ghost_table(sources, table, parent_ghosts))
+        replay_table = _replay_table(batch, member, _ghost_table(sources, table, parent_ghosts))
         replay = {
             "file": name,
             "sha256": _write_parquet(self.folder / name, replay_table),
-            "rows": len(sources),
-            "batches": len(plan),
+            "rows": int(sources.size),
+            "batches": int(np.unique(batch).size),
         }
-        self.replay_rows += len(sources)
+        self.replay_rows += int(sources.size)
         for reason, n in self.carry.items():
             dropped[reason] = dropped.get(reason, 0) + n
         self.carry = {}

@@ -145,7 +145,7 @@ AUDIT_COLUMNS = [
 ]
 
 
-CHUNK = 1 << 20  # keys looked up at a time: the lookups' temporaries stay a few MB
+CHUNK = 1 << 16  # keys looked up at a time: the lookups' temporaries stay under 2 MB
 
 
 def _found(sorted_keys: np.ndarray, values: np.ndarray) -> np.ndarray:

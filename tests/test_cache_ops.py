@@ -308,3 +308,18 @@ def test_train_runs_on_a_derived_cache_and_resume_refuses_another(crafted, tmp_p
     run_json("filter", crafted, "--out", out, "--dedupe", "--overwrite")  # another cache, same folder
     resumed = invoke([*train, "--resume"])
     assert resumed.exit_code == 2 and "rebuilt" in resumed.stderr
+
+
+@pytest.mark.parametrize("budget", [{"batch_size": 3, "max_tokens": None}, {"batch_size": None, "max_tokens": 400},
+                                    {"batch_size": None, "max_tokens": 10}])
+def test_vectorised_plan_equals_precomputes_planner(budget):
+    from dpocli.batch_plan import Batching, plan_reference_batches
+    from dpocli.cache_derive import plan_members
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 60, size=(500, 3))
+    lengths[::7] = lengths[0]  # ties: broken by position in both
+    batching = Batching(**budget, rows_per_shard=500, packing=False, prefix_sharing=False)
+    batch, member = plan_members(lengths, batching)
+    mine = [member[batch == b].tolist() for b in range(int(batch.max()) + 1)]
+    assert mine == plan_reference_batches([tuple(map(int, r)) for r in lengths], batching)
