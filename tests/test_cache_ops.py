@@ -330,3 +330,16 @@ def test_vectorised_plan_equals_precomputes_planner(budget):
     batch, member = plan_members(lengths, batching)
     mine = [member[batch == b].tolist() for b in range(int(batch.max()) + 1)]
     assert mine == plan_reference_batches([tuple(map(int, r)) for r in lengths], batching)
+
+
+def test_precompute_overwrite_replaces_a_derived_cache(crafted, tmp_path, sample_rows):
+    out = tmp_path / "f"
+    run_json("filter", crafted, "--out", out, "--sample", 5)
+    assert any(p.name.startswith("replay-") for p in out.iterdir())
+    data = write_jsonl(tmp_path / "p.jsonl", sample_rows[:4])
+    args = ["precompute-ref", data, "--model", MODEL, "--out", out, "--quiet"]
+    refused = invoke(args)
+    assert refused.exit_code == 2 and "made differently" in refused.stderr
+    assert invoke([*args, "--overwrite"]).exit_code == 0
+    assert not any(p.name.startswith("replay-") for p in out.iterdir())
+    assert read_manifest(out).rows_written == 4
