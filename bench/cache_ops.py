@@ -118,10 +118,9 @@ run_audit({cache!r})
 """,
     "filter": """
 from dpocli.cache_ops import run_filter
-from dpocli.cache_select import FilterRule
 #
-run_filter({cache!r}, {out!r}, FilterRule(dedupe=True, drop_identical=True, drop_conflicting=True,
-                                           min_ref_margin=-30.0), overwrite=True)
+run_filter({cache!r}, {out!r}, dedupe=True, drop_identical=True, drop_conflicting=True, min_ref_margin=-30.0,
+           overwrite=True)
 """,
 }
 

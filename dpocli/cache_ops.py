@@ -49,8 +49,10 @@ def _replay_rows(manifest: cache.Manifest) -> int:
     return sum((e.get("replay") or {}).get("rows", 0) for e in manifest.shards)
 
 
-def run_filter(cache_dir: str, out: str, rule: cache_select.FilterRule, *, overwrite: bool = False) -> dict:
+def run_filter(cache_dir: str, out: str, *, overwrite: bool = False, **rule) -> dict:
+    """`dpo cache filter`; `rule`: cache_select.FilterRule's fields."""
     t0 = time.perf_counter()
+    rule = cache_select.FilterRule(**rule)
     rule.check()
     out_path = Path(out)
     manifest = _open(cache_dir)

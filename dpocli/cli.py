@@ -422,17 +422,20 @@ def cache_verify(
 CacheArg = Annotated[Path, typer.Argument(help="A cache folder (written by precompute-ref or derived).")]
 
 
+def _cache_op(fmt, work, table: str) -> None:
+    from dpocli import summaries
+
+    _emit(_run(work, quiet=fmt.quiet, uses_torch=False), fmt.json, getattr(summaries, table))
+
+
 @cache_app.command("audit", epilog=EPILOG + "  Example: dpo cache audit ./ref-cache --out audit.html")
 @with_options
 def cache_audit(cache: CacheArg, run: AuditOpts, fmt: OutputFormat, config: ConfigOpt = None,
                 print_config: PrintConfigOpt = False):
     """Lengths, truncation, identical/duplicate/conflicting pairs and the reference's own margins."""
     from dpocli.cache_audit import run_audit
-    from dpocli.summaries import audit_table
 
-    kwargs = config_kwargs(run)
-    summary = _run(lambda: run_audit(str(cache), **kwargs), quiet=fmt.quiet, uses_torch=False)
-    _emit(summary, fmt.json, audit_table)
+    _cache_op(fmt, lambda: run_audit(str(cache), **config_kwargs(run)), "audit_table")
 
 
 @cache_app.command("filter", epilog=EPILOG + "  Example: dpo cache filter ./ref-cache --out ./clean --dedupe")
@@ -441,14 +444,8 @@ def cache_filter(cache: CacheArg, run: FilterOpts, output: OutputOpts, fmt: Outp
                  config: ConfigOpt = None, print_config: PrintConfigOpt = False):
     """Write a new cache holding the rows that pass every option given."""
     from dpocli.cache_ops import run_filter
-    from dpocli.cache_select import FilterRule
-    from dpocli.summaries import derived_table
 
-    kwargs = config_kwargs(run)
-    out = kwargs.pop("out")
-    summary = _run(lambda: run_filter(str(cache), out, FilterRule(**kwargs), overwrite=output.overwrite),
-                   quiet=fmt.quiet, uses_torch=False)
-    _emit(summary, fmt.json, derived_table)
+    _cache_op(fmt, lambda: run_filter(str(cache), **config_kwargs(run, output)), "derived_table")
 
 
 @cache_app.command("split", epilog=EPILOG + "  Example: dpo cache split ./c --out-train ./tr --out-test ./te")
@@ -457,11 +454,8 @@ def cache_split(cache: CacheArg, run: SplitOpts, output: OutputOpts, fmt: Output
                 config: ConfigOpt = None, print_config: PrintConfigOpt = False):
     """Split a cache in two by a stable hash of the row id (a held-out cache without a new precompute)."""
     from dpocli.cache_ops import run_split
-    from dpocli.summaries import split_table
 
-    kwargs = config_kwargs(run, output)
-    summary = _run(lambda: run_split(str(cache), **kwargs), quiet=fmt.quiet, uses_torch=False)
-    _emit(summary, fmt.json, split_table)
+    _cache_op(fmt, lambda: run_split(str(cache), **config_kwargs(run, output)), "split_table")
 
 
 @cache_app.command("merge", epilog=EPILOG + "  Example: dpo cache merge ./cache-a ./cache-b --out ./both")
@@ -471,11 +465,8 @@ def cache_merge(caches: Annotated[list[Path], typer.Argument(help="Two or more c
                 print_config: PrintConfigOpt = False):
     """Merge caches made by the same reference, tokenizer and settings; each id is kept once."""
     from dpocli.cache_ops import run_merge
-    from dpocli.summaries import derived_table
 
-    summary = _run(lambda: run_merge([str(c) for c in caches], str(run.out), overwrite=output.overwrite),
-                   quiet=fmt.quiet, uses_torch=False)
-    _emit(summary, fmt.json, derived_table)
+    _cache_op(fmt, lambda: run_merge([str(c) for c in caches], **config_kwargs(run, output)), "derived_table")
 
 
 def main() -> None:
