@@ -81,8 +81,10 @@ def run_split(
     if not 0 < test_size < 1:
         raise DpocliError(f"must be between 0 and 1 (exclusive), got {test_size}", field="--test-size")
     train_path, test_path = Path(out_train), Path(out_test)
-    if train_path.expanduser().resolve() == test_path.expanduser().resolve():
-        raise DpocliError("is the same folder as --out-test", file=out_train, field="--out-train")
+    a, b = train_path.expanduser().resolve(), test_path.expanduser().resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise DpocliError("is, holds or lies inside --out-test; the two caches need folders of their own",
+                          file=out_train, field="--out-train")
     manifest = _open(cache_dir)
     cache_derive.check_out(train_path, {"CACHE": cache_dir, "--out-test": out_test}, overwrite, "--out-train")
     cache_derive.check_out(test_path, {"CACHE": cache_dir, "--out-train": out_train}, overwrite, "--out-test")

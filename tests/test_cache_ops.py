@@ -261,7 +261,8 @@ def test_outputs_never_replace_inputs_or_foreign_folders(crafted, tmp_path):
     (["filter", "CACHE", "--out", "OUT", "--ids", "MISSING"], "no such file"),
     (["filter", "CACHE", "--out", "OUT", "--min-ref-margin", "nan"], "finite"),
     (["split", "CACHE", "--out-train", "OUT", "--out-test", "OUT2", "--test-size", "1.5"], "between 0 and 1"),
-    (["split", "CACHE", "--out-train", "OUT", "--out-test", "OUT"], "same folder"),
+    (["split", "CACHE", "--out-train", "OUT", "--out-test", "OUT"], "lies inside --out-test"),
+    (["split", "CACHE", "--out-train", "OUT", "--out-test", "OUT/te"], "lies inside --out-test"),
     (["merge", "CACHE", "--out", "OUT"], "at least two caches"),
     (["audit", "CACHE", "--top", "-1"], "field '--top' must be at least 0"),
     (["audit", "CACHE", "--out", "OUT.txt"], "unknown picture format"),
@@ -269,7 +270,7 @@ def test_outputs_never_replace_inputs_or_foreign_folders(crafted, tmp_path):
 ])
 def test_bad_values_are_one_error_line_and_exit_2(crafted, tmp_path, args, message):
     paths = {"CACHE": crafted, "OUT": tmp_path / "out", "OUT2": tmp_path / "out2", "MISSING": tmp_path / "nope",
-             "OUT.txt": tmp_path / "a.txt"}
+             "OUT.txt": tmp_path / "a.txt", "OUT/te": tmp_path / "out" / "te"}
     result = dpo(*[paths.get(a, a) for a in args])
     assert result.exit_code == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
