@@ -7,11 +7,12 @@ What a derived cache holds, beyond the kept rows in the parent's order:
   a run started on one cannot `--resume` on the other;
 * per shard, `dropped` = the parent shard's drops plus this operation's, by reason (a shard left
   empty is not written; its drops go to the next written shard, so rows_read still adds up);
-* per shard, `replay`: the reference batches precompute ran for the parent shard, as positions
-  into the new shard, with `-(g + 1)` for row g of `replay-NNNNN.parquet`, the dropped pairs that
-  shared a forward with a kept one (their token ids only). `dpo eval` runs exactly those forwards
-  again, so the reference scores every kept row bit for bit as precompute did (cache.read_replay,
-  scoring.plan_like_precompute). A batch with no kept row is left out.
+* per shard, `replay-NNNNN.parquet` (cache.replay_schema, listed with its sha256): the reference
+  forwards precompute ran for the parent shard, as positions into the new shard, with `-(g + 1)`
+  for replay-only row g, a dropped pair that shared a forward with a kept one (its token ids only).
+  `dpo eval` runs exactly those forwards again, so the reference scores every kept row bit for bit
+  as precompute did (cache.read_replay, scoring.plan_like_precompute). A forward with no kept row
+  is left out.
 
 Safety: every check runs before anything is written; the cache is built in a temporary folder
 next to `--out` and renamed into place (atomic.py); an existing `--out` is replaced only with
