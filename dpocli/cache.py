@@ -132,9 +132,15 @@ class CacheData:
                 column = table.column(name)
                 arr = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
                 self.lists[name] = (arr.values.to_numpy(), arr.offsets.to_numpy())
+        # A derived cache's replay records (see `read_replay`): shard -> its forwards, shard -> its
+        # first ghost number, and the ghosts' id lists; a forward names ghost g as member -(g + 1).
+        self.replay_plans: dict[int, list[list[int]]] = {}
+        self.ghost_base: dict[int, int] = {}
+        self.ghost_lists: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def row_list(self, name: str, i: int) -> np.ndarray:
-        values, offsets = self.lists[name]
+        values, offsets = self.ghost_lists[name] if i < 0 else self.lists[name]
+        i = -i - 1 if i < 0 else i
         return values[offsets[i]:offsets[i + 1]]
 
     def seq_len(self, i: int) -> int:
@@ -173,6 +179,59 @@ def spill_cache(data: CacheData, folder: str | Path | None = None) -> Path:
         os.unlink(name)
         raise
     return Path(name)
+
+
+REPLAY_COLUMNS = ID_COLUMNS  # what a replay-only row keeps: the tokens of a forward it took part in
+
+
+def replay_name(index: int) -> str:
+    return f"replay-{index:05d}.parquet"
+
+
+def replay_schema() -> pa.Schema:
+    """A derived shard's replay file: one row per member of each reference forward to rerun, in
+    order. `member` >= 0 is a row of the shard (by stored position, lists empty); `member` = -(g + 1)
+    is replay-only row g, whose token ids the row carries (each appears once, g = 0, 1, ... in order)."""
+    return pa.schema([pa.field("batch", pa.int32()), pa.field("member", pa.int32())]
+                     + [pa.field(name, pa.list_(pa.int32())) for name in REPLAY_COLUMNS])
+
+
+def read_replay_table(path: Path) -> pa.Table:
+    try:
+        with pq.ParquetFile(path) as f:
+            return f.read()
+    except Exception:
+        raise DpocliError("is not a readable Parquet file (truncated or corrupt)", file=path) from None
+
+
+def read_replay_file(path: Path) -> tuple[list[list[int]], pa.Table]:
+    """(the forwards as lists of members, the replay-only rows' id columns in ghost order)."""
+    table = read_replay_table(path)
+    batch, member = table.column("batch").to_numpy(), table.column("member").to_numpy()
+    bounds = np.flatnonzero(np.diff(batch)) + 1
+    plan = [part.tolist() for part in np.split(member, bounds)] if member.size else []
+    ghosts = table.filter(pa.array(member < 0)).select(list(REPLAY_COLUMNS))
+    return plan, ghosts
+
+
+def read_replay(cache_dir: str | Path, manifest: Manifest, data: CacheData) -> CacheData:
+    """Attach a derived cache's replay records to `data`: per shard the reference forwards that
+    precompute ran, and the pairs that were dropped from them (filter, split, merge) but shared a
+    forward with a kept row. `dpo eval` runs those forwards again, so the kept rows are scored
+    exactly as precompute scored them; the replay-only rows' results are discarded."""
+    tables = []
+    for entry in sorted(manifest.shards, key=lambda e: e["index"]):
+        if entry.get("replay"):
+            plan, ghosts = read_replay_file(Path(cache_dir) / entry["replay"]["file"])
+            data.replay_plans[entry["index"]] = plan
+            data.ghost_base[entry["index"]] = sum(t.num_rows for t in tables)
+            tables.append(ghosts)
+    if tables:
+        table = pa.concat_tables(tables).combine_chunks()
+        for name in REPLAY_COLUMNS:
+            arr = table.column(name).chunk(0) if table.num_rows else pa.array([], pa.list_(pa.int32()))
+            data.ghost_lists[name] = (arr.values.to_numpy(), arr.offsets.to_numpy())
+    return data
 
 
 def map_cache(path: str | Path) -> CacheData:
@@ -241,7 +300,7 @@ def load_cache(cache_dir: str | Path, *, checksums: bool = True) -> tuple[Manife
     verify_shards(cache_dir, manifest, checksums=checksums)
     verify_tokenizer_files(cache_dir, manifest, checksums=checksums)
     with _system_allocator():
-        data = CacheData(_read_rows(cache_dir, manifest))
+        data = read_replay(cache_dir, manifest, CacheData(_read_rows(cache_dir, manifest)))
     for name in ("ref_chosen_logps", "ref_rejected_logps"):
         bad = np.flatnonzero(~np.isfinite(data.scalars[name]))
         if bad.size:

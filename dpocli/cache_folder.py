@@ -52,6 +52,7 @@ def _survey_cache(out: Path, manifest: cache.Manifest | None) -> outputs.Survey:
     if manifest is None:
         return outputs.survey(out, lambda name: False, lambda name: name == cache.MANIFEST_NAME)
     listed = {e["file"] for e in manifest.shards}
+    listed |= {e["replay"]["file"] for e in manifest.shards if e.get("replay")}  # a derived cache's
 
     def is_owned(name: str) -> bool:
         if name in CACHE_NAMES or name in listed:

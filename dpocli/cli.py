@@ -27,12 +27,15 @@ from dpocli.errors import (
 )
 from dpocli.option_params import config_kwargs, given, with_options
 from dpocli.options import (
+    AuditOpts,
     CheckpointOpts,
     EvalOpts,
+    FilterOpts,
     LayoutOpts,
     LoadOpts,
     LoraOpts,
     LossOpts,
+    MergeOpts,
     ModelOpts,
     OptimOpts,
     OutputFormat,
@@ -40,6 +43,7 @@ from dpocli.options import (
     PrecomputeOpts,
     QuantOpts,
     ReportOpts,
+    SplitOpts,
     TrainOpts,
     VerifyOpts,
 )
@@ -445,6 +449,58 @@ def cache_verify(
     result = _run(lambda: run_verify(str(cache), **config_kwargs(run, load)), quiet=fmt.quiet,
                   uses_torch=run.rescore > 0)
     _emit(result, fmt.json, verify_table)
+
+
+# ---- the cache as a dataset (issue 26): no torch; dpocli/cache_audit.py and cache_ops.py do the work
+
+CacheArg = Annotated[Path, typer.Argument(help="A cache folder (written by precompute-ref or derived).")]
+
+
+def _cache_op(fmt, work, table: str) -> None:
+    from dpocli import summaries
+
+    _emit(_run(work, quiet=fmt.quiet, uses_torch=False), fmt.json, getattr(summaries, table))
+
+
+@cache_app.command("audit", epilog=EPILOG + "  Example: dpo cache audit ./ref-cache --out audit.html")
+@with_options
+def cache_audit(cache: CacheArg, run: AuditOpts, fmt: OutputFormat, config: ConfigOpt = None,
+                print_config: PrintConfigOpt = False):
+    """Lengths, truncation, identical/duplicate/conflicting pairs and the reference's own margins."""
+    from dpocli.cache_audit import run_audit
+
+    _cache_op(fmt, lambda: run_audit(str(cache), **config_kwargs(run)), "audit_table")
+
+
+@cache_app.command("filter", epilog=EPILOG + "  Example: dpo cache filter ./ref-cache --out ./clean --dedupe")
+@with_options
+def cache_filter(cache: CacheArg, run: FilterOpts, output: OutputOpts, fmt: OutputFormat,
+                 config: ConfigOpt = None, print_config: PrintConfigOpt = False):
+    """Write a new cache holding the rows that pass every option given."""
+    from dpocli.cache_ops import run_filter
+
+    _cache_op(fmt, lambda: run_filter(str(cache), **config_kwargs(run, output)), "derived_table")
+
+
+@cache_app.command("split", epilog=EPILOG + "  Example: dpo cache split ./c --out-train ./tr --out-test ./te")
+@with_options
+def cache_split(cache: CacheArg, run: SplitOpts, output: OutputOpts, fmt: OutputFormat,
+                config: ConfigOpt = None, print_config: PrintConfigOpt = False):
+    """Split a cache in two by a stable hash of the row id (a held-out cache without a new precompute)."""
+    from dpocli.cache_ops import run_split
+
+    _cache_op(fmt, lambda: run_split(str(cache), **config_kwargs(run, output)), "split_table")
+
+
+@cache_app.command("merge", epilog=EPILOG + "  Example: dpo cache merge ./cache-a ./cache-b --out ./both")
+@with_options
+def cache_merge(caches: Annotated[list[Path], typer.Argument(help="Two or more caches of one reference.")],
+                run: MergeOpts, output: OutputOpts, fmt: OutputFormat, config: ConfigOpt = None,
+                print_config: PrintConfigOpt = False):
+    """Merge caches made by the same reference, tokenizer and settings; each id is kept once."""
+    from dpocli.cache_ops import run_merge
+
+    _cache_op(fmt, lambda: run_merge([str(c) for c in caches], **config_kwargs(run, output)), "derived_table")
 
 
 def main() -> None:

@@ -156,6 +156,14 @@ def verify_shards(cache_dir: str | Path, manifest: Manifest, *, checksums: bool 
         if checksums and sha256_file(path) != entry["sha256"]:
             raise DpocliError("does not match its checksum in the manifest (modified or corrupt)",
                               file=path, field="sha256", hint="recreate the cache")
+        replay = entry.get("replay")
+        if replay:  # a derived cache's reference forwards (cache.read_replay)
+            path = Path(cache_dir) / replay["file"]
+            if not path.is_file():
+                raise DpocliError("is listed in the manifest but missing", file=path)
+            if checksums and sha256_file(path) != replay["sha256"]:
+                raise DpocliError("does not match its checksum in the manifest (modified or corrupt)",
+                                  file=path, field="sha256", hint="recreate the cache")
 
 
 def tokenizer_file_hashes(folder: str | Path) -> dict[str, str]:

@@ -87,10 +87,19 @@ def plan_like_precompute(data: CacheData, manifest: Manifest,
     """Batches of cache rows grouped exactly as `precompute-ref` grouped them: the same planner
     over the same stored shards in stored order with each shard's recorded batching, so scoring
     the reference model reproduces the cached values bit for bit on the same hardware.
-    `max_tokens` overrides the budget (faster, equal to ~1e-6)."""
+    `max_tokens` overrides the budget (faster, equal to ~1e-6).
+    A derived cache (`dpo cache filter|split|merge`) records each shard's plan instead, whose
+    negative members -(g + 1) are its replay-only rows: they run again and their results are
+    dropped (`data.row_list` reads them). `max_tokens` plans the kept rows afresh.
+    """
     batching = shard_batching(manifest)
+    recorded = data.replay_plans
     batches = []
     for shard, rows in sorted(data.shard_rows().items()):
+        if shard in recorded and max_tokens is None:
+            base = data.ghost_base.get(shard, 0)
+            batches += [[rows[m] if m >= 0 else m - base for m in batch] for batch in recorded[shard]]
+            continue
         plan = plan_reference_batches([data.pair_lens(i) for i in rows],
                                       batching[shard].with_budget(max_tokens))
         batches += [[rows[p] for p in positions] for positions in plan]
@@ -140,8 +149,9 @@ def score_cache(scorer, data: CacheData, manifest: Manifest, pad_id: int, device
     aux_sum = 0.0
     for part in parts:
         for rows, row_values, aux in part:
-            values[rows] = row_values
-            aux_sum += aux * len(rows) if router_aux else 0.0
+            kept = [k for k, row in enumerate(rows) if row >= 0]  # not a derived cache's replay-only rows
+            values[[rows[k] for k in kept]] = row_values[kept]
+            aux_sum += aux * len(kept) if router_aux else 0.0
     ref = cached_reference(data, range(data.num_rows), "cpu")
     stats = None
     if token_stats:  # back to per-segment [2N] vectors: chosen rows, then rejected rows

@@ -60,7 +60,7 @@ def load_cache(cache_dir: str | Path, *, checksums: bool = True,
         raise errors[0]
     manifest, path = verdicts[dist.rank - dist.local_rank][1]
     try:
-        data = cache.map_cache(path)
+        data = cache.read_replay(cache_dir, manifest, cache.map_cache(path))
     finally:
         dist.barrier()  # every local rank has mapped the file: it can go
         if writer:

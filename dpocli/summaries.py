@@ -145,3 +145,54 @@ def verify_table(s: dict) -> Table:
                  ("max |cached - recomputed|", f"{s['rescore_max_abs_diff']:.3g} "
                                                f"(tolerance {s['rescore_tolerance']:g})")]
     return _kv_table("cache verify: ok", rows)
+
+
+def _dist(d: dict, digits: int = 0) -> str:
+    if not d:
+        return "none"
+    f = (lambda v: f"{v:.{digits}f}") if digits else (lambda v: f"{v:g}")
+    return ", ".join(f"{k} {f(v)}" for k, v in d.items() if k != "min")
+
+
+def audit_table(s: dict) -> Table:
+    ref, n = s["reference"], max(s["rows"], 1)
+    at_max = s["at_max_length"]
+    bias = ref.get("length_bias") or {}
+    rows = [("rows", s["rows"])]
+    rows += [(f"{part} tokens", _dist(d)) for part, d in s["lengths"].items()]
+    rows += [(f"at max_length {at_max['max_length']}",
+              f"{at_max['either']} pairs (chosen {at_max['chosen']}, rejected {at_max['rejected']})"),
+             ("identical after truncation", f"{s['identical']} ({s['identical'] / n:.1%})"),
+             (f"differ only in last {s['near_identical']['tail_tokens']} tokens",
+              s["near_identical"]["pairs"]),
+             ("exact duplicates", s["duplicates"]), ("conflicting (swapped) pairs", s["conflicting"]),
+             ("reference accuracy", "n/a" if ref["accuracy"] is None else f"{ref['accuracy']:.4f}"),
+             ("reference margin", _dist(ref["margin"], 3)),
+             ("margin per token", _dist(ref["margin_per_token"], 4))]
+    if bias.get("correlation") is not None:
+        rows.append(("margin vs length difference", f"correlation {bias['correlation']:.3f}, "
+                                                    f"slope {bias['slope_per_token']:.4f} per token"))
+    for r in ref["most_reversed"]:
+        rows.append((f"most reversed: {r['id']}",
+                     f"margin {r['margin']:.3f} ({r['margin_per_token']:.4f} per token)"))
+    if s.get("picture"):
+        rows.append(("picture", s["picture"]))
+    return _kv_table(f"cache audit {s['cache']}", rows)
+
+
+def derived_table(s: dict) -> Table:
+    rows = [("cache", s["cache"]), ("rows in", s["rows_in"]), ("rows written", s["rows_written"]),
+            ("rows dropped", _dropped(s["rows_dropped"])), ("shards", s["shards"]),
+            ("replay-only rows", s["replay_rows"]), ("spec fingerprint", s["spec_fingerprint"][:16])]
+    if "duplicates" in s:
+        d = s["duplicates"]
+        rows.append(("duplicate ids", f"{d['duplicate_ids']} ({d['same_pair']} same pair, "
+                                      f"{d['different_pair']} another pair; {d['kept']} kept)"))
+    return _kv_table(s["command"], rows)
+
+
+def split_table(s: dict) -> Table:
+    rows = [("parent", s["parent"]), ("test size", f"{s['test_size']:g} (seed {s['seed']})")]
+    for side in ("train", "test"):
+        rows += [(f"{side} cache", s[side]["cache"]), (f"{side} rows", s[side]["rows_written"])]
+    return _kv_table("cache split", rows)

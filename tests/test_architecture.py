@@ -89,3 +89,11 @@ def test_reference_values_travel_as_records_not_string_keyed_dicts():
     for path in PACKAGE.glob("*.py"):
         text = path.read_text()
         assert 'ref["ref_chosen_logps"]' not in text and "ref['ref_chosen_logps']" not in text, path.name
+
+
+def test_cache_dataset_modules_need_no_model():
+    """`dpo cache audit|filter|split|merge` are a pass over Parquet (issue 26); tests/test_startup.py
+    checks the same at run time, imports of imports included."""
+    for module in ("row_keys", "cache_scan", "cache_audit", "audit_picture", "cache_select", "cache_derive",
+                   "cache_ops", "batch_plan"):
+        assert not {m.split(".")[0] for m in imports_of(module)} & {"torch", "transformers"}, module

@@ -66,7 +66,8 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_every_command_is_documented():
-    for command in ("precompute-ref", "train", "eval", "cache info", "cache verify", "report"):
+    for command in ("precompute-ref", "train", "eval", "cache info", "cache verify", "report", "cache audit",
+                    "cache filter", "cache split", "cache merge"):
         assert f"dpo {command}" in README, command
 
 

@@ -55,7 +55,8 @@ def flag_options(click_command) -> dict[str, object]:
 
 
 def test_every_command_takes_option_groups_and_the_eager_options():
-    assert set(COMMANDS) == {"precompute-ref", "train", "eval", "report", "cache info", "cache verify"}
+    assert set(COMMANDS) == {"precompute-ref", "train", "eval", "report", "cache info", "cache verify",
+                             "cache audit", "cache filter", "cache split", "cache merge"}
     for name, (callback, click_command) in COMMANDS.items():
         assert options.OutputFormat in callback.option_groups.values(), name
         opts = {o for p in click_command.params for o in getattr(p, "opts", ())}

@@ -49,6 +49,12 @@ CASES = [  # (dpo's arguments, exit code, modules it must not import)
     (["cache", "info", "CACHE", "--json"], 0, MODELS | PARQUET),
     (["cache", "info", "MISSING"], 2, MODELS | PARQUET),
     (["cache", "verify", "CACHE", "--json"], 0, MODELS),  # reads every shard: needs pyarrow
+    # The cache as a dataset (issue 26): Parquet, never a model.
+    (["cache", "audit", "CACHE", "--json"], 0, MODELS),
+    (["cache", "filter", "CACHE", "--out", "OUT", "--dedupe", "--json"], 0, MODELS),
+    (["cache", "split", "CACHE", "--out-train", "OUT", "--out-test", "OUT2", "--json"], 0, MODELS),
+    (["cache", "merge", "CACHE", "CACHE", "--out", "OUT", "--json"], 0, MODELS),
+    (["cache", "filter", "--print-config"], 0, MODELS | PARQUET),
     (["report", "METRICS"], 0, MODELS | PARQUET),
     (["report", "METRICS", "--json"], 0, MODELS | PARQUET),
     (["--help"], 0, MODELS | PARQUET),
@@ -64,7 +70,8 @@ CASES = [  # (dpo's arguments, exit code, modules it must not import)
 @pytest.mark.parametrize("command, exit_code, banned", [pytest.param(*c, id=" ".join(c[0])) for c in CASES])
 def test_light_commands_do_not_import_torch(small_cache, tmp_path, command, exit_code, banned):
     metrics = write_jsonl(tmp_path / "metrics.jsonl", [{"step": 1, "loss": 0.69}, {"step": 2, "loss": 0.5}])
-    paths = {"CACHE": small_cache, "METRICS": metrics, "MISSING": tmp_path / "no-cache"}
+    paths = {"CACHE": small_cache, "METRICS": metrics, "MISSING": tmp_path / "no-cache", "OUT": tmp_path / "out",
+             "OUT2": tmp_path / "out2"}
     found = run_probe([paths.get(a, a) for a in command])
     assert found["code"] == exit_code
     assert not set(found["imported"]) & banned, found["imported"]
