@@ -19,7 +19,8 @@ writes it) instead of the model, in both formats: with `--fsdp` the adapter is g
 for those files, and `dcp/` holds only the adapter's weights and optimizer state (the frozen base
 is the base model's, loaded from `--model`).
 It is written as a temporary folder and renamed, so a checkpoint folder either exists complete or
-not at all; leftovers of a crash (`checkpoint-N.tmp-*`) are ignored and removed by the next save.
+not at all; leftovers of a crash (`checkpoint-N.dpocli-tmpdir-<random>`, atomic.py) are ignored and
+removed by the next save.
 """
 
 from __future__ import annotations
@@ -29,14 +30,20 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from dpocli import __version__, lora, outputs, sharding
-from dpocli.atomic import as_write_failure, atomic_dir, atomic_write_json, commit_dir, make_temporary_dir
+from dpocli.atomic import (
+    as_write_failure,
+    atomic_dir,
+    atomic_write_json,
+    commit_dir,
+    make_temporary_dir,
+    temporaries_of,
+)
 from dpocli.errors import DpocliError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -118,6 +125,7 @@ def _read_record(path: Path) -> dict | None:
                 and isinstance(record.get("files"), list)):
             raise DpocliError("is not a dpocli run record", file=record_path,
                               hint="choose another --out")
+        _check_record_fields(record, record_path)
         return record
     if (path / RUN_CONFIG).is_file():  # written by dpocli 0.1, which kept no record
         try:
@@ -128,6 +136,19 @@ def _read_record(path: Path) -> dict | None:
             legacy = [RUN_CONFIG, RESOLVED_TOML, METRICS] + [p.name for _, p in list_checkpoints(path)]
             return {"format": RECORD_FORMAT, "files": legacy, "legacy": True}
     return None
+
+
+def _check_record_fields(record: dict, where: Path) -> None:
+    """Every name the record lists is a plain entry of the run folder (never `..`, a path or
+    anything that leaves it: these names are what --overwrite deletes), and `cache` an object."""
+    for name in record["files"]:
+        if not (isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+                and "\\" not in name and "\0" not in name):
+            raise DpocliError(f"lists {name!r}, which is not the name of an entry inside the run folder",
+                              file=where, field="files", hint="choose another --out")
+    if not isinstance(record.get("cache", {}), dict):
+        raise DpocliError("is not an object", file=where, field="cache",
+                          hint="choose another --out")
 
 
 def _survey_run(path: Path, record: dict) -> outputs.Survey:
@@ -256,10 +277,7 @@ class RunDir:
         """The final model, as a plain HF folder = RUN_DIR itself, written by `write(folder)` in a
         staging folder first; its files are recorded, then moved up with config.json last, so a
         failure never leaves a config.json that looks like a finished model without its weights."""
-        try:
-            staging = Path(tempfile.mkdtemp(prefix=f"{FINAL_STAGING}.tmp-", dir=self.path))
-        except OSError as err:
-            raise outputs.write_failure(self.path, err) from None
+        staging = make_temporary_dir(self.path / FINAL_STAGING)
         try:
             write(staging)
             names = sorted(os.listdir(staging), key=lambda n: n == "config.json")
@@ -348,7 +366,7 @@ def _save_sharded(run: RunDir | None, dist, step: int, model, tokenizer, optimiz
 
     def start() -> str:
         run.add(final.name)  # in the record before it exists
-        for stale in run.path.glob(f"checkpoint-{step}.tmp-*"):
+        for stale in temporaries_of(run.path, final.name):
             shutil.rmtree(stale, ignore_errors=True)
         return str(make_temporary_dir(final))
     tmp = Path(dist.on_main_then_broadcast(start))
@@ -400,7 +418,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer_state:
                     trainer_state: dict) -> Path:
     """Write checkpoint-<step> (the whole-model format) atomically; returns its path."""
     final = run_dir / f"checkpoint-{step}"
-    for stale in run_dir.glob(f"checkpoint-{step}.tmp-*"):
+    for stale in temporaries_of(run_dir, final.name):
         shutil.rmtree(stale, ignore_errors=True)
     with atomic_dir(final) as tmp:
         save_model_folder(tmp, model, tokenizer)
@@ -433,4 +451,25 @@ def load_trainer_state(folder: Path) -> tuple[dict, dict]:
     except Exception as err:
         raise DpocliError(f"is not a readable checkpoint ({type(err).__name__}: {err})",
                           file=folder, hint="delete it to resume from the one before") from None
+    _check_state_fields(state, folder / STATE_JSON)
     return state, tensors
+
+
+_STATE_INTS = ("step", "epoch", "micro_index", "num_tokens")
+
+
+def _check_state_fields(state, where: Path) -> None:
+    """trainer_state.json holds the integers a resume reads (a bool is not one), as this module
+    writes them; anything else is bad input naming the field, not a crash."""
+    hint = "delete that checkpoint to resume from the one before"
+    if not isinstance(state, dict):
+        raise DpocliError("is not a JSON object", file=where, hint=hint)
+    for key in _STATE_INTS + ("global_batch",):
+        value = state.get(key, 0)
+        if key in _STATE_INTS and key not in state:
+            raise DpocliError("is missing", file=where, field=key, hint=hint)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise DpocliError(f"is {value!r}, expected a non-negative integer",
+                              file=where, field=key, hint=hint)
+    if not isinstance(state.get("step0", {}), dict):
+        raise DpocliError("is not an object", file=where, field="step0", hint=hint)
