@@ -1,0 +1,263 @@
+"""Hostile use, round 3 (issue 23, section 4): each class of case, with instances beyond the reported ones.
+
+Data-loss cases run on copies and assert the user's files are byte-identical afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_bad_inputs import snapshot
+
+from conftest import MODEL, invoke, write_jsonl
+
+HEX = "0123456789abcdef"
+
+
+def no_internal_error(result) -> None:
+    assert "internal error" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def refused(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.stderr
+    no_internal_error(result)
+    assert result.stderr.startswith("error:"), result.stderr
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+
+
+# 1. User files taken for dpocli's own -------------------------------------------------------------
+
+def test_only_names_of_dpocli_generated_form_are_temporaries(tmp_path):
+    from dpocli.atomic import atomic_dir, atomic_path, temporary_base
+    seen = []
+    with atomic_path(tmp_path / "metrics.jsonl") as tmp:
+        seen.append(tmp.name)
+        tmp.write_text("x")
+    with atomic_dir(tmp_path / "checkpoint-2") as tmp:
+        seen.append(tmp.name)
+    with atomic_dir(tmp_path / "checkpoint-2"):  # replaces: the old folder goes through a temporary
+        seen += [p.name for p in tmp_path.iterdir() if p.name not in ("metrics.jsonl", "checkpoint-2")]
+    assert [temporary_base(n) for n in seen[:2]] == ["metrics.jsonl", "checkpoint-2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "metrics.jsonl"]
+    for name in [f".metrics.jsonl.dpocli-tmp-{HEX}", f"checkpoint-2.dpocli-tmpdir-{HEX}",
+                 f"checkpoint-2.dpocli-old-{HEX}"]:
+        assert temporary_base(name) is not None, name
+    # What a person names a backup, and near misses of dpocli's form, are never ours.
+    for name in ["metrics.jsonl.old-20240101", "checkpoint-2.old-1", "manifest.json.old-1",
+                 "part-00001.parquet.old-3", ".metrics.jsonl.backup01.tmp", "checkpoint-2.tmp-mybackup",
+                 "tokenizer.tmp-abcd1234", f".metrics.jsonl.dpocli-tmp-{HEX[:-1]}",
+                 f".metrics.jsonl.dpocli-tmp-{HEX}0", f".metrics.jsonl.dpocli-tmp-{HEX.upper()}",
+                 f"checkpoint-2.dpocli-tmpdir-{HEX[:-1]}g", f"checkpoint-2.dpocli-old-{HEX}\n"]:
+        assert temporary_base(name) is None, name
+
+
+BACKUPS = {"metrics.jsonl.old-20240101": "file", "checkpoint-2.old-1": "folder",
+           ".metrics.jsonl.backup01.tmp": "file", "checkpoint-2.tmp-mybackup": "folder",
+           "run_config.json.old-7": "file"}
+
+
+def plant(folder: Path, names: dict[str, str]) -> None:
+    for name, kind in names.items():
+        if kind == "folder":
+            (folder / name).mkdir()
+            (folder / name / "model.safetensors").write_bytes(b"the user's own weights")
+        else:
+            (folder / name).write_text("the user's own backup\n")
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, small_cache) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "run"
+    result = invoke(["train", small_cache, "--model", MODEL, "--out", run, "--max-steps", 1,
+                     "--batch-size", 4, "--save-every", 1, "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    return run
+
+
+@pytest.mark.parametrize("mode", ["--resume", "--overwrite"])
+@pytest.mark.parametrize("backup", list(BACKUPS))
+def test_user_backups_in_a_run_folder_are_never_deleted(short_run, small_cache, tmp_path, mode, backup):
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    plant(run, {backup: BACKUPS[backup]})
+    before = snapshot(run)
+    result = invoke(["train", small_cache, "--model", MODEL, "--out", run, "--max-steps", 2,
+                     "--batch-size", 4, "--save-every", 1, "--quiet", mode])
+    refused(result, backup, "did not write")
+    assert snapshot(run) == before
+
+
+CACHE_BACKUPS = {"manifest.json.old-1": "file", "part-00001.parquet.old-3": "file",
+                 ".part-00000.parquet.abcd1234.tmp": "file", "tokenizer.tmp-abcd1234": "folder",
+                 "tokenizer.old-12": "folder"}
+
+
+@pytest.mark.parametrize("backup", list(CACHE_BACKUPS))
+def test_user_backups_in_a_cache_are_never_deleted(small_cache, tmp_path, sample_rows, backup):
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(small_cache, cache_dir)
+    plant(cache_dir, {backup: CACHE_BACKUPS[backup]})
+    before = snapshot(cache_dir)
+    other = write_jsonl(tmp_path / "other.jsonl", sample_rows[:8])
+    result = invoke(["precompute-ref", other, "--model", MODEL, "--out", cache_dir, "--overwrite", "--quiet"])
+    refused(result, backup, "did not write")
+    assert snapshot(cache_dir) == before
+
+
+def user_files(root: Path) -> dict[str, Path]:
+    ours = {"model": "m", "id": "x", "source_row": 0}
+    files = {
+        "blank first line": "\n{\"note\": \"mine\"}\n",
+        "empty": "",
+        "the old eval columns": json.dumps(ours) + "\n",
+        "an eval row then a note": json.dumps({"dpocli": "eval --per-example", **ours}) + "\nmy note\n",
+        "a note then an eval row": "my note\n" + json.dumps({"dpocli": "eval --per-example", **ours}) + "\n",
+    }
+    paths = {}
+    for i, (name, text) in enumerate(files.items()):
+        paths[name] = root / f"notes{i}.jsonl"
+        paths[name].write_text(text)
+    paths["parquet with the eval columns"] = root / "notes.parquet"
+    pq.write_table(pa.Table.from_pylist([ours]), paths["parquet with the eval columns"])
+    return paths
+
+
+def test_per_example_never_replaces_a_file_dpo_eval_did_not_write(small_cache, tmp_path):
+    for name, path in user_files(tmp_path).items():
+        before = path.read_bytes()
+        result = invoke(["eval", small_cache, "--model", MODEL, "--per-example", path, "--quiet"])
+        refused(result, "not written by `dpo eval`")
+        assert path.read_bytes() == before, name
+    # Its own output it replaces, in both formats.
+    for suffix in (".jsonl", ".parquet"):
+        own = tmp_path / f"own{suffix}"
+        for _ in range(2):
+            result = invoke(["eval", small_cache, "--model", MODEL, "--per-example", own, "--quiet"])
+            assert result.exit_code == 0, result.stderr
+
+
+def test_report_never_replaces_a_file_that_only_mentions_it(short_run, tmp_path):
+    notes = {"notes.html": "<html><body>How I use dpocli report: ...</body></html>\n",
+             "fake.png": "dpocli report\n", "page.html": '<meta name="generator" content="dpocli report">\n'}
+    for name, text in notes.items():
+        path = tmp_path / name
+        path.write_text(text)
+        result = invoke(["report", short_run, "--out", path])
+        refused(result, "not written by `dpo report`")
+        assert path.read_text() == text
+    own = tmp_path / "own.html"
+    for _ in range(2):
+        result = invoke(["report", short_run, "--out", own])
+        assert result.exit_code == 0, result.stderr
+
+
+# 2. Crafted caches -------------------------------------------------------------------------------
+
+def resign(cache_dir: Path, edit) -> None:
+    from dpocli.manifest import fingerprint
+    path = cache_dir / "manifest.json"
+    body = json.loads(path.read_text())
+    edit(body)
+    body.pop("manifest_sha256")
+    body["manifest_sha256"] = fingerprint(body)
+    path.write_text(json.dumps(body))
+
+
+def _set(keys: str, value):
+    def edit(body):
+        *parents, last = keys.split(".")
+        for key in parents:
+            body = body[int(key)] if isinstance(body, list) else body[key]
+        index = int(last) if isinstance(body, list) else last
+        if value is KeyError:
+            del body[index]
+        else:
+            body[index] = value
+    return edit
+
+
+OUTSIDE = {  # a shard or tokenizer name that leaves the cache folder
+    "shard ..": (_set("shards.0.file", "../x.parquet"), "shards[0].file"),
+    "shard absolute": (_set("shards.0.file", "/tmp/x.parquet"), "shards[0].file"),
+    "shard in a subfolder": (_set("shards.0.file", "tokenizer/part-00000.parquet"), "shards[0].file"),
+    "tokenizer name ..": (lambda b: b["tokenizer_files"].update({"../manifest.json": "0" * 64}),
+                          "tokenizer_files"),
+}
+MISTYPED = {
+    "no dtype": (_set("spec.dtype", KeyError), "spec.dtype"),
+    "tokenizer a string": (_set("spec.tokenizer", "x"), "spec.tokenizer"),
+    "pad id a string": (_set("spec.tokenizer.pad_token_id", "0"), "spec.tokenizer.pad_token_id"),
+    "rows a bool": (_set("shards.0.rows", True), "shards[0].rows"),
+    "shards an object": (_set("shards", {}), "shards"),
+    "shard a string": (_set("shards.0", "part-00000.parquet"), "shards[0]"),
+    "no budget": (_set("shards.0.budget", KeyError), "shards[0].budget"),
+    "batching a list": (_set("spec.batching", []), "spec.batching"),
+    "complete a string": (_set("complete", "yes"), "complete"),
+    "tokenizer files a list": (_set("tokenizer_files", []), "tokenizer_files"),
+    "input files a string": (_set("spec.input.files", "data.jsonl"), "spec.input.files"),
+    "dtype unknown": (_set("spec.dtype", "int4"), "spec.dtype"),
+    "no spec": (_set("spec", KeyError), "spec"),
+    "dropped counts strings": (_set("shards.0.dropped", {"too_long": "1"}), "shards[0].dropped.too_long"),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTSIDE) + list(MISTYPED))
+def test_a_re_signed_manifest_is_bad_input_naming_the_field(small_cache, tmp_path, case):
+    edit, field = {**OUTSIDE, **MISTYPED}[case]
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(small_cache, cache_dir)
+    shutil.copy(cache_dir / "part-00000.parquet", tmp_path / "x.parquet")
+    resign(cache_dir, edit)
+    for args in (["cache", "verify", cache_dir], ["cache", "info", cache_dir],
+                 ["eval", cache_dir, "--model", MODEL, "--quiet"]):
+        refused(invoke(args), f"field '{field}'")
+
+
+def test_a_shard_or_tokenizer_file_linked_out_of_the_cache_is_refused(small_cache, tmp_path):
+    for target in ("part-00000.parquet", "tokenizer/tokenizer.json", "tokenizer"):
+        cache_dir = tmp_path / f"cache-{target.replace('/', '-')}"
+        shutil.copytree(small_cache, cache_dir)
+        moved = tmp_path / f"moved-{target.replace('/', '-')}"
+        os.replace(cache_dir / target, moved)
+        (cache_dir / target).symlink_to(moved)
+        for args in (["cache", "verify", cache_dir], ["eval", cache_dir, "--model", MODEL, "--quiet"]):
+            refused(invoke(args), "outside")
+
+
+@pytest.mark.parametrize("name", ["../victim", "/tmp/victim", "sub/../../victim", "", ".", 7])
+def test_a_run_record_naming_entries_outside_its_folder_is_refused(short_run, small_cache, tmp_path, name):
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    (tmp_path / "victim").write_text("keep me\n")
+    record = json.loads((run / "run_record.json").read_text())
+    record["files"].append(name)
+    (run / "run_record.json").write_text(json.dumps(record))
+    before = snapshot(tmp_path)
+    for mode in ("--resume", "--overwrite"):
+        result = invoke(["train", small_cache, "--model", MODEL, "--out", run, "--max-steps", 2,
+                         "--batch-size", 4, "--save-every", 1, "--quiet", mode])
+        refused(result, "run_record.json", "field 'files'")
+        assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("field,value", [("step", "1"), ("epoch", None), ("micro_index", True),
+                                         ("num_tokens", KeyError), ("global_batch", 4.0)])
+def test_a_mistyped_checkpoint_state_is_bad_input(short_run, small_cache, tmp_path, field, value):
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    config = json.loads((run / "run_config.json").read_text())
+    (run / "run_config.json").write_text(json.dumps({**config, "out": str(run)}))  # as if trained here
+    state_path = run / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    _set(field, value)(state)
+    state_path.write_text(json.dumps(state))
+    result = invoke(["train", small_cache, "--model", MODEL, "--out", run, "--max-steps", 1,
+                     "--batch-size", 4, "--save-every", 1, "--quiet", "--resume"])
+    refused(result, "trainer_state.json", f"field '{field}'")
