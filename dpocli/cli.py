@@ -136,13 +136,26 @@ def _config_callback(ctx: typer.Context, param, value):
         from dpocli.config import config_defaults
 
         try:
-            mapped = config_defaults(ctx.command, ctx.info_name, Path(value), shown=_command_name(ctx))
+            mapped = config_defaults(ctx.command, ctx.info_name, Path(value), shown=_command_name(ctx),
+                                     commands=_config_tables(ctx.find_root().command))
         except DpocliError as err:
             _print_error(err)
             raise typer.Exit(err.exit_code) from None
         ctx.default_map = {**(ctx.default_map or {}), **mapped}
         ctx.meta["dpocli.config"] = (str(value), set(mapped))  # so a bad value can name the file
     return value
+
+
+def _config_tables(group, prefix: str = "") -> dict:
+    """Table name in a --config file -> (the command as typed after `dpo`, the command), for every
+    command: a table is named after the command's last word (`[train]`, `[info]`)."""
+    tables = {}
+    for name, command in getattr(group, "commands", {}).items():
+        if getattr(command, "commands", None) is not None:
+            tables.update(_config_tables(command, f"{prefix}{name} "))
+        else:
+            tables[name] = (f"{prefix}{name}", command)
+    return tables
 
 
 def _print_config_callback(ctx: typer.Context, param, value):
@@ -198,7 +211,9 @@ PrintConfigOpt = Annotated[
 
 def _print_error(err: DpocliError) -> None:
     """`error: <one line>` and an optional `hint:` line, on stderr."""
-    err_console.print(f"[red]error:[/red] {err.one_line()}", markup=True, highlight=False, soft_wrap=True)
+    from rich.markup import escape  # the line is text: `[train]` or a path with brackets stays as it is
+    err_console.print(f"[red]error:[/red] {escape(err.one_line())}", markup=True, highlight=False,
+                      soft_wrap=True)
     if err.hint:
         err_console.print(f"hint: {err.hint}", markup=False, highlight=False, soft_wrap=True)
 

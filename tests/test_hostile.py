@@ -81,15 +81,35 @@ def short_run(tmp_path_factory, small_cache) -> Path:
     return run
 
 
+def copy_run(short_run: Path, run: Path) -> Path:
+    """A copy of the short run that resumes as if it had been trained at `run`."""
+    shutil.copytree(short_run, run)
+    config = json.loads((run / "run_config.json").read_text())
+    (run / "run_config.json").write_text(json.dumps({**config, "out": str(run)}))
+    return run
+
+
+def train_again(cache, run: Path, mode: str):
+    """The short run's own command again, with --resume or --overwrite."""
+    return invoke(["train", cache, "--model", MODEL, "--out", run, "--max-steps", 1,
+                   "--batch-size", 4, "--save-every", 1, "--quiet", mode])
+
+
+def test_the_short_run_resumes_and_is_replaced(short_run, small_cache, tmp_path):
+    """The cases below are refused for what they plant, not for another reason."""
+    for mode in ("--resume", "--overwrite"):
+        run = copy_run(short_run, tmp_path / mode)
+        result = train_again(small_cache, run, mode)
+        assert result.exit_code == 0, result.stderr
+
+
 @pytest.mark.parametrize("mode", ["--resume", "--overwrite"])
 @pytest.mark.parametrize("backup", list(BACKUPS))
 def test_user_backups_in_a_run_folder_are_never_deleted(short_run, small_cache, tmp_path, mode, backup):
-    run = tmp_path / "run"
-    shutil.copytree(short_run, run)
+    run = copy_run(short_run, tmp_path / "run")
     plant(run, {backup: BACKUPS[backup]})
     before = snapshot(run)
-    result = invoke(["train", small_cache, "--model", MODEL, "--out", run, "--max-steps", 2,
-                     "--batch-size", 4, "--save-every", 1, "--quiet", mode])
+    result = train_again(small_cache, run, mode)
     refused(result, backup, "did not write")
     assert snapshot(run) == before
 
@@ -183,11 +203,11 @@ def _set(keys: str, value):
     return edit
 
 
-OUTSIDE = {  # a shard or tokenizer name that leaves the cache folder
-    "shard ..": (_set("shards.0.file", "../x.parquet"), "shards[0].file"),
-    "shard absolute": (_set("shards.0.file", "/tmp/x.parquet"), "shards[0].file"),
-    "shard in a subfolder": (_set("shards.0.file", "tokenizer/part-00000.parquet"), "shards[0].file"),
-    "tokenizer name ..": (lambda b: b["tokenizer_files"].update({"../manifest.json": "0" * 64}),
+OUTSIDE = {  # a shard or tokenizer name that leaves the cache folder (to an existing copy of a shard)
+    "shard ..": (lambda root: _set("shards.0.file", "../x.parquet"), "shards[0].file"),
+    "shard absolute": (lambda root: _set("shards.0.file", str(root / "x.parquet")), "shards[0].file"),
+    "shard in a subfolder": (lambda root: _set("shards.0.file", "sub/part-00000.parquet"), "shards[0].file"),
+    "tokenizer name ..": (lambda root: lambda b: b["tokenizer_files"].update({"../manifest.json": "0" * 64}),
                           "tokenizer_files"),
 }
 MISTYPED = {
@@ -210,11 +230,13 @@ MISTYPED = {
 
 @pytest.mark.parametrize("case", list(OUTSIDE) + list(MISTYPED))
 def test_a_re_signed_manifest_is_bad_input_naming_the_field(small_cache, tmp_path, case):
-    edit, field = {**OUTSIDE, **MISTYPED}[case]
+    edit, field = OUTSIDE[case] if case in OUTSIDE else (lambda root: MISTYPED[case][0], MISTYPED[case][1])
     cache_dir = tmp_path / "cache"
     shutil.copytree(small_cache, cache_dir)
     shutil.copy(cache_dir / "part-00000.parquet", tmp_path / "x.parquet")
-    resign(cache_dir, edit)
+    (cache_dir / "sub").mkdir()
+    shutil.copy(cache_dir / "part-00000.parquet", cache_dir / "sub" / "part-00000.parquet")
+    resign(cache_dir, edit(tmp_path))
     for args in (["cache", "verify", cache_dir], ["cache", "info", cache_dir],
                  ["eval", cache_dir, "--model", MODEL, "--quiet"]):
         refused(invoke(args), f"field '{field}'")
@@ -233,31 +255,23 @@ def test_a_shard_or_tokenizer_file_linked_out_of_the_cache_is_refused(small_cach
 
 @pytest.mark.parametrize("name", ["../victim", "/tmp/victim", "sub/../../victim", "", ".", 7])
 def test_a_run_record_naming_entries_outside_its_folder_is_refused(short_run, small_cache, tmp_path, name):
-    run = tmp_path / "run"
-    shutil.copytree(short_run, run)
+    run = copy_run(short_run, tmp_path / "run")
     (tmp_path / "victim").write_text("keep me\n")
     record = json.loads((run / "run_record.json").read_text())
     record["files"].append(name)
     (run / "run_record.json").write_text(json.dumps(record))
     before = snapshot(tmp_path)
     for mode in ("--resume", "--overwrite"):
-        result = invoke(["train", small_cache, "--model", MODEL, "--out", run, "--max-steps", 2,
-                         "--batch-size", 4, "--save-every", 1, "--quiet", mode])
-        refused(result, "run_record.json", "field 'files'")
+        refused(train_again(small_cache, run, mode), "run_record.json", "field 'files'")
         assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("field,value", [("step", "1"), ("epoch", None), ("micro_index", True),
                                          ("num_tokens", KeyError), ("global_batch", 4.0)])
 def test_a_mistyped_checkpoint_state_is_bad_input(short_run, small_cache, tmp_path, field, value):
-    run = tmp_path / "run"
-    shutil.copytree(short_run, run)
-    config = json.loads((run / "run_config.json").read_text())
-    (run / "run_config.json").write_text(json.dumps({**config, "out": str(run)}))  # as if trained here
+    run = copy_run(short_run, tmp_path / "run")
     state_path = run / "checkpoint-1" / "trainer_state.json"
     state = json.loads(state_path.read_text())
     _set(field, value)(state)
     state_path.write_text(json.dumps(state))
-    result = invoke(["train", small_cache, "--model", MODEL, "--out", run, "--max-steps", 1,
-                     "--batch-size", 4, "--save-every", 1, "--quiet", "--resume"])
-    refused(result, "trainer_state.json", f"field '{field}'")
+    refused(train_again(small_cache, run, "--resume"), "trainer_state.json", f"field '{field}'")
