@@ -118,7 +118,7 @@ def _read_record(path: Path) -> dict | None:
     if record_path.exists():
         try:
             record = json.loads(record_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RecursionError) as err:
             raise DpocliError(f"cannot be read ({err}), so dpocli cannot prove it wrote this folder",
                               file=record_path, hint="choose another --out") from None
         if not (isinstance(record, dict) and record.get("format") == RECORD_FORMAT
@@ -130,7 +130,7 @@ def _read_record(path: Path) -> dict | None:
     if (path / RUN_CONFIG).is_file():  # written by dpocli 0.1, which kept no record
         try:
             config = json.loads((path / RUN_CONFIG).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
         if isinstance(config, dict) and {"cache", "model", "out", "beta"} <= set(config):
             legacy = [RUN_CONFIG, RESOLVED_TOML, METRICS] + [p.name for _, p in list_checkpoints(path)]
@@ -191,7 +191,7 @@ def _check_resumable(path: Path, config: dict, cache_identity: dict, record: dic
     saved_path = path / RUN_CONFIG
     try:
         saved = json.loads(saved_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise DpocliError(f"cannot be read ({err})", file=saved_path) from None
     if not isinstance(saved, dict):
         raise DpocliError("is not a JSON object", file=saved_path)

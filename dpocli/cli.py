@@ -16,7 +16,14 @@ import typer
 
 from dpocli import __version__
 from dpocli.console import emit_json, emit_table, err_console, set_quiet
-from dpocli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DpocliError, RunFailure, out_of_memory_types
+from dpocli.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_RUNTIME,
+    EXIT_USAGE,
+    DpocliError,
+    RunFailure,
+    out_of_memory_types,
+)
 from dpocli.option_params import config_kwargs, given, with_options
 from dpocli.options import (
     CheckpointOpts,
@@ -92,6 +99,14 @@ def _report(err: BaseException) -> int:
             RunFailure("out of memory", hint="lower --batch-size / --max-tokens, or use a smaller --dtype")
         )
         return EXIT_RUNTIME
+    if isinstance(err, RecursionError):
+        # dpocli recurses only over what it reads (JSON, TOML, templates), and the readers it knows
+        # refuse deep nesting naming file and row; one it does not know ends here, still as input.
+        _print_error(DpocliError("a file this command reads nests lists or objects too deeply to read",
+                                 hint="rerun with DPOCLI_DEBUG=1 to see which file"))
+        if debug:
+            _print_traceback(err)
+        return EXIT_USAGE
     if isinstance(err, OSError):
         where = err.filename if getattr(err, "filename", None) else None
         _print_error(RunFailure(err.strerror or str(err) or type(err).__name__, file=where))

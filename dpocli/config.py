@@ -36,6 +36,8 @@ def _toml_load(path: Path) -> dict:
         except ImportError:
             raise DpocliError("reading TOML on Python 3.10 needs the tomli package", file=path,
                               hint="pip install tomli") from None
+    if path.exists() and not path.is_dir() and not path.is_file():  # a FIFO would block the read
+        raise DpocliError("is not a regular file (a FIFO, socket or device)", file=path, field="--config")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -46,6 +48,8 @@ def _toml_load(path: Path) -> dict:
         raise DpocliError(f"cannot be read ({err.strerror})", file=path, field="--config") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise DpocliError(f"is not valid TOML ({err})", file=path, field="--config") from None
+    except RecursionError:
+        raise DpocliError("nests arrays or tables too deeply to read", file=path, field="--config") from None
 
 
 def _flag_names(command: click.Command) -> dict[str, click.Parameter]:

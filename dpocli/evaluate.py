@@ -194,7 +194,13 @@ def loss_options_from_runs(models: list[str], options: dict, given: frozenset[st
     for model in models:
         path = run_config_of(model)
         if path is not None:
-            config = json.loads(path.read_text())
+            try:
+                config = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError, RecursionError) as err:
+                raise DpocliError(f"cannot be read as the run's options ({type(err).__name__})",
+                                  file=path, hint="restore the run's run_config.json") from None
+            if not isinstance(config, dict):
+                raise DpocliError("is not a JSON object", file=path, hint="restore the run's run_config.json")
             saved[str(path)] = {k: config[k] for k in LOSS_OPTIONS if k in config and k not in given}
     if not saved:
         return options, []

@@ -223,10 +223,14 @@ def read_manifest(cache_dir: str | Path) -> Manifest:
     if not path.exists():
         raise DpocliError("has no manifest.json; not a dpocli cache (or precompute never finished "
                           "a shard)", file=cache_dir)
+    if not path.is_file() and not path.is_dir():  # a FIFO would block the read
+        raise DpocliError("is not a regular file", file=path)
     try:
         body = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise DpocliError(f"is not valid JSON ({err})", file=path) from None
+    except RecursionError:
+        raise DpocliError("nests JSON arrays or objects too deeply to be a manifest", file=path) from None
     except OSError as err:  # a folder named manifest.json, unreadable permissions
         raise DpocliError(f"cannot be read ({err.strerror})", file=path) from None
     return Manifest.from_dict(body, str(path))

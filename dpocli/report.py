@@ -78,6 +78,8 @@ def read_metrics(run_dir: str | Path) -> tuple[dict[str, Series], dict[str, Seri
                 raise DpocliError(f"is not valid JSON ({err.msg}, column {err.colno})", file=path,
                                   row=row, hint="a run killed mid-write can leave a cut last line; "
                                   "delete that line") from None
+            except RecursionError:
+                raise DpocliError("nests JSON too deeply to be a metrics line", file=path, row=row) from None
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise DpocliError("is not a metrics record (expected an object with an integer "
                                   "'step')", file=path, row=row)
@@ -169,7 +171,7 @@ def summarize(run_dir: str | Path, out: str | Path | None = None) -> dict:
         try:
             full = json.loads(config_path.read_text())
             config = {k: full[k] for k in CONFIG_KEYS if k in full}
-        except (json.JSONDecodeError, TypeError):
+        except (json.JSONDecodeError, TypeError, RecursionError, OSError, UnicodeDecodeError):
             warn(f"{config_path}: not a JSON object; the report leaves the configuration out")
     eval_steps = sorted({s for series in evals.values() for s in series.steps})
     last_eval = eval_steps[-1] if eval_steps else None

@@ -275,3 +275,50 @@ def test_a_mistyped_checkpoint_state_is_bad_input(short_run, small_cache, tmp_pa
     _set(field, value)(state)
     state_path.write_text(json.dumps(state))
     refused(train_again(small_cache, run, "--resume"), "trainer_state.json", f"field '{field}'")
+
+
+# 3. Config files that lie ------------------------------------------------------------------------
+
+LYING_CONFIGS = {
+    "top-level typo beside a table": ("max-stepz = 2\n[train]\nbeta = 0.5\n", "max-stepz"),
+    "typo in another command's table": ("[train]\nbeta = 0.5\n[eval]\nsampels = 2\n", "eval.sampels"),
+    "a table no command has": ("[trian]\nmax-steps = 2\n", "trian"),
+    "inline table beside a table": ('model = {path = "x"}\n[train]\nbeta = 0.5\n', "model"),
+    "inline table alone": ("lr = {value = 1}\n", "lr"),
+    "true for an integer": ("max-steps = true\n", "max-steps"),
+    "false for an integer in a table": ("[train]\nbatch-size = false\n", "train.batch-size"),
+    "a float for an integer": ("max-steps = 2.5\n", "max-steps"),
+    "an integer for a switch": ("no-shuffle = 1\n", "no-shuffle"),
+    "a string for a number": ('beta = "0.1"\n', "beta"),
+    "a number for a string": ("dtype = 32\n", "dtype"),
+    "an array for a number": ("beta = [0.1]\n", "beta"),
+    "two spellings, two values": ("max-steps = 2\nmax_steps = 3\n", "max_steps"),
+    "two spellings, one value": ("max-steps = 2\nmax_steps = 2\n", "max_steps"),
+    "two spellings in a table": ("[train]\nbatch-size = 2\nbatch_size = 2\n", "train.batch_size"),
+    "another command's top-level key mistyped": ("samples = true\n[train]\nbeta = 0.5\n", "samples"),
+}
+
+
+@pytest.mark.parametrize("case", list(LYING_CONFIGS))
+def test_a_config_key_that_is_unknown_mistyped_or_repeated_is_refused(small_cache, tmp_path, case):
+    text, key = LYING_CONFIGS[case]
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(text)
+    result = invoke(["train", small_cache, "--model", MODEL, "--out", tmp_path / "out", "--config", cfg,
+                     "--print-config"])
+    refused(result, "run.toml", f"field '{key}'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_shared_config_file_still_serves_each_command(small_cache, tmp_path):
+    cfg = tmp_path / "pipeline.toml"
+    cfg.write_text(f'model = "{MODEL}"\nsamples = 2\nbeta = 1\n[train]\nmax-steps = 3\n[eval]\nmax-new-tokens = 8\n')
+    import tomllib
+    train_cfg = invoke(["train", small_cache, "--out", tmp_path / "o", "--config", cfg, "--print-config"])
+    assert train_cfg.exit_code == 0, train_cfg.stderr
+    values = tomllib.loads(train_cfg.stdout)
+    assert (values["model"], values["max-steps"], values["beta"]) == (str(MODEL), 3, 1)
+    eval_cfg = invoke(["eval", small_cache, "--config", cfg, "--print-config"])
+    assert eval_cfg.exit_code == 0, eval_cfg.stderr
+    values = tomllib.loads(eval_cfg.stdout)
+    assert (values["model"], values["samples"], values["max-new-tokens"]) == ([str(MODEL)], 2, 8)
