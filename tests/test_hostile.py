@@ -322,3 +322,165 @@ def test_a_shared_config_file_still_serves_each_command(small_cache, tmp_path):
     assert eval_cfg.exit_code == 0, eval_cfg.stderr
     values = tomllib.loads(eval_cfg.stdout)
     assert (values["model"], values["samples"], values["max-new-tokens"]) == ([str(MODEL)], 2, 8)
+
+
+# 4. Hangs and unbounded work ---------------------------------------------------------------------
+
+@pytest.fixture()
+def fifo(tmp_path):
+    """A FIFO, and a thread that feeds it a line whenever something opens it for reading, for 20 s:
+    code that reads it does not hang the test (it gets a line that is not what it expects)."""
+    import errno
+    import threading
+    import time
+    made = []
+
+    def make(name: str) -> Path:
+        path = tmp_path / name
+        os.mkfifo(path)
+        stop = threading.Event()
+
+        def feed():
+            deadline = time.monotonic() + 20
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                except OSError as err:
+                    if err.errno != errno.ENXIO:  # ENXIO: no reader yet
+                        return
+                    time.sleep(0.05)
+                    continue
+                os.write(fd, b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+                os.close(fd)
+        thread = threading.Thread(target=feed, daemon=True)
+        thread.start()
+        made.append((stop, thread))
+        return path
+    yield make
+    for stop, thread in made:
+        stop.set()
+        thread.join()
+
+
+def test_an_input_or_output_that_is_a_fifo_is_refused(small_cache, tmp_path, fifo):
+    cases = {
+        "input": lambda p: ["precompute-ref", p, "--model", MODEL, "--out", tmp_path / "c", "--quiet"],
+        "per-example": lambda p: ["eval", small_cache, "--model", MODEL, "--per-example", p, "--quiet"],
+        "config": lambda p: ["train", small_cache, "--config", p, "--print-config"],
+    }
+    for name, args in cases.items():
+        path = fifo(f"{name}.jsonl" if name != "config" else "run.toml")
+        refused(invoke(args(path)), str(path), "not a regular file")
+    assert not (tmp_path / "c").exists()
+
+
+class _Tokenizer:
+    pad_token_id, eos_token_id = 0, 2
+
+    def get_vocab(self):
+        return {}
+
+
+class _Model:
+    """Records what `generate` was asked for; its config says it has 32 positions."""
+
+    def __init__(self):
+        import types
+        self.config = types.SimpleNamespace(max_position_embeddings=32)
+        self.asked = []
+
+    def generate(self, inputs, attention_mask, max_new_tokens, **kwargs):
+        import torch
+        self.asked.append(max_new_tokens)
+        return torch.cat([inputs, torch.full((inputs.shape[0], 1), 5)], dim=1)
+
+
+def test_max_new_tokens_is_capped_at_the_model_context():
+    from dpocli.sampling import _generate
+    model = _Model()
+    out = _generate(model, [1] * 10, _Tokenizer(), n=2, max_new_tokens=100_000_000, temperature=0, device="cpu")
+    assert model.asked == [22] and out == [[5], [5]]
+    assert _generate(model, [1] * 8, _Tokenizer(), n=1, max_new_tokens=4, temperature=0, device="cpu") == [[5]]
+    assert model.asked == [22, 4]  # within the context: as asked
+    # A prompt that fills the context leaves no room: nothing is generated.
+    assert _generate(model, [1] * 32, _Tokenizer(), n=1, max_new_tokens=4, temperature=0, device="cpu") == [[]]
+    assert model.asked == [22, 4]
+
+
+def test_eval_samples_with_a_huge_max_new_tokens_finishes_with_a_warning(small_cache, tmp_path):
+    model = tmp_path / "short-context"
+    shutil.copytree(MODEL, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 48}))
+    result = invoke(["eval", small_cache, "--model", model, "--samples", 1, "--max-new-tokens", 100_000_000,
+                     "--temperature", 1, "--json", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    assert "--max-new-tokens 100000000 does not fit the model's context of 48" in " ".join(result.stderr.split())
+    text = json.loads(result.stdout)["models"][0]["samples"]["generations"][0]["policy"]
+    from transformers import AutoTokenizer
+    assert len(AutoTokenizer.from_pretrained(model)(text, add_special_tokens=False)["input_ids"]) <= 48
+
+
+# 5. Bad input reported as a bug ------------------------------------------------------------------
+
+def nested(depth: int, leaf="x") -> str:
+    return "[" * depth + json.dumps(leaf) + "]" * depth
+
+
+DEEP_ROWS = {
+    "5000 deep in an unused column": '{"prompt": "p", "chosen": "a", "rejected": "b", "meta": %s}' % nested(5000),
+    "150 deep in a message": ('{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", '
+                              '"content": %s}], "rejected": "b"}' % nested(150)),
+    "a tools string 5000 deep": ('{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", '
+                                 '"content": "a"}], "rejected": [{"role": "assistant", "content": "b"}], '
+                                 '"tools": %s}' % json.dumps(nested(5000))),
+}
+
+
+@pytest.mark.parametrize("case", list(DEEP_ROWS))
+def test_a_deeply_nested_row_is_bad_input_naming_file_and_row(tmp_path, case):
+    data = tmp_path / "deep.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n' + DEEP_ROWS[case] + "\n")
+    result = invoke(["precompute-ref", data, "--model", MODEL, "--out", tmp_path / "c", "--quiet"])
+    refused(result, f"{data}:2:")
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_deeply_nested_parquet_value_is_bad_input(tmp_path):
+    from dpocli.errors import DpocliError
+    from dpocli.nesting import MAX_DEPTH, check_depth
+    deep = "x"
+    for _ in range(150):
+        deep = [deep]
+    path = tmp_path / "deep.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "p", "chosen": "a", "rejected": "b", "tools": deep}]), path)
+    refused(invoke(["precompute-ref", path, "--model", MODEL, "--out", tmp_path / "c", "--quiet"]), str(path))
+    # Parquet refuses 100 levels and more itself; the row check holds the same line for every reader.
+    at_limit = "x"
+    for _ in range(MAX_DEPTH):
+        at_limit = [at_limit]
+    check_depth({"tools": at_limit}, {"file": str(path), "row": 2})
+    with pytest.raises(DpocliError) as err:
+        check_depth({"tools": [at_limit]}, {"file": str(path), "row": 2})
+    assert err.value.one_line().startswith(f"{path}:2: field 'tools'")
+
+
+def test_deeply_nested_dpocli_files_are_bad_input(short_run, small_cache, tmp_path):
+    deep = '{"a": %s}' % nested(100_000)
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(small_cache, cache_dir)
+    (cache_dir / "manifest.json").write_text(deep)
+    run = copy_run(short_run, tmp_path / "run")
+    (run / "metrics.jsonl").write_text(deep + "\n")
+    cfg = tmp_path / "deep.toml"
+    cfg.write_text("beta = %s\n" % nested(5000, 1))
+    record_run = copy_run(short_run, tmp_path / "record-run")
+    (record_run / "run_record.json").write_text(deep)
+    config_run = copy_run(short_run, tmp_path / "config-run")
+    (config_run / "run_config.json").write_text(deep)
+    cases = [(["cache", "info", cache_dir], "manifest.json"), (["cache", "verify", cache_dir], "manifest.json"),
+             (["report", run], "metrics.jsonl"), (["train", small_cache, "--config", cfg, "--print-config"], "deep.toml"),
+             (["train", small_cache, "--model", MODEL, "--out", record_run, "--resume", "--quiet"], "run_record.json"),
+             (["eval", small_cache, "--model", config_run, "--quiet"], "run_config.json")]
+    for args, where in cases:
+        refused(invoke(args), where)
