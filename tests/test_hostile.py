@@ -429,6 +429,10 @@ def nested(depth: int, leaf="x") -> str:
 
 DEEP_ROWS = {
     "5000 deep in an unused column": '{"prompt": "p", "chosen": "a", "rejected": "b", "meta": %s}' % nested(5000),
+    "900 deep in tool-call arguments": (
+        '{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "", '
+        '"tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"a": %s}}}]}], '
+        '"rejected": [{"role": "assistant", "content": "b"}]}' % nested(900)),
     "150 deep in a message": ('{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", '
                               '"content": %s}], "rejected": "b"}' % nested(150)),
     "a tools string 5000 deep": ('{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", '
