@@ -328,8 +328,8 @@ def test_a_shared_config_file_still_serves_each_command(small_cache, tmp_path):
 
 @pytest.fixture()
 def fifo(tmp_path):
-    """A FIFO, and a thread that feeds it a line whenever something opens it for reading, for 20 s:
-    code that reads it does not hang the test (it gets a line that is not what it expects)."""
+    """A FIFO, and a thread that, for 120 s, gives each reader that opens it one line and then the
+    end of the file: code that reads it (dpocli before this fix) fails instead of hanging the test."""
     import errno
     import threading
     import time
@@ -341,17 +341,21 @@ def fifo(tmp_path):
         stop = threading.Event()
 
         def feed():
-            deadline = time.monotonic() + 20
+            deadline, fed = time.monotonic() + 120, False
             while not stop.is_set() and time.monotonic() < deadline:
                 try:
                     fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
                 except OSError as err:
-                    if err.errno != errno.ENXIO:  # ENXIO: no reader yet
+                    if err.errno != errno.ENXIO:
                         return
-                    time.sleep(0.05)
+                    fed = False  # no reader (any more): the next one gets a line
+                    time.sleep(0.02)
                     continue
-                os.write(fd, b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
-                os.close(fd)
+                if not fed:
+                    os.write(fd, b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+                    fed = True
+                os.close(fd)  # the reader sees the end of the file once it has read the line
+                time.sleep(0.02)
         thread = threading.Thread(target=feed, daemon=True)
         thread.start()
         made.append((stop, thread))
