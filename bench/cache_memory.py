@@ -34,7 +34,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "sample_data" / "tiny-llama"
-SPEC = {"synthetic": "bench/cache_memory.py", "token_logps": False}
+# A cache spec with every field a real one has (the manifest schema requires them), marked synthetic.
+SPEC = {"synthetic": "bench/cache_memory.py", "conventions": "trl-1.x", "token_logps": False,
+        "reference_model": {"path": "synthetic", "revision": None, "sha256": "0" * 64},
+        "tokenizer": {"fingerprint": "0" * 64, "eos_token": None, "pad_token_id": 0},
+        "max_length": 1024, "truncation": "keep_start", "dtype": "float32", "attn_implementation": "default",
+        "batching": {"rows_per_shard": 4096, "packing": False, "prefix_sharing": False},
+        "input": {"files": [], "columns": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected",
+                                           "id": None}, "drop_identical": False, "dropped_on_read": {}}}
+BUDGET = {"batch_size": None, "max_tokens": 16384}
 ROWS_PER_SHARD = 4096
 
 
@@ -62,7 +70,8 @@ def build_cache(out: Path, pairs: int, tokens: int, seed: int = 0) -> int:
             values = rng.integers(3, 1445, int(offsets[-1]), dtype=np.int32)
             columns[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
             total += int(offsets[-1])
-        manifest.shards.append({**cache.write_shard(out, index, columns, False, SPEC), "dropped": {}})
+        manifest.shards.append({**cache.write_shard(out, index, columns, False, SPEC), "dropped": {},
+                                "budget": BUDGET})
     folder = out / cache.TOKENIZER_DIR
     folder.mkdir()
     shutil.copy(TINY / "tokenizer.json", folder / "tokenizer.json")

@@ -11,17 +11,20 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import NoReturn
 
-# The names our temporaries take: `.NAME.<8 random>.tmp` (files), `NAME.tmp-<8 random>` (folders)
-# and `NAME.old-<pid>` (a replaced folder on its way out). `temporary_base` recognises them, so a
-# resumed command can clean up after a killed one without touching anything else.
-_TEMPORARY = (re.compile(r"^\.(?P<base>.+)\.[A-Za-z0-9_]{8}\.tmp$"),
-              re.compile(r"^(?P<base>.+)\.tmp-[A-Za-z0-9_]{8}$"),
-              re.compile(r"^(?P<base>.+)\.old-\d+$"))
+# The names our temporaries take: `.NAME.dpocli-tmp-<16 hex>` (files), `NAME.dpocli-tmpdir-<16 hex>`
+# (folders) and `NAME.dpocli-old-<16 hex>` (a replaced folder on its way out), the hex from
+# `secrets`. Only a name of exactly this form is ours: a person's `NAME.old-1` or `.NAME.bak.tmp`
+# never is. `temporary_base` recognises them, so a resumed command can clean up after a killed one
+# without touching anything else.
+_RANDOM = 16  # hex digits of the random part
+_TEMPORARY = (re.compile(r"^\.(?P<base>.+)\.dpocli-tmp-[0-9a-f]{%d}\Z" % _RANDOM),
+              re.compile(r"^(?P<base>.+)\.dpocli-tmpdir-[0-9a-f]{%d}\Z" % _RANDOM),
+              re.compile(r"^(?P<base>.+)\.dpocli-old-[0-9a-f]{%d}\Z" % _RANDOM))
 
 
 def temporary_base(name: str) -> str | None:
@@ -31,6 +34,18 @@ def temporary_base(name: str) -> str | None:
         if match:
             return match.group("base")
     return None
+
+
+def temporaries_of(folder: Path, name: str) -> list[Path]:
+    """The leftover temporaries in `folder` that were meant to become `name`."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if temporary_base(p.name) == name)
+
+
+def _random_name(path: Path, kind: str) -> Path:
+    hidden = "." if kind == "tmp" else ""
+    return path.with_name(f"{hidden}{path.name}.dpocli-{kind}-{secrets.token_hex(_RANDOM // 2)}")
 
 
 def as_write_failure(path: Path, err: BaseException):
@@ -56,7 +71,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def _umask_mode(default: int = 0o666) -> int:
-    # mkstemp creates files 0600; honour the user's umask like a plain open() would.
+    # The temporary is created 0600; honour the user's umask like a plain open() would.
     umask = os.umask(0)
     os.umask(umask)
     return default & ~umask
@@ -91,11 +106,11 @@ def atomic_path(path: str | os.PathLike):
     For writers that want a path rather than bytes (pyarrow, safetensors).
     """
     path = Path(path)
+    tmp = _random_name(path, "tmp")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as err:
         raise as_write_failure(path, err) from None
-    os.close(fd)
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
@@ -114,10 +129,11 @@ def atomic_path(path: str | os.PathLike):
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
-    """Yield a temporary folder `<path>.tmp-<random>`; rename it to `path` if the block succeeds.
+    """Yield a temporary folder `<path>.dpocli-tmpdir-<random>`; rename it to `path` if the block
+    succeeds.
 
-    An existing `path` is replaced only after the new folder is complete. A crash leaves a
-    `*.tmp-*` folder that readers ignore and later writers clean up.
+    An existing `path` is replaced only after the new folder is complete. A crash leaves such a
+    folder, which readers ignore and later writers clean up.
     """
     path = Path(path)
     tmp = make_temporary_dir(path)
@@ -144,7 +160,7 @@ def commit_dir(tmp: Path, path: Path) -> None:
     try:
         fsync_dir(tmp)
         if path.exists():
-            old = path.with_name(f"{path.name}.old-{os.getpid()}")
+            old = _random_name(path, "old")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -156,10 +172,10 @@ def commit_dir(tmp: Path, path: Path) -> None:
 
 
 def make_temporary_dir(path: Path) -> Path:
-    """An empty `<path>.tmp-<random>` folder next to `path` (the name `atomic_dir` uses)."""
+    """An empty `<path>.dpocli-tmpdir-<random>` folder next to `path` (the name `atomic_dir` uses)."""
+    tmp = _random_name(path, "tmpdir")
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
-        os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes 0700; honour the umask like mkdir would
+        tmp.mkdir()  # 0777 less the umask, as any mkdir; fails if the name exists
     except OSError as err:
         raise as_write_failure(path, err) from None
     return tmp

@@ -39,6 +39,8 @@ def _shard_written_for(path: Path, spec: dict) -> bool:
     """An unlisted shard is ours only if its Parquet metadata carries this cache's spec (a run
     killed between writing the shard and listing it)."""
     import pyarrow.parquet as pq
+    if path.is_symlink() or not path.is_file():  # a FIFO would block; a link may point anywhere
+        return False
     try:
         meta = pq.read_schema(path).metadata or {}
     except Exception:

@@ -19,10 +19,10 @@ writes it) instead of the model, in both formats: with `--fsdp` the adapter is g
 for those files, and `dcp/` holds only the adapter's weights and optimizer state (the frozen base
 is the base model's, loaded from `--model`).
 It is written as a temporary folder and renamed, so a checkpoint folder either exists complete or
-not at all; leftovers of a crash (`checkpoint-N.tmp-*`) are ignored and removed by the next save.
-Every checkpoint, the final model and `merged/` hold `checksums.json` (folder_checksums.py), written
-before the folder counts as complete; `--resume` verifies the newest checkpoint and checks its
-state (checkpoint_state.py) before anything is written.
+not at all; leftovers of a crash (`checkpoint-N.dpocli-tmpdir-<random>`, atomic.py) are ignored and
+removed by the next save. Every checkpoint, the final model and `merged/` hold `checksums.json`
+(folder_checksums.py), written before the folder counts as complete; `--resume` verifies the
+newest checkpoint and checks its state (checkpoint_state.py) before anything is written.
 """
 
 from __future__ import annotations
@@ -32,14 +32,20 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from dpocli import __version__, folder_checksums, lora, outputs, sharding
-from dpocli.atomic import as_write_failure, atomic_dir, atomic_write_json, commit_dir, make_temporary_dir
+from dpocli.atomic import (
+    as_write_failure,
+    atomic_dir,
+    atomic_write_json,
+    commit_dir,
+    make_temporary_dir,
+    temporaries_of,
+)
 from dpocli.checkpoint_state import (
     SHARDED_STATE_PT,
     STATE_JSON,
@@ -82,23 +88,37 @@ def _read_record(path: Path) -> dict | None:
     if record_path.exists():
         try:
             record = json.loads(record_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RecursionError) as err:
             raise DpocliError(f"cannot be read ({err}), so dpocli cannot prove it wrote this folder",
                               file=record_path, hint="choose another --out") from None
         if not (isinstance(record, dict) and record.get("format") == RECORD_FORMAT
                 and isinstance(record.get("files"), list)):
             raise DpocliError("is not a dpocli run record", file=record_path,
                               hint="choose another --out")
+        _check_record_fields(record, record_path)
         return record
     if (path / RUN_CONFIG).is_file():  # written by dpocli 0.1, which kept no record
         try:
             config = json.loads((path / RUN_CONFIG).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
         if isinstance(config, dict) and {"cache", "model", "out", "beta"} <= set(config):
             legacy = [RUN_CONFIG, RESOLVED_TOML, METRICS] + [p.name for _, p in list_checkpoints(path)]
             return {"format": RECORD_FORMAT, "files": legacy, "legacy": True}
     return None
+
+
+def _check_record_fields(record: dict, where: Path) -> None:
+    """Every name the record lists is a plain entry of the run folder (never `..`, a path or
+    anything that leaves it: these names are what --overwrite deletes), and `cache` an object."""
+    for name in record["files"]:
+        if not (isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+                and "\\" not in name and "\0" not in name):
+            raise DpocliError(f"lists {name!r}, which is not the name of an entry inside the run folder",
+                              file=where, field="files", hint="choose another --out")
+    if not isinstance(record.get("cache", {}), dict):
+        raise DpocliError("is not an object", file=where, field="cache",
+                          hint="choose another --out")
 
 
 def _survey_run(path: Path, record: dict) -> outputs.Survey:
@@ -245,10 +265,7 @@ class RunDir:
         """The final model, as a plain HF folder = RUN_DIR itself, written by `write(folder)` in a
         staging folder first; its files are recorded, then moved up with config.json last, so a
         failure never leaves a config.json that looks like a finished model without its weights."""
-        try:
-            staging = Path(tempfile.mkdtemp(prefix=f"{FINAL_STAGING}.tmp-", dir=self.path))
-        except OSError as err:
-            raise outputs.write_failure(self.path, err) from None
+        staging = make_temporary_dir(self.path / FINAL_STAGING)
         try:
             write(staging)
             folder_checksums.write(staging)  # moved up before config.json (below)
@@ -339,7 +356,7 @@ def _save_sharded(run: RunDir | None, dist, step: int, model, tokenizer, optimiz
 
     def start() -> str:
         run.add(final.name)  # in the record before it exists
-        for stale in run.path.glob(f"checkpoint-{step}.tmp-*"):
+        for stale in temporaries_of(run.path, final.name):
             shutil.rmtree(stale, ignore_errors=True)
         return str(make_temporary_dir(final))
     tmp = Path(dist.on_main_then_broadcast(start))
@@ -374,7 +391,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer_state:
                     trainer_state: dict) -> Path:
     """Write checkpoint-<step> (the whole-model format) atomically; returns its path."""
     final = run_dir / f"checkpoint-{step}"
-    for stale in run_dir.glob(f"checkpoint-{step}.tmp-*"):
+    for stale in temporaries_of(run_dir, final.name):
         shutil.rmtree(stale, ignore_errors=True)
     with atomic_dir(final) as tmp:
         save_model_folder(tmp, model, tokenizer)

@@ -21,6 +21,7 @@ from dpocli.errors import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
     EXIT_RUNTIME,
+    EXIT_USAGE,
     DpocliError,
     RunFailure,
     is_out_of_memory,
@@ -115,6 +116,14 @@ def _report(err: BaseException) -> int:
             RunFailure("out of memory", hint="lower --batch-size / --max-tokens, or use a smaller --dtype")
         )
         return EXIT_RUNTIME
+    if isinstance(err, RecursionError):
+        # dpocli recurses only over what it reads (JSON, TOML, templates), and the readers it knows
+        # refuse deep nesting naming file and row; one it does not know ends here, still as input.
+        _print_error(DpocliError("a file this command reads nests lists or objects too deeply to read",
+                                 hint="rerun with DPOCLI_DEBUG=1 to see which file"))
+        if debug:
+            _print_traceback(err)
+        return EXIT_USAGE
     if isinstance(err, OSError):
         where = err.filename if getattr(err, "filename", None) else None
         _print_error(RunFailure(err.strerror or str(err) or type(err).__name__, file=where))
@@ -167,13 +176,26 @@ def _config_callback(ctx: typer.Context, param, value):
         from dpocli.config import config_defaults
 
         try:
-            mapped = config_defaults(ctx.command, ctx.info_name, Path(value), shown=_command_name(ctx))
+            mapped = config_defaults(ctx.command, ctx.info_name, Path(value), shown=_command_name(ctx),
+                                     commands=_config_tables(ctx.find_root().command))
         except DpocliError as err:
             _print_error(err)
             raise typer.Exit(err.exit_code) from None
         ctx.default_map = {**(ctx.default_map or {}), **mapped}
         ctx.meta["dpocli.config"] = (str(value), set(mapped))  # so a bad value can name the file
     return value
+
+
+def _config_tables(group, prefix: str = "") -> dict:
+    """Table name in a --config file -> (the command as typed after `dpo`, the command), for every
+    command: a table is named after the command's last word (`[train]`, `[info]`)."""
+    tables = {}
+    for name, command in getattr(group, "commands", {}).items():
+        if getattr(command, "commands", None) is not None:
+            tables.update(_config_tables(command, f"{prefix}{name} "))
+        else:
+            tables[name] = (f"{prefix}{name}", command)
+    return tables
 
 
 def _print_config_callback(ctx: typer.Context, param, value):
@@ -229,7 +251,9 @@ PrintConfigOpt = Annotated[
 
 def _print_error(err: DpocliError) -> None:
     """`error: <one line>` and an optional `hint:` line, on stderr."""
-    err_console.print(f"[red]error:[/red] {err.one_line()}", markup=True, highlight=False, soft_wrap=True)
+    from rich.markup import escape  # the line is text: `[train]` or a path with brackets stays as it is
+    err_console.print(f"[red]error:[/red] {escape(err.one_line())}", markup=True, highlight=False,
+                      soft_wrap=True)
     if err.hint:
         err_console.print(f"hint: {err.hint}", markup=False, highlight=False, soft_wrap=True)
 

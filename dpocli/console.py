@@ -48,8 +48,10 @@ def log(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    """A warning on stderr; shown even with --quiet because it may change how results are read."""
-    err_console.print(f"[yellow]warning:[/yellow] {message}")
+    """A warning on stderr; shown even with --quiet because it may change how results are read.
+    `message` is text, never markup (a path or a TOML table name `[train]` is shown as it is)."""
+    from rich.markup import escape
+    err_console.print(f"[yellow]warning:[/yellow] {escape(message)}")
 
 
 def _json_default(value):

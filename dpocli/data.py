@@ -34,6 +34,7 @@ from dpocli import messages as chat
 from dpocli.atomic import sha256_file
 from dpocli.errors import DpocliError, UnusableRow
 from dpocli.messages import type_name as _type_name
+from dpocli.nesting import check_depth, too_deep
 from dpocli.sources import (
     ARROW_SUFFIXES,
     DEFAULT_SPLIT,
@@ -250,8 +251,11 @@ def _iter_jsonl(path: Path, columns: _Columns, max_row_bytes: int, warnings: lis
             except json.JSONDecodeError as e:
                 raise DpocliError(f"line is not valid JSON ({e.msg} at character {e.pos + 1})",
                                   **loc) from None
+            except RecursionError:  # the parser's own limit, far past MAX_DEPTH
+                raise too_deep(loc) from None
             if not isinstance(record, dict):
                 raise DpocliError(f"line is JSON but not an object (got {_type_name(record)})", **loc)
+            check_depth(record, loc)
             _refuse_lone_surrogates(record, loc)
             if not prompt_checked and columns.prompt not in record:
                 _warn_implicit_prompt(path, columns.prompt, record.keys(), warnings)
@@ -327,6 +331,7 @@ def _iter_columnar(path: Path, columns: _Columns, max_row_bytes: int, warnings: 
             for i in range(batch.num_rows):
                 row += 1
                 record = {name: column[i] for name, column in values.items()}
+                check_depth(record, {"file": str(path), "row": row})
                 if _text_bytes(record) > max_row_bytes:
                     raise _too_large(max_row_bytes, {"file": str(path), "row": row})
                 yield row, record

@@ -52,7 +52,7 @@ from dpocli.state_files import StateFile
 
 def expand_models(patterns: list[str]) -> list[str]:
     """Models in the given order; a glob pattern expands to its matches sorted by trailing number
-    (checkpoint-9 before checkpoint-10), skipping dpocli's temporaries (`checkpoint-6.tmp-*`)."""
+    (checkpoint-9 before checkpoint-10), skipping dpocli's temporaries (atomic.temporary_base)."""
     def natural(path: str):
         m = re.search(r"(\d+)/?$", path)
         return (int(m.group(1)) if m else -1, path)
@@ -89,8 +89,10 @@ def evaluate_policy(scorer, data, manifest, spec: LossSpec, pad_id: int, device,
     return metrics, columns, ref
 
 
+# The mark of a file `dpo eval --per-example` wrote, which no file has by chance: the Parquet
+# schema's metadata key, and in JSONL a field of every row (JSONL has no other place for it).
 PER_EXAMPLE_KEY = "dpocli.per_example"
-PER_EXAMPLE_COLUMNS = {"model", "id", "source_row"}
+JSONL_MARK = ("dpocli", "eval --per-example")
 
 
 def check_per_example_path(path: Path, reads: list[str]) -> None:
@@ -99,26 +101,34 @@ def check_per_example_path(path: Path, reads: list[str]) -> None:
         if Path(source).exists() and Path(source).resolve() in path.resolve().parents:
             raise DpocliError(f"lies inside {source}, which this command reads", file=path,
                               field="--per-example", hint="write it somewhere else")
-    if path.exists() and not _written_by_eval(path):
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise DpocliError("is not a regular file (a FIFO, socket or device); dpocli writes a file "
+                          "it can rename into place", file=path, field="--per-example",
+                          hint="give the name of a new file")
+    if path.exists() and not path.is_dir() and not _written_by_eval(path):
         raise DpocliError("exists and was not written by `dpo eval`; dpocli will not replace it",
                           file=path, field="--per-example", hint="choose another file name")
     outputs.check_writable_file(path, "--per-example")
 
 
 def _written_by_eval(path: Path) -> bool:
-    if path.is_dir():
-        return False
+    """Whether the regular file `path` carries dpo eval's mark: in Parquet, the schema metadata key;
+    in JSONL, every line an object with the mark (a line the user added, or a blank one, is not)."""
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
-            schema = pq.read_schema(path)
-            return PER_EXAMPLE_KEY.encode() in (schema.metadata or {}) or \
-                PER_EXAMPLE_COLUMNS <= set(schema.names)
+            return PER_EXAMPLE_KEY.encode() in (pq.read_schema(path).metadata or {})
         import json
+        key, mark = JSONL_MARK
         with open(path, encoding="utf-8") as f:
-            first = f.readline()
-        return not first.strip() or PER_EXAMPLE_COLUMNS <= set(json.loads(first))
-    except Exception:  # unreadable or another format: not provably ours
+            lines = 0
+            for line in f:
+                row = json.loads(line)
+                if not (isinstance(row, dict) and row.get(key) == mark):
+                    return False
+                lines += 1
+        return lines > 0
+    except Exception:  # unreadable, another format, nested too deep: not provably ours
         return False
 
 
@@ -152,8 +162,9 @@ def write_per_example(path: Path, rows: list[dict]) -> None:
         elif path.suffix in (".jsonl", ".json"):
             import json
             with open(tmp, "w", encoding="utf-8") as f:
+                key, mark = JSONL_MARK
                 for row in rows:
-                    f.write(json.dumps(row) + "\n")
+                    f.write(json.dumps({key: mark, **row}) + "\n")
         else:
             raise DpocliError("must end in .parquet or .jsonl", file=path, field="--per-example")
 

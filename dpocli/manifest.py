@@ -41,6 +41,119 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
+# The type of every manifest field dpocli reads. The checksum proves only that the manifest is
+# consistent (anyone can recompute a sha256), so a re-signed manifest with a field missing or of
+# another type is refused here, naming the field, before any code reads it. A dict describes an
+# object (a key ending in "?" may be absent), {"*": T} an object of any keys with values T, [T] a
+# list of T, a tuple the allowed types; `int` never admits a JSON true/false.
+_NAME = str  # a file name: checked by `_check_names`
+_SHARD = {"index": int, "file": _NAME, "rows": int, "sha256": str, "dropped?": {"*": int},
+          "budget": {"batch_size": (int, None), "max_tokens": (int, None)}}
+_SPEC = {
+    "conventions": str,
+    "reference_model": {"path": str, "revision": (str, None), "sha256": (str, None), "fingerprint?": str},
+    "tokenizer": {"fingerprint": str, "eos_token": (str, None), "pad_token_id": int},
+    "max_length": int, "truncation": str, "dtype": ("float32", "bfloat16", "float16"),
+    "attn_implementation": str, "token_logps": bool,
+    "batching": {"rows_per_shard": int, "packing": bool, "prefix_sharing": bool},
+    "input": {"files": [dict], "hub?": dict, "split?": str, "subset?": str,
+              "columns": {"prompt": str, "chosen": str, "rejected": str, "id": (str, None)},
+              "drop_identical": bool, "dropped_on_read": {"*": int}},
+}
+MANIFEST_SCHEMA = {"spec": _SPEC, "planned_shards": int, "rows_read": int, "shards": [_SHARD],
+                   "complete": bool, "length_stats": dict, "created": dict, "tokenizer_files": {"*": _NAME}}
+
+
+def _type_name(expected) -> str:
+    if isinstance(expected, tuple):
+        return " or ".join(_type_name(e) for e in expected)
+    if isinstance(expected, str):
+        return repr(expected)
+    if isinstance(expected, list):
+        return "a list"
+    if isinstance(expected, dict) or expected is dict:
+        return "an object"
+    return {None: "null", int: "an integer", bool: "true or false", str: "a string"}[expected]
+
+
+def _matches(value, expected) -> bool:
+    if isinstance(expected, tuple):
+        return any(_matches(value, e) for e in expected)
+    if expected is None:
+        return value is None
+    if isinstance(expected, str):
+        return value == expected
+    if isinstance(expected, dict) or expected is dict:
+        return isinstance(value, dict)
+    if isinstance(expected, list):
+        return isinstance(value, list)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def check_schema(value, expected, where: str, path: str = "") -> None:
+    """Refuse (exit 2, naming the dotted field) a value that `expected` (see MANIFEST_SCHEMA) does
+    not describe."""
+    if not _matches(value, expected):
+        raise DpocliError(f"is {type(value).__name__} {_short(value)}, expected "
+                          f"{_type_name(expected)}", file=where, field=path,
+                          hint="recreate the cache with `dpo precompute-ref`")
+    chosen = expected
+    if isinstance(expected, tuple):
+        chosen = next(e for e in expected if _matches(value, e))
+    if isinstance(chosen, list):
+        for i, item in enumerate(value):
+            check_schema(item, chosen[0], where, f"{path}[{i}]")
+    elif isinstance(chosen, dict) and set(chosen) == {"*"}:
+        for key, item in value.items():
+            check_schema(item, chosen["*"], where, f"{path}.{key}")
+    elif isinstance(chosen, dict):
+        for key, sub in chosen.items():
+            name = key.rstrip("?")
+            field_path = f"{path}.{name}" if path else name
+            if name in value:
+                check_schema(value[name], sub, where, field_path)
+            elif not key.endswith("?"):
+                raise DpocliError("is missing", file=where, field=field_path,
+                                  hint="recreate the cache with `dpo precompute-ref`")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_names(body: dict, where: str) -> None:
+    """Every name the manifest gives is a plain name inside the cache folder: a shard is
+    `part-NNNNN.parquet` of its own index, a tokenizer file a name without a folder part."""
+    for i, entry in enumerate(body["shards"]):
+        if entry["file"] != shard_name(entry["index"]) or entry["index"] < 0:
+            raise DpocliError(f"is {_short(entry['file'])}; a shard of this cache is "
+                              f"{shard_name(max(entry['index'], 0))}, inside the cache folder", file=where,
+                              field=f"shards[{i}].file", hint="recreate the cache with `dpo precompute-ref`")
+    for name in body["tokenizer_files"]:
+        if not is_plain_name(name):
+            raise DpocliError(f"lists {_short(name)}, which is not a plain file name inside tokenizer/",
+                              file=where, field="tokenizer_files",
+                              hint="recreate the cache with `dpo precompute-ref`")
+
+
+def is_plain_name(name: str) -> bool:
+    """A name of one entry of a folder: not empty, `.` or `..`, no separator, no NUL."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+def inside(folder: str | Path, path: Path) -> Path:
+    """`path`, refused (exit 2) unless it resolves inside `folder` (a symlink out of it, `..`)."""
+    root = Path(folder).resolve()
+    target = path.resolve()
+    if target != root and root not in target.parents:
+        raise DpocliError(f"resolves to {target}, outside {root}; a cache's files must lie inside its "
+                          "folder", file=path, hint="recreate the cache with `dpo precompute-ref`")
+    return target
+
+
 @dataclass
 class Manifest:
     """The commit record of a cache folder (see module docstring)."""
@@ -98,9 +211,9 @@ class Manifest:
             raise DpocliError("was modified after dpocli wrote it (checksum mismatch)", file=where,
                               field="manifest_sha256",
                               hint="recreate the cache, or restore the original manifest.json")
-        names = ("spec", "planned_shards", "rows_read", "shards", "complete", "length_stats", "created",
-                 "tokenizer_files")
-        return cls(**{k: body[k] for k in names})
+        check_schema(body, MANIFEST_SCHEMA, where)
+        _check_names(body, where)
+        return cls(**{k: body[k] for k in MANIFEST_SCHEMA})
 
 
 def read_manifest(cache_dir: str | Path) -> Manifest:
@@ -110,10 +223,14 @@ def read_manifest(cache_dir: str | Path) -> Manifest:
     if not path.exists():
         raise DpocliError("has no manifest.json; not a dpocli cache (or precompute never finished "
                           "a shard)", file=cache_dir)
+    if not path.is_file() and not path.is_dir():  # a FIFO would block the read
+        raise DpocliError("is not a regular file", file=path)
     try:
         body = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise DpocliError(f"is not valid JSON ({err})", file=path) from None
+    except RecursionError:
+        raise DpocliError("nests JSON arrays or objects too deeply to be a manifest", file=path) from None
     except OSError as err:  # a folder named manifest.json, unreadable permissions
         raise DpocliError(f"cannot be read ({err.strerror})", file=path) from None
     return Manifest.from_dict(body, str(path))
@@ -146,6 +263,9 @@ def verify_shards(cache_dir: str | Path, manifest: Manifest, *, checksums: bool 
         path = Path(cache_dir) / entry["file"]
         if not path.exists():
             raise DpocliError("is listed in the manifest but missing", file=path)
+        inside(cache_dir, path)
+        if not path.is_file():
+            raise DpocliError("is not a regular file", file=path)
         try:
             rows = parquet_num_rows(path)
         except (OSError, ValueError):
@@ -179,9 +299,13 @@ def verify_tokenizer_files(cache_dir: str | Path, manifest: Manifest, *, checksu
     if not listed:
         raise DpocliError("lists no tokenizer files", file=Path(cache_dir) / MANIFEST_NAME,
                           field="tokenizer_files", hint="recreate the cache")
+    if folder.is_dir():
+        inside(cache_dir, folder)
     found = {p.name for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
     for name in sorted(set(listed) | found):
         path = folder / name
+        if name in found:
+            inside(folder, path)
         if name not in listed:
             # An added file can change what AutoTokenizer loads (tokenizer.json beats vocab files).
             raise DpocliError("is not one of the tokenizer files the manifest lists", file=path,

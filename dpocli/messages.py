@@ -131,6 +131,8 @@ def parse_tools(value, loc: dict, field: str = TOOLS_COLUMN) -> list | None:
         except json.JSONDecodeError as e:
             raise DpocliError(f"is a string but not valid JSON ({e.msg} at character {e.pos + 1})",
                               field=field, **loc) from None
+        except RecursionError:
+            raise DpocliError("is a string of JSON nested too deeply to read", field=field, **loc) from None
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
         raise DpocliError(f"must be a list of tool objects (or a JSON string of one), got {type_name(value)}",
                           field=field, **loc)

@@ -179,7 +179,7 @@ class MetricsLog:
         for number, line in enumerate(lines, start=1):
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 if number == len(lines):
                     break  # a write cut by the kill that stopped the run
                 raise DpocliError("is not valid JSON", file=self.path, row=number,

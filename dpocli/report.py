@@ -78,6 +78,8 @@ def read_metrics(run_dir: str | Path) -> tuple[dict[str, Series], dict[str, Seri
                 raise DpocliError(f"is not valid JSON ({err.msg}, column {err.colno})", file=path,
                                   row=row, hint="a run killed mid-write can leave a cut last line; "
                                   "delete that line") from None
+            except RecursionError:
+                raise DpocliError("nests JSON too deeply to be a metrics line", file=path, row=row) from None
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise DpocliError("is not a metrics record (expected an object with an integer "
                                   "'step')", file=path, row=row)
@@ -127,13 +129,27 @@ def _ordered(names) -> list[str]:
 REPORT_MARK = "dpocli report"
 
 
+GENERATOR_META = f'<meta name="generator" content="{REPORT_MARK}">'
+# What a report starts with: a PNG's signature and its Software text chunk, or the HTML head.
+_REPORT_STARTS = {".png": (b"\x89PNG\r\n\x1a\n", b"tEXtSoftware\x00" + REPORT_MARK.encode()),
+                  ".html": (f'<!doctype html>\n<html><head><meta charset="utf-8">{GENERATOR_META}'.encode(),
+                            GENERATOR_META.encode())}
+
+
 def _written_by_report(path: Path) -> bool:
-    """Reports carry REPORT_MARK (PNG text chunk, HTML meta tag) near the start of the file."""
+    """A report starts as dpo report writes it and carries REPORT_MARK in the place it writes it
+    (the PNG's Software text chunk, the HTML generator meta tag), within its first 4 KiB: a file
+    that merely mentions "dpocli report" is not one. Only a regular file is opened (a FIFO would
+    block)."""
+    start, mark = _REPORT_STARTS.get(path.suffix.lower(), (None, None))
+    if start is None or not path.is_file():
+        return False
     try:
         with open(path, "rb") as f:
-            return REPORT_MARK.encode() in f.read(4096)
+            head = f.read(4096)
     except OSError:
         return False
+    return head.startswith(start) and mark in head
 
 
 def summarize(run_dir: str | Path, out: str | Path | None = None) -> dict:
@@ -155,7 +171,7 @@ def summarize(run_dir: str | Path, out: str | Path | None = None) -> dict:
         try:
             full = json.loads(config_path.read_text())
             config = {k: full[k] for k in CONFIG_KEYS if k in full}
-        except (json.JSONDecodeError, TypeError):
+        except (json.JSONDecodeError, TypeError, RecursionError, OSError, UnicodeDecodeError):
             warn(f"{config_path}: not a JSON object; the report leaves the configuration out")
     eval_steps = sorted({s for series in evals.values() for s in series.steps})
     last_eval = eval_steps[-1] if eval_steps else None
@@ -291,7 +307,7 @@ def _html_page(summary: dict, png: bytes) -> str:
     config = "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>"
                      for k, v in summary["config"].items())
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><meta name="generator" content="{REPORT_MARK}">
+<html><head><meta charset="utf-8">{GENERATOR_META}
 <title>dpo report {esc(summary['run_dir'])}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em}} img{{max-width:100%}}
 table{{border-collapse:collapse;margin:1em 0}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}

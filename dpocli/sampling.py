@@ -14,13 +14,38 @@ import math
 import torch
 
 from dpocli.batching import collate
+from dpocli.console import warn
 from dpocli.logprobs import CompletionScorer, sequence_logps
 from dpocli.modeling import load_causal_lm, load_tokenizer
+
+# Where a config states how many positions the model has (Llama/Mistral/Qwen, GPT-2, others).
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def context_length(model) -> int | None:
+    """The number of positions the model was built for, if its config says."""
+    config = getattr(model, "config", None)
+    for key in _CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def new_token_room(model, prompt_len: int, max_new_tokens: int) -> int:
+    """--max-new-tokens, capped so that prompt + generation fit the model's context (0 when the
+    prompt alone fills it): past its positions a model's output is meaningless, and a huge value
+    would run for hours. `sample_report` warns when the cap applies."""
+    context = context_length(model)
+    return max_new_tokens if context is None else max(0, min(max_new_tokens, context - prompt_len))
 
 
 def _generate(model, prompt_ids: list[int], tokenizer, *, n: int, max_new_tokens: int,
               temperature: float, device) -> list[list[int]]:
-    """`n` completions (token ids, cut after EOS) of one prompt."""
+    """`n` completions (token ids, cut after EOS) of one prompt, within the model's context."""
+    max_new_tokens = new_token_room(model, len(prompt_ids), max_new_tokens)
+    if max_new_tokens == 0:
+        return [[] for _ in range(n)]
     inputs = torch.tensor([prompt_ids] * n, device=device)
     kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                   eos_token_id=tokenizer.eos_token_id)
@@ -46,6 +71,8 @@ def sample_report(model, model_path: str, data, n_prompts: int, *, ref_model: st
     reference = load_causal_lm(ref_model, dtype=dtype, device=device) if ref_model else None
     model.eval()
     rows = list(range(min(n_prompts, data.num_rows)))  # cache rows are in input order
+    longest = max((len(data.row_list("prompt_ids", i)) for i in rows), default=0)
+    _warn_if_capped([m for m in (model, reference) if m is not None], max_new_tokens, longest)
     report = {"generations": []}
     torch.manual_seed(seed)
     for i in rows:
@@ -79,3 +106,11 @@ def sample_report(model, model_path: str, data, n_prompts: int, *, ref_model: st
             report["kl_policy_ref"] = {"estimate": mean, "stderr": math.sqrt(var / len(values)),
                                        "samples": len(values), "prompts": len(rows)}
     return report
+
+
+def _warn_if_capped(models: list, max_new_tokens: int, longest_prompt: int) -> None:
+    contexts = [c for c in (context_length(m) for m in models) if c is not None]
+    if contexts and longest_prompt + max_new_tokens > min(contexts):
+        warn(f"--max-new-tokens {max_new_tokens} does not fit the model's context of {min(contexts)} "
+             f"positions after a prompt of up to {longest_prompt} tokens: a generation stops where the "
+             "context ends")

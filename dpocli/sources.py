@@ -69,6 +69,10 @@ def resolve_input(path, split: str = DEFAULT_SPLIT, subset: str | None = None) -
     wanted = _SPLIT_ALIASES.get(split.lower(), split)
     if not path.exists():
         raise DpocliError("does not exist", file=path)
+    if not path.is_dir() and not path.is_file():  # reading a FIFO would block, and it is read twice
+        raise DpocliError("is not a regular file or a folder (a FIFO, socket or device); dpocli reads "
+                          "its input twice (the rows, then a checksum)", file=path,
+                          hint="save the data to a file first")
     saved = path.is_dir() and (path / "dataset_dict.json").is_file()
     configs = _readme_splits(path, subset) if path.is_dir() and not saved else None
     if configs is not None:
@@ -141,7 +145,7 @@ def _split_of(name: str) -> str | None:
 def _save_to_disk_splits(path: Path) -> dict[str, list[Path]]:
     try:
         names = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise DpocliError(f"is not a readable DatasetDict index ({type(e).__name__}: {e})",
                           file=path / "dataset_dict.json") from None
     splits = {}
@@ -163,7 +167,7 @@ def _arrow_files_in_order(folder: Path) -> list[Path]:
             listed = [folder / f["filename"] for f in state_files]
             if listed and all(p.is_file() for p in listed):
                 return listed
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             pass  # fall back to name order, which is what save_to_disk writes anyway
     return [p for p in _data_files(folder) if p.name.endswith(ARROW_SUFFIXES)]
 
@@ -181,6 +185,8 @@ def _readme_splits(path: Path, subset: str | None = None) -> dict[str, list[Path
     import yaml  # a dependency of transformers; imported here so plain file inputs never need it
     try:
         meta = yaml.safe_load(match.group(1))
+    except RecursionError:
+        raise DpocliError("has front matter nested too deeply to read", file=readme) from None
     except yaml.YAMLError as e:
         raise DpocliError(f"has front matter that is not valid YAML ({str(e).splitlines()[0]})",
                           file=readme) from None

@@ -41,6 +41,9 @@ class StateFile:
             data = json.loads(text)
         except ValueError as err:
             raise DpocliError(f"is not valid JSON ({err})", file=path, hint=hint) from None
+        except RecursionError:
+            raise DpocliError("nests lists or objects too deeply to be a dpocli state file",
+                              file=path, hint=hint) from None
         return cls.of(path, data, hint)
 
     @classmethod

@@ -25,8 +25,14 @@ from dpocli.cache import (
 from dpocli.errors import DpocliError
 
 SPEC = {"conventions": "trl-1.x", "max_length": 64, "dtype": "float32", "token_logps": False,
-        "reference_model": {"path": "m", "sha256": "ab" * 32},
-        "input": {"files": [{"path": "p.jsonl"}], "dropped_on_read": {"identical_chosen_rejected": 1}}}
+        "reference_model": {"path": "m", "revision": None, "sha256": "ab" * 32},
+        "tokenizer": {"fingerprint": "cd" * 32, "eos_token": "</s>", "pad_token_id": 0},
+        "truncation": "keep_start", "attn_implementation": "default",
+        "batching": {"rows_per_shard": 4096, "packing": False, "prefix_sharing": False},
+        "input": {"files": [{"path": "p.jsonl"}], "dropped_on_read": {"identical_chosen_rejected": 1},
+                  "columns": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "id": None},
+                  "drop_identical": False}}  # every field a cache's spec has (manifest.MANIFEST_SCHEMA)
+BUDGET = {"batch_size": None, "max_tokens": 16384}  # each shard's, as precompute records it
 
 
 def make_row(source_row: int) -> dict:
@@ -65,6 +71,7 @@ def build(tmp_path, shards: list[list[int]], *, complete=True, spec=SPEC, name="
             break
         entry = write_shard(out, index, columns([make_row(r) for r in rows]), False, spec)
         entry["dropped"] = {"prompt_too_long": index}
+        entry["budget"] = BUDGET
         manifest.shards.append(entry)
     manifest.complete = complete
     add_tokenizer(out, manifest)
@@ -311,7 +318,7 @@ def test_non_finite_reference_value_is_refused(tmp_path, field, bad):
     out = tmp_path / "c"
     out.mkdir()
     manifest = Manifest(spec=SPEC, planned_shards=1, rows_read=4, complete=True)
-    manifest.shards.append(write_shard(out, 0, columns(rows[::-1]), False, SPEC))
+    manifest.shards.append({**write_shard(out, 0, columns(rows[::-1]), False, SPEC), "budget": BUDGET})
     add_tokenizer(out, manifest)
     commit_manifest(out, manifest)
     verify_shards(out, read_manifest(out))  # checksums are fine: the values are the problem
@@ -330,7 +337,7 @@ def test_token_logps_columns(tmp_path):
     cols["ref_rejected_token_logps"] = [[-0.25] * r["rejected_len"] for r in rows]
     spec = {**SPEC, "token_logps": True}
     manifest = Manifest(spec=spec, planned_shards=1, rows_read=3, complete=True)
-    manifest.shards.append(write_shard(out, 0, cols, True, spec))
+    manifest.shards.append({**write_shard(out, 0, cols, True, spec), "budget": BUDGET})
     add_tokenizer(out, manifest)
     commit_manifest(out, manifest)
     _, data = load_cache(out)

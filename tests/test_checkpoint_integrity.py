@@ -245,10 +245,10 @@ def test_state_file_names_the_file_and_field(tmp_path):
 # ---- 4. globs skip dpocli's temporaries ----
 
 def test_a_model_glob_skips_dpoclis_own_temporaries(tmp_path):
-    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-6.tmp-crash_01", "final-model.tmp-ab12CD34",
-                 "checkpoint-4.old-1234"):
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-6.dpocli-tmpdir-0123456789abcdef", "final-model.dpocli-tmpdir-fedcba9876543210",
+                 "checkpoint-4.dpocli-old-00112233aabbccdd"):
         (tmp_path / name).mkdir()
-    (tmp_path / "checkpoint-6.tmp-crash_01" / "model.safetensors").write_bytes(b"half a file")
+    (tmp_path / "checkpoint-6.dpocli-tmpdir-0123456789abcdef" / "model.safetensors").write_bytes(b"half a file")
     found = expand_models([os.fspath(tmp_path / "checkpoint-*")])
     assert [Path(p).name for p in found] == ["checkpoint-2", "checkpoint-10"]
     with pytest.raises(DpocliError, match="matches no model folder"):
@@ -256,7 +256,7 @@ def test_a_model_glob_skips_dpoclis_own_temporaries(tmp_path):
 
 
 def test_eval_of_the_readme_glob_ignores_a_crash_leftover(small_cache, run):
-    leftover = run / "checkpoint-6.tmp-crash_01"
+    leftover = run / "checkpoint-6.dpocli-tmpdir-0123456789abcdef"
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"half a file")
     result = invoke(["eval", small_cache, "--model", f"{run}/checkpoint-*", "--json"])

@@ -85,7 +85,7 @@ def test_sigkill_during_train_then_resume_equals_uninterrupted(train_cache, tmp_
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # A kill in the middle of writing a checkpoint leaves only a temporary folder: plant one.
-    partial = part / "checkpoint-15.tmp-crash_01"  # mkdtemp's name: 8 random characters
+    partial = part / "checkpoint-15.dpocli-tmpdir-00c0ffee00c0ffee"  # atomic.py's name: 16 random hex
     partial.mkdir(exist_ok=True)
     (partial / "model.safetensors").write_bytes(b"half a file")
     resumed = invoke(["train", train_cache, "--out", part, *args, "--resume"])

@@ -109,8 +109,8 @@ def test_precompute_resume_cleans_its_own_temporaries(tmp_path, prefs, monkeypat
     result = precompute(prefs, out)
     assert result.exit_code == 130 and "rerun the same command" in result.stderr
     monkeypatch.undo()
-    (out / ".part-00001.parquet.abcd1234.tmp").write_bytes(b"half")
-    (out / "tokenizer.tmp-abcd1234").mkdir()
+    (out / ".part-00001.parquet.dpocli-tmp-0123456789abcdef").write_bytes(b"half")
+    (out / "tokenizer.dpocli-tmpdir-0123456789abcdef").mkdir()
     assert precompute(prefs, out).exit_code == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["config.resolved.toml", "manifest.json", "part-00000.parquet", "part-00001.parquet",
@@ -180,13 +180,13 @@ def test_a_failed_start_leaves_nothing_behind(small_cache, tmp_path, monkeypatch
 def test_resume_cleans_temporaries_and_tolerates_a_cut_metrics_line(small_cache, tmp_path):
     run = tmp_path / "run"
     assert train(small_cache, run, "--save-every", 1, "--max-steps", 1).exit_code == 0
-    (run / "checkpoint-2.tmp-abcd1234").mkdir()
-    (run / ".metrics.jsonl.abcd1234.tmp").write_text("x")
+    (run / "checkpoint-2.dpocli-tmpdir-0123456789abcdef").mkdir()
+    (run / ".metrics.jsonl.dpocli-tmp-0123456789abcdef").write_text("x")
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 2, "lo')  # a write cut by a kill
     result = train(small_cache, run, "--save-every", 1, "--max-steps", 1, "--resume")
     assert result.exit_code == 0, result.stderr
-    assert not (run / "checkpoint-2.tmp-abcd1234").exists() and not (run / ".metrics.jsonl.abcd1234.tmp").exists()
+    assert not (run / "checkpoint-2.dpocli-tmpdir-0123456789abcdef").exists() and not (run / ".metrics.jsonl.dpocli-tmp-0123456789abcdef").exists()
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] == [1]
 
 
@@ -231,7 +231,7 @@ def test_full_or_read_only_disk_during_precompute_is_one_line_and_resumes(tmp_pa
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 1 and lines[0].startswith("error:") and says in lines[0]
     assert "part-00001.parquet" in lines[0] and "Traceback" not in result.stderr
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in out.iterdir() if ".dpocli-" in p.name]
     monkeypatch.undo()  # the user frees space
     result = precompute(prefs, out, "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["status"] == "resumed"
@@ -260,7 +260,7 @@ def test_full_disk_while_saving_is_one_line_and_resumes(small_cache, tmp_path, m
     assert result.stderr.startswith("error:") and "no space left" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (run / "config.json").exists()  # nothing that looks like a finished model
-    assert not [p for p in run.iterdir() if ".tmp" in p.name]
+    assert not [p for p in run.iterdir() if ".dpocli-" in p.name]
     monkeypatch.undo()
     result = train(small_cache, run, "--save-every", 1, "--resume")
     assert result.exit_code == 0, result.stderr
