@@ -46,6 +46,7 @@ from dpocli.metrics import LENGTH_BUCKETS, pair_metrics  # noqa: F401 (LENGTH_BU
 from dpocli.modeling import load_causal_lm, load_causal_lm_sharded, resolve_device
 from dpocli.policy import check_model_tokenizer, check_vocab
 from dpocli.scoring import RefLogps, cached_reference, check_token_logps, score_cache
+from dpocli.vlm_scoring import prepare_cache
 
 
 def expand_models(patterns: list[str]) -> list[str]:
@@ -246,6 +247,9 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
     spec = spec_from_options(**options)
     dist = distributed.current()
     manifest, data = shared_cache.load_cache(cache_dir, dist=dist)  # one copy per node under torchrun
+    if prepare_cache(cache_dir, manifest, data) is not None and (samples or fsdp):
+        raise DpocliError("is not supported on a vision-language cache yet",
+                          field="--samples" if samples else "--fsdp")
     if spec.ld_alpha is not None:  # LD-DPO needs per-token reference values (as train)
         check_token_logps("--ld-alpha", (cache_dir, data))
     if per_example:  # checked before the evaluation, so a bad path does not lose its results
