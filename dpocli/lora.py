@@ -76,8 +76,10 @@ def _language_model_only(model, targets):
     if getattr(model.config, "vision_config", None) is None:
         return targets
     import torch
-    linear = [name for name, module in model.named_modules()
-              if ".language_model." in f".{name}" and isinstance(module, torch.nn.Linear)]
+    decoder = model.get_decoder()  # the language model (LLaVA: language_model, Idefics3: text_model)
+    prefix = next(name for name, module in model.named_modules() if module is decoder)
+    linear = [f"{prefix}.{name}" for name, module in decoder.named_modules()
+              if isinstance(module, torch.nn.Linear)]
     wanted = None if targets == "all-linear" else set(targets or VLM_DEFAULT_TARGETS)
     chosen = [name for name in linear if wanted is None or name.rsplit(".", 1)[-1] in wanted]
     if not chosen:

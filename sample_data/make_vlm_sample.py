@@ -5,6 +5,8 @@ Writes, next to this file:
   tiny-llava/        LlavaForConditionalGeneration (CLIP tower + 2-layer Llama, random weights)
                      + LlavaProcessor (the PIL image processor, no torchvision) whose tokenizer is
                      tiny-llama's BPE plus an `<image>` token, and a chat template with image parts
+  tiny-idefics3/     Idefics3ForConditionalGeneration (SmolVLM's family; image splitting into tiles)
+                     + Idefics3Processor (PIL image processor), same tokenizer plus Idefics3's tokens
   vlm_images/        six 28x28 .. 56x56 PNGs (one to four visual tokens each after the 2x2 merge)
   vlm_train.jsonl    conversational rows with {"type": "image"} parts and an `images` column of
                      file paths relative to the jsonl
@@ -59,6 +61,8 @@ def build_model(folder: Path, family: str = "llava", seed: int = 0, image_size: 
     """A tiny random-weight VLM of `family` with its processor (PIL image processor), saved in
     `folder`. LLaVA: CLIP vision tower (patch 14, so (image_size/14)^2 visual tokens per image),
     2-layer projector, 2-layer Llama."""
+    if family == "idefics3":
+        return _build_idefics3(folder, seed, image_size)
     if family != "llava":
         raise ValueError(f"unknown family {family!r}")
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
@@ -82,6 +86,41 @@ def build_model(folder: Path, family: str = "llava", seed: int = 0, image_size: 
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
                                vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
                                image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+IDEFICS3_TOKENS = ["<fake_token_around_image>", "<end_of_utterance>", "<global-img>",
+                   *[f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]]
+
+
+def _build_idefics3(folder: Path, seed: int, image_size: int) -> Path:
+    """Idefics3 (SmolVLM's family): a SigLIP-style tower, pixel-shuffle connector (scale 2, so one
+    token per 28x28 tile), 2-layer Llama; the image processor splits an image larger than 28 px
+    into 28 px tiles plus a global view (`<row_i_col_j>` / `<global-img>` markers)."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    tok = _tokenizer()
+    tok.add_tokens(IDEFICS3_TOKENS, special_tokens=True)
+    config = Idefics3Config(
+        text_config={"model_type": "llama", "vocab_size": len(tok), "hidden_size": 64,
+                     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "max_position_embeddings": 512,
+                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                     "pad_token_id": tok.pad_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": image_size, "patch_size": 14},
+        scale_factor=2, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 2 * image_size},
+                                                do_image_splitting=True,
+                                                max_image_size={"longest_edge": image_size})
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok,
+                                  image_seq_len=(image_size // 14) ** 2 // 4, chat_template=CHAT_TEMPLATE)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -133,11 +172,13 @@ def make_rows(image_dir: str, n: int = 12) -> list[dict]:
 
 def main() -> int:
     build_model(HERE / "tiny-llava")
+    build_model(HERE / "tiny-idefics3", "idefics3")
     make_images(HERE / "vlm_images")
     with open(HERE / "vlm_train.jsonl", "w", encoding="utf-8") as fh:
         for row in make_rows("vlm_images"):
             fh.write(json.dumps(row) + "\n")
-    print(f"wrote {HERE / 'tiny-llava'}, {HERE / 'vlm_images'}, {HERE / 'vlm_train.jsonl'}")
+    print(f"wrote {HERE / 'tiny-llava'}, {HERE / 'tiny-idefics3'}, {HERE / 'vlm_images'}, "
+          f"{HERE / 'vlm_train.jsonl'}")
     return 0
 
 
