@@ -84,6 +84,7 @@ def _rescore(
     from dpocli.modeling import load_causal_lm, resolve_device, weights_fingerprint
     from dpocli.policy import STEP0_TOLERANCE
     from dpocli.scoring import cache_batch
+    from dpocli.vlm_scoring import prepare_cache
 
     # Re-scored rows run in other batches than precompute used, so they agree to fp rounding only.
     tolerances = {**STEP0_TOLERANCE, "float32": 1e-4}
@@ -111,6 +112,7 @@ def _rescore(
     scorer = CompletionScorer(
         load_causal_lm(path, dtype=dtype, device=dev, revision=revision, trust_remote_code=trust_remote_code)
     )
+    prepare_cache(cache_dir, manifest, data)  # a vision-language cache: pixel values per batch
     rows = sorted(random.Random(seed).sample(range(data.num_rows), min(rescore, data.num_rows)))
     pad_id = int(manifest.spec["tokenizer"]["pad_token_id"])
     worst, worst_row = 0.0, None

@@ -214,3 +214,12 @@ def test_lora_goes_on_the_language_model_only(family_cache, tmp_path):
     merged = AutoModelForImageTextToText.from_pretrained(run / "merged")
     changed = {n for n, p in merged.state_dict().items() if not (p == base.state_dict()[n]).all()}
     assert changed and all(n.startswith(prefix) for n in changed), changed
+
+
+def test_cache_verify_rescores_a_vision_cache_and_a_rerun_is_a_no_op(vlm_cache):
+    result = invoke(["cache", "verify", vlm_cache, "--rescore", 4, "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["rescore_max_abs_diff"] < 1e-4
+    again = invoke(["precompute-ref", ROWS, "--model", VLM, "--out", vlm_cache, "--json", "--quiet"])
+    assert again.exit_code == 0, again.stderr
+    assert json.loads(again.stdout)["status"] == "already_complete"
