@@ -223,3 +223,23 @@ def test_cache_verify_rescores_a_vision_cache_and_a_rerun_is_a_no_op(vlm_cache):
     again = invoke(["precompute-ref", ROWS, "--model", VLM, "--out", vlm_cache, "--json", "--quiet"])
     assert again.exit_code == 0, again.stderr
     assert json.loads(again.stdout)["status"] == "already_complete"
+
+
+def test_standard_rows_with_placeholders(tmp_path):
+    """A standard row holding the chat text itself (with `<image>`) gives the ids TRL gives the
+    conversational row it renders; a placeholder count that does not fit the images is one line."""
+    row = _sample_rows()[0]
+    text = {k: row[k][0]["content"] for k in ("chosen", "rejected")}
+    standard = {"id": "std", "images": [str(SAMPLE / row["images"][0])],
+                "prompt": "<s><|user|>\n<image>What colour is this?<|end|>\n<|assistant|>\n",
+                "chosen": text["chosen"] + "<|end|>\n", "rejected": text["rejected"] + "<|end|>\n"}
+    bad = {**standard, "id": "bad", "prompt": "<image>" + standard["prompt"]}
+    path = _rows(tmp_path / "std.jsonl", [standard, bad])
+    read = vision.read_vision_examples(path)
+    processor = vision.load_processor(VLM)
+    pair = vision.tokenize_vision_pair(read[0], processor, 1024)
+    want = TRL["llava"]["ids"][0]
+    assert (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids) == \
+           (want["prompt_ids"], want["chosen_ids"], want["rejected_ids"])
+    line = _error(invoke(["precompute-ref", path, "--model", VLM, "--out", tmp_path / "c"]))
+    assert f"{path}:2: field 'prompt'" in line and "2 <image> tokens and 1 images" in line
