@@ -297,7 +297,8 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
         log(f"dataset {dataset.repo_id} at {dataset.revision[:12]} from {source}")
     model_dir = resolve_model_dir(cfg.model, cfg.model_revision)
     processor = None
-    if has_vision_tower(model_dir):  # a vision-language reference: rows with images (vision.py)
+    # A vision-language reference and rows with an image column: TRL's VLM path (vision.py).
+    if has_vision_tower(model_dir) and vision.has_image_column(source):
         read, processor = vision.read_vision_input(cfg, source, model_dir)
         tokenizer = processor.tokenizer
     else:

@@ -139,6 +139,28 @@ def _raw_rows(path: Path):
             yield i, record
 
 
+def has_image_column(source) -> bool:
+    """Whether a .jsonl / .parquet input has an `images` or `image` column (TRL looks at the first
+    row's keys the same way to choose its vision collator). Anything else: False (the text reader
+    then reads it, and refuses image columns itself)."""
+    path = Path(source)
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".parquet":
+        return any(n in IMAGE_COLUMNS for n in pq.read_schema(path).names)
+    if path.suffix.lower() != ".jsonl":
+        return False
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    return False  # the text reader names the line
+                return isinstance(record, dict) and any(n in record for n in IMAGE_COLUMNS)
+    return False
+
+
 def _check_messages(value, loc: dict, field: str) -> None:
     if not isinstance(value, list) or not value:
         raise DpocliError("must be a string or a non-empty list of {role, content} messages",
@@ -169,7 +191,9 @@ def read_vision_examples(path, id_column: str | None = None) -> list[VisionExamp
                 raise DpocliError("is missing", field=name, **loc)
             if not isinstance(record[name], str):
                 _check_messages(record[name], loc, name)
-        values = record.get("images", [record["image"]] if record.get("image") is not None else [])
+        values = record.get("images")
+        if values is None:
+            values = [record["image"]] if record.get("image") is not None else []
         if not isinstance(values, list):
             raise DpocliError("must be a list of images", field="images", **loc)
         images = []

@@ -243,3 +243,30 @@ def test_standard_rows_with_placeholders(tmp_path):
            (want["prompt_ids"], want["chosen_ids"], want["rejected_ids"])
     line = _error(invoke(["precompute-ref", path, "--model", VLM, "--out", tmp_path / "c"]))
     assert f"{path}:2: field 'prompt'" in line and "2 <image> tokens and 1 images" in line
+
+
+def test_text_rows_with_a_vlm_take_the_text_path(tmp_path):
+    """No image column: TRL uses its text collator even for a VLM, and so does dpocli (a text cache
+    whose spec has no `vision` entry, ids as for the tokenizer alone); train runs one step on it."""
+    path = tmp_path / "text.jsonl"
+    path.write_text("".join((SAMPLE / "train.jsonl").read_text().splitlines(keepends=True)[:8]))
+    out = tmp_path / "cache"
+    result = invoke(["precompute-ref", path, "--model", VLM, "--out", out, "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    manifest = cache.read_manifest(out)
+    assert "vision" not in manifest.spec and "images" not in pq.read_schema(out / "part-00000.parquet").names
+    from dpocli.data import read_examples
+    from dpocli.modeling import load_tokenizer
+    from dpocli.tokenization import tokenize_pair
+    tok = load_tokenizer(str(VLM))
+    want = [tokenize_pair(ex, tok, 1024).chosen_ids for ex in read_examples(path).examples]
+    assert pq.read_table(out / "part-00000.parquet").column("chosen_ids").to_pylist() == want
+    run = invoke(["train", out, "--model", VLM, "--out", tmp_path / "run", "--max-steps", 1, "--quiet"])
+    assert run.exit_code == 0, run.stderr
+
+
+def test_null_images_mean_no_images(tmp_path):
+    rows = _sample_rows()
+    rows = [dict(rows[4], images=None)]  # the sample's row without image parts
+    read = vision.read_vision_examples(_rows(tmp_path / "rows.jsonl", rows))
+    assert read[0].images == ()
