@@ -4,6 +4,8 @@
 #   bash bench/gpu.sh              # one CUDA GPU, bf16, Qwen2.5-0.5B shapes: < 8 minutes on an H200
 #   bash bench/gpu.sh --smoke      # the same script on CPU with a tiny model (SMOKE=1 works too)
 #   bash bench/gpu.sh --flex       # adds the DPOCLI_ATTN_KERNEL=flex row (unverified kernel)
+#   (the GPU run ends with the vision-language memory rows of bench/vlm_memory.py; they need
+#   torchvision-free PIL image processors only, so any torch build works)
 #
 # Any other arguments go to gpu_bench.py (--rows, --out-dir, --trl-python).
 # Offline machine: trl and its dependencies come from bench/wheelhouse/ when that folder exists
@@ -44,4 +46,10 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 start=$(date +%s)
 "$PYTHON" bench/gpu_bench.py --profile "$profile" ${args[@]+"${args[@]}"}
+# Vision-language rows (issue 27): training peak memory of dpocli from its VLM cache vs TRL 1.16's
+# VLM DPO (reference live) at the same batch, SmolVLM-256M shapes (bench/vlm_memory.py).
+if [[ "$profile" == gpu ]]; then
+    "$PYTHON" bench/vlm_memory.py --shapes smolvlm-256m --device cuda --batch-size 8 --steps 5 \
+        --trl-python "$PYTHON"
+fi
 echo "[gpu.sh] done in $(( $(date +%s) - start )) s" >&2

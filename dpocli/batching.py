@@ -31,6 +31,7 @@ class ModelInputs:
                     segment i, its rejected completion segment B + i (so 2B segments).
     num_segments:   2B.
     units:          the packed row's sequences, for the packed attention (None otherwise).
+    extra:          further model keyword arguments (a vision-language batch's pixel values).
     """
 
     input_ids: torch.Tensor
@@ -41,6 +42,7 @@ class ModelInputs:
     segments: torch.Tensor
     num_segments: int
     units: tuple | None = None
+    extra: dict | None = None
 
 
 @dataclass(frozen=True)

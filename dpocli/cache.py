@@ -67,9 +67,10 @@ from dpocli.manifest import (  # noqa: F401
 SPILL_PREFIX = "dpocli-cache-"  # the memory-mapped copy of a loaded cache (see `spill_cache`)
 
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+IMAGES, IMAGE_SHA256 = "images", "image_sha256"  # vision-language caches only (vision.py)
 
 
-def cache_schema(token_logps: bool) -> pa.Schema:
+def cache_schema(token_logps: bool, vision: bool = False) -> pa.Schema:
     fields = [
         pa.field("id", pa.string()),
         pa.field("source_row", pa.int64()),  # position in the input: lets --no-shuffle follow it
@@ -85,13 +86,15 @@ def cache_schema(token_logps: bool) -> pa.Schema:
     if token_logps:
         fields += [pa.field("ref_chosen_token_logps", pa.list_(pa.float32())),
                    pa.field("ref_rejected_token_logps", pa.list_(pa.float32()))]
+    if vision:  # a vision-language cache: each row's images (encoded bytes) and their sha256
+        fields += [pa.field(IMAGES, pa.list_(pa.binary())), pa.field(IMAGE_SHA256, pa.list_(pa.string()))]
     return pa.schema(fields)
 
 
 def write_shard(cache_dir: str | Path, index: int, columns: dict, token_logps: bool,
                 spec: dict) -> dict:
     """Write one shard atomically; return its manifest entry (without `dropped`)."""
-    schema = cache_schema(token_logps).with_metadata(
+    schema = cache_schema(token_logps, vision="vision" in spec).with_metadata(
         {"dpocli.spec": canonical_json(spec), "dpocli.shard_index": str(index)})
     table = pa.Table.from_pydict({name: columns[name] for name in schema.names}, schema=schema)
     path = Path(cache_dir) / shard_name(index)
@@ -137,6 +140,18 @@ class CacheData:
         self.replay_plans: dict[int, list[list[int]]] = {}
         self.ghost_base: dict[int, int] = {}
         self.ghost_lists: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        # Vision-language caches: the images column stays Arrow (bytes are read per batch), and
+        # `pixels` (rows -> the image processor's tensors) is attached by vlm_scoring.attach.
+        self.images = table.column(IMAGES).combine_chunks() if IMAGES in table.column_names else None
+        self.image_sha256 = (table.column(IMAGE_SHA256).combine_chunks()
+                             if IMAGE_SHA256 in table.column_names else None)
+        self.pixels = None
+
+    def row_images(self, i: int) -> list[tuple[bytes, str]]:
+        """(bytes, stored sha256) of row i's images; [] for a text-only cache."""
+        if self.images is None:
+            return []
+        return list(zip(self.images[i].as_py(), self.image_sha256[i].as_py()))
 
     def row_list(self, name: str, i: int) -> np.ndarray:
         values, offsets = self.ghost_lists[name] if i < 0 else self.lists[name]
@@ -315,7 +330,19 @@ def load_cache(cache_dir: str | Path, *, checksums: bool = True) -> tuple[Manife
     if data.num_rows != manifest.rows_written:
         raise DpocliError(f"has {data.num_rows} rows, the manifest lists {manifest.rows_written}",
                           file=cache_dir, field="rows_written")
+    verify_images(data, cache_dir)
     return manifest, data
+
+
+def verify_images(data: CacheData, cache_dir) -> None:
+    """Every stored image's bytes hash to the sha256 recorded at precompute, else the row is named
+    (a vision-language cache; nothing to do for a text cache)."""
+    for i in range(data.num_rows if data.images is not None else 0):
+        for k, (blob, digest) in enumerate(data.row_images(i)):
+            if hashlib.sha256(blob).hexdigest() != digest:
+                raise DpocliError(f"image {k} changed since precompute (its sha256 differs from the one "
+                                  "recorded)", file=cache_dir, row=int(data.source_row[i]) + 1,
+                                  field=f"images[{k}]", hint="recreate the cache with `dpo precompute-ref`")
 
 
 def length_stats(prompt_lens, chosen_lens, rejected_lens) -> dict:

@@ -48,6 +48,7 @@ from dpocli.options import LossOpts
 from dpocli.policy import check_model_tokenizer, check_vocab
 from dpocli.scoring import RefLogps, cached_reference, check_token_logps, score_cache
 from dpocli.state_files import StateFile
+from dpocli.vlm_scoring import prepare_cache
 
 
 def expand_models(patterns: list[str]) -> list[str]:
@@ -261,6 +262,9 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
     spec = spec_from_options(LossOpts(**options))
     dist = distributed.current()
     manifest, data = shared_cache.load_cache(cache_dir, dist=dist)  # one copy per node under torchrun
+    if prepare_cache(cache_dir, manifest, data) is not None and (samples or fsdp):
+        raise DpocliError("is not supported on a vision-language cache yet",
+                          field="--samples" if samples else "--fsdp")
     if spec.ld_alpha is not None:  # LD-DPO needs per-token reference values (as train)
         check_token_logps("--ld-alpha", (cache_dir, data))
     if per_example:  # checked before the evaluation, so a bad path does not lose its results

@@ -179,14 +179,23 @@ class CompletionScorer(nn.Module):
         self.compile = compile
         self._compiled = {}  # a plain dict: compiled wrappers stay out of the module tree
 
-    def _run_body(self, **inputs):
+    def _run_body(self, vision: bool = False, **inputs):
         """The transformer body when the head is chunked, else the whole model; with `compile`,
-        torch.compile'd once (dynamic shapes, since batches vary in length)."""
-        target = self.model.get_decoder() if self.chunked else self.model
+        torch.compile'd once (dynamic shapes, since batches vary in length). With `vision` (pixel
+        values among the inputs) the body is the vision-language model's `model` (vision tower,
+        projector and language model), which merges the image features into the embeddings."""
+        if self.chunked and vision:  # (under peft, the wrapped model's: its layers hold the adapters)
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            target = base.model
+        elif self.chunked:
+            target = self.model.get_decoder()
+        else:
+            target = self.model
         if self.compile:
-            if self.chunked not in self._compiled:
-                self._compiled[self.chunked] = torch.compile(target, dynamic=True)
-            target = self._compiled[self.chunked]
+            key = (self.chunked, vision)
+            if key not in self._compiled:
+                self._compiled[key] = torch.compile(target, dynamic=True)
+            target = self._compiled[key]
         return target(**inputs)
 
     def forward(self, inputs: ModelInputs, token_stats: bool = False, router_aux: bool = False):
@@ -210,6 +219,8 @@ class CompletionScorer(nn.Module):
                 attention_mask.masked_fill_(blocked, torch.finfo(model_dtype).min)
         if router_aux:
             extra["output_router_logits"] = True
+        extra["vision"] = bool(inputs.extra)
+        extra.update(inputs.extra or {})
         if self.chunked:
             body = self._run_body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                                   **extra)

@@ -54,6 +54,7 @@ def wrap(model, *, r: int, alpha: float, dropout: float, target_modules: str | N
     `use_dora`, `use_rslora` and `modules_to_save` are peft's LoraConfig options of those names."""
     peft = _peft()
     targets = "all-linear" if target_modules == "all-linear" else _names(target_modules)
+    targets = _language_model_only(model, targets)
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                              use_dora=use_dora, use_rslora=use_rslora,
                              modules_to_save=_names(modules_to_save), task_type="CAUSAL_LM")
@@ -62,6 +63,29 @@ def wrap(model, *, r: int, alpha: float, dropout: float, target_modules: str | N
     except ValueError as err:
         raise DpocliError(f"cannot be applied: {str(err).splitlines()[0]}",
                           field="--lora-target-modules / --lora-modules-to-save") from None
+
+
+VLM_DEFAULT_TARGETS = ("q_proj", "v_proj")  # peft's default for Llama-style language models
+
+
+def _language_model_only(model, targets):
+    """A vision-language model's adapters go on its language model only: peft matches module
+    names anywhere, so the vision tower's q_proj / v_proj (or all its linears) would get adapters
+    too. The targets become the full names of the language model's matching Linear layers (peft's
+    default there is q_proj, v_proj). A text-only model's targets are returned as given."""
+    if getattr(model.config, "vision_config", None) is None:
+        return targets
+    import torch
+    decoder = model.get_decoder()  # the language model (LLaVA: language_model, Idefics3: text_model)
+    prefix = next(name for name, module in model.named_modules() if module is decoder)
+    linear = [f"{prefix}.{name}" for name, module in decoder.named_modules()
+              if isinstance(module, torch.nn.Linear)]
+    wanted = None if targets == "all-linear" else set(targets or VLM_DEFAULT_TARGETS)
+    chosen = [name for name in linear if wanted is None or name.rsplit(".", 1)[-1] in wanted]
+    if not chosen:
+        raise DpocliError(f"matches no Linear layer of the language model ({', '.join(sorted(wanted))})",
+                          field="--lora-target-modules")
+    return chosen
 
 
 def resume(model, folder: Path):

@@ -337,6 +337,10 @@ def info(cache_dir: str | Path) -> dict:
         "rows_written": manifest.rows_written, "rows_dropped": manifest.dropped,
         "shards": len(manifest.shards), "planned_shards": manifest.planned_shards,
         "length_stats": manifest.length_stats, "created": manifest.created,
+        # A vision-language cache: how many images its shards hold, and their encoded bytes.
+        **({"vision": {**spec["vision"], "images": sum(s.get("images", 0) for s in manifest.shards),
+                       "image_bytes": sum(s.get("image_bytes", 0) for s in manifest.shards)}}
+           if "vision" in spec else {}),
     }
 
 

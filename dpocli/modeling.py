@@ -8,6 +8,7 @@ multi-line tracebacks. Every loaded model has its dropout turned off unless the 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -192,15 +193,26 @@ def _load_causal_lm(name_or_path: str, *, dtype: str, device: torch.device | str
         # bitsandbytes quantizes while placing the weights; a quantized model cannot be moved after.
         kwargs.update(quantization_config=bnb_config(quantization, DTYPES[dtype]), device_map={"": device})
     kwargs["output_loading_info"] = True
+    auto = AutoModelForCausalLM
+    if has_vision_tower(folder):  # an image-text-to-text model (vision.py): the whole VLM
+        from transformers import AutoModelForImageTextToText as auto
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        model, info = auto.from_pretrained(folder, **kwargs)
     except TypeError:  # transformers < 4.56 names the argument torch_dtype
         kwargs["torch_dtype"] = kwargs.pop("dtype")
-        model, info = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        model, info = auto.from_pretrained(folder, **kwargs)
     except Exception as err:
         raise _explain_load_error(name_or_path, err) from None
     refuse_missing_weights(name_or_path, info.get("missing_keys") or [])
     return (model if quantization is not None else model.to(device)).eval()
+
+
+def has_vision_tower(folder: Path) -> bool:
+    """A model folder whose config has a vision tower (an image-text-to-text model)."""
+    try:
+        return isinstance(json.loads((folder / "config.json").read_text()).get("vision_config"), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def load_causal_lm_sharded(name_or_path: str, wrap, *, dtype: str = "float32",

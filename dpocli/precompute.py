@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from dpocli import __version__, cache, cache_folder, distributed, outputs
+from dpocli import __version__, cache, cache_folder, distributed, outputs, vision
 from dpocli.attention import describe as describe_attention
 from dpocli.batching import Batching, make_batch, plan_reference_batches
 from dpocli.console import ProgressBar, log, sigterm_as_interrupt, warn
@@ -40,6 +40,7 @@ from dpocli.folder_lock import FolderLock
 from dpocli.hub import Snapshot, resolve_dataset
 from dpocli.logprobs import CompletionScorer, sequence_logps
 from dpocli.modeling import (
+    has_vision_tower,
     load_causal_lm,
     load_causal_lm_sharded,
     load_tokenizer,
@@ -56,6 +57,7 @@ from dpocli.tokenization import (
     tokenize_pair,
     tokenizer_fingerprint,
 )
+from dpocli.vlm_scoring import VisionBatch, image_columns, image_stats
 
 CONVENTIONS = "trl-1.x"  # tokenization + log-prob conventions; see tokenization.py
 
@@ -120,7 +122,7 @@ def _input_files(read, dataset: Snapshot | None) -> list[dict]:
 
 
 def _build_spec(cfg: PrecomputeConfig, read, tokenizer, model_fp: dict,
-                dataset: Snapshot | None = None) -> dict:
+                dataset: Snapshot | None = None, processor=None) -> dict:
     """Everything that changes the cached numbers or how `dpo eval` replays them, except the
     batch budget, which each shard records (so an out-of-memory run can resume with a smaller
     one). The layout is here although it moves values only at the ulp level: a rerun asking for
@@ -152,10 +154,12 @@ def _build_spec(cfg: PrecomputeConfig, read, tokenizer, model_fp: dict,
             "drop_identical": cfg.drop_identical,
             "dropped_on_read": dict(read.dropped),
         },
+        # Only vision-language caches have the key, so text caches and their fingerprints stay as they were.
+        **({"vision": vision.vision_spec(processor)} if processor is not None else {}),
     }
 
 
-def _score_shard(scorer, device, pairs, cfg, pad_id, bar, throughput) -> dict:
+def _score_shard(scorer, device, pairs, cfg, pad_id, bar, throughput, processor=None) -> dict:
     """Reference values for the (row, TokenizedPair) list of one shard, as cache columns in input order."""
     lengths = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for _, p in pairs]
     chosen, rejected = [0.0] * len(pairs), [0.0] * len(pairs)
@@ -165,8 +169,11 @@ def _score_shard(scorer, device, pairs, cfg, pad_id, bar, throughput) -> dict:
         sel = [pairs[i][1] for i in idxs]
         batch = make_batch([p.prompt_ids for p in sel], [p.chosen_ids for p in sel],
                            [p.rejected_ids for p in sel], pad_id, batching.prefix_sharing,
-                           batching.packing).to(device)
-        out = sequence_logps(scorer, batch, keep_token_logps=cfg.token_logps)
+                           batching.packing)
+        if processor is not None:  # the pixel values of the batch's images (vlm_scoring.py)
+            batch = VisionBatch(batch, vision.pixel_inputs(processor, [vision.pil_images(pairs[i][0])
+                                                                      for i in idxs]))
+        out = sequence_logps(scorer, batch.to(device), keep_token_logps=cfg.token_logps)
         # One copy to the host per batch, not one sync per value.
         batch_chosen, batch_rejected = out.chosen_logps.tolist(), out.rejected_logps.tolist()
         for j, i in enumerate(idxs):
@@ -184,12 +191,13 @@ def _score_shard(scorer, device, pairs, cfg, pad_id, bar, throughput) -> dict:
         "rejected_len": [len(p.rejected_ids) for _, p in pairs],
         "ref_chosen_logps": chosen, "ref_rejected_logps": rejected,
         "ref_chosen_token_logps": chosen_tok, "ref_rejected_token_logps": rejected_tok,
+        **(image_columns(examples) if processor is not None else {}),
     }
     return columns
 
 
 def _write_shard(out: Path, index: int, pairs, cfg: PrecomputeConfig, spec: dict, scorer, device,
-                 pad_id: int, bar, throughput) -> dict:
+                 pad_id: int, bar, throughput, processor=None) -> dict:
     """Score and write shard `index`; its manifest entry, plus the completion tokens scored."""
     rows = pairs[index * cfg.rows_per_shard:(index + 1) * cfg.rows_per_shard]
     keep = [(ex, tok) for ex, tok in rows if not isinstance(tok, Dropped)]
@@ -199,7 +207,7 @@ def _write_shard(out: Path, index: int, pairs, cfg: PrecomputeConfig, spec: dict
             dropped[tok.reason] = dropped.get(tok.reason, 0) + 1
     bar.update(len(rows) - len(keep))
     try:
-        columns = _score_shard(scorer, device, keep, cfg, pad_id, bar, throughput)
+        columns = _score_shard(scorer, device, keep, cfg, pad_id, bar, throughput, processor)
     except out_of_memory_types():
         raise RunFailure(f"out of memory scoring shard {index} (finished shards are kept)",
                          hint="rerun with a smaller --max-tokens or --batch-size; it resumes") from None
@@ -207,6 +215,8 @@ def _write_shard(out: Path, index: int, pairs, cfg: PrecomputeConfig, spec: dict
     entry["dropped"] = dropped
     entry["budget"] = cfg.batching().budget()  # eval replays each shard's own budget
     entry["tokens"] = sum(len(t.chosen_ids) + len(t.rejected_ids) for _, t in keep)
+    if processor is not None:
+        entry.update(image_stats([ex for ex, _ in keep]))
     return entry
 
 
@@ -262,15 +272,17 @@ class _Throughput:
 RESOLVED_TOML = "config.resolved.toml"
 
 
-def _tokenize_rows(cfg: PrecomputeConfig, read, tokenizer) -> list[tuple]:
+def _tokenize_rows(cfg: PrecomputeConfig, read, tokenizer, processor=None) -> list[tuple]:
     """(example, TokenizedPair | Dropped) for every row read. A dropped row is counted by reason
     (one warning per reason, naming the first row); with --strict it is the error instead. Refuses
-    when no row is left."""
+    when no row is left. With a vision-language `processor`, rows are tokenized as TRL's VLM
+    collator does (vision.py)."""
     pairs, first_error = [], {}
     columns = {"prompt": cfg.prompt_column, "chosen": cfg.chosen_column, "rejected": cfg.rejected_column}
     for ex in read.examples:
         check_field_sizes(ex, cfg.max_field_bytes, columns)
-        tok = tokenize_pair(ex, tokenizer, cfg.max_length)
+        tok = (vision.tokenize_vision_pair(ex, processor, cfg.max_length) if processor is not None
+               else tokenize_pair(ex, tokenizer, cfg.max_length))
         if isinstance(tok, Dropped):
             error = tok.error or DpocliError(
                 f"would be dropped ({tok.reason}: the prompt alone has at least --max-length "
@@ -317,18 +329,24 @@ def _run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None, lock: Fold
     source, dataset = resolve_dataset(cfg.input, cfg.revision)
     if dataset is not None:
         log(f"dataset {dataset.repo_id} at {dataset.revision[:12]} from {source}")
-    read = read_examples(source, prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
-                         rejected_column=cfg.rejected_column, id_column=cfg.id_column,
-                         drop_identical=cfg.drop_identical, split=cfg.split, subset=cfg.subset,
-                         strict=cfg.strict)
+    model_dir = resolve_model_dir(cfg.model, cfg.model_revision)
+    processor = None
+    # A vision-language reference and rows with an image column: TRL's VLM path (vision.py).
+    if has_vision_tower(model_dir) and vision.has_image_column(source):
+        read, processor = vision.read_vision_input(cfg, source, model_dir)
+        tokenizer = processor.tokenizer
+    else:
+        read = read_examples(source, prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
+                             rejected_column=cfg.rejected_column, id_column=cfg.id_column,
+                             drop_identical=cfg.drop_identical, split=cfg.split, subset=cfg.subset,
+                             strict=cfg.strict)
+        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
+                                   revision=cfg.model_revision)
     for line in read.warnings:
         warn(line)
-    model_dir = resolve_model_dir(cfg.model, cfg.model_revision)
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
-                               revision=cfg.model_revision)
-    pairs = _tokenize_rows(cfg, read, tokenizer)
+    pairs = _tokenize_rows(cfg, read, tokenizer, processor)
     model_fp = weights_fingerprint(cfg.model, cfg.model_revision, mode=cfg.weights_fingerprint)
-    spec = _build_spec(cfg, read, tokenizer, model_fp, dataset)
+    spec = _build_spec(cfg, read, tokenizer, model_fp, dataset, processor)
     out = Path(cfg.out)
     # Write access is checked only once the cache turns out not to be finished: a finished one
     # on a read-only disk is a no-op, and takes no lock (it cannot hold a lock file).
@@ -378,7 +396,7 @@ def _run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None, lock: Fold
                 busiest = dist.max_over_ranks(forwards) if cfg.fsdp else forwards
                 if mine is not None:
                     entry = _write_shard(out, mine, pairs, cfg, spec, scorer, device,
-                                         pad_id, bar, throughput)
+                                         pad_id, bar, throughput, processor)
                     tokens_scored += entry.pop("tokens")
                 _idle_forwards(scorer, device, pad_id, cfg, busiest - forwards)
                 manifest.shards += [e for e in dist.all_gather_object(entry) if e is not None]
@@ -393,7 +411,7 @@ def _run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None, lock: Fold
         if resolved_toml:
             from dpocli.atomic import atomic_write_text
             atomic_write_text(out / RESOLVED_TOML, resolved_toml)
-        _finalize(out, manifest, tokenizer, model_fp, cfg, pairs)
+        _finalize(out, manifest, processor or tokenizer, model_fp, cfg, pairs)
     dist.barrier()
     elapsed = time.perf_counter() - t0
     summary = _summary(cfg, manifest, "resumed" if done else "complete", elapsed, tokens_scored)
@@ -419,6 +437,7 @@ def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict,
         "reference_model_files": model_fp["files"],
         "attention_kernel": describe_attention(cfg.packing, cfg.attn_implementation),
     }
+    # (a vision-language cache keeps the whole processor here: train and eval rebuild pixels with it)
     tok_dir = out / cache.TOKENIZER_DIR  # replaced whole if present: it is ours (cache_folder.CACHE_NAMES)
     from dpocli.atomic import atomic_dir
     with atomic_dir(tok_dir) as tmp:

@@ -17,14 +17,17 @@ from dpocli.cache import CacheData, Manifest
 from dpocli.errors import DpocliError
 from dpocli.logprobs import SequenceLogps, TokenStats, sequence_logps
 from dpocli.packing import PackedBatch
+from dpocli.vlm_scoring import VisionBatch
 
 
 def cache_batch(data: CacheData, rows: Sequence[int], pad_id: int, prefix_sharing: bool = False,
-                packing: bool = False) -> Batch | SharedPrefixBatch | PackedBatch:
-    return make_batch([data.row_list("prompt_ids", i) for i in rows],
-                      [data.row_list("chosen_ids", i) for i in rows],
-                      [data.row_list("rejected_ids", i) for i in rows], pad_id, prefix_sharing,
-                      packing)
+                packing: bool = False) -> Batch | SharedPrefixBatch | PackedBatch | VisionBatch:
+    """The rows' batch; of a vision-language cache (`vlm_scoring.attach`), with its pixel values."""
+    batch = make_batch([data.row_list("prompt_ids", i) for i in rows],
+                       [data.row_list("chosen_ids", i) for i in rows],
+                       [data.row_list("rejected_ids", i) for i in rows], pad_id, prefix_sharing,
+                       packing)
+    return VisionBatch(batch, data.pixels(rows)) if data.pixels is not None else batch
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ def cache_info_table(s: dict) -> Table:
         ("input", ", ".join(f["path"] for f in s["input_files"])),
         ("rows read", s["rows_read"]), ("rows written", s["rows_written"]),
         ("rows dropped", _dropped(s["rows_dropped"])),
+        *([("images", f"{s['vision']['images']} ({s['vision']['image_bytes']:,} bytes, in the shards; "
+                      f"{s['vision']['processor_class']})")] if "vision" in s else []),
         ("spec fingerprint", s["spec_fingerprint"][:16]), *_lengths(s["length_stats"])])
 
 

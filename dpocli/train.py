@@ -49,6 +49,7 @@ from dpocli.run_summary import TrainTotals
 from dpocli.schedule import make_optimizer, make_scheduler
 from dpocli.scoring import cache_batch, cached_reference, check_token_logps
 from dpocli.train_config import TrainConfig
+from dpocli.vlm_scoring import prepare_train_caches
 
 __all__ = ["TrainConfig", "run_train"]
 
@@ -96,9 +97,11 @@ def _run_train(cfg: TrainConfig, resolved_toml: str | None, lock: FolderLock) ->
     cfg.check_steps(data.num_rows, dist.world_size)
     eval_set = cache.load_matching_cache(cfg.eval_cache, manifest, loader=shared_cache.load_cache) \
         if cfg.eval_cache else None
+    processor = prepare_train_caches(cfg, manifest, data, eval_set)  # vision-language caches only
     if cfg.ld_alpha is not None:  # LD-DPO needs per-token reference values: checked before any write
         check_token_logps("--ld-alpha", (cfg.cache, data), *[(cfg.eval_cache, e[1]) for e in [eval_set] if e])
     tokenizer = load_policy_tokenizer(cfg, manifest)
+    tokenizer = tokenizer if processor is None else processor  # a VLM's checkpoints ship its processor
     run_dir = Path(cfg.out)
     outputs.check_output_location(run_dir, {"--model": cfg.model, "the cache": cfg.cache,
                                             "--eval-cache": cfg.eval_cache})

@@ -82,6 +82,7 @@ def _rescore(
     from dpocli.modeling import load_causal_lm, resolve_device
     from dpocli.policy import STEP0_TOLERANCE
     from dpocli.scoring import score_cache
+    from dpocli.vlm_scoring import prepare_cache
 
     path, revision = _checked_reference(manifest, model, model_revision)
     dtype = manifest.spec["dtype"]
@@ -89,6 +90,7 @@ def _rescore(
     scorer = CompletionScorer(
         load_causal_lm(path, dtype=dtype, device=dev, revision=revision, trust_remote_code=trust_remote_code)
     )
+    prepare_cache(cache_dir, manifest, data)  # a vision-language cache: pixel values per batch
     rows = sorted(random.Random(seed).sample(range(data.num_rows), min(rescore, data.num_rows)))
     pad_id = int(manifest.spec["tokenizer"]["pad_token_id"])
     # The one scoring path: the sampled rows' batches replayed whole, with precompute's plan and
