@@ -27,12 +27,6 @@ def _record() -> None:
     (folder / f"rank-{os.environ.get('RANK', '0')}.kb").write_text(f"{vmhwm_kb()}\n")
 
 
-def read_peaks_mb(folder: Path) -> list[float]:
-    """Every rank's peak (MB, in rank order) that `rank_peak.py` runs wrote into `folder`."""
-    files = sorted(folder.glob("rank-*.kb"), key=lambda p: int(p.stem.split("-")[1]))
-    return [int(p.read_text()) / 1024 for p in files]
-
-
 if __name__ == "__main__":
     atexit.register(_record)
     runpy.run_module("dpocli", run_name="__main__", alter_sys=True)

@@ -75,7 +75,8 @@ def rank_peaks(args: list, nproc: int, folder: Path) -> list[float]:
            *[str(a) for a in args], "--quiet", "--json"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    peaks = [int(p.read_text()) / 1024 for p in sorted(folder.glob("rank-*.kb"))]
+    files = sorted(folder.glob("rank-*.kb"), key=lambda p: int(p.stem.split("-")[1]))
+    peaks = [int(p.read_text()) / 1024 for p in files]
     assert len(peaks) == nproc
     return peaks
 
