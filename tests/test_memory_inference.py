@@ -7,7 +7,7 @@ three copies of a decoder layer (the gathered one, its gather buffer, and the pr
 buffer that FSDP2 keeps): on models with few wide layers that is the whole model again (1.05x
 of one process at 340M, issue 23; above 1 here). Each figure is the peak minus the runtime every
 process carries whatever the model (torch, transformers and dpocli imported, measured in a fresh
-process), as in tests/test_memory.py; the benchmark (bench/memory_scale.py --issue23,
+process), as in tests/test_memory.py; the benchmark (bench/memory_scale.py --forward-only,
 bench/RESULTS.md) gives the raw ratios at 340M. Target: <= 0.75x of one process.
 """
 
