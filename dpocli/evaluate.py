@@ -325,8 +325,8 @@ def per_example_rows(model: str, data, columns: dict, ref: RefLogps) -> list[dic
 
 
 def _load_scorer(path: str, fsdp: bool, check, **load):
-    """(model, scorer) to evaluate. With `fsdp` the model is built on meta, sharded per decoder
-    layer and each rank loads only its part (forward-only FSDP2, as precompute-ref --fsdp);
+    """(model, scorer) to evaluate. With `fsdp` the model is built on meta, sharded in small
+    forward-only units and each rank loads only its part (as precompute-ref --fsdp);
     score_cache keeps the ranks in step. `check(model)` runs before any weight is read when it can."""
     if not fsdp:
         model = load_causal_lm(path, **load)
@@ -335,7 +335,7 @@ def _load_scorer(path: str, fsdp: bool, check, **load):
 
     def shard(model):
         check(model)  # shapes only
-        return distributed.shard_model(model, CompletionScorer(model))
+        return distributed.shard_for_inference(model, CompletionScorer(model))
     load.pop("quantization")  # None: refused with fsdp by run_eval
     return load_causal_lm_sharded(path, shard, **load)
 

@@ -16,6 +16,7 @@ metrics and the WPO weights cost no second pass over the vocabulary.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,22 @@ def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
     # Upcast to *at least* fp32: bf16/fp16 logits go to fp32 (as TRL and HF do), but fp64 stays
     # fp64. (Casting fp64 down to fp32 made gradcheck and fp64 comparisons meaningless.)
     return torch.promote_types(dtype, torch.float32)
+
+
+@contextmanager
+def gathered(module: nn.Module):
+    """`module` with its whole weights for the block. The chunked path reads the LM head's weight
+    without calling its forward, so a head that is its own FSDP2 unit (forward-only sharding,
+    `distributed.shard_for_inference`) is all-gathered here and resharded after; any other
+    module (plain, or inside a sharded root, which its forward gathers) is given as it is."""
+    if not callable(getattr(module, "unshard", None)):  # not an FSDPModule
+        yield module
+        return
+    module.unshard()
+    try:
+        yield module
+    finally:
+        module.reshard()
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
@@ -226,8 +243,9 @@ class CompletionScorer(nn.Module):
                                   **extra)
             hidden = body.last_hidden_state
             hidden = hidden.reshape(rows * width, -1)[score_from]
-            scored = token_logps_from_hidden(hidden, self.model.get_output_embeddings().weight, labels,
-                                             self.chunk_size, with_stats=token_stats)
+            with gathered(self.model.get_output_embeddings()) as head:
+                scored = token_logps_from_hidden(hidden, head.weight, labels, self.chunk_size,
+                                                 with_stats=token_stats)
             token_logps, stats = scored if token_stats else (scored, None)
         else:
             body = self._run_body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,

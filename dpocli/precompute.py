@@ -221,15 +221,16 @@ def _write_shard(out: Path, index: int, pairs, cfg: PrecomputeConfig, spec: dict
 
 
 def _load_reference(cfg: PrecomputeConfig, device):
-    """(model, scorer). With --fsdp the reference is built on meta, sharded per decoder layer and
-    each rank loads only its part (forward-only FSDP2), so no rank holds the whole model."""
+    """(model, scorer). With --fsdp the reference is built on meta, sharded in small forward-only
+    units (`distributed.shard_for_inference`) and each rank loads only its part, so no rank holds
+    the whole model, nor more than about one linear layer of it gathered."""
     if not cfg.fsdp:
         model = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, revision=cfg.model_revision,
                                attn_implementation=cfg.attn_implementation,
                                trust_remote_code=cfg.trust_remote_code)
         return model, CompletionScorer(model, chunk_size=cfg.chunk_size, compile=cfg.compile)
     return load_causal_lm_sharded(
-        cfg.model, lambda m: distributed.shard_model(
+        cfg.model, lambda m: distributed.shard_for_inference(
             m, CompletionScorer(m, chunk_size=cfg.chunk_size, compile=cfg.compile)),
         dtype=cfg.dtype, device=device, attn_implementation=cfg.attn_implementation,
         trust_remote_code=cfg.trust_remote_code, revision=cfg.model_revision)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from test_distributed import cache_values, torchrun
 
-from conftest import MODEL, invoke, read_jsonl
+from conftest import MODEL, invoke, read_jsonl, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -151,3 +151,30 @@ def test_fsdp_eval_equals_one_process(small_cache, tmp_path):
     for key in ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "entropy"):
         assert b[key] == pytest.approx(a[key], abs=1e-5), key
     print(f"eval --fsdp vs 1 process: loss {a['loss']:.6f} vs {b['loss']:.6f}")
+
+
+def test_fsdp_precompute_of_a_tied_model_equals_one_process(sample_rows, tmp_path):
+    """Tied input/output embeddings stay one parameter in the root unit under forward-only
+    sharding (the embedding and head are their own units only when untied)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    tied = tmp_path / "tied"
+    config = AutoConfig.from_pretrained(MODEL)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    model.save_pretrained(tied)
+    for f in MODEL.iterdir():
+        if "token" in f.name or f.name == "chat_template.jinja":
+            shutil.copy(f, tied / f.name)
+    prefs = write_jsonl(tmp_path / "p.jsonl", sample_rows[:16])
+    common = [prefs, "--model", tied, "--rows-per-shard", 4, "--batch-size", 4, "--quiet", "--json"]
+    one = invoke(["precompute-ref", *common, "--out", tmp_path / "one"])
+    assert one.exit_code == 0, one.stderr
+    two = torchrun(["precompute-ref", *common, "--out", tmp_path / "two", "--fsdp"])
+    assert two.returncode == 0, two.stderr
+    a, b = cache_values(tmp_path / "one"), cache_values(tmp_path / "two")
+    assert a.keys() == b.keys() and len(a) == 16
+    diff = max(abs(a[k][i] - b[k][i]) for k in a for i in (2, 3))
+    print(f"tied model, precompute --fsdp vs 1 process: max |ref logps diff| {diff:.3g}")
+    assert diff <= 1e-4
