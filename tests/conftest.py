@@ -15,11 +15,24 @@ import torch  # noqa: E402
 
 # The test models are tiny: one thread avoids oversubscription and is faster on 2 shared cores.
 torch.set_num_threads(1)
+from torchrun_runs import torchrun_runs, torchrun_scenario  # noqa: E402, F401 (session fixtures)
 from typer.testing import CliRunner  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample_data"
 MODEL = SAMPLE / "tiny-llama"
+
+
+SEPARATE_STEPS = ("memory", "bench")  # CI runs them after the suite: pytest -m "memory or bench"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `memory` or `bench` run only when -m names their marker (pyproject.toml)."""
+    named = config.getoption("markexpr") or ""
+    left = [i for i in items if any(i.get_closest_marker(m) and m not in named for m in SEPARATE_STEPS)]
+    if left:
+        config.hook.pytest_deselected(items=left)
+        items[:] = [i for i in items if i not in left]
 
 
 @pytest.fixture(scope="session")

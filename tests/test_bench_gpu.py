@@ -43,6 +43,7 @@ def test_peak_detection(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.bench  # a separate CI step: pytest -m "memory or bench"
 def test_smoke_mode_runs_the_dpocli_rows(tmp_path):
     """The whole script (gpu.sh -> gpu_bench.py -> dpo precompute-ref / train in child
     processes) on CPU. TRL rows need the benchmark venv, so they are left to a manual run."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file
+from torchrun_runs import copytree, dpo, rmtree, scenario, unlink
 
 from conftest import MODEL, invoke, qlora_unavailable, read_jsonl
 
@@ -40,10 +41,18 @@ def cache_values(cache_dir: Path) -> dict:
     return rows
 
 
-def test_two_rank_precompute_equals_one_rank(small_prefs, small_cache, tmp_path):
-    out = tmp_path / "cache2"
-    done = torchrun(["precompute-ref", small_prefs, "--model", MODEL, "--out", out,
-                     "--rows-per-shard", 16, "--batch-size", 8, "--quiet", "--json"])
+PRECOMPUTE = ["--rows-per-shard", 16, "--batch-size", 8, "--quiet", "--json"]
+
+
+@scenario
+def two_rank_precompute(folder, small_prefs):
+    return [dpo("cache2", "precompute-ref", small_prefs, "--model", MODEL, "--out", folder / "cache2", *PRECOMPUTE)]
+
+
+@pytest.mark.torchrun("two_rank_precompute")
+def test_two_rank_precompute_equals_one_rank(small_cache, torchrun_scenario):
+    out = torchrun_scenario.folder / "cache2"
+    done = torchrun_scenario["cache2"]
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("\n") == 1  # one JSON result for the job, from rank 0
     one, two = cache_values(small_cache), cache_values(out)
@@ -55,13 +64,22 @@ def test_two_rank_precompute_equals_one_rank(small_prefs, small_cache, tmp_path)
     assert invoke(["cache", "info", out]).exit_code == 0
 
 
-def test_two_rank_ddp_follows_one_rank_and_resumes(small_cache, tmp_path):
-    common = ["--max-steps", 4, "--no-shuffle", "--lr", "1e-3", "--quiet"]
+DDP_COMMON = ["--max-steps", 4, "--no-shuffle", "--lr", "1e-3", "--quiet"]
+
+
+@scenario
+def two_rank_ddp(folder, small_cache):
+    return [dpo("ddp", "train", small_cache, "--model", MODEL, "--out", folder / "ddp", "--batch-size", 4,
+                "--save-every", 2, *DDP_COMMON)]
+
+
+@pytest.mark.torchrun("two_rank_ddp")
+def test_two_rank_ddp_follows_one_rank_and_resumes(small_cache, tmp_path, torchrun_scenario):
+    common = DDP_COMMON
     single = tmp_path / "single"
     assert invoke(["train", small_cache, "--model", MODEL, "--out", single, "--batch-size", 8, *common]).exit_code == 0
-    ddp = tmp_path / "ddp"
-    done = torchrun(["train", small_cache, "--model", MODEL, "--out", ddp, "--batch-size", 4,
-                     "--save-every", 2, *common])
+    ddp = torchrun_scenario.folder / "ddp"
+    done = torchrun_scenario["ddp"]
     assert done.returncode == 0, done.stderr
     a = [r["loss"] for r in read_jsonl(single / "metrics.jsonl") if "loss" in r]
     b = [r["loss"] for r in read_jsonl(ddp / "metrics.jsonl") if "loss" in r]
@@ -98,30 +116,44 @@ def test_two_rank_qlora_follows_one_rank(small_cache, tmp_path):
     assert wa.keys() == wb.keys() and max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
 
 
-def test_fsdp2_matches_ddp_and_saves_a_normal_hf_model(small_cache, tmp_path):
-    common = ["--max-steps", 3, "--no-shuffle", "--lr", "1e-3", "--batch-size", 4, "--quiet",
-              "--save-every", 2]
-    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
-    assert torchrun(["train", small_cache, "--model", MODEL, "--out", ddp, *common]).returncode == 0
-    done = torchrun(["train", small_cache, "--model", MODEL, "--out", fsdp, "--fsdp", *common])
+FSDP_COMMON = ["--max-steps", 3, "--no-shuffle", "--lr", "1e-3", "--batch-size", 4, "--quiet",
+               "--save-every", 2]
+
+
+@scenario
+def fsdp2_vs_ddp(folder, small_cache):
+    train = ["train", small_cache, "--model", MODEL, "--out"]
+    ddp, fsdp = folder / "ddp", folder / "fsdp"
+    return [dpo("ddp", *train, ddp, *FSDP_COMMON),
+            dpo("fsdp", *train, fsdp, "--fsdp", *FSDP_COMMON),
+            copytree(fsdp, folder / "fsdp-first"),  # the folder as the first run left it
+            dpo("packed", *train, folder / "fsdp-packed", "--fsdp", "--packing", "--prefix-sharing", *FSDP_COMMON),
+            rmtree(fsdp / "checkpoint-3"),
+            dpo("resume", *train, fsdp, "--fsdp", "--resume", *FSDP_COMMON)]
+
+
+@pytest.mark.torchrun("fsdp2_vs_ddp")
+def test_fsdp2_matches_ddp_and_saves_a_normal_hf_model(torchrun_scenario):
+    runs = torchrun_scenario
+    ddp, fsdp = runs.folder / "ddp", runs.folder / "fsdp"
+    assert runs["ddp"].returncode == 0, runs["ddp"].stderr
+    done = runs["fsdp"]
     assert done.returncode == 0, done.stderr
     a = [r["loss"] for r in read_jsonl(ddp / "metrics.jsonl") if "loss" in r]
-    b = [r["loss"] for r in read_jsonl(fsdp / "metrics.jsonl") if "loss" in r]
+    b = [r["loss"] for r in read_jsonl(runs.folder / "fsdp-first" / "metrics.jsonl") if "loss" in r]
     assert b == pytest.approx(a, abs=1e-5)
-    wa, wb = load_file(ddp / "model.safetensors"), load_file(fsdp / "model.safetensors")
+    wa, wb = load_file(ddp / "model.safetensors"), load_file(runs.folder / "fsdp-first" / "model.safetensors")
     assert wa.keys() == wb.keys()
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
     # Packed, prefix-shared batches go through the sharded layers' hooks unchanged.
-    packed = tmp_path / "fsdp-packed"
-    done = torchrun(["train", small_cache, "--model", MODEL, "--out", packed, "--fsdp", "--packing",
-                     "--prefix-sharing", *common])
+    packed = runs.folder / "fsdp-packed"
+    done = runs["packed"]
     assert done.returncode == 0, done.stderr
     packed_losses = [r["loss"] for r in read_jsonl(packed / "metrics.jsonl") if "loss" in r]
     assert packed_losses == pytest.approx(a, abs=1e-5)
-    # The FSDP checkpoint is sharded (DCP, tests/test_sharded.py): resume on 2 ranks.
-    import shutil
-    shutil.rmtree(fsdp / "checkpoint-3")
-    done = torchrun(["train", small_cache, "--model", MODEL, "--out", fsdp, "--fsdp", "--resume", *common])
+    # The FSDP checkpoint is sharded (DCP, tests/test_sharded.py): resumed on 2 ranks after its
+    # checkpoint-3 was removed.
+    done = runs["resume"]
     assert done.returncode == 0, done.stderr
     c = [r["loss"] for r in read_jsonl(fsdp / "metrics.jsonl") if "loss" in r]
     assert c == pytest.approx(a, abs=1e-5)
@@ -132,25 +164,40 @@ def test_fsdp_without_torchrun_is_a_usage_error(small_cache, tmp_path):
     assert result.exit_code == 2 and "torchrun" in result.stderr
 
 
-def test_two_rank_precompute_resumes_missing_shards(small_prefs, small_cache, tmp_path):
-    args = ["precompute-ref", small_prefs, "--model", MODEL, "--out", tmp_path / "c",
-            "--rows-per-shard", 16, "--batch-size", 8, "--quiet", "--json"]
-    assert torchrun(args).returncode == 0
-    (tmp_path / "c" / "part-00002.parquet").unlink()  # as if the rank writing it had died
-    again = torchrun(args)
+@scenario
+def two_rank_precompute_resume(folder, small_prefs):
+    args = ["precompute-ref", small_prefs, "--model", MODEL, "--out", folder / "c", *PRECOMPUTE]
+    return [dpo("first", *args),
+            unlink(folder / "c" / "part-00002.parquet"),  # as if the rank writing it had died
+            dpo("again", *args)]
+
+
+@pytest.mark.torchrun("two_rank_precompute_resume")
+def test_two_rank_precompute_resumes_missing_shards(small_cache, torchrun_scenario):
+    assert torchrun_scenario["first"].returncode == 0
+    again = torchrun_scenario["again"]
     assert again.returncode == 0, again.stderr
     assert '"status": "resumed"' in again.stdout
-    assert cache_values(tmp_path / "c").keys() == cache_values(small_cache).keys()
-    assert invoke(["cache", "verify", tmp_path / "c"]).exit_code == 0
+    out = torchrun_scenario.folder / "c"
+    assert cache_values(out).keys() == cache_values(small_cache).keys()
+    assert invoke(["cache", "verify", out]).exit_code == 0
 
 
-def test_two_rank_eval_equals_one_rank(small_cache, tmp_path):
-    one = invoke(["eval", small_cache, "--model", MODEL, "--max-tokens", 512, "--json", "--quiet"])
-    two = torchrun(["eval", small_cache, "--model", MODEL, "--max-tokens", 512, "--json", "--quiet",
-                    "--per-example", tmp_path / "per.jsonl"])
+EVAL = ["--max-tokens", 512, "--json", "--quiet"]
+
+
+@scenario
+def two_rank_eval(folder, small_cache):
+    return [dpo("eval", "eval", small_cache, "--model", MODEL, *EVAL, "--per-example", folder / "per.jsonl")]
+
+
+@pytest.mark.torchrun("two_rank_eval")
+def test_two_rank_eval_equals_one_rank(small_cache, torchrun_scenario):
+    one = invoke(["eval", small_cache, "--model", MODEL, *EVAL])
+    two = torchrun_scenario["eval"]
     assert two.returncode == 0, two.stderr
     import json
     a, b = json.loads(one.stdout)["models"][0], json.loads(two.stdout)["models"][0]
     for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
         assert b[key] == pytest.approx(a[key], abs=1e-6), key
-    assert len(read_jsonl(tmp_path / "per.jsonl")) == a["pairs"]  # written once, by rank 0
+    assert len(read_jsonl(torchrun_scenario.folder / "per.jsonl")) == a["pairs"]  # written once, by rank 0

@@ -5,11 +5,10 @@ CPU/gloo with torchrun."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from safetensors.torch import load_file
-from test_distributed import torchrun
+from torchrun_runs import copytree, dpo, rmtree, scenario
 
 from conftest import MODEL, invoke, read_jsonl
 
@@ -30,21 +29,36 @@ def max_diff(a_path, b_path) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def fsdp_train(cache, out, nproc: int, *extra):
+def fsdp_train(cache, out, nproc: int, *extra) -> list:
     # 8 pairs per step in every run: 8 per rank on 1 process, 4 per rank on 2.
-    done = torchrun(["train", cache, "--model", MODEL, "--out", out, "--batch-size", 8 // nproc,
-                     "--fsdp", *COMMON, *extra], nproc=nproc)
-    assert done.returncode == 0, done.stderr
+    return ["train", cache, "--model", MODEL, "--out", out, "--batch-size", 8 // nproc, "--fsdp", *COMMON, *extra]
 
 
-def test_fsdp_lora_follows_one_process_resumes_and_merges(small_cache, tmp_path):
-    one, ddp, fsdp = tmp_path / "one", tmp_path / "ddp", tmp_path / "fsdp"
+@scenario
+def fsdp_lora(folder, small_cache):
+    """DDP and FSDP LoRA runs, then two resumes of the FSDP run from checkpoint-2 (on 2 ranks, then
+    on 1), each after removing checkpoint-4; "fsdp@first" and "fsdp@2" keep the folder as the
+    first run and the 2-rank resume left it."""
+    ddp, fsdp = folder / "ddp", folder / "fsdp"
+    return [dpo("ddp", "train", small_cache, "--model", MODEL, "--out", ddp, "--batch-size", 4, *COMMON),
+            dpo("fsdp", *fsdp_train(small_cache, fsdp, 2, "--merge")),
+            copytree(fsdp, folder / "fsdp@first"),
+            rmtree(fsdp / "checkpoint-4"),
+            dpo("resume@2", *fsdp_train(small_cache, fsdp, 2, "--resume", "--merge")),
+            copytree(fsdp, folder / "fsdp@2"),
+            rmtree(fsdp / "checkpoint-4"),
+            dpo("resume@1", *fsdp_train(small_cache, fsdp, 1, "--resume", "--merge"), ranks=1)]
+
+
+@pytest.mark.torchrun("fsdp_lora")
+def test_fsdp_lora_follows_one_process_resumes_and_merges(small_cache, tmp_path, torchrun_scenario):
+    runs = torchrun_scenario
+    one, ddp, fsdp = tmp_path / "one", runs.folder / "ddp", runs.folder / "fsdp@first"
     result = invoke(["train", small_cache, "--model", MODEL, "--out", one, "--batch-size", 8, *COMMON,
                      "--merge"])
     assert result.exit_code == 0, result.stderr
-    done = torchrun(["train", small_cache, "--model", MODEL, "--out", ddp, "--batch-size", 4, *COMMON])
-    assert done.returncode == 0, done.stderr
-    fsdp_train(small_cache, fsdp, 2, "--merge")
+    for name in ("ddp", "fsdp"):
+        assert runs[name].returncode == 0, runs[name].stderr
 
     # Same init (seed -> A, B = 0), same trajectory: measured 3e-8 on the losses, 6e-7 on the adapter.
     assert losses(fsdp) == pytest.approx(losses(one), abs=1e-5)
@@ -68,24 +82,34 @@ def test_fsdp_lora_follows_one_process_resumes_and_merges(small_cache, tmp_path)
     a, b = json.loads(scored.stdout)["models"]
     assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
 
-    # Resume from checkpoint-2 on 2 ranks (bitwise), then on 1 rank with the same global batch.
+    # Resumed from checkpoint-2 on 2 ranks (bitwise), then on 1 rank with the same global batch.
     final = load_file(fsdp / adapter)
-    for nproc in (2, 1):
-        shutil.rmtree(fsdp / "checkpoint-4")
-        fsdp_train(small_cache, fsdp, nproc, "--resume", "--merge")
-        assert losses(fsdp) == pytest.approx(losses(one), abs=1e-5)
-        resumed = load_file(fsdp / adapter)
+    for nproc, after in ((2, runs.folder / "fsdp@2"), (1, runs.folder / "fsdp")):
+        done = runs[f"resume@{nproc}"]
+        assert done.returncode == 0, done.stderr
+        assert losses(after) == pytest.approx(losses(one), abs=1e-5)
+        resumed = load_file(after / adapter)
         diff = max(float((final[k] - resumed[k]).abs().max()) for k in final)
         assert diff == 0.0 if nproc == 2 else diff < 1e-6, (nproc, diff)
 
 
-def test_fsdp_lora_with_dora_and_modules_to_save(small_cache, tmp_path):
+@scenario
+def fsdp_dora(folder, small_cache):
+    return [dpo("fsdp", *fsdp_train(small_cache, folder / "fsdp", 2, *DORA))]
+
+
+DORA = ["--use-dora", "--lora-modules-to-save", "lm_head", "--max-steps", 2]
+
+
+@pytest.mark.torchrun("fsdp_dora")
+def test_fsdp_lora_with_dora_and_modules_to_save(small_cache, tmp_path, torchrun_scenario):
     """peft's DoRA magnitudes and fully trained modules (lm_head) shard like the adapter."""
-    extra = ["--use-dora", "--lora-modules-to-save", "lm_head", "--max-steps", 2]
-    one, fsdp = tmp_path / "one", tmp_path / "fsdp"
+    extra = DORA
+    one, fsdp = tmp_path / "one", torchrun_scenario.folder / "fsdp"
     result = invoke(["train", small_cache, "--model", MODEL, "--out", one, "--batch-size", 8, *COMMON, *extra])
     assert result.exit_code == 0, result.stderr
-    fsdp_train(small_cache, fsdp, 2, *extra)
+    done = torchrun_scenario["fsdp"]
+    assert done.returncode == 0, done.stderr
     assert losses(fsdp) == pytest.approx(losses(one), abs=1e-5)
     weights = load_file(fsdp / "adapter_model.safetensors")
     assert any("lora_magnitude_vector" in k for k in weights) and any("lm_head" in k for k in weights)

@@ -25,7 +25,7 @@ from test_distributed import torchrun
 
 from conftest import MODEL, write_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.memory]  # a separate CI step: pytest -m "memory or bench"
 
 TRAIN_RATIO, PRECOMPUTE_RATIO = 0.6, 0.75
 

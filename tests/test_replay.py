@@ -17,6 +17,7 @@ import shutil
 
 import pytest
 import torch
+from torchrun_runs import dpo, scenario
 
 from conftest import MODEL, SAMPLE, invoke, read_jsonl, write_jsonl
 from dpocli.cache import read_manifest
@@ -24,13 +25,17 @@ from dpocli.cache import read_manifest
 IDENTICAL = (1, 5, 12, 20)  # rows made chosen == rejected: --drop-identical leaves gaps in source_row
 
 
-@pytest.fixture(scope="module")
-def twin_prefs(tmp_path_factory):
+def write_twins(folder):
     """30 sample rows, four of them with chosen identical to rejected."""
     rows = read_jsonl(SAMPLE / "train.jsonl")[:30]
     for i in IDENTICAL:
         rows[i] = {**rows[i], "rejected": rows[i]["chosen"]}
-    return write_jsonl(tmp_path_factory.mktemp("twins") / "twins.jsonl", rows)
+    return write_jsonl(folder / "twins.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def twin_prefs(tmp_path_factory):
+    return write_twins(tmp_path_factory.mktemp("twins"))
 
 
 def precompute(data, out, *args):
@@ -174,15 +179,26 @@ def test_replaced_cache_tokenizer_is_refused_by_verify_eval_and_train(small_cach
 
 # --- two ranks: each writes its own shards, and eval splits the replayed batches between ranks ---
 
+TWO_RANK = [("padded", "batch-size"), ("packing+prefix-sharing", "max-tokens")]
+
+
+@scenario
+def two_rank_replay(folder):
+    twins, steps = write_twins(folder), []
+    for layout, budget in TWO_RANK:
+        out, per = folder / layout / "cache", folder / layout / "per.jsonl"
+        steps += [dpo(f"made:{layout}", "precompute-ref", twins, "--model", MODEL, "--out", out,
+                      "--rows-per-shard", "8", "--drop-identical", *LAYOUTS[layout], *BUDGETS[budget], "--quiet"),
+                  dpo(f"scored:{layout}", "eval", out, "--model", MODEL, "--per-example", per, "--json", "--quiet")]
+    return steps
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout,budget", [("padded", "batch-size"),
-                                           ("packing+prefix-sharing", "max-tokens")])
-def test_two_rank_reference_on_its_own_cache_is_exactly_neutral(twin_prefs, tmp_path, layout, budget):
-    from test_distributed import torchrun
-    out, per = tmp_path / "cache", tmp_path / "per.jsonl"
-    made = torchrun(["precompute-ref", twin_prefs, "--model", MODEL, "--out", out, "--rows-per-shard", "8",
-                     "--drop-identical", *LAYOUTS[layout], *BUDGETS[budget], "--quiet"])
+@pytest.mark.torchrun("two_rank_replay")
+@pytest.mark.parametrize("layout,budget", TWO_RANK)
+def test_two_rank_reference_on_its_own_cache_is_exactly_neutral(torchrun_scenario, layout, budget):
+    made, scored = torchrun_scenario[f"made:{layout}"], torchrun_scenario[f"scored:{layout}"]
     assert made.returncode == 0, made.stderr
-    scored = torchrun(["eval", out, "--model", MODEL, "--per-example", per, "--json", "--quiet"])
     assert scored.returncode == 0, scored.stderr
+    per = torchrun_scenario.folder / layout / "per.jsonl"
     assert_exactly_neutral(json.loads(scored.stdout)["models"][0], read_jsonl(per))

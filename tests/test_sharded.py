@@ -10,7 +10,8 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import cache_values, torchrun
+from test_distributed import cache_values
+from torchrun_runs import copytree, dpo, rmtree, scenario
 
 from conftest import MODEL, invoke, read_jsonl, write_jsonl
 
@@ -37,16 +38,37 @@ def max_diff(a: dict, b: dict) -> float:
 
 def train(cache, out, nproc: int, *extra):
     # 8 pairs per step in every run: 8 per rank on 1 process, 4 per rank on 2.
-    done = torchrun(["train", cache, "--model", MODEL, "--out", out, "--batch-size", 8 // nproc,
-                     *COMMON, *(extra or ["--quiet"])], nproc=nproc)
-    assert done.returncode == 0, done.stderr
-    return done
+    return ["train", cache, "--model", MODEL, "--out", out, "--batch-size", 8 // nproc, *COMMON,
+            *(extra or ["--quiet"])]
 
 
-def test_sharded_checkpoints_resume_across_world_sizes(small_cache, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    train(small_cache, one, 1)
-    train(small_cache, two, 2)
+RESUMES = ((("two", 2), "two", 0.0), (("two", 1), "one", 1e-5), (("one", 2), "one", 1e-5))
+
+
+@scenario
+def sharded_resumes(folder, small_cache):
+    """Train on 1 and on 2 ranks, keep a copy of each run as it finished ("-saved"), then resume
+    each run's step-2 checkpoint on a fresh copy of the run (a resume must name the run's own
+    --out); the (two, 2) resume is kept as "two-resumed-2" before "two" is copied afresh."""
+    one, two = folder / "one", folder / "two"
+    steps = [dpo("one", *train(small_cache, one, 1), ranks=1), copytree(one, folder / "one-saved"),
+             dpo("two", *train(small_cache, two, 2)), copytree(two, folder / "two-saved")]
+    order = (("two", 2), ("one", 2), ("two", 1))  # the 1-rank resume runs in the last launch
+    for name, nproc in order:
+        run = folder / name
+        steps += [rmtree(run), copytree(folder / f"{name}-saved", run), rmtree(run / "checkpoint-4"),
+                  dpo(f"{name}@{nproc}", *train(small_cache, run, nproc, "--resume"), ranks=nproc)]
+        if (name, nproc) == ("two", 2):
+            steps.append(copytree(run, folder / "two-resumed-2"))
+    return steps
+
+
+@pytest.mark.torchrun("sharded_resumes")
+def test_sharded_checkpoints_resume_across_world_sizes(small_cache, torchrun_scenario):
+    runs = torchrun_scenario
+    for name in ("one", "two"):
+        assert runs[name].returncode == 0, runs[name].stderr
+    one, two = runs.folder / "one-saved", runs.folder / "two-saved"  # as the runs finished
     w_one, w_two = weights(one), weights(two)
     print(f"2 ranks vs 1 process: max |weight diff| {max_diff(w_one, w_two):.3g}")
     assert max_diff(w_one, w_two) < 1e-5  # 2 ranks follow 1 rank
@@ -70,21 +92,19 @@ def test_sharded_checkpoints_resume_across_world_sizes(small_cache, tmp_path):
     assert a.exit_code == 0 and b.exit_code == 0, a.stderr + b.stderr
     assert json.loads(a.stdout)["models"][0]["loss"] == json.loads(b.stdout)["models"][0]["loss"]
 
-    # Each resume starts from the step-2 checkpoint of a fresh copy of the run (a resume must
-    # name the run's own --out). Same world size: bitwise; across world sizes: 1e-5.
-    for run in (one, two):
-        shutil.copytree(run, run.with_name(run.name + "-saved"))
-    for run, nproc, reference, tolerance in ((two, 2, w_two, 0.0), (two, 1, w_one, 1e-5),
-                                             (one, 2, w_one, 1e-5)):
-        shutil.rmtree(run)
-        shutil.copytree(run.with_name(run.name + "-saved"), run)
-        shutil.rmtree(run / "checkpoint-4")
-        done = train(small_cache, run, nproc, "--resume")
+    # Each resume started from the step-2 checkpoint of a fresh copy of the run. Same world size:
+    # bitwise; across world sizes: 1e-5.
+    references = {"one": w_one, "two": w_two}
+    resumed = {("two", 2): runs.folder / "two-resumed-2", ("two", 1): runs.folder / "two",
+               ("one", 2): runs.folder / "one"}
+    for (name, nproc), reference, tolerance in RESUMES:
+        done, run = runs[f"{name}@{nproc}"], resumed[name, nproc]
+        assert done.returncode == 0, done.stderr
         assert "resuming from" in done.stderr and "checkpoint-2" in done.stderr
         assert len([r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]) == 4
-        diff = max_diff(weights(run), reference)
-        print(f"resume of {run.name}'s checkpoint-2 on {nproc} rank(s): max |weight diff| {diff:.3g}")
-        assert diff <= tolerance, (run.name, nproc)
+        diff = max_diff(weights(run), references[reference])
+        print(f"resume of {name}'s checkpoint-2 on {nproc} rank(s): max |weight diff| {diff:.3g}")
+        assert diff <= tolerance, (name, nproc)
 
 
 def test_streamed_final_model_splits_into_indexed_shards(tmp_path):
@@ -112,10 +132,16 @@ def test_sharded_loading_builds_no_whole_model(tmp_path):
     assert all(b.device.type == "cpu" for b in model.buffers())
 
 
-def test_fsdp_precompute_equals_one_process(small_prefs, small_cache, tmp_path):
-    out = tmp_path / "cache-fsdp"
-    done = torchrun(["precompute-ref", small_prefs, "--model", MODEL, "--out", out,
-                     "--rows-per-shard", 16, "--batch-size", 8, "--quiet", "--json", "--fsdp"])
+@scenario
+def fsdp_precompute(folder, small_prefs):
+    return [dpo("cache", "precompute-ref", small_prefs, "--model", MODEL, "--out", folder / "cache-fsdp",
+                "--rows-per-shard", 16, "--batch-size", 8, "--quiet", "--json", "--fsdp")]
+
+
+@pytest.mark.torchrun("fsdp_precompute")
+def test_fsdp_precompute_equals_one_process(small_cache, torchrun_scenario):
+    out = torchrun_scenario.folder / "cache-fsdp"
+    done = torchrun_scenario["cache"]
     assert done.returncode == 0, done.stderr
     one, two = cache_values(small_cache), cache_values(out)
     assert one.keys() == two.keys()
@@ -128,11 +154,11 @@ def test_fsdp_precompute_equals_one_process(small_prefs, small_cache, tmp_path):
     assert a["spec"] == b["spec"]
 
 
-def test_fsdp_eval_equals_one_process(small_cache, tmp_path):
-    """`dpo eval --fsdp` on 2 ranks (each loads only its part of each weight) gives the metrics
-    of a one-process eval, for a model that differs from the reference."""
+@scenario
+def fsdp_eval(folder, small_cache):
+    """A model that differs from the reference, saved with the tiny model's tokenizer files."""
     from transformers import AutoModelForCausalLM
-    perturbed = tmp_path / "perturbed"
+    perturbed = folder / "perturbed"
     model = AutoModelForCausalLM.from_pretrained(MODEL)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -142,9 +168,17 @@ def test_fsdp_eval_equals_one_process(small_cache, tmp_path):
     for f in MODEL.iterdir():
         if "token" in f.name or f.name == "special_tokens_map.json":
             shutil.copy(f, perturbed / f.name)
+    return [dpo("eval", "eval", small_cache, "--model", perturbed, "--json", "--quiet", "--fsdp")]
+
+
+@pytest.mark.torchrun("fsdp_eval")
+def test_fsdp_eval_equals_one_process(small_cache, torchrun_scenario):
+    """`dpo eval --fsdp` on 2 ranks (each loads only its part of each weight) gives the metrics
+    of a one-process eval, for a model that differs from the reference."""
+    perturbed = torchrun_scenario.folder / "perturbed"
     one = invoke(["eval", small_cache, "--model", perturbed, "--json", "--quiet"])
     assert one.exit_code == 0, one.stderr
-    two = torchrun(["eval", small_cache, "--model", perturbed, "--json", "--quiet", "--fsdp"])
+    two = torchrun_scenario["eval"]
     assert two.returncode == 0, two.stderr
     a, b = json.loads(one.stdout)["models"][0], json.loads(two.stdout)["models"][0]
     assert a["rewards/accuracies"] == b["rewards/accuracies"] and 0 < a["rewards/accuracies"] < 1

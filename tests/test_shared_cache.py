@@ -102,6 +102,7 @@ def test_train_and_eval_are_bit_identical_on_the_mapped_cache(small_cache, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.memory  # a separate CI step: pytest -m "memory or bench"
 def test_two_ranks_map_one_copy_instead_of_two_private_ones(tmp_path):
     """8M ids (tens of MB): each rank's private memory per token, two ranks under torchrun.
     Loading privately (dpocli before issue 15 item 4, or DPOCLI_CACHE_MMAP=0), each rank holds
