@@ -1,0 +1,1 @@
+"""The `dpo` command: flags, config files and result tables. Nothing imports it."""

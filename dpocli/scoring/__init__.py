@@ -1,0 +1,1 @@
+"""Cache rows scored by a model: batches replayed exactly, the policy fitted to a cache, the per-node copy."""
