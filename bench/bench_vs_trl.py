@@ -7,7 +7,7 @@ Every measurement runs in its own child process (under `nice -n 10`); the parent
 peak RSS and CPU time from os.wait4 (ru_maxrss of exactly that process). TRL runs with the
 benchmark venv's python (--trl-python, default /work/benchenv/bin/python, see
 bench/requirements.txt); dpocli runs with this python through its own entry point
-(`dpocli.cli:main`, wrapped by bench/dpocli_timed.py only to time the scoring pass).
+(`dpocli.cli.app:main`, wrapped by bench/dpocli_timed.py only to time the scoring pass).
 
 Runs (all on the same model, data, batch size, max length, lr, beta, seed, steps):
   dpocli-precompute      dpo precompute-ref --batch-size B       (reference pass, timed)

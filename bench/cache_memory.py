@@ -1,5 +1,5 @@
 """Bytes per cached token that each rank holds for a loaded cache, private and shared, with and
-without the memory-mapped path (dpocli/shared_cache.py).
+without the memory-mapped path (dpocli/scoring/shared_cache.py).
 
     PYTHONPATH=. python bench/cache_memory.py --pairs 20000 --tokens 500 [--nproc 2]
 
@@ -51,7 +51,7 @@ def build_cache(out: Path, pairs: int, tokens: int, seed: int = 0) -> int:
     30% rejected, lengths jittered); returns the number of ids stored."""
     import pyarrow as pa
 
-    from dpocli import cache
+    from dpocli.cache import store as cache
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True)
     manifest = cache.Manifest(spec=SPEC, planned_shards=-(-pairs // ROWS_PER_SHARD), rows_read=pairs)
@@ -94,9 +94,10 @@ def probe(cache_dir: Path) -> None:
     """Under torchrun: load the cache on every rank, measure, and print the ranks' figures (rank 0)."""
     import pyarrow as pa
 
-    from dpocli import cache, distributed
+    from dpocli.cache import store as cache
+    from dpocli.model import distributed
     try:
-        from dpocli.shared_cache import load_cache
+        from dpocli.scoring.shared_cache import load_cache
     except ImportError:  # a checkout before issue 15 item 4 (--dpocli): every rank loads privately
         load_cache = cache.load_cache
     dist = distributed.current()

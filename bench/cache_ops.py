@@ -32,8 +32,8 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dpocli import cache  # noqa: E402
-from dpocli.manifest import tokenizer_file_hashes  # noqa: E402
+from dpocli.cache import store as cache  # noqa: E402
+from dpocli.cache.manifest import tokenizer_file_hashes  # noqa: E402
 
 ROWS_PER_SHARD = 4096
 SPEC = {
@@ -104,7 +104,7 @@ print(json.dumps({{"seconds": time.perf_counter() - t0,
 """
 BODIES = {
     "scan": """
-from dpocli import cache_scan
+from dpocli.cache import scan as cache_scan
 #
 m = cache_scan.open_cache({cache!r}, checksums=False)
 rows = 0
@@ -112,12 +112,12 @@ for entry, batch in cache_scan.iter_shards({cache!r}, m, cache_scan.AUDIT_COLUMN
     rows += batch.num_rows  # decoded into Arrow buffers: what every command starts from
 """,
     "audit": """
-from dpocli.cache_audit import run_audit
+from dpocli.cache.audit import run_audit
 #
 run_audit({cache!r})
 """,
     "filter": """
-from dpocli.cache_ops import run_filter
+from dpocli.cache.ops import run_filter
 #
 run_filter({cache!r}, {out!r}, dedupe=True, drop_identical=True, drop_conflicting=True, min_ref_margin=-30.0,
            overwrite=True)

@@ -3,11 +3,11 @@
     python bench/dpocli_timed.py precompute-ref DATA --model M --out CACHE ...
     python bench/dpocli_timed.py train CACHE --model M --out RUN ...
 
-is exactly `dpo precompute-ref ...` / `dpo train ...` (same entry point, `dpocli.cli:main`), except:
-* `dpocli.precompute._score_shard` (collate + reference forward + gather of the sums, per shard) is
+is exactly `dpo precompute-ref ...` / `dpo train ...` (same entry point, `dpocli.cli.app:main`), except:
+* `dpocli.precompute.run._score_shard` (collate + reference forward + gather of the sums, per shard) is
   wrapped with a timer, so the pass can be compared with TRL's `_precompute_ref_logps` on equal
   terms (both without imports, tokenization, model loading and file writing);
-* `dpocli.metrics.MetricsLog.write` records, for every training-step record, the seconds since this
+* `dpocli.objective.metrics.MetricsLog.write` records, for every training-step record, the seconds since this
   process started and the process CPU time (user+sys), the same clocks bench/trl_worker.py reads
   in its on_step_end callback.
 On exit it also records `peak_gpu_mem_mb` (torch.cuda.max_memory_allocated over the whole process)
@@ -32,7 +32,9 @@ def _cpu() -> float:
 
 
 def main() -> None:
-    from dpocli import cli, metrics, precompute
+    from dpocli.cli import app as cli
+    from dpocli.objective import metrics
+    from dpocli.precompute import run as precompute
 
     timings = {"score_s": 0.0, "score_calls": 0, "step_end_s": [], "step_cpu_s": []}
     real = precompute._score_shard

@@ -123,7 +123,7 @@ def forward_only(prefs: Path) -> dict:
 
 def cache_bytes_per_token(cache_dir: Path) -> float:
     """Bytes of the arrays (and row ids) a process holds for the cache, per stored token."""
-    from dpocli import cache
+    from dpocli.cache import store as cache
     _, data = cache.load_cache(cache_dir)
     arrays = sum(v.nbytes + o.nbytes for v, o in data.lists.values())
     arrays += sum(a.nbytes for a in data.scalars.values())

@@ -1,8 +1,8 @@
 """Where does a `dpo train` step spend its time and memory? (diagnostic helper, not part of the
 side-by-side numbers)
 
-Replays dpocli's own training step (dpocli.logprobs.CompletionScorer + sequence_logps,
-dpocli.losses.compute_loss, dpocli.schedule.make_optimizer, clip 1.0) on the first batches of a
+Replays dpocli's own training step (dpocli.model.logprobs.CompletionScorer + sequence_logps,
+dpocli.objective.losses.compute_loss, dpocli.train.schedule.make_optimizer, clip 1.0) on the first batches of a
 cache, in the same order as `dpo train --no-shuffle`, and times forward / backward / clip /
 optimizer separately. Knobs that `dpo train` does not expose are varied here to size possible
 levers: the LM-head chunk size (TrainConfig.chunk_size, fixed at 1024 by the CLI) and fused AdamW
@@ -39,12 +39,12 @@ VARIANTS = {
 def one(args, variant: dict) -> dict:
     import torch
 
-    from dpocli import cache
-    from dpocli.logprobs import CompletionScorer, sequence_logps
-    from dpocli.losses import LossInputs, compute_loss
-    from dpocli.modeling import load_causal_lm
-    from dpocli.scoring import cache_batch, cached_reference
-    from dpocli.train import TrainConfig
+    from dpocli.cache import store as cache
+    from dpocli.model.load import load_causal_lm
+    from dpocli.model.logprobs import CompletionScorer, sequence_logps
+    from dpocli.objective.losses import LossInputs, compute_loss
+    from dpocli.scoring.replay import cache_batch, cached_reference
+    from dpocli.train.loop import TrainConfig
 
     if variant.get("threads"):
         torch.set_num_threads(variant["threads"])

@@ -29,7 +29,7 @@ HEAVY = ("torch", "transformers", "pyarrow")
 # Runs one command inside a fresh interpreter and reports which heavy modules it imported.
 _PROBE = """
 import contextlib, io, json, sys
-from dpocli.cli import app
+from dpocli.cli.app import app
 with contextlib.redirect_stdout(io.StringIO()):
     try:
         app(sys.argv[1:], standalone_mode=False)
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     ns = parser.parse_args()
-    # Floors: the interpreter alone, importing torch, and dpocli.cli (typer, options) doing nothing.
+    # Floors: the interpreter alone, importing torch, and dpocli.cli.app (typer, options) doing nothing.
     runs = {
         "python -c pass": (["-c", "pass"], False),
         "import torch": (["-c", "import torch"], False),

@@ -1,3 +1,3 @@
-from dpocli.entry import main
+from dpocli.cli.entry import main
 
 main()

@@ -7,6 +7,10 @@ The CLI catches `DpocliError` only, so a real bug still shows its traceback.
 
 from __future__ import annotations
 
+import errno
+import os
+import sys
+
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2  # click's own code for usage errors, so typer's errors and ours agree
 EXIT_INTERRUPTED = 130
@@ -85,7 +89,6 @@ def check_at_least(values: dict, minimum: float) -> None:
 def check_torchrun_launch(fsdp: bool, command: str) -> None:
     """--fsdp needs torch.distributed, which only a torchrun launch sets up (RANK in the
     environment); one process under torchrun is fine, which is how a sharded run resumes on one device."""
-    import os
     if fsdp and "RANK" not in os.environ:
         raise DpocliError("needs a torchrun launch (1 process is fine: that is how a sharded run "
                           "resumes on one device)", field="--fsdp",
@@ -93,7 +96,6 @@ def check_torchrun_launch(fsdp: bool, command: str) -> None:
 
 
 def out_of_memory_types() -> tuple[type, ...]:
-    import sys
     if "torch" not in sys.modules:  # no torch, no torch OOM; and torch-free commands stay torch-free
         return (MemoryError,)
     import torch
@@ -105,7 +107,6 @@ def is_out_of_memory(err: BaseException) -> bool:
     """Out of memory in any of its shapes: MemoryError and torch's OOM, and an address-space limit
     (`ulimit -v`) hit in the OS (ENOMEM) or while loading a shared library (ImportError "failed to
     map segment from shared object")."""
-    import errno
     if isinstance(err, out_of_memory_types()):
         return True
     if isinstance(err, OSError) and err.errno == errno.ENOMEM:

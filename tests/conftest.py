@@ -78,7 +78,7 @@ def small_prefs(tmp_path_factory, sample_rows) -> Path:
 
 def invoke(args: list[str]):
     """Run the `dpo` CLI in-process; returns click's Result (stdout and stderr kept apart)."""
-    from dpocli.cli import app
+    from dpocli.cli.app import app
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
@@ -130,7 +130,7 @@ def qlora_unavailable() -> str | None:
         return "needs peft"
     if importlib.util.find_spec("bitsandbytes") is None:
         return "needs bitsandbytes (pip install 'dpocli[qlora]')"
-    from dpocli import quantization
+    from dpocli.model import quantization
     version = quantization.bitsandbytes_version()
     if quantization._release(version) < quantization.CPU_SINCE:
         return f"bitsandbytes {version} has no CPU kernels"
@@ -148,7 +148,7 @@ TIE_SENSITIVE = ("rewards/accuracies",)
 def smallest_margin_per_step():
     """Record, for every optimizer step of an in-process run, the smallest |margin| of its pairs (a
     new `StepMetrics` starts each step; every micro-batch's rewards pass through `add`)."""
-    from dpocli.metrics import StepMetrics
+    from dpocli.objective.metrics import StepMetrics
     steps: list[float] = []
     init, add = StepMetrics.__init__, StepMetrics.add
 

@@ -10,12 +10,19 @@ import pytest
 import torch
 
 from conftest import MODEL, invoke, ref_values
-from dpocli import attention
-from dpocli.attention import ENV, flex_packed_attention, layout_tensors, packed_mask_mod
-from dpocli.batching import collate, collate_shared
 from dpocli.errors import DpocliError
-from dpocli.logprobs import CompletionScorer, sequence_logps
-from dpocli.packing import collate_packed, enable_packed_attention, packed_attention
+from dpocli.model import attention
+from dpocli.model.attention import (
+    ENV,
+    enable_packed_attention,
+    flex_packed_attention,
+    layout_tensors,
+    packed_attention,
+    packed_mask_mod,
+)
+from dpocli.model.batching import collate, collate_shared
+from dpocli.model.logprobs import CompletionScorer, sequence_logps
+from dpocli.model.packing import collate_packed
 
 pytest.importorskip("torch.nn.attention.flex_attention")
 # On CPU the eager, unfused FlexAttention is the point (fp64, no compiler): its warning is expected.

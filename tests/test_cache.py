@@ -1,4 +1,4 @@
-"""Tests for dpocli.cache, on caches built by construction (write_shard + commit_manifest, no model).
+"""Tests for dpocli.cache.store, on caches built by construction (write_shard + commit_manifest, no model).
 
 Expected values are the rows the test wrote; tampering is done by hand on the files.
 """
@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from dpocli import cache
-from dpocli.cache import (
+from dpocli.cache import store as cache
+from dpocli.cache.store import (
     Manifest,
     commit_manifest,
     explain_mismatch,

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import MODEL, invoke, read_jsonl, write_jsonl
-from dpocli import cache
-from dpocli.manifest import read_manifest
+from dpocli.cache import store as cache
+from dpocli.cache.manifest import read_manifest
 
 MAX_LENGTH = 48
 
@@ -321,8 +321,8 @@ def test_train_runs_on_a_derived_cache_and_resume_refuses_another(crafted, tmp_p
 @pytest.mark.parametrize("budget", [{"batch_size": 3, "max_tokens": None}, {"batch_size": None, "max_tokens": 400},
                                     {"batch_size": None, "max_tokens": 10}])
 def test_vectorised_plan_equals_precomputes_planner(budget):
-    from dpocli.batch_plan import Batching, plan_reference_batches
-    from dpocli.cache_derive import plan_members
+    from dpocli.cache.derive import plan_members
+    from dpocli.data.batch_plan import Batching, plan_reference_batches
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 60, size=(500, 3))

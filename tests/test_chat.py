@@ -1,5 +1,5 @@
 """Chat rows beyond role/content: tools, tool calls, tool turns, chat_template_kwargs, unknown roles,
-and image rows, from reading (dpocli.data / dpocli.messages) to token ids (dpocli.tokenization).
+and image rows, from reading (dpocli.data.examples / dpocli.data.chat) to token ids (dpocli.data.tokenization).
 
 Expected ids come from tests/fixtures/trl_chat_ids.json: what TRL 1.16's DPOTrainer produced for the
 same rows with the same tokenizer (sample_data/tiny-llama with tests/fixtures/tool_chat_template.jinja),
@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import MODEL, invoke, write_jsonl
-from dpocli.data import Example, read_examples
+from dpocli.data.chat import unify_column
+from dpocli.data.examples import Example, read_examples
+from dpocli.data.tokenization import Dropped, TokenizedPair, tokenize_pair, tokenizer_fingerprint
 from dpocli.errors import DpocliError
-from dpocli.messages import unify_column
-from dpocli.tokenization import Dropped, TokenizedPair, tokenize_pair, tokenizer_fingerprint
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BIG = 10**6

@@ -14,8 +14,8 @@ import torch
 
 from conftest import MODEL, invoke
 from dpocli.errors import DpocliError
-from dpocli.evaluate import expand_models
-from dpocli.state_files import StateFile
+from dpocli.eval.evaluate import expand_models
+from dpocli.io.state_files import StateFile
 
 TRAIN = ["--model", MODEL, "--max-steps", 4, "--save-every", 2, "--batch-size", 4, "--lr", "5e-4",
          "--quiet"]

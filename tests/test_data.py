@@ -1,4 +1,4 @@
-"""Tests for dpocli.data: every accepted format, and every bad input -> one-line DpocliError naming
+"""Tests for dpocli.data.examples: every accepted format, and every bad input -> one-line DpocliError naming
 file:row:field. Expected values are written out by hand (or come from a verbatim copy of TRL's rule)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dpocli import data
-from dpocli.data import Example, extract_prompt, list_input_files, read_examples
+from dpocli.data import examples as data
+from dpocli.data.examples import Example, extract_prompt, list_input_files, read_examples
 from dpocli.errors import DpocliError
 
 

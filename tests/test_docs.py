@@ -16,7 +16,7 @@ How the README's code blocks are tested (`test_readme_blocks_run`):
 The blocks use the sample's paths (`sample_data/train.jsonl`, `sample_data/tiny-llama`) and small
 `--max-steps`. One substitution keeps the test short, and it is the only one: the temporary
 folder's `sample_data/train.jsonl` and `heldout.jsonl` are the first 160 and 48 rows of the real
-files (the model is the real one). `dpo` runs this checkout's `dpocli.cli.main`, the console
+files (the model is the real one). `dpo` runs this checkout's `dpocli.cli.app.main`, the console
 script's entry point, in a child forked from a process that imported torch once
 (`tests/docs/dpo_server.py`): the same command, without ~5 s of imports per call.
 """
@@ -82,7 +82,7 @@ def cli_flags() -> dict[str, list[str]]:
     """command name ("cache verify") -> its options, from the CLI itself."""
     import typer
 
-    from dpocli.cli import app
+    from dpocli.cli.app import app
     found: dict[str, list[str]] = {}
 
     def walk(command, path):
@@ -126,10 +126,10 @@ def readme_loss_start_values() -> dict[str, str]:
 
 def test_loss_start_value_table_equals_the_code():
     """Each loss at policy = reference (all log-ratios 0), default options (exo_pair needs ε > 0:
-    the table says which ε it uses), computed by dpocli.losses itself."""
+    the table says which ε it uses), computed by dpocli.objective.losses itself."""
     import torch
 
-    from dpocli.losses import LOSSES, LossInputs, LossSpec
+    from dpocli.objective.losses import LOSSES, LossInputs, LossSpec
     table = readme_loss_start_values()
     assert set(table) == set(LOSSES)
     zero = torch.zeros(3, dtype=torch.float64)
@@ -147,7 +147,7 @@ def test_loss_start_value_table_equals_the_code():
 
 def test_first_warmup_step_has_learning_rate_zero():
     """The README says so; the schedule must agree."""
-    from dpocli.schedule import Schedule
+    from dpocli.train.schedule import Schedule
     linear = Schedule("linear", warmup=5, total=100)
     assert linear.factor(0) == 0.0 and linear.factor(1) == 0.2
     assert "first warm-up step's learning rate is 0" in README
@@ -175,7 +175,7 @@ def normalise(line: str) -> str:
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
     """The temporary folder with the cut sample, and the environment whose `dpo` runs this checkout's
-    `dpocli.cli.main` (through a fork server that imports torch once: tests/docs/dpo_server.py)."""
+    `dpocli.cli.app.main` (through a fork server that imports torch once: tests/docs/dpo_server.py)."""
     work = tmp_path_factory.mktemp("readme")
     sample = work / "sample_data"
     sample.mkdir()

@@ -26,7 +26,7 @@ from conftest import (
     smallest_margin_per_step,
     write_jsonl,
 )
-from dpocli.modeling import active_dropout, disable_dropout, load_causal_lm
+from dpocli.model.load import active_dropout, disable_dropout, load_causal_lm
 
 TRL = json.loads((Path(__file__).parent / "fixtures" / "trl_dropout.json").read_text())
 SETTINGS = TRL["settings"]

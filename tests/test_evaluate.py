@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import MODEL, invoke, read_jsonl
-from dpocli.evaluate import expand_models
-from dpocli.logprobs import SequenceLogps
-from dpocli.losses import LossSpec
-from dpocli.metrics import pair_metrics
-from dpocli.scoring import RefLogps
+from dpocli.eval.evaluate import expand_models
+from dpocli.model.logprobs import SequenceLogps
+from dpocli.objective.losses import LossSpec
+from dpocli.objective.metrics import pair_metrics
+from dpocli.scoring.replay import RefLogps
 
 
 def test_every_metric_against_hand_computation():

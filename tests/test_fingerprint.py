@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from conftest import MODEL
-from dpocli import modeling
 from dpocli.errors import DpocliError
+from dpocli.model import load as modeling
 
 
 @pytest.fixture

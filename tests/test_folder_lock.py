@@ -15,10 +15,10 @@ import pytest
 
 from conftest import MODEL, invoke
 from dpocli.errors import DpocliError
-from dpocli.folder_lock import LOCK_NAME, FolderLock
+from dpocli.io.folder_lock import LOCK_NAME, FolderLock
 
 HOLD = ("import sys, time\n"
-        "from dpocli.folder_lock import FolderLock\n"
+        "from dpocli.io.folder_lock import FolderLock\n"
         "FolderLock(sys.argv[1], sys.argv[2]).acquire()\n"
         "print('locked', flush=True)\n"
         "time.sleep(600)\n")

@@ -79,9 +79,9 @@ def test_flex_kernel_on_cuda_matches_per_sequence_sdpa(monkeypatch):
     from test_attention import PAIRS
     from transformers import AttentionInterface, AutoModelForCausalLM
 
-    from dpocli.attention import ENV
-    from dpocli.logprobs import CompletionScorer, sequence_logps
-    from dpocli.packing import collate_packed, enable_packed_attention, packed_attention
+    from dpocli.model.attention import ENV
+    from dpocli.model.logprobs import CompletionScorer, sequence_logps
+    from dpocli.model.packing import collate_packed, enable_packed_attention, packed_attention
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
@@ -114,9 +114,10 @@ def test_qlora_trains_a_4bit_policy_on_cuda(bf16_cache, tmp_path):
     periodic eval (same quantized weights, same batches up to bf16 kernel choice: 1e-3)."""
     pytest.importorskip("bitsandbytes")
     pytest.importorskip("peft")
-    from dpocli import cache, quantization
-    from dpocli.policy import build_policy
-    from dpocli.train import TrainConfig
+    from dpocli.cache import store as cache
+    from dpocli.model import quantization
+    from dpocli.scoring.policy import build_policy
+    from dpocli.train.loop import TrainConfig
 
     quant = ["--load-in-4bit", "--use-bnb-nested-quant"]
     lora = ["--lora-r", 8, "--lora-target-modules", "all-linear"]

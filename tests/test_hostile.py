@@ -35,7 +35,7 @@ def refused(result, *needles: str) -> None:
 # 1. User files taken for dpocli's own -------------------------------------------------------------
 
 def test_only_names_of_dpocli_generated_form_are_temporaries(tmp_path):
-    from dpocli.atomic import atomic_dir, atomic_path, temporary_base
+    from dpocli.io.atomic import atomic_dir, atomic_path, temporary_base
     seen = []
     with atomic_path(tmp_path / "metrics.jsonl") as tmp:
         seen.append(tmp.name)
@@ -181,7 +181,7 @@ def test_report_never_replaces_a_file_that_only_mentions_it(short_run, tmp_path)
 # 2. Crafted caches -------------------------------------------------------------------------------
 
 def resign(cache_dir: Path, edit) -> None:
-    from dpocli.manifest import fingerprint
+    from dpocli.cache.manifest import fingerprint
     path = cache_dir / "manifest.json"
     body = json.loads(path.read_text())
     edit(body)
@@ -400,7 +400,7 @@ class _Model:
 
 
 def test_max_new_tokens_is_capped_at_the_model_context():
-    from dpocli.sampling import _generate
+    from dpocli.eval.sampling import _generate
     model = _Model()
     out = _generate(model, [1] * 10, _Tokenizer(), n=2, max_new_tokens=100_000_000, temperature=0, device="cpu")
     assert model.asked == [22] and out == [[5], [5]]
@@ -456,7 +456,7 @@ def test_a_deeply_nested_row_is_bad_input_naming_file_and_row(tmp_path, case):
 
 def test_a_deeply_nested_parquet_value_is_bad_input(tmp_path):
     from dpocli.errors import DpocliError
-    from dpocli.nesting import MAX_DEPTH, check_depth
+    from dpocli.io.nesting import MAX_DEPTH, check_depth
     deep = "x"
     for _ in range(150):
         deep = [deep]

@@ -1,4 +1,4 @@
-"""Datasets and models by Hub id (dpocli.hub), from a fake Hugging Face cache built in a temporary
+"""Datasets and models by Hub id (dpocli.data.hub), from a fake Hugging Face cache built in a temporary
 HF_HUB_CACHE with huggingface_hub's layout: `datasets--ORG--NAME/{blobs,refs,snapshots/<commit>}`,
 snapshot files being symlinks into `blobs/` as huggingface_hub writes them."""
 
@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import MODEL, invoke, write_jsonl
-from dpocli import hub
+from dpocli.data import hub
 from dpocli.errors import DpocliError
-from dpocli.modeling import resolve_model_dir, weights_fingerprint
+from dpocli.model.load import resolve_model_dir, weights_fingerprint
 
 C1, C2 = "1" * 40, "2" * 40  # commit hashes
 

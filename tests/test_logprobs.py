@@ -1,4 +1,4 @@
-"""Tests for dpocli.logprobs against a second, naive implementation (minGPT-vs-HF style).
+"""Tests for dpocli.model.logprobs against a second, naive implementation (minGPT-vs-HF style).
 
 The naive reference scores one sequence at a time with no padding: `model(ids).logits` (fp32),
 `log_softmax`, gather the next token, sum over the completion tokens. The log_softmax of the naive
@@ -14,16 +14,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpocli.batching import collate
-from dpocli.data import Example
-from dpocli.logprobs import (
+from dpocli.data.examples import Example
+from dpocli.data.tokenization import TokenizedPair, tokenize_pair
+from dpocli.model.batching import collate
+from dpocli.model.logprobs import (
     CompletionScorer,
     _ChunkedTokenLogps,
     _head_is_plain_linear,
     sequence_logps,
     token_logps_from_hidden,
 )
-from dpocli.tokenization import TokenizedPair, tokenize_pair
 
 TOL = 1e-5
 

@@ -61,7 +61,7 @@ def test_peft_options_reach_the_adapter(small_cache, tmp_path, flag, check):
 def test_rslora_scales_by_alpha_over_sqrt_r():
     from transformers import AutoModelForCausalLM
 
-    from dpocli import lora
+    from dpocli.model import lora
     for rslora, expected in ((False, 32 / 16), (True, 32 / 16**0.5)):
         model = lora.wrap(AutoModelForCausalLM.from_pretrained(MODEL), r=16, alpha=32, dropout=0.0,
                           target_modules=None, use_rslora=rslora)

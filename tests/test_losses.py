@@ -1,8 +1,8 @@
-"""Tests for dpocli.losses against an independent re-implementation written here with `math`.
+"""Tests for dpocli.objective.losses against an independent re-implementation written here with `math`.
 
 The reference below (`expected`) is a second implementation of TRL 1.16's `_compute_loss` formulas
 (and of `cdpo`, TRL <= 0.x's smoothed sigmoid), element by element in plain Python floats; it never
-calls dpocli.losses. `trl_accepts` restates, independently, which options TRL 1.16 refuses or ignores.
+calls dpocli.objective.losses. `trl_accepts` restates, independently, which options TRL 1.16 refuses or ignores.
 tests/test_losses_trl.py compares against values recorded from TRL itself.
 """
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dpocli.errors import DpocliError
-from dpocli.losses import (
+from dpocli.objective.losses import (
     LOSSES,
     LossInputs,
     LossOutput,

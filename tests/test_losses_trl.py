@@ -1,4 +1,4 @@
-"""dpocli.losses against values and refusals recorded from TRL 1.16's own `DPOTrainer`.
+"""dpocli.objective.losses against values and refusals recorded from TRL 1.16's own `DPOTrainer`.
 
 tests/fixtures/trl_losses.json is written by tests/fixtures/make_trl_losses.py: for every TRL loss
 type x f-divergence x label smoothing x β it constructs a real DPOTrainer (a constructor ValueError
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dpocli.errors import DpocliError
-from dpocli.losses import LossInputs, LossSpec, compute_loss, validate_spec
+from dpocli.objective.losses import LossInputs, LossSpec, compute_loss, validate_spec
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "trl_losses.json").read_text())
 RECORDS = FIXTURE["records"]

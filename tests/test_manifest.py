@@ -1,4 +1,4 @@
-"""Tests for dpocli.manifest's Parquet footer reader, which lets `dpo cache info` check shard row
+"""Tests for dpocli.cache.manifest's Parquet footer reader, which lets `dpo cache info` check shard row
 counts without importing pyarrow. Expected values: pyarrow's own metadata, for files pyarrow
 writes, and a footer assembled by hand from the Thrift compact protocol spec.
 
@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dpocli.cache import write_shard
-from dpocli.manifest import parquet_num_rows
+from dpocli.cache.manifest import parquet_num_rows
+from dpocli.cache.store import write_shard
 
 
 def varied_table(rows: int) -> pa.Table:

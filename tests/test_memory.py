@@ -35,7 +35,7 @@ def runtime_mb() -> float:
     """Peak RSS of a process that has imported what every dpocli rank imports, and no model."""
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent (this pytest
     # process) into the exec'd child, VmHWM starts afresh with the new program.
-    code = ("import torch, transformers, pyarrow, dpocli.cli, dpocli.train, dpocli.precompute; "
+    code = ("import torch, transformers, pyarrow, dpocli.cli.app, dpocli.train.loop, dpocli.precompute.run; "
             "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)

@@ -33,7 +33,7 @@ RANK_PEAK = Path(__file__).resolve().parent.parent / "bench" / "rank_peak.py"
 @pytest.fixture(scope="module")
 def runtime_mb() -> float:
     """Peak RSS of a process that has imported what every dpocli rank imports, and no model."""
-    code = ("import torch, transformers, pyarrow, dpocli.cli, dpocli.evaluate, dpocli.precompute; "
+    code = ("import torch, transformers, pyarrow, dpocli.cli.app, dpocli.eval.evaluate, dpocli.precompute.run; "
             "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)

@@ -63,8 +63,8 @@ def _eval(cache, *args) -> dict:
 def test_eval_batches_are_trls_one_eval_batch(moe):
     """The router loss is a statistic of a forward's tokens: dpocli's eval equals TRL's only over the
     same batches. The fixture's TRL eval ran all rows as one batch; so does the replay of this cache."""
-    from dpocli.cache import load_cache
-    from dpocli.scoring import plan_like_precompute
+    from dpocli.cache.store import load_cache
+    from dpocli.scoring.replay import plan_like_precompute
     manifest, data = load_cache(moe["cache"])
     assert [len(b) for b in plan_like_precompute(data, manifest)] == [moe["trl"]["settings"]["rows"]]
 

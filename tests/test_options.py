@@ -13,13 +13,14 @@ import pytest
 import typer
 
 from conftest import MODEL, invoke
-from dpocli import option_params, options
-from dpocli.cli import app, cache_app
-from dpocli.evaluate import run_eval
-from dpocli.losses import LOSS_OPTIONS, SPEC_FROM, LossSpec, spec_from_options
-from dpocli.precompute import PrecomputeConfig
-from dpocli.train import TrainConfig
-from dpocli.verify import run_verify
+from dpocli import options
+from dpocli.cli import option_params
+from dpocli.cli.app import app, cache_app
+from dpocli.eval.evaluate import run_eval
+from dpocli.eval.verify import run_verify
+from dpocli.objective.losses import LOSS_OPTIONS, SPEC_FROM, LossSpec, spec_from_options
+from dpocli.precompute.run import PrecomputeConfig
+from dpocli.train.loop import TrainConfig
 
 try:
     import tomllib
@@ -131,7 +132,7 @@ def test_each_flag_is_declared_once():
 
 
 def test_dtype_names_are_the_loadable_dtypes():
-    from dpocli.modeling import DTYPES
+    from dpocli.model.load import DTYPES
 
     assert options.DTYPE_NAMES == tuple(DTYPES)
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from conftest import MODEL, invoke, read_jsonl, ref_values
-from dpocli.batching import collate
-from dpocli.logprobs import CompletionScorer, sequence_logps
-from dpocli.packing import PACKED_ATTENTION, PackedBatch, PackedUnit, collate_packed
+from dpocli.model.attention import PACKED_ATTENTION
+from dpocli.model.batching import collate
+from dpocli.model.logprobs import CompletionScorer, sequence_logps
+from dpocli.model.packing import PackedBatch, PackedUnit, collate_packed
 
 PAIRS = ([[1, 50, 60, 70, 80], [1, 44, 45], [1, 9, 10, 11, 12, 13, 14]],
          [[90, 91, 92], [7, 8, 2], [20, 2]],
@@ -172,7 +173,7 @@ def test_packed_attention_keeps_a_models_sliding_window(share_prefix):
 
 def test_packed_attention_refuses_attention_it_cannot_reproduce():
     from dpocli.errors import DpocliError
-    from dpocli.packing import LAYOUT_KWARG, packed_attention
+    from dpocli.model.attention import LAYOUT_KWARG, packed_attention
     q = torch.zeros(1, 2, 3, 4)
     with pytest.raises(DpocliError, match="soft-capping"):
         packed_attention(torch.nn.Module(), q, q, q, None, softcap=50.0,

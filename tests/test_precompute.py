@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from conftest import MODEL, invoke, read_jsonl, write_jsonl
-from dpocli import cache
-from dpocli.cache import load_cache, read_manifest
-from dpocli.data import Example
-from dpocli.tokenization import tokenize_pair
+from dpocli.cache import store as cache
+from dpocli.cache.store import load_cache, read_manifest
+from dpocli.data.examples import Example
+from dpocli.data.tokenization import tokenize_pair
 
 TOL = 1e-5
 
@@ -267,7 +267,7 @@ def test_foreign_folder_is_refused(tmp_path, tiny_prefs):
 # --- output streams ---
 
 def test_json_stdout_is_one_object_and_logs_go_to_stderr(tmp_path, monkeypatch, tiny_prefs):
-    import dpocli.precompute as precompute_module
+    import dpocli.precompute.run as precompute_module
     real = precompute_module.weights_fingerprint
 
     def noisy(*args, **kwargs):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import MODEL, invoke, read_jsonl, ref_values
-from dpocli.batching import collate, collate_shared
-from dpocli.logprobs import CompletionScorer, sequence_logps
+from dpocli.model.batching import collate, collate_shared
+from dpocli.model.logprobs import CompletionScorer, sequence_logps
 
 PAIRS = ([[1, 50, 60, 70, 80], [1, 44, 45], [1, 9, 10, 11, 12, 13, 14]],
          [[90, 91, 92], [7, 8, 2], [20, 2]],

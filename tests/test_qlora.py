@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from conftest import MODEL, invoke, qlora_unavailable, read_jsonl
-from dpocli import quantization
 from dpocli.errors import DpocliError
-from dpocli.train import TrainConfig
+from dpocli.model import quantization
+from dpocli.train.loop import TrainConfig
 
 LORA = ["--lora-r", 8, "--lora-target-modules", "all-linear"]
 needs_qlora = pytest.mark.skipif(qlora_unavailable() is not None, reason=qlora_unavailable() or "")
@@ -112,8 +112,8 @@ def test_the_options_give_trls_bitsandbytes_config():
     (dict(load_in_8bit=True), "Linear8bitLt", torch.int8),
 ])
 def test_the_policy_is_quantized_and_only_the_adapter_trains(small_cache, tmp_path, options, layer, storage):
-    from dpocli import cache
-    from dpocli.policy import build_policy
+    from dpocli.cache import store as cache
+    from dpocli.scoring.policy import build_policy
 
     cfg = TrainConfig(cache=str(small_cache), model=str(MODEL), out=str(tmp_path / "run"), lora_r=8,
                       lora_target_modules="all-linear", **options)
@@ -202,7 +202,7 @@ def test_a_quantized_lm_head_is_scored_by_the_models_own_forward():
     should one be quantized, the scorer must fall back to the model's forward."""
     from transformers import AutoModelForCausalLM
 
-    from dpocli.logprobs import _head_is_plain_linear
+    from dpocli.model.logprobs import _head_is_plain_linear
     model = AutoModelForCausalLM.from_pretrained(MODEL)
     assert _head_is_plain_linear(model)
     packed = torch.zeros_like(model.lm_head.weight, dtype=torch.uint8)

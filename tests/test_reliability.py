@@ -215,7 +215,7 @@ def test_unwritable_output_path_is_refused(small_prefs, tmp_path):
 def test_out_of_memory_is_exit_1_with_what_to_change(small_cache, tmp_path, monkeypatch):
     import torch
 
-    import dpocli.train as train_mod
+    import dpocli.train.loop as train_mod
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

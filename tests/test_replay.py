@@ -20,7 +20,7 @@ import torch
 from torchrun_runs import dpo, scenario
 
 from conftest import MODEL, SAMPLE, invoke, read_jsonl, write_jsonl
-from dpocli.cache import read_manifest
+from dpocli.cache.store import read_manifest
 
 IDENTICAL = (1, 5, 12, 20)  # rows made chosen == rejected: --drop-identical leaves gaps in source_row
 

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from conftest import invoke
 from dpocli.errors import DpocliError
-from dpocli.report import read_metrics, report_table, sparkline, summarize
+from dpocli.train.report import read_metrics, report_table, sparkline, summarize
 
 NAN = float("nan")
 LINES = [

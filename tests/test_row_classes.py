@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from conftest import MODEL, invoke, write_jsonl
-from dpocli.cache import load_cache
-from dpocli.data import read_examples
-from dpocli.tokenization import Dropped, TokenizedPair, tokenize_pair, tokenizer_fingerprint
+from dpocli.cache.store import load_cache
+from dpocli.data.examples import read_examples
+from dpocli.data.tokenization import Dropped, TokenizedPair, tokenize_pair, tokenizer_fingerprint
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BIG = 10**6

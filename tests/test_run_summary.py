@@ -11,7 +11,7 @@ import json
 import pytest
 
 from conftest import MODEL, invoke, read_jsonl
-from dpocli.run_summary import TrainTotals
+from dpocli.train.run_summary import TrainTotals
 
 SUMMARY = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss")
 
@@ -44,7 +44,7 @@ def test_epoch_runs_count_the_cache_pairs(small_cache, tmp_path):
 
 def test_resumed_run_averages_only_its_own_steps(small_cache, tmp_path, monkeypatch):
     """As HF: train_loss of a resumed train() covers the steps after the checkpoint."""
-    import dpocli.train as train_mod
+    import dpocli.train.loop as train_mod
     real, calls = train_mod.compute_loss, {"n": 0}
 
     def interrupt_in_step_3(*args, **kwargs):

@@ -42,7 +42,7 @@ def train(cache, out, *extra, model=MODEL):
 
 def interrupt_second_shard(monkeypatch):
     """Ctrl-C while precompute writes its second shard; returns the real writer."""
-    from dpocli import cache
+    from dpocli.cache import store as cache
     real, calls = cache.write_shard, []
 
     def crash_on_second(*args, **kwargs):
@@ -163,8 +163,8 @@ def test_overwrite_replaces_only_a_dpocli_run(small_cache, tmp_path):
 
 
 def test_a_failed_start_leaves_nothing_behind(small_cache, tmp_path, monkeypatch):
-    from dpocli import train as train_module
     from dpocli.errors import RunFailure
+    from dpocli.train import loop as train_module
 
     def failing_check(*args, **kwargs):
         raise RunFailure("step-0 check failed (simulated)")
@@ -217,7 +217,7 @@ def enospc(*args, **kwargs):
                                        (errno.EACCES, "not writable")])
 def test_full_or_read_only_disk_during_precompute_is_one_line_and_resumes(tmp_path, prefs, monkeypatch,
                                                                           code, says):
-    from dpocli import cache
+    from dpocli.cache import store as cache
     out = tmp_path / "cache"
     real, calls = cache.pq.write_table, []
 
@@ -268,7 +268,7 @@ def test_full_disk_while_saving_is_one_line_and_resumes(small_cache, tmp_path, m
 
 
 def test_per_example_path_is_checked_first_and_its_folders_created(small_cache, tmp_path, monkeypatch):
-    from dpocli import evaluate
+    from dpocli.eval import evaluate
     target = tmp_path / "new" / "deeper" / "rows.jsonl"
     result = invoke(["eval", small_cache, "--model", MODEL, "--per-example", target, "--quiet"])
     assert result.exit_code == 0, result.stderr
@@ -281,7 +281,7 @@ def test_per_example_path_is_checked_first_and_its_folders_created(small_cache, 
 
 
 def test_relative_and_absolute_paths_name_the_same_input(tmp_path, prefs, monkeypatch):
-    from dpocli import cache
+    from dpocli.cache import store as cache
     monkeypatch.chdir(tmp_path)
     real = interrupt_second_shard(monkeypatch)
     assert precompute(Path("prefs.jsonl"), Path("cache")).exit_code == 130

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import MODEL, invoke
-from dpocli import schedule
 from dpocli.errors import DpocliError
-from dpocli.train_config import TrainConfig
+from dpocli.train import schedule
+from dpocli.train.config import TrainConfig
 
 
 def cfg(**kw) -> TrainConfig:
@@ -139,7 +139,7 @@ def test_wsd_longer_than_the_run_is_refused():
 def test_wsd_that_does_not_fit_is_refused_before_the_model_loads(small_cache, tmp_path, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded")
-    monkeypatch.setattr("dpocli.train.build_policy", never)
+    monkeypatch.setattr("dpocli.train.loop.build_policy", never)
     out = tmp_path / "run"
     result = invoke(["train", small_cache, "--model", MODEL, "--out", out, "--batch-size", 8,
                      "--scheduler", "warmup_stable_decay", "--warmup-ratio", 0.5, "--decay-ratio", 0.6])

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from conftest import MODEL, invoke
-from dpocli.data import read_examples
+from dpocli.data.examples import read_examples
 
 SHAPES = Path(__file__).parent / "fixtures" / "shapes"
 

@@ -112,7 +112,7 @@ def test_streamed_final_model_splits_into_indexed_shards(tmp_path):
     exceeds the shard size, read back by from_pretrained with the same values."""
     from transformers import AutoModelForCausalLM
 
-    from dpocli import sharding
+    from dpocli.model import sharding
     model = AutoModelForCausalLM.from_pretrained(MODEL)
     names = sharding.stream_weights(tmp_path, model, max_bytes=100_000)
     model.config.save_pretrained(tmp_path)
@@ -126,7 +126,7 @@ def test_streamed_final_model_splits_into_indexed_shards(tmp_path):
 
 def test_sharded_loading_builds_no_whole_model(tmp_path):
     """On meta, parameters take no memory; buffers (rotary tables) stay real."""
-    from dpocli import sharding
+    from dpocli.model import sharding
     model = sharding.build_on_meta(MODEL, torch.float32, None, False)
     assert all(p.device.type == "meta" for p in model.parameters())
     assert all(b.device.type == "cpu" for b in model.buffers())
@@ -187,11 +187,11 @@ def test_fsdp_eval_equals_one_process(small_cache, torchrun_scenario):
     print(f"eval --fsdp vs 1 process: loss {a['loss']:.6f} vs {b['loss']:.6f}")
 
 
-def test_fsdp_precompute_of_a_tied_model_equals_one_process(sample_rows, tmp_path):
-    """Tied input/output embeddings stay one parameter in the root unit under forward-only
-    sharding (the embedding and head are their own units only when untied)."""
+@scenario
+def fsdp_tied(folder, sample_rows):
+    """A tiny model with tied input/output embeddings, and 16 rows to score with it."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    tied = tmp_path / "tied"
+    tied = folder / "tied"
     config = AutoConfig.from_pretrained(MODEL)
     config.tie_word_embeddings = True
     torch.manual_seed(0)
@@ -201,13 +201,20 @@ def test_fsdp_precompute_of_a_tied_model_equals_one_process(sample_rows, tmp_pat
     for f in MODEL.iterdir():
         if "token" in f.name or f.name == "chat_template.jinja":
             shutil.copy(f, tied / f.name)
-    prefs = write_jsonl(tmp_path / "p.jsonl", sample_rows[:16])
+    prefs = write_jsonl(folder / "p.jsonl", sample_rows[:16])
     common = [prefs, "--model", tied, "--rows-per-shard", 4, "--batch-size", 4, "--quiet", "--json"]
-    one = invoke(["precompute-ref", *common, "--out", tmp_path / "one"])
-    assert one.exit_code == 0, one.stderr
-    two = torchrun(["precompute-ref", *common, "--out", tmp_path / "two", "--fsdp"])
-    assert two.returncode == 0, two.stderr
-    a, b = cache_values(tmp_path / "one"), cache_values(tmp_path / "two")
+    return [dpo("one", "precompute-ref", *common, "--out", folder / "one", ranks=1),
+            dpo("two", "precompute-ref", *common, "--out", folder / "two", "--fsdp")]
+
+
+@pytest.mark.torchrun("fsdp_tied")
+def test_fsdp_precompute_of_a_tied_model_equals_one_process(torchrun_scenario):
+    """Tied input/output embeddings stay one parameter in the root unit under forward-only
+    sharding (the embedding and head are their own units only when untied)."""
+    for name in ("one", "two"):
+        assert torchrun_scenario[name].returncode == 0, torchrun_scenario[name].stderr
+    folder = torchrun_scenario.folder
+    a, b = cache_values(folder / "one"), cache_values(folder / "two")
     assert a.keys() == b.keys() and len(a) == 16
     diff = max(abs(a[k][i] - b[k][i]) for k in a for i in (2, 3))
     print(f"tied model, precompute --fsdp vs 1 process: max |ref logps diff| {diff:.3g}")

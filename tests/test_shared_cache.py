@@ -1,4 +1,4 @@
-"""One copy of the cache per node (dpocli/shared_cache.py): the memory-mapped rows equal the
+"""One copy of the cache per node (dpocli/scoring/shared_cache.py): the memory-mapped rows equal the
 privately loaded ones bit for bit, nothing is left in TMPDIR, and two ranks that map the cache hold
 a fraction of the private memory that two private loads hold (bench/cache_memory.py)."""
 
@@ -13,9 +13,10 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import MODEL, invoke, read_jsonl
-from dpocli import cache, shared_cache
-from dpocli.distributed import DistContext
+from dpocli.cache import store as cache
 from dpocli.errors import DpocliError
+from dpocli.model.distributed import DistContext
+from dpocli.scoring import shared_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import cache_memory  # noqa: E402

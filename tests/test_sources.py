@@ -1,4 +1,4 @@
-"""Inputs laid out like a Hub dataset (dpocli.sources): one split is read, splits are never merged,
+"""Inputs laid out like a Hub dataset (dpocli.data.sources): one split is read, splits are never merged,
 and files of another split are never opened. A file of the split not asked for is made unreadable
 (garbage bytes), so reading it would fail the test."""
 
@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import MODEL, invoke, write_jsonl
-from dpocli.data import read_examples
+from dpocli.data.examples import read_examples
+from dpocli.data.sources import resolve_input
 from dpocli.errors import DpocliError
-from dpocli.sources import resolve_input
 
 
 def rows(tag: str, n: int = 2) -> list[dict]:

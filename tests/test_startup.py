@@ -25,7 +25,7 @@ WATCHED = ("torch", "transformers", "pyarrow", "numpy")
 MARK = "probe-result: "
 PROBE = """
 import json, sys
-from dpocli.cli import main
+from dpocli.cli.app import main
 for args in json.loads(sys.argv[1]):
     sys.argv = ["dpo", *args]
     try:

@@ -6,7 +6,7 @@ from io import StringIO
 
 from rich.console import Console
 
-from dpocli.summaries import EVAL_ROWS, eval_table, model_labels
+from dpocli.cli.tables import EVAL_ROWS, eval_table, model_labels
 
 LONG = "/home/someone/experiments/2026-11-30/a-long-run-name-with-many-details"
 
@@ -63,8 +63,8 @@ def test_80_column_table_shows_distinct_step_numbers_and_the_common_folder():
 
 def test_cache_info_shows_the_layout_and_attention_it_was_made_with(small_cache):
     """Both belong to the cache's identity (a rerun with another value is refused), so info shows them."""
-    from dpocli.cache import info as cache_info_dict
-    from dpocli.summaries import cache_info_table
+    from dpocli.cache.store import info as cache_info_dict
+    from dpocli.cli.tables import cache_info_table
     info = cache_info_dict(small_cache)
     assert info["batching"] == {"packing": False, "prefix_sharing": False, "rows_per_shard": 16}  # conftest.small_cache
     buf = StringIO()

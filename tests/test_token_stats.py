@@ -2,7 +2,7 @@
 inside the chunked head, against a naive full-logits recomputation in float64, for every layout.
 
 The naive side runs one unpadded sequence at a time, `model(ids).logits` ([T, V], float64), and
-applies the textbook definitions token by token; nothing is shared with dpocli.logprobs.
+applies the textbook definitions token by token; nothing is shared with dpocli.model.logprobs.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import MODEL, invoke, read_jsonl
-from dpocli.batching import collate, collate_shared
-from dpocli.logprobs import CompletionScorer, sequence_logps
-from dpocli.packing import collate_packed
+from dpocli.model.batching import collate, collate_shared
+from dpocli.model.logprobs import CompletionScorer, sequence_logps
+from dpocli.model.packing import collate_packed
 
 # Unequal chosen/rejected lengths both ways, so LD-DPO's tails are non-empty on each side.
 PAIRS = ([[1, 50, 60, 70, 80], [1, 44, 45], [1, 9, 10, 11, 12, 13, 14]],

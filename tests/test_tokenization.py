@@ -1,4 +1,4 @@
-"""Tests for dpocli.tokenization: ids under TRL 1.16's conventions.
+"""Tests for dpocli.data.tokenization: ids under TRL 1.16's conventions.
 
 Expected ids come from outside the code under test:
 * by hand from the tokenizer: standard rows are `tokenizer(prompt)` (BOS added by the tokenizer)
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from conftest import write_jsonl
-from dpocli.data import Example, extract_prompt, read_examples
-from dpocli.tokenization import (
+from dpocli.data.examples import Example, extract_prompt, read_examples
+from dpocli.data.tokenization import (
     DROP_PROMPT_TOO_LONG,
     Dropped,
     TokenizedPair,

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import MODEL, invoke, qlora_unavailable, read_jsonl, write_jsonl
-from dpocli import cache
+from dpocli.cache import store as cache
 
 
 def train_args(cache_dir, out, *extra):
@@ -89,7 +89,7 @@ def test_gradient_checkpointing_changes_memory_not_math(small_cache, tmp_path):
 
 def _interrupt_after(monkeypatch, calls: int):
     """Make the (calls+1)-th loss computation raise KeyboardInterrupt, as Ctrl-C would."""
-    import dpocli.train as train_mod
+    import dpocli.train.loop as train_mod
     real = train_mod.compute_loss
     count = {"n": 0}
 
@@ -155,7 +155,7 @@ def test_existing_run_dir_is_not_overwritten(small_cache, tmp_path):
 
 
 def test_nan_loss_stops_with_exit_1_and_keeps_last_checkpoint(small_cache, tmp_path, monkeypatch):
-    import dpocli.train as train_mod
+    import dpocli.train.loop as train_mod
     real = train_mod.compute_loss
     count = {"n": 0}
 

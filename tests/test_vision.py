@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import MODEL, SAMPLE, invoke
-from dpocli import cache, vision
+from dpocli.cache import store as cache
 from dpocli.errors import DpocliError
+from dpocli.model import vision
 
 FAMILIES = ("llava", "idefics3")
 VLM = SAMPLE / "tiny-llava"  # the family of the tests that are about rows, not models
@@ -255,9 +256,9 @@ def test_text_rows_with_a_vlm_take_the_text_path(tmp_path):
     assert result.exit_code == 0, result.stderr
     manifest = cache.read_manifest(out)
     assert "vision" not in manifest.spec and "images" not in pq.read_schema(out / "part-00000.parquet").names
-    from dpocli.data import read_examples
-    from dpocli.modeling import load_tokenizer
-    from dpocli.tokenization import tokenize_pair
+    from dpocli.data.examples import read_examples
+    from dpocli.data.tokenization import tokenize_pair
+    from dpocli.model.load import load_tokenizer
     tok = load_tokenizer(str(VLM))
     want = [tokenize_pair(ex, tok, 1024).chosen_ids for ex in read_examples(path).examples]
     assert pq.read_table(out / "part-00000.parquet").column("chosen_ids").to_pylist() == want

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch.distributed as tdist
 
-from dpocli.cli import main
+from dpocli.cli.app import main
 
 
 def run_command(args: list[str]) -> int:

@@ -34,7 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dpocli import __version__, audit_picture, cache_scan
+from dpocli import __version__
+from dpocli.cache import audit_picture
+from dpocli.cache import scan as cache_scan
 from dpocli.errors import DpocliError
 
 MARGIN_SCALE = 1000.0  # histogram bins per unit of asinh(margin)

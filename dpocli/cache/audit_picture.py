@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dpocli.atomic import atomic_write_bytes, atomic_write_text
-from dpocli.console import log
 from dpocli.errors import DpocliError
+from dpocli.io.atomic import atomic_write_bytes, atomic_write_text
+from dpocli.io.console import log
 
 AUDIT_MARK = "dpocli cache audit"
 LENGTH_BINS = 40

@@ -32,12 +32,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpocli import __version__, cache, cache_folder, cache_scan, outputs
-from dpocli.atomic import atomic_dir, atomic_path, sha256_file
-from dpocli.batch_plan import Batching
-from dpocli.cache_audit import percentile_from_counts
-from dpocli.cache_select import REASONS
+from dpocli import __version__
+from dpocli.cache import folder as cache_folder
+from dpocli.cache import scan as cache_scan
+from dpocli.cache import store as cache
+from dpocli.cache.audit import percentile_from_counts
+from dpocli.cache.select import REASONS
+from dpocli.data.batch_plan import Batching
 from dpocli.errors import DpocliError
+from dpocli.io import ownership as outputs
+from dpocli.io.atomic import atomic_dir, atomic_path, sha256_file
 
 
 def _owned_names(manifest: cache.Manifest) -> set[str]:

@@ -8,10 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpocli import cache, outputs
-from dpocli.console import warn
+from dpocli.cache import store as cache
 from dpocli.errors import DpocliError
-from dpocli.folder_lock import FolderLock
+from dpocli.io import ownership as outputs
+from dpocli.io.console import warn
+from dpocli.io.folder_lock import FolderLock
 
 
 def _keep_intact_shards(out: Path, manifest: cache.Manifest) -> cache.Manifest:

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dpocli import __version__
-from dpocli.atomic import atomic_write_json, sha256_file
 from dpocli.errors import DpocliError
+from dpocli.io.atomic import atomic_write_json, sha256_file
 
 FORMAT = "dpocli-reference-cache"
 FORMAT_VERSION = 2

@@ -12,9 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dpocli import __version__, cache, cache_derive, cache_scan, cache_select
-from dpocli.console import log
+from dpocli import __version__
+from dpocli.cache import derive as cache_derive
+from dpocli.cache import scan as cache_scan
+from dpocli.cache import select as cache_select
+from dpocli.cache import store as cache
 from dpocli.errors import DpocliError, check_seed
+from dpocli.io.console import log
 
 # Spec fields merged caches may differ in: what was read, and how each was derived.
 MERGE_FREE = ("input", "derived")

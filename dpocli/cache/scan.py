@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpocli import cache, row_keys
+from dpocli.cache import row_keys
+from dpocli.cache import store as cache
 from dpocli.errors import DpocliError
 
 BATCH_ROWS = 32768  # rows per record batch read: a few MB of tokens at typical lengths

@@ -32,9 +32,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dpocli import cache, cache_scan, row_keys
-from dpocli.atomic import sha256_file
+from dpocli.cache import row_keys
+from dpocli.cache import scan as cache_scan
+from dpocli.cache import store as cache
 from dpocli.errors import DpocliError, check_seed
+from dpocli.io.atomic import sha256_file
 
 REASONS = (
     "filter_identical",

@@ -40,12 +40,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpocli.atomic import atomic_path, sha256_file
-from dpocli.errors import DpocliError
-
 # The manifest half lives in manifest.py (standard library only, so `dpo cache info` needs no
 # pyarrow). Its names are importable from here too, so callers use one module for the cache.
-from dpocli.manifest import (  # noqa: F401
+from dpocli.cache.manifest import (  # noqa: F401
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -63,6 +60,8 @@ from dpocli.manifest import (  # noqa: F401
     verify_shards,
     verify_tokenizer_files,
 )
+from dpocli.errors import DpocliError
+from dpocli.io.atomic import atomic_path, sha256_file
 
 SPILL_PREFIX = "dpocli-cache-"  # the memory-mapped copy of a loaded cache (see `spill_cache`)
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from dpocli import __version__
-from dpocli.console import emit_json, emit_table, err_console, interrupt_on_sigterm, set_quiet
+from dpocli.cli.option_params import config_kwargs, given, with_options
 from dpocli.errors import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
@@ -26,7 +27,7 @@ from dpocli.errors import (
     RunFailure,
     is_out_of_memory,
 )
-from dpocli.option_params import config_kwargs, given, with_options
+from dpocli.io.console import emit_json, emit_table, err_console, interrupt_on_sigterm, set_quiet
 from dpocli.options import (
     AuditOpts,
     CheckpointOpts,
@@ -149,7 +150,6 @@ def _discard_stdout() -> None:
 
 
 def _print_traceback(err: BaseException) -> None:
-    import traceback
 
     sys.stderr.write("".join(traceback.format_exception(type(err), err, err.__traceback__)))
 
@@ -173,7 +173,7 @@ app.add_typer(cache_app, name="cache")
 def _config_callback(ctx: typer.Context, param, value):
     """Eager: load the TOML file into click's default_map before other options are resolved."""
     if value:
-        from dpocli.config import config_defaults
+        from dpocli.cli.config_file import config_defaults
 
         try:
             mapped = config_defaults(ctx.command, ctx.info_name, Path(value), shown=_command_name(ctx),
@@ -220,7 +220,7 @@ def _options_toml(ctx: typer.Context, values: dict, title: str) -> str:
     """Every parameter of the command as TOML, keyed by flag name (unset ones commented out).
     `--print-config` and a run's config.resolved.toml both come from here, so they list the same
     keys, and either one can be given back to `--config`."""
-    from dpocli.config import to_toml
+    from dpocli.cli.config_file import to_toml
 
     values = {p.name: values.get(p.name) for p in ctx.command.params}
     values = {name: str(v) if isinstance(v, Path) else v for name, v in values.items()}
@@ -268,7 +268,7 @@ def _run(fn, *, quiet: bool = False, uses_torch: bool = True):
             "stdout is closed, so the result cannot be written", field="stdout",
             hint="redirect it instead (> result.json, or > /dev/null to discard it)")))
     if uses_torch:
-        from dpocli import distributed
+        from dpocli.model import distributed
 
         is_main = distributed.current().is_main  # initialises torch.distributed under torchrun
         shutdown = distributed.shutdown
@@ -344,8 +344,8 @@ def precompute_ref(
     print_config: PrintConfigOpt = False,
 ):
     """Score every pair with the reference model once and write the Parquet reference cache."""
-    from dpocli.precompute import PrecomputeConfig, run_precompute
-    from dpocli.summaries import precompute_table
+    from dpocli.cli.tables import precompute_table
+    from dpocli.precompute.run import PrecomputeConfig, run_precompute
 
     cfg = PrecomputeConfig(input=str(input), **config_kwargs(run, model, layout, load, output))
     summary = _run(lambda: run_precompute(cfg, resolved_toml=_resolved(ctx)), quiet=fmt.quiet)
@@ -375,8 +375,8 @@ def train(
     print_config: PrintConfigOpt = False,
 ):
     """Train the policy with DPO from the cache alone (the reference model is never loaded)."""
-    from dpocli.summaries import train_table
-    from dpocli.train import TrainConfig, run_train
+    from dpocli.cli.tables import train_table
+    from dpocli.train.loop import TrainConfig, run_train
 
     groups = (run, loss, optim, model, layout, load, lora, quant, checkpoints, output)
     cfg = TrainConfig(cache=str(cache), **config_kwargs(*groups))
@@ -411,8 +411,8 @@ def eval_(
 
     Loss options not given (on the command line or in --config) come from the training run of the
     models when they are dpocli run folders or their checkpoints."""
-    from dpocli.evaluate import run_eval
-    from dpocli.summaries import eval_table
+    from dpocli.cli.tables import eval_table
+    from dpocli.eval.evaluate import run_eval
 
     kwargs = config_kwargs(run, loss, load, quant)
     models = list(kwargs.pop("model") or []) + list(more_models or [])
@@ -434,7 +434,7 @@ def report(
     print_config: PrintConfigOpt = False,
 ):
     """Summarise a run's metrics: first/last/min/max and a sparkline per metric; plots with --out."""
-    from dpocli.report import report_table, summarize
+    from dpocli.train.report import report_table, summarize
 
     summary = _run(lambda: summarize(run_dir, run.out), quiet=fmt.quiet, uses_torch=False)
     _emit(summary, fmt.json, report_table)
@@ -449,8 +449,8 @@ def cache_info(
     print_config: PrintConfigOpt = False,
 ):
     """Manifest summary: what produced the cache, row counts, dropped rows by reason, lengths."""
-    from dpocli.manifest import info as cache_info_dict
-    from dpocli.summaries import cache_info_table
+    from dpocli.cache.manifest import info as cache_info_dict
+    from dpocli.cli.tables import cache_info_table
 
     info = _run(lambda: cache_info_dict(cache), quiet=fmt.quiet, uses_torch=False)
     _emit(info, fmt.json, cache_info_table)
@@ -467,21 +467,21 @@ def cache_verify(
     print_config: PrintConfigOpt = False,
 ):
     """Recompute shard checksums, check values are finite, and optionally re-score rows."""
-    from dpocli.summaries import verify_table
-    from dpocli.verify import run_verify
+    from dpocli.cli.tables import verify_table
+    from dpocli.eval.verify import run_verify
 
     result = _run(lambda: run_verify(str(cache), **config_kwargs(run, load)), quiet=fmt.quiet,
                   uses_torch=run.rescore > 0)
     _emit(result, fmt.json, verify_table)
 
 
-# ---- the cache as a dataset (issue 26): no torch; dpocli/cache_audit.py and cache_ops.py do the work
+# ---- the cache as a dataset (issue 26): no torch; dpocli/cache/audit.py and cache_ops.py do the work
 
 CacheArg = Annotated[Path, typer.Argument(help="A cache folder (written by precompute-ref or derived).")]
 
 
 def _cache_op(fmt, work, table: str) -> None:
-    from dpocli import summaries
+    from dpocli.cli import tables as summaries
 
     _emit(_run(work, quiet=fmt.quiet, uses_torch=False), fmt.json, getattr(summaries, table))
 
@@ -491,7 +491,7 @@ def _cache_op(fmt, work, table: str) -> None:
 def cache_audit(cache: CacheArg, run: AuditOpts, fmt: OutputFormat, config: ConfigOpt = None,
                 print_config: PrintConfigOpt = False):
     """Lengths, truncation, identical/duplicate/conflicting pairs and the reference's own margins."""
-    from dpocli.cache_audit import run_audit
+    from dpocli.cache.audit import run_audit
 
     _cache_op(fmt, lambda: run_audit(str(cache), **config_kwargs(run)), "audit_table")
 
@@ -501,7 +501,7 @@ def cache_audit(cache: CacheArg, run: AuditOpts, fmt: OutputFormat, config: Conf
 def cache_filter(cache: CacheArg, run: FilterOpts, output: OutputOpts, fmt: OutputFormat,
                  config: ConfigOpt = None, print_config: PrintConfigOpt = False):
     """Write a new cache holding the rows that pass every option given."""
-    from dpocli.cache_ops import run_filter
+    from dpocli.cache.ops import run_filter
 
     _cache_op(fmt, lambda: run_filter(str(cache), **config_kwargs(run, output)), "derived_table")
 
@@ -511,7 +511,7 @@ def cache_filter(cache: CacheArg, run: FilterOpts, output: OutputOpts, fmt: Outp
 def cache_split(cache: CacheArg, run: SplitOpts, output: OutputOpts, fmt: OutputFormat,
                 config: ConfigOpt = None, print_config: PrintConfigOpt = False):
     """Split a cache in two by a stable hash of the row id (a held-out cache without a new precompute)."""
-    from dpocli.cache_ops import run_split
+    from dpocli.cache.ops import run_split
 
     _cache_op(fmt, lambda: run_split(str(cache), **config_kwargs(run, output)), "split_table")
 
@@ -522,12 +522,12 @@ def cache_merge(caches: Annotated[list[Path], typer.Argument(help="Two or more c
                 run: MergeOpts, output: OutputOpts, fmt: OutputFormat, config: ConfigOpt = None,
                 print_config: PrintConfigOpt = False):
     """Merge caches made by the same reference, tokenizer and settings; each id is kept once."""
-    from dpocli.cache_ops import run_merge
+    from dpocli.cache.ops import run_merge
 
     _cache_op(fmt, lambda: run_merge([str(c) for c in caches], **config_kwargs(run, output)), "derived_table")
 
 
 def main() -> None:
-    interrupt_on_sigterm()  # already done by dpocli.entry; here for callers of dpocli.cli:main
+    interrupt_on_sigterm()  # already done by dpocli.cli.entry; here for callers of dpocli.cli.app:main
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

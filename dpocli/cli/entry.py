@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import sys
 
-from dpocli.console import interrupt_on_sigterm
 from dpocli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, is_out_of_memory
+from dpocli.io.console import interrupt_on_sigterm
 
 OUT_OF_MEMORY = (b"error: out of memory\n"
                  b"hint: lower --batch-size / --max-tokens, or use a smaller --dtype; under `ulimit -v` "
@@ -25,7 +25,7 @@ def main() -> None:
     interrupt_on_sigterm()
     try:
         # Imported here, not at the top: this import is what may run out of memory or be interrupted.
-        from dpocli.cli import main as cli_main
+        from dpocli.cli.app import main as cli_main
         cli_main()
     except KeyboardInterrupt:
         _write_stderr(b"interrupted\n")

@@ -112,7 +112,7 @@ def eval_table(s: dict):
     table.add_column("metric", style="bold", overflow="fold")
     for label in labels:
         table.add_column(label, justify="right", overflow="fold")
-    from dpocli.evaluate import LENGTH_BUCKETS  # natural bucket order, shortest chosen first
+    from dpocli.eval.evaluate import LENGTH_BUCKETS  # natural bucket order, shortest chosen first
     keys = EVAL_ROWS + [f"length_bias/{name}/accuracy" for _, _, name in LENGTH_BUCKETS]
     if any("aux_loss" in m for m in s["models"]):  # MoE models: the router loss inside `loss`
         keys.insert(1, "aux_loss")

@@ -30,18 +30,18 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpocli import messages as chat
-from dpocli.atomic import sha256_file
-from dpocli.errors import DpocliError, UnusableRow
-from dpocli.messages import type_name as _type_name
-from dpocli.nesting import check_depth, too_deep
-from dpocli.sources import (
+from dpocli.data import chat
+from dpocli.data.chat import type_name as _type_name
+from dpocli.data.sources import (
     ARROW_SUFFIXES,
     DEFAULT_SPLIT,
     JSONL_SUFFIXES,
     list_input_files,  # noqa: F401 (its old home: callers import it from here)
     resolve_input,
 )
+from dpocli.errors import DpocliError, UnusableRow
+from dpocli.io.atomic import sha256_file
+from dpocli.io.nesting import check_depth, too_deep
 
 Message = dict  # {"role": str, "content": str | None, ...}: every key is kept (see messages.py)
 

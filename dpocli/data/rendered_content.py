@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 
-from dpocli.messages import REASONING_KEYS
+from dpocli.data.chat import REASONING_KEYS
 
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 

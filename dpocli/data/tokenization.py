@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 import jinja2
 
-from dpocli import rendered_content
-from dpocli.data import Example
+from dpocli.data import rendered_content
+from dpocli.data.examples import Example
 from dpocli.errors import DpocliError, UnusableRow
 
 DROP_PROMPT_TOO_LONG = "prompt_too_long"

@@ -29,6 +29,7 @@ A model whose folder holds a tokenizer must have the cache's (as in train).
 from __future__ import annotations
 
 import glob
+import json
 import re
 import time
 from dataclasses import replace
@@ -36,19 +37,25 @@ from pathlib import Path
 
 import torch
 
-from dpocli import __version__, cache, distributed, outputs, quantization, shared_cache
-from dpocli.atomic import atomic_path, temporary_base
-from dpocli.console import ProgressBar, log, warn
+from dpocli import __version__
+from dpocli.cache import store as cache
 from dpocli.errors import DpocliError, check_at_least, check_seed, check_torchrun_launch
-from dpocli.logprobs import CompletionScorer, router_aux_coefficient
-from dpocli.losses import LOSS_OPTIONS, LossSpec, spec_from_options
-from dpocli.metrics import LENGTH_BUCKETS, pair_metrics  # noqa: F401 (LENGTH_BUCKETS: for summaries)
-from dpocli.modeling import load_causal_lm, load_causal_lm_sharded, resolve_device
+from dpocli.eval.sampling import sample_report
+from dpocli.io import ownership as outputs
+from dpocli.io.atomic import atomic_path, temporary_base
+from dpocli.io.console import ProgressBar, log, warn
+from dpocli.io.state_files import StateFile
+from dpocli.model import distributed, quantization
+from dpocli.model.devices import resolve_device
+from dpocli.model.load import load_causal_lm, load_causal_lm_sharded
+from dpocli.model.logprobs import CompletionScorer, router_aux_coefficient
+from dpocli.objective.losses import LOSS_OPTIONS, LossSpec, spec_from_options
+from dpocli.objective.metrics import LENGTH_BUCKETS, pair_metrics  # noqa: F401 (LENGTH_BUCKETS: for summaries)
 from dpocli.options import LossOpts
-from dpocli.policy import check_model_tokenizer, check_vocab
-from dpocli.scoring import RefLogps, cached_reference, check_token_logps, score_cache
-from dpocli.state_files import StateFile
-from dpocli.vlm_scoring import prepare_cache
+from dpocli.scoring import shared_cache
+from dpocli.scoring.policy import check_model_tokenizer, check_vocab
+from dpocli.scoring.replay import RefLogps, cached_reference, check_token_logps, score_cache
+from dpocli.scoring.vlm import prepare_cache
 
 
 def expand_models(patterns: list[str]) -> list[str]:
@@ -119,7 +126,6 @@ def _written_by_eval(path: Path) -> bool:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
             return PER_EXAMPLE_KEY.encode() in (pq.read_schema(path).metadata or {})
-        import json
         key, mark = JSONL_MARK
         with open(path, encoding="utf-8") as f:
             lines = 0
@@ -161,7 +167,6 @@ def write_per_example(path: Path, rows: list[dict]) -> None:
             import pyarrow.parquet as pq
             pq.write_table(table.replace_schema_metadata({PER_EXAMPLE_KEY: "1"}), tmp)
         elif path.suffix in (".jsonl", ".json"):
-            import json
             with open(tmp, "w", encoding="utf-8") as f:
                 key, mark = JSONL_MARK
                 for row in rows:
@@ -293,7 +298,6 @@ def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str 
             entry = {"model": path, **{("eval_" + k if k in ("runtime", "samples_per_second") else k): v
                                        for k, v in metrics.items()}}
             if samples:
-                from dpocli.sampling import sample_report
                 entry["samples"] = sample_report(model, path, data, samples, ref_model=ref_model,
                                                  max_new_tokens=max_new_tokens, temperature=temperature,
                                                  kl_samples=kl_samples, seed=seed, device=dev,

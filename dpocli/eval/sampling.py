@@ -13,10 +13,10 @@ import math
 
 import torch
 
-from dpocli.batching import collate
-from dpocli.console import warn
-from dpocli.logprobs import CompletionScorer, sequence_logps
-from dpocli.modeling import load_causal_lm, load_tokenizer
+from dpocli.io.console import warn
+from dpocli.model.batching import collate
+from dpocli.model.load import load_causal_lm, load_tokenizer
+from dpocli.model.logprobs import CompletionScorer, sequence_logps
 
 # Where a config states how many positions the model has (Llama/Mistral/Qwen, GPT-2, others).
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")

@@ -16,6 +16,9 @@ import shutil
 from pathlib import Path
 from typing import NoReturn
 
+from dpocli.errors import DpocliError
+from dpocli.io.write_failures import write_failure
+
 # The names our temporaries take: `.NAME.dpocli-tmp-<16 hex>` (files), `NAME.dpocli-tmpdir-<16 hex>`
 # (folders) and `NAME.dpocli-old-<16 hex>` (a replaced folder on its way out), the hex from
 # `secrets`. Only a name of exactly this form is ours: a person's `NAME.old-1` or `.NAME.bak.tmp`
@@ -49,11 +52,9 @@ def _random_name(path: Path, kind: str) -> Path:
 
 
 def as_write_failure(path: Path, err: BaseException):
-    """Disk full / not writable / vanished as one `error:` line (see outputs.write_failure)."""
-    from dpocli.errors import DpocliError
+    """Disk full / not writable / vanished as one `error:` line (write_failures.write_failure)."""
     if isinstance(err, (DpocliError, KeyboardInterrupt, SystemExit)):
         return err
-    from dpocli.outputs import write_failure
     failure = write_failure(path, err)
     # Any OSError is about the write; another exception only when it reads as a full or read-only
     # disk (safetensors, torch.save), so that a genuine bug keeps its traceback.

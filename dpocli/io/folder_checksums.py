@@ -19,10 +19,10 @@ import os
 from pathlib import Path
 
 from dpocli import __version__
-from dpocli.atomic import atomic_write_json, sha256_file
-from dpocli.console import warn
 from dpocli.errors import DpocliError
-from dpocli.state_files import StateFile
+from dpocli.io.atomic import atomic_write_json, sha256_file
+from dpocli.io.console import warn
+from dpocli.io.state_files import StateFile
 
 CHECKSUMS = "checksums.json"
 FORMAT = "dpocli-checksums"

@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from dpocli.atomic import as_write_failure
 from dpocli.errors import DpocliError
+from dpocli.io.atomic import as_write_failure
 
 LOCK_NAME = ".dpocli.lock"
 FORMAT = "dpocli-lock"

@@ -14,15 +14,15 @@ Everything here only looks; callers delete through `remove_owned` once every oth
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpocli.atomic import temporary_base
-from dpocli.errors import DpocliError, RunFailure
-from dpocli.folder_lock import is_lock_file
+from dpocli.errors import DpocliError
+from dpocli.io.atomic import temporary_base
+from dpocli.io.folder_lock import is_lock_file
+from dpocli.io.write_failures import write_failure
 
 
 @dataclass
@@ -145,39 +145,3 @@ def check_writable_file(path: Path, flag: str) -> None:
     ensure_folder(path.parent)
     if not os.access(path.parent, os.W_OK):
         raise DpocliError("cannot be written (the folder is not writable)", file=path, field=flag)
-
-
-_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
-
-
-def write_failure(path: Path, err: BaseException) -> RunFailure:
-    """A one-line runtime error for a failed write: disk full, folder not writable, or gone.
-
-    Writers report failures in different shapes (OSError with errno, pyarrow's and safetensors'
-    own messages, torch's "file write failed"), so the folder itself is examined too."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    code = getattr(err, "errno", None)
-    text = str(err)
-    if code in _FULL or "No space left" in text or "StorageFull" in text or _nearly_full(folder):
-        why = "no space left on the device"
-        hint = "free some space, then rerun the same command: finished work is kept and resumes"
-    elif code in _DENIED or "Permission denied" in text or "Read-only" in text \
-            or (folder.exists() and not os.access(folder, os.W_OK)):
-        why = "the folder is not writable"
-        hint = "make it writable (or choose another output), then rerun the same command"
-    elif code == errno.ENOENT or not folder.exists():
-        why = "the folder vanished while dpocli was writing to it"
-        hint = "rerun the same command"
-    else:
-        why = f"the write failed ({type(err).__name__}: {text.splitlines()[0] if text else ''})"
-        hint = "rerun the same command; finished work is kept"
-    return RunFailure(f"cannot be written: {why}", file=path, hint=hint)
-
-
-def _nearly_full(folder: Path) -> bool:
-    try:
-        return shutil.disk_usage(folder).free < (1 << 20)
-    except OSError:
-        return False

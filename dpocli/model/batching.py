@@ -15,34 +15,9 @@ import torch
 
 # The reference batch plan lives in batch_plan.py (no torch: the cache commands replan without it);
 # its names are importable from here too.
-from dpocli.batch_plan import Batching, plan_by_length, plan_reference_batches  # noqa: F401
-
-
-@dataclass(frozen=True)
-class ModelInputs:
-    """What the scorer's forward takes, whatever the batch layout (each layout's `model_inputs`).
-
-    input_ids:      [R, T] long.
-    attention_mask: [R, T] 0/1 padding mask, a [R, 1, T, T] additive mask, or None (packed).
-    position_ids:   [R, T] long, or None for positions 0..T-1.
-    score_from:     [M] flat indices into the R*T hidden states; each predicts one scored token.
-    labels:         [M] the scored tokens.
-    segments:       [M] the sequence each scored token belongs to: pair i's chosen completion is
-                    segment i, its rejected completion segment B + i (so 2B segments).
-    num_segments:   2B.
-    units:          the packed row's sequences, for the packed attention (None otherwise).
-    extra:          further model keyword arguments (a vision-language batch's pixel values).
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor | None
-    position_ids: torch.Tensor | None
-    score_from: torch.Tensor
-    labels: torch.Tensor
-    segments: torch.Tensor
-    num_segments: int
-    units: tuple | None = None
-    extra: dict | None = None
+from dpocli.data.batch_plan import Batching, plan_by_length, plan_reference_batches  # noqa: F401
+from dpocli.model.inputs import ModelInputs
+from dpocli.model.packing import collate_packed
 
 
 @dataclass(frozen=True)
@@ -204,7 +179,6 @@ def make_batch(prompts, chosens, rejecteds, pad_id: int, prefix_sharing: bool = 
     prompt shared per pair when `prefix_sharing` too), else a `SharedPrefixBatch` when
     `prefix_sharing`, else the standard 2B-row `Batch`."""
     if packing:
-        from dpocli.packing import collate_packed
         return collate_packed(prompts, chosens, rejecteds, share_prefix=prefix_sharing)
     if prefix_sharing:
         return collate_shared(prompts, chosens, rejecteds, pad_id)

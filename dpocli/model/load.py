@@ -15,9 +15,13 @@ from pathlib import Path
 
 import torch
 
-from dpocli import folder_checksums
-from dpocli.atomic import sha256_file
+from dpocli.data.hub import resolve_model
 from dpocli.errors import DpocliError
+from dpocli.io import folder_checksums
+from dpocli.io.atomic import sha256_file
+from dpocli.io.console import log
+from dpocli.model import lora, sharding
+from dpocli.model.quantization import bnb_config
 from dpocli.options import WEIGHTS_FINGERPRINT_MODES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,32 +35,8 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def resolve_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise DpocliError(f"'{name}' is not a device torch knows", field="--device",
-                          hint="use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DpocliError("CUDA was requested but no GPU is available", field="--device",
-                              hint="use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DpocliError(f"there is no GPU {device.index} (found {torch.cuda.device_count()})",
-                              field="--device")
-    elif device.type != "cpu":
-        accel = getattr(torch, device.type, None)
-        if accel is None or not getattr(accel, "is_available", lambda: False)():
-            raise DpocliError(f"'{name}' is not available on this machine", field="--device",
-                              hint="use --device cpu")
-    return device
-
-
 def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
     """A local folder, or the snapshot folder of a hub id at `revision` (see `hub.resolve_model`)."""
-    from dpocli.hub import resolve_model
     return resolve_model(name_or_path, revision)[0]
 
 
@@ -156,7 +136,6 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "float32", device: torch.d
     if not keep_dropout:
         turned_off = disable_dropout(model)
         if turned_off:
-            from dpocli.console import log
             log(f"dropout set to 0 ({', '.join(turned_off)}); --keep-dropout keeps it in training")
     return model
 
@@ -168,7 +147,6 @@ def _load_causal_lm(name_or_path: str, *, dtype: str, device: torch.device | str
     quiet_transformers()
     folder = resolve_model_dir(name_or_path, revision)
     folder_checksums.verify(folder)  # a dpocli checkpoint or run: refused if changed since written
-    from dpocli import lora
     if lora.is_adapter_folder(folder):  # a LoRA run: base model named in the adapter + adapter
         base = _load_causal_lm(lora.base_model_path(folder), dtype=dtype, device=device,
                                attn_implementation=attn_implementation,
@@ -177,7 +155,6 @@ def _load_causal_lm(name_or_path: str, *, dtype: str, device: torch.device | str
         return lora.apply_for_inference(base, folder, merge=quantization is None).eval()
     if not (folder / "config.json").exists():
         raise DpocliError("has no config.json; not a transformers model folder", file=name_or_path)
-    from dpocli import sharding
     if sharding.is_dcp_folder(folder):  # a checkpoint of an --fsdp run: gathered into this process
         model = sharding.build_on_meta(folder.resolve(), DTYPES[dtype], attn_implementation,
                                        trust_remote_code)
@@ -189,7 +166,6 @@ def _load_causal_lm(name_or_path: str, *, dtype: str, device: torch.device | str
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quantization is not None:
-        from dpocli.quantization import bnb_config
         # bitsandbytes quantizes while placing the weights; a quantized model cannot be moved after.
         kwargs.update(quantization_config=bnb_config(quantization, DTYPES[dtype]), device_map={"": device})
     kwargs["output_loading_info"] = True
@@ -223,11 +199,8 @@ def load_causal_lm_sharded(name_or_path: str, wrap, *, dtype: str = "float32",
     meta parameters, `wrap(model)` shards it and returns the root module, then each rank loads
     its own part (sharding.py). A model with tied embeddings is loaded whole and then wrapped
     (sharding.py, "Assumptions")."""
-    from dpocli import sharding
-    from dpocli.console import log
     folder = resolve_model_dir(name_or_path, revision)
     folder_checksums.verify(folder)
-    from dpocli import lora
     if lora.is_adapter_folder(folder):
         raise DpocliError("is a LoRA adapter; --fsdp loads full models only", file=name_or_path,
                           hint="merge the adapter first (dpo train --merge), or drop --fsdp")

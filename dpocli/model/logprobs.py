@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dpocli.batching import ModelInputs
-from dpocli.packing import LAYOUT_KWARG, PACKED_ATTENTION, enable_packed_attention
+from dpocli.errors import DpocliError
+from dpocli.model.attention import LAYOUT_KWARG, PACKED_ATTENTION, enable_packed_attention
+from dpocli.model.inputs import ModelInputs
 
 # Per-token values of the next-token distribution (logits z over the vocabulary V, label y), as TRL
 # 1.16's fused LM head computes them (trl/kernels/chunked_logprob.py): the entropy
@@ -183,7 +184,7 @@ class CompletionScorer(nn.Module):
     forward(ModelInputs, token_stats=False, router_aux=False) -> (segment_sums [2B] float64,
     token_logps [M] in the inputs' order, per-token `TOKEN_STATS` [M, 4] (detached) or None without
     `token_stats`, the MoE router load-balancing loss (a scalar) or None without `router_aux`).
-    Every layout (padded, prefix-shared, packed) describes itself as a `batching.ModelInputs`:
+    Every layout (padded, prefix-shared, packed) describes itself as a `inputs.ModelInputs`:
     the ids, its mask and positions, and which hidden states score which tokens into which
     segment, so the scorer has one path.
     """
@@ -277,7 +278,6 @@ def router_aux_coefficient(model, requested: float | None) -> float:
     """TRL's `router_aux_loss_coef`: the requested value, else the model config's (0 when it has
     none). A model without `output_router_logits` in its config has no router loss to weight: a
     nonzero request is refused (exit 2)."""
-    from dpocli.errors import DpocliError
     config = model.config.get_text_config()
     if requested and not hasattr(config, "output_router_logits"):
         raise DpocliError(f"is {requested}, but {type(model).__name__} is not a Mixture-of-Experts model "

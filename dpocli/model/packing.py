@@ -16,8 +16,9 @@ A packed sequence ("unit") is `[causal part | branch]`:
   `prompt + chosen`, and the rejected branch attends to the prompt and causally to itself, never
   to the chosen tokens (the same pattern as `SharedPrefixBatch`, without its dense `B·T²` mask).
 
-The model must run `PACKED_ATTENTION` (see `enable_packed_attention`). It behaves exactly like
-"sdpa" on ordinary padded inputs, so the same model still scores `Batch`es and generates.
+The model must run `attention.PACKED_ATTENTION` (see `attention.enable_packed_attention`), which
+behaves exactly like "sdpa" on ordinary padded inputs, so the same model still scores `Batch`es
+and generates. This module is the layout only; the kernels that read it are in attention.py.
 """
 
 from __future__ import annotations
@@ -26,13 +27,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from dpocli.batching import ModelInputs
 from dpocli.errors import DpocliError
-
-PACKED_ATTENTION = "dpocli_packed"
-LAYOUT_KWARG = "dpocli_packed_layout"
+from dpocli.model.inputs import ModelInputs
 
 
 @dataclass(frozen=True)
@@ -130,98 +127,3 @@ def check_layout_flags(prefix_sharing: bool, packing: bool, attn_implementation:
     if prefix_sharing and not packing and "flash" in (attn_implementation or ""):
         raise DpocliError("needs a custom attention mask, which flash attention does not take",
                           field="--prefix-sharing", hint="add --packing, or use --attn-implementation sdpa")
-
-
-def _window_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
-                 window: int | None) -> torch.Tensor:
-    """[q, k] bool: key at or before the query and, with a sliding window, fewer than `window`
-    positions back (transformers' `kv_idx > q_idx - sliding_window`)."""
-    q, k = query_positions[:, None], key_positions[None, :]
-    allowed = k <= q
-    if window is not None:
-        allowed &= q - k < window
-    return allowed
-
-
-def _check_supported(kwargs: dict) -> None:
-    for name, what in (("softcap", "attention-logit soft-capping"), ("s_aux", "attention sinks")):
-        if kwargs.get(name) is not None:
-            raise DpocliError(f"does not support this model's {what}", field="--packing",
-                              hint="train without --packing")
-
-
-@torch.compiler.disable
-def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
-                     scaling: float | None = None, **kwargs):
-    """Attention over a packed row, one SDPA call per unit (two for a prefix-shared unit).
-
-    query [1, H, N, D], key/value [1, H_kv, N, D] (transformers' attention-interface layout);
-    returns ([1, N, H, D], None). Without a packed layout it is transformers' "sdpa".
-    """
-    units = kwargs.pop(LAYOUT_KWARG, None)
-    if units is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # grouped-query attention: each KV head serves `groups` query heads
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    _check_supported(kwargs)
-    window = kwargs.get("sliding_window")
-    dropout = dropout if module.training else 0.0
-    device = query.device
-    # torch.split, not one slice per unit: the backward of a split is one concatenation, while
-    # each slice's backward would write a zero-filled gradient as long as the whole row.
-    sizes = [n for u in units for n in ((u.causal, u.branch) if u.branch else (u.causal,))]
-    qs, ks, vs = (t.split(sizes, dim=2) for t in (query, key, value))
-    pieces, part = [], 0
-    for u in units:
-        q, k, v = qs[part], ks[part], vs[part]
-        if window is None or u.causal <= window:  # plain causal: SDPA's fast path, no mask
-            pieces.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout,
-                                                         is_causal=True, scale=scaling))
-        else:
-            positions = torch.arange(u.causal, device=device)
-            pieces.append(F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout, scale=scaling,
-                attn_mask=_window_mask(positions, positions, window)))
-        if u.branch:
-            # The branch continues the prefix: its positions are prefix .. prefix+branch-1.
-            qb, kb, vb = qs[part + 1], ks[part + 1], vs[part + 1]
-            keys = torch.cat([k[:, :, :u.prefix], kb], dim=2)
-            values = torch.cat([v[:, :, :u.prefix], vb], dim=2)
-            branch_positions = torch.arange(u.prefix, u.prefix + u.branch, device=device)
-            key_positions = torch.cat([torch.arange(u.prefix, device=device), branch_positions])
-            pieces.append(F.scaled_dot_product_attention(
-                qb, keys, values, dropout_p=dropout, scale=scaling,
-                attn_mask=_window_mask(branch_positions, key_positions, window)))
-        part += 2 if u.branch else 1
-    out = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _packed_mask(*args, attention_mask=None, **kwargs):
-    """The mask builder for `PACKED_ATTENTION`. Packed calls pass no 2-D mask, and get none: the
-    units say everything (building transformers' dense packed-sequence mask would cost N²).
-    Ordinary padded calls get exactly what "sdpa" gets."""
-    if attention_mask is None:
-        return None
-    from transformers.masking_utils import sdpa_mask
-    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
-
-
-def enable_packed_attention(model) -> None:
-    """Register `PACKED_ATTENTION` with transformers and switch `model` to it. The kernel behind
-    the name is chosen here, once (`dpocli.attention.packed_kernel`)."""
-    from transformers import AttentionInterface
-
-    from dpocli.attention import packed_kernel  # per-sequence SDPA unless $DPOCLI_ATTN_KERNEL
-    AttentionInterface.register(PACKED_ATTENTION, packed_kernel())
-    try:
-        from transformers.masking_utils import AttentionMaskInterface
-    except ImportError:  # transformers < 4.53 builds masks itself; packed calls ignore them
-        pass
-    else:
-        AttentionMaskInterface.register(PACKED_ATTENTION, _packed_mask)
-    model.config._attn_implementation = PACKED_ATTENTION

@@ -22,6 +22,7 @@ import logging
 from dataclasses import dataclass
 
 from dpocli.errors import DpocliError
+from dpocli.model.devices import resolve_device
 
 QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes' 4-bit data types (TRL's bnb_4bit_quant_type choices)
 CPU_SINCE = (0, 46)  # bitsandbytes releases before 0.46 have CUDA kernels only
@@ -98,7 +99,6 @@ def check_installed(quant: Quantization | None, device: str | None) -> None:
     for package in ("bitsandbytes", "peft"):
         if importlib.util.find_spec(package) is None:
             raise DpocliError(f"needs the {package} package", field=quant.flag, hint=INSTALL_HINT)
-    from dpocli.modeling import resolve_device
     if resolve_device(device).type == "cpu":
         version = bitsandbytes_version()
         if _release(version) < CPU_SINCE:

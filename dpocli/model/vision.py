@@ -35,11 +35,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from dpocli.atomic import sha256_file
-from dpocli.data import InputFile, ReadResult
+from dpocli.data.examples import InputFile, ReadResult
+from dpocli.data.tokenization import DROP_PROMPT_TOO_LONG, Dropped
 from dpocli.errors import DpocliError
-from dpocli.modeling import quiet_transformers
-from dpocli.tokenization import DROP_PROMPT_TOO_LONG, Dropped
+from dpocli.io.atomic import sha256_file
+from dpocli.model.load import quiet_transformers
 
 IMAGE_COLUMNS = ("images", "image")
 

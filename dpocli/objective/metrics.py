@@ -32,9 +32,10 @@ from pathlib import Path
 
 import torch
 
-from dpocli.atomic import atomic_write_text
 from dpocli.errors import DpocliError
-from dpocli.losses import LossInputs, LossOutput, LossSpec, compute_loss
+from dpocli.io.atomic import atomic_write_text
+from dpocli.io.write_failures import write_failure
+from dpocli.objective.losses import LossInputs, LossOutput, LossSpec, compute_loss
 
 LENGTH_BUCKETS = [(-10**9, -9, "<=-9"), (-8, -3, "-8..-3"), (-2, 2, "-2..2"), (3, 8, "3..8"),
                   (9, 10**9, ">=9")]
@@ -166,7 +167,7 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool = True, sinks: list | None = None):
         self.path = path
         self.enabled = enabled
-        self.sinks = sinks or []  # optional TensorBoard / W&B writers (dpocli/integrations.py)
+        self.sinks = sinks or []  # optional TensorBoard / W&B writers (dpocli/train/dashboards.py)
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines logged after the checkpoint we resume from (they will be redone).
@@ -196,7 +197,6 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
         except OSError as err:
-            from dpocli.outputs import write_failure
             raise write_failure(self.path, err) from None
         for sink in self.sinks:
             sink.write(record)

@@ -30,26 +30,12 @@ from pathlib import Path
 
 import torch
 
-from dpocli import __version__, cache, cache_folder, distributed, outputs, vision
-from dpocli.attention import describe as describe_attention
-from dpocli.batching import Batching, make_batch, plan_reference_batches
-from dpocli.console import ProgressBar, log, sigterm_as_interrupt, warn
-from dpocli.data import read_examples
-from dpocli.errors import DpocliError, Interrupted, RunFailure, check_torchrun_launch, out_of_memory_types
-from dpocli.folder_lock import FolderLock
-from dpocli.hub import Snapshot, resolve_dataset
-from dpocli.logprobs import CompletionScorer, sequence_logps
-from dpocli.modeling import (
-    has_vision_tower,
-    load_causal_lm,
-    load_causal_lm_sharded,
-    load_tokenizer,
-    resolve_device,
-    resolve_model_dir,
-    weights_fingerprint,
-)
-from dpocli.packing import check_layout_flags
-from dpocli.tokenization import (
+from dpocli import __version__
+from dpocli.cache import folder as cache_folder
+from dpocli.cache import store as cache
+from dpocli.data.examples import read_examples
+from dpocli.data.hub import Snapshot, resolve_dataset
+from dpocli.data.tokenization import (
     DROP_PROMPT_TOO_LONG,
     Dropped,
     check_field_sizes,
@@ -57,7 +43,26 @@ from dpocli.tokenization import (
     tokenize_pair,
     tokenizer_fingerprint,
 )
-from dpocli.vlm_scoring import VisionBatch, image_columns, image_stats
+from dpocli.errors import DpocliError, Interrupted, RunFailure, check_torchrun_launch, out_of_memory_types
+from dpocli.io import ownership as outputs
+from dpocli.io.atomic import atomic_dir, atomic_write_text
+from dpocli.io.console import ProgressBar, log, sigterm_as_interrupt, warn
+from dpocli.io.folder_lock import FolderLock
+from dpocli.model import distributed, vision
+from dpocli.model.attention import describe as describe_attention
+from dpocli.model.batching import Batching, make_batch, plan_reference_batches
+from dpocli.model.devices import resolve_device
+from dpocli.model.load import (
+    has_vision_tower,
+    load_causal_lm,
+    load_causal_lm_sharded,
+    load_tokenizer,
+    resolve_model_dir,
+    weights_fingerprint,
+)
+from dpocli.model.logprobs import CompletionScorer, sequence_logps
+from dpocli.model.packing import check_layout_flags
+from dpocli.scoring.vlm import VisionBatch, image_columns, image_stats
 
 CONVENTIONS = "trl-1.x"  # tokenization + log-prob conventions; see tokenization.py
 
@@ -410,7 +415,6 @@ def _run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None, lock: Fold
 
     if dist.is_main:
         if resolved_toml:
-            from dpocli.atomic import atomic_write_text
             atomic_write_text(out / RESOLVED_TOML, resolved_toml)
         _finalize(out, manifest, processor or tokenizer, model_fp, cfg, pairs)
     dist.barrier()
@@ -440,7 +444,6 @@ def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict,
     }
     # (a vision-language cache keeps the whole processor here: train and eval rebuild pixels with it)
     tok_dir = out / cache.TOKENIZER_DIR  # replaced whole if present: it is ours (cache_folder.CACHE_NAMES)
-    from dpocli.atomic import atomic_dir
     with atomic_dir(tok_dir) as tmp:
         tokenizer.save_pretrained(tmp)
     # Hashed after the rename, from the files as they now lie: what train/eval/verify check.

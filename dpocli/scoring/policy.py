@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpocli import cache, distributed, quantization
-from dpocli.console import log, warn
+from dpocli.cache import store as cache
+from dpocli.data.tokenization import tokenizer_fingerprint
 from dpocli.errors import DpocliError, RunFailure
-from dpocli.logprobs import CompletionScorer
-from dpocli.modeling import (
+from dpocli.io.console import log, warn
+from dpocli.model import distributed, lora, quantization
+from dpocli.model.load import (
     DTYPES,
     active_dropout,
     load_causal_lm,
@@ -23,7 +24,7 @@ from dpocli.modeling import (
     resolve_model_dir,
     weights_fingerprint,
 )
-from dpocli.tokenization import tokenizer_fingerprint
+from dpocli.model.logprobs import CompletionScorer
 
 # Tolerance on summed log-probs when checking that a policy reproduces cached reference values.
 # Per token the error is about one ulp of the logit scale; sums over hundreds of tokens grow it.
@@ -108,7 +109,6 @@ def build_policy(cfg, data: cache.CacheData, resume_from, device):
         layers = quantization.quantized_modules(model)
         log(f"base weights in {quant.describe()}: " + ", ".join(f"{n} {k}" for k, n in layers.items()))
     if cfg.lora_r is not None:
-        from dpocli import lora
         model = (lora.resume(model, resume_from[1]) if resume_from else
                  lora.wrap(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                            target_modules=cfg.lora_target_modules, use_dora=cfg.use_dora,

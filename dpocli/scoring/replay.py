@@ -12,12 +12,12 @@ from typing import Collection, Sequence
 import numpy as np
 import torch
 
-from dpocli.batching import Batch, Batching, SharedPrefixBatch, make_batch, plan_reference_batches
-from dpocli.cache import CacheData, Manifest
+from dpocli.cache.store import CacheData, Manifest
 from dpocli.errors import DpocliError
-from dpocli.logprobs import SequenceLogps, TokenStats, sequence_logps
-from dpocli.packing import PackedBatch
-from dpocli.vlm_scoring import VisionBatch
+from dpocli.model.batching import Batch, Batching, SharedPrefixBatch, make_batch, plan_reference_batches
+from dpocli.model.logprobs import SequenceLogps, TokenStats, sequence_logps
+from dpocli.model.packing import PackedBatch
+from dpocli.scoring.vlm import VisionBatch
 
 
 def cache_batch(data: CacheData, rows: Sequence[int], pad_id: int, prefix_sharing: bool = False,

@@ -27,8 +27,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dpocli import cache, distributed
+from dpocli.cache import store as cache
 from dpocli.errors import DpocliError
+from dpocli.model import distributed
 
 ENV = "DPOCLI_CACHE_MMAP"  # "1": always map, "0": never, unset: map when a node runs several ranks
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from dpocli import vision
-from dpocli.batching import Batch
 from dpocli.errors import DpocliError
+from dpocli.model import vision
+from dpocli.model.batching import Batch
 
 
 @dataclass(frozen=True)

@@ -37,16 +37,24 @@ from pathlib import Path
 
 import torch
 
-from dpocli import __version__, folder_checksums, lora, outputs, sharding
-from dpocli.atomic import (
+from dpocli import __version__
+from dpocli.errors import DpocliError
+from dpocli.io import folder_checksums
+from dpocli.io import ownership as outputs
+from dpocli.io.atomic import (
     as_write_failure,
     atomic_dir,
     atomic_write_json,
+    atomic_write_text,
     commit_dir,
     make_temporary_dir,
     temporaries_of,
 )
-from dpocli.checkpoint_state import (
+from dpocli.io.folder_lock import FolderLock
+from dpocli.io.state_files import StateFile
+from dpocli.model import lora, sharding
+from dpocli.model.load import quiet_transformers
+from dpocli.train.checkpoint_state import (
     SHARDED_STATE_PT,
     STATE_JSON,
     STATE_PT,
@@ -54,9 +62,6 @@ from dpocli.checkpoint_state import (
     read_checkpoint,
     rng_state,
 )
-from dpocli.errors import DpocliError
-from dpocli.folder_lock import FolderLock
-from dpocli.state_files import StateFile
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 RUN_RECORD = "run_record.json"
@@ -221,7 +226,6 @@ class RunDir:
         if plan.record is None:
             atomic_write_json(plan.path / RUN_CONFIG, config)
             if resolved_toml:
-                from dpocli.atomic import atomic_write_text
                 atomic_write_text(plan.path / RESOLVED_TOML, resolved_toml)
         return run
 
@@ -296,7 +300,6 @@ class RunDir:
 def save_model_folder(folder: Path, model, tokenizer, state_dict: dict | None = None) -> None:
     """HF format, safetensors, tokenizer included (a model whole in this process, or a sharded
     LoRA model whose adapter `state_dict` was gathered: peft then writes the adapter from it)."""
-    from dpocli.modeling import quiet_transformers
     quiet_transformers()
     model.save_pretrained(folder, safe_serialization=True,
                           **({"state_dict": state_dict} if state_dict is not None else {}))
@@ -307,7 +310,6 @@ def save_model_folder(folder: Path, model, tokenizer, state_dict: dict | None = 
 def save_config_files(folder: Path, model, tokenizer) -> None:
     """config.json, generation_config.json and the tokenizer: everything of an HF folder but the
     weights (small; written by rank 0 alone)."""
-    from dpocli.modeling import quiet_transformers
     quiet_transformers()
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:

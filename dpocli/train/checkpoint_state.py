@@ -17,9 +17,12 @@ from pathlib import Path
 
 import torch
 
-from dpocli import __version__, folder_checksums, lora, sharding
+from dpocli import __version__
 from dpocli.errors import DpocliError
-from dpocli.state_files import StateFile
+from dpocli.io import folder_checksums
+from dpocli.io.state_files import StateFile
+from dpocli.model import lora, sharding
+from dpocli.model.distributed import load_optimizer_state
 
 STATE_JSON = "trainer_state.json"
 STATE_PT = "optimizer.pt"
@@ -90,7 +93,6 @@ def read_checkpoint(step: int, folder: Path, total_steps: int, global_batch: int
 
 def restore(saved: CheckpointState, model, optimizer, scheduler, sharded: bool) -> TrainState:
     """Load the optimizer, scheduler and RNG states of a checkpoint read by `read_checkpoint`."""
-    from dpocli.distributed import load_optimizer_state
     folder, tensors = saved.folder, saved.tensors
     if is_sharded_checkpoint(folder):  # DCP reshards: saved by any number of ranks
         sharding.load_dcp(folder / sharding.DCP_DIR, model, optimizer,

@@ -6,7 +6,9 @@ import dataclasses
 import math
 
 from dpocli.errors import DpocliError, check_at_least, check_seed, check_torchrun_launch
-from dpocli.losses import LossSpec, spec_from_options
+from dpocli.model.packing import check_layout_flags
+from dpocli.model.quantization import check_train as check_quantization
+from dpocli.objective.losses import LossSpec, spec_from_options
 from dpocli.options import (
     CheckpointOpts,
     LayoutOpts,
@@ -21,7 +23,8 @@ from dpocli.options import (
     composed_fields,
     group_of,
 )
-from dpocli.packing import check_layout_flags
+from dpocli.train import schedule
+from dpocli.train.dashboards import check as check_report_to
 
 # `dpo train`'s option groups, in the order the command declares them.
 TRAIN_GROUPS = (TrainOpts, LossOpts, OptimOpts, ModelOpts, LayoutOpts, LoadOpts, LoraOpts, QuantOpts,
@@ -44,7 +47,6 @@ class _TrainChecks:
     def check_steps(self, num_rows: int, world_size: int = 1) -> None:
         """The checks that need the run's length: called once the cache's row count is known, before
         the model is loaded or the run folder created."""
-        from dpocli import schedule
         # refuses a warmup_stable_decay that does not fit the run
         schedule.schedule_of(group_of(self, OptimOpts), self.total_steps(num_rows, world_size))
 
@@ -60,7 +62,6 @@ class _TrainChecks:
         check_at_least({"--warmup-steps": self.warmup_steps, "--weight-decay": self.weight_decay,
                         "--max-grad-norm": self.max_grad_norm}, 0)
         check_seed(self.seed)
-        from dpocli import schedule
         schedule.check(group_of(self, OptimOpts))
         if self.optim != "adamw" and self.fsdp:
             # bitsandbytes' states and Adafactor's row/column factors are per tensor: on FSDP shards
@@ -73,10 +74,8 @@ class _TrainChecks:
         if self.autocast not in (None, "bfloat16", "float16"):
             raise DpocliError(f"'{self.autocast}' is not bfloat16 or float16", field="--autocast")
         check_torchrun_launch(self.fsdp, "train")
-        from dpocli.integrations import check as check_report_to
         check_report_to(self.report_to)
         check_layout_flags(self.prefix_sharing, self.packing, self.attn_implementation)
-        from dpocli.quantization import check_train as check_quantization
         check_quantization(self)
         if self.compile and self.fsdp:
             raise DpocliError("is not supported together with --fsdp", field="--compile")

@@ -13,6 +13,7 @@ except that W&B keeps it in the run's summary, as HF's WandbCallback does.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -108,7 +109,6 @@ class MlflowSink:
 
 def check(report_to: str | None) -> list[str]:
     """The requested sink names, checked (known, package installed) before anything is written."""
-    import importlib.util
     names = [n.strip() for n in (report_to or "").split(",") if n.strip() and n.strip() != "none"]
     for name in names:
         if name not in KNOWN:

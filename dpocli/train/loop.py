@@ -30,26 +30,32 @@ from pathlib import Path
 
 import torch
 
-from dpocli import cache, checkpoint, checkpoint_state, distributed, outputs, run_summary, shared_cache
-from dpocli.attention import describe as describe_attention
-from dpocli.batching import plan_epoch
-from dpocli.checkpoint import RunDir
-from dpocli.checkpoint_state import TrainState
-from dpocli.console import ProgressBar, log, sigterm_as_interrupt
+from dpocli.cache import store as cache
 from dpocli.errors import Interrupted, RunFailure, out_of_memory_types
-from dpocli.evaluate import evaluate_policy
-from dpocli.folder_lock import FolderLock
-from dpocli.logprobs import router_aux_coefficient, sequence_logps
-from dpocli.losses import LossInputs, LossSpec, compute_loss
-from dpocli.metrics import MetricsLog, StepMetrics, rename_for_eval
-from dpocli.modeling import DTYPES, resolve_device
+from dpocli.eval.evaluate import evaluate_policy
+from dpocli.io import ownership as outputs
+from dpocli.io.console import ProgressBar, log, sigterm_as_interrupt
+from dpocli.io.folder_lock import FolderLock
+from dpocli.model import distributed
+from dpocli.model.attention import describe as describe_attention
+from dpocli.model.batching import plan_epoch
+from dpocli.model.devices import resolve_device
+from dpocli.model.load import DTYPES
+from dpocli.model.logprobs import router_aux_coefficient, sequence_logps
+from dpocli.objective.losses import LossInputs, LossSpec, compute_loss
+from dpocli.objective.metrics import MetricsLog, StepMetrics, rename_for_eval
 from dpocli.options import OptimOpts, group_of
-from dpocli.policy import build_policy, load_policy_tokenizer, merged_policy, step0_check
-from dpocli.run_summary import TrainTotals
-from dpocli.schedule import make_optimizer, make_scheduler
-from dpocli.scoring import cache_batch, cached_reference, check_token_logps
-from dpocli.train_config import TrainConfig
-from dpocli.vlm_scoring import prepare_train_caches
+from dpocli.scoring import shared_cache
+from dpocli.scoring.policy import build_policy, load_policy_tokenizer, merged_policy, step0_check
+from dpocli.scoring.replay import cache_batch, cached_reference, check_token_logps
+from dpocli.scoring.vlm import prepare_train_caches
+from dpocli.train import checkpoint, checkpoint_state, run_summary
+from dpocli.train import dashboards as integrations
+from dpocli.train.checkpoint import RunDir
+from dpocli.train.checkpoint_state import TrainState
+from dpocli.train.config import TrainConfig
+from dpocli.train.run_summary import TrainTotals
+from dpocli.train.schedule import make_optimizer, make_scheduler
 
 __all__ = ["TrainConfig", "run_train"]
 
@@ -219,7 +225,6 @@ def _session(cfg, spec, dist, manifest, data, eval_set, run, run_dir, model, sco
     """Optimizer, schedule, metrics log and batch geometry of a run whose folder is claimed."""
     sinks = [TrainTotals()]  # train_runtime counts from here, the end of set-up (as HF's)
     if dist.is_main and cfg.report_to:
-        from dpocli import integrations
         run.add(*integrations.folders(cfg.report_to))  # listed before the sinks create them
         sinks += integrations.make_sinks(cfg.report_to, run_dir, asdict(cfg))
     # Global micro-batches hold batch_size pairs per rank; a step is grad_accum of them.

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpocli import __version__
-from dpocli.atomic import atomic_write_bytes, atomic_write_text
-from dpocli.console import log, warn
 from dpocli.errors import DpocliError
+from dpocli.io.atomic import atomic_write_bytes, atomic_write_text
+from dpocli.io.console import log, warn
 
 METRICS_FILE = "metrics.jsonl"
 SPARKS = "▁▂▃▄▅▆▇█"

@@ -19,6 +19,9 @@ from __future__ import annotations
 import resource
 import time
 
+from dpocli import __version__
+from dpocli.model.attention import describe as describe_attention
+
 
 class TrainTotals:
     """A metrics sink that keeps the per-step losses this process logs and when the last step ended.
@@ -76,8 +79,6 @@ def train_summary(s, state, final_eval: dict, t_start: float, hf: dict) -> dict:
     check, the final eval and peak memory."""
     import torch
 
-    from dpocli import __version__
-    from dpocli.attention import describe as describe_attention
     # The largest per-rank peak: what each host must provide per process (a collective).
     rss_kb = s.dist.max_over_ranks(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     peak = {"peak_rss_mb": round(rss_kb / 1024, 1)}

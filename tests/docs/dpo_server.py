@@ -1,5 +1,5 @@
 """A fork server for the README blocks' `dpo` (tests/test_docs.py): import torch, transformers and
-dpocli once, then run each `dpo ...` of a block in a forked child that calls `dpocli.cli.main`, the
+dpocli once, then run each `dpo ...` of a block in a forked child that calls `dpocli.cli.app.main`, the
 console script's own entry point, with the caller's arguments, folder, environment and stdio.
 
 It only saves the ~5 s import per command; the command itself runs exactly as `dpo` would run it.
@@ -18,10 +18,10 @@ import torch  # noqa: F401  (the slow imports, done once, before any fork)
 import transformers  # noqa: F401
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-import dpocli.cli
-import dpocli.evaluate  # noqa: F401
-import dpocli.precompute  # noqa: F401
-import dpocli.train  # noqa: F401
+import dpocli.cli.app
+import dpocli.eval.evaluate  # noqa: F401
+import dpocli.precompute.run  # noqa: F401
+import dpocli.train.loop  # noqa: F401
 
 
 def serve(path: str) -> None:
@@ -44,7 +44,7 @@ def serve(path: str) -> None:
             sys.argv = ["dpo", *request["args"]]
             code = 0
             try:
-                dpocli.cli.main()
+                dpocli.cli.app.main()
             except SystemExit as exit:
                 code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
             except BaseException:
