@@ -44,7 +44,7 @@ def one(args, variant: dict) -> dict:
     from dpocli.model.logprobs import CompletionScorer, sequence_logps
     from dpocli.objective.losses import LossInputs, compute_loss
     from dpocli.scoring.replay import cache_batch, cached_reference
-    from dpocli.train.loop import TrainConfig
+    from dpocli.train.config import TrainConfig
 
     if variant.get("threads"):
         torch.set_num_threads(variant["threads"])

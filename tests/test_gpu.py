@@ -117,7 +117,7 @@ def test_qlora_trains_a_4bit_policy_on_cuda(bf16_cache, tmp_path):
     from dpocli.cache import store as cache
     from dpocli.model import quantization
     from dpocli.scoring.policy import build_policy
-    from dpocli.train.loop import TrainConfig
+    from dpocli.train.config import TrainConfig
 
     quant = ["--load-in-4bit", "--use-bnb-nested-quant"]
     lora = ["--lora-r", 8, "--lora-target-modules", "all-linear"]

@@ -14,13 +14,14 @@ import typer
 
 from conftest import MODEL, invoke
 from dpocli import options
+from dpocli.cache import options as cache_options
 from dpocli.cli import option_params
 from dpocli.cli.app import app, cache_app
 from dpocli.eval.evaluate import run_eval
 from dpocli.eval.verify import run_verify
 from dpocli.objective.losses import LOSS_OPTIONS, SPEC_FROM, LossSpec, spec_from_options
-from dpocli.precompute.run import PrecomputeConfig
-from dpocli.train.loop import TrainConfig
+from dpocli.precompute.config import PrecomputeConfig
+from dpocli.train.config import TrainConfig
 
 try:
     import tomllib
@@ -29,7 +30,8 @@ except ImportError:  # Python 3.10: the tomli backport, a dependency there
 
 ROOT = Path(__file__).resolve().parent.parent
 EAGER = {"--config", "--print-config", "--help"}
-GROUPS = [cls for cls in vars(options).values() if isinstance(cls, type) and option_params.is_group(cls)]
+GROUPS = [cls for module in (options, cache_options) for cls in vars(module).values()
+          if isinstance(cls, type) and option_params.is_group(cls)]
 
 
 def commands() -> dict[str, tuple]:
@@ -115,16 +117,17 @@ def test_each_flag_is_declared_once():
     for flag in twice:
         takers = []
         for where in declared[flag]:
-            group = getattr(options, where.split(".")[0])
+            group = {cls.__name__: cls for cls in GROUPS}[where.split(".")[0]]
             takers += [n for n, (cb, _) in COMMANDS.items() if group in cb.option_groups.values()]
         assert len(takers) == len(set(takers)), (flag, declared[flag], takers)
-    # Every flag a command shows comes from a group field, and cli.py declares only the eager ones.
+    # Every flag a command shows comes from a group field, and cli/ declares only the eager ones
+    # (option_params.py turns the group fields into typer options).
     for name, (_, click_command) in COMMANDS.items():
         assert set(flag_options(click_command)) <= set(declared), name
-    tree = ast.parse((ROOT / "dpocli" / "cli.py").read_text())
     declarations = [
         node
-        for node in ast.walk(tree)
+        for path in sorted((ROOT / "dpocli" / "cli").glob("*.py")) if path.name != "option_params.py"
+        for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "Option"
     ]
     flags = sorted(node.args[0].value for node in declarations)

@@ -107,7 +107,8 @@ def test_a_huge_field_under_a_memory_limit_is_refused_before_the_tokenizer(tmp_p
 
 
 def test_max_field_bytes_is_configurable(tmp_path):
-    from dpocli.precompute.run import PrecomputeConfig, run_precompute
+    from dpocli.precompute.config import PrecomputeConfig
+    from dpocli.precompute.run import run_precompute
     prefs = _huge_row(tmp_path, 1)
     config = PrecomputeConfig(input=str(prefs), model=str(MODEL), out=str(tmp_path / "c"), max_field_bytes=2**19)
     with pytest.raises(Exception, match=r"prefs.jsonl:2: field 'chosen' is 1048575 bytes of text, more than "

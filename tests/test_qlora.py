@@ -18,7 +18,7 @@ import torch
 from conftest import MODEL, invoke, qlora_unavailable, read_jsonl
 from dpocli.errors import DpocliError
 from dpocli.model import quantization
-from dpocli.train.loop import TrainConfig
+from dpocli.train.config import TrainConfig
 
 LORA = ["--lora-r", 8, "--lora-target-modules", "all-linear"]
 needs_qlora = pytest.mark.skipif(qlora_unavailable() is not None, reason=qlora_unavailable() or "")

@@ -39,8 +39,12 @@ def _typer_parameter(f: dataclasses.Field, hint: Any) -> inspect.Parameter:
     )
 
 
+# Where option groups are declared: the shared ones, and the cache-as-a-dataset commands' own.
+GROUP_MODULES = ("dpocli.options", "dpocli.cache.options")
+
+
 def is_group(annotation: Any) -> bool:
-    return dataclasses.is_dataclass(annotation) and annotation.__module__ == "dpocli.options"
+    return dataclasses.is_dataclass(annotation) and annotation.__module__ in GROUP_MODULES
 
 
 def with_options(fn: Callable) -> Callable:

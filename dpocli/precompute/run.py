@@ -24,7 +24,7 @@ import platform
 import resource
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -43,14 +43,14 @@ from dpocli.data.tokenization import (
     tokenize_pair,
     tokenizer_fingerprint,
 )
-from dpocli.errors import DpocliError, Interrupted, RunFailure, check_torchrun_launch, out_of_memory_types
+from dpocli.errors import DpocliError, Interrupted, RunFailure, out_of_memory_types
 from dpocli.io import ownership as outputs
 from dpocli.io.atomic import atomic_dir, atomic_write_text
 from dpocli.io.console import ProgressBar, log, sigterm_as_interrupt, warn
 from dpocli.io.folder_lock import FolderLock
 from dpocli.model import distributed, vision
 from dpocli.model.attention import describe as describe_attention
-from dpocli.model.batching import Batching, make_batch, plan_reference_batches
+from dpocli.model.batching import make_batch, plan_reference_batches
 from dpocli.model.devices import resolve_device
 from dpocli.model.load import (
     has_vision_tower,
@@ -61,55 +61,10 @@ from dpocli.model.load import (
     weights_fingerprint,
 )
 from dpocli.model.logprobs import CompletionScorer, sequence_logps
-from dpocli.model.packing import check_layout_flags
+from dpocli.precompute.config import PrecomputeConfig
 from dpocli.scoring.vlm import VisionBatch, image_columns, image_stats
 
 CONVENTIONS = "trl-1.x"  # tokenization + log-prob conventions; see tokenization.py
-
-
-@dataclass(frozen=True)
-class PrecomputeConfig:
-    input: str
-    model: str
-    out: str
-    max_length: int = 1024
-    batch_size: int | None = None
-    max_tokens: int | None = None  # padded-token budget per batch; default when neither is given
-    dtype: str = "float32"
-    device: str | None = None
-    attn_implementation: str | None = None
-    id_column: str | None = None
-    prompt_column: str = "prompt"
-    chosen_column: str = "chosen"
-    rejected_column: str = "rejected"
-    token_logps: bool = False
-    rows_per_shard: int = 4096
-    drop_identical: bool = False
-    strict: bool = False
-    max_field_bytes: int = 4 * 2**20  # per prompt/chosen/rejected, checked before tokenizing
-    overwrite: bool = False
-    trust_remote_code: bool = False
-    chunk_size: int = 1024
-    compile: bool = False  # torch.compile the transformer body
-    prefix_sharing: bool = False  # run each pair's prompt once (prompt + chosen + rejected rows)
-    packing: bool = False  # padding-free: all sequences of a batch in one row
-    split: str = "train"  # the split to read from a Hub-style dataset folder (see sources.py)
-    revision: str | None = None  # of a Hub dataset id given as `input` (see hub.py)
-    subset: str | None = None  # a README.md config by name
-    model_revision: str | None = None  # of a Hub model id given as `model`
-    fsdp: bool = False  # shard the reference over the ranks (a model too large for one device)
-    weights_fingerprint: str = "auto"  # full | sampled | auto (modeling.weights_fingerprint)
-
-    def batching(self) -> Batching:
-        if self.batch_size is not None and self.max_tokens is not None:
-            raise DpocliError("give --batch-size or --max-tokens, not both", field="--max-tokens")
-        for flag, value in (("--batch-size", self.batch_size), ("--max-tokens", self.max_tokens)):
-            if value is not None and value < 1:
-                raise DpocliError(f"must be at least 1, got {value}", field=flag)
-        max_tokens = 16384 if self.batch_size is None and self.max_tokens is None else self.max_tokens
-        return Batching(batch_size=self.batch_size, max_tokens=max_tokens,
-                        rows_per_shard=self.rows_per_shard, packing=self.packing,
-                        prefix_sharing=self.prefix_sharing)
 
 
 def _resolved(path: str) -> str:
@@ -315,6 +270,24 @@ def _tokenize_rows(cfg: PrecomputeConfig, read, tokenizer, processor=None) -> li
     return pairs
 
 
+def _read_input(cfg: PrecomputeConfig, source, model_dir) -> tuple:
+    """(rows read, tokenizer, processor or None). A vision-language reference and rows with an
+    image column take TRL's VLM path (vision.py); everything else the text path."""
+    if has_vision_tower(model_dir) and vision.has_image_column(source):
+        read, processor = vision.read_vision_input(cfg, source, model_dir)
+        tokenizer = processor.tokenizer
+    else:
+        read, processor = read_examples(
+            source, prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
+            rejected_column=cfg.rejected_column, id_column=cfg.id_column, drop_identical=cfg.drop_identical,
+            split=cfg.split, subset=cfg.subset, strict=cfg.strict), None
+        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
+                                   revision=cfg.model_revision)
+    for line in read.warnings:
+        warn(line)
+    return read, tokenizer, processor
+
+
 def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> dict:
     """Build (or resume, or confirm) the cache described by `cfg`; return the summary."""
     with FolderLock(cfg.out, "precompute-ref") as lock:  # one writer per cache: rank 0 holds it
@@ -324,32 +297,12 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
 def _run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None, lock: FolderLock) -> dict:
     t0 = time.perf_counter()
     dist = distributed.current()
-    if cfg.max_length < 2:
-        raise DpocliError("must be at least 2", field="--max-length")
-    check_layout_flags(cfg.prefix_sharing, cfg.packing, cfg.attn_implementation)
-    if cfg.rows_per_shard < 1 or cfg.max_field_bytes < 1:
-        raise DpocliError("must be at least 1", field="--rows-per-shard" if cfg.rows_per_shard < 1
-                          else "--max-field-bytes")
-    cfg.batching()
-    check_torchrun_launch(cfg.fsdp, "precompute-ref")
+    cfg.check()
     source, dataset = resolve_dataset(cfg.input, cfg.revision)
     if dataset is not None:
         log(f"dataset {dataset.repo_id} at {dataset.revision[:12]} from {source}")
     model_dir = resolve_model_dir(cfg.model, cfg.model_revision)
-    processor = None
-    # A vision-language reference and rows with an image column: TRL's VLM path (vision.py).
-    if has_vision_tower(model_dir) and vision.has_image_column(source):
-        read, processor = vision.read_vision_input(cfg, source, model_dir)
-        tokenizer = processor.tokenizer
-    else:
-        read = read_examples(source, prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
-                             rejected_column=cfg.rejected_column, id_column=cfg.id_column,
-                             drop_identical=cfg.drop_identical, split=cfg.split, subset=cfg.subset,
-                             strict=cfg.strict)
-        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
-                                   revision=cfg.model_revision)
-    for line in read.warnings:
-        warn(line)
+    read, tokenizer, processor = _read_input(cfg, source, model_dir)
     pairs = _tokenize_rows(cfg, read, tokenizer, processor)
     model_fp = weights_fingerprint(cfg.model, cfg.model_revision, mode=cfg.weights_fingerprint)
     spec = _build_spec(cfg, read, tokenizer, model_fp, dataset, processor)

@@ -2,8 +2,9 @@
 
 `run_train` sets up (caches, run folder, policy, optimizer, resume), then runs `_train_step`, read
 top to bottom: micro-batches -> policy forward (completion-only, chunked LM head) -> loss against
-the cached reference sums -> backward -> clip -> step -> log. Run folder, policy, wrapping and the
-step-0 check live in checkpoint.py, policy.py and distributed.py: the loop has no mode branches.
+the cached reference sums -> backward -> clip -> step -> log. Run folder (train/checkpoint.py),
+policy and step-0 check (scoring/policy.py), wrapping (model/distributed.py) live elsewhere: the
+loop has no mode branches.
 
 Assumptions:
 * Batch order is a pure function of (seed, epoch): resuming needs only the step and the position
@@ -54,10 +55,9 @@ from dpocli.train import dashboards as integrations
 from dpocli.train.checkpoint import RunDir
 from dpocli.train.checkpoint_state import TrainState
 from dpocli.train.config import TrainConfig
+from dpocli.train.failures import non_finite
 from dpocli.train.run_summary import TrainTotals
 from dpocli.train.schedule import make_optimizer, make_scheduler
-
-__all__ = ["TrainConfig", "run_train"]
 
 
 @dataclass
@@ -196,7 +196,8 @@ def _train_step(s: _Session, state: TrainState, bar) -> None:
     lr = s.scheduler.get_last_lr()[0]
     means = step_metrics.means(dist)
     if not (math.isfinite(means["loss"]) and math.isfinite(grad_norm)):
-        raise _non_finite(s, state, "loss" if not math.isfinite(means["loss"]) else "gradient norm")
+        what = "loss" if not math.isfinite(means["loss"]) else "gradient norm"
+        raise non_finite(s.cfg, s.run_dir, state, what)
     s.optimizer.step()
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
@@ -259,20 +260,17 @@ def _save(s: _Session, state: TrainState) -> None:
 def _evaluate(s: _Session) -> dict:
     """eval_* metrics over the whole eval cache with the current weights, through the same path as
     `dpo eval` (so periodic eval and `dpo eval` of the saved checkpoint agree)."""
-    eval_manifest, eval_data = s.eval_set
     s.model.eval()
-    metrics, _, _ = evaluate_policy(s.scorer, eval_data, eval_manifest, s.spec, s.pad_id, s.device,
-                                    dist=s.dist)
+    manifest, data = s.eval_set
+    metrics, _, _ = evaluate_policy(s.scorer, data, manifest, s.spec, s.pad_id, s.device, dist=s.dist)
     s.model.train()
     return rename_for_eval(metrics)
 
 
 def _final_eval(s: _Session, step: int) -> dict:
     """The end-of-run eval (for the summary); logged unless this step's periodic eval was."""
-    if s.eval_set is None:
-        return {}
-    if s.last_eval[0] == step:
-        return s.last_eval[1]
+    if s.eval_set is None or s.last_eval[0] == step:
+        return s.last_eval[1] if s.eval_set is not None else {}
     logged = s.metrics_log.last_record_with("eval_loss")
     # A run resumed after it had finished logged this step's eval already: not written twice.
     if s.dist.broadcast_object(logged.get("step") == step):
@@ -299,12 +297,3 @@ def _as_run_failure(s: _Session | None, state: TrainState, err: BaseException) -
         return Interrupted(f"interrupted at step {state.step}; saved {where}",
                            hint=f"resume with the same command plus --resume (out: {s.run_dir})")
     return err
-
-
-def _non_finite(s: _Session, state: TrainState, what: str) -> RunFailure:
-    good = s.run_dir / f"checkpoint-{state.last_saved}" if state.last_saved else s.cfg.model
-    return RunFailure(
-        f"non-finite {what} at step {state.step + 1}; the last good checkpoint is "
-        f"{good if state.last_saved else 'none'}",
-        hint=f"start a new run from {good} with a lower --lr (or --dtype float32): dpo train "
-             f"{s.cfg.cache} --model {good} --out NEW_DIR ... (--resume keeps the original settings)")
