@@ -143,13 +143,13 @@ def eval_(
     Loss options not given (on the command line or in --config) come from the training run of the
     models when they are dpocli run folders or their checkpoints."""
     from dpocli.cli.tables import eval_table
+    from dpocli.eval.config import EvalConfig
     from dpocli.eval.evaluate import run_eval
 
     kwargs = config_kwargs(run, loss, load, quant)
-    models = list(kwargs.pop("model") or []) + list(more_models or [])
-    summary = run_driver(
-        lambda: run_eval(str(cache), models, loss_given=given(ctx, LossOpts), **kwargs), quiet=fmt.quiet
-    )
+    models = tuple(kwargs.pop("model") or []) + tuple(more_models or [])
+    cfg = EvalConfig(cache=str(cache), models=models, loss_given=given(ctx, LossOpts), **kwargs)
+    summary = run_driver(lambda: run_eval(cfg), quiet=fmt.quiet)
     emit_result(summary, fmt.json, eval_table)
 
 

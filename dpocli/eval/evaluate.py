@@ -39,7 +39,8 @@ import torch
 
 from dpocli import __version__
 from dpocli.cache import store as cache
-from dpocli.errors import DpocliError, check_at_least, check_seed, check_torchrun_launch
+from dpocli.errors import DpocliError
+from dpocli.eval.config import EvalConfig
 from dpocli.eval.sampling import sample_report
 from dpocli.io import ownership as outputs
 from dpocli.io.atomic import atomic_path, temporary_base
@@ -219,103 +220,84 @@ def loss_options_from_runs(models: list[str], options: dict, given: frozenset[st
     return {**options, **first}, list(saved)
 
 
-def run_eval(cache_dir: str, models: list[str], *, beta: float = 0.1, loss: str = "sigmoid",
-             loss_weights: str | None = None, label_smoothing: float = 0.0,
-             ipo_length_normalized: bool = True, discopop_tau: float = 0.05,
-             f_divergence: str = "reverse_kl", f_alpha: float = 0.5, rpo_alpha: float | None = None,
-             use_weighting: bool = False, ld_alpha: float | None = None,
-             router_aux_loss_coef: float | None = None, loss_given: frozenset[str] | None = None,
-             max_tokens: int | None = None,
-             dtype: str | None = None, device: str | None = None, per_example: str | None = None,
-             samples: int = 0, ref_model: str | None = None, max_new_tokens: int = 64,
-             temperature: float = 0.0, kl_samples: int = 4, seed: int = 0,
-             attn_implementation: str | None = None, trust_remote_code: bool = False,
-             model_revision: str | None = None, fsdp: bool = False, load_in_4bit: bool = False,
-             load_in_8bit: bool = False, bnb_4bit_quant_type: str = "nf4",
-             use_bnb_nested_quant: bool = False) -> dict:
-    """Metrics of each model on the cache. `loss_given`: the loss options the user set; the others
-    come from the models' training runs (`loss_options_from_runs`). None: use the arguments as they are.
-    `model_revision` applies to every model (each must then be a hub id). `load_in_4bit` ...: score
-    each model (an adapter folder: its base) quantized, as `dpo train` trained a QLoRA adapter."""
+def run_eval(cfg: EvalConfig) -> dict:
+    """Metrics of each of `cfg.models` on the cache. `model_revision` applies to every model (each
+    must then be a hub id). `load_in_4bit` ...: score each model (an adapter folder: its base)
+    quantized, as `dpo train` trained a QLoRA adapter."""
     t0 = time.perf_counter()
-    check_torchrun_launch(fsdp, "eval")
-    check_eval_options(samples=samples, temperature=temperature, kl_samples=kl_samples,
-                       max_new_tokens=max_new_tokens, max_tokens=max_tokens, seed=seed)
-    quant = quantization.from_options(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
-                                      bnb_4bit_quant_type=bnb_4bit_quant_type,
-                                      use_bnb_nested_quant=use_bnb_nested_quant)
-    quantization.check_installed(quant, device)
-    if fsdp and quant is not None:
-        raise DpocliError("cannot be combined with --fsdp (FSDP2 shards plain weights)",
-                          field="--load-in-4bit" if load_in_4bit else "--load-in-8bit")
-    options = {"loss": loss, "loss_weights": loss_weights, "beta": beta, "label_smoothing": label_smoothing,
-               "ipo_length_normalized": ipo_length_normalized, "discopop_tau": discopop_tau,
-               "f_divergence": f_divergence, "f_alpha": f_alpha, "rpo_alpha": rpo_alpha,
-               "use_weighting": use_weighting, "ld_alpha": ld_alpha,
-               "router_aux_loss_coef": router_aux_loss_coef}
-    if per_example and Path(per_example).suffix not in (".parquet", ".jsonl", ".json"):
-        raise DpocliError("must end in .parquet or .jsonl", file=per_example, field="--per-example")
-    models = expand_models(models)
+    cfg.check()
+    models = expand_models(list(cfg.models))
     if not models:
         raise DpocliError("give at least one --model", field="--model")
-    options_from = []
-    if loss_given is not None:
-        options, options_from = loss_options_from_runs(models, options, loss_given)
+    options, options_from = cfg.loss_options(), []
+    if cfg.loss_given is not None:
+        options, options_from = loss_options_from_runs(models, options, cfg.loss_given)
         if options_from:
             log(f"loss options from {', '.join(options_from)}: " +
-                ", ".join(f"{k}={options[k]!r}" for k in LOSS_OPTIONS if k not in loss_given))
+                ", ".join(f"{k}={options[k]!r}" for k in LOSS_OPTIONS if k not in cfg.loss_given))
     spec = spec_from_options(LossOpts(**options))
     dist = distributed.current()
-    manifest, data = shared_cache.load_cache(cache_dir, dist=dist)  # one copy per node under torchrun
-    if prepare_cache(cache_dir, manifest, data) is not None and (samples or fsdp):
+    manifest, data = shared_cache.load_cache(cfg.cache, dist=dist)  # one copy per node under torchrun
+    if prepare_cache(cfg.cache, manifest, data) is not None and (cfg.samples or cfg.fsdp):
         raise DpocliError("is not supported on a vision-language cache yet",
-                          field="--samples" if samples else "--fsdp")
+                          field="--samples" if cfg.samples else "--fsdp")
     if spec.ld_alpha is not None:  # LD-DPO needs per-token reference values (as train)
-        check_token_logps("--ld-alpha", (cache_dir, data))
-    if per_example:  # checked before the evaluation, so a bad path does not lose its results
-        check_per_example_path(Path(per_example), [cache_dir, *models])
-    dtype, attn_implementation = numerics_like_cache(manifest, dtype, attn_implementation)
+        check_token_logps("--ld-alpha", (cfg.cache, data))
+    if cfg.per_example:  # checked before the evaluation, so a bad path does not lose its results
+        check_per_example_path(Path(cfg.per_example), [cfg.cache, *models])
+    results, per_rows = _score_models(cfg, models, spec, manifest, data, dist)
+    if cfg.per_example and dist.is_main:
+        write_per_example(Path(cfg.per_example), per_rows)
+        log(f"wrote {len(per_rows)} per-example rows to {cfg.per_example}")
+    return {"command": "eval", "dpocli_version": __version__, "cache": str(cfg.cache),
+            "spec_fingerprint": manifest.spec_fingerprint, "beta": options["beta"], "loss": options["loss"],
+            "loss_options": options, "loss_options_from": options_from,
+            "pairs": data.num_rows, "models": results, "per_example": cfg.per_example,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _score_models(cfg: EvalConfig, models: list[str], spec: LossSpec, manifest, data, dist) -> tuple:
+    """(one result entry per model, the per-example rows of all models), in the cache's numerics."""
+    quant = quantization.of_config(cfg)
+    dtype, attn_implementation = numerics_like_cache(manifest, cfg.dtype, cfg.attn_implementation)
     if quant is not None:
         log(f"scoring with the weights in {quant.describe()}; the cache holds the unquantized reference, "
             "so even the reference scores away from 0")
-    dev = dist.device_for(resolve_device(device))
+    dev = dist.device_for(resolve_device(cfg.device))
     pad_id = int(manifest.spec["tokenizer"]["pad_token_id"])
     results, per_rows = [], []
     with ProgressBar("eval", len(models)) as bar:
         for path in models:
-            check_model_tokenizer(path, manifest, trust_remote_code=trust_remote_code,
-                                  revision=model_revision)
-            model, scorer = _load_scorer(path, fsdp, lambda m: check_vocab(m, data, cache_dir), dtype=dtype,
-                                         device=dev, attn_implementation=attn_implementation,
-                                         trust_remote_code=trust_remote_code, revision=model_revision,
+            check_model_tokenizer(path, manifest, trust_remote_code=cfg.trust_remote_code,
+                                  revision=cfg.model_revision)
+            model, scorer = _load_scorer(path, cfg.fsdp, lambda m: check_vocab(m, data, cfg.cache),
+                                         dtype=dtype, device=dev, attn_implementation=attn_implementation,
+                                         trust_remote_code=cfg.trust_remote_code, revision=cfg.model_revision,
                                          quantization=quant)
             # TRL's router_aux_loss_coef: the one asked for (or the run's), else this model's config's
             coef = router_aux_coefficient(model, spec.router_aux_loss_coef)
             metrics, columns, ref = evaluate_policy(scorer, data, manifest,
                                                     replace(spec, router_aux_loss_coef=coef), pad_id, dev,
-                                                    max_tokens=max_tokens, dist=dist)
+                                                    max_tokens=cfg.max_tokens, dist=dist)
             # HF's evaluate() names: eval_runtime, eval_samples_per_second (the rest stay unprefixed)
             entry = {"model": path, **{("eval_" + k if k in ("runtime", "samples_per_second") else k): v
                                        for k, v in metrics.items()}}
-            if samples:
-                entry["samples"] = sample_report(model, path, data, samples, ref_model=ref_model,
-                                                 max_new_tokens=max_new_tokens, temperature=temperature,
-                                                 kl_samples=kl_samples, seed=seed, device=dev,
-                                                 dtype=dtype,
-                                                 tokenizer_dir=Path(cache_dir) / cache.TOKENIZER_DIR)
+            if cfg.samples:
+                entry["samples"] = _samples(cfg, model, path, data, dev, dtype)
             results.append(entry)
-            if per_example:
+            if cfg.per_example:
                 per_rows += per_example_rows(path, data, columns, ref)
             del model
             bar.update(1)
-    if per_example and dist.is_main:
-        write_per_example(Path(per_example), per_rows)
-        log(f"wrote {len(per_rows)} per-example rows to {per_example}")
-    return {"command": "eval", "dpocli_version": __version__, "cache": str(cache_dir),
-            "spec_fingerprint": manifest.spec_fingerprint, "beta": options["beta"], "loss": options["loss"],
-            "loss_options": options, "loss_options_from": options_from,
-            "pairs": data.num_rows, "models": results, "per_example": per_example,
-            "seconds": round(time.perf_counter() - t0, 3)}
+    return results, per_rows
+
+
+def _samples(cfg: EvalConfig, model, path: str, data, device, dtype: str) -> dict:
+    """--samples: generations for held-out prompts and a Monte-Carlo KL(policy || reference)."""
+    return sample_report(model, path, data, cfg.samples, ref_model=cfg.ref_model,
+                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                         kl_samples=cfg.kl_samples, seed=cfg.seed, device=device, dtype=dtype,
+                         tokenizer_dir=Path(cfg.cache) / cache.TOKENIZER_DIR)
 
 
 def per_example_rows(model: str, data, columns: dict, ref: RefLogps) -> list[dict]:
@@ -344,10 +326,3 @@ def _load_scorer(path: str, fsdp: bool, check, **load):
     return load_causal_lm_sharded(path, shard, **load)
 
 
-def check_eval_options(*, samples: int, temperature: float, kl_samples: int, max_new_tokens: int,
-                       max_tokens: int | None, seed: int) -> None:
-    """0 keeps its documented meaning for --samples (none) and --temperature (greedy)."""
-    check_at_least({"--samples": samples, "--temperature": temperature}, 0)
-    check_at_least({"--kl-samples": kl_samples, "--max-new-tokens": max_new_tokens,
-                    "--max-tokens": max_tokens}, 1)
-    check_seed(seed)
