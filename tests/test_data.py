@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dpocli.data import examples as data
+from dpocli.data import rows as raw_rows
 from dpocli.data.examples import Example, extract_prompt, list_input_files, read_examples
 from dpocli.errors import DpocliError
 
@@ -108,7 +109,7 @@ def test_implicit_prompt_string_and_messages(tmp_path):
 
 
 def test_parquet_standard_and_conversational_match_jsonl(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_PARQUET_BATCH_ROWS", 2)  # force several record batches
+    monkeypatch.setattr(raw_rows, "_PARQUET_BATCH_ROWS", 2)  # force several record batches
     rows = [{"prompt": msgs(("user", f"q{i}")), "chosen": msgs(("assistant", f"yes{i}")),
              "rejected": msgs(("assistant", f"no{i}")), "extra": "x" * 10} for i in range(5)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "conv.parquet")

@@ -19,21 +19,14 @@ Invariants:
 
 from __future__ import annotations
 
-import difflib
-import gzip
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from dpocli.data import chat
 from dpocli.data.chat import type_name as _type_name
+from dpocli.data.rows import Columns, iter_columnar, iter_jsonl, missing_column
 from dpocli.data.sources import (
-    ARROW_SUFFIXES,
     DEFAULT_SPLIT,
     JSONL_SUFFIXES,
     list_input_files,  # noqa: F401 (its old home: callers import it from here)
@@ -41,14 +34,11 @@ from dpocli.data.sources import (
 )
 from dpocli.errors import DpocliError, UnusableRow
 from dpocli.io.atomic import sha256_file
-from dpocli.io.nesting import check_depth, too_deep
 
 Message = dict  # {"role": str, "content": str | None, ...}: every key is kept (see messages.py)
 
 EMPTY_PROMPT = "empty_prompt"  # UnusableRow reasons found while reading (see messages.py for one more)
 NO_COMMON_PREFIX = "no_common_prefix"
-_BOM = b"\xef\xbb\xbf"
-_PARQUET_BATCH_ROWS = 1024  # rows hold long texts; a batch bounds memory, not the file size
 
 
 @dataclass(frozen=True)
@@ -89,12 +79,6 @@ class ReadResult:
     split: str | None = None  # the split read; None when the input has no splits
 
 
-@dataclass(frozen=True)
-class _Columns:
-    prompt: str
-    chosen: str
-    rejected: str
-    id: str | None
 
 
 def extract_prompt(chosen, rejected):
@@ -133,20 +117,44 @@ def read_examples(path, *, prompt_column="prompt", chosen_column="chosen", rejec
     infer one from, an empty message list) is the error when `strict`, else skipped and counted by
     reason in `dropped`, with one warning per reason naming the first such row.
 
-    All rows are read before any is validated: like TRL's Arrow table, a message's keys depend on
-    the whole column (`messages.unify_column`).
-
     Raises:
         DpocliError: at the first invalid row or file, naming file, row and field.
     """
-    columns = _Columns(prompt_column, chosen_column, rejected_column, id_column)
+    columns = Columns(prompt_column, chosen_column, rejected_column, id_column)
     source = resolve_input(path, split, subset)
+    records, files, warnings = _read_records(source.files, columns, max_row_bytes)
+    if not records:
+        raise DpocliError("input has no rows (expected at least one preference pair)", file=path)
+    examples, identical, extras_ignored, skipped = _validate(records, columns, drop_identical, strict)
+    if extras_ignored:
+        warnings.append(f"{extras_ignored} plain-text row(s) have '{chat.TOOLS_COLUMN}' or "
+                        f"'{chat.KWARGS_COLUMN}': ignored, as TRL does (only message lists use a "
+                        "chat template)")
+    if identical and drop_identical:
+        warnings.append(f"dropped {identical} row(s) with chosen identical to rejected")
+    elif identical:
+        rows_have = "1 row has" if identical == 1 else f"{identical} rows have"
+        warnings.append(f"{rows_have} chosen identical to rejected (kept; use --drop-identical to drop them)")
+    for reason, (n, first) in skipped.items():
+        warnings.append(f"skipped {n} row(s), {reason} (first: {first}); they are counted in the "
+                        "manifest, and --strict makes them errors")
+    dropped = {"identical_chosen_rejected": identical} if drop_identical and identical else {}
+    dropped.update((reason, n) for reason, (n, _) in skipped.items())
+    if not examples:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in dropped.items())
+        raise DpocliError(f"all {len(records)} rows were dropped ({reasons})", file=path)
+    return ReadResult(examples, files, len(records), dropped, warnings, source.split)
+
+
+def _read_records(paths, columns: Columns, max_row_bytes: int) -> tuple[list, list, list]:
+    """((loc, record) of every row in input order, the files read, warnings). All rows are read
+    before any is validated: like TRL's Arrow table, a message's keys depend on the whole column."""
     files: list[InputFile] = []
     warnings: list[str] = []
-    records: list[tuple[dict, dict]] = []  # (loc, record) in input order
+    records: list[tuple[dict, dict]] = []
     ignored: dict[str, None] = {}
-    for file_path in source.files:
-        reader = (_iter_jsonl if file_path.name.lower().endswith(JSONL_SUFFIXES) else _iter_columnar)
+    for file_path in paths:
+        reader = (iter_jsonl if file_path.name.lower().endswith(JSONL_SUFFIXES) else iter_columnar)
         first = len(records)
         for row, record in reader(file_path, columns, max_row_bytes, warnings, ignored):
             records.append(({"file": str(file_path), "row": row}, record))
@@ -154,18 +162,21 @@ def read_examples(path, *, prompt_column="prompt", chosen_column="chosen", rejec
             warnings.append(f"{file_path}: file has no rows")
         files.append(InputFile(str(file_path), file_path.stat().st_size, sha256_file(file_path),
                                len(records) - first))
-    if not records:
-        raise DpocliError("input has no rows (expected at least one preference pair)", file=path)
     for name in (columns.prompt, columns.chosen, columns.rejected, chat.TOOLS_COLUMN, chat.KWARGS_COLUMN):
         _unify(records, name)
     if ignored:
         warnings.append("column(s) not used, and not rendered by TRL's DPOTrainer either: "
                         + ", ".join(ignored))
+    return records, files, warnings
 
+
+def _validate(records: list, columns: Columns, drop_identical: bool, strict: bool) -> tuple:
+    """(examples kept, rows with chosen == rejected, plain-text rows whose chat extras were ignored,
+    reason -> [count, first error] of the unusable rows skipped)."""
     ids = _IdAssigner()
     examples: list[Example] = []
     identical = extras_ignored = 0
-    skipped: dict[str, list] = {}  # reason -> [count, first error]
+    skipped: dict[str, list] = {}
     for source_row, (loc, record) in enumerate(records):
         try:
             conversational, prompt, chosen, rejected = _parse_row(record, columns, loc)
@@ -188,25 +199,7 @@ def read_examples(path, *, prompt_column="prompt", chosen_column="chosen", rejec
         identical += same
         if not (drop_identical and same):
             examples.append(example)
-
-    if extras_ignored:
-        warnings.append(f"{extras_ignored} plain-text row(s) have '{chat.TOOLS_COLUMN}' or "
-                        f"'{chat.KWARGS_COLUMN}': ignored, as TRL does (only message lists use a "
-                        "chat template)")
-    if identical and drop_identical:
-        warnings.append(f"dropped {identical} row(s) with chosen identical to rejected")
-    elif identical:
-        rows_have = "1 row has" if identical == 1 else f"{identical} rows have"
-        warnings.append(f"{rows_have} chosen identical to rejected (kept; use --drop-identical to drop them)")
-    for reason, (n, first) in skipped.items():
-        warnings.append(f"skipped {n} row(s), {reason} (first: {first}); they are counted in the "
-                        "manifest, and --strict makes them errors")
-    dropped = {"identical_chosen_rejected": identical} if drop_identical and identical else {}
-    dropped.update((reason, n) for reason, (n, _) in skipped.items())
-    if not examples:
-        reasons = ", ".join(f"{reason} {n}" for reason, n in dropped.items())
-        raise DpocliError(f"all {len(records)} rows were dropped ({reasons})", file=path)
-    return ReadResult(examples, files, len(records), dropped, warnings, source.split)
+    return examples, identical, extras_ignored, skipped
 
 
 def _unify(records: list[tuple[dict, dict]], name: str) -> None:
@@ -218,138 +211,19 @@ def _unify(records: list[tuple[dict, dict]], name: str) -> None:
 
 # --- readers: yield (1-based row, record dict), raising on anything that is not a JSON/Parquet row ---
 
-def _iter_jsonl(path: Path, columns: _Columns, max_row_bytes: int, warnings: list[str],
-                ignored: dict) -> Iterator:
-    """Rows of a JSON Lines file. Keys no stage uses are added to `ignored` (for one warning)."""
-    used = _used_columns(columns)
-    prompt_checked = False  # look for a near-miss prompt column once per file, not once per row
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as f:
-        row = 0
-        while True:
-            # The limit makes a runaway line (a binary file, a missing newline) fail fast instead of
-            # loading gigabytes before we can complain.
-            raw = f.readline(max_row_bytes + 1)
-            if not raw:
-                return
-            row += 1
-            loc = {"file": str(path), "row": row}
-            if len(raw) > max_row_bytes and not raw.endswith(b"\n"):
-                raise _too_large(max_row_bytes, loc)
-            if row == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM):]  # Windows editors write one; json.loads would reject it
-            try:
-                text = raw.decode("utf-8")  # decode ourselves: json.loads(bytes) would guess UTF-16/32
-            except UnicodeDecodeError as e:
-                raise DpocliError(f"line is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})",
-                                  **loc) from None
-            if not text.strip():
-                continue  # blank lines are skipped, but still counted so row == line number
-            try:
-                # Stripped, so a position past the end means "line ended early".
-                record = json.loads(text.rstrip("\r\n"))
-            except json.JSONDecodeError as e:
-                raise DpocliError(f"line is not valid JSON ({e.msg} at character {e.pos + 1})",
-                                  **loc) from None
-            except RecursionError:  # the parser's own limit, far past MAX_DEPTH
-                raise too_deep(loc) from None
-            if not isinstance(record, dict):
-                raise DpocliError(f"line is JSON but not an object (got {_type_name(record)})", **loc)
-            check_depth(record, loc)
-            _refuse_lone_surrogates(record, loc)
-            if not prompt_checked and columns.prompt not in record:
-                _warn_implicit_prompt(path, columns.prompt, record.keys(), warnings)
-                prompt_checked = True
-            chat.refuse_images(record, loc)
-            ignored.update((k, None) for k in record if k not in used)
-            yield row, record
 
 
-def _refuse_lone_surrogates(record: dict, loc: dict) -> None:
-    """JSON may escape half of a UTF-16 pair (\\ud800) on its own; that is no text a tokenizer can
-    take, so the row is refused here, naming the field, instead of failing deep in the tokenizer."""
-    try:
-        json.dumps(record, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        def broken(value) -> bool:
-            try:
-                json.dumps(value, ensure_ascii=False).encode("utf-8")
-                return False
-            except UnicodeEncodeError:
-                return True
-        field = next((k for k, v in record.items() if broken(v)), None)
-        raise DpocliError("holds a lone UTF-16 surrogate escape (such as \\ud800), which is not valid text",
-                          field=field, **loc) from None
 
 
-class _ArrowStream:
-    """The subset of ParquetFile's interface we use, over an Arrow IPC (stream or file) file."""
-
-    def __init__(self, path: Path):
-        self._source = pa.memory_map(str(path))
-        try:
-            self._reader = pa.ipc.open_stream(self._source)
-            self._batches = lambda: iter(self._reader)
-        except pa.ArrowInvalid:
-            self._source.seek(0)
-            self._reader = pa.ipc.open_file(self._source)
-            self._batches = lambda: (self._reader.get_batch(i)
-                                     for i in range(self._reader.num_record_batches))
-        self.schema_arrow = self._reader.schema
-
-    def iter_batches(self, batch_size: int, columns: list[str]):
-        for batch in self._batches():
-            yield batch.select(columns)
-
-    def close(self) -> None:
-        self._source.close()
 
 
-def _iter_columnar(path: Path, columns: _Columns, max_row_bytes: int, warnings: list[str],
-                   ignored: dict) -> Iterator:
-    """Rows of a Parquet file, or of an Arrow IPC file from an HF `save_to_disk` folder."""
-    try:
-        parquet = _ArrowStream(path) if path.name.lower().endswith(ARROW_SUFFIXES) else pq.ParquetFile(path)
-        names = parquet.schema_arrow.names
-    except (pa.ArrowException, OSError) as e:
-        raise _unreadable_parquet(path, e) from None
-    row = 0
-    try:
-        for name, flag in ((columns.chosen, "--chosen-column"), (columns.rejected, "--rejected-column"),
-                           (columns.id, "--id-column")):
-            if name is not None and name not in names:
-                raise _missing_column(name, flag, names, {"file": str(path)})
-        if columns.prompt not in names:
-            _warn_implicit_prompt(path, columns.prompt, names, warnings)
-        chat.refuse_images(names, {"file": str(path)})
-        # Only the columns we use: a dataset with long metadata columns stays cheap to read.
-        used = _used_columns(columns)
-        wanted = [c for c in used if c in names]
-        ignored.update((n, None) for n in names if n not in used)
-        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=wanted):
-            values = {name: batch.column(name).to_pylist() for name in batch.schema.names}
-            for i in range(batch.num_rows):
-                row += 1
-                record = {name: column[i] for name, column in values.items()}
-                check_depth(record, {"file": str(path), "row": row})
-                if _text_bytes(record) > max_row_bytes:
-                    raise _too_large(max_row_bytes, {"file": str(path), "row": row})
-                yield row, record
-    except (pa.ArrowException, OSError) as e:
-        raise _unreadable_parquet(path, e) from None
-    finally:
-        parquet.close()
 
 
-def _used_columns(columns: _Columns) -> tuple[str, ...]:
-    """Every column some stage reads (the rest are ignored, by TRL too)."""
-    return tuple(dict.fromkeys((columns.prompt, columns.chosen, columns.rejected, columns.id or "id",
-                                chat.TOOLS_COLUMN, chat.KWARGS_COLUMN)))
 
 
 # --- validation of one row ---
 
-def _parse_row(record: dict, columns: _Columns, loc: dict):
+def _parse_row(record: dict, columns: Columns, loc: dict):
     """Return (conversational, prompt, chosen, rejected) for a valid row, else raise naming the field."""
     _require(record, columns.chosen, "--chosen-column", loc)
     _require(record, columns.rejected, "--rejected-column", loc)
@@ -379,7 +253,7 @@ def _parse_row(record: dict, columns: _Columns, loc: dict):
     return conversational, prompt, chosen, rejected
 
 
-def _prompt_repeated_in_messages(checked: dict, columns: _Columns):
+def _prompt_repeated_in_messages(checked: dict, columns: Columns):
     """UltraFeedback-binarized shape: `prompt` is a string while `chosen`/`rejected` are full
     conversations that begin with that prompt as a user turn. Returns (prompt messages, chosen
     reply, rejected reply) when the row has that shape, else None (the caller then reports the
@@ -411,7 +285,7 @@ def _check_field(value, loc: dict, field: str, may_be_empty: bool):
 
 def _require(record: dict, name: str, flag: str, loc: dict):
     if name not in record:
-        raise _missing_column(name, flag, record.keys(), loc)
+        raise missing_column(name, flag, record.keys(), loc)
     return record[name]
 
 
@@ -460,37 +334,11 @@ class _IdAssigner:
 
 # --- small helpers ---
 
-def _missing_column(name: str, flag: str, available, loc: dict) -> DpocliError:
-    available = [str(a) for a in available]
-    close = difflib.get_close_matches(name, available, n=1)
-    suggestion = f"did you mean '{close[0]}'? pass {flag} {close[0]}" if close else f"pass {flag} NAME"
-    return DpocliError(f"is missing ({suggestion})", field=name, **loc,
-                       hint="columns found: " + (", ".join(sorted(available)) or "none"))
 
 
-def _warn_implicit_prompt(path: Path, prompt_column: str, available, warnings: list[str]) -> None:
-    # A near-miss column name ("promt") probably is the prompt; without it we would infer one silently.
-    close = difflib.get_close_matches(prompt_column, [str(a) for a in available], n=1)
-    if close:
-        warnings.append(f"{path}: no '{prompt_column}' column, so prompts are inferred from chosen/rejected; "
-                        f"did you mean '{close[0]}'? pass --prompt-column {close[0]}")
 
 
-def _too_large(max_row_bytes: int, loc: dict) -> DpocliError:
-    return DpocliError(f"row is larger than max_row_bytes ({max_row_bytes} bytes)", **loc,
-                       hint="check that the file is JSON Lines (one object per line); rows this long "
-                            "are refused to keep memory bounded")
 
 
-def _unreadable_parquet(path: Path, error: Exception) -> DpocliError:
-    detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-    return DpocliError(f"is not a readable Parquet file ({detail})", file=path,
-                       hint="the file may be truncated or corrupt; write it again")
 
 
-def _text_bytes(value) -> int:
-    """UTF-8 size of the text in a Parquet row: the stand-in for a JSONL line's length."""
-    if isinstance(value, str):
-        return len(value.encode("utf-8"))
-    parts = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-    return sum(_text_bytes(v) for v in parts)
