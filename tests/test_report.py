@@ -122,7 +122,10 @@ def test_cli_json_summary_and_errors_exit_2(run_dir, tmp_path):
 
 
 def test_missing_matplotlib_gives_the_install_hint(run_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes any matplotlib import fail
+    # None in sys.modules makes an import fail: every matplotlib module, since an earlier test in
+    # the session (a picture) may have imported its submodules already.
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(DpocliError) as err:
         summarize(run_dir, tmp_path / "r.png")
     assert "pip install 'dpocli[report]'" in err.value.hint
