@@ -165,7 +165,7 @@ def run_rows(args, profile: dict, rows: list[str], workdir: Path) -> dict:
                                                        n_params, peak)
             out["pipeline_wall_s"] = rec["wall_s"]
         else:
-            extra = ["--packing", "--prefix-sharing"] if name.startswith("dpocli-pkps") else []
+            extra = ["--packing", "--prefix-sharing"] if name.startswith("dpocli-pkps") else ["--layout", "padded"]
             with attention_kernel("flex" if name.endswith("-flex") else None):
                 pre = dpocli_precompute(f"{name}-precompute", run_args, model, data, workdir, None,
                                         extra=extra)

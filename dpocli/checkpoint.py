@@ -51,8 +51,9 @@ FINAL_STAGING = "final-model"  # the final model is written here first (as a tem
 RECORD_FORMAT = "dpocli-run"
 # Fields that may change between an interrupted run and its --resume.
 # batch_size may change as long as batch_size x ranks (the global batch) stays the same.
+# layout: its name; the two flags it stands for (packing, prefix_sharing) are compared instead.
 RESUME_FREE = {"resume", "overwrite", "save_every", "save_total_limit", "eval_every", "batch_size",
-               "report_to", "attention_kernel"}
+               "report_to", "attention_kernel", "layout"}
 
 
 @dataclass
@@ -163,6 +164,18 @@ def inspect_run_dir(path: Path, config: dict, cache_identity: dict, *, resume: b
                                "another --out")
     found.refuse_foreign("is a dpocli run but")
     return RunPlan(path, remove=found.owned + found.temporaries)
+
+
+def started_layout(path: Path) -> tuple[bool, bool] | None:
+    """(packing, prefix_sharing) that the run in `path` was started with (False for a run made
+    before the flags existed), or None when `path` holds no readable run config. Looks only."""
+    try:
+        saved = json.loads((path / RUN_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict):
+        return None
+    return bool(saved.get("packing", False)), bool(saved.get("prefix_sharing", False))
 
 
 def _check_resumable(path: Path, config: dict, cache_identity: dict, record: dict,

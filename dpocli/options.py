@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpocli import layouts
 from dpocli.errors import DpocliError
 
 # modeling.DTYPES' names, spelled out so that `dpo --help` need not import torch (a test compares them).
@@ -82,19 +83,31 @@ class ModelOpts:
 @dataclass(frozen=True)
 class LayoutOpts:
     """How pairs are laid out in a forward pass (precompute-ref, train). The LM head's chunk size
-    is not a flag: eval replays precompute's batching exactly, with the default chunking."""
+    is not a flag: eval replays precompute's batching exactly, with the default chunking.
+    `layout` names the four layouts; --packing / --prefix-sharing are the older spellings
+    (dpocli/layouts.py chooses what runs)."""
 
+    layout: str = opt(
+        "auto",
+        "auto, padded, packed, shared or packed-shared. auto: the fastest layout measured exact on the "
+        "device (packed-shared on CPU, padded on CUDA; padded with --compile, torchrun, a non-sdpa "
+        "--attn-implementation or a model packing does not support); on resume, the layout the run or "
+        "cache started with. All layouts give the same numbers to rounding.",
+    )
     prefix_sharing: bool = opt(
         False,
         "Run each pair's prompt once: prompt+chosen+rejected with a prefix-sharing attention pattern "
         "(faster with long prompts; without --packing it builds a dense mask and cannot use flash "
-        "attention).",
+        "attention). Same as --layout shared, or packed-shared with --packing.",
     )
     packing: bool = opt(
         False,
         "Padding-free batches: all sequences of a batch end to end in one row, attention "
-        "run per sequence (no compute on pad tokens).",
+        "run per sequence (no compute on pad tokens). Same as --layout packed.",
     )
+
+    def __post_init__(self):
+        layouts.check(self.layout, self.packing, self.prefix_sharing)
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,13 @@ import math
 import platform
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from dpocli import __version__, cache, cache_folder, distributed, outputs
+from dpocli import __version__, cache, cache_folder, distributed, layouts, outputs
 from dpocli.attention import describe as describe_attention
 from dpocli.batching import Batching, make_batch, plan_reference_batches
 from dpocli.console import ProgressBar, log, sigterm_as_interrupt, warn
@@ -71,6 +71,7 @@ class PrecomputeConfig:
     trust_remote_code: bool = False
     chunk_size: int = 1024
     compile: bool = False  # torch.compile the transformer body
+    layout: str = "auto"  # layouts.LAYOUTS; run_precompute replaces auto with the layout that runs
     prefix_sharing: bool = False  # run each pair's prompt once (prompt + chosen + rejected rows)
     packing: bool = False  # padding-free: all sequences of a batch in one row
     split: str = "train"  # the split to read from a Hub-style dataset folder (see sources.py)
@@ -275,6 +276,7 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     dist = distributed.current()
     if cfg.max_length < 2:
         raise DpocliError("must be at least 2", field="--max-length")
+    layouts.check(cfg.layout, cfg.packing, cfg.prefix_sharing)
     check_layout_flags(cfg.prefix_sharing, cfg.packing, cfg.attn_implementation)
     if cfg.rows_per_shard < 1:
         raise DpocliError("must be at least 1", field="--rows-per-shard")
@@ -289,6 +291,7 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     for line in read.warnings:
         warn(line)
     model_dir = resolve_model_dir(cfg.model, cfg.model_revision)
+    cfg = _with_layout(cfg, dist, model_dir)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
                                revision=cfg.model_revision)
     pairs = _tokenize_rows(cfg, read, tokenizer)
@@ -362,6 +365,22 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     # The largest per-rank peak (a collective): with --fsdp it is what sharding saves.
     rss_kb = dist.max_over_ranks(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return {**summary, "peak_rss_mb": round(rss_kb / 1024, 1)}
+
+
+def _with_layout(cfg: PrecomputeConfig, dist, model_dir: Path) -> PrecomputeConfig:
+    """`cfg` with the layout that runs in its three layout fields (`layouts.choose`). auto keeps the
+    layout of a cache already in --out (resumed or confirmed, not replaced by --overwrite), so a
+    rerun of an older default-flags command finds its cache as it was."""
+    started = None
+    if cfg.layout == layouts.AUTO and not cfg.overwrite:
+        started = cache_folder.existing_layout(Path(cfg.out))
+    name = layouts.choose(cfg.layout, cfg.packing, cfg.prefix_sharing,
+                          device_type=resolve_device(cfg.device).type,
+                          attn_implementation=cfg.attn_implementation, compile=cfg.compile,
+                          world_size=dist.world_size, model_config=layouts.read_model_config(model_dir),
+                          started_with=started)
+    packing, prefix_sharing = layouts.FLAGS[name]
+    return replace(cfg, layout=name, packing=packing, prefix_sharing=prefix_sharing)
 
 
 def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from dpocli import layouts
 from dpocli.errors import DpocliError, check_at_least, check_seed, check_torchrun_launch
 from dpocli.losses import LOSS_OPTIONS, LossSpec, spec_from_options
 from dpocli.packing import check_layout_flags
@@ -65,6 +66,7 @@ class TrainConfig:
     bnb_4bit_quant_type: str = "nf4"  # TRL's ModelConfig default
     use_bnb_nested_quant: bool = False  # TRL's ModelConfig default
     compile: bool = False  # torch.compile the transformer body
+    layout: str = "auto"  # layouts.LAYOUTS; run_train replaces auto with the layout that runs
     prefix_sharing: bool = False  # one row per pair: prompt + chosen + rejected, prompt run once
     packing: bool = False  # padding-free: all sequences of a micro-batch in one row
     report_to: str | None = None  # tensorboard, wandb, mlflow (comma-separated), beside metrics.jsonl
@@ -122,6 +124,7 @@ class TrainConfig:
         check_torchrun_launch(self.fsdp, "train")
         from dpocli.integrations import check as check_report_to
         check_report_to(self.report_to)
+        layouts.check(self.layout, self.packing, self.prefix_sharing)
         check_layout_flags(self.prefix_sharing, self.packing, self.attn_implementation)
         from dpocli.quantization import check_train as check_quantization
         check_quantization(self)

@@ -1,0 +1,88 @@
+"""Which batch layout a command runs: `--layout auto|padded|packed|shared|packed-shared`.
+
+The four layouts compute the same log-probs (to rounding: they differ only in which pad tokens and
+neighbours share a matmul, see `dpocli.packing`), so the choice is one of speed:
+
+* padded:        2B rows per batch, padded to the longest (`batching.Batch`);
+* packed:        `--packing`: every sequence end to end in one row, no pad token;
+* shared:        `--prefix-sharing`: one row per pair, the prompt run once, a dense B·T² mask;
+* packed-shared: both flags: one padding-free row, each pair's prompt run once.
+
+`auto` (the default) is the fastest layout measured exact on the device (bench/RESULTS.md, "The
+default layout"): packed-shared on CPU, padded elsewhere (CUDA is measured by the GPU benchmark
+first). Auto also picks padded wherever packing was not measured or cannot run: a chosen
+`--attn-implementation` other than sdpa, `--compile`, a torchrun launch, a model whose attention
+packing does not support (logit soft-capping, attention sinks). On resume, auto keeps the layout
+the run or cache was started with, so a cache or run made before `--layout` existed resumes
+unchanged. The explicit `--packing` / `--prefix-sharing` flags keep their meaning.
+
+This module imports no torch (options.py reads `LAYOUTS` for `dpo --help`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dpocli.errors import DpocliError
+
+AUTO = "auto"
+# name -> (packing, prefix_sharing)
+FLAGS = {"padded": (False, False), "packed": (True, False), "shared": (False, True),
+         "packed-shared": (True, True)}
+LAYOUTS = (AUTO, *FLAGS)
+CPU_DEFAULT = "packed-shared"  # measured: bench/RESULTS.md, "The default layout"
+OTHER_DEFAULT = "padded"
+
+
+def name_of(packing: bool, prefix_sharing: bool) -> str:
+    """The layout's name from the two flags."""
+    return next(n for n, f in FLAGS.items() if f == (bool(packing), bool(prefix_sharing)))
+
+
+def check(layout: str, packing: bool, prefix_sharing: bool) -> None:
+    """A known name, and not given together with the older flags (which would be two answers)."""
+    if layout not in LAYOUTS:
+        raise DpocliError(f"'{layout}' is not one of {', '.join(LAYOUTS)}", field="--layout")
+    if layout != AUTO and (packing or prefix_sharing):
+        flags = " ".join(f for f, on in (("--packing", packing), ("--prefix-sharing", prefix_sharing)) if on)
+        raise DpocliError(f"cannot be combined with {flags}", field="--layout",
+                          hint=f"give either --layout {layout} or {flags}")
+
+
+def packable(model_config: dict | None) -> bool:
+    """Whether `dpocli.packing`'s attention supports this model (config.json as a dict; None when
+    it could not be read: then not, so auto falls back to the layout every model runs)."""
+    if not isinstance(model_config, dict):
+        return False
+    configs = [model_config, *(v for v in model_config.values() if isinstance(v, dict))]  # text_config etc.
+    for c in configs:
+        if c.get("attn_logit_softcapping") or c.get("model_type") == "gpt_oss":
+            return False
+    return True
+
+
+def read_model_config(model_dir: Path | str | None) -> dict | None:
+    """config.json of a local model folder, or None (absent, unreadable, not a folder)."""
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def choose(layout: str, packing: bool, prefix_sharing: bool, *, device_type: str,
+           attn_implementation: str | None = None, compile: bool = False, world_size: int = 1,
+           model_config: dict | None = None, started_with: tuple[bool, bool] | None = None) -> str:
+    """The layout to run. `started_with`: the (packing, prefix_sharing) of the run or cache being
+    resumed (auto keeps it); the other arguments describe the device and the model (see the
+    module docstring)."""
+    check(layout, packing, prefix_sharing)
+    if packing or prefix_sharing:
+        return name_of(packing, prefix_sharing)
+    if layout != AUTO:
+        return layout
+    if started_with is not None:
+        return name_of(*started_with)
+    measured = (device_type == "cpu" and attn_implementation in (None, "sdpa") and not compile
+                and world_size == 1)
+    return CPU_DEFAULT if measured and packable(model_config) else OTHER_DEFAULT
