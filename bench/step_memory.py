@@ -14,7 +14,8 @@ optimizer state (after the step). Prints one JSON object:
   cache_mb          RSS growth while the cache loads
   weights_mb        parameter bytes;  grads_mb: gradient bytes;  adam_mb: optimizer-state bytes
   steps[k]          per step: peak_mb of forward, backward, optimizer (+ the RSS after each)
-  peak_mb           the process's peak (ru_maxrss), as `dpo train --json` reports it
+  peak_mb           the largest peak of any part of any step (the process's peak RSS once loaded;
+                    ru_maxrss cannot be read here, the resets clear it)
   parts             the steady step's peak split: runtime + cache + weights + adam + grads at the
                     peak part + activations (bytes the forward saved for the backward, counted per
                     storage with torch.autograd.graph.saved_tensors_hooks) + slack (the rest of
@@ -24,7 +25,6 @@ optimizer state (after the step). Prints one JSON object:
 from __future__ import annotations
 
 import json
-import resource
 import sys
 from pathlib import Path
 
@@ -136,7 +136,8 @@ def main() -> None:
     except SystemExit as exit_:
         if exit_.code:
             raise
-    rec["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # ru_maxrss no longer holds the lifetime peak once VmHWM was reset: the largest part's peak does
+    rec["peak_mb"] = max(s[f"{p}_peak_mb"] for s in rec["steps"] for p in ("forward", "backward", "optimizer"))
     model, opt = held["model"], held["optimizer"]
     rec["weights_mb"] = _tensor_mb(model.parameters())
     rec["adam_mb"] = _tensor_mb(v for st in opt.state.values() for v in st.values()

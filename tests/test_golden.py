@@ -36,18 +36,19 @@ def golden_run(cache: Path, out: Path, *layout: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def padded_train_cache(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("golden") / "train"
-    result = invoke(["precompute-ref", SAMPLE / "train.jsonl", "--model", MODEL, "--out", out, "--quiet",
-                     *PADDED])
+def padded_golden(tmp_path_factory) -> list[dict]:
+    """The golden run, both stages in the padded layout."""
+    root = tmp_path_factory.mktemp("golden")
+    result = invoke(["precompute-ref", SAMPLE / "train.jsonl", "--model", MODEL, "--out", root / "cache",
+                     "--quiet", *PADDED])
     assert result.exit_code == 0, result.stderr
-    return out
+    return golden_run(root / "cache", root / "run", *PADDED)
 
 
 @pytest.mark.slow
-def test_ten_steps_on_the_sample_equal_the_golden_trajectory(padded_train_cache, tmp_path):
+def test_ten_steps_on_the_sample_equal_the_golden_trajectory(padded_golden):
     expected = json.loads(FIXTURE.read_text())
-    got = golden_run(padded_train_cache, tmp_path / "run", *PADDED)
+    got = padded_golden
     assert [r["epoch"] for r in got] == [r["epoch"] for r in expected]
     for step, (g, e) in enumerate(zip(got, expected, strict=True), start=1):
         for key in PINNED:
@@ -55,13 +56,17 @@ def test_ten_steps_on_the_sample_equal_the_golden_trajectory(padded_train_cache,
 
 
 @pytest.mark.slow
-def test_the_default_layout_follows_the_golden_trajectory_within_rounding(train_cache, tmp_path):
-    """Both stages at default flags (train_cache: conftest, no layout flag)."""
-    expected = json.loads(FIXTURE.read_text())
+def test_the_default_layout_follows_the_padded_trajectory_within_rounding(padded_golden, train_cache,
+                                                                          tmp_path):
+    """Both stages at default flags (train_cache: conftest, no layout flag) against both in the
+    padded layout, in the same environment. Step 1's accuracy is left out: policy = reference
+    there, so each margin is rounding noise of either sign (~1e-7) in every layout."""
     assert json.loads((train_cache / "manifest.json").read_text())["spec"]["batching"]["packing"] is True
     got = golden_run(train_cache, tmp_path / "run")
     assert json.loads((tmp_path / "run" / "run_config.json").read_text())["layout"] == "packed-shared"
-    for step, (g, e) in enumerate(zip(got, expected, strict=True), start=1):
+    for step, (g, e) in enumerate(zip(got, padded_golden, strict=True), start=1):
         for key in PINNED:
-            exact = key in ("num_tokens", "epoch", "learning_rate", "rewards/accuracies")
-            assert g[key] == (e[key] if exact else pytest.approx(e[key], rel=AUTO_REL, abs=1e-6)), (step, key)
+            if key in ("num_tokens", "epoch", "learning_rate"):
+                assert g[key] == e[key], (step, key)
+            elif key != "rewards/accuracies" or step > 1:
+                assert g[key] == pytest.approx(e[key], rel=AUTO_REL, abs=1e-6), (step, key)
