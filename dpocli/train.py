@@ -84,6 +84,7 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     cfg.check()
     spec = cfg.loss_spec()
     dist = distributed.current()
+    distributed.fix_mmap_threshold()  # freed activations go back to the system between steps
     cfg = _with_layout(cfg, dist)
     manifest, data = shared_cache.load_cache(cfg.cache)  # one copy per node under torchrun
     cfg.check_steps(data.num_rows, dist.world_size)

@@ -59,8 +59,9 @@ def test_ten_steps_on_the_sample_equal_the_golden_trajectory(padded_golden):
 def test_the_default_layout_follows_the_padded_trajectory_within_rounding(padded_golden, train_cache,
                                                                           tmp_path):
     """Both stages at default flags (train_cache: conftest, no layout flag) against both in the
-    padded layout, in the same environment. Step 1's accuracy is left out: policy = reference
-    there, so each margin is rounding noise of either sign (~1e-7) in every layout."""
+    padded layout, in the same environment. The accuracy of a step whose policy still equals the
+    reference (steps 1 and 2: the warm-up's first lr is 0) is left out: each margin is rounding
+    noise of either sign (~1e-7) there, in every layout."""
     assert json.loads((train_cache / "manifest.json").read_text())["spec"]["batching"]["packing"] is True
     got = golden_run(train_cache, tmp_path / "run")
     assert json.loads((tmp_path / "run" / "run_config.json").read_text())["layout"] == "packed-shared"
@@ -68,5 +69,5 @@ def test_the_default_layout_follows_the_padded_trajectory_within_rounding(padded
         for key in PINNED:
             if key in ("num_tokens", "epoch", "learning_rate"):
                 assert g[key] == e[key], (step, key)
-            elif key != "rewards/accuracies" or step > 1:
+            elif key != "rewards/accuracies" or abs(e["rewards/margins"]) > 1e-4:
                 assert g[key] == pytest.approx(e[key], rel=AUTO_REL, abs=1e-6), (step, key)
