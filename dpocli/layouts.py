@@ -22,9 +22,11 @@ This module imports no torch (options.py reads `LAYOUTS` for `dpo --help`).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from dpocli.errors import DpocliError
+from dpocli.hub import resolve_model
 
 AUTO = "auto"
 # name -> (packing, prefix_sharing)
@@ -70,6 +72,15 @@ def read_model_config(model_dir: Path | str | None) -> dict | None:
         return None
 
 
+def model_config(name_or_path: str, revision: str | None = None) -> dict | None:
+    """config.json of --model (a local folder or a hub id in the local cache), or None when it
+    cannot be found (the model's loader reports an unusable --model)."""
+    try:
+        return read_model_config(resolve_model(name_or_path, revision)[0])
+    except DpocliError:
+        return None
+
+
 def choose(layout: str, packing: bool, prefix_sharing: bool, *, device_type: str,
            attn_implementation: str | None = None, compile: bool = False, world_size: int = 1,
            model_config: dict | None = None, started_with: tuple[bool, bool] | None = None) -> str:
@@ -86,3 +97,14 @@ def choose(layout: str, packing: bool, prefix_sharing: bool, *, device_type: str
     measured = (device_type == "cpu" and attn_implementation in (None, "sdpa") and not compile
                 and world_size == 1)
     return CPU_DEFAULT if measured and packable(model_config) else OTHER_DEFAULT
+
+
+def apply(cfg, device_type: str, world_size: int, model_config: dict | None,
+          started_with: tuple[bool, bool] | None):
+    """`cfg` (a TrainConfig or PrecomputeConfig) with the layout that runs (`choose`) in its three
+    layout fields: `layout` its name, `packing` / `prefix_sharing` what it stands for."""
+    name = choose(cfg.layout, cfg.packing, cfg.prefix_sharing, device_type=device_type,
+                  attn_implementation=cfg.attn_implementation, compile=cfg.compile,
+                  world_size=world_size, model_config=model_config, started_with=started_with)
+    packing, prefix_sharing = FLAGS[name]
+    return replace(cfg, layout=name, packing=packing, prefix_sharing=prefix_sharing)

@@ -20,7 +20,7 @@ import math
 import platform
 import resource
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -291,7 +291,12 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     for line in read.warnings:
         warn(line)
     model_dir = resolve_model_dir(cfg.model, cfg.model_revision)
-    cfg = _with_layout(cfg, dist, model_dir)
+    # The layout that runs: auto keeps the layout of a cache already in --out (resumed or
+    # confirmed; not one --overwrite replaces), so an older default-flags cache is found as it was.
+    keep = cfg.layout == layouts.AUTO and not cfg.overwrite
+    started = cache_folder.existing_layout(Path(cfg.out)) if keep else None
+    cfg = layouts.apply(cfg, resolve_device(cfg.device).type, dist.world_size,
+                        layouts.read_model_config(model_dir), started)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
                                revision=cfg.model_revision)
     pairs = _tokenize_rows(cfg, read, tokenizer)
@@ -365,22 +370,6 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     # The largest per-rank peak (a collective): with --fsdp it is what sharding saves.
     rss_kb = dist.max_over_ranks(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return {**summary, "peak_rss_mb": round(rss_kb / 1024, 1)}
-
-
-def _with_layout(cfg: PrecomputeConfig, dist, model_dir: Path) -> PrecomputeConfig:
-    """`cfg` with the layout that runs in its three layout fields (`layouts.choose`). auto keeps the
-    layout of a cache already in --out (resumed or confirmed, not replaced by --overwrite), so a
-    rerun of an older default-flags command finds its cache as it was."""
-    started = None
-    if cfg.layout == layouts.AUTO and not cfg.overwrite:
-        started = cache_folder.existing_layout(Path(cfg.out))
-    name = layouts.choose(cfg.layout, cfg.packing, cfg.prefix_sharing,
-                          device_type=resolve_device(cfg.device).type,
-                          attn_implementation=cfg.attn_implementation, compile=cfg.compile,
-                          world_size=dist.world_size, model_config=layouts.read_model_config(model_dir),
-                          started_with=started)
-    packing, prefix_sharing = layouts.FLAGS[name]
-    return replace(cfg, layout=name, packing=packing, prefix_sharing=prefix_sharing)
 
 
 def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict,

@@ -35,12 +35,12 @@ from dpocli.attention import describe as describe_attention
 from dpocli.batching import plan_epoch
 from dpocli.checkpoint import RunDir, TrainState
 from dpocli.console import ProgressBar, log, sigterm_as_interrupt
-from dpocli.errors import DpocliError, Interrupted, RunFailure, out_of_memory_types
+from dpocli.errors import Interrupted, RunFailure, out_of_memory_types
 from dpocli.evaluate import evaluate_policy
 from dpocli.logprobs import router_aux_coefficient, sequence_logps
 from dpocli.losses import LossInputs, LossSpec, compute_loss
 from dpocli.metrics import MetricsLog, StepMetrics, rename_for_eval
-from dpocli.modeling import DTYPES, resolve_device, resolve_model_dir
+from dpocli.modeling import DTYPES, resolve_device
 from dpocli.policy import build_policy, load_policy_tokenizer, merged_policy, step0_check
 from dpocli.run_summary import TrainTotals
 from dpocli.schedule import make_optimizer, make_scheduler
@@ -85,7 +85,10 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     spec = cfg.loss_spec()
     dist = distributed.current()
     distributed.fix_mmap_threshold()  # freed activations go back to the system between steps
-    cfg = _with_layout(cfg, dist)
+    # The layout that runs (auto: by device and model; on resume, the run's own)
+    cfg = layouts.apply(cfg, resolve_device(cfg.device).type, dist.world_size,
+                        layouts.model_config(cfg.model, cfg.model_revision),
+                        checkpoint.started_layout(Path(cfg.out)) if cfg.resume else None)
     manifest, data = shared_cache.load_cache(cfg.cache)  # one copy per node under torchrun
     cfg.check_steps(data.num_rows, dist.world_size)
     eval_set = cache.load_matching_cache(cfg.eval_cache, manifest, loader=shared_cache.load_cache) \
@@ -146,35 +149,6 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     return run_summary.train_summary(s, state, final_eval, t_start, hf)
 
 
-def _trl_tokens(data: cache.CacheData, rows) -> int:
-    """TRL's `num_tokens` of these pairs (its attention-mask sum: prompt+chosen plus
-    prompt+rejected, no padding), the same in every layout."""
-    return sum(2 * p + c + r for p, c, r in (data.pair_lens(i) for i in rows))
-
-
-def _with_layout(cfg: TrainConfig, dist) -> TrainConfig:
-    """`cfg` with the layout that runs in its three layout fields (`layouts.choose`); auto keeps
-    the layout a resumed run was started with (a run from before --layout: padded)."""
-    started = checkpoint.started_layout(Path(cfg.out)) if cfg.resume else None
-    name = layouts.choose(cfg.layout, cfg.packing, cfg.prefix_sharing,
-                          device_type=resolve_device(cfg.device).type,
-                          attn_implementation=cfg.attn_implementation, compile=cfg.compile,
-                          world_size=dist.world_size, model_config=_model_config(cfg),
-                          started_with=started)
-    packing, prefix_sharing = layouts.FLAGS[name]
-    return replace(cfg, layout=name, packing=packing, prefix_sharing=prefix_sharing)
-
-
-def _model_config(cfg: TrainConfig) -> dict | None:
-    """The policy's config.json, when --model names a local folder or a cached hub model."""
-    if cfg.layout != layouts.AUTO or cfg.packing or cfg.prefix_sharing:
-        return None  # not consulted
-    try:
-        return layouts.read_model_config(resolve_model_dir(cfg.model, cfg.model_revision))
-    except DpocliError:
-        return None  # build_policy reports an unusable --model
-
-
 def _train_step(s: _Session, state: TrainState, bar) -> None:
     """One optimizer step: grad_accum micro-batches of global_batch pairs, split across ranks."""
     cfg, dist = s.cfg, s.dist
@@ -207,7 +181,7 @@ def _train_step(s: _Session, state: TrainState, bar) -> None:
         step_metrics.add_tokens(policy, real)
         if real:
             step_metrics.add(out, policy.chosen_logps, policy.rejected_logps)
-            step_tokens += _trl_tokens(s.data, rows)
+            step_tokens += s.data.trl_tokens(rows)
     grad_norm = distributed.clip_grad_norm(s.model, cfg.max_grad_norm)
     lr = s.scheduler.get_last_lr()[0]
     means = step_metrics.means(dist)
