@@ -116,14 +116,19 @@ def fix_mmap_threshold() -> None:
         pass  # not glibc (macOS, musl): their allocators return large blocks already
 
 
+def under_torchrun() -> bool:
+    """Launched by torchrun (also with one process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world > 1 or ("RANK" in os.environ and "MASTER_ADDR" in os.environ)
+
+
 def current() -> DistContext:
     global _context
     if _context is not None:
         return _context
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     # A 1-process torchrun launch also gets a process group: FSDP2 and sharded checkpoints need
     # one, and `torchrun --nproc-per-node 1 ... --fsdp` is how a sharded run resumes on one device.
-    launched = world > 1 or ("RANK" in os.environ and "MASTER_ADDR" in os.environ)
+    launched = under_torchrun()
     if launched:
         fix_mmap_threshold()  # a plain process keeps glibc's default unless it trains (train.py)
     if launched and not tdist.is_initialized():

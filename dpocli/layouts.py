@@ -82,7 +82,7 @@ def model_config(name_or_path: str, revision: str | None = None) -> dict | None:
 
 
 def choose(layout: str, packing: bool, prefix_sharing: bool, *, device_type: str,
-           attn_implementation: str | None = None, compile: bool = False, world_size: int = 1,
+           attn_implementation: str | None = None, compile: bool = False, torchrun: bool = False,
            model_config: dict | None = None, started_with: tuple[bool, bool] | None = None) -> str:
     """The layout to run. `started_with`: the (packing, prefix_sharing) of the run or cache being
     resumed (auto keeps it); the other arguments describe the device and the model (see the
@@ -94,17 +94,16 @@ def choose(layout: str, packing: bool, prefix_sharing: bool, *, device_type: str
         return layout
     if started_with is not None:
         return name_of(*started_with)
-    measured = (device_type == "cpu" and attn_implementation in (None, "sdpa") and not compile
-                and world_size == 1)
+    measured = device_type == "cpu" and attn_implementation in (None, "sdpa") and not compile and not torchrun
     return CPU_DEFAULT if measured and packable(model_config) else OTHER_DEFAULT
 
 
-def apply(cfg, device_type: str, world_size: int, model_config: dict | None,
+def apply(cfg, device_type: str, torchrun: bool, model_config: dict | None,
           started_with: tuple[bool, bool] | None):
     """`cfg` (a TrainConfig or PrecomputeConfig) with the layout that runs (`choose`) in its three
     layout fields: `layout` its name, `packing` / `prefix_sharing` what it stands for."""
     name = choose(cfg.layout, cfg.packing, cfg.prefix_sharing, device_type=device_type,
                   attn_implementation=cfg.attn_implementation, compile=cfg.compile,
-                  world_size=world_size, model_config=model_config, started_with=started_with)
+                  torchrun=torchrun, model_config=model_config, started_with=started_with)
     packing, prefix_sharing = FLAGS[name]
     return replace(cfg, layout=name, packing=packing, prefix_sharing=prefix_sharing)

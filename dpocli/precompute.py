@@ -295,7 +295,7 @@ def run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None = None) -> d
     # confirmed; not one --overwrite replaces), so an older default-flags cache is found as it was.
     keep = cfg.layout == layouts.AUTO and not cfg.overwrite
     started = cache_folder.existing_layout(Path(cfg.out)) if keep else None
-    cfg = layouts.apply(cfg, resolve_device(cfg.device).type, dist.world_size,
+    cfg = layouts.apply(cfg, resolve_device(cfg.device).type, distributed.under_torchrun(),
                         layouts.read_model_config(model_dir), started)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
                                revision=cfg.model_revision)

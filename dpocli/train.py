@@ -86,7 +86,7 @@ def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
     dist = distributed.current()
     distributed.fix_mmap_threshold()  # freed activations go back to the system between steps
     # The layout that runs (auto: by device and model; on resume, the run's own)
-    cfg = layouts.apply(cfg, resolve_device(cfg.device).type, dist.world_size,
+    cfg = layouts.apply(cfg, resolve_device(cfg.device).type, distributed.under_torchrun(),
                         layouts.model_config(cfg.model, cfg.model_revision),
                         checkpoint.started_layout(Path(cfg.out)) if cfg.resume else None)
     manifest, data = shared_cache.load_cache(cfg.cache)  # one copy per node under torchrun

@@ -22,7 +22,7 @@ CPU = {"device_type": "cpu"}
     ({**CPU, "attn_implementation": "sdpa"}, "packed-shared"),
     ({**CPU, "attn_implementation": "eager"}, "padded"),
     ({**CPU, "compile": True}, "padded"),
-    ({**CPU, "world_size": 2}, "padded"),
+    ({**CPU, "torchrun": True}, "padded"),
     ({**CPU, "model_config": {"model_type": "gemma2", "attn_logit_softcapping": 50.0}}, "padded"),
     ({**CPU, "model_config": {"model_type": "gpt_oss"}}, "padded"),
     ({**CPU, "model_config": {"model_type": "x", "text_config": {"attn_logit_softcapping": 30.0}}}, "padded"),
