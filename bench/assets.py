@@ -40,6 +40,11 @@ MEDIUM_CONFIG = dict(vocab_size=32768, hidden_size=384, intermediate_size=1024, 
                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024,
                      rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
                      pad_token_id=0, initializer_range=0.02, attention_dropout=0.0)
+# ~60M: the issue-25 workload (hidden 512, 8 layers, 8 query / 2 KV heads, MLP 1536, vocab 32768,
+# untied head: 57.7M parameters, 33.6M of them embedding + LM head).
+LARGE_MODEL = BENCH / "models" / "llama-60m"
+LARGE_CONFIG = {**MEDIUM_CONFIG, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
+                "num_attention_heads": 8, "num_key_value_heads": 2}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 # Qwen2.5-0.5B's shapes (bench/gpu_bench.py): 24 layers, hidden 896, 14 query / 2 KV heads, MLP 4864,
 # vocab 151,936, tied embeddings (~494M parameters). Random init; the sample tokenizer feeds it ids
@@ -78,22 +83,28 @@ def snapshot_tiny() -> Path:
     return TINY_SNAPSHOT
 
 
-def build_medium_model(force: bool = False) -> Path:
-    """Random-init Llama, deterministic (fixed seed, CPU)."""
-    if (MEDIUM_MODEL / "model.safetensors").exists() and not force:
-        return MEDIUM_MODEL
+def build_medium_model(force: bool = False, path: Path = MEDIUM_MODEL, config: dict = MEDIUM_CONFIG) -> Path:
+    """Random-init Llama, deterministic (fixed seed, CPU); `path`/`config`: another size
+    (`build_large_model`)."""
+    if (path / "model.safetensors").exists() and not force:
+        return path
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(SEED)
-    model = LlamaForCausalLM(LlamaConfig(**MEDIUM_CONFIG)).float().eval()
-    if MEDIUM_MODEL.exists():
-        shutil.rmtree(MEDIUM_MODEL)
-    MEDIUM_MODEL.mkdir(parents=True)
-    model.save_pretrained(MEDIUM_MODEL)
+    model = LlamaForCausalLM(LlamaConfig(**config)).float().eval()
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    model.save_pretrained(path)
     for name in TOKENIZER_FILES:
         if (TINY_MODEL / name).exists():
-            shutil.copy(TINY_MODEL / name, MEDIUM_MODEL / name)
-    return MEDIUM_MODEL
+            shutil.copy(TINY_MODEL / name, path / name)
+    return path
+
+
+def build_large_model(force: bool = False) -> Path:
+    """The ~60M Llama (LARGE_CONFIG) under bench/models/llama-60m."""
+    return build_medium_model(force, LARGE_MODEL, LARGE_CONFIG)
 
 
 def build_qwen_model(name: str, config: dict, dtype: str, force: bool = False) -> Path:

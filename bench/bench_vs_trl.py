@@ -71,6 +71,7 @@ TRAJ_KEYS = ["loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", 
 
 
 WAIT_QUIET = {"max_s": 0.0, "busy": 0.25}
+NICE = ["nice", "-n", "10"]  # every child's prefix; bench_default_layout.py clears it on a busy VM
 
 
 def cpu_jiffies() -> tuple[float, float]:
@@ -98,7 +99,7 @@ def run_child(name: str, cmd: list[str], workdir: Path, env: dict | None = None)
     """Run `cmd` under nice in its own process; return wall, CPU and peak RSS of that process, and
     the share of the machine's CPU the *other* processes used meanwhile (contention)."""
     out_path, err_path = workdir / f"{name}.stdout", workdir / f"{name}.stderr"
-    full = ["nice", "-n", "10", *cmd]
+    full = [*NICE, *cmd]
     waited = wait_quiet()
     print(f"[bench] {name}: {' '.join(cmd)}", flush=True)
     load_before = os.getloadavg()

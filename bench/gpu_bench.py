@@ -25,7 +25,7 @@ Per row:
                   = parameter count (tied embeddings once), F = 6 for a training step (forward +
                   backward) plus 2 where TRL runs the reference forward inside the step
                   (trl-default), F = 2 for a reference pass. "Tokens run" is the logged
-                  num_tokens (non-pad; with prefix sharing the prompt counts once). 6·N·T ignores
+                  num_tokens (TRL's non-pad count) less, with prefix sharing, one prompt per pair. 6·N·T ignores
                   attention-score FLOPs (PaLM's 12·layers·hidden·seq per token, ≤ 5% here) and counts
                   the LM head on every token, although dpocli applies it to completion tokens only;
   peak GPU memory torch.cuda.max_memory_allocated() of each process (train and precompute apart
@@ -165,7 +165,8 @@ def run_rows(args, profile: dict, rows: list[str], workdir: Path) -> dict:
                                                        n_params, peak)
             out["pipeline_wall_s"] = rec["wall_s"]
         else:
-            extra = ["--packing", "--prefix-sharing"] if name.startswith("dpocli-pkps") else []
+            shared = name.startswith("dpocli-pkps")
+            extra = ["--packing", "--prefix-sharing"] if shared else ["--layout", "padded"]
             with attention_kernel("flex" if name.endswith("-flex") else None):
                 pre = dpocli_precompute(f"{name}-precompute", run_args, model, data, workdir, None,
                                         extra=extra)
@@ -173,13 +174,16 @@ def run_rows(args, profile: dict, rows: list[str], workdir: Path) -> dict:
                                    extra=extra)
             shutil.rmtree(pre["cache"], ignore_errors=True)
             rec["pairs_per_step"] = b
+            if shared:  # the logged num_tokens is TRL's count; this layout runs each prompt once
+                prompts = [sum(p[i:i + b]) for i in range(0, len(p), b)]  # sequential batches
+                rec["step_tokens"] = [t - prompts[k % len(prompts)] for k, t in enumerate(rec["step_tokens"])]
             out["train"] = train_figures(rec, step_tokens, n_params, 6, peak)
             out["attention_kernel"] = rec["summary"].get("attention_kernel")
             out["peak_gpu_mem_mb"] = {"train": rec["timings"].get("peak_gpu_mem_mb"),
                                       "precompute": pre["timings"].get("peak_gpu_mem_mb")}
             out["precompute"] = precompute_figures(
                 pre["timings"]["score_s"], sum(pair_tokens),
-                shared_tokens if extra else sum(pair_tokens), n_params, peak)
+                shared_tokens if shared else sum(pair_tokens), n_params, peak)
             out["pipeline_wall_s"] = pre["wall_s"] + rec["wall_s"]
             out["step0_max_abs_diff"] = rec["summary"].get("step0_max_abs_diff")
         res["rows"][name] = out

@@ -65,6 +65,29 @@ def _check_dtype(dtype: str | None) -> None:
         raise DpocliError(f"'{dtype}' is not one of {', '.join(DTYPE_NAMES)}", field="--dtype")
 
 
+# The batch layouts' names (dpocli/model/layouts.py chooses which runs): name -> (packing,
+# prefix_sharing). Here, so that `dpo --help` and the groups' checks need no torch.
+LAYOUT_AUTO = "auto"
+LAYOUT_FLAGS = {"padded": (False, False), "packed": (True, False), "shared": (False, True),
+                "packed-shared": (True, True)}
+LAYOUTS = (LAYOUT_AUTO, *LAYOUT_FLAGS)
+
+
+def layout_name(packing: bool, prefix_sharing: bool) -> str:
+    """The layout's name from the two flags."""
+    return next(n for n, f in LAYOUT_FLAGS.items() if f == (bool(packing), bool(prefix_sharing)))
+
+
+def check_layout(layout: str, packing: bool, prefix_sharing: bool) -> None:
+    """A known name, and not given together with the older flags (which would be two answers)."""
+    if layout not in LAYOUTS:
+        raise DpocliError(f"'{layout}' is not one of {', '.join(LAYOUTS)}", field="--layout")
+    if layout != LAYOUT_AUTO and (packing or prefix_sharing):
+        flags = " ".join(f for f, on in (("--packing", packing), ("--prefix-sharing", prefix_sharing)) if on)
+        raise DpocliError(f"cannot be combined with {flags}", field="--layout",
+                          hint=f"give either --layout {layout} or {flags}")
+
+
 # ---------------------------------------------------------------- groups shared by several commands
 
 
@@ -101,19 +124,31 @@ class ModelOpts:
 @dataclass(frozen=True)
 class LayoutOpts:
     """How pairs are laid out in a forward pass (precompute-ref, train). The LM head's chunk size
-    is not a flag: eval replays precompute's batching exactly, with the default chunking."""
+    is not a flag: eval replays precompute's batching exactly, with the default chunking.
+    `layout` names the four layouts; --packing / --prefix-sharing are the older spellings
+    (dpocli/model/layouts.py chooses what runs)."""
 
+    layout: str = opt(
+        "auto",
+        "auto, padded, packed, shared or packed-shared. auto: the fastest layout measured exact on the "
+        "device (packed-shared on CPU, padded on CUDA; padded with --compile, torchrun, a non-sdpa "
+        "--attn-implementation or a model packing does not support); on resume, the layout the run or "
+        "cache started with. All layouts give the same numbers to rounding.",
+    )
     prefix_sharing: bool = opt(
         False,
         "Run each pair's prompt once: prompt+chosen+rejected with a prefix-sharing attention pattern "
         "(faster with long prompts; without --packing it builds a dense mask and cannot use flash "
-        "attention).",
+        "attention). Same as --layout shared, or packed-shared with --packing.",
     )
     packing: bool = opt(
         False,
         "Padding-free batches: all sequences of a batch end to end in one row, attention "
-        "run per sequence (no compute on pad tokens).",
+        "run per sequence (no compute on pad tokens). Same as --layout packed.",
     )
+
+    def __post_init__(self):
+        check_layout(self.layout, self.packing, self.prefix_sharing)
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def invoke(args: list[str]):
 def small_cache(tmp_path_factory, small_prefs) -> Path:
     out = tmp_path_factory.mktemp("caches") / "small"
     result = invoke(["precompute-ref", small_prefs, "--model", MODEL, "--out", out,
-                     "--rows-per-shard", 16, "--batch-size", 8, "--quiet"])
+                     "--rows-per-shard", 16, "--batch-size", 8, "--layout", "padded", "--quiet"])
     assert result.exit_code == 0, result.stderr
     return out
 

@@ -133,7 +133,7 @@ def test_packed_precompute_equals_padded_and_eval_replays_it_exactly(small_prefs
 def test_packed_training_follows_the_padded_trajectory(small_cache, tmp_path, extra):
     args = ["--model", MODEL, "--max-steps", 3, "--batch-size", 8, "--lr", "1e-3", "--no-shuffle",
             "--quiet"]
-    assert invoke(["train", small_cache, "--out", tmp_path / "pad", *args]).exit_code == 0
+    assert invoke(["train", small_cache, "--out", tmp_path / "pad", *args, "--layout", "padded"]).exit_code == 0
     assert invoke(["train", small_cache, "--out", tmp_path / "pk", *args, *extra]).exit_code == 0
     padded = [r["loss"] for r in read_jsonl(tmp_path / "pad" / "metrics.jsonl") if "loss" in r]
     packed = [r["loss"] for r in read_jsonl(tmp_path / "pk" / "metrics.jsonl") if "loss" in r]

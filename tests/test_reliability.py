@@ -112,8 +112,8 @@ def test_ctrl_c_or_sigterm_during_train_saves_and_exits_130(train_cache, tmp_pat
 
 def test_same_seed_gives_identical_caches_and_weights(small_prefs, small_cache, tmp_path):
     again = tmp_path / "again"
-    assert invoke(["precompute-ref", small_prefs, "--model", MODEL, "--out", again,
-                   "--rows-per-shard", 16, "--batch-size", 8, "--quiet"]).exit_code == 0
+    assert invoke(["precompute-ref", small_prefs, "--model", MODEL, "--out", again,  # small_cache's arguments
+                   "--rows-per-shard", 16, "--batch-size", 8, "--layout", "padded", "--quiet"]).exit_code == 0
     assert shard_bytes(again) == shard_bytes(small_cache)
     runs = [tmp_path / "a", tmp_path / "b"]
     for run in runs:

@@ -60,7 +60,7 @@ def assert_exactly_neutral(m: dict, rows: list[dict]) -> None:
     assert m["loss"] == float(torch.full((n,), math.log(2), dtype=torch.float64).mean())
 
 
-LAYOUTS = {"padded": [], "prefix-sharing": ["--prefix-sharing"], "packing": ["--packing"],
+LAYOUTS = {"auto": [], "padded": ["--layout", "padded"], "prefix-sharing": ["--prefix-sharing"], "packing": ["--packing"],
            "packing+prefix-sharing": ["--packing", "--prefix-sharing"]}
 BUDGETS = {"batch-size": ["--batch-size", "3"], "max-tokens": ["--max-tokens", "400"]}
 
@@ -99,7 +99,7 @@ def test_resume_with_another_batch_size_replays_each_shard_exactly(twin_prefs, t
 def test_layout_flag_on_a_finished_cache_is_refused_then_applied_with_overwrite(
         twin_prefs, tmp_path, flag, field):
     out = tmp_path / "cache"
-    assert precompute(twin_prefs, out, "--rows-per-shard", "8").exit_code == 0
+    assert precompute(twin_prefs, out, "--rows-per-shard", "8", "--layout", "padded").exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     refused = precompute(twin_prefs, out, "--rows-per-shard", "8", flag)
     assert refused.exit_code == 2 and refused.stdout == ""

@@ -67,6 +67,20 @@ def _survey_cache(out: Path, manifest: cache.Manifest | None) -> outputs.Survey:
     return outputs.survey(out, is_owned, may_write)
 
 
+def existing_layout(out: Path) -> tuple[bool, bool] | None:
+    """(packing, prefix_sharing) of the dpocli cache already in `out`, or None when there is none
+    (or its manifest cannot be read: `inspect_out` then says why). Looks only."""
+    if not (out / cache.MANIFEST_NAME).is_file():
+        return None
+    try:
+        batching = cache.read_manifest(out).spec.get("batching", {})
+    except DpocliError:
+        return None
+    if not isinstance(batching, dict):
+        return None
+    return bool(batching.get("packing", False)), bool(batching.get("prefix_sharing", False))
+
+
 @dataclass
 class OutPlan:
     """What `--out` needs, decided by looking only: `resume` is None for a fresh cache."""

@@ -167,6 +167,11 @@ class CacheData:
         return (int(self.row_list("prompt_ids", i).shape[0]), int(self.scalars["chosen_len"][i]),
                 int(self.scalars["rejected_len"][i]))
 
+    def trl_tokens(self, rows) -> int:
+        """TRL's `num_tokens` of these rows (its attention-mask sum: prompt+chosen plus
+        prompt+rejected, no padding), the same whatever the batch layout."""
+        return sum(2 * p + c + r for p, c, r in (self.pair_lens(i) for i in rows))
+
     def shard_rows(self) -> dict[int, list[int]]:
         """Shard index -> its rows (indices into this object), in the order the shard stores them."""
         grouped: dict[int, list[int]] = {}

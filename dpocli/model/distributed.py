@@ -99,11 +99,14 @@ _context: DistContext | None = None
 # few MB (FSDP's per-layer all-gathers and gradient reduce-scatters, optimizer temporaries) come
 # from the heap and stay resident after they are freed: measured +40% peak RSS per rank on a
 # 160M model. A fixed threshold returns every block above it to the system when freed, at the
-# cost of a page fault per large allocation, so it is set only under torchrun.
+# cost of a page fault per large allocation. It is set under torchrun, and by `dpo train` in any
+# process (`fix_mmap_threshold`): there a plain process's freed activations stayed resident between
+# steps too, measured +8-10% peak RSS on a 58M Llama at batch 8 (bench/RESULTS.md, "Where the peak
+# goes").
 MMAP_THRESHOLD = 1 << 20
 
 
-def _release_freed_memory() -> None:
+def fix_mmap_threshold() -> None:
     import ctypes
     import ctypes.util
     try:
@@ -113,16 +116,21 @@ def _release_freed_memory() -> None:
         pass  # not glibc (macOS, musl): their allocators return large blocks already
 
 
+def under_torchrun() -> bool:
+    """Launched by torchrun (also with one process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world > 1 or ("RANK" in os.environ and "MASTER_ADDR" in os.environ)
+
+
 def current() -> DistContext:
     global _context
     if _context is not None:
         return _context
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     # A 1-process torchrun launch also gets a process group: FSDP2 and sharded checkpoints need
     # one, and `torchrun --nproc-per-node 1 ... --fsdp` is how a sharded run resumes on one device.
-    launched = world > 1 or ("RANK" in os.environ and "MASTER_ADDR" in os.environ)
+    launched = under_torchrun()
     if launched:
-        _release_freed_memory()  # only under torchrun: a plain process keeps glibc's faster default
+        fix_mmap_threshold()  # a plain process keeps glibc's default unless it trains (train.py)
     if launched and not tdist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("DPOCLI_BACKEND") != "gloo" \
             else "gloo"

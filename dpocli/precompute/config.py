@@ -8,7 +8,15 @@ import dataclasses
 from dpocli.data.batch_plan import Batching
 from dpocli.errors import DpocliError, check_torchrun_launch
 from dpocli.model.packing import check_layout_flags
-from dpocli.options import LayoutOpts, LoadOpts, ModelOpts, OutputOpts, PrecomputeOpts, composed_fields
+from dpocli.options import (
+    LayoutOpts,
+    LoadOpts,
+    ModelOpts,
+    OutputOpts,
+    PrecomputeOpts,
+    check_layout,
+    composed_fields,
+)
 
 # `dpo precompute-ref`'s option groups, in the order the command declares them.
 PRECOMPUTE_GROUPS = (PrecomputeOpts, ModelOpts, LayoutOpts, LoadOpts, OutputOpts)
@@ -32,6 +40,7 @@ class _PrecomputeChecks:
         """Every check that needs no file, model or device: run first, so a bad flag leaves nothing."""
         if self.max_length < 2:
             raise DpocliError("must be at least 2", field="--max-length")
+        check_layout(self.layout, self.packing, self.prefix_sharing)
         check_layout_flags(self.prefix_sharing, self.packing, self.attn_implementation)
         if self.rows_per_shard < 1 or self.max_field_bytes < 1:
             raise DpocliError("must be at least 1", field="--rows-per-shard" if self.rows_per_shard < 1

@@ -48,7 +48,7 @@ from dpocli.io import ownership as outputs
 from dpocli.io.atomic import atomic_dir, atomic_write_text
 from dpocli.io.console import ProgressBar, log, sigterm_as_interrupt, warn
 from dpocli.io.folder_lock import FolderLock
-from dpocli.model import distributed, vision
+from dpocli.model import distributed, layouts, vision
 from dpocli.model.attention import describe as describe_attention
 from dpocli.model.batching import make_batch, plan_reference_batches
 from dpocli.model.devices import resolve_device
@@ -302,6 +302,12 @@ def _run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None, lock: Fold
     if dataset is not None:
         log(f"dataset {dataset.repo_id} at {dataset.revision[:12]} from {source}")
     model_dir = resolve_model_dir(cfg.model, cfg.model_revision)
+    # The layout that runs: auto keeps the layout of a cache already in --out (resumed or
+    # confirmed; not one --overwrite replaces), so an older default-flags cache is found as it was.
+    keep = cfg.layout == layouts.AUTO and not cfg.overwrite
+    started = cache_folder.existing_layout(Path(cfg.out)) if keep else None
+    cfg = layouts.apply(cfg, resolve_device(cfg.device).type, distributed.under_torchrun(),
+                        layouts.read_model_config(model_dir), started)
     read, tokenizer, processor = _read_input(cfg, source, model_dir)
     pairs = _tokenize_rows(cfg, read, tokenizer, processor)
     model_fp = weights_fingerprint(cfg.model, cfg.model_revision, mode=cfg.weights_fingerprint)

@@ -72,8 +72,9 @@ FINAL_STAGING = "final-model"  # the final model is written here first (as a tem
 RECORD_FORMAT = "dpocli-run"
 # Fields that may change between an interrupted run and its --resume.
 # batch_size may change as long as batch_size x ranks (the global batch) stays the same.
+# layout: its name; the two flags it stands for (packing, prefix_sharing) are compared instead.
 RESUME_FREE = {"resume", "overwrite", "save_every", "save_total_limit", "eval_every", "batch_size",
-               "report_to", "attention_kernel"}
+               "report_to", "attention_kernel", "layout"}
 
 
 @dataclass
@@ -175,6 +176,18 @@ def plan_run(dist, lock: FolderLock, cfg, config: dict, cache_identity: dict, nu
                            defaults={f.name: f.default for f in dataclasses.fields(cfg)},
                            total_steps=cfg.total_steps(num_rows, dist.world_size),
                            global_batch=cfg.batch_size * dist.world_size)
+
+
+def started_layout(path: Path) -> tuple[bool, bool] | None:
+    """(packing, prefix_sharing) that the run in `path` was started with (False for a run made
+    before the flags existed), or None when `path` holds no readable run config. Looks only."""
+    try:
+        saved = json.loads((path / RUN_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict):
+        return None
+    return bool(saved.get("packing", False)), bool(saved.get("prefix_sharing", False))
 
 
 def _check_resumable(path: Path, config: dict, cache_identity: dict, record: dict,

@@ -6,6 +6,8 @@ import dataclasses
 import math
 
 from dpocli.errors import DpocliError, check_at_least, check_seed, check_torchrun_launch
+from dpocli.model import distributed, layouts
+from dpocli.model.devices import resolve_device
 from dpocli.model.packing import check_layout_flags
 from dpocli.model.quantization import check_train as check_quantization
 from dpocli.objective.losses import LossSpec, spec_from_options
@@ -20,6 +22,7 @@ from dpocli.options import (
     OutputOpts,
     QuantOpts,
     TrainOpts,
+    check_layout,
     composed_fields,
     group_of,
 )
@@ -33,6 +36,12 @@ TRAIN_GROUPS = (TrainOpts, LossOpts, OptimOpts, ModelOpts, LayoutOpts, LoadOpts,
 
 class _TrainChecks:
     """The methods of `TrainConfig` (its fields come from the option groups, below)."""
+
+    def with_layout(self, started: tuple[bool, bool] | None):
+        """This config with the layout that runs in its layout fields (auto: by device and model;
+        `started`: the (packing, prefix_sharing) of the run being resumed, which auto keeps)."""
+        return layouts.apply(self, resolve_device(self.device).type, distributed.under_torchrun(),
+                             layouts.model_config(self.model, self.model_revision), started)
 
     def loss_spec(self) -> LossSpec:
         return spec_from_options(group_of(self, LossOpts))
@@ -75,6 +84,7 @@ class _TrainChecks:
             raise DpocliError(f"'{self.autocast}' is not bfloat16 or float16", field="--autocast")
         check_torchrun_launch(self.fsdp, "train")
         check_report_to(self.report_to)
+        check_layout(self.layout, self.packing, self.prefix_sharing)
         check_layout_flags(self.prefix_sharing, self.packing, self.attn_implementation)
         check_quantization(self)
         if self.compile and self.fsdp:

@@ -52,11 +52,9 @@ from dpocli.scoring.replay import cache_batch, cached_reference, check_token_log
 from dpocli.scoring.vlm import prepare_train_caches
 from dpocli.train import checkpoint, checkpoint_state, run_summary
 from dpocli.train import dashboards as integrations
-from dpocli.train.checkpoint import RunDir
 from dpocli.train.checkpoint_state import TrainState
 from dpocli.train.config import TrainConfig
 from dpocli.train.failures import non_finite
-from dpocli.train.run_summary import TrainTotals
 from dpocli.train.schedule import make_optimizer, make_scheduler
 
 
@@ -69,7 +67,7 @@ class _Session:
     dist: distributed.DistContext
     data: cache.CacheData
     manifest: cache.Manifest
-    run: RunDir | None  # None on ranks other than 0: only rank 0 writes
+    run: checkpoint.RunDir | None  # None on ranks other than 0: only rank 0 writes
     run_dir: Path
     model: torch.nn.Module
     scorer: torch.nn.Module
@@ -86,7 +84,7 @@ class _Session:
     seq_lens: list[int] | None  # for --group-by-length
     t_start: float
     last_eval: tuple = (None, {})  # (step, eval_* metrics) of the newest periodic eval
-    totals: TrainTotals | None = None  # per-step losses and timing for HF's train_* summary
+    totals: run_summary.TrainTotals | None = None  # per-step losses and timing for HF's train_* summary
 
 
 def run_train(cfg: TrainConfig, resolved_toml: str | None = None) -> dict:
@@ -99,6 +97,8 @@ def _run_train(cfg: TrainConfig, resolved_toml: str | None, lock: FolderLock) ->
     cfg.check()
     spec = cfg.loss_spec()
     dist = distributed.current()
+    distributed.fix_mmap_threshold()  # freed activations go back to the system between steps
+    cfg = cfg.with_layout(checkpoint.started_layout(Path(cfg.out)) if cfg.resume else None)
     manifest, data = shared_cache.load_cache(cfg.cache)  # one copy per node under torchrun
     cfg.check_steps(data.num_rows, dist.world_size)
     eval_set = cache.load_matching_cache(cfg.eval_cache, manifest, loader=shared_cache.load_cache) \
@@ -121,7 +121,7 @@ def _run_train(cfg: TrainConfig, resolved_toml: str | None, lock: FolderLock) ->
     model, scorer = build_policy(cfg, data, plan.resume_from, device)
     spec = replace(spec, router_aux_loss_coef=router_aux_coefficient(model, cfg.router_aux_loss_coef))
     extra_files = tuple(n for n in ("tensorboard", "wandb") if n in (cfg.report_to or ""))
-    run = dist.on_main_then_broadcast(lambda: RunDir.claim(
+    run = dist.on_main_then_broadcast(lambda: checkpoint.RunDir.claim(
         plan, config, identity, resolved_toml, extra_files + (("merged",) if cfg.merge else ()), lock))
     s = _session(cfg, spec, dist, manifest, data, eval_set, run if dist.is_main else None, run_dir,
                  model, scorer, tokenizer, device, t_start)
@@ -191,7 +191,7 @@ def _train_step(s: _Session, state: TrainState, bar) -> None:
         step_metrics.add_tokens(policy, real)
         if real:
             step_metrics.add(out, policy.chosen_logps, policy.rejected_logps)
-            step_tokens += batch.num_tokens
+            step_tokens += s.data.trl_tokens(rows)
     grad_norm = distributed.clip_grad_norm(s.model, cfg.max_grad_norm)
     lr = s.scheduler.get_last_lr()[0]
     means = step_metrics.means(dist)
@@ -224,7 +224,7 @@ def _train_step(s: _Session, state: TrainState, bar) -> None:
 def _session(cfg, spec, dist, manifest, data, eval_set, run, run_dir, model, scorer, tokenizer,
              device, t_start) -> _Session:
     """Optimizer, schedule, metrics log and batch geometry of a run whose folder is claimed."""
-    sinks = [TrainTotals()]  # train_runtime counts from here, the end of set-up (as HF's)
+    sinks = [run_summary.TrainTotals()]  # train_runtime counts from here, the end of set-up (as HF's)
     if dist.is_main and cfg.report_to:
         run.add(*integrations.folders(cfg.report_to))  # listed before the sinks create them
         sinks += integrations.make_sinks(cfg.report_to, run_dir, asdict(cfg))
