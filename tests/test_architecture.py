@@ -225,8 +225,8 @@ def function_lengths() -> dict[str, int]:
     return found
 
 
-def test_no_function_is_longer_than_a_screen_and_a_half():
-    too_long = {name: n for name, n in function_lengths().items() if n > 100}
+def test_no_function_is_longer_than_a_screen():
+    too_long = {name: n for name, n in function_lengths().items() if n > 60}
     assert not too_long, f"split these functions: {too_long}"
 
 

@@ -4,9 +4,13 @@ declared once, in dpocli/options.py), checked once before anything is loaded or 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
+from dpocli.cache.folder import existing_layout
 from dpocli.data.batch_plan import Batching
 from dpocli.errors import DpocliError, check_torchrun_launch
+from dpocli.model import distributed, layouts
+from dpocli.model.devices import resolve_device
 from dpocli.model.packing import check_layout_flags
 from dpocli.options import (
     LayoutOpts,
@@ -35,6 +39,15 @@ class _PrecomputeChecks:
         return Batching(batch_size=self.batch_size, max_tokens=max_tokens,
                         rows_per_shard=self.rows_per_shard, packing=self.packing,
                         prefix_sharing=self.prefix_sharing)
+
+    def with_layout(self, model_dir):
+        """This config with the layout that runs in its layout fields: auto keeps the layout of a
+        cache already in --out (resumed or confirmed; not one --overwrite replaces), so an older
+        default-flags cache is found as it was; else by device and model (model/layouts.py)."""
+        keep = self.layout == layouts.AUTO and not self.overwrite
+        started = existing_layout(Path(self.out)) if keep else None
+        return layouts.apply(self, resolve_device(self.device).type, distributed.under_torchrun(),
+                             layouts.read_model_config(model_dir), started)
 
     def check(self) -> None:
         """Every check that needs no file, model or device: run first, so a bad flag leaves nothing."""

@@ -48,7 +48,7 @@ from dpocli.io import ownership as outputs
 from dpocli.io.atomic import atomic_dir, atomic_write_text
 from dpocli.io.console import ProgressBar, log, sigterm_as_interrupt, warn
 from dpocli.io.folder_lock import FolderLock
-from dpocli.model import distributed, layouts, vision
+from dpocli.model import distributed, vision
 from dpocli.model.attention import describe as describe_attention
 from dpocli.model.batching import make_batch, plan_reference_batches
 from dpocli.model.devices import resolve_device
@@ -302,12 +302,7 @@ def _run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None, lock: Fold
     if dataset is not None:
         log(f"dataset {dataset.repo_id} at {dataset.revision[:12]} from {source}")
     model_dir = resolve_model_dir(cfg.model, cfg.model_revision)
-    # The layout that runs: auto keeps the layout of a cache already in --out (resumed or
-    # confirmed; not one --overwrite replaces), so an older default-flags cache is found as it was.
-    keep = cfg.layout == layouts.AUTO and not cfg.overwrite
-    started = cache_folder.existing_layout(Path(cfg.out)) if keep else None
-    cfg = layouts.apply(cfg, resolve_device(cfg.device).type, distributed.under_torchrun(),
-                        layouts.read_model_config(model_dir), started)
+    cfg = cfg.with_layout(model_dir)
     read, tokenizer, processor = _read_input(cfg, source, model_dir)
     pairs = _tokenize_rows(cfg, read, tokenizer, processor)
     model_fp = weights_fingerprint(cfg.model, cfg.model_revision, mode=cfg.weights_fingerprint)
@@ -337,17 +332,38 @@ def _run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None, lock: Fold
     dist.on_main_then_broadcast(lambda: cache_folder.claim_out(out, plan, manifest, lock))
     if done:
         log(f"resuming: {len(done)} of {planned} shards already done")
+    _warn_positions(model, pairs)
+    tokens_scored = _score_shards(out, todo, pairs, cfg, spec, scorer, device, pad_token_id(tokenizer),
+                                  processor, manifest, dist)
+
+    if dist.is_main:
+        if resolved_toml:
+            atomic_write_text(out / RESOLVED_TOML, resolved_toml)
+        _finalize(out, manifest, processor or tokenizer, model_fp, cfg, pairs)
+    dist.barrier()
+    elapsed = time.perf_counter() - t0
+    summary = _summary(cfg, manifest, "resumed" if done else "complete", elapsed, tokens_scored)
+    # The largest per-rank peak (a collective): with --fsdp it is what sharding saves.
+    rss_kb = dist.max_over_ranks(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return {**summary, "peak_rss_mb": round(rss_kb / 1024, 1)}
+
+
+def _warn_positions(model, pairs) -> None:
     positions = getattr(model.config, "max_position_embeddings", None)
     longest = max(len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids))
                   for _, t in pairs if not isinstance(t, Dropped))
     if positions and longest > positions:
         warn(f"the longest sequence has {longest} tokens but the model was configured for "
              f"{positions} positions; lower --max-length unless the model extrapolates")
-    pad_id = pad_token_id(tokenizer)
+
+
+def _score_shards(out: Path, todo: list[int], pairs, cfg: PrecomputeConfig, spec: dict, scorer, device,
+                  pad_id: int, processor, manifest: cache.Manifest, dist) -> int:
+    """Score and write this rank's shards `todo`, committing the manifest after each round; returns
+    the tokens scored. Every rank takes part in every gather, also after its own shards run out
+    (None entries), so rank 0 can commit the manifest after each round of shards."""
     rows_todo = sum(min(cfg.rows_per_shard, len(pairs) - i * cfg.rows_per_shard) for i in todo)
     tokens_scored = 0
-    # Every rank takes part in every gather, also after its own shards run out (None entries),
-    # so rank 0 can commit the manifest after each round of shards.
     rounds = dist.max_over_ranks(len(todo))
     try:
         with sigterm_as_interrupt(), ProgressBar("precompute-ref", rows_todo) as bar, \
@@ -369,19 +385,10 @@ def _run_precompute(cfg: PrecomputeConfig, resolved_toml: str | None, lock: Fold
                 if dist.is_main:
                     cache.commit_manifest(out, manifest)
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; {len(manifest.shards)} of {planned} shards are saved in {out}",
-                          hint="rerun the same command to resume: finished shards are kept") from None
-
-    if dist.is_main:
-        if resolved_toml:
-            atomic_write_text(out / RESOLVED_TOML, resolved_toml)
-        _finalize(out, manifest, processor or tokenizer, model_fp, cfg, pairs)
-    dist.barrier()
-    elapsed = time.perf_counter() - t0
-    summary = _summary(cfg, manifest, "resumed" if done else "complete", elapsed, tokens_scored)
-    # The largest per-rank peak (a collective): with --fsdp it is what sharding saves.
-    rss_kb = dist.max_over_ranks(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-    return {**summary, "peak_rss_mb": round(rss_kb / 1024, 1)}
+        raise Interrupted(f"interrupted; {len(manifest.shards)} of {manifest.planned_shards} shards are "
+                          f"saved in {out}", hint="rerun the same command to resume: finished shards "
+                          "are kept") from None
+    return tokens_scored
 
 
 def _finalize(out: Path, manifest: cache.Manifest, tokenizer, model_fp: dict,

@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 
 from dpocli.cache import store as cache
-from dpocli.errors import Interrupted, RunFailure, out_of_memory_types
 from dpocli.eval.evaluate import evaluate_policy
 from dpocli.io import ownership as outputs
 from dpocli.io.console import ProgressBar, log, sigterm_as_interrupt
@@ -54,7 +53,7 @@ from dpocli.train import checkpoint, checkpoint_state, run_summary
 from dpocli.train import dashboards as integrations
 from dpocli.train.checkpoint_state import TrainState
 from dpocli.train.config import TrainConfig
-from dpocli.train.failures import non_finite
+from dpocli.train.failures import as_run_failure, non_finite
 from dpocli.train.schedule import make_optimizer, make_scheduler
 
 
@@ -125,15 +124,7 @@ def _run_train(cfg: TrainConfig, resolved_toml: str | None, lock: FolderLock) ->
         plan, config, identity, resolved_toml, extra_files + (("merged",) if cfg.merge else ()), lock))
     s = _session(cfg, spec, dist, manifest, data, eval_set, run if dist.is_main else None, run_dir,
                  model, scorer, tokenizer, device, t_start)
-    state = TrainState()
-    if plan.resume_from:
-        state = checkpoint_state.restore(plan.resume_state, model, s.optimizer, s.scheduler, cfg.fsdp)
-        log(f"resuming from {plan.resume_from[1]} (step {state.step} of {s.total_steps})")
-    elif cfg.resume:
-        log("nothing to resume yet; starting from step 0")
-    s.metrics_log.truncate_after(state.step)
-    if s.run is not None:
-        s.run.prune(cfg.save_total_limit)  # a --save-total-limit lowered on resume applies at once
+    state = _resumed_state(s, plan)
 
     try:
         with sigterm_as_interrupt(), (ProgressBar("train", s.total_steps) if dist.is_main
@@ -147,7 +138,7 @@ def _run_train(cfg: TrainConfig, resolved_toml: str | None, lock: FolderLock) ->
             # A run that fails before its first step leaves nothing behind, so the corrected
             # rerun is not refused by a half-started run.
             run.abandon()
-        raise _as_run_failure(s, state, err) from None
+        raise as_run_failure(s, state, err, save=lambda: _save(s, state)) from None
 
     final_eval = _final_eval(s, state.step)
     _save(s, state)
@@ -246,6 +237,21 @@ def _session(cfg, spec, dist, manifest, data, eval_set, run, run_dir, model, sco
                     metrics_log=MetricsLog(run_dir / checkpoint.METRICS, enabled=dist.is_main, sinks=sinks))
 
 
+def _resumed_state(s: _Session, plan) -> TrainState:
+    """The state to train from: the checkpoint's on resume (the metrics log cut back to its step),
+    else step 0."""
+    state = TrainState()
+    if plan.resume_from:
+        state = checkpoint_state.restore(plan.resume_state, s.model, s.optimizer, s.scheduler, s.cfg.fsdp)
+        log(f"resuming from {plan.resume_from[1]} (step {state.step} of {s.total_steps})")
+    elif s.cfg.resume:
+        log("nothing to resume yet; starting from step 0")
+    s.metrics_log.truncate_after(state.step)
+    if s.run is not None:
+        s.run.prune(s.cfg.save_total_limit)  # a --save-total-limit lowered on resume applies at once
+    return state
+
+
 def _save(s: _Session, state: TrainState) -> None:
     """Checkpoint the state (once per step). Under FSDP every rank writes its own shards (DCP);
     otherwise rank 0 writes the whole model."""
@@ -279,21 +285,3 @@ def _final_eval(s: _Session, step: int) -> dict:
     if not (s.cfg.eval_every and step % s.cfg.eval_every == 0):
         s.metrics_log.write({"step": step, **evals})
     return evals
-
-
-def _as_run_failure(s: _Session | None, state: TrainState, err: BaseException) -> BaseException:
-    """Out of memory and Ctrl-C / SIGTERM as one-line errors; an interrupted run saves first.
-    Partial gradients of an unfinished step are discarded: the checkpoint is the last completed
-    step, and the run resumes from exactly there."""
-    if isinstance(err, out_of_memory_types()):
-        return RunFailure(f"out of memory at step {state.step + 1} (batch of {s.cfg.batch_size} pairs "
-                          "per rank)", hint="lower --batch-size and raise --grad-accum, add "
-                                            "--gradient-checkpointing, or use --autocast bfloat16")
-    if isinstance(err, KeyboardInterrupt):
-        s.optimizer.zero_grad(set_to_none=True)
-        if state.step > 0:
-            _save(s, state)
-        where = f"checkpoint-{state.last_saved}" if state.last_saved else "no checkpoint (step 0)"
-        return Interrupted(f"interrupted at step {state.step}; saved {where}",
-                           hint=f"resume with the same command plus --resume (out: {s.run_dir})")
-    return err
