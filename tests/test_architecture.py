@@ -194,19 +194,27 @@ def test_data_and_tokenization_do_not_touch_models():
 
 
 def test_layer_map_catches_a_deliberate_violation(tmp_path, monkeypatch):
-    """The checks above fail on an upward import, a cycle and a private import (shown on a copy)."""
-    probe = PACKAGE / "data" / "_layer_probe.py"
-    probe.write_text("from dpocli.train.loop import run_train\nfrom dpocli.io.atomic import _private\n")
+    """The checks above fail on an upward import, a cycle and a private import: shown with probe
+    modules (written to tmp_path, not into the package) added to the module table."""
+    import pytest
+    probes = {"dpocli.data._probe_up": "from dpocli.train.loop import run_train\n"
+                                        "from dpocli.io.atomic import _private\n",
+              "dpocli.io._probe_a": "from dpocli.io import _probe_b\n",
+              "dpocli.io._probe_b": "from dpocli.io import _probe_a\n"}
+    real = modules()
+    for name, text in probes.items():
+        (tmp_path / f"{name}.py").write_text(text)
+    monkeypatch.setitem(globals(), "modules",
+                        lambda: {**real, **{n: tmp_path / f"{n}.py" for n in probes}})
+    imports.cache_clear()
     try:
-        modules_before = modules
-        import pytest
-        with pytest.raises(AssertionError, match="_layer_probe -> dpocli.train.loop"):
+        with pytest.raises(AssertionError, match="_probe_up -> dpocli.train.loop"):
             test_each_package_imports_only_the_layers_below_it()
-        with pytest.raises(AssertionError, match="_layer_probe: dpocli.io.atomic._private"):
+        with pytest.raises(AssertionError, match="_probe_up: dpocli.io.atomic._private"):
             test_no_module_imports_another_modules_private_name()
-        assert modules_before is modules
+        with pytest.raises(AssertionError, match="_probe_a -> dpocli.io._probe_b -> dpocli.io._probe_a"):
+            test_no_import_cycle_between_modules()
     finally:
-        probe.unlink()
         imports.cache_clear()
 
 
