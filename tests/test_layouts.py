@@ -26,6 +26,11 @@ CPU = {"device_type": "cpu"}
     ({**CPU, "model_config": {"model_type": "gemma2", "attn_logit_softcapping": 50.0}}, "padded"),
     ({**CPU, "model_config": {"model_type": "gpt_oss"}}, "padded"),
     ({**CPU, "model_config": {"model_type": "x", "text_config": {"attn_logit_softcapping": 30.0}}}, "padded"),
+    # MoE: the router's aux loss depends on a batch's tokens (TRL's is the padded batch's); a VLM's
+    # image batches are padded.
+    ({**CPU, "model_config": {"model_type": "mixtral", "num_local_experts": 4}}, "padded"),
+    ({**CPU, "model_config": {"model_type": "qwen2_moe", "num_experts": 8}}, "padded"),
+    ({**CPU, "model_config": {"model_type": "llava", "vision_config": {}, "text_config": {}}}, "padded"),
     ({**CPU, "started_with": (False, False)}, "padded"),
     ({"device_type": "cuda", "started_with": (True, True)}, "packed-shared"),
 ])

@@ -43,6 +43,10 @@ def packable(model_config: dict | None) -> bool:
         return False
     if "vision_config" in model_config:  # a vision-language model: image batches are padded (vision.py)
         return False
+    # A mixture of experts: the router's load-balancing loss is a statistic of a batch's tokens,
+    # and sharing the prompt changes which tokens a batch holds (TRL's aux_loss is the padded one's).
+    if any(model_config.get(k) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+        return False
     configs = [model_config, *(v for v in model_config.values() if isinstance(v, dict))]  # text_config etc.
     for c in configs:
         if c.get("attn_logit_softcapping") or c.get("model_type") == "gpt_oss":
