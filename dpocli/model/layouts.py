@@ -12,7 +12,8 @@ neighbours share a matmul, see `dpocli.packing`), so the choice is one of speed:
 default layout"): packed-shared on CPU, padded elsewhere (CUDA is measured by the GPU benchmark
 first). Auto also picks padded wherever packing was not measured or cannot run: a chosen
 `--attn-implementation` other than sdpa, `--compile`, a torchrun launch, a model whose attention
-packing does not support (logit soft-capping, attention sinks). On resume, auto keeps the layout
+packing does not support (logit soft-capping, attention sinks), a mixture of experts (its router loss
+depends on the batch's tokens) or a vision-language model. On resume, auto keeps the layout
 the run or cache was started with, so a cache or run made before `--layout` existed resumes
 unchanged. The explicit `--packing` / `--prefix-sharing` flags keep their meaning.
 
