@@ -132,8 +132,8 @@ class LayoutOpts:
         "auto",
         "auto, padded, packed, shared or packed-shared. auto: the fastest layout measured exact on the "
         "device (packed-shared on CPU, padded on CUDA; padded with --compile, torchrun, a non-sdpa "
-        "--attn-implementation, MoE and vision-language models, and models packing does not support); on resume, the layout the run or "
-        "cache started with. All layouts give the same numbers to rounding.",
+        "--attn-implementation, MoE and vision-language models, and models packing does not support); "
+        "on resume, the layout the run or cache started with. All layouts give the same numbers to rounding.",
     )
     prefix_sharing: bool = opt(
         False,
