@@ -42,7 +42,9 @@ def test_sigterm_ends_eval_with_130_and_a_message(small_cache):
     assert proc.poll() is None, "finished before the signal"
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    # 130, or death by SIGINT (Python's own way out of a KeyboardInterrupt, seen once when the
+    # signal landed in the interpreter's shutdown): a shell reports both as $? = 130.
+    assert proc.returncode in (130, -signal.SIGINT), err
     assert "interrupted" in err and out == ""
     assert_no_traceback(err)
 
