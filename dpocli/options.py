@@ -60,7 +60,7 @@ def opt(default: Any, help: str, *, flags: tuple[str, ...] = (), negate: bool = 
 WEIGHTS_FINGERPRINT_MODES = ("auto", "full", "sampled")  # modeling.weights_fingerprint
 
 
-def _check_dtype(dtype: str | None) -> None:
+def check_dtype(dtype: str | None) -> None:
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise DpocliError(f"'{dtype}' is not one of {', '.join(DTYPE_NAMES)}", field="--dtype")
 
@@ -118,7 +118,7 @@ class ModelOpts:
     )
 
     def __post_init__(self):
-        _check_dtype(self.dtype)
+        check_dtype(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -412,55 +412,6 @@ class QuantOpts:
         False,
         "4-bit: also quantize the per-block scales (bitsandbytes' double quant; ~0.37 bit per weight less).",
     )
-
-
-@dataclass(frozen=True)
-class EvalOpts:
-    model: list[str] | None = opt(
-        None, "Model folder to score (repeatable; quoted globs like 'run/checkpoint-*' expand in step order)."
-    )
-    max_tokens: int | None = opt(
-        None,
-        "Padded tokens per forward (default: the cache's precompute batching, which reproduces it exactly).",
-    )
-    # None = the cache's: scoring the reference in other numerics is not exactly neutral.
-    dtype: str | None = opt(
-        None, "Weights dtype: float32, bfloat16 or float16 (default: the cache's; another value warns)."
-    )
-    attn_implementation: str | None = opt(
-        None, "eager, sdpa or flash_attention_2 (default: the cache's; another value warns)."
-    )
-    per_example: Path | None = opt(None, "Write one row per (model, pair) to this .parquet or .jsonl file.")
-    samples: int = opt(0, "Generate completions for the first N held-out prompts.")
-    ref_model: str | None = opt(
-        None, "Reference model for side-by-side samples and a sampled KL(policy||reference) estimate."
-    )
-    max_new_tokens: int = opt(64, "Generation length for --samples.")
-    temperature: float = opt(0.0, "0 = greedy samples; KL always samples at 1.")
-    kl_samples: int = opt(4, "Policy samples per prompt for the KL estimate.")
-    seed: int = opt(0, "Seed for sampling.")
-    fsdp: bool = opt(
-        False,
-        "Under torchrun, shard each model over the ranks with FSDP2 (forward-only; each rank loads only "
-        "its part), for a model too large for one device.",
-    )
-
-    def __post_init__(self):
-        _check_dtype(self.dtype)
-        if self.fsdp and self.samples:
-            raise DpocliError("cannot be combined with --fsdp (generation runs on one device)",
-                              field="--samples")
-
-
-@dataclass(frozen=True)
-class VerifyOpts:
-    rescore: int = opt(0, "Re-score N random rows with the reference model and compare.")
-    model: str | None = opt(
-        None,
-        "Reference model to re-score with (default: the path in the manifest; its "
-        "weights must match the manifest's sha256).",
-    )
-    seed: int = opt(0, "Seed for choosing the rows to re-score.")
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from dpocli.objective.losses import (
     LossOutput,
     LossSpec,
     compute_loss,
-    parse_loss_list,
     validate_spec,
 )
+from dpocli.objective.spec import parse_loss_list
 
 ALL_LOSSES = [
     "sigmoid", "cdpo", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",

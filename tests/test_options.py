@@ -17,9 +17,11 @@ from dpocli import options
 from dpocli.cache import options as cache_options
 from dpocli.cli import option_params
 from dpocli.cli.app import app, cache_app
+from dpocli.eval import options as eval_options
 from dpocli.eval.config import EvalConfig
 from dpocli.eval.verify import run_verify
-from dpocli.objective.losses import LOSS_OPTIONS, SPEC_FROM, LossSpec, spec_from_options
+from dpocli.objective.losses import SPEC_FROM, LossSpec
+from dpocli.objective.spec import LOSS_OPTIONS, spec_from_options
 from dpocli.precompute.config import PrecomputeConfig
 from dpocli.train.config import TrainConfig
 
@@ -30,7 +32,7 @@ except ImportError:  # Python 3.10: the tomli backport, a dependency there
 
 ROOT = Path(__file__).resolve().parent.parent
 EAGER = {"--config", "--print-config", "--help"}
-GROUPS = [cls for module in (options, cache_options) for cls in vars(module).values()
+GROUPS = [cls for module in (options, cache_options, eval_options) for cls in vars(module).values()
           if isinstance(cls, type) and option_params.is_group(cls)]
 
 

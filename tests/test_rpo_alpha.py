@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from conftest import MODEL, invoke, read_jsonl
 from dpocli.errors import DpocliError
-from dpocli.objective.losses import LossInputs, compute_loss, spec_from_options
+from dpocli.objective.losses import LossInputs, compute_loss
+from dpocli.objective.spec import spec_from_options
 from dpocli.options import LossOpts
 
 

@@ -21,10 +21,10 @@ from dpocli.cli.apps import EPILOG, app, cache_app
 from dpocli.cli.config_options import ConfigOpt, PrintConfigOpt, resolved_options
 from dpocli.cli.failures import emit_result, run_driver
 from dpocli.cli.option_params import config_kwargs, given, with_options
+from dpocli.eval.options import EvalOpts
 from dpocli.io.console import interrupt_on_sigterm
 from dpocli.options import (
     CheckpointOpts,
-    EvalOpts,
     LayoutOpts,
     LoadOpts,
     LoraOpts,

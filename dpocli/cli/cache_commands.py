@@ -13,7 +13,8 @@ from dpocli.cli.apps import EPILOG, cache_app
 from dpocli.cli.config_options import ConfigOpt, PrintConfigOpt
 from dpocli.cli.failures import emit_result, run_driver
 from dpocli.cli.option_params import config_kwargs, with_options
-from dpocli.options import LoadOpts, OutputFormat, OutputOpts, VerifyOpts
+from dpocli.eval.options import VerifyOpts
+from dpocli.options import LoadOpts, OutputFormat, OutputOpts
 
 
 @cache_app.command("info", epilog=EPILOG)

@@ -40,7 +40,7 @@ def _typer_parameter(f: dataclasses.Field, hint: Any) -> inspect.Parameter:
 
 
 # Where option groups are declared: the shared ones, and the cache-as-a-dataset commands' own.
-GROUP_MODULES = ("dpocli.options", "dpocli.cache.options")
+GROUP_MODULES = ("dpocli.options", "dpocli.cache.options", "dpocli.eval.options")
 
 
 def is_group(annotation: Any) -> bool:

@@ -7,8 +7,9 @@ import dataclasses
 from pathlib import Path
 
 from dpocli.errors import DpocliError, check_at_least, check_seed, check_torchrun_launch
+from dpocli.eval.options import EvalOpts
 from dpocli.model import quantization
-from dpocli.options import EvalOpts, LoadOpts, LossOpts, QuantOpts, composed_fields
+from dpocli.options import LoadOpts, LossOpts, QuantOpts, composed_fields
 
 # `dpo eval`'s option groups, in the order the command declares them. EvalOpts' repeatable
 # `--model` becomes the config's `models` (with the models given as arguments after it).

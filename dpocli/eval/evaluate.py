@@ -50,8 +50,9 @@ from dpocli.model import distributed, quantization
 from dpocli.model.devices import resolve_device
 from dpocli.model.load import load_causal_lm, load_causal_lm_sharded
 from dpocli.model.logprobs import CompletionScorer, router_aux_coefficient
-from dpocli.objective.losses import LOSS_OPTIONS, LossSpec, spec_from_options
+from dpocli.objective.losses import LossSpec
 from dpocli.objective.metrics import LENGTH_BUCKETS, pair_metrics  # noqa: F401 (LENGTH_BUCKETS: for summaries)
+from dpocli.objective.spec import LOSS_OPTIONS, spec_from_options
 from dpocli.options import LossOpts
 from dpocli.scoring import shared_cache
 from dpocli.scoring.policy import check_model_tokenizer, check_vocab

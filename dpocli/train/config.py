@@ -10,7 +10,8 @@ from dpocli.model import distributed, layouts
 from dpocli.model.devices import resolve_device
 from dpocli.model.packing import check_layout_flags
 from dpocli.model.quantization import check_train as check_quantization
-from dpocli.objective.losses import LossSpec, spec_from_options
+from dpocli.objective.losses import LossSpec
+from dpocli.objective.spec import spec_from_options
 from dpocli.options import (
     CheckpointOpts,
     LayoutOpts,
