@@ -171,3 +171,17 @@ def compared_keys(keys, smallest_margin: float, tie: float) -> list[str]:
     """The keys to compare at one step: a tie-sensitive metric only where no pair's margin lies
     within `tie` of 0 (there its sign is rounding noise and the other side may see it flip)."""
     return [k for k in keys if k not in TIE_SENSITIVE or smallest_margin > tie]
+
+
+def runtime_peak_mb(*modules: str) -> float:
+    """Peak RSS (MB) of a fresh interpreter that has imported torch, transformers, pyarrow and
+    `modules`, and loaded no model: the part of a rank's peak that no sharding can remove.
+    VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent (this pytest
+    process) into the exec'd child, VmHWM starts afresh with the new program."""
+    import subprocess
+    import sys
+    code = (f"import torch, transformers, pyarrow, {', '.join(modules)}; "
+            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
+    return float(done.stdout.split()[-1]) / 1024

@@ -15,15 +15,12 @@ can fail (see bench/RESULTS.md).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 from test_distributed import torchrun
 
-from conftest import MODEL, write_jsonl
+from conftest import MODEL, runtime_peak_mb, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.memory]  # a separate CI step: pytest -m "memory or bench"
 
@@ -33,13 +30,7 @@ TRAIN_RATIO, PRECOMPUTE_RATIO = 0.6, 0.75
 @pytest.fixture(scope="module")
 def runtime_mb() -> float:
     """Peak RSS of a process that has imported what every dpocli rank imports, and no model."""
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent (this pytest
-    # process) into the exec'd child, VmHWM starts afresh with the new program.
-    code = ("import torch, transformers, pyarrow, dpocli.cli.app, dpocli.train.loop, dpocli.precompute.run; "
-            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
-    return float(done.stdout.split()[-1]) / 1024
+    return runtime_peak_mb("dpocli.cli.app", "dpocli.train.loop", "dpocli.precompute.run")
 
 
 @pytest.fixture(scope="module")

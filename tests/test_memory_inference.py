@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODEL, write_jsonl
+from conftest import MODEL, runtime_peak_mb, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.memory]
 
@@ -33,11 +33,7 @@ RANK_PEAK = Path(__file__).resolve().parent.parent / "bench" / "rank_peak.py"
 @pytest.fixture(scope="module")
 def runtime_mb() -> float:
     """Peak RSS of a process that has imported what every dpocli rank imports, and no model."""
-    code = ("import torch, transformers, pyarrow, dpocli.cli.app, dpocli.eval.evaluate, dpocli.precompute.run; "
-            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
-    return float(done.stdout.split()[-1]) / 1024
+    return runtime_peak_mb("dpocli.cli.app", "dpocli.eval.evaluate", "dpocli.precompute.run")
 
 
 @pytest.fixture(scope="module")
